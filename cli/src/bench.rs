@@ -1,0 +1,404 @@
+//! `conveyor bench`: the shared benchmark protocol against a real store and the real runtime.
+//!
+//! 1. Enqueue: with no worker running, bulk-enqueue N no-op jobs → `enqueue_jobs_s`.
+//! 2. Process: start a worker; from the first job's start until the store counts all N jobs
+//!    `completed` → `process_jobs_s`.
+//! 3. Latency: with the worker warm, enqueue M jobs one at a time every G ms; each job records
+//!    its start − the instant just before its enqueue call → p50/p99.
+//!
+//! The worker is the one `conveyor serve` runs (leases, heartbeats, attempt history, batched
+//! completion), and every enqueue carries an idempotency key so the unique index does its
+//! real work. Jobs go to a fresh queue (`bench_<id>`) so nothing else in the store is touched.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use conveyor_worker::runtime::{QueueConfig, Worker, WorkerConfig};
+use conveyor_worker::store::{self, JobFilter, StoreOptions};
+use conveyor_worker::{JobContext, JobState, NewJob, Outcome, Registry, Store};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// Which store the benchmark runs on (must match the URL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchBackend {
+    /// `sqlite:///path/file.db`
+    Sqlite,
+    /// `postgres://user@host:port/db`
+    Postgres,
+    /// `redis://host:port/db` (not available yet)
+    Redis,
+}
+
+/// Arguments of `conveyor bench`.
+#[derive(Clone, Debug, Args)]
+pub struct BenchArgs {
+    /// Backend kind; must agree with --url.
+    #[arg(long, value_enum)]
+    pub backend: BenchBackend,
+    /// Store URL. The benchmark migrates it and uses a queue of its own.
+    #[arg(long)]
+    pub url: String,
+    /// Jobs in the enqueue and process phases.
+    #[arg(long, default_value_t = 20_000)]
+    pub jobs: u64,
+    /// Jobs in the latency phase.
+    #[arg(long, default_value_t = 500)]
+    pub latency_jobs: u64,
+    /// Gap between latency-phase enqueues, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    pub latency_gap_ms: u64,
+    /// Worker concurrency (jobs running at once).
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: u32,
+    /// Jobs per bulk enqueue call.
+    #[arg(long, default_value_t = 5_000)]
+    pub enqueue_batch: usize,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The result line.
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    system: &'static str,
+    version: &'static str,
+    backend: String,
+    enqueue_jobs_s: f64,
+    process_jobs_s: f64,
+    lat_p50_ms: f64,
+    lat_p99_ms: f64,
+    peak_rss_mb: f64,
+    config: String,
+}
+
+/// Runs the protocol and prints the result.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let scheme_ok = match args.backend {
+        BenchBackend::Sqlite => args.url.starts_with("sqlite:"),
+        BenchBackend::Postgres => {
+            args.url.starts_with("postgres://") || args.url.starts_with("postgresql://")
+        }
+        BenchBackend::Redis => {
+            bail!("the Redis backend is not built yet; use --backend sqlite or --backend postgres")
+        }
+    };
+    if !scheme_ok {
+        bail!(
+            "--url {} does not match --backend {:?}",
+            store::redact_url(&args.url),
+            args.backend
+        );
+    }
+    if args.jobs == 0 || args.concurrency == 0 || args.enqueue_batch == 0 {
+        bail!("--jobs, --concurrency and --enqueue-batch must be at least 1");
+    }
+
+    let store = store::connect(
+        &args.url,
+        StoreOptions {
+            max_connections: 8,
+        },
+    )
+    .await
+    .with_context(|| format!("opening {}", store::redact_url(&args.url)))?;
+    let backend = store.backend_name().await?;
+    let queue = format!("bench_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
+    let say = |msg: String| {
+        if !args.json {
+            eprintln!("{msg}");
+        }
+    };
+    say(format!(
+        "conveyor bench on {backend}: {} jobs, {} latency jobs every {} ms, concurrency {}",
+        args.jobs, args.latency_jobs, args.latency_gap_ms, args.concurrency
+    ));
+
+    // Phase 1: bulk enqueue, no worker running.
+    let started = Instant::now();
+    let mut enqueued = 0u64;
+    while enqueued < args.jobs {
+        let n = (args.jobs - enqueued).min(args.enqueue_batch as u64);
+        let batch: Vec<NewJob> = (enqueued..enqueued + n)
+            .map(|i| {
+                NewJob::new("bench.noop", serde_json::json!({}))
+                    .queue(queue.clone())
+                    .idempotency_key(format!("{queue}-{i}"))
+            })
+            .collect();
+        let res = store.enqueue_many(batch).await?;
+        if res.iter().any(|r| r.duplicate) {
+            bail!("the bench queue already held jobs; use an empty store");
+        }
+        enqueued += n;
+        progress(args.json, "enqueue", enqueued, args.jobs);
+    }
+    let enqueue_secs = started.elapsed().as_secs_f64();
+    let enqueue_jobs_s = args.jobs as f64 / enqueue_secs;
+    say(format!(
+        "\nenqueue: {} jobs in {:.3} s = {:.0} jobs/s",
+        args.jobs, enqueue_secs, enqueue_jobs_s
+    ));
+
+    // Phase 2: process.
+    let probe = Arc::new(Probe::new(args.latency_jobs as usize));
+    let mut registry = Registry::new();
+    let p = probe.clone();
+    registry.register("bench.noop", move |_: serde_json::Value, _ctx: JobContext| {
+        p.first_start();
+        async { Ok(Outcome::Done) }
+    });
+    let p = probe.clone();
+    registry.register("bench.latency", move |args: LatencyArgs, _ctx: JobContext| {
+        p.latency_start(args.seq);
+        async { Ok(Outcome::Done) }
+    });
+    let fetch_batch = args.concurrency.min(200);
+    let config = WorkerConfig {
+        queues: vec![QueueConfig {
+            name: queue.clone(),
+            concurrency: args.concurrency,
+        }],
+        fetch_batch,
+        ..WorkerConfig::default()
+    };
+    let completion_batch = config.completion_batch;
+    let shutdown = CancellationToken::new();
+    let worker = Worker::new(store.clone(), registry, config)?;
+    let worker = tokio::spawn(worker.run(shutdown.clone()));
+
+    let completed = JobFilter {
+        queue: Some(queue.clone()),
+        states: vec![JobState::Completed],
+        ..JobFilter::default()
+    };
+    let done_at = wait_completed(&store, &completed, args.jobs, args.json).await?;
+    let first = probe.first_start_at().context("no job started")?;
+    let process_secs = done_at.duration_since(first).as_secs_f64();
+    let process_jobs_s = args.jobs as f64 / process_secs;
+    say(format!(
+        "\nprocess: {} jobs in {:.3} s = {:.0} jobs/s",
+        args.jobs, process_secs, process_jobs_s
+    ));
+
+    // Phase 3: latency, one enqueue every G ms with the single-job API.
+    let gap = Duration::from_millis(args.latency_gap_ms);
+    let mut next = tokio::time::Instant::now();
+    for seq in 0..args.latency_jobs as usize {
+        tokio::time::sleep_until(next).await;
+        next += gap;
+        probe.latency_enqueue(seq);
+        store
+            .enqueue(
+                NewJob::new("bench.latency", serde_json::json!({ "seq": seq }))
+                    .queue(queue.clone())
+                    .idempotency_key(format!("{queue}-lat-{seq}")),
+            )
+            .await?;
+    }
+    let all = args.jobs + args.latency_jobs;
+    wait_completed(&store, &completed, all, true).await?;
+    let mut lat = probe.latencies_ms();
+    shutdown.cancel();
+    worker.await??;
+    if lat.len() != args.latency_jobs as usize {
+        bail!(
+            "only {} of {} latency jobs recorded a start",
+            lat.len(),
+            args.latency_jobs
+        );
+    }
+    lat.sort_by(f64::total_cmp);
+    let (p50, p99) = (percentile(&lat, 0.50), percentile(&lat, 0.99));
+    say(format!(
+        "latency: p50 {p50:.2} ms, p99 {p99:.2} ms over {} jobs",
+        lat.len()
+    ));
+
+    let result = BenchResult {
+        system: "conveyor",
+        version: env!("CARGO_PKG_VERSION"),
+        backend: short_backend(&backend),
+        enqueue_jobs_s: round(enqueue_jobs_s, 1),
+        process_jobs_s: round(process_jobs_s, 1),
+        lat_p50_ms: round(p50, 3),
+        lat_p99_ms: round(p99, 3),
+        peak_rss_mb: round(peak_rss_mb(), 1),
+        config: format!(
+            "1 worker process, concurrency {}, fetch batch {fetch_batch}, completion batch <= {completion_batch}, enqueue batch {}, idempotency keys on",
+            args.concurrency, args.enqueue_batch
+        ),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "{backend}: enqueue {:.0} jobs/s, process {:.0} jobs/s, latency p50 {:.2} ms / p99 {:.2} ms, peak RSS {:.1} MB",
+            result.enqueue_jobs_s,
+            result.process_jobs_s,
+            result.lat_p50_ms,
+            result.lat_p99_ms,
+            result.peak_rss_mb
+        );
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct LatencyArgs {
+    seq: usize,
+}
+
+/// What the bench handlers record. Instants come from one process-wide monotonic clock.
+struct Probe {
+    origin: Instant,
+    /// Nanoseconds after `origin` of the first job start; `u64::MAX` until then.
+    first: AtomicU64,
+    seen_first: AtomicBool,
+    enqueued: Mutex<Vec<Option<Instant>>>,
+    started: Mutex<Vec<Option<Instant>>>,
+}
+
+impl Probe {
+    fn new(latency_jobs: usize) -> Self {
+        Self {
+            origin: Instant::now(),
+            first: AtomicU64::new(u64::MAX),
+            seen_first: AtomicBool::new(false),
+            enqueued: Mutex::new(vec![None; latency_jobs]),
+            started: Mutex::new(vec![None; latency_jobs]),
+        }
+    }
+
+    fn first_start(&self) {
+        if self.seen_first.load(Ordering::Relaxed) {
+            return;
+        }
+        let at = self.origin.elapsed().as_nanos() as u64;
+        self.first.fetch_min(at, Ordering::Relaxed);
+        self.seen_first.store(true, Ordering::Relaxed);
+    }
+
+    fn first_start_at(&self) -> Option<Instant> {
+        let n = self.first.load(Ordering::Relaxed);
+        (n != u64::MAX).then(|| self.origin + Duration::from_nanos(n))
+    }
+
+    fn latency_enqueue(&self, seq: usize) {
+        if let Some(slot) = lock(&self.enqueued).get_mut(seq) {
+            *slot = Some(Instant::now());
+        }
+    }
+
+    fn latency_start(&self, seq: usize) {
+        let now = Instant::now();
+        if let Some(slot) = lock(&self.started).get_mut(seq) {
+            slot.get_or_insert(now);
+        }
+    }
+
+    fn latencies_ms(&self) -> Vec<f64> {
+        let enq = lock(&self.enqueued);
+        let st = lock(&self.started);
+        enq.iter()
+            .zip(st.iter())
+            .filter_map(|(e, s)| Some(s.as_ref()?.duration_since(*e.as_ref()?).as_secs_f64() * 1e3))
+            .collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Polls the store every 20 ms until `filter` counts `n` jobs; returns when it saw them.
+async fn wait_completed(
+    store: &Arc<dyn Store>,
+    filter: &JobFilter,
+    n: u64,
+    quiet: bool,
+) -> anyhow::Result<Instant> {
+    let mut last_change = Instant::now();
+    let mut last = 0;
+    loop {
+        let done = store.count(filter).await?;
+        if done >= n {
+            return Ok(Instant::now());
+        }
+        if done != last {
+            last = done;
+            last_change = Instant::now();
+            progress(quiet, "process", done, n);
+        } else if last_change.elapsed() > Duration::from_secs(60) {
+            bail!("no progress for 60 s: {done} of {n} jobs completed");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn progress(quiet: bool, phase: &str, done: u64, total: u64) {
+    if quiet {
+        return;
+    }
+    const WIDTH: u64 = 40;
+    let filled = (done * WIDTH / total.max(1)) as usize;
+    eprint!(
+        "\r{phase:>8} [{}{}] {done}/{total}",
+        "#".repeat(filled),
+        " ".repeat(WIDTH as usize - filled)
+    );
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+/// "Postgres 15.19 (Debian …)" → "Postgres 15"; "SQLite 3.46.0" stays.
+fn short_backend(name: &str) -> String {
+    match name.strip_prefix("Postgres ") {
+        Some(v) => format!(
+            "Postgres {}",
+            v.split(|c: char| !c.is_ascii_digit()).next().unwrap_or(v)
+        ),
+        None => name.to_string(),
+    }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in MB; 0 where unknown.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_names() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 51.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(short_backend("Postgres 15.19 (Debian 15.19-0+deb12u1)"), "Postgres 15");
+        assert_eq!(short_backend("SQLite 3.46.0"), "SQLite 3.46.0");
+    }
+}

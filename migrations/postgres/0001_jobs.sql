@@ -1,0 +1,121 @@
+-- Conveyor's job table on Postgres, in its own schema so it never collides with the
+-- application's tables when they share a database (transactional enqueue).
+CREATE SCHEMA IF NOT EXISTS conveyor;
+
+CREATE TABLE conveyor.jobs (
+    id                  uuid        PRIMARY KEY,
+    queue               text        NOT NULL,
+    kind                text        NOT NULL,
+    args                jsonb       NOT NULL,
+    priority            smallint    NOT NULL DEFAULT 0,
+    state               text        NOT NULL CHECK (state IN
+                          ('scheduled','available','running','retryable','completed','cancelled','dead')),
+    attempt             integer     NOT NULL DEFAULT 0,
+    max_attempts        integer     NOT NULL CHECK (max_attempts >= 1),
+    run_at              timestamptz NOT NULL,
+    created_at          timestamptz NOT NULL,
+    attempted_at        timestamptz,
+    finalized_at        timestamptz,
+    lease_owner         text,
+    lease_expires_at    timestamptz,
+    cancel_requested_at timestamptz,
+    idempotency_key     text,
+    tags                text[]      NOT NULL DEFAULT '{}',
+    metadata            jsonb       NOT NULL DEFAULT '{}',
+    attempts            jsonb       NOT NULL DEFAULT '[]',
+    -- finalized_at is set exactly when the job is terminal.
+    CONSTRAINT jobs_finalized_iff_terminal
+        CHECK ((finalized_at IS NOT NULL) = (state IN ('completed','cancelled','dead')))
+);
+
+-- Fetch: the next due jobs of a queue by priority, then run_at.
+CREATE INDEX jobs_fetch ON conveyor.jobs (queue, priority, run_at, id)
+    WHERE state IN ('available','scheduled','retryable');
+-- Idempotency: one live holder per key.
+CREATE UNIQUE INDEX jobs_idempotency_key ON conveyor.jobs (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- Heartbeat (by owner) and rescue (by expiry) touch running jobs only.
+CREATE INDEX jobs_lease_owner ON conveyor.jobs (lease_owner) WHERE state = 'running';
+CREATE INDEX jobs_lease_expiry ON conveyor.jobs (lease_expires_at) WHERE state = 'running';
+-- Listing and counting by state, newest first.
+CREATE INDEX jobs_state ON conveyor.jobs (state, id);
+-- Pruning finished jobs by age.
+CREATE INDEX jobs_finalized ON conveyor.jobs (finalized_at) WHERE finalized_at IS NOT NULL;
+
+-- Wake-up: one notification per queue per statement that inserts ready jobs, whichever way
+-- they were inserted (Rust, the SQL function below, bulk). Delivered at commit, so a job
+-- enqueued in a transaction that rolls back wakes nobody.
+CREATE FUNCTION conveyor.notify_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    q text;
+BEGIN
+    FOR q IN SELECT DISTINCT queue FROM inserted WHERE state = 'available' LOOP
+        PERFORM pg_notify('conveyor_jobs', q);
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER jobs_notify_inserted
+    AFTER INSERT ON conveyor.jobs
+    REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION conveyor.notify_inserted();
+
+-- Time-ordered UUIDs (version 7) for jobs enqueued from SQL: 48 bits of Unix milliseconds,
+-- then random bits, with the version and variant set.
+CREATE FUNCTION conveyor.uuid_v7() RETURNS uuid LANGUAGE sql VOLATILE AS $$
+    SELECT encode(
+        set_bit(set_bit(
+            overlay(uuid_send(gen_random_uuid())
+                    PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
+                    FROM 1 FOR 6),
+            52, 1), 53, 1),
+        'hex')::uuid
+$$;
+
+-- Enqueue from any language, inside the caller's transaction: the job exists iff that
+-- transaction commits. Returns the new job's id, or the id of the job that already holds
+-- `idempotency_key`.
+CREATE FUNCTION conveyor.enqueue(
+    queue text,
+    kind text,
+    args jsonb DEFAULT '{}',
+    priority smallint DEFAULT 0,
+    max_attempts integer DEFAULT 20,
+    run_at timestamptz DEFAULT now(),
+    idempotency_key text DEFAULT NULL,
+    tags text[] DEFAULT '{}',
+    metadata jsonb DEFAULT '{}'
+) RETURNS uuid LANGUAGE plpgsql AS $$
+DECLARE
+    new_id uuid := conveyor.uuid_v7();
+    inserted_id uuid;
+    now_ts timestamptz := clock_timestamp();
+BEGIN
+    IF queue !~ '^[A-Za-z0-9._:-]{1,128}$' THEN
+        RAISE EXCEPTION 'invalid queue name %: use 1-128 ASCII letters, digits, ".", "_", "-" or ":"', queue;
+    END IF;
+    IF kind !~ '^[A-Za-z0-9._:-]{1,128}$' THEN
+        RAISE EXCEPTION 'invalid kind name %: use 1-128 ASCII letters, digits, ".", "_", "-" or ":"', kind;
+    END IF;
+    LOOP
+        INSERT INTO conveyor.jobs AS j (id, queue, kind, args, priority, state, max_attempts,
+                                        run_at, created_at, idempotency_key, tags, metadata)
+        VALUES (new_id, enqueue.queue, enqueue.kind, enqueue.args, enqueue.priority,
+                CASE WHEN enqueue.run_at > now_ts THEN 'scheduled' ELSE 'available' END,
+                enqueue.max_attempts, enqueue.run_at, now_ts, enqueue.idempotency_key,
+                enqueue.tags, enqueue.metadata)
+        ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING j.id INTO inserted_id;
+        IF inserted_id IS NOT NULL THEN
+            RETURN inserted_id;
+        END IF;
+        SELECT j.id INTO inserted_id FROM conveyor.jobs j
+            WHERE j.idempotency_key = enqueue.idempotency_key;
+        IF inserted_id IS NOT NULL THEN
+            RETURN inserted_id;
+        END IF;
+        -- The holder was pruned between the two statements: try the insert again.
+    END LOOP;
+END
+$$;

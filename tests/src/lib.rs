@@ -1,0 +1,187 @@
+//! Test harness shared by the cross-crate suites in `tests/tests/`.
+//!
+//! Every test gets a store of its own: a fresh SQLite file in a temp folder, or a fresh
+//! Postgres database (`conveyor_t_<uuid>`) created on the server named by
+//! `CONVEYOR_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) and dropped
+//! afterwards. When Postgres is unreachable, Postgres tests are skipped with a printed reason,
+//! except under `CI=true`, where they fail.
+//!
+//! [`backend_tests!`] turns a list of `async fn(Arc<dyn Store>)` into one `#[tokio::test]` per
+//! backend, so the same suite runs everywhere.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use conveyor_worker::Store;
+use conveyor_worker::store::{self, StoreOptions};
+use sqlx::Connection;
+
+/// A store made for one test, cleaned up by [`TestStore::cleanup`].
+pub struct TestStore {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Its URL, for tests that open a second connection or process.
+    pub url: String,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    File(PathBuf),
+    Database { admin_url: String, name: String },
+}
+
+impl TestStore {
+    /// A fresh SQLite file.
+    pub async fn sqlite() -> TestStore {
+        let dir =
+            std::env::temp_dir().join(format!("conveyor-test-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).expect("temp dir is writable");
+        let url = format!("sqlite://{}", dir.join("jobs.db").display());
+        let store = store::connect(&url, StoreOptions::default())
+            .await
+            .expect("a fresh SQLite file opens");
+        TestStore {
+            store,
+            url,
+            cleanup: Cleanup::File(dir),
+        }
+    }
+
+    /// A fresh Postgres database, or `None` (with the reason printed) when Postgres is not
+    /// reachable outside CI.
+    pub async fn postgres() -> Option<TestStore> {
+        let admin_url = pg_admin_url();
+        let mut admin = match sqlx::PgConnection::connect(&admin_url).await {
+            Ok(c) => c,
+            Err(e) => {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("Postgres at {admin_url} is unreachable under CI=true: {e}");
+                }
+                eprintln!(
+                    "skipping: Postgres at {admin_url} is unreachable ({e}); set CONVEYOR_TEST_PG_URL or start Postgres"
+                );
+                return None;
+            }
+        };
+        let name = format!("conveyor_t_{}", uuid::Uuid::now_v7().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("the test role may create databases");
+        let _ = admin.close().await;
+        let url = replace_db(&admin_url, &name);
+        let store = store::connect(&url, StoreOptions { max_connections: 8 })
+            .await
+            .expect("a fresh Postgres database migrates");
+        Some(TestStore {
+            store,
+            url,
+            cleanup: Cleanup::Database { admin_url, name },
+        })
+    }
+
+    /// Removes the file or drops the database (best effort). Dropping the `TestStore` does
+    /// the same, so a test that panics cleans up too.
+    pub async fn cleanup(self) {
+        drop(self);
+    }
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        match &self.cleanup {
+            Cleanup::File(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Cleanup::Database { admin_url, name } => {
+                // Drop may run inside the test's runtime (or while it unwinds), where blocking
+                // on async work is not allowed: do it on a thread with a runtime of its own.
+                let (admin_url, name) = (admin_url.clone(), name.clone());
+                let _ = std::thread::spawn(move || {
+                    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    else {
+                        return;
+                    };
+                    rt.block_on(async {
+                        if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
+                            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            )))
+                            .execute(&mut admin)
+                            .await;
+                        }
+                    });
+                })
+                .join();
+            }
+        }
+    }
+}
+
+/// The maintenance database URL tests create their databases from.
+pub fn pg_admin_url() -> String {
+    std::env::var("CONVEYOR_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `url` with its database name replaced.
+pub fn replace_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let cut = base.rfind('/').map_or(base.len(), |i| i);
+    let mut out = format!("{}/{db}", &base[..cut]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, failing after `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {secs}s waiting for: {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Generates one `#[tokio::test]` per backend for each listed `async fn(Arc<dyn Store>)`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let t = $crate::TestStore::sqlite().await;
+                    super::$name(t.store.clone()).await;
+                    t.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(t) = $crate::TestStore::postgres().await else { return };
+                    super::$name(t.store.clone()).await;
+                    t.cleanup().await;
+                }
+            )*
+        }
+    };
+}

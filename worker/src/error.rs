@@ -1,0 +1,64 @@
+//! The crate's one error type.
+
+use crate::job::{JobId, JobState};
+
+/// Everything that can go wrong in the store or the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Input that cannot be accepted; `field` names where, `message` says what and how to fix it.
+    #[error("invalid {field}: {message}")]
+    InvalidInput {
+        /// The offending field or argument.
+        field: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// No job has this id (it never existed or was pruned).
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    /// The job is in a state that does not allow the operation.
+    #[error("job {id} is {state}: cannot {action}")]
+    WrongState {
+        /// The job.
+        id: JobId,
+        /// Its current state.
+        state: JobState,
+        /// What was attempted.
+        action: &'static str,
+    },
+    /// The backend cannot do this (e.g. transactional enqueue outside Postgres).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The store URL could not be understood.
+    #[error(
+        "cannot use store URL `{url}`: {reason}. Use sqlite://path/to/file.db or postgres://user@host:5432/db"
+    )]
+    BadUrl {
+        /// The URL as given (credentials stripped by the caller where needed).
+        url: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The database said no or could not be reached.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored JSON column could not be read back.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

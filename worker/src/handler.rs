@@ -1,0 +1,276 @@
+//! Handlers: what a job kind runs, the outcome it returns, and the registry of kinds.
+//!
+//! A handler is an async function of typed args and a [`JobContext`] that returns
+//! `anyhow::Result<Outcome>`. `Err` is a retryable failure; [`Outcome`] says everything else
+//! (done, retry after a given delay, snooze, cancel, permanent failure). The runtime turns the
+//! outcome into the job's next state in one place (`runtime::transition`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{Job, NewJob};
+use crate::retry_policy::RetryPolicy;
+
+/// An error as recorded in the attempt history: the message and its cause chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobError {
+    /// Top-level message.
+    pub message: String,
+    /// Causes, outermost first.
+    pub causes: Vec<String>,
+}
+
+impl JobError {
+    /// An error with just a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            causes: Vec::new(),
+        }
+    }
+
+    /// Captures an `anyhow` error with its whole chain.
+    pub fn from_anyhow(err: &anyhow::Error) -> Self {
+        let mut chain = err.chain().map(ToString::to_string);
+        Self {
+            message: chain.next().unwrap_or_default(),
+            causes: chain.collect(),
+        }
+    }
+
+    /// Captures a standard error with its `source()` chain.
+    pub fn from_std(err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut causes = Vec::new();
+        let mut next = err.source();
+        while let Some(cause) = next {
+            causes.push(cause.to_string());
+            next = cause.source();
+        }
+        Self {
+            message: err.to_string(),
+            causes,
+        }
+    }
+}
+
+impl From<anyhow::Error> for JobError {
+    fn from(err: anyhow::Error) -> Self {
+        Self::from_anyhow(&err)
+    }
+}
+
+/// What a handler asks the runtime to do with its job.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Success: the job is `completed`.
+    Done,
+    /// Try again: after `after` if given (e.g. from a `Retry-After` header), else after the
+    /// kind's backoff. Counts as a failed attempt; with attempts exhausted the job is `dead`.
+    Retry {
+        /// Delay override.
+        after: Option<Duration>,
+        /// Why, for the history.
+        error: JobError,
+    },
+    /// Run again after this delay without using an attempt.
+    Snooze(Duration),
+    /// Stop for good as `cancelled` (not a failure).
+    Cancel {
+        /// Why, for the history.
+        reason: String,
+    },
+    /// A permanent failure: the job is `dead` at once, whatever attempts remain.
+    Fail(JobError),
+}
+
+impl Outcome {
+    /// A retry after the kind's backoff.
+    pub fn retry(error: impl Into<String>) -> Self {
+        Outcome::Retry {
+            after: None,
+            error: JobError::new(error),
+        }
+    }
+
+    /// A retry after a given delay.
+    pub fn retry_after(after: Duration, error: impl Into<String>) -> Self {
+        Outcome::Retry {
+            after: Some(after),
+            error: JobError::new(error),
+        }
+    }
+
+    /// A permanent failure.
+    pub fn fail(error: impl Into<String>) -> Self {
+        Outcome::Fail(JobError::new(error))
+    }
+
+    /// A cancellation.
+    pub fn cancel(reason: impl Into<String>) -> Self {
+        Outcome::Cancel {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a handler knows about the job it runs.
+#[derive(Clone, Debug)]
+pub struct JobContext {
+    /// The job as claimed (attempt already counts this run).
+    pub job: Arc<Job>,
+    /// The worker process running it.
+    pub worker_id: Arc<str>,
+    cancel: CancellationToken,
+}
+
+impl JobContext {
+    /// Builds a context; the runtime does this, tests of handlers may too.
+    pub fn new(job: Arc<Job>, worker_id: Arc<str>, cancel: CancellationToken) -> Self {
+        Self {
+            job,
+            worker_id,
+            cancel,
+        }
+    }
+
+    /// Resolves when the job is cancelled, timed out or its worker is shutting down past its
+    /// grace period. Long handlers should `select!` on it and return promptly.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// Whether [`JobContext::cancelled`] has fired.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+/// Typed job args that know their kind, for `NewJob::from_args` and `Registry::handle`.
+pub trait JobArgs: Serialize + DeserializeOwned + Send + 'static {
+    /// The permanent kind name.
+    const KIND: &'static str;
+
+    /// A job carrying these args on the default queue.
+    fn to_job(&self) -> Result<NewJob, serde_json::Error> {
+        Ok(NewJob::new(Self::KIND, serde_json::to_value(self)?))
+    }
+}
+
+/// Per-kind settings.
+#[derive(Clone, Debug, Default)]
+pub struct KindOptions {
+    /// An attempt running longer is cancelled and counts as a failure. `None`: no limit.
+    pub timeout: Option<Duration>,
+    /// Backoff between attempts.
+    pub retry: RetryPolicy,
+}
+
+type ErasedFn = dyn Fn(serde_json::Value, JobContext) -> BoxFuture<'static, anyhow::Result<Outcome>>
+    + Send
+    + Sync;
+
+/// A registered kind: its erased handler and options.
+#[derive(Clone)]
+pub struct Registered {
+    handler: Arc<ErasedFn>,
+    /// The kind's settings.
+    pub options: KindOptions,
+}
+
+impl Registered {
+    /// Runs the handler on raw JSON args. Args that do not deserialize are a permanent failure.
+    pub fn call(
+        &self,
+        args: serde_json::Value,
+        ctx: JobContext,
+    ) -> BoxFuture<'static, anyhow::Result<Outcome>> {
+        (self.handler)(args, ctx)
+    }
+}
+
+/// The kinds a worker can run.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: HashMap<String, Registered>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("kinds", &self.kinds.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `kind` with default options.
+    pub fn register<A, F, Fut>(&mut self, kind: &str, f: F) -> &mut Self
+    where
+        A: DeserializeOwned + Send + 'static,
+        F: Fn(A, JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<Outcome>> + Send + 'static,
+    {
+        self.register_with(kind, KindOptions::default(), f)
+    }
+
+    /// Registers `kind` with its own timeout and retry policy.
+    pub fn register_with<A, F, Fut>(&mut self, kind: &str, options: KindOptions, f: F) -> &mut Self
+    where
+        A: DeserializeOwned + Send + 'static,
+        F: Fn(A, JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<Outcome>> + Send + 'static,
+    {
+        let kind_name: Arc<str> = kind.into();
+        let handler =
+            move |args: serde_json::Value, ctx: JobContext| match serde_json::from_value::<A>(args)
+            {
+                Ok(args) => Box::pin(f(args, ctx)) as BoxFuture<'static, _>,
+                Err(e) => {
+                    let msg = format!("args do not match kind `{kind_name}`: {e}");
+                    Box::pin(async move { Ok(Outcome::fail(msg)) })
+                }
+            };
+        self.kinds.insert(
+            kind.to_string(),
+            Registered {
+                handler: Arc::new(handler),
+                options,
+            },
+        );
+        self
+    }
+
+    /// Registers a typed kind ([`JobArgs`]).
+    pub fn handle<A, F, Fut>(&mut self, options: KindOptions, f: F) -> &mut Self
+    where
+        A: JobArgs,
+        F: Fn(A, JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<Outcome>> + Send + 'static,
+    {
+        self.register_with(A::KIND, options, f)
+    }
+
+    /// The handler for `kind`.
+    pub fn get(&self, kind: &str) -> Option<&Registered> {
+        self.kinds.get(kind)
+    }
+
+    /// Registered kind names, sorted.
+    pub fn kinds(&self) -> Vec<&str> {
+        let mut k: Vec<&str> = self.kinds.keys().map(String::as_str).collect();
+        k.sort_unstable();
+        k
+    }
+}

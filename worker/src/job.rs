@@ -1,0 +1,414 @@
+//! The job model: ids, states, the job row, what an enqueue asks for, and attempt records.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::Error;
+
+/// A job's id: a UUIDv7, so ids sort by creation time and keyset pagination is a plain
+/// comparison. Printed as the bare UUID; `job_` prefixed forms are accepted when parsing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let raw = s.strip_prefix("job_").unwrap_or(s);
+        Uuid::parse_str(raw).map(JobId).map_err(|e| Error::InvalidInput {
+            field: "id".into(),
+            message: format!("`{s}` is not a job id ({e}); ids look like 0193f5a2-7c1e-7b44-9a4e-2f1d3c4b5a69"),
+        })
+    }
+}
+
+/// Where a job is in its lifecycle. See `docs/lifecycle.md` for the diagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting for its `run_at`. Fetch claims it once due; the promoter also moves due jobs to
+    /// `available` so listings and queue stats show them as ready.
+    Scheduled,
+    /// Ready to run now. A worker's fetch moves it to `running`.
+    Available,
+    /// Claimed by a worker that holds its lease. The worker moves it to `completed`,
+    /// `retryable`, `scheduled` (snooze), `cancelled` or `dead`; the rescuer moves it to
+    /// `retryable` or `dead` when the lease expires.
+    Running,
+    /// Failed an attempt and waits for its backoff (`run_at`). Fetch claims it once due.
+    Retryable,
+    /// Terminal: the handler finished successfully. The pruner deletes it after retention.
+    Completed,
+    /// Terminal: cancelled by an operator or by the handler. An operator retry revives it.
+    Cancelled,
+    /// Terminal: attempts exhausted or a permanent failure. An operator retry revives it.
+    Dead,
+}
+
+impl JobState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [JobState; 7] = [
+        JobState::Scheduled,
+        JobState::Available,
+        JobState::Running,
+        JobState::Retryable,
+        JobState::Completed,
+        JobState::Cancelled,
+        JobState::Dead,
+    ];
+
+    /// The lowercase name used in storage, the CLI and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Scheduled => "scheduled",
+            JobState::Available => "available",
+            JobState::Running => "running",
+            JobState::Retryable => "retryable",
+            JobState::Completed => "completed",
+            JobState::Cancelled => "cancelled",
+            JobState::Dead => "dead",
+        }
+    }
+
+    /// Completed, cancelled and dead are terminal: `finalized_at` is set exactly for these.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Cancelled | JobState::Dead
+        )
+    }
+
+    /// States a waiting (not yet running, not finished) job can be in.
+    pub fn is_waiting(self) -> bool {
+        matches!(
+            self,
+            JobState::Scheduled | JobState::Available | JobState::Retryable
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| Error::InvalidInput {
+                field: "state".into(),
+                message: format!(
+                    "unknown state `{s}`; use one of: scheduled, available, running, retryable, completed, cancelled, dead"
+                ),
+            })
+    }
+}
+
+/// How one attempt ended, as kept in the attempt history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// The handler finished successfully.
+    Completed,
+    /// The handler failed (error, panic or timeout) and the job will be retried.
+    Failed,
+    /// The handler asked to run again later without using an attempt.
+    Snoozed,
+    /// The job was cancelled while this attempt ran.
+    Cancelled,
+    /// The handler failed and no retry follows: the job is dead.
+    Discarded,
+    /// The worker's lease expired (it crashed or hung); the rescuer recorded the attempt.
+    LeaseExpired,
+    /// The worker shut down before the handler finished; the job went back to the queue.
+    Interrupted,
+}
+
+/// One attempt in a job's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// 1-based attempt number.
+    pub attempt: i32,
+    /// When the worker claimed the job for this attempt.
+    pub started_at: DateTime<Utc>,
+    /// When the attempt ended (or was found dead, for lease expiry).
+    pub finished_at: DateTime<Utc>,
+    /// The worker process that ran it.
+    pub worker: Option<String>,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+    /// The top-level error message, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The error's cause chain, outermost first (excluding `error` itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub causes: Vec<String>,
+    /// Wall time of the attempt in milliseconds.
+    pub duration_ms: i64,
+}
+
+/// A job row as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Time-ordered id.
+    pub id: JobId,
+    /// The queue it runs on; each queue has its own worker pool and concurrency.
+    pub queue: String,
+    /// The permanent kind name that selects the handler (`webhook.deliver`).
+    pub kind: String,
+    /// Handler arguments.
+    pub args: serde_json::Value,
+    /// Smaller runs first; 0 is the default.
+    pub priority: i16,
+    /// Where it is in its lifecycle.
+    pub state: JobState,
+    /// Attempts made so far, counting the one running now.
+    pub attempt: i32,
+    /// Attempts allowed before the job goes `dead`.
+    pub max_attempts: i32,
+    /// When it may run (or run again).
+    pub run_at: DateTime<Utc>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// When the latest attempt started.
+    pub attempted_at: Option<DateTime<Utc>>,
+    /// When it reached a terminal state; set exactly when `state` is terminal.
+    pub finalized_at: Option<DateTime<Utc>>,
+    /// The worker holding the lease while running.
+    pub lease_owner: Option<String>,
+    /// When the lease runs out unless renewed by a heartbeat.
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// An operator or the application asked to cancel it while it ran.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// The deduplication key, if it was enqueued with one.
+    pub idempotency_key: Option<String>,
+    /// Free-form labels for filtering.
+    pub tags: Vec<String>,
+    /// Free-form JSON object for the application.
+    pub metadata: serde_json::Value,
+    /// Every finished attempt, oldest first.
+    pub attempts: Vec<AttemptRecord>,
+}
+
+impl Job {
+    /// The last recorded error message, if any attempt failed.
+    pub fn last_error(&self) -> Option<&str> {
+        self.attempts.iter().rev().find_map(|a| a.error.as_deref())
+    }
+}
+
+/// Default attempt budget for a job that does not set one.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 20;
+
+/// What an enqueue asks for. Build with [`NewJob::new`] and the chainable setters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewJob {
+    /// Id to give the job; set by [`NewJob::new`].
+    pub id: JobId,
+    /// Queue name.
+    pub queue: String,
+    /// Kind name.
+    pub kind: String,
+    /// Handler arguments.
+    pub args: serde_json::Value,
+    /// Smaller runs first.
+    pub priority: i16,
+    /// Attempt budget.
+    pub max_attempts: i32,
+    /// Run no earlier than this; `None` means now.
+    pub run_at: Option<DateTime<Utc>>,
+    /// Deduplication key.
+    pub idempotency_key: Option<String>,
+    /// Labels.
+    pub tags: Vec<String>,
+    /// Application metadata (a JSON object).
+    pub metadata: serde_json::Value,
+}
+
+impl NewJob {
+    /// A job for `kind` on the `default` queue that runs now.
+    pub fn new(kind: impl Into<String>, args: serde_json::Value) -> Self {
+        Self {
+            id: JobId::new(),
+            queue: "default".into(),
+            kind: kind.into(),
+            args,
+            priority: 0,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            run_at: None,
+            idempotency_key: None,
+            tags: Vec::new(),
+            metadata: serde_json::Value::Object(Default::default()),
+        }
+    }
+
+    /// Put it on `queue`.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Set its priority (smaller runs first).
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Set its attempt budget.
+    pub fn max_attempts(mut self, max_attempts: i32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// Run no earlier than `at`.
+    pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+
+    /// Deduplicate on `key`.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Attach labels.
+    pub fn tags<I, S>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.tags = tags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Attach application metadata (must be a JSON object).
+    pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Checks the fields a store relies on; every backend calls this before writing.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_name("queue", &self.queue)?;
+        check_name("kind", &self.kind)?;
+        if self.max_attempts < 1 {
+            return Err(Error::invalid(
+                "max_attempts",
+                format!("must be at least 1, got {}", self.max_attempts),
+            ));
+        }
+        if !self.metadata.is_object() {
+            return Err(Error::invalid(
+                "metadata",
+                "must be a JSON object, e.g. {\"team\":\"billing\"}",
+            ));
+        }
+        if let Some(key) = &self.idempotency_key
+            && (key.is_empty() || key.len() > 255)
+        {
+            return Err(Error::invalid(
+                "idempotency_key",
+                "must be 1 to 255 bytes long",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Queue and kind names: 1–128 bytes of ASCII letters, digits, `.`, `_`, `-`, `:`.
+pub fn check_name(field: &str, value: &str) -> Result<(), Error> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "`{value}` is not a valid {field} name: use 1-128 ASCII letters, digits, '.', '_', '-' or ':'"
+            ),
+        ))
+    }
+}
+
+/// The answer to an enqueue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Enqueued {
+    /// The job that holds the request: new, or the existing holder of its idempotency key.
+    pub id: JobId,
+    /// The state it is in right after the enqueue.
+    pub state: JobState,
+    /// True when an existing job already held the idempotency key and nothing was inserted.
+    pub duplicate: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_round_trip() {
+        for st in JobState::ALL {
+            assert_eq!(st.as_str().parse::<JobState>().unwrap(), st);
+        }
+        let err = "deadish".parse::<JobState>().unwrap_err().to_string();
+        assert!(err.contains("unknown state `deadish`"), "{err}");
+    }
+
+    #[test]
+    fn job_ids_accept_the_prefixed_form_and_sort_by_time() {
+        let a = JobId::new();
+        let b = JobId::new();
+        assert!(a < b);
+        assert_eq!(format!("job_{a}").parse::<JobId>().unwrap(), a);
+        assert!("nope".parse::<JobId>().is_err());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let err = NewJob::new("bad kind!", serde_json::json!({}))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kind"), "{err}");
+        let err = NewJob::new("ok", serde_json::json!({}))
+            .max_attempts(0)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_attempts"), "{err}");
+    }
+}

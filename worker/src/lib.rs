@@ -1,0 +1,24 @@
+//! Conveyor's core: the job model, the store and the worker runtime.
+//!
+//! Where to start reading:
+//! - [`job`]: `Job`, `JobState` (the lifecycle), `NewJob` (what an enqueue asks for).
+//! - [`store`]: the `Store` trait every backend implements, and `store::connect(url)`.
+//!   Backends live below it: `store::sqlite`, `store::postgres`.
+//! - [`handler`]: how a kind is registered and what a handler returns (`Outcome`).
+//! - [`runtime`]: the worker — per-queue fetch loops claim batches, each job runs under a
+//!   semaphore slot, outcomes become `store::Finish` rows (`runtime::transition`) written back
+//!   in batches by the completer; a heartbeat renews leases and delivers cancel requests.
+//! - [`retry_policy`]: backoff between attempts.
+
+pub mod error;
+pub mod handler;
+pub mod job;
+pub mod retry_policy;
+pub mod runtime;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use handler::{JobArgs, JobContext, JobError, KindOptions, Outcome, Registry};
+pub use job::{AttemptOutcome, AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
+pub use retry_policy::RetryPolicy;
+pub use store::{Store, StoreOptions};

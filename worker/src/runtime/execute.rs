@@ -1,0 +1,130 @@
+//! Runs one job: handler under timeout, panic catching and cancellation; then the outcome.
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures::FutureExt;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Shared;
+use super::transition::{Ended, transition};
+use crate::handler::{JobContext, JobError, Outcome};
+use crate::job::Job;
+use crate::retry_policy::RetryPolicy;
+use crate::store::Finish;
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    job: Job,
+    slot: Option<OwnedSemaphorePermit>,
+    done: mpsc::Sender<Finish>,
+) {
+    let span = tracing::info_span!(
+        "job",
+        job.id = %job.id,
+        job.kind = %job.kind,
+        job.queue = %job.queue,
+        job.attempt = job.attempt,
+    );
+    async move {
+        let job = Arc::new(job);
+        let started_at = job.attempted_at.unwrap_or_else(Utc::now);
+        let token = CancellationToken::new();
+        shared
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job.id, token.clone());
+
+        let registered = shared.registry.get(&job.kind).cloned();
+        let ended = match &registered {
+            None => Ended::Failed(JobError::new(format!(
+                "no handler for kind `{}` on worker {}; register the kind or run this queue on a worker that has it",
+                job.kind, shared.worker_id
+            ))),
+            Some(reg) => {
+                let ctx = JobContext::new(job.clone(), shared.worker_id.clone(), token.clone());
+                let fut = AssertUnwindSafe(reg.call(job.args.clone(), ctx)).catch_unwind();
+                supervise(fut, reg.options.timeout, &token, &shared).await
+            }
+        };
+
+        shared
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&job.id);
+        drop(slot);
+        match &ended {
+            Ended::Returned(Outcome::Done) => tracing::debug!("job completed"),
+            other => tracing::info!(ended = ?other, "job attempt ended"),
+        }
+        let default_policy = RetryPolicy::default();
+        let policy = registered
+            .as_ref()
+            .map_or(&default_policy, |r| &r.options.retry);
+        let finish = transition(&job, ended, policy, &shared.worker_id, started_at, Utc::now());
+        // The completer outlives every job task, so this only fails if it crashed; then the
+        // lease expires and the rescuer retries the job.
+        if done.send(finish).await.is_err() {
+            tracing::error!("completer is gone; the job will be rescued when its lease expires");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+type Caught = Result<anyhow::Result<Outcome>, Box<dyn Any + Send>>;
+
+async fn supervise(
+    fut: impl Future<Output = Caught>,
+    timeout: Option<std::time::Duration>,
+    token: &CancellationToken,
+    shared: &Shared,
+) -> Ended {
+    tokio::pin!(fut);
+    let deadline = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    tokio::select! {
+        r = &mut fut => return ended_from(r),
+        _ = &mut deadline => {
+            token.cancel();
+            return Ended::TimedOut(timeout.unwrap_or_default());
+        }
+        _ = shared.interrupt.cancelled() => {
+            token.cancel();
+            return Ended::Interrupted;
+        }
+        _ = token.cancelled() => {}
+    }
+    // A cancel was requested: the handler may finish or stop on its own within the grace
+    // period; after that it is dropped. Work it completed still counts as completed.
+    match tokio::time::timeout(shared.config.cancel_grace, &mut fut).await {
+        Ok(Ok(Ok(Outcome::Done))) => Ended::Returned(Outcome::Done),
+        _ => Ended::Cancelled,
+    }
+}
+
+fn ended_from(r: Caught) -> Ended {
+    match r {
+        Ok(Ok(outcome)) => Ended::Returned(outcome),
+        Ok(Err(e)) => Ended::Failed(JobError::from_anyhow(&e)),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".into());
+            Ended::Failed(JobError::new(format!("handler panicked: {msg}")))
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! The worker runtime: runs the jobs of one or more queues from a [`Store`].
+//!
+//! How the parts call each other (`Worker::run` starts them all):
+//! - [`fetch`]: one loop per queue. It waits for free slots (a semaphore of the queue's
+//!   concurrency), claims up to that many jobs in one `Store::fetch`, and spawns each job with
+//!   its slot. It sleeps on a wake-up (store event) or the poll interval when the queue is dry.
+//! - [`execute`]: runs one handler under its timeout, catches panics, honours cancellation and
+//!   turns the result into a `store::Finish` via [`transition`] — the one place that decides
+//!   a job's next state.
+//! - [`completer`]: drains finished outcomes from a channel and writes them with one
+//!   `Store::finish` per batch, so completion never costs a round trip per job.
+//! - [`heartbeat`]: renews every lease this process holds with one statement, and fires the
+//!   cancel token of jobs whose cancellation was requested.
+//!
+//! Shutdown: stop fetching, let running jobs finish within the grace period, then interrupt
+//! the rest (they go back to `available` without using an attempt), flush the completer, exit.
+
+mod completer;
+mod execute;
+mod fetch;
+mod heartbeat;
+mod transition;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{Error, Result};
+use crate::handler::Registry;
+use crate::job::{JobId, check_name};
+use crate::store::{Store, StoreEvent};
+
+pub use transition::transition;
+
+/// One queue this worker runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueConfig {
+    /// Queue name.
+    pub name: String,
+    /// How many of its jobs run at once in this process.
+    pub concurrency: u32,
+}
+
+/// Worker settings. Defaults are in [`WorkerConfig::default`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// This process's id, stored as the lease owner. Default: `<hostname>-<pid>-<random>`.
+    pub id: String,
+    /// Queues to run (default: `default` with concurrency 10).
+    pub queues: Vec<QueueConfig>,
+    /// How long a claim lasts without a heartbeat (default 30 s).
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often leases are renewed (default 10 s; must be well under `lease`).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Fallback poll when no wake-up arrives (default 1 s).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Most jobs claimed by one fetch (default 100; capped by the queue's concurrency).
+    pub fetch_batch: u32,
+    /// How long running jobs may finish after shutdown begins (default 30 s).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How long a cancelled job's handler may take to stop on its own before it is dropped
+    /// (default 5 s).
+    #[serde(with = "humantime_serde")]
+    pub cancel_grace: Duration,
+    /// Most outcomes written by one `finish` statement (default 1,000).
+    pub completion_batch: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            id: default_worker_id(),
+            queues: vec![QueueConfig {
+                name: "default".into(),
+                concurrency: 10,
+            }],
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            poll_interval: Duration::from_secs(1),
+            fetch_batch: 100,
+            shutdown_grace: Duration::from_secs(30),
+            cancel_grace: Duration::from_secs(5),
+            completion_batch: 1000,
+        }
+    }
+}
+
+/// `<hostname>-<pid>-<4 random hex>`: unique per process even when a pid is reused after a
+/// restart, so a restarted worker never mistakes an old lease for its own.
+pub fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+impl WorkerConfig {
+    /// Checks the settings, naming the key and the fix.
+    pub fn validate(&self) -> Result<()> {
+        if self.id.is_empty() {
+            return Err(Error::invalid("worker.id", "must not be empty"));
+        }
+        if self.queues.is_empty() {
+            return Err(Error::invalid(
+                "worker.queues",
+                "name at least one queue, e.g. [[worker.queues]] name = \"default\" concurrency = 10",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for q in &self.queues {
+            check_name("worker.queues.name", &q.name)?;
+            if q.concurrency == 0 {
+                return Err(Error::invalid(
+                    "worker.queues.concurrency",
+                    format!("queue `{}` needs a concurrency of at least 1", q.name),
+                ));
+            }
+            if !seen.insert(q.name.as_str()) {
+                return Err(Error::invalid(
+                    "worker.queues",
+                    format!("queue `{}` is listed twice", q.name),
+                ));
+            }
+        }
+        if self.heartbeat.is_zero() || self.heartbeat * 2 > self.lease {
+            return Err(Error::invalid(
+                "worker.heartbeat",
+                format!(
+                    "must be non-zero and at most half of worker.lease ({:?}), got {:?}",
+                    self.lease, self.heartbeat
+                ),
+            ));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(Error::invalid("worker.poll_interval", "must be non-zero"));
+        }
+        if self.fetch_batch == 0 || self.completion_batch == 0 {
+            return Err(Error::invalid(
+                "worker.fetch_batch",
+                "fetch_batch and completion_batch must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// State shared by the parts of one running worker.
+pub(crate) struct Shared {
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub config: WorkerConfig,
+    pub worker_id: Arc<str>,
+    /// Cancel tokens of the jobs running here, so a cancel request can reach them.
+    pub running: Mutex<HashMap<JobId, CancellationToken>>,
+    /// Fired when the shutdown grace period runs out: running handlers are dropped.
+    pub interrupt: CancellationToken,
+}
+
+impl Shared {
+    /// Fires the cancel token of a job if it runs here.
+    pub fn cancel_running(&self, id: JobId) -> bool {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        match running.get(&id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A worker process's job runner. Build it, then `run` it with a shutdown token.
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    /// A worker running `registry`'s kinds from `store`.
+    pub fn new(store: Arc<dyn Store>, registry: Registry, config: WorkerConfig) -> Result<Self> {
+        config.validate()?;
+        let worker_id: Arc<str> = config.id.as_str().into();
+        Ok(Self {
+            shared: Arc::new(Shared {
+                store,
+                registry: Arc::new(registry),
+                config,
+                worker_id,
+                running: Mutex::new(HashMap::new()),
+                interrupt: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// This worker's id (its lease owner name).
+    pub fn id(&self) -> &str {
+        &self.shared.worker_id
+    }
+
+    /// Runs until `shutdown` fires, then shuts down gracefully (see the module docs).
+    /// Returns once every outcome has been written back.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let shared = self.shared;
+        let config = &shared.config;
+        tracing::info!(
+            worker.id = %shared.worker_id,
+            queues = ?config.queues.iter().map(|q| format!("{}={}", q.name, q.concurrency)).collect::<Vec<_>>(),
+            kinds = ?shared.registry.kinds(),
+            "worker started"
+        );
+
+        let (done_tx, done_rx) = mpsc::channel(config.completion_batch.max(1024));
+        let completer = tokio::spawn(completer::run(shared.clone(), done_rx));
+
+        // Background parts that live until the jobs are done, not just until shutdown.
+        let background = CancellationToken::new();
+        let wakers: HashMap<String, Arc<Notify>> = config
+            .queues
+            .iter()
+            .map(|q| (q.name.clone(), Arc::new(Notify::new())))
+            .collect();
+        let events = tokio::spawn(dispatch_events(
+            shared.clone(),
+            wakers.clone(),
+            background.clone(),
+        ));
+        let heartbeat = tokio::spawn(heartbeat::run(shared.clone(), background.clone()));
+
+        let jobs = TaskTracker::new();
+        let fetchers = TaskTracker::new();
+        for q in &config.queues {
+            fetchers.spawn(fetch::run(
+                shared.clone(),
+                q.clone(),
+                wakers[&q.name].clone(),
+                jobs.clone(),
+                done_tx.clone(),
+                shutdown.clone(),
+            ));
+        }
+        drop(done_tx);
+        fetchers.close();
+        fetchers.wait().await;
+        tracing::info!(worker.id = %shared.worker_id, "shutting down: fetching stopped, waiting for running jobs");
+
+        jobs.close();
+        if tokio::time::timeout(config.shutdown_grace, jobs.wait())
+            .await
+            .is_err()
+        {
+            let n = jobs.len();
+            tracing::warn!(
+                running = n,
+                grace = ?config.shutdown_grace,
+                "grace period over: interrupting running jobs; they go back to the queue"
+            );
+            shared.interrupt.cancel();
+            jobs.wait().await;
+        }
+
+        // Every job task has sent its outcome and dropped its sender: the completer drains
+        // the channel and returns.
+        let flushed = completer.await;
+        background.cancel();
+        let _ = heartbeat.await;
+        let _ = events.await;
+        match flushed {
+            Ok(result) => result,
+            Err(e) => Err(Error::Unsupported(format!("completer task failed: {e}"))),
+        }
+    }
+}
+
+/// Routes store events: wake-ups to the queue's fetch loop, cancel requests to the job.
+async fn dispatch_events(
+    shared: Arc<Shared>,
+    wakers: HashMap<String, Arc<Notify>>,
+    stop: CancellationToken,
+) {
+    let mut rx = shared.store.subscribe();
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = rx.recv() => e,
+        };
+        match event {
+            Ok(StoreEvent::JobsAvailable { queue }) => {
+                if let Some(n) = wakers.get(&queue) {
+                    n.notify_one();
+                }
+            }
+            Ok(StoreEvent::CancelRequested { id }) => {
+                shared.cancel_running(id);
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                // Missed events: wake every queue; the heartbeat catches missed cancels.
+                for n in wakers.values() {
+                    n.notify_one();
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

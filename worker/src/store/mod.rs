@@ -1,0 +1,388 @@
+//! The store: one trait ([`Store`]) over the backends that keep jobs.
+//!
+//! - [`sqlite`]: the embedded default (one file, WAL, in-process wake-up).
+//! - [`postgres`]: production and many machines (`FOR UPDATE SKIP LOCKED` fetch, LISTEN/NOTIFY
+//!   wake-up, transactional enqueue with the application's own connection).
+//!
+//! The runtime only ever talks to `dyn Store`; [`connect`] picks the backend from a URL.
+//! Every backend passes the conformance suite in `tests/`.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::error::{Error, Result};
+use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
+use crate::retry_policy::RetryPolicy;
+
+/// Connection settings shared by the backends.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Pool size.
+    pub max_connections: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+        }
+    }
+}
+
+/// Opens the store a URL names (`sqlite://file.db`, `sqlite::memory:`, `postgres://…`) and
+/// applies its migrations.
+pub async fn connect(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
+    let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
+        Arc::new(sqlite::SqliteStore::connect(url, &options).await?)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Arc::new(postgres::PgStore::connect(url, &options).await?)
+    } else {
+        return Err(Error::BadUrl {
+            url: redact_url(url),
+            reason: "unknown scheme".into(),
+        });
+    };
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// The URL with any password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let creds = &url[scheme_end + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// What the runtime writes back when an attempt ends (or is given back). Applied only if the
+/// job is still `running` at `attempt`, so a late write from a worker whose lease was rescued
+/// changes nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finish {
+    /// The job.
+    pub id: JobId,
+    /// The attempt this outcome belongs to.
+    pub attempt: i32,
+    /// The next state: completed, retryable, scheduled (snooze), available (released),
+    /// cancelled or dead.
+    pub state: JobState,
+    /// The new `run_at` for retryable/scheduled/available; ignored for terminal states.
+    pub run_at: Option<DateTime<Utc>>,
+    /// Added to `attempt`: -1 when the attempt should not count (snooze, shutdown release).
+    pub attempt_delta: i32,
+    /// Appended to the attempt history.
+    pub record: AttemptRecord,
+}
+
+/// What a fetch claims.
+#[derive(Clone, Debug)]
+pub struct FetchRequest<'a> {
+    /// Queue to claim from.
+    pub queue: &'a str,
+    /// At most this many jobs.
+    pub limit: u32,
+    /// The claiming worker's id (becomes `lease_owner`).
+    pub worker: &'a str,
+    /// Lease length; the worker's heartbeat renews it.
+    pub lease: Duration,
+}
+
+/// Which jobs a listing or bulk operation touches. Empty fields match everything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobFilter {
+    /// Any of these states (empty: all).
+    #[serde(default)]
+    pub states: Vec<JobState>,
+    /// Exactly this queue.
+    pub queue: Option<String>,
+    /// Exactly this kind.
+    pub kind: Option<String>,
+    /// Has this tag.
+    pub tag: Option<String>,
+    /// Created at or after.
+    pub created_after: Option<DateTime<Utc>>,
+    /// Created before.
+    pub created_before: Option<DateTime<Utc>>,
+    /// Some attempt's error message or cause contains this text (case-insensitive).
+    pub error_contains: Option<String>,
+    /// Only these ids (empty: any).
+    #[serde(default)]
+    pub ids: Vec<JobId>,
+}
+
+impl JobFilter {
+    /// Jobs in one state.
+    pub fn state(state: JobState) -> Self {
+        Self {
+            states: vec![state],
+            ..Self::default()
+        }
+    }
+}
+
+/// Keyset pagination: newest first, strictly older than `before`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    /// Continue after this id (the last id of the previous page).
+    pub before: Option<JobId>,
+    /// Page size, 1..=1000.
+    pub limit: u32,
+}
+
+impl Default for Page {
+    fn default() -> Self {
+        Self {
+            before: None,
+            limit: 50,
+        }
+    }
+}
+
+/// The result of a cancel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelResult {
+    /// It was waiting and is now `cancelled`.
+    Cancelled,
+    /// It is running: its worker was asked to stop it and will record `cancelled`.
+    Requested,
+}
+
+/// Counts for one queue.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueStats {
+    /// Queue name.
+    pub queue: String,
+    /// Jobs per state (states with no jobs are absent).
+    pub counts: BTreeMap<JobState, i64>,
+    /// Age of the oldest job that is ready to run (available, or scheduled/retryable and due).
+    pub oldest_available_age: Option<Duration>,
+}
+
+/// How long finished jobs are kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetentionPolicy {
+    /// Completed jobs are deleted this long after they finished.
+    #[serde(with = "humantime_serde")]
+    pub completed: Duration,
+    /// Cancelled jobs likewise.
+    #[serde(with = "humantime_serde")]
+    pub cancelled: Duration,
+    /// Dead jobs likewise.
+    #[serde(with = "humantime_serde")]
+    pub dead: Duration,
+    /// A finished job that holds an idempotency key is kept at least this long, so late
+    /// retries of the enqueue still find it.
+    #[serde(with = "humantime_serde")]
+    pub idempotency: Duration,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            completed: Duration::from_secs(DAY),
+            cancelled: Duration::from_secs(30 * DAY),
+            dead: Duration::from_secs(30 * DAY),
+            idempotency: Duration::from_secs(DAY),
+        }
+    }
+}
+
+/// What one rescue pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RescueReport {
+    /// Back to `retryable`.
+    pub retried: u64,
+    /// Attempts exhausted: `dead`.
+    pub dead: u64,
+    /// A cancel had been requested: `cancelled`.
+    pub cancelled: u64,
+}
+
+/// A wake-up from the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// Jobs were inserted (or retried) on this queue and may be fetched now.
+    JobsAvailable {
+        /// The queue.
+        queue: String,
+    },
+    /// Someone asked to cancel this running job.
+    CancelRequested {
+        /// The job.
+        id: JobId,
+    },
+}
+
+/// A job store. All methods are safe to call from many processes at once.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A human name with the server version, e.g. `Postgres 15.19` or `SQLite 3.46.0`.
+    async fn backend_name(&self) -> Result<String>;
+
+    /// Applies pending migrations. Idempotent; safe to run concurrently.
+    async fn migrate(&self) -> Result<()>;
+
+    /// Succeeds if the store answers and its schema is current.
+    async fn ping(&self) -> Result<()>;
+
+    /// Inserts one job, or returns the existing holder of its idempotency key.
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued>;
+
+    /// Inserts many jobs in as few statements as the backend allows. Duplicates (against
+    /// stored jobs or within the batch) come back as `duplicate` and do not fail the rest.
+    /// The answers are in input order.
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>>;
+
+    /// Claims up to `limit` due jobs of a queue in one statement, by priority then `run_at`:
+    /// they become `running`, `attempt` goes up by one, the lease is set.
+    async fn fetch(&self, request: FetchRequest<'_>) -> Result<Vec<Job>>;
+
+    /// Writes back attempt outcomes in one batch. Returns how many applied (an outcome for a
+    /// job no longer running at that attempt is ignored).
+    async fn finish(&self, outcomes: Vec<Finish>) -> Result<u64>;
+
+    /// Renews the leases of every job `worker` runs; returns the ids among them whose
+    /// cancellation was requested.
+    async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>>;
+
+    /// One job with its attempt history.
+    async fn get(&self, id: JobId) -> Result<Option<Job>>;
+
+    /// Jobs matching `filter`, newest first, one page.
+    async fn list(&self, filter: &JobFilter, page: Page) -> Result<Vec<Job>>;
+
+    /// How many jobs match `filter`.
+    async fn count(&self, filter: &JobFilter) -> Result<u64>;
+
+    /// Makes a finished or waiting job `available` now with a fresh attempt budget
+    /// (`attempt` = 0), keeping its history. A running job is refused.
+    async fn retry(&self, id: JobId) -> Result<Job>;
+
+    /// [`Store::retry`] for every non-running job matching `filter`; returns how many.
+    async fn retry_matching(&self, filter: &JobFilter) -> Result<u64>;
+
+    /// Cancels a waiting job, or asks the worker running it to stop. A finished job is refused.
+    async fn cancel(&self, id: JobId) -> Result<CancelResult>;
+
+    /// Deletes one job that is not running.
+    async fn discard(&self, id: JobId) -> Result<()>;
+
+    /// Deletes every finished (terminal) job matching `filter`; returns how many.
+    async fn purge(&self, filter: &JobFilter) -> Result<u64>;
+
+    /// Counts by state for every queue that has jobs.
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>>;
+
+    /// Moves up to `limit` due `scheduled`/`retryable` jobs to `available`; returns how many.
+    async fn promote_due(&self, now: DateTime<Utc>, limit: u32) -> Result<u64>;
+
+    /// Ends up to `limit` attempts whose lease expired before `now`: `retryable` (after the
+    /// policy's backoff), `dead` when attempts are exhausted, `cancelled` when a cancel was
+    /// requested. Each gets a `lease_expired` attempt record. Safe to run concurrently.
+    async fn rescue_expired(
+        &self,
+        now: DateTime<Utc>,
+        policy: &RetryPolicy,
+        limit: u32,
+    ) -> Result<RescueReport>;
+
+    /// Deletes up to `limit` finished jobs past their retention at `now`; returns how many.
+    async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64>;
+
+    /// Wake-ups: new jobs per queue, cancel requests. Lossy by design; the runtime also polls.
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+}
+
+/// The write-back for a running job whose lease expired: `cancelled` if a cancel was
+/// requested, `dead` if that was its last attempt, else `retryable` after the policy's backoff.
+/// Shared by the backends so the rescue rule is the same everywhere.
+#[allow(clippy::too_many_arguments)]
+pub fn rescue_finish(
+    id: JobId,
+    attempt: i32,
+    max_attempts: i32,
+    owner: Option<String>,
+    started_at: DateTime<Utc>,
+    cancel_requested: bool,
+    now: DateTime<Utc>,
+    policy: &RetryPolicy,
+) -> Finish {
+    let (state, run_at) = if cancel_requested {
+        (JobState::Cancelled, None)
+    } else if attempt >= max_attempts {
+        (JobState::Dead, None)
+    } else {
+        let delay =
+            chrono::Duration::from_std(policy.delay(attempt)).unwrap_or(chrono::Duration::MAX);
+        (JobState::Retryable, Some(now + delay))
+    };
+    let error = format!(
+        "lease expired: worker {} stopped heartbeating",
+        owner.as_deref().unwrap_or("(unknown)")
+    );
+    Finish {
+        id,
+        attempt,
+        state,
+        run_at,
+        attempt_delta: 0,
+        record: AttemptRecord {
+            attempt,
+            started_at,
+            finished_at: now,
+            worker: owner,
+            outcome: crate::job::AttemptOutcome::LeaseExpired,
+            error: Some(error),
+            causes: Vec::new(),
+            duration_ms: (now - started_at).num_milliseconds().max(0),
+        },
+    }
+}
+
+/// Checks a page request.
+pub fn check_page(page: &Page) -> Result<()> {
+    if page.limit == 0 || page.limit > 1000 {
+        return Err(Error::invalid(
+            "limit",
+            format!("must be between 1 and 1000, got {}", page.limit),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://me:secret@db:5432/app"),
+            "postgres://me:***@db:5432/app"
+        );
+        assert_eq!(redact_url("postgres://me@db/app"), "postgres://me@db/app");
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

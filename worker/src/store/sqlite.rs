@@ -1,0 +1,703 @@
+//! The SQLite backend: the embedded default (`conveyor serve` with no setup).
+//!
+//! One database file in WAL mode. SQLite allows one writer at a time, so every write goes
+//! through a pool of exactly one connection (writes queue in-process instead of spinning on
+//! `SQLITE_BUSY`), and reads use a small pool of their own that WAL lets run beside the writer.
+//! Several processes on one file still work: each write transaction starts with
+//! `BEGIN IMMEDIATE` and waits out the other process's writer within the busy timeout.
+//!
+//! Times are stored as microseconds since the Unix epoch. Wake-ups are in-process: a
+//! broadcast channel fed by this store's own writes.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use super::{
+    CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
+    Store, StoreEvent, StoreOptions, check_page,
+};
+use crate::error::{Error, Result};
+use crate::job::{Enqueued, Job, JobId, JobState, NewJob};
+use crate::retry_policy::RetryPolicy;
+
+/// Rows per multi-row INSERT: 11 parameters a row stays far below SQLite's 32,766 limit.
+const INSERT_CHUNK: usize = 500;
+
+const COLUMNS: &str = "id, queue, kind, args, priority, state, attempt, max_attempts, run_at, \
+    created_at, attempted_at, finalized_at, lease_owner, lease_expires_at, cancel_requested_at, \
+    idempotency_key, tags, metadata, attempts";
+
+const WAITING: &str = "('scheduled','available','retryable')";
+const TERMINAL: &str = "('completed','cancelled','dead')";
+
+/// The SQLite store. Cheap to clone; clones share the pools and the wake-up channel.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    events: broadcast::Sender<StoreEvent>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database a URL names: `sqlite://relative/file.db`,
+    /// `sqlite:///absolute/file.db`, `sqlite:file.db`, or `sqlite::memory:`.
+    pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self> {
+        let memory = url.contains(":memory:") || url.contains("mode=memory");
+        let connect = SqliteConnectOptions::from_str(url)
+            .map_err(|e| Error::BadUrl {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?
+            .create_if_missing(true)
+            .journal_mode(if memory {
+                SqliteJournalMode::Memory
+            } else {
+                SqliteJournalMode::Wal
+            })
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true)
+            .pragma("temp_store", "memory")
+            .pragma("cache_size", "-32000");
+        // An in-memory database exists per connection: one connection serves everything.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(connect.clone())
+            .await?;
+        let reader = if memory {
+            writer.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(options.max_connections.clamp(1, 8))
+                .connect_with(connect.read_only(true))
+                .await?
+        };
+        let (events, _) = broadcast::channel(1024);
+        Ok(Self {
+            writer,
+            reader,
+            events,
+        })
+    }
+
+    fn wake(&self, queues: impl IntoIterator<Item = String>) {
+        for queue in queues.into_iter().collect::<BTreeSet<_>>() {
+            let _ = self.events.send(StoreEvent::JobsAvailable { queue });
+        }
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+fn job_from_row(row: &SqliteRow) -> Result<Job> {
+    let state: String = row.try_get("state")?;
+    let opt = |name: &str| -> Result<Option<DateTime<Utc>>> {
+        Ok(row.try_get::<Option<i64>, _>(name)?.map(from_micros))
+    };
+    Ok(Job {
+        id: JobId(row.try_get::<Uuid, _>("id")?),
+        queue: row.try_get("queue")?,
+        kind: row.try_get("kind")?,
+        args: serde_json::from_str(row.try_get::<&str, _>("args")?)?,
+        priority: row.try_get::<i64, _>("priority")? as i16,
+        state: state.parse()?,
+        attempt: row.try_get::<i64, _>("attempt")? as i32,
+        max_attempts: row.try_get::<i64, _>("max_attempts")? as i32,
+        run_at: from_micros(row.try_get("run_at")?),
+        created_at: from_micros(row.try_get("created_at")?),
+        attempted_at: opt("attempted_at")?,
+        finalized_at: opt("finalized_at")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_expires_at: opt("lease_expires_at")?,
+        cancel_requested_at: opt("cancel_requested_at")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        tags: serde_json::from_str(row.try_get::<&str, _>("tags")?)?,
+        metadata: serde_json::from_str(row.try_get::<&str, _>("metadata")?)?,
+        attempts: serde_json::from_str(row.try_get::<&str, _>("attempts")?)?,
+    })
+}
+
+/// Appends `filter` as `AND …` clauses.
+fn push_filter(qb: &mut QueryBuilder<Sqlite>, filter: &JobFilter) {
+    if !filter.states.is_empty() {
+        qb.push(" AND state IN (");
+        let mut sep = qb.separated(", ");
+        for s in &filter.states {
+            sep.push_bind(s.as_str());
+        }
+        qb.push(")");
+    }
+    if let Some(q) = &filter.queue {
+        qb.push(" AND queue = ").push_bind(q.clone());
+    }
+    if let Some(k) = &filter.kind {
+        qb.push(" AND kind = ").push_bind(k.clone());
+    }
+    if let Some(t) = &filter.tag {
+        qb.push(" AND EXISTS (SELECT 1 FROM json_each(jobs.tags) WHERE json_each.value = ")
+            .push_bind(t.clone())
+            .push(")");
+    }
+    if let Some(t) = filter.created_after {
+        qb.push(" AND created_at >= ").push_bind(micros(t));
+    }
+    if let Some(t) = filter.created_before {
+        qb.push(" AND created_at < ").push_bind(micros(t));
+    }
+    if let Some(text) = &filter.error_contains {
+        let pattern = format!("%{}%", escape_like(&text.to_lowercase()));
+        qb.push(
+            " AND EXISTS (SELECT 1 FROM json_each(jobs.attempts) a WHERE \
+             lower(coalesce(json_extract(a.value, '$.error'), '')) LIKE ",
+        )
+        .push_bind(pattern.clone())
+        .push(" ESCAPE '\\' OR lower(coalesce(json_extract(a.value, '$.causes'), '')) LIKE ")
+        .push_bind(pattern)
+        .push(" ESCAPE '\\')");
+    }
+    if !filter.ids.is_empty() {
+        qb.push(" AND id IN (");
+        let mut sep = qb.separated(", ");
+        for id in &filter.ids {
+            sep.push_bind(id.0);
+        }
+        qb.push(")");
+    }
+}
+
+/// Escapes LIKE wildcards so user text matches literally.
+pub(crate) fn escape_like(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Applies outcomes inside an open write transaction; returns the number applied and the
+/// queues that got a job ready to run now.
+async fn apply_finishes(
+    tx: &mut sqlx::SqliteConnection,
+    outcomes: &[Finish],
+) -> Result<(u64, Vec<String>)> {
+    let mut applied = 0;
+    let mut ready = Vec::new();
+    for f in outcomes {
+        let finalized = f.state.is_terminal().then(|| micros(f.record.finished_at));
+        let run_at = if f.state.is_terminal() {
+            None
+        } else {
+            f.run_at.map(micros)
+        };
+        let record = serde_json::to_string(&f.record)?;
+        let row = sqlx::query(
+            "UPDATE jobs SET state = ?1, run_at = coalesce(?2, run_at), finalized_at = ?3, \
+             attempt = attempt + ?4, attempts = json_insert(attempts, '$[#]', json(?5)), \
+             lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL \
+             WHERE id = ?6 AND state = 'running' AND attempt = ?7 RETURNING queue",
+        )
+        .bind(f.state.as_str())
+        .bind(run_at)
+        .bind(finalized)
+        .bind(f.attempt_delta)
+        .bind(record)
+        .bind(f.id.0)
+        .bind(f.attempt)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = row {
+            applied += 1;
+            if f.state == JobState::Available {
+                ready.push(row.try_get("queue")?);
+            }
+        }
+    }
+    Ok((applied, ready))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn backend_name(&self) -> Result<String> {
+        let v: String = sqlx::query_scalar("SELECT sqlite_version()")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(format!("SQLite {v}"))
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1 FROM jobs LIMIT 1")
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(())
+    }
+
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
+        let mut out = self.enqueue_many(vec![job]).await?;
+        out.pop()
+            .ok_or_else(|| Error::Unsupported("enqueue returned no answer".into()))
+    }
+
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
+        for job in &jobs {
+            job.validate()?;
+        }
+        let now = Utc::now();
+        let mut answers = Vec::with_capacity(jobs.len());
+        let mut ready = Vec::new();
+        let mut tx = self.begin().await?;
+        for chunk in jobs.chunks(INSERT_CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO jobs (id, queue, kind, args, priority, state, max_attempts, run_at, \
+                 created_at, idempotency_key, tags, metadata) ",
+            );
+            let mut rows = Vec::with_capacity(chunk.len());
+            for job in chunk {
+                let run_at = job.run_at.unwrap_or(now);
+                let state = if run_at > now {
+                    JobState::Scheduled
+                } else {
+                    JobState::Available
+                };
+                rows.push((
+                    job,
+                    state,
+                    run_at,
+                    serde_json::to_string(&job.args)?,
+                    serde_json::to_string(&job.tags)?,
+                    serde_json::to_string(&job.metadata)?,
+                ));
+            }
+            qb.push_values(
+                &rows,
+                |mut b, (job, state, run_at, args, tags, metadata)| {
+                    b.push_bind(job.id.0)
+                        .push_bind(job.queue.as_str())
+                        .push_bind(job.kind.as_str())
+                        .push_bind(args.as_str())
+                        .push_bind(i64::from(job.priority))
+                        .push_bind(state.as_str())
+                        .push_bind(job.max_attempts)
+                        .push_bind(micros(*run_at))
+                        .push_bind(micros(now))
+                        .push_bind(job.idempotency_key.as_deref())
+                        .push_bind(tags.as_str())
+                        .push_bind(metadata.as_str());
+                },
+            );
+            qb.push(" ON CONFLICT DO NOTHING RETURNING id");
+            let inserted: std::collections::HashSet<Uuid> = qb
+                .build()
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<Uuid, _>("id"))
+                .collect::<Result<_, _>>()?;
+            for (job, state, ..) in &rows {
+                if inserted.contains(&job.id.0) {
+                    if *state == JobState::Available {
+                        ready.push(job.queue.clone());
+                    }
+                    answers.push(Enqueued {
+                        id: job.id,
+                        state: *state,
+                        duplicate: false,
+                    });
+                    continue;
+                }
+                // Not inserted: another job holds the key (or, absurdly, the id).
+                let holder = match &job.idempotency_key {
+                    Some(key) => {
+                        sqlx::query("SELECT id, state FROM jobs WHERE idempotency_key = ?")
+                            .bind(key)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                    }
+                    None => None,
+                };
+                let Some(holder) = holder else {
+                    return Err(Error::invalid(
+                        "id",
+                        format!("job id {} already exists", job.id),
+                    ));
+                };
+                let state: String = holder.try_get("state")?;
+                answers.push(Enqueued {
+                    id: JobId(holder.try_get("id")?),
+                    state: state.parse()?,
+                    duplicate: true,
+                });
+            }
+        }
+        tx.commit().await?;
+        self.wake(ready);
+        Ok(answers)
+    }
+
+    async fn fetch(&self, request: FetchRequest<'_>) -> Result<Vec<Job>> {
+        let now = Utc::now();
+        let sql = format!(
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1, attempted_at = ?1, \
+             lease_owner = ?2, lease_expires_at = ?3 \
+             WHERE rowid IN (SELECT rowid FROM jobs WHERE queue = ?4 AND state IN {WAITING} \
+             AND run_at <= ?1 ORDER BY priority, run_at, id LIMIT ?5) RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(micros(now))
+            .bind(request.worker)
+            .bind(micros(after(now, request.lease)))
+            .bind(request.queue)
+            .bind(i64::from(request.limit))
+            .fetch_all(&self.writer)
+            .await?;
+        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        jobs.sort_by(|a, b| (a.priority, a.run_at, a.id).cmp(&(b.priority, b.run_at, b.id)));
+        Ok(jobs)
+    }
+
+    async fn finish(&self, outcomes: Vec<Finish>) -> Result<u64> {
+        if outcomes.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin().await?;
+        let (applied, ready) = apply_finishes(&mut tx, &outcomes).await?;
+        tx.commit().await?;
+        self.wake(ready);
+        Ok(applied)
+    }
+
+    async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>> {
+        let rows = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = ?1 WHERE state = 'running' AND lease_owner = ?2 \
+             RETURNING id, cancel_requested_at",
+        )
+        .bind(micros(after(Utc::now(), lease)))
+        .bind(worker)
+        .fetch_all(&self.writer)
+        .await?;
+        let mut cancel = Vec::new();
+        for row in rows {
+            if row
+                .try_get::<Option<i64>, _>("cancel_requested_at")?
+                .is_some()
+            {
+                cancel.push(JobId(row.try_get("id")?));
+            }
+        }
+        Ok(cancel)
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>> {
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn list(&self, filter: &JobFilter, page: Page) -> Result<Vec<Job>> {
+        check_page(&page)?;
+        let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT {COLUMNS} FROM jobs WHERE 1=1"));
+        push_filter(&mut qb, filter);
+        if let Some(before) = page.before {
+            qb.push(" AND id < ").push_bind(before.0);
+        }
+        qb.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(page.limit));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn count(&self, filter: &JobFilter) -> Result<u64> {
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT count(*) FROM jobs WHERE 1=1");
+        push_filter(&mut qb, filter);
+        let n: i64 = qb.build_query_scalar().fetch_one(&self.reader).await?;
+        Ok(n as u64)
+    }
+
+    async fn retry(&self, id: JobId) -> Result<Job> {
+        let sql = format!(
+            "UPDATE jobs SET state = 'available', attempt = 0, run_at = ?1, finalized_at = NULL, \
+             lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL \
+             WHERE id = ?2 AND state <> 'running' RETURNING {COLUMNS}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(micros(Utc::now()))
+            .bind(id.0)
+            .fetch_optional(&self.writer)
+            .await?;
+        match row {
+            Some(row) => {
+                let job = job_from_row(&row)?;
+                self.wake([job.queue.clone()]);
+                Ok(job)
+            }
+            None => Err(self.refusal(id, "retry").await),
+        }
+    }
+
+    async fn retry_matching(&self, filter: &JobFilter) -> Result<u64> {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "UPDATE jobs SET state = 'available', attempt = 0, finalized_at = NULL, \
+             lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL, run_at = ",
+        );
+        qb.push_bind(micros(Utc::now()))
+            .push(" WHERE state <> 'running'");
+        push_filter(&mut qb, filter);
+        qb.push(" RETURNING queue");
+        let rows = qb.build().fetch_all(&self.writer).await?;
+        let queues = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("queue"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = queues.len() as u64;
+        self.wake(queues);
+        Ok(n)
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<CancelResult> {
+        let now = micros(Utc::now());
+        let mut tx = self.begin().await?;
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let state: JobState = match state {
+            Some(s) => s.parse()?,
+            None => return Err(Error::NotFound(id)),
+        };
+        let result = if state.is_waiting() {
+            sqlx::query("UPDATE jobs SET state = 'cancelled', finalized_at = ?1 WHERE id = ?2")
+                .bind(now)
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await?;
+            CancelResult::Cancelled
+        } else if state == JobState::Running {
+            sqlx::query(
+                "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, ?1) WHERE id = ?2",
+            )
+            .bind(now)
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+            CancelResult::Requested
+        } else {
+            return Err(Error::WrongState {
+                id,
+                state,
+                action: "cancel",
+            });
+        };
+        tx.commit().await?;
+        if result == CancelResult::Requested {
+            let _ = self.events.send(StoreEvent::CancelRequested { id });
+        }
+        Ok(result)
+    }
+
+    async fn discard(&self, id: JobId) -> Result<()> {
+        let done = sqlx::query("DELETE FROM jobs WHERE id = ? AND state <> 'running'")
+            .bind(id.0)
+            .execute(&self.writer)
+            .await?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(self.refusal(id, "discard").await)
+        }
+    }
+
+    async fn purge(&self, filter: &JobFilter) -> Result<u64> {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new(format!("DELETE FROM jobs WHERE state IN {TERMINAL}"));
+        push_filter(&mut qb, filter);
+        Ok(qb.build().execute(&self.writer).await?.rows_affected())
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>> {
+        let now = micros(Utc::now());
+        let rows = sqlx::query(
+            "SELECT queue, state, count(*) AS n FROM jobs GROUP BY queue, state ORDER BY queue",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        let mut stats: Vec<QueueStats> = Vec::new();
+        for row in rows {
+            let queue: String = row.try_get("queue")?;
+            let state: JobState = row.try_get::<String, _>("state")?.parse()?;
+            let n: i64 = row.try_get("n")?;
+            match stats.last_mut() {
+                Some(s) if s.queue == queue => {
+                    s.counts.insert(state, n);
+                }
+                _ => stats.push(QueueStats {
+                    queue,
+                    counts: [(state, n)].into_iter().collect(),
+                    oldest_available_age: None,
+                }),
+            }
+        }
+        let sql = format!(
+            "SELECT queue, min(run_at) AS oldest FROM jobs WHERE state IN {WAITING} \
+             AND run_at <= ?1 GROUP BY queue"
+        );
+        let oldest = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .fetch_all(&self.reader)
+            .await?;
+        for row in oldest {
+            let queue: String = row.try_get("queue")?;
+            let at: i64 = row.try_get("oldest")?;
+            if let Some(s) = stats.iter_mut().find(|s| s.queue == queue) {
+                s.oldest_available_age = Some(Duration::from_micros((now - at).max(0) as u64));
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn promote_due(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
+        let rows = sqlx::query(
+            "UPDATE jobs SET state = 'available' WHERE rowid IN (SELECT rowid FROM jobs \
+             WHERE state IN ('scheduled','retryable') AND run_at <= ?1 LIMIT ?2) RETURNING queue",
+        )
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.writer)
+        .await?;
+        let queues = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("queue"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = queues.len() as u64;
+        self.wake(queues);
+        Ok(n)
+    }
+
+    async fn rescue_expired(
+        &self,
+        now: DateTime<Utc>,
+        policy: &RetryPolicy,
+        limit: u32,
+    ) -> Result<RescueReport> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, attempt, max_attempts, attempted_at, lease_owner, cancel_requested_at \
+             FROM jobs WHERE state = 'running' AND lease_expires_at < ?1 LIMIT ?2",
+        )
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut report = RescueReport::default();
+        let mut finishes = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let attempt = row.try_get::<i64, _>("attempt")? as i32;
+            let max = row.try_get::<i64, _>("max_attempts")? as i32;
+            let owner: Option<String> = row.try_get("lease_owner")?;
+            let started = row
+                .try_get::<Option<i64>, _>("attempted_at")?
+                .map_or(now, from_micros);
+            let cancelled = row
+                .try_get::<Option<i64>, _>("cancel_requested_at")?
+                .is_some();
+            let f = super::rescue_finish(
+                JobId(row.try_get("id")?),
+                attempt,
+                max,
+                owner,
+                started,
+                cancelled,
+                now,
+                policy,
+            );
+            match f.state {
+                JobState::Cancelled => report.cancelled += 1,
+                JobState::Dead => report.dead += 1,
+                _ => report.retried += 1,
+            }
+            finishes.push(f);
+        }
+        apply_finishes(&mut tx, &finishes).await?;
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64> {
+        let before = |d: Duration| {
+            micros(now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
+        };
+        let done = sqlx::query(
+            "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE finalized_at IS NOT NULL \
+             AND ((state = 'completed' AND finalized_at < ?1) \
+               OR (state = 'cancelled' AND finalized_at < ?2) \
+               OR (state = 'dead' AND finalized_at < ?3)) \
+             AND (idempotency_key IS NULL OR finalized_at < ?4) LIMIT ?5)",
+        )
+        .bind(before(policy.completed))
+        .bind(before(policy.cancelled))
+        .bind(before(policy.dead))
+        .bind(before(policy.idempotency))
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+}
+
+impl SqliteStore {
+    /// Why an operation on `id` changed nothing: it is missing, or in the wrong state.
+    async fn refusal(&self, id: JobId, action: &'static str) -> Error {
+        match self.get(id).await {
+            Ok(Some(job)) => Error::WrongState {
+                id,
+                state: job.state,
+                action,
+            },
+            Ok(None) => Error::NotFound(id),
+            Err(e) => e,
+        }
+    }
+}
