@@ -98,14 +98,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--jobs, --concurrency and --enqueue-batch must be at least 1");
     }
 
-    let store = store::connect(
-        &args.url,
-        StoreOptions {
-            max_connections: 8,
-        },
-    )
-    .await
-    .with_context(|| format!("opening {}", store::redact_url(&args.url)))?;
+    let store = store::connect(&args.url, StoreOptions { max_connections: 8 })
+        .await
+        .with_context(|| format!("opening {}", store::redact_url(&args.url)))?;
     let backend = store.backend_name().await?;
     let queue = format!("bench_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
     let say = |msg: String| {
@@ -148,15 +143,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let probe = Arc::new(Probe::new(args.latency_jobs as usize));
     let mut registry = Registry::new();
     let p = probe.clone();
-    registry.register("bench.noop", move |_: serde_json::Value, _ctx: JobContext| {
-        p.first_start();
-        async { Ok(Outcome::Done) }
-    });
+    registry.register(
+        "bench.noop",
+        move |_: serde_json::Value, _ctx: JobContext| {
+            p.first_start();
+            async { Ok(Outcome::Done) }
+        },
+    );
     let p = probe.clone();
-    registry.register("bench.latency", move |args: LatencyArgs, _ctx: JobContext| {
-        p.latency_start(args.seq);
-        async { Ok(Outcome::Done) }
-    });
+    registry.register(
+        "bench.latency",
+        move |args: LatencyArgs, _ctx: JobContext| {
+            p.latency_start(args.seq);
+            async { Ok(Outcome::Done) }
+        },
+    );
     let fetch_batch = args.concurrency.min(200);
     let config = WorkerConfig {
         queues: vec![QueueConfig {
@@ -398,7 +399,10 @@ mod tests {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(percentile(&v, 0.5), 51.0);
         assert_eq!(percentile(&v, 0.99), 99.0);
-        assert_eq!(short_backend("Postgres 15.19 (Debian 15.19-0+deb12u1)"), "Postgres 15");
+        assert_eq!(
+            short_backend("Postgres 15.19 (Debian 15.19-0+deb12u1)"),
+            "Postgres 15"
+        );
         assert_eq!(short_backend("SQLite 3.46.0"), "SQLite 3.46.0");
     }
 }

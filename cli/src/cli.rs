@@ -1,0 +1,256 @@
+//! The command line: every subcommand and flag of `conveyor`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::bench::BenchArgs;
+
+/// Conveyor: background jobs, cron schedules and notifications in one binary.
+#[derive(Debug, Parser)]
+#[command(name = "conveyor", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Config file (TOML). Default: ./conveyor.toml if it exists.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Store URL; overrides `database.url` (sqlite://conveyor.db, postgres://user@host/db).
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Log filter, e.g. `info` or `conveyor=debug,sqlx=warn`; overrides `log.level` and RUST_LOG.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the platform: HTTP endpoints, workers and maintenance in one process.
+    Serve(ServeArgs),
+    /// Run workers and maintenance only (no HTTP listener): `serve --roles worker,scheduler`.
+    Worker(WorkerArgs),
+    /// Apply the store's migrations and exit.
+    Migrate,
+    /// Enqueue one job.
+    Enqueue(EnqueueArgs),
+    /// Inspect and operate on jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// The dead-letter queue: jobs whose attempts ran out or that failed permanently.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+    /// Counts by state and the oldest ready job's age, per queue.
+    Queues(OutputArgs),
+    /// Run the shared benchmark protocol against a store.
+    Bench(BenchArgs),
+}
+
+/// A role of a `serve` process.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The HTTP listener (`/livez`, `/readyz`, and the API as it grows).
+    Api,
+    /// Fetch and run jobs.
+    Worker,
+    /// Maintenance: promote due jobs, rescue expired leases, prune old jobs.
+    Scheduler,
+}
+
+/// Flags of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Roles to run (default: all of api, worker, scheduler).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub roles: Option<Vec<Role>>,
+    /// HTTP listen address (default 127.0.0.1:8080; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Queues and their concurrency, e.g. `default=10,emails=4`.
+    #[arg(long, value_delimiter = ',', value_name = "QUEUE=N")]
+    pub queues: Option<Vec<String>>,
+}
+
+/// Flags of `worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Queues and their concurrency, e.g. `default=10,emails=4`.
+    #[arg(long, value_delimiter = ',', value_name = "QUEUE=N")]
+    pub queues: Option<Vec<String>>,
+}
+
+/// `--json` alone.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `enqueue`.
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// The job kind (selects the handler), e.g. demo.echo.
+    #[arg(long)]
+    pub kind: String,
+    /// Queue to put it on.
+    #[arg(long, default_value = "default")]
+    pub queue: String,
+    /// Handler arguments as JSON.
+    #[arg(long, default_value = "{}", value_name = "JSON")]
+    pub args: String,
+    /// Smaller runs first.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub priority: i16,
+    /// Attempts before the job goes dead.
+    #[arg(long, default_value_t = conveyor_worker::job::DEFAULT_MAX_ATTEMPTS)]
+    pub max_attempts: i32,
+    /// Run no earlier than this instant (RFC 3339, e.g. 2026-12-01T09:00:00Z).
+    #[arg(long, conflicts_with = "delay", value_name = "TIME")]
+    pub run_at: Option<String>,
+    /// Run after this long (e.g. 30s, 5m, 2h).
+    #[arg(long, value_name = "DURATION")]
+    pub delay: Option<String>,
+    /// Deduplicate: a second enqueue with this key returns the first job.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// A label (repeatable).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Application metadata as a JSON object.
+    #[arg(long, value_name = "JSON")]
+    pub metadata: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Filters shared by the listing and bulk commands.
+#[derive(Debug, Args, Default)]
+pub struct FilterArgs {
+    /// Only this queue.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Only this kind.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Only jobs with this tag.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Created at or after (RFC 3339, or an age such as 2h meaning "2 hours ago").
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Created before (RFC 3339, or an age such as 30m).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Some attempt's error contains this text (case-insensitive).
+    #[arg(long, value_name = "TEXT")]
+    pub error: Option<String>,
+}
+
+/// Paging flags.
+#[derive(Debug, Args)]
+pub struct PageArgs {
+    /// Page size (1-1000).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Continue after this job id (the last id of the previous page).
+    #[arg(long, value_name = "ID")]
+    pub before: Option<String>,
+}
+
+/// `jobs …`
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// Only these states (comma-separated): scheduled, available, running, retryable,
+        /// completed, cancelled, dead.
+        #[arg(long, value_delimiter = ',')]
+        state: Vec<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        page: PageArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Show one job with its attempt history.
+    Show {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Make jobs available again with a fresh attempt budget (history kept).
+    Retry {
+        /// Job ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Cancel waiting jobs, or ask the workers running them to stop.
+    Cancel {
+        /// Job ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Delete jobs that are not running.
+    Discard {
+        /// Job ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+/// `dead …`
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List dead jobs, newest first, with their last error.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        page: PageArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Retry dead jobs: the ids given, or every dead job matching the filters.
+    Retry {
+        /// Job ids; without ids, the filters select (use --all to retry every dead job).
+        ids: Vec<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Select every dead job when no filter is given.
+        #[arg(long)]
+        all: bool,
+        /// Only count what would be retried.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Delete dead jobs matching the filters.
+    Purge {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Select every dead job when no filter is given.
+        #[arg(long)]
+        all: bool,
+        /// Only count what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}

@@ -1,0 +1,322 @@
+//! The admin commands: enqueue, jobs, dead, queues, migrate. Each opens the store the config
+//! names, does one thing, and prints a table (or JSON with `--json`).
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use conveyor_worker::store::{JobFilter, Page};
+use conveyor_worker::{JobId, JobState, NewJob, Store};
+use serde_json::json;
+
+use crate::cli::{DeadCommand, EnqueueArgs, FilterArgs, JobsCommand, PageArgs};
+use crate::output;
+
+/// Parses a JSON flag, saying which flag and where the JSON breaks.
+fn parse_json(flag: &str, text: &str) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| {
+        anyhow::anyhow!(
+            "{flag} is not valid JSON: {e}. Quote it for the shell, e.g. {flag} '{{\"msg\":\"hi\"}}'"
+        )
+    })
+}
+
+/// An instant: RFC 3339, or an age like `2h` meaning that long ago.
+fn parse_time(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    match humantime::parse_duration(text) {
+        Ok(age) => Ok(Utc::now() - chrono::Duration::from_std(age)?),
+        Err(_) => bail!(
+            "{flag} `{text}` is neither an RFC 3339 time (2026-11-23T09:00:00Z) nor an age (30m, 2h, 7d)"
+        ),
+    }
+}
+
+fn parse_id(text: &str) -> anyhow::Result<JobId> {
+    Ok(text.parse::<JobId>()?)
+}
+
+fn build_filter(states: Vec<JobState>, f: &FilterArgs) -> anyhow::Result<JobFilter> {
+    Ok(JobFilter {
+        states,
+        queue: f.queue.clone(),
+        kind: f.kind.clone(),
+        tag: f.tag.clone(),
+        created_after: f
+            .since
+            .as_deref()
+            .map(|s| parse_time("--since", s))
+            .transpose()?,
+        created_before: f
+            .until
+            .as_deref()
+            .map(|s| parse_time("--until", s))
+            .transpose()?,
+        error_contains: f.error.clone(),
+        ids: Vec::new(),
+    })
+}
+
+fn has_filter(f: &FilterArgs) -> bool {
+    f.queue.is_some()
+        || f.kind.is_some()
+        || f.tag.is_some()
+        || f.since.is_some()
+        || f.until.is_some()
+        || f.error.is_some()
+}
+
+fn build_page(p: &PageArgs) -> anyhow::Result<Page> {
+    Ok(Page {
+        before: p.before.as_deref().map(parse_id).transpose()?,
+        limit: p.limit,
+    })
+}
+
+/// `conveyor enqueue`
+pub async fn enqueue(store: Arc<dyn Store>, a: EnqueueArgs) -> anyhow::Result<()> {
+    let args = parse_json("--args", &a.args)?;
+    let mut job = NewJob::new(a.kind, args)
+        .queue(a.queue)
+        .priority(a.priority)
+        .max_attempts(a.max_attempts)
+        .tags(a.tags);
+    if let Some(meta) = &a.metadata {
+        job = job.metadata(parse_json("--metadata", meta)?);
+    }
+    if let Some(at) = &a.run_at {
+        let at = DateTime::parse_from_rfc3339(at).map_err(|e| {
+            anyhow::anyhow!(
+                "--run-at `{at}` is not an RFC 3339 time ({e}); write e.g. 2026-12-01T09:00:00Z"
+            )
+        })?;
+        job = job.run_at(at.with_timezone(&Utc));
+    }
+    if let Some(delay) = &a.delay {
+        let d = humantime::parse_duration(delay).map_err(|e| {
+            anyhow::anyhow!("--delay `{delay}` is not a duration ({e}); write e.g. 30s, 5m or 2h")
+        })?;
+        job = job.run_at(Utc::now() + chrono::Duration::from_std(d)?);
+    }
+    if let Some(key) = a.idempotency_key {
+        job = job.idempotency_key(key);
+    }
+    let enqueued = store.enqueue(job).await?;
+    if a.json {
+        output::json(&enqueued)?;
+    } else if enqueued.duplicate {
+        println!(
+            "{} (duplicate: the idempotency key is already held by this job, which is {})",
+            enqueued.id, enqueued.state
+        );
+    } else {
+        println!("{} enqueued ({})", enqueued.id, enqueued.state);
+    }
+    Ok(())
+}
+
+/// `conveyor jobs …`
+pub async fn jobs(store: Arc<dyn Store>, cmd: JobsCommand) -> anyhow::Result<()> {
+    match cmd {
+        JobsCommand::List {
+            state,
+            filter,
+            page,
+            out,
+        } => {
+            let states = state
+                .iter()
+                .map(|s| s.trim().parse::<JobState>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let filter = build_filter(states, &filter)?;
+            let jobs = store.list(&filter, build_page(&page)?).await?;
+            if out.json {
+                output::json(&jobs)
+            } else {
+                output::jobs_table(&jobs);
+                Ok(())
+            }
+        }
+        JobsCommand::Show { id, out } => {
+            let id = parse_id(&id)?;
+            let job = store.get(id).await?.with_context(|| {
+                format!("job {id} not found (it never existed, or was pruned after its retention)")
+            })?;
+            if out.json {
+                output::json(&job)
+            } else {
+                output::job_detail(&job);
+                Ok(())
+            }
+        }
+        JobsCommand::Retry { ids, out } => {
+            for_each(ids, out.json, "retried", |id| {
+                let store = store.clone();
+                async move { store.retry(id).await.map(|j| json!({"state": j.state})) }
+            })
+            .await
+        }
+        JobsCommand::Cancel { ids, out } => {
+            for_each(ids, out.json, "cancel", |id| {
+                let store = store.clone();
+                async move { store.cancel(id).await.map(|r| json!({"result": r})) }
+            })
+            .await
+        }
+        JobsCommand::Discard { ids, out } => {
+            for_each(ids, out.json, "discarded", |id| {
+                let store = store.clone();
+                async move { store.discard(id).await.map(|()| json!({})) }
+            })
+            .await
+        }
+    }
+}
+
+/// Runs `op` on every id, reports each, and fails if any failed.
+async fn for_each<F, Fut>(ids: Vec<String>, as_json: bool, verb: &str, op: F) -> anyhow::Result<()>
+where
+    F: Fn(JobId) -> Fut,
+    Fut: std::future::Future<Output = conveyor_worker::Result<serde_json::Value>>,
+{
+    let mut failed = 0usize;
+    let mut report = Vec::new();
+    for raw in &ids {
+        let outcome = match parse_id(raw) {
+            Ok(id) => op(id).await.map_err(anyhow::Error::from),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(mut detail) => {
+                if !as_json {
+                    let extra = detail
+                        .as_object()
+                        .and_then(|o| o.values().next())
+                        .and_then(|v| v.as_str())
+                        .map(|s| format!(" ({s})"))
+                        .unwrap_or_default();
+                    println!("{raw}: {verb}{extra}");
+                }
+                detail["id"] = json!(raw);
+                detail["ok"] = json!(true);
+                report.push(detail);
+            }
+            Err(e) => {
+                failed += 1;
+                if !as_json {
+                    eprintln!("{raw}: error: {e}");
+                }
+                report.push(json!({"id": raw, "ok": false, "error": e.to_string()}));
+            }
+        }
+    }
+    if as_json {
+        output::json(&report)?;
+    }
+    if failed > 0 {
+        bail!("{failed} of {} failed", ids.len());
+    }
+    Ok(())
+}
+
+/// `conveyor dead …`
+pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()> {
+    match cmd {
+        DeadCommand::List { filter, page, out } => {
+            let filter = build_filter(vec![JobState::Dead], &filter)?;
+            let jobs = store.list(&filter, build_page(&page)?).await?;
+            if out.json {
+                output::json(&jobs)
+            } else {
+                output::jobs_table(&jobs);
+                Ok(())
+            }
+        }
+        DeadCommand::Retry {
+            ids,
+            filter,
+            all,
+            dry_run,
+            out,
+        } => {
+            if !ids.is_empty() {
+                if has_filter(&filter) || all {
+                    bail!("give either job ids or filters (--queue, --kind, …/--all), not both");
+                }
+                let mut filter = JobFilter::state(JobState::Dead);
+                filter.ids = ids
+                    .iter()
+                    .map(|s| parse_id(s))
+                    .collect::<anyhow::Result<_>>()?;
+                return bulk(&*store, filter, dry_run, out.json, "retried", Bulk::Retry).await;
+            }
+            if !has_filter(&filter) && !all {
+                bail!(
+                    "name the dead jobs to retry: job ids, a filter (--queue, --kind, --error, --since …), or --all"
+                );
+            }
+            let filter = build_filter(vec![JobState::Dead], &filter)?;
+            bulk(&*store, filter, dry_run, out.json, "retried", Bulk::Retry).await
+        }
+        DeadCommand::Purge {
+            filter,
+            all,
+            dry_run,
+            out,
+        } => {
+            if !has_filter(&filter) && !all {
+                bail!(
+                    "name the dead jobs to delete: a filter (--queue, --kind, --error, --until …), or --all"
+                );
+            }
+            let filter = build_filter(vec![JobState::Dead], &filter)?;
+            bulk(&*store, filter, dry_run, out.json, "purged", Bulk::Purge).await
+        }
+    }
+}
+
+enum Bulk {
+    Retry,
+    Purge,
+}
+
+async fn bulk(
+    store: &dyn Store,
+    filter: JobFilter,
+    dry_run: bool,
+    as_json: bool,
+    verb: &str,
+    op: Bulk,
+) -> anyhow::Result<()> {
+    let n = if dry_run {
+        store.count(&filter).await?
+    } else {
+        match op {
+            Bulk::Retry => store.retry_matching(&filter).await?,
+            Bulk::Purge => store.purge(&filter).await?,
+        }
+    };
+    if as_json {
+        output::json(&json!({ "matched": n, "dry_run": dry_run, "action": verb }))
+    } else {
+        if dry_run {
+            println!("{n} dead jobs would be {verb} (dry run: nothing changed)");
+        } else {
+            println!("{n} dead jobs {verb}");
+        }
+        Ok(())
+    }
+}
+
+/// `conveyor queues`
+pub async fn queues(store: Arc<dyn Store>, as_json: bool) -> anyhow::Result<()> {
+    let stats = store.queue_stats().await?;
+    if as_json {
+        output::json(&stats)
+    } else {
+        output::queues_table(&stats);
+        Ok(())
+    }
+}

@@ -1,0 +1,359 @@
+//! Configuration: built-in defaults, then a TOML file, then `CONVEYOR_*` environment
+//! variables, then command-line flags — each layer overriding the one before. Validated once
+//! at start, so a typo stops the process with the key's name instead of surprising it later.
+//!
+//! Environment variables name a key path with `__` between levels:
+//! `CONVEYOR_DATABASE__URL=postgres://…`, `CONVEYOR_WORKER__LEASE=1m`,
+//! `CONVEYOR_SERVE__LISTEN=0.0.0.0:8080`. Variables whose first segment is not a config
+//! section (such as `CONVEYOR_BIN`) are left alone.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use conveyor_scheduler::MaintenanceConfig;
+use conveyor_worker::runtime::{QueueConfig, WorkerConfig};
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::Role;
+
+/// The sections a config file (and `CONVEYOR_<SECTION>__…`) may set.
+const SECTIONS: [&str; 5] = ["database", "serve", "worker", "maintenance", "log"];
+
+/// Everything `conveyor` reads from its config.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where jobs are kept.
+    pub database: DatabaseConfig,
+    /// The `serve` process.
+    pub serve: ServeConfig,
+    /// The worker runtime.
+    pub worker: WorkerConfig,
+    /// Promoter, rescuer and pruner (including retention).
+    pub maintenance: MaintenanceConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[database]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://conveyor.db` (the default: a file in the working directory),
+    /// `sqlite:///abs/path.db` or `postgres://user:pass@host:5432/db`.
+    pub url: String,
+    /// Connection pool size.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://conveyor.db".into(),
+            max_connections: 10,
+        }
+    }
+}
+
+/// `[serve]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// Roles this process runs.
+    pub roles: Vec<Role>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            roles: vec![Role::Api, Role::Worker, Role::Scheduler],
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `conveyor_worker=debug`); `RUST_LOG` wins if set.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// A config problem: which key or file, what is wrong, how to fix it. Exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("config error: {0}")]
+pub struct ConfigError(pub String);
+
+/// Where the config file comes from: `--config`, else `./conveyor.toml` if present.
+fn config_file(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    match explicit {
+        Some(path) if !path.is_file() => Err(ConfigError(format!(
+            "--config {}: no such file (see config/conveyor.example.toml for a starting point)",
+            path.display()
+        ))),
+        Some(path) => Ok(Some(path.to_path_buf())),
+        None => {
+            let local = PathBuf::from("conveyor.toml");
+            Ok(local.is_file().then_some(local))
+        }
+    }
+}
+
+/// Loads the layered config and validates it. `env` is the process environment (a parameter
+/// so tests can pass their own).
+pub fn load(
+    explicit_file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(file) = config_file(explicit_file)? {
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    figment = figment.merge(env_provider(env));
+    let config: Config = figment
+        .extract()
+        .map_err(|e| ConfigError(describe_figment_error(e)))?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// `CONVEYOR_SECTION__KEY=value` pairs as a provider; values are parsed like TOML scalars.
+fn env_provider(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> figment::providers::Serialized<figment::value::Dict> {
+    let mut root = figment::value::Dict::new();
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("CONVEYOR_") else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if !SECTIONS.contains(&path[0].as_str()) || path.len() < 2 {
+            continue;
+        }
+        let parsed: figment::value::Value = value
+            .parse()
+            .unwrap_or_else(|_| figment::value::Value::from(value.clone()));
+        insert_path(&mut root, &path, parsed);
+    }
+    Serialized::defaults(root)
+}
+
+fn insert_path(dict: &mut figment::value::Dict, path: &[String], value: figment::value::Value) {
+    if path.len() == 1 {
+        dict.insert(path[0].clone(), value);
+        return;
+    }
+    let entry = dict
+        .entry(path[0].clone())
+        .or_insert_with(|| figment::value::Value::from(figment::value::Dict::new()));
+    if let figment::value::Value::Dict(_, inner) = entry {
+        insert_path(inner, &path[1..], value);
+    } else {
+        let mut inner = figment::value::Dict::new();
+        insert_path(&mut inner, &path[1..], value);
+        *entry = figment::value::Value::from(inner);
+    }
+}
+
+fn describe_figment_error(e: figment::Error) -> String {
+    let mut out = Vec::new();
+    for err in e {
+        let key = if err.path.is_empty() {
+            String::from("(top level)")
+        } else {
+            err.path.join(".")
+        };
+        let source = match &err.metadata {
+            Some(meta) => match &meta.source {
+                Some(src) => format!(" (from {src})"),
+                None => format!(" (from {})", meta.name),
+            },
+            None => String::new(),
+        };
+        out.push(format!("`{key}`{source}: {}", err.kind));
+    }
+    out.join("; ")
+}
+
+impl Config {
+    /// Checks what serde cannot: URL scheme, worker timings, queue names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = &self.database.url;
+        let known = url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://");
+        if !known {
+            return Err(ConfigError(format!(
+                "`database.url` = `{}`: unknown scheme; use sqlite://conveyor.db or postgres://user@host:5432/db",
+                conveyor_worker::store::redact_url(url)
+            )));
+        }
+        if self.database.max_connections == 0 {
+            return Err(ConfigError(
+                "`database.max_connections` must be at least 1".into(),
+            ));
+        }
+        if self.serve.roles.is_empty() {
+            return Err(ConfigError(
+                "`serve.roles` is empty; name at least one of api, worker, scheduler".into(),
+            ));
+        }
+        self.worker
+            .validate()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Applies `--queues default=10,emails=4`.
+    pub fn set_queues(&mut self, specs: &[String]) -> Result<(), ConfigError> {
+        let mut queues = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let (name, concurrency) = match spec.split_once('=') {
+                Some((name, n)) => {
+                    let n: u32 = n.trim().parse().map_err(|_| {
+                        ConfigError(format!(
+                            "--queues `{spec}`: concurrency `{n}` is not a whole number; write e.g. default=10"
+                        ))
+                    })?;
+                    (name.trim(), n)
+                }
+                None => (spec.trim(), 10),
+            };
+            queues.push(QueueConfig {
+                name: name.to_string(),
+                concurrency,
+            });
+        }
+        self.worker.queues = queues;
+        self.worker
+            .validate()
+            .map_err(|e| ConfigError(format!("--queues: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_sqlite() {
+        let config = load(None, env(&[])).unwrap();
+        assert_eq!(config.database.url, "sqlite://conveyor.db");
+        assert_eq!(config.serve.listen.port(), 8080);
+        assert_eq!(config.serve.roles.len(), 3);
+    }
+
+    #[test]
+    fn file_then_env_override_in_order() {
+        let dir = std::env::temp_dir().join(format!("conveyor-config-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[database]\nurl = \"sqlite://from-file.db\"\n[worker]\nlease = \"1m\"\nheartbeat = \"5s\"\n",
+        )
+        .unwrap();
+        let config = load(
+            Some(&file),
+            env(&[
+                ("CONVEYOR_DATABASE__URL", "postgres://u@h/db"),
+                ("CONVEYOR_WORKER__FETCH_BATCH", "7"),
+                ("CONVEYOR_BIN", "/not/a/config/key"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.database.url, "postgres://u@h/db");
+        assert_eq!(config.worker.lease, std::time::Duration::from_secs(60));
+        assert_eq!(config.worker.fetch_batch, 7);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = load(None, env(&[("CONVEYOR_WORKER__FETCH_BATCH", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("worker.fetch_batch"), "{err}");
+
+        let err = load(None, env(&[("CONVEYOR_DATABASE__URL", "mysql://x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("database.url") && err.contains("unknown scheme"),
+            "{err}"
+        );
+
+        let err = load(None, env(&[("CONVEYOR_WORKER__HEARTBEAT", "1h")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("worker.heartbeat"), "{err}");
+
+        let err = load(Some(Path::new("/no/such/conveyor.toml")), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no such file"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_in_a_file_are_refused() {
+        let dir = std::env::temp_dir().join(format!("conveyor-config-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[worker]\nconcurrrency = 5\n").unwrap();
+        let err = load(Some(&file), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("concurrrency"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn queue_specs() {
+        let mut config = Config::default();
+        config
+            .set_queues(&["default=3".into(), "emails".into()])
+            .unwrap();
+        assert_eq!(config.worker.queues[0].concurrency, 3);
+        assert_eq!(config.worker.queues[1].concurrency, 10);
+        let err = config.set_queues(&["a=x".into()]).unwrap_err().to_string();
+        assert!(err.contains("not a whole number"), "{err}");
+        let err = config
+            .set_queues(&["bad name=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a valid"), "{err}");
+    }
+}

@@ -1,0 +1,171 @@
+//! Human tables and JSON output.
+
+use chrono::{DateTime, Utc};
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use comfy_table::{ContentArrangement, Table};
+use conveyor_worker::Job;
+use conveyor_worker::JobState;
+use conveyor_worker::store::QueueStats;
+use serde::Serialize;
+
+/// Prints `value` as pretty JSON on one or more lines.
+pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.iter().copied());
+    t
+}
+
+/// `2026-11-23 10:04:05Z` (UTC, seconds).
+pub fn time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%SZ").to_string()
+}
+
+fn opt_time(t: Option<DateTime<Utc>>) -> String {
+    t.map(time).unwrap_or_else(|| "-".into())
+}
+
+fn clip(s: &str, max: usize) -> String {
+    let line = s.lines().next().unwrap_or("");
+    if line.chars().count() <= max {
+        line.to_string()
+    } else {
+        let cut: String = line.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+/// A list of jobs.
+pub fn jobs_table(jobs: &[Job]) {
+    if jobs.is_empty() {
+        println!("no jobs match");
+        return;
+    }
+    let mut t = table(&[
+        "id",
+        "state",
+        "queue",
+        "kind",
+        "attempt",
+        "run at",
+        "last error",
+    ]);
+    for job in jobs {
+        t.add_row(vec![
+            job.id.to_string(),
+            job.state.to_string(),
+            job.queue.clone(),
+            job.kind.clone(),
+            format!("{}/{}", job.attempt, job.max_attempts),
+            time(job.run_at),
+            clip(job.last_error().unwrap_or("-"), 60),
+        ]);
+    }
+    println!("{t}");
+    if let Some(last) = jobs.last() {
+        println!("next page: --before {}", last.id);
+    }
+}
+
+/// One job with its history.
+pub fn job_detail(job: &Job) {
+    let rows: Vec<(&str, String)> = vec![
+        ("id", job.id.to_string()),
+        ("state", job.state.to_string()),
+        ("queue", job.queue.clone()),
+        ("kind", job.kind.clone()),
+        ("args", job.args.to_string()),
+        ("priority", job.priority.to_string()),
+        (
+            "attempt",
+            format!("{} of {}", job.attempt, job.max_attempts),
+        ),
+        ("run at", time(job.run_at)),
+        ("created at", time(job.created_at)),
+        ("attempted at", opt_time(job.attempted_at)),
+        ("finalized at", opt_time(job.finalized_at)),
+        (
+            "lease",
+            match (&job.lease_owner, job.lease_expires_at) {
+                (Some(owner), Some(until)) => format!("{owner} until {}", time(until)),
+                _ => "-".into(),
+            },
+        ),
+        ("cancel requested", opt_time(job.cancel_requested_at)),
+        (
+            "idempotency key",
+            job.idempotency_key.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "tags",
+            if job.tags.is_empty() {
+                "-".into()
+            } else {
+                job.tags.join(", ")
+            },
+        ),
+        ("metadata", job.metadata.to_string()),
+    ];
+    for (k, v) in rows {
+        println!("{k:>17}  {v}");
+    }
+    if job.attempts.is_empty() {
+        println!("\nno finished attempts yet");
+        return;
+    }
+    println!();
+    let mut t = table(&["#", "started", "took", "worker", "outcome", "error"]);
+    for a in &job.attempts {
+        let mut error = a.error.clone().unwrap_or_else(|| "-".into());
+        for cause in &a.causes {
+            error.push_str("\n  caused by: ");
+            error.push_str(cause);
+        }
+        t.add_row(vec![
+            a.attempt.to_string(),
+            time(a.started_at),
+            format!("{} ms", a.duration_ms),
+            a.worker.clone().unwrap_or_else(|| "-".into()),
+            serde_json::to_value(a.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            error,
+        ]);
+    }
+    println!("{t}");
+}
+
+/// Queue counts.
+pub fn queues_table(stats: &[QueueStats]) {
+    if stats.is_empty() {
+        println!("no queues have jobs yet");
+        return;
+    }
+    let mut header = vec!["queue"];
+    header.extend(JobState::ALL.iter().map(|s| s.as_str()));
+    header.push("oldest ready");
+    let mut t = table(&header);
+    for q in stats {
+        let mut row = vec![q.queue.clone()];
+        for st in JobState::ALL {
+            row.push(q.counts.get(&st).copied().unwrap_or(0).to_string());
+        }
+        row.push(
+            q.oldest_available_age
+                .map(|d| {
+                    humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
+                        .to_string()
+                })
+                .unwrap_or_else(|| "-".into()),
+        );
+        t.add_row(row);
+    }
+    println!("{t}");
+}
