@@ -1,0 +1,144 @@
+//! Whole-process behaviour: health endpoints, graceful shutdown, and a worker killed with
+//! SIGKILL mid-job (its lease expires, the rescuer counts the attempt, and a job that keeps
+//! killing its workers ends `dead` instead of looping forever).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::{Process, conveyor, http_get, run_json};
+use conveyor_tests::eventually;
+use conveyor_worker::{AttemptOutcome, JobId, JobState, Store};
+use nix::sys::signal::Signal;
+
+cli_backend_tests!(
+    serve_answers_health_checks_and_finishes_running_jobs_on_sigterm,
+    a_job_that_kills_its_workers_ends_dead,
+);
+
+async fn serve_answers_health_checks_and_finishes_running_jobs_on_sigterm(
+    url: String,
+    store: Arc<dyn Store>,
+) {
+    let mut serve = Process::spawn({
+        let mut c = conveyor(&url, &["serve", "--listen", "127.0.0.1:0"]);
+        c.env("CONVEYOR_WORKER__POLL_INTERVAL", "100ms");
+        c
+    });
+    let line = serve.wait_for_line("listening on http://", 20);
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("an address in: {line}"));
+    serve.wait_for_line("worker started", 20);
+
+    let (status, body) = tokio::task::block_in_place(|| http_get(addr, "/livez"));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = tokio::task::block_in_place(|| http_get(addr, "/readyz"));
+    assert_eq!((status, body.trim()), (200, "ready"));
+
+    let job = run_json(
+        &url,
+        &[
+            "enqueue",
+            "--kind",
+            "demo.sleep",
+            "--args",
+            r#"{"ms":1500}"#,
+        ],
+    );
+    let id: JobId = job["id"].as_str().unwrap().parse().unwrap();
+    let s = store.clone();
+    eventually(20, "the job starts", || {
+        let s = s.clone();
+        async move { (s.get(id).await.unwrap()?.state == JobState::Running).then_some(()) }
+    })
+    .await;
+
+    // SIGTERM while the job sleeps: it finishes within the grace period, then the process exits 0.
+    assert_eq!(
+        serve.stop(Signal::SIGTERM, 30),
+        Some(0),
+        "{}",
+        serve.seen.join("\n")
+    );
+    let job = store.get(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Completed, "{job:?}");
+    assert!(serve.seen.iter().any(|l| l.contains("shut down cleanly")));
+}
+
+async fn a_job_that_kills_its_workers_ends_dead(url: String, store: Arc<dyn Store>) {
+    // Short leases so an expiry comes quickly; a fast rescuer and retry backoff.
+    let worker = |url: &str| {
+        let mut c = conveyor(url, &["worker"]);
+        c.env("CONVEYOR_WORKER__LEASE", "2s")
+            .env("CONVEYOR_WORKER__HEARTBEAT", "500ms")
+            .env("CONVEYOR_WORKER__POLL_INTERVAL", "100ms")
+            .env("CONVEYOR_MAINTENANCE__RESCUER__INTERVAL", "200ms")
+            .env("CONVEYOR_MAINTENANCE__RESCUER__RETRY__BASE", "100ms")
+            .env("CONVEYOR_MAINTENANCE__RESCUER__RETRY__JITTER", "0");
+        Process::spawn(c)
+    };
+    let job = run_json(
+        &url,
+        &[
+            "enqueue",
+            "--kind",
+            "demo.sleep",
+            "--args",
+            r#"{"ms":600000}"#,
+            "--max-attempts",
+            "2",
+        ],
+    );
+    let id: JobId = job["id"].as_str().unwrap().parse().unwrap();
+
+    for attempt in 1..=2 {
+        let mut w = worker(&url);
+        let s = store.clone();
+        let owner = eventually(30, "a worker claims the job", || {
+            let s = s.clone();
+            async move {
+                let job = s.get(id).await.unwrap()?;
+                (job.state == JobState::Running && job.attempt == attempt)
+                    .then(|| job.lease_owner.clone().unwrap())
+            }
+        })
+        .await;
+        // The process dies mid-job without a chance to write anything back.
+        assert_eq!(w.stop(Signal::SIGKILL, 10), None, "killed by a signal");
+        let job = store.get(id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Running, "nobody has noticed yet");
+        assert_eq!(job.lease_owner.as_deref(), Some(owner.as_str()));
+    }
+
+    // A healthy process's rescuer notices the expired lease; with no attempts left it is dead.
+    let _rescuer = worker(&url);
+    let s = store.clone();
+    let job = eventually(30, "the rescuer ends the job", || {
+        let s = s.clone();
+        async move {
+            let job = s.get(id).await.unwrap()?;
+            (job.state == JobState::Dead).then_some(job)
+        }
+    })
+    .await;
+    assert_eq!(job.attempt, 2);
+    let outcomes: Vec<_> = job.attempts.iter().map(|a| a.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [AttemptOutcome::LeaseExpired, AttemptOutcome::LeaseExpired]
+    );
+    assert!(
+        job.attempts[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("stopped heartbeating"),
+        "{:?}",
+        job.attempts[0]
+    );
+}
