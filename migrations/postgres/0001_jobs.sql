@@ -87,6 +87,7 @@ CREATE FUNCTION conveyor.enqueue(
     tags text[] DEFAULT '{}',
     metadata jsonb DEFAULT '{}'
 ) RETURNS uuid LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     new_id uuid := conveyor.uuid_v7();
     inserted_id uuid;
@@ -97,6 +98,15 @@ BEGIN
     END IF;
     IF kind !~ '^[A-Za-z0-9._:-]{1,128}$' THEN
         RAISE EXCEPTION 'invalid kind name %: use 1-128 ASCII letters, digits, ".", "_", "-" or ":"', kind;
+    END IF;
+    IF max_attempts IS NULL OR max_attempts < 1 THEN
+        RAISE EXCEPTION 'invalid max_attempts %: must be at least 1', max_attempts;
+    END IF;
+    IF jsonb_typeof(metadata) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'invalid metadata: must be a JSON object, e.g. {"team":"billing"}';
+    END IF;
+    IF idempotency_key IS NOT NULL AND (length(idempotency_key) = 0 OR octet_length(idempotency_key) > 255) THEN
+        RAISE EXCEPTION 'invalid idempotency_key: must be 1 to 255 bytes long';
     END IF;
     LOOP
         INSERT INTO conveyor.jobs AS j (id, queue, kind, args, priority, state, max_attempts,
