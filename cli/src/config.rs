@@ -342,7 +342,10 @@ mod tests {
 
     #[test]
     fn the_example_file_loads_and_shows_the_defaults() {
-        let file = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/conveyor.example.toml"));
+        let file = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/conveyor.example.toml"
+        ));
         let mut config = load(Some(file), env(&[])).unwrap();
         let mut defaults = Config::default();
         config.worker.id.clear();

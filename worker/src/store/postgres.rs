@@ -505,7 +505,7 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
-        jobs.sort_by(|a, b| (a.priority, a.run_at, a.id).cmp(&(b.priority, b.run_at, b.id)));
+        jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
         Ok(jobs)
     }
 

@@ -388,7 +388,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.writer)
             .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
-        jobs.sort_by(|a, b| (a.priority, a.run_at, a.id).cmp(&(b.priority, b.run_at, b.id)));
+        jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
         Ok(jobs)
     }
 
