@@ -22,7 +22,7 @@ pub struct TestStore {
     pub store: Arc<dyn Store>,
     /// Its URL, for tests that open a second connection or process.
     pub url: String,
-    cleanup: Cleanup,
+    _cleanup: Cleanup,
 }
 
 enum Cleanup {
@@ -43,7 +43,7 @@ impl TestStore {
         TestStore {
             store,
             url,
-            cleanup: Cleanup::File(dir),
+            _cleanup: Cleanup::File(dir),
         }
     }
 
@@ -70,13 +70,16 @@ impl TestStore {
             .expect("the test role may create databases");
         let _ = admin.close().await;
         let url = replace_db(&admin_url, &name);
+        // The guard exists before the store does, so a failed migration still drops the
+        // database.
+        let cleanup = Cleanup::Database { admin_url, name };
         let store = store::connect(&url, StoreOptions { max_connections: 8 })
             .await
             .expect("a fresh Postgres database migrates");
         Some(TestStore {
             store,
             url,
-            cleanup: Cleanup::Database { admin_url, name },
+            _cleanup: cleanup,
         })
     }
 
@@ -87,9 +90,9 @@ impl TestStore {
     }
 }
 
-impl Drop for TestStore {
+impl Drop for Cleanup {
     fn drop(&mut self) {
-        match &self.cleanup {
+        match self {
             Cleanup::File(dir) => {
                 let _ = std::fs::remove_dir_all(dir);
             }

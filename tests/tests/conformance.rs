@@ -579,6 +579,32 @@ async fn idempotency_keys_dedupe_single_and_bulk(s: Arc<dyn Store>) {
     assert_eq!(s.count(&JobFilter::default()).await.unwrap(), 4);
 }
 
+async fn ids_are_assigned_per_job_or_taken_from_the_caller(s: Arc<dyn Store>) {
+    // Clones of one template are distinct jobs.
+    let template = job("clone").queue("ids");
+    let out = s.enqueue_many(vec![template; 3]).await.unwrap();
+    let ids: HashSet<JobId> = out.iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), 3, "{out:?}");
+    assert!(out.iter().all(|e| !e.duplicate));
+
+    // A caller-chosen id is kept; reusing it is a clear error that names the id.
+    let mine = JobId::new();
+    let e = s.enqueue(job("mine").id(mine)).await.unwrap();
+    assert_eq!(e.id, mine);
+    assert_eq!(get(&s, mine).await.kind, "mine");
+    let err = s.enqueue(job("again").id(mine)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { field, .. } if field == "id"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&mine.to_string()), "{err}");
+    assert_eq!(
+        get(&s, mine).await.kind,
+        "mine",
+        "the first job is untouched"
+    );
+}
+
 async fn one_hundred_concurrent_enqueues_make_one_job(s: Arc<dyn Store>) {
     let mut tasks = Vec::new();
     for _ in 0..100 {
@@ -916,6 +942,7 @@ backend_tests!(
     admin_retry_revives_with_a_fresh_budget,
     discard_and_purge,
     idempotency_keys_dedupe_single_and_bulk,
+    ids_are_assigned_per_job_or_taken_from_the_caller,
     one_hundred_concurrent_enqueues_make_one_job,
     keys_outlive_the_job_for_their_window,
     retention_prunes_by_state,

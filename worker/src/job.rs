@@ -232,8 +232,10 @@ pub const DEFAULT_MAX_ATTEMPTS: i32 = 20;
 /// What an enqueue asks for. Build with [`NewJob::new`] and the chainable setters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NewJob {
-    /// Id to give the job; set by [`NewJob::new`].
-    pub id: JobId,
+    /// Id to give the job. `None` (the default) lets the store assign a fresh time-ordered
+    /// one at insert, so clones of one `NewJob` become distinct jobs; set it (with
+    /// [`NewJob::id`]) when the caller must know the id before the enqueue returns.
+    pub id: Option<JobId>,
     /// Queue name.
     pub queue: String,
     /// Kind name.
@@ -258,7 +260,7 @@ impl NewJob {
     /// A job for `kind` on the `default` queue that runs now.
     pub fn new(kind: impl Into<String>, args: serde_json::Value) -> Self {
         Self {
-            id: JobId::new(),
+            id: None,
             queue: "default".into(),
             kind: kind.into(),
             args,
@@ -269,6 +271,12 @@ impl NewJob {
             tags: Vec::new(),
             metadata: serde_json::Value::Object(Default::default()),
         }
+    }
+
+    /// Give it this id instead of a store-assigned one.
+    pub fn id(mut self, id: JobId) -> Self {
+        self.id = Some(id);
+        self
     }
 
     /// Put it on `queue`.

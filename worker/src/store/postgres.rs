@@ -261,7 +261,7 @@ async fn insert_chunk(
     let mut metadata = Vec::with_capacity(n);
     for job in chunk {
         let run_at = job.run_at.unwrap_or(now);
-        ids.push(job.id.0);
+        ids.push(job.id.unwrap_or_else(JobId::new).0);
         queues.push(job.queue.as_str());
         kinds.push(job.kind.as_str());
         args.push(serde_json::to_string(&job.args)?);
@@ -294,8 +294,7 @@ async fn insert_chunk(
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::text[], \
              $7::int4[], $8::timestamptz[], $10::text[], $11::text[], $12::text[]) \
              AS u(id, queue, kind, args, priority, state, max_attempts, run_at, key, tags, metadata) \
-             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-             RETURNING id",
+             ON CONFLICT DO NOTHING RETURNING id",
         )
         .bind(pending.iter().map(|&i| ids[i]).collect::<Vec<_>>())
         .bind(pick(&queues, &pending))

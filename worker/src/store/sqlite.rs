@@ -298,6 +298,7 @@ impl Store for SqliteStore {
                 };
                 rows.push((
                     job,
+                    job.id.unwrap_or_else(JobId::new),
                     state,
                     run_at,
                     serde_json::to_string(&job.args)?,
@@ -307,8 +308,8 @@ impl Store for SqliteStore {
             }
             qb.push_values(
                 &rows,
-                |mut b, (job, state, run_at, args, tags, metadata)| {
-                    b.push_bind(job.id.0)
+                |mut b, (job, id, state, run_at, args, tags, metadata)| {
+                    b.push_bind(id.0)
                         .push_bind(job.queue.as_str())
                         .push_bind(job.kind.as_str())
                         .push_bind(args.as_str())
@@ -330,13 +331,13 @@ impl Store for SqliteStore {
                 .iter()
                 .map(|r| r.try_get::<Uuid, _>("id"))
                 .collect::<Result<_, _>>()?;
-            for (job, state, ..) in &rows {
-                if inserted.contains(&job.id.0) {
+            for (job, id, state, ..) in &rows {
+                if inserted.contains(&id.0) {
                     if *state == JobState::Available {
                         ready.push(job.queue.clone());
                     }
                     answers.push(Enqueued {
-                        id: job.id,
+                        id: *id,
                         state: *state,
                         duplicate: false,
                     });
@@ -353,10 +354,7 @@ impl Store for SqliteStore {
                     None => None,
                 };
                 let Some(holder) = holder else {
-                    return Err(Error::invalid(
-                        "id",
-                        format!("job id {} already exists", job.id),
-                    ));
+                    return Err(Error::invalid("id", format!("job id {id} already exists")));
                 };
                 let state: String = holder.try_get("state")?;
                 answers.push(Enqueued {
