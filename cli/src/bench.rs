@@ -172,12 +172,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let worker = Worker::new(store.clone(), registry, config)?;
     let worker = tokio::spawn(worker.run(shutdown.clone()));
 
-    let completed = JobFilter {
-        queue: Some(queue.clone()),
-        states: vec![JobState::Completed],
-        ..JobFilter::default()
-    };
-    let done_at = wait_completed(&store, &completed, args.jobs, args.json).await?;
+    let done_at = wait_completed(&store, &queue, args.jobs, args.json).await?;
     let first = probe.first_start_at().context("no job started")?;
     let process_secs = done_at.duration_since(first).as_secs_f64();
     let process_jobs_s = args.jobs as f64 / process_secs;
@@ -202,7 +197,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .await?;
     }
     let all = args.jobs + args.latency_jobs;
-    wait_completed(&store, &completed, all, true).await?;
+    wait_completed(&store, &queue, all, true).await?;
     let mut lat = probe.latencies_ms();
     shutdown.cancel();
     worker.await??;
@@ -316,26 +311,57 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Polls the store every 20 ms until `filter` counts `n` jobs; returns when it saw them.
+/// Polls the store every 20 ms until none of the queue's `total` jobs is waiting or running,
+/// then checks that all of them are `completed`; returns the instant it saw the last one done.
+///
+/// Counting what is left (a few partial-index entries near the end) rather than what is done
+/// keeps the poll cheap, so the measurement does not slow the store it measures.
 async fn wait_completed(
     store: &Arc<dyn Store>,
-    filter: &JobFilter,
-    n: u64,
+    queue: &str,
+    total: u64,
     quiet: bool,
 ) -> anyhow::Result<Instant> {
+    // Two counts, each matching one partial index: the waiting states, and running.
+    let waiting = JobFilter {
+        queue: Some(queue.to_string()),
+        states: vec![
+            JobState::Scheduled,
+            JobState::Available,
+            JobState::Retryable,
+        ],
+        ..JobFilter::default()
+    };
+    let running = JobFilter {
+        queue: Some(queue.to_string()),
+        states: vec![JobState::Running],
+        ..JobFilter::default()
+    };
     let mut last_change = Instant::now();
-    let mut last = 0;
+    let mut last = u64::MAX;
     loop {
-        let done = store.count(filter).await?;
-        if done >= n {
-            return Ok(Instant::now());
+        let left = store.count(&waiting).await? + store.count(&running).await?;
+        if left == 0 {
+            let seen = Instant::now();
+            let completed = JobFilter {
+                queue: Some(queue.to_string()),
+                states: vec![JobState::Completed],
+                ..JobFilter::default()
+            };
+            let done = store.count(&completed).await?;
+            if done != total {
+                bail!(
+                    "{done} of {total} jobs completed; the others failed (see `conveyor jobs list --queue {queue}`)"
+                );
+            }
+            return Ok(seen);
         }
-        if done != last {
-            last = done;
+        if left != last {
+            last = left;
             last_change = Instant::now();
-            progress(quiet, "process", done, n);
+            progress(quiet, "process", total.saturating_sub(left), total);
         } else if last_change.elapsed() > Duration::from_secs(60) {
-            bail!("no progress for 60 s: {done} of {n} jobs completed");
+            bail!("no progress for 60 s: {left} of {total} jobs still waiting or running");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -28,17 +28,23 @@ CREATE TABLE conveyor.jobs (
         CHECK ((finalized_at IS NOT NULL) = (state IN ('completed','cancelled','dead')))
 );
 
--- Fetch: the next due jobs of a queue by priority, then run_at.
+-- Indexes are few on purpose: a claim and a completion each rewrite the row, and every
+-- index that holds the row gets a new entry on each rewrite. Per job: an insert and each
+-- later rewrite touch three indexes (the primary key, the idempotency index, and one
+-- partial index for the state it enters).
+--
+-- Fetch: the next due jobs of a queue by priority, then run_at. Also serves listing and
+-- counting waiting jobs.
 CREATE INDEX jobs_fetch ON conveyor.jobs (queue, priority, run_at, id)
     WHERE state IN ('available','scheduled','retryable');
 -- Idempotency: one live holder per key.
 CREATE UNIQUE INDEX jobs_idempotency_key ON conveyor.jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
--- Heartbeat (by owner) and rescue (by expiry) touch running jobs only.
-CREATE INDEX jobs_lease_owner ON conveyor.jobs (lease_owner) WHERE state = 'running';
+-- Running jobs: rescue by expiry; heartbeats (by owner) filter this small set.
 CREATE INDEX jobs_lease_expiry ON conveyor.jobs (lease_expires_at) WHERE state = 'running';
--- Listing and counting by state, newest first.
-CREATE INDEX jobs_state ON conveyor.jobs (state, id);
+-- Dead letters and cancelled jobs, newest first. Completed jobs are listed through the
+-- primary key (ids are time-ordered) and pruned through jobs_finalized.
+CREATE INDEX jobs_failed ON conveyor.jobs (state, id) WHERE state IN ('dead','cancelled');
 -- Pruning finished jobs by age.
 CREATE INDEX jobs_finalized ON conveyor.jobs (finalized_at) WHERE finalized_at IS NOT NULL;
 

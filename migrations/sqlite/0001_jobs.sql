@@ -26,15 +26,19 @@ CREATE TABLE jobs (
 );
 
 -- Fetch: the next due jobs of a queue by priority, then run_at.
+-- SQLite uses a partial index only when the query repeats its WHERE term exactly, so the
+-- store writes these state lists literally and in this order (`WAITING` in sqlite.rs).
 CREATE INDEX jobs_fetch ON jobs (queue, priority, run_at, id)
-    WHERE state IN ('available','scheduled','retryable');
+    WHERE state IN ('scheduled','available','retryable');
 -- Idempotency: one live holder per key.
 CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
--- Heartbeat (by owner) and rescue (by expiry) touch running jobs only.
-CREATE INDEX jobs_lease_owner ON jobs (lease_owner) WHERE state = 'running';
+-- Running jobs: rescue by expiry; heartbeats (by owner) filter this small set.
 CREATE INDEX jobs_lease_expiry ON jobs (lease_expires_at) WHERE state = 'running';
--- Listing and counting by state, newest first.
-CREATE INDEX jobs_state ON jobs (state, id);
+-- Dead letters and cancelled jobs, newest first. Completed jobs are listed through the id
+-- index (ids are time-ordered) and pruned through jobs_finalized. Every index here is
+-- updated on each state change, so there are as few as the queries need.
+CREATE INDEX jobs_dead ON jobs (id) WHERE state = 'dead';
+CREATE INDEX jobs_cancelled ON jobs (id) WHERE state = 'cancelled';
 -- Pruning finished jobs by age.
 CREATE INDEX jobs_finalized ON jobs (finalized_at) WHERE finalized_at IS NOT NULL;

@@ -74,6 +74,8 @@ pub struct WorkerConfig {
     pub cancel_grace: Duration,
     /// Most outcomes written by one `finish` statement (default 1,000).
     pub completion_batch: usize,
+    /// Outcome batches written at once, each on its own store connection.
+    pub completion_writers: usize,
 }
 
 impl Default for WorkerConfig {
@@ -91,6 +93,7 @@ impl Default for WorkerConfig {
             shutdown_grace: Duration::from_secs(30),
             cancel_grace: Duration::from_secs(5),
             completion_batch: 1000,
+            completion_writers: 3,
         }
     }
 }

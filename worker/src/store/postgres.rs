@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 use tokio::sync::broadcast;
@@ -29,8 +31,13 @@ use crate::error::{Error, Result};
 use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
 use crate::retry_policy::RetryPolicy;
 
-/// Rows per bulk INSERT statement.
+/// Rows per bulk INSERT statement on the caller's connection.
 const INSERT_CHUNK: usize = 5000;
+/// Rows per statement when a pooled bulk enqueue is split across connections.
+const PARALLEL_CHUNK: usize = 1250;
+/// Statements of one pooled bulk enqueue in flight at once (each on its own connection): the
+/// server parses JSON and maintains indexes on as many cores as it has.
+const PARALLEL_INSERTS: usize = 4;
 const JOBS_CHANNEL: &str = "conveyor_jobs";
 const CANCEL_CHANNEL: &str = "conveyor_cancel";
 
@@ -242,6 +249,15 @@ pub async fn enqueue_many_in(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Resu
     Ok(answers)
 }
 
+async fn insert_pooled(
+    pool: &PgPool,
+    chunk: &[NewJob],
+    now: DateTime<Utc>,
+) -> Result<Vec<Enqueued>> {
+    let mut conn = pool.acquire().await?;
+    insert_chunk(&mut conn, chunk, now).await
+}
+
 async fn insert_chunk(
     conn: &mut PgConnection,
     chunk: &[NewJob],
@@ -289,7 +305,9 @@ async fn insert_chunk(
             "INSERT INTO conveyor.jobs (id, queue, kind, args, priority, state, max_attempts, \
              run_at, created_at, idempotency_key, tags, metadata) \
              SELECT u.id, u.queue, u.kind, u.args::jsonb, u.priority, u.state, u.max_attempts, \
-             u.run_at, $9, u.key, ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)), \
+             u.run_at, $9, u.key, \
+             CASE WHEN u.tags = '[]' THEN '{}'::text[] \
+             ELSE ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)) END, \
              u.metadata::jsonb \
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::text[], \
              $7::int4[], $8::timestamptz[], $10::text[], $11::text[], $12::text[]) \
@@ -482,8 +500,29 @@ impl Store for PgStore {
     }
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
-        let mut conn = self.pool.acquire().await?;
-        enqueue_many_in(&mut conn, jobs).await
+        if jobs.len() <= PARALLEL_CHUNK {
+            let mut conn = self.pool.acquire().await?;
+            return enqueue_many_in(&mut conn, jobs).await;
+        }
+        // Validate everything first, so bad input inserts nothing.
+        for job in &jobs {
+            job.validate()?;
+        }
+        let now = Utc::now();
+        let parallel = PARALLEL_INSERTS.min(self.pool.options().get_max_connections() as usize / 2);
+        let mut chunks = jobs.chunks(PARALLEL_CHUNK);
+        let mut in_flight = FuturesOrdered::new();
+        let mut answers = Vec::with_capacity(jobs.len());
+        loop {
+            while in_flight.len() < parallel.max(1) {
+                let Some(chunk) = chunks.next() else { break };
+                in_flight.push_back(insert_pooled(&self.pool, chunk, now));
+            }
+            match in_flight.next().await {
+                Some(done) => answers.extend(done?),
+                None => return Ok(answers),
+            }
+        }
     }
 
     async fn fetch(&self, request: FetchRequest<'_>) -> Result<Vec<Job>> {

@@ -147,13 +147,23 @@ fn job_from_row(row: &SqliteRow) -> Result<Job> {
 
 /// Appends `filter` as `AND …` clauses.
 fn push_filter(qb: &mut QueryBuilder<Sqlite>, filter: &JobFilter) {
-    if !filter.states.is_empty() {
-        qb.push(" AND state IN (");
-        let mut sep = qb.separated(", ");
-        for s in &filter.states {
-            sep.push_bind(s.as_str());
-        }
-        qb.push(")");
+    // States are written as literals (they are fixed names, never user text) so SQLite can
+    // match the partial indexes: one state as `state = '…'`, the three waiting states as the
+    // exact `WAITING` term of jobs_fetch.
+    let states: BTreeSet<JobState> = filter.states.iter().copied().collect();
+    let waiting: BTreeSet<JobState> = [
+        JobState::Scheduled,
+        JobState::Available,
+        JobState::Retryable,
+    ]
+    .into();
+    if states == waiting {
+        qb.push(format!(" AND state IN {WAITING}"));
+    } else if states.len() == 1 {
+        qb.push(format!(" AND state = '{}'", filter.states[0].as_str()));
+    } else if !states.is_empty() {
+        let list: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        qb.push(format!(" AND state IN ({})", list.join(", ")));
     }
     if let Some(q) = &filter.queue {
         qb.push(" AND queue = ").push_bind(q.clone());
@@ -211,39 +221,47 @@ async fn apply_finishes(
     tx: &mut sqlx::SqliteConnection,
     outcomes: &[Finish],
 ) -> Result<(u64, Vec<String>)> {
-    let mut applied = 0;
+    // One statement for the whole batch: the outcomes travel as one JSON array and are joined
+    // to the jobs by id, so a batch costs one call into SQLite, not one per job. The unary
+    // `+` keeps the planner from driving the join from the state index, which would re-read
+    // the JSON for every running job; the batch drives it, one id lookup per outcome.
+    let rows: Vec<serde_json::Value> = outcomes
+        .iter()
+        .map(|f| {
+            let terminal = f.state.is_terminal();
+            serde_json::json!({
+                "id": f.id.0.simple().to_string(),
+                "attempt": f.attempt,
+                "state": f.state.as_str(),
+                "run_at": if terminal { None } else { f.run_at.map(micros) },
+                "finalized_at": terminal.then(|| micros(f.record.finished_at)),
+                "delta": f.attempt_delta,
+                "record": f.record,
+            })
+        })
+        .collect();
+    let applied = sqlx::query(
+        "WITH u AS (SELECT unhex(value->>'id') AS id, value->>'attempt' AS attempt, \
+           value->>'state' AS state, value->>'run_at' AS run_at, \
+           value->>'finalized_at' AS finalized_at, value->>'delta' AS delta, \
+           value->'record' AS record FROM json_each(?1)) \
+         UPDATE jobs SET state = u.state, run_at = coalesce(u.run_at, jobs.run_at), \
+           finalized_at = u.finalized_at, attempt = jobs.attempt + u.delta, \
+           attempts = json_insert(jobs.attempts, '$[#]', json(u.record)), \
+           lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL \
+         FROM u WHERE jobs.id = u.id AND +jobs.state = 'running' AND jobs.attempt = u.attempt \
+         RETURNING jobs.queue, jobs.state",
+    )
+    .bind(serde_json::to_string(&rows)?)
+    .fetch_all(&mut *tx)
+    .await?;
     let mut ready = Vec::new();
-    for f in outcomes {
-        let finalized = f.state.is_terminal().then(|| micros(f.record.finished_at));
-        let run_at = if f.state.is_terminal() {
-            None
-        } else {
-            f.run_at.map(micros)
-        };
-        let record = serde_json::to_string(&f.record)?;
-        let row = sqlx::query(
-            "UPDATE jobs SET state = ?1, run_at = coalesce(?2, run_at), finalized_at = ?3, \
-             attempt = attempt + ?4, attempts = json_insert(attempts, '$[#]', json(?5)), \
-             lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL \
-             WHERE id = ?6 AND state = 'running' AND attempt = ?7 RETURNING queue",
-        )
-        .bind(f.state.as_str())
-        .bind(run_at)
-        .bind(finalized)
-        .bind(f.attempt_delta)
-        .bind(record)
-        .bind(f.id.0)
-        .bind(f.attempt)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = row {
-            applied += 1;
-            if f.state == JobState::Available {
-                ready.push(row.try_get("queue")?);
-            }
+    for row in &applied {
+        if row.try_get::<&str, _>("state")? == "available" {
+            ready.push(row.try_get("queue")?);
         }
     }
-    Ok((applied, ready))
+    Ok((applied.len() as u64, ready))
 }
 
 #[async_trait]
