@@ -53,7 +53,10 @@ pub struct PgStore {
 impl PgStore {
     /// Connects a pool to `url` and starts the LISTEN task.
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self> {
+        // No ping before each acquire: it would add a round trip to every call, and a broken
+        // connection fails the call anyway, which every caller already retries or reports.
         let pool = PgPoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
             .connect(url)
@@ -71,6 +74,12 @@ impl PgStore {
     /// The connection pool, for applications that share the database.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Wakes this process's workers for `queue` at once, without waiting for the NOTIFY the
+    /// insert trigger sends (that one still reaches every other process).
+    fn wake_here(&self, queue: String) {
+        let _ = self.events.send(StoreEvent::JobsAvailable { queue });
     }
 
     async fn notify_queues(&self, queues: impl IntoIterator<Item = String>) -> Result<()> {
@@ -495,14 +504,24 @@ impl Store for PgStore {
     }
 
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
+        let queue = job.queue.clone();
         let mut conn = self.pool.acquire().await?;
-        enqueue_in(&mut conn, job).await
+        let answer = enqueue_in(&mut conn, job).await?;
+        drop(conn);
+        if answer.state == JobState::Available && !answer.duplicate {
+            self.wake_here(queue);
+        }
+        Ok(answer)
     }
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
+        let queues: BTreeSet<String> = jobs.iter().map(|j| j.queue.clone()).collect();
         if jobs.len() <= PARALLEL_CHUNK {
             let mut conn = self.pool.acquire().await?;
-            return enqueue_many_in(&mut conn, jobs).await;
+            let answers = enqueue_many_in(&mut conn, jobs).await?;
+            drop(conn);
+            queues.into_iter().for_each(|q| self.wake_here(q));
+            return Ok(answers);
         }
         // Validate everything first, so bad input inserts nothing.
         for job in &jobs {
@@ -520,7 +539,10 @@ impl Store for PgStore {
             }
             match in_flight.next().await {
                 Some(done) => answers.extend(done?),
-                None => return Ok(answers),
+                None => {
+                    queues.into_iter().for_each(|q| self.wake_here(q));
+                    return Ok(answers);
+                }
             }
         }
     }

@@ -71,7 +71,9 @@ impl SqliteStore {
             .pragma("temp_store", "memory")
             .pragma("cache_size", "-32000");
         // An in-memory database exists per connection: one connection serves everything.
+        // No ping before each acquire: each one is a round trip to SQLite's thread.
         let writer = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
@@ -82,6 +84,7 @@ impl SqliteStore {
             writer.clone()
         } else {
             SqlitePoolOptions::new()
+                .test_before_acquire(false)
                 .max_connections(options.max_connections.clamp(1, 8))
                 .connect_with(connect.read_only(true))
                 .await?
@@ -264,6 +267,104 @@ async fn apply_finishes(
     Ok((applied.len() as u64, ready))
 }
 
+/// Inserts `jobs` in multi-row statements, answering each (new, or the key's holder).
+/// Returns false when a keyed job was not inserted yet its holder is gone (possible only
+/// outside a transaction, when the pruner ran in between); the caller then retries.
+async fn insert_jobs(
+    conn: &mut sqlx::SqliteConnection,
+    jobs: &[NewJob],
+    now: DateTime<Utc>,
+    answers: &mut Vec<Enqueued>,
+    ready: &mut Vec<String>,
+) -> Result<bool> {
+    for chunk in jobs.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO jobs (id, queue, kind, args, priority, state, max_attempts, run_at, \
+             created_at, idempotency_key, tags, metadata) ",
+        );
+        let mut rows = Vec::with_capacity(chunk.len());
+        for job in chunk {
+            let run_at = job.run_at.unwrap_or(now);
+            let state = if run_at > now {
+                JobState::Scheduled
+            } else {
+                JobState::Available
+            };
+            rows.push((
+                job,
+                job.id.unwrap_or_else(JobId::new),
+                state,
+                run_at,
+                serde_json::to_string(&job.args)?,
+                serde_json::to_string(&job.tags)?,
+                serde_json::to_string(&job.metadata)?,
+            ));
+        }
+        qb.push_values(
+            &rows,
+            |mut b, (job, id, state, run_at, args, tags, metadata)| {
+                b.push_bind(id.0)
+                    .push_bind(job.queue.as_str())
+                    .push_bind(job.kind.as_str())
+                    .push_bind(args.as_str())
+                    .push_bind(i64::from(job.priority))
+                    .push_bind(state.as_str())
+                    .push_bind(job.max_attempts)
+                    .push_bind(micros(*run_at))
+                    .push_bind(micros(now))
+                    .push_bind(job.idempotency_key.as_deref())
+                    .push_bind(tags.as_str())
+                    .push_bind(metadata.as_str());
+            },
+        );
+        qb.push(" ON CONFLICT DO NOTHING RETURNING id");
+        let inserted: std::collections::HashSet<Uuid> = qb
+            .build()
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<Uuid, _>("id"))
+            .collect::<Result<_, _>>()?;
+        for (job, id, state, ..) in &rows {
+            if inserted.contains(&id.0) {
+                if *state == JobState::Available {
+                    ready.push(job.queue.clone());
+                }
+                answers.push(Enqueued {
+                    id: *id,
+                    state: *state,
+                    duplicate: false,
+                });
+                continue;
+            }
+            // Not inserted: another job holds the key (or, absurdly, the id).
+            let holder = match &job.idempotency_key {
+                Some(key) => {
+                    sqlx::query("SELECT id, state FROM jobs WHERE idempotency_key = ?")
+                        .bind(key)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                }
+                None => None,
+            };
+            let Some(holder) = holder else {
+                if job.idempotency_key.is_some() {
+                    // The holder was pruned after the insert saw it (autocommit only).
+                    return Ok(false);
+                }
+                return Err(Error::invalid("id", format!("job id {id} already exists")));
+            };
+            let state: String = holder.try_get("state")?;
+            answers.push(Enqueued {
+                id: JobId(holder.try_get("id")?),
+                state: state.parse()?,
+                duplicate: true,
+            });
+        }
+    }
+    Ok(true)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn backend_name(&self) -> Result<String> {
@@ -300,87 +401,24 @@ impl Store for SqliteStore {
         let now = Utc::now();
         let mut answers = Vec::with_capacity(jobs.len());
         let mut ready = Vec::new();
+        if jobs.len() == 1 {
+            // One job is one statement: no explicit transaction, so one call into SQLite
+            // instead of three. Only a holder pruned between the insert and the lookup sends
+            // it down the transactional path below.
+            let mut conn = self.writer.acquire().await?;
+            if insert_jobs(&mut conn, &jobs, now, &mut answers, &mut ready).await? {
+                drop(conn);
+                self.wake(ready);
+                return Ok(answers);
+            }
+            answers.clear();
+            ready.clear();
+        }
         let mut tx = self.begin().await?;
-        for chunk in jobs.chunks(INSERT_CHUNK) {
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO jobs (id, queue, kind, args, priority, state, max_attempts, run_at, \
-                 created_at, idempotency_key, tags, metadata) ",
-            );
-            let mut rows = Vec::with_capacity(chunk.len());
-            for job in chunk {
-                let run_at = job.run_at.unwrap_or(now);
-                let state = if run_at > now {
-                    JobState::Scheduled
-                } else {
-                    JobState::Available
-                };
-                rows.push((
-                    job,
-                    job.id.unwrap_or_else(JobId::new),
-                    state,
-                    run_at,
-                    serde_json::to_string(&job.args)?,
-                    serde_json::to_string(&job.tags)?,
-                    serde_json::to_string(&job.metadata)?,
-                ));
-            }
-            qb.push_values(
-                &rows,
-                |mut b, (job, id, state, run_at, args, tags, metadata)| {
-                    b.push_bind(id.0)
-                        .push_bind(job.queue.as_str())
-                        .push_bind(job.kind.as_str())
-                        .push_bind(args.as_str())
-                        .push_bind(i64::from(job.priority))
-                        .push_bind(state.as_str())
-                        .push_bind(job.max_attempts)
-                        .push_bind(micros(*run_at))
-                        .push_bind(micros(now))
-                        .push_bind(job.idempotency_key.as_deref())
-                        .push_bind(tags.as_str())
-                        .push_bind(metadata.as_str());
-                },
-            );
-            qb.push(" ON CONFLICT DO NOTHING RETURNING id");
-            let inserted: std::collections::HashSet<Uuid> = qb
-                .build()
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|r| r.try_get::<Uuid, _>("id"))
-                .collect::<Result<_, _>>()?;
-            for (job, id, state, ..) in &rows {
-                if inserted.contains(&id.0) {
-                    if *state == JobState::Available {
-                        ready.push(job.queue.clone());
-                    }
-                    answers.push(Enqueued {
-                        id: *id,
-                        state: *state,
-                        duplicate: false,
-                    });
-                    continue;
-                }
-                // Not inserted: another job holds the key (or, absurdly, the id).
-                let holder = match &job.idempotency_key {
-                    Some(key) => {
-                        sqlx::query("SELECT id, state FROM jobs WHERE idempotency_key = ?")
-                            .bind(key)
-                            .fetch_optional(&mut *tx)
-                            .await?
-                    }
-                    None => None,
-                };
-                let Some(holder) = holder else {
-                    return Err(Error::invalid("id", format!("job id {id} already exists")));
-                };
-                let state: String = holder.try_get("state")?;
-                answers.push(Enqueued {
-                    id: JobId(holder.try_get("id")?),
-                    state: state.parse()?,
-                    duplicate: true,
-                });
-            }
+        if !insert_jobs(&mut tx, &jobs, now, &mut answers, &mut ready).await? {
+            return Err(Error::Unsupported(
+                "an idempotency key's holder vanished inside a transaction".into(),
+            ));
         }
         tx.commit().await?;
         self.wake(ready);
