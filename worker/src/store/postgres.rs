@@ -581,9 +581,13 @@ impl Store for PgStore {
     }
 
     async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>> {
+        // SKIP LOCKED: a row locked now is being completed or rescued; waiting for it could
+        // deadlock with a completion batch, and the lease of a job that is finishing needs no
+        // extension. A running job skipped now is extended at the next beat.
         let rows = sqlx::query(
             "UPDATE conveyor.jobs SET lease_expires_at = $1 \
-             WHERE state = 'running' AND lease_owner = $2 RETURNING id, cancel_requested_at",
+             WHERE id IN (SELECT id FROM conveyor.jobs WHERE state = 'running' \
+             AND lease_owner = $2 FOR UPDATE SKIP LOCKED) RETURNING id, cancel_requested_at",
         )
         .bind(after(Utc::now(), lease))
         .bind(worker)

@@ -86,7 +86,10 @@ impl SqliteStore {
             SqlitePoolOptions::new()
                 .test_before_acquire(false)
                 .max_connections(options.max_connections.clamp(1, 8))
-                .connect_with(connect.read_only(true))
+                // Small caches for readers: every commit by the writer makes each reader
+                // drop its whole cache at its next read, so a large one only costs time
+                // (clearing it) and memory.
+                .connect_with(connect.read_only(true).pragma("cache_size", "-2000"))
                 .await?
         };
         let (events, _) = broadcast::channel(1024);
