@@ -30,16 +30,13 @@ CREATE TABLE conveyor.jobs (
 
 -- Indexes are few on purpose: a claim and a completion each rewrite the row, and every
 -- index that holds the row gets a new entry on each rewrite. Per job: an insert and each
--- later rewrite touch three indexes (the primary key, the idempotency index, and one
--- partial index for the state it enters).
+-- later rewrite touch two indexes (the primary key and one partial index for the state it
+-- enters). Idempotency keys live in their own table for the same reason.
 --
 -- Fetch: the next due jobs of a queue by priority, then run_at. Also serves listing and
 -- counting waiting jobs.
 CREATE INDEX jobs_fetch ON conveyor.jobs (queue, priority, run_at, id)
     WHERE state IN ('available','scheduled','retryable');
--- Idempotency: one live holder per key.
-CREATE UNIQUE INDEX jobs_idempotency_key ON conveyor.jobs (idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
 -- Running jobs: rescue by expiry; heartbeats (by owner) filter this small set.
 CREATE INDEX jobs_lease_expiry ON conveyor.jobs (lease_expires_at) WHERE state = 'running';
 -- Dead letters and cancelled jobs, newest first. Completed jobs are listed through the
@@ -47,6 +44,27 @@ CREATE INDEX jobs_lease_expiry ON conveyor.jobs (lease_expires_at) WHERE state =
 CREATE INDEX jobs_failed ON conveyor.jobs (state, id) WHERE state IN ('dead','cancelled');
 -- Pruning finished jobs by age.
 CREATE INDEX jobs_finalized ON conveyor.jobs (finalized_at) WHERE finalized_at IS NOT NULL;
+
+-- Idempotency: one live holder per key. Written once at enqueue, in the same statement as
+-- the job, and never rewritten by claims or completions; the row goes when its job is
+-- deleted (the pruner keeps a keyed job until its key window has passed).
+CREATE TABLE conveyor.job_keys (
+    key    text PRIMARY KEY,
+    job_id uuid NOT NULL
+);
+
+CREATE FUNCTION conveyor.release_keys() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM conveyor.job_keys k USING deleted d
+        WHERE d.idempotency_key IS NOT NULL AND k.key = d.idempotency_key AND k.job_id = d.id;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER jobs_release_keys
+    AFTER DELETE ON conveyor.jobs
+    REFERENCING OLD TABLE AS deleted
+    FOR EACH STATEMENT EXECUTE FUNCTION conveyor.release_keys();
 
 -- Wake-up: one notification per queue per statement that inserts ready jobs, whichever way
 -- they were inserted (Rust, the SQL function below, bulk). Delivered at commit, so a job
@@ -115,23 +133,33 @@ BEGIN
         RAISE EXCEPTION 'invalid idempotency_key: must be 1 to 255 bytes long';
     END IF;
     LOOP
+        IF idempotency_key IS NOT NULL THEN
+            INSERT INTO conveyor.job_keys AS k (key, job_id)
+                VALUES (enqueue.idempotency_key, new_id)
+                ON CONFLICT (key) DO NOTHING
+                RETURNING k.job_id INTO inserted_id;
+            IF inserted_id IS NULL THEN
+                SELECT j.id INTO inserted_id FROM conveyor.job_keys k
+                    JOIN conveyor.jobs j ON j.id = k.job_id
+                    WHERE k.key = enqueue.idempotency_key;
+                IF inserted_id IS NOT NULL THEN
+                    RETURN inserted_id;
+                END IF;
+                -- No job holds the key any more (it was pruned between the two statements,
+                -- or its row was removed without the trigger, e.g. by TRUNCATE): free the
+                -- key and try again.
+                DELETE FROM conveyor.job_keys k WHERE k.key = enqueue.idempotency_key
+                    AND NOT EXISTS (SELECT 1 FROM conveyor.jobs j WHERE j.id = k.job_id);
+                CONTINUE;
+            END IF;
+        END IF;
         INSERT INTO conveyor.jobs AS j (id, queue, kind, args, priority, state, max_attempts,
                                         run_at, created_at, idempotency_key, tags, metadata)
         VALUES (new_id, enqueue.queue, enqueue.kind, enqueue.args, enqueue.priority,
                 CASE WHEN enqueue.run_at > now_ts THEN 'scheduled' ELSE 'available' END,
                 enqueue.max_attempts, enqueue.run_at, now_ts, enqueue.idempotency_key,
-                enqueue.tags, enqueue.metadata)
-        ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-        RETURNING j.id INTO inserted_id;
-        IF inserted_id IS NOT NULL THEN
-            RETURN inserted_id;
-        END IF;
-        SELECT j.id INTO inserted_id FROM conveyor.jobs j
-            WHERE j.idempotency_key = enqueue.idempotency_key;
-        IF inserted_id IS NOT NULL THEN
-            RETURN inserted_id;
-        END IF;
-        -- The holder was pruned between the two statements: try the insert again.
+                enqueue.tags, enqueue.metadata);
+        RETURN new_id;
     END LOOP;
 END
 $$;

@@ -282,3 +282,54 @@ async fn sql_function_rejects_bad_input_with_a_clear_message() {
         .unwrap();
     assert!(listed.is_empty(), "nothing was inserted: {listed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_released_with_their_job_and_orphans_are_reclaimed() {
+    let Some((t, mut conn)) = setup().await else {
+        return;
+    };
+    let first = t
+        .store
+        .enqueue(NewJob::new("noop", json!({})).idempotency_key("gone"))
+        .await
+        .unwrap();
+    assert_eq!(key_rows(&mut conn).await, 1);
+
+    // Deleting the job (discard, purge, prune all delete) frees its key.
+    t.store.discard(first.id).await.unwrap();
+    assert_eq!(key_rows(&mut conn).await, 0);
+    let second = t
+        .store
+        .enqueue(NewJob::new("noop", json!({})).idempotency_key("gone"))
+        .await
+        .unwrap();
+    assert!(!second.duplicate);
+
+    // TRUNCATE skips delete triggers and leaves the key without a holder: both enqueue
+    // paths reclaim it instead of answering with a job that does not exist.
+    sqlx::query("TRUNCATE conveyor.jobs")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let third = t
+        .store
+        .enqueue(NewJob::new("noop", json!({})).idempotency_key("gone"))
+        .await
+        .unwrap();
+    assert!(!third.duplicate);
+    assert!(exists(&t.store, third.id).await);
+    sqlx::query("TRUNCATE conveyor.jobs")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let from_sql = sql_enqueue(&mut conn, "default", Some("gone")).await;
+    assert!(exists(&t.store, from_sql).await);
+    assert_eq!(key_rows(&mut conn).await, 1);
+}
+
+async fn key_rows(conn: &mut PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM conveyor.job_keys")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}

@@ -258,6 +258,27 @@ pub async fn enqueue_many_in(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Resu
     Ok(answers)
 }
 
+/// A primary-key violation on insert means the caller reused a job id: say which.
+fn existing_id(e: sqlx::Error) -> Error {
+    if let sqlx::Error::Database(db) = &e
+        && db.constraint() == Some("jobs_pkey")
+    {
+        let id = db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .and_then(|pg| pg.detail())
+            .and_then(|d| d.split(['(', ')']).nth(3))
+            .and_then(|id| id.parse::<Uuid>().ok());
+        return Error::invalid(
+            "id",
+            match id {
+                Some(id) => format!("job id {} already exists", JobId(id)),
+                None => "a job with this id already exists".into(),
+            },
+        );
+    }
+    e.into()
+}
+
 async fn insert_pooled(
     pool: &PgPool,
     chunk: &[NewJob],
@@ -310,33 +331,57 @@ async fn insert_chunk(
         fn pick<'a>(v: &[&'a str], at: &[usize]) -> Vec<&'a str> {
             at.iter().map(|&i| v[i]).collect()
         }
+        // Keys first, in the same statement: a keyed job is inserted only if its key row
+        // was, so a key never has two holders. An id that already exists fails the whole
+        // statement (and with it the key rows), reported as bad input below.
         let inserted: HashSet<Uuid> = sqlx::query_scalar(
-            "INSERT INTO conveyor.jobs (id, queue, kind, args, priority, state, max_attempts, \
+            "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
+               $5::int2[], $6::text[], $7::int4[], $8::timestamptz[], $10::text[], $11::text[], \
+               $12::text[]) AS u(id, queue, kind, args, priority, state, max_attempts, run_at, \
+               key, tags, metadata)), \
+             k AS (INSERT INTO conveyor.job_keys (key, job_id) \
+               SELECT u.key, u.id FROM u WHERE u.key IS NOT NULL \
+               ON CONFLICT (key) DO NOTHING RETURNING job_id) \
+             INSERT INTO conveyor.jobs (id, queue, kind, args, priority, state, max_attempts, \
              run_at, created_at, idempotency_key, tags, metadata) \
              SELECT u.id, u.queue, u.kind, u.args::jsonb, u.priority, u.state, u.max_attempts, \
              u.run_at, $9, u.key, \
              CASE WHEN u.tags = '[]' THEN '{}'::text[] \
              ELSE ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)) END, \
              u.metadata::jsonb \
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::text[], \
-             $7::int4[], $8::timestamptz[], $10::text[], $11::text[], $12::text[]) \
-             AS u(id, queue, kind, args, priority, state, max_attempts, run_at, key, tags, metadata) \
-             ON CONFLICT DO NOTHING RETURNING id",
+             FROM u WHERE u.key IS NULL OR u.id IN (SELECT job_id FROM k) \
+             RETURNING id",
         )
         .bind(pending.iter().map(|&i| ids[i]).collect::<Vec<_>>())
         .bind(pick(&queues, &pending))
         .bind(pick(&kinds, &pending))
-        .bind(pending.iter().map(|&i| args[i].as_str()).collect::<Vec<_>>())
+        .bind(
+            pending
+                .iter()
+                .map(|&i| args[i].as_str())
+                .collect::<Vec<_>>(),
+        )
         .bind(pending.iter().map(|&i| priorities[i]).collect::<Vec<_>>())
         .bind(pick(&states, &pending))
         .bind(pending.iter().map(|&i| max_attempts[i]).collect::<Vec<_>>())
         .bind(pending.iter().map(|&i| run_ats[i]).collect::<Vec<_>>())
         .bind(now)
         .bind(pending.iter().map(|&i| keys[i]).collect::<Vec<_>>())
-        .bind(pending.iter().map(|&i| tags[i].as_str()).collect::<Vec<_>>())
-        .bind(pending.iter().map(|&i| metadata[i].as_str()).collect::<Vec<_>>())
+        .bind(
+            pending
+                .iter()
+                .map(|&i| tags[i].as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            pending
+                .iter()
+                .map(|&i| metadata[i].as_str())
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&mut *conn)
-        .await?
+        .await
+        .map_err(existing_id)?
         .into_iter()
         .collect();
 
@@ -361,7 +406,8 @@ async fn insert_chunk(
             break;
         }
         let holders: HashMap<String, (Uuid, String)> = sqlx::query(
-            "SELECT idempotency_key, id, state FROM conveyor.jobs WHERE idempotency_key = ANY($1)",
+            "SELECT k.key AS idempotency_key, j.id, j.state FROM conveyor.job_keys k \
+             JOIN conveyor.jobs j ON j.id = k.job_id WHERE k.key = ANY($1)",
         )
         .bind(&dup_keys)
         .fetch_all(&mut *conn)
@@ -394,6 +440,16 @@ async fn insert_chunk(
         if pending.is_empty() {
             break;
         }
+        // No job holds these keys any more (pruned since the insert, or removed without the
+        // delete trigger, e.g. by TRUNCATE): free them and insert again.
+        let orphans: Vec<&str> = pending.iter().filter_map(|&i| keys[i]).collect();
+        sqlx::query(
+            "DELETE FROM conveyor.job_keys k WHERE k.key = ANY($1) \
+             AND NOT EXISTS (SELECT 1 FROM conveyor.jobs j WHERE j.id = k.job_id)",
+        )
+        .bind(&orphans)
+        .execute(&mut *conn)
+        .await?;
     }
     answers
         .into_iter()
