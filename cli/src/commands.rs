@@ -131,11 +131,12 @@ pub async fn jobs(store: Arc<dyn Store>, cmd: JobsCommand) -> anyhow::Result<()>
                 .map(|s| s.trim().parse::<JobState>())
                 .collect::<Result<Vec<_>, _>>()?;
             let filter = build_filter(states, &filter)?;
-            let jobs = store.list(&filter, build_page(&page)?).await?;
+            let page = build_page(&page)?;
+            let jobs = store.list(&filter, page).await?;
             if out.json {
                 output::json(&jobs)
             } else {
-                output::jobs_table(&jobs);
+                output::jobs_table(&jobs, page.limit);
                 Ok(())
             }
         }
@@ -226,11 +227,12 @@ pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()>
     match cmd {
         DeadCommand::List { filter, page, out } => {
             let filter = build_filter(vec![JobState::Dead], &filter)?;
-            let jobs = store.list(&filter, build_page(&page)?).await?;
+            let page = build_page(&page)?;
+            let jobs = store.list(&filter, page).await?;
             if out.json {
                 output::json(&jobs)
             } else {
-                output::jobs_table(&jobs);
+                output::jobs_table(&jobs, page.limit);
                 Ok(())
             }
         }

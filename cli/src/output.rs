@@ -41,8 +41,8 @@ fn clip(s: &str, max: usize) -> String {
     }
 }
 
-/// A list of jobs.
-pub fn jobs_table(jobs: &[Job]) {
+/// One page of jobs; points at the next page when this one is full.
+pub fn jobs_table(jobs: &[Job], page_size: u32) {
     if jobs.is_empty() {
         println!("no jobs match");
         return;
@@ -68,7 +68,7 @@ pub fn jobs_table(jobs: &[Job]) {
         ]);
     }
     println!("{t}");
-    if let Some(last) = jobs.last() {
+    if let Some(last) = jobs.last().filter(|_| jobs.len() >= page_size as usize) {
         println!("next page: --before {}", last.id);
     }
 }

@@ -121,6 +121,15 @@ async fn enqueue_dedupes_and_dead_letters_can_be_retried_and_purged(
         table.contains("demo.fail") && table.contains(&failing_id.to_string()),
         "{table}"
     );
+    assert!(
+        !table.contains("next page"),
+        "one job fills no page: {table}"
+    );
+    let (_, full, _) = run(&url, &["dead", "list", "--limit", "1"]);
+    assert!(
+        full.contains(&format!("next page: --before {failing_id}")),
+        "a full page points at the next: {full}"
+    );
 
     let shown = run_json(&url, &["jobs", "show", &failing_id.to_string()]);
     let attempts = shown["attempts"].as_array().unwrap();
