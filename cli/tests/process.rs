@@ -40,6 +40,21 @@ async fn serve_answers_health_checks_and_finishes_running_jobs_on_sigterm(
     let (status, body) = tokio::task::block_in_place(|| http_get(addr, "/readyz"));
     assert_eq!((status, body.trim()), (200, "ready"));
 
+    // A schema older than the binary (here: the migration record removed) is not ready, and
+    // says why and what to run; putting the record back makes it ready again.
+    set_migration_record(&url, false).await;
+    let (status, body) = tokio::task::block_in_place(|| http_get(addr, "/readyz"));
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("migrations pending") && body.contains("conveyor migrate"),
+        "{body}"
+    );
+    let (status, _) = tokio::task::block_in_place(|| http_get(addr, "/livez"));
+    assert_eq!(status, 200, "liveness does not depend on the store");
+    set_migration_record(&url, true).await;
+    let (status, body) = tokio::task::block_in_place(|| http_get(addr, "/readyz"));
+    assert_eq!((status, body.trim()), (200, "ready"));
+
     let job = run_json(
         &url,
         &[
@@ -141,4 +156,21 @@ async fn a_job_that_kills_its_workers_ends_dead(url: String, store: Arc<dyn Stor
         "{:?}",
         job.attempts[0]
     );
+}
+
+/// Hides (`present = false`) or restores the record of the latest applied migration.
+async fn set_migration_record(url: &str, present: bool) {
+    use sqlx::Connection;
+    let sql = if present {
+        "UPDATE _sqlx_migrations SET success = true"
+    } else {
+        "UPDATE _sqlx_migrations SET success = false"
+    };
+    if url.starts_with("sqlite:") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query(sql).execute(&mut c).await.unwrap();
+    } else {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query(sql).execute(&mut c).await.unwrap();
+    }
 }

@@ -385,9 +385,24 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
+        let latest = sqlx::migrate!("../migrations/sqlite")
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
         sqlx::query("SELECT 1 FROM jobs LIMIT 1")
             .fetch_optional(&self.reader)
             .await?;
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.reader)
+                .await?;
+        if applied.unwrap_or(0) < latest {
+            return Err(Error::Unsupported(format!(
+                "migrations pending: the database is at version {}, this binary needs {latest}; run `conveyor migrate`",
+                applied.unwrap_or(0)
+            )));
+        }
         Ok(())
     }
 
