@@ -11,16 +11,19 @@
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::ConnectOptions;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 use tokio::sync::broadcast;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
 use super::{
@@ -47,6 +50,70 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     events: broadcast::Sender<StoreEvent>,
+    /// Stops the watcher task when the last clone is dropped.
+    _watcher: Arc<DropGuard>,
+}
+
+/// How often the watcher looks for commits by other processes.
+const WATCH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Wakes this process's workers for jobs that other processes enqueue into the same file.
+///
+/// `PRAGMA data_version` on a connection of its own changes whenever any other connection
+/// commits. When it does (and someone is listening), one index seek per queue finds the
+/// queues with waiting jobs, and each gets a wake-up. Commits of this process change it too,
+/// which costs at most one extra, usually empty, fetch per queue per interval.
+async fn watch_other_writers(
+    options: SqliteConnectOptions,
+    events: broadcast::Sender<StoreEvent>,
+    stop: CancellationToken,
+) {
+    let mut conn: Option<sqlx::SqliteConnection> = None;
+    let mut last: Option<i64> = None;
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if conn.is_none() {
+            conn = options.connect().await.ok();
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let version: i64 = match sqlx::query_scalar("PRAGMA data_version")
+            .fetch_one(&mut *c)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e, "SQLite watcher: reconnecting");
+                conn = None;
+                continue;
+            }
+        };
+        let changed = last.is_some_and(|l| l != version);
+        last = Some(version);
+        if !changed || events.receiver_count() == 0 {
+            continue;
+        }
+        // A loose index scan over jobs_fetch: one seek per distinct queue, however long the
+        // queues are. Fails harmlessly before the first migration.
+        let queues: Vec<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "WITH RECURSIVE q(name) AS ( \
+               SELECT (SELECT min(queue) FROM jobs WHERE state IN {WAITING}) \
+               UNION ALL \
+               SELECT (SELECT min(queue) FROM jobs WHERE state IN {WAITING} AND queue > q.name) \
+               FROM q WHERE q.name IS NOT NULL) \
+             SELECT name FROM q WHERE name IS NOT NULL"
+        )))
+        .fetch_all(&mut *c)
+        .await
+        .unwrap_or_default();
+        for queue in queues.into_iter().flatten() {
+            let _ = events.send(StoreEvent::JobsAvailable { queue });
+        }
+    }
 }
 
 impl SqliteStore {
@@ -80,6 +147,7 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(connect.clone())
             .await?;
+        let watch_options = connect.clone().read_only(true).pragma("cache_size", "-500");
         let reader = if memory {
             writer.clone()
         } else {
@@ -93,10 +161,19 @@ impl SqliteStore {
                 .await?
         };
         let (events, _) = broadcast::channel(1024);
+        let stop = CancellationToken::new();
+        if !memory {
+            tokio::spawn(watch_other_writers(
+                watch_options,
+                events.clone(),
+                stop.clone(),
+            ));
+        }
         Ok(Self {
             writer,
             reader,
             events,
+            _watcher: Arc::new(stop.drop_guard()),
         })
     }
 
