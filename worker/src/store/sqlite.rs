@@ -6,8 +6,9 @@
 //! Several processes on one file still work: each write transaction starts with
 //! `BEGIN IMMEDIATE` and waits out the other process's writer within the busy timeout.
 //!
-//! Times are stored as microseconds since the Unix epoch. Wake-ups are in-process: a
-//! broadcast channel fed by this store's own writes.
+//! Times are stored as microseconds since the Unix epoch. Wake-ups: a broadcast channel fed
+//! at once by this store's own writes, and by a watcher that notices other processes'
+//! commits (`PRAGMA data_version`, every 50 ms).
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
