@@ -17,6 +17,7 @@
 pub mod promoter;
 pub mod pruner;
 pub mod rescuer;
+pub mod schedule;
 
 use std::sync::Arc;
 

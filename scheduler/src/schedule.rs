@@ -1,0 +1,557 @@
+//! Cron schedules: what a schedule is, when it fires, and which job each tick enqueues.
+//!
+//! A [`ScheduleSpec`] is what users write (config file, API, CLI). [`ScheduleSpec::compile`]
+//! validates it and returns a [`Schedule`] that answers "when next?" and "what is due now?".
+//!
+//! # Expressions
+//! - Standard 5-field cron (`minute hour day-of-month month day-of-week`), where day-of-week
+//!   is `0`–`7` with `0` and `7` both Sunday, or names (`MON-FRI`).
+//! - The `cron` crate's 6- or 7-field form with seconds first (and an optional year), where
+//!   day-of-week numbers run `1`–`7` from Sunday. Prefer names there to avoid the ambiguity.
+//!
+//! # Time zones and daylight saving
+//! Expressions are read in the schedule's IANA zone (default `UTC`).
+//! - A wall-clock time that does not exist (skipped by a spring change, e.g. 02:30 in
+//!   `Europe/Berlin` on the last Sunday of March) does **not fire** that day.
+//! - A wall-clock time that exists twice (an autumn change) fires **once**, at its first
+//!   occurrence. Ticks in the repeated hour are not repeated.
+//!
+//! # Exactly one job per tick
+//! Each tick's job carries the idempotency key `schedule:<name>:<instant in UTC>`, so any
+//! number of schedulers can enqueue the same tick and the store keeps one job.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, LocalResult, TimeZone, Utc};
+use chrono_tz::Tz;
+use conveyor_worker::NewJob;
+use serde::{Deserialize, Serialize};
+
+/// What to do about ticks that passed while no scheduler was running.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissedPolicy {
+    /// Fire none of them; wait for the next tick.
+    Skip,
+    /// Fire one job for the most recent missed tick.
+    #[default]
+    Latest,
+    /// Fire every missed tick, oldest first, up to `backfill_limit`.
+    All,
+}
+
+/// What to do when a tick comes while the previous tick's job has not finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverlapPolicy {
+    /// Enqueue anyway.
+    #[default]
+    Allow,
+    /// Skip this tick.
+    Skip,
+}
+
+/// A schedule as users write it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// Unique name.
+    pub name: String,
+    /// Cron expression (5 fields, or 6–7 with seconds first).
+    pub cron: String,
+    /// IANA time zone the expression is read in.
+    #[serde(default = "utc")]
+    pub timezone: String,
+    /// Queue of the jobs it enqueues.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    /// Kind of the jobs it enqueues.
+    pub kind: String,
+    /// Arguments of the jobs it enqueues.
+    #[serde(default = "empty_object")]
+    pub args: serde_json::Value,
+    /// Priority of the jobs (smaller runs first).
+    #[serde(default)]
+    pub priority: i16,
+    /// Attempt budget of the jobs.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: i32,
+    /// Disabled schedules fire nothing.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Missed ticks.
+    #[serde(default)]
+    pub missed: MissedPolicy,
+    /// Most ticks one backfill enqueues with [`MissedPolicy::All`].
+    #[serde(default = "default_backfill_limit")]
+    pub backfill_limit: u32,
+    /// Overlapping runs.
+    #[serde(default)]
+    pub overlap: OverlapPolicy,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+fn default_queue() -> String {
+    "default".into()
+}
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+fn default_max_attempts() -> i32 {
+    conveyor_worker::job::DEFAULT_MAX_ATTEMPTS
+}
+fn yes() -> bool {
+    true
+}
+fn default_backfill_limit() -> u32 {
+    100
+}
+
+/// A schedule field that cannot be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("schedule `{schedule}`: invalid {field}: {message}")]
+pub struct ScheduleError {
+    /// The schedule's name, as given.
+    pub schedule: String,
+    /// The offending field (`name`, `cron`, `timezone`, …).
+    pub field: &'static str,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl ScheduleSpec {
+    /// A schedule of `kind` on `cron`, in UTC, on the `default` queue, with the defaults.
+    pub fn new(name: impl Into<String>, cron: impl Into<String>, kind: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            cron: cron.into(),
+            timezone: utc(),
+            queue: default_queue(),
+            kind: kind.into(),
+            args: empty_object(),
+            priority: 0,
+            max_attempts: default_max_attempts(),
+            enabled: true,
+            missed: MissedPolicy::default(),
+            backfill_limit: default_backfill_limit(),
+            overlap: OverlapPolicy::default(),
+        }
+    }
+
+    /// Validates every field and prepares the expression.
+    pub fn compile(&self) -> Result<Schedule, ScheduleError> {
+        let err = |field: &'static str, message: String| ScheduleError {
+            schedule: self.name.clone(),
+            field,
+            message,
+        };
+        for (field, value) in [
+            ("name", &self.name),
+            ("queue", &self.queue),
+            ("kind", &self.kind),
+        ] {
+            conveyor_worker::job::check_name(field, value)
+                .map_err(|e| err(field, e.to_string()))?;
+        }
+        if self.max_attempts < 1 {
+            return Err(err(
+                "max_attempts",
+                format!("{} is less than 1; use at least 1", self.max_attempts),
+            ));
+        }
+        if self.missed == MissedPolicy::All && self.backfill_limit == 0 {
+            return Err(err(
+                "backfill_limit",
+                "0 would backfill nothing; use at least 1, or missed = \"skip\"".into(),
+            ));
+        }
+        let tz = Tz::from_str(self.timezone.trim()).map_err(|_| {
+            err(
+                "timezone",
+                format!(
+                    "`{}` is not an IANA time zone name; use e.g. `UTC`, `Europe/Berlin` or `America/New_York`",
+                    self.timezone
+                ),
+            )
+        })?;
+        let expr = normalize(&self.cron).map_err(|m| err("cron", m))?;
+        let cron = cron::Schedule::from_str(&expr).map_err(|e| {
+            err(
+                "cron",
+                format!(
+                    "`{}`: {}",
+                    self.cron,
+                    e.to_string().lines().last().unwrap_or("unparseable").trim()
+                ),
+            )
+        })?;
+        if cron.upcoming(tz).next().is_none() {
+            return Err(err(
+                "cron",
+                format!("`{}` never fires after now", self.cron),
+            ));
+        }
+        Ok(Schedule {
+            spec: self.clone(),
+            cron,
+            tz,
+        })
+    }
+}
+
+/// Turns a 5-field expression into the 6-field form the `cron` crate reads (seconds first,
+/// day-of-week as names); passes 6- and 7-field expressions through.
+fn normalize(expr: &str) -> Result<String, String> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    match fields.len() {
+        5 => {
+            let dow = day_of_week_names(fields[4])?;
+            Ok(format!(
+                "0 {} {} {} {} {dow}",
+                fields[0], fields[1], fields[2], fields[3]
+            ))
+        }
+        6 | 7 => Ok(fields.join(" ")),
+        0 => Err("is empty; write e.g. `*/5 * * * *` (every 5 minutes)".into()),
+        n => Err(format!(
+            "`{expr}` has {n} fields; use 5 (minute hour day-of-month month day-of-week) or 6-7 (seconds first, optional year)"
+        )),
+    }
+}
+
+const DAY_NAMES: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+
+/// A standard day-of-week field (`0`–`7`, `0` and `7` = Sunday, names, `*`, lists, ranges,
+/// steps) as a list of day names, which every cron dialect reads the same way.
+fn day_of_week_names(field: &str) -> Result<String, String> {
+    if field == "*" || field == "?" {
+        return Ok(field.to_string());
+    }
+    let day = |s: &str| -> Result<usize, String> {
+        if let Ok(n) = s.parse::<usize>() {
+            return if n <= 7 {
+                Ok(n % 7)
+            } else {
+                Err(format!(
+                    "day-of-week {n} is out of range; use 0-7 (0 and 7 are Sunday) or SUN-SAT"
+                ))
+            };
+        }
+        DAY_NAMES
+            .iter()
+            .position(|d| d.eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("`{s}` is not a day of the week; use 0-7 or SUN-SAT"))
+    };
+    let mut days = [false; 7];
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((r, s)) => (
+                r,
+                s.parse::<usize>().ok().filter(|s| *s > 0).ok_or_else(|| {
+                    format!("step `{s}` in day-of-week must be a positive number")
+                })?,
+            ),
+            None => (item, 1),
+        };
+        let (from, to) = match range {
+            "*" => (0, 6),
+            r => match r.split_once('-') {
+                Some((a, b)) => {
+                    let a = day(a)?;
+                    // `5-7` means Friday to Sunday: 7 closes a range at the week's end.
+                    let b = if b == "7" { 7 } else { day(b)? };
+                    if b < a {
+                        return Err(format!("day-of-week range `{r}` runs backwards"));
+                    }
+                    (a, b)
+                }
+                None if step > 1 => (day(r)?, 6),
+                None => {
+                    let d = day(r)?;
+                    (d, d)
+                }
+            },
+        };
+        for d in (from..=to).step_by(step) {
+            days[d % 7] = true;
+        }
+    }
+    Ok(days
+        .iter()
+        .enumerate()
+        .filter(|(_, on)| **on)
+        .map(|(d, _)| DAY_NAMES[d])
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
+/// A validated schedule.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    spec: ScheduleSpec,
+    cron: cron::Schedule,
+    tz: Tz,
+}
+
+impl Schedule {
+    /// The spec it was compiled from.
+    pub fn spec(&self) -> &ScheduleSpec {
+        &self.spec
+    }
+
+    /// Its time zone.
+    pub fn timezone(&self) -> Tz {
+        self.tz
+    }
+
+    /// Fire instants strictly after `after`, in order, following the daylight-saving rules
+    /// in the module docs.
+    pub fn fires_after(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+        let tz = self.tz;
+        let mut last = after;
+        self.cron
+            .after(&after.with_timezone(&tz))
+            .filter_map(move |t| {
+                // A repeated wall-clock time comes out once per offset: keep the first.
+                if let LocalResult::Ambiguous(first, _) = tz.from_local_datetime(&t.naive_local())
+                    && t != first
+                {
+                    return None;
+                }
+                let t = t.with_timezone(&Utc);
+                // Starting inside a repeated hour can yield instants before `after`.
+                if t <= last {
+                    return None;
+                }
+                last = t;
+                Some(t)
+            })
+    }
+
+    /// The next `n` fire instants after `after`, in the schedule's zone.
+    pub fn next(&self, after: DateTime<Utc>, n: usize) -> Vec<DateTime<Tz>> {
+        self.fires_after(after)
+            .take(n)
+            .map(|t| t.with_timezone(&self.tz))
+            .collect()
+    }
+
+    /// The ticks to enqueue at `now`, given the last tick already handled (`None`: the
+    /// schedule is new, and fires from its next tick on). Applies the missed-tick policy.
+    pub fn due(&self, last: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+        if !self.spec.enabled {
+            return Vec::new();
+        }
+        let Some(last) = last else {
+            return Vec::new();
+        };
+        let passed = self.fires_after(last).take_while(|t| *t <= now);
+        match self.spec.missed {
+            MissedPolicy::All => passed.take(self.spec.backfill_limit as usize).collect(),
+            MissedPolicy::Latest => passed.last().into_iter().collect(),
+            MissedPolicy::Skip => {
+                // Only a tick that is due right now (within a grace of a few seconds) fires.
+                passed
+                    .last()
+                    .filter(|t| now.signed_duration_since(*t) <= chrono::Duration::seconds(5))
+                    .into_iter()
+                    .collect()
+            }
+        }
+    }
+
+    /// The idempotency key of the tick at `at`.
+    pub fn tick_key(&self, at: DateTime<Utc>) -> String {
+        format!(
+            "schedule:{}:{}",
+            self.spec.name,
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )
+    }
+
+    /// The job the tick at `at` enqueues.
+    pub fn job(&self, at: DateTime<Utc>) -> NewJob {
+        NewJob::new(self.spec.kind.clone(), self.spec.args.clone())
+            .queue(self.spec.queue.clone())
+            .priority(self.spec.priority)
+            .max_attempts(self.spec.max_attempts)
+            .idempotency_key(self.tick_key(at))
+            .metadata(serde_json::json!({
+                "schedule": self.spec.name,
+                "tick": at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Datelike, Timelike};
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn berlin(cron: &str) -> Schedule {
+        let mut spec = ScheduleSpec::new("nightly", cron, "report.build");
+        spec.timezone = "Europe/Berlin".into();
+        spec.compile().unwrap()
+    }
+
+    #[test]
+    fn five_field_expressions_use_standard_weekdays() {
+        let s = ScheduleSpec::new("weekly", "0 9 * * 1", "k")
+            .compile()
+            .unwrap();
+        let next = s.next(at("2026-11-22T12:00:00Z"), 3);
+        assert!(
+            next.iter()
+                .all(|t| t.weekday() == chrono::Weekday::Mon && t.hour() == 9),
+            "{next:?}"
+        );
+        for (field, days) in [
+            ("0", "SUN"),
+            ("7", "SUN"),
+            ("1-5", "MON,TUE,WED,THU,FRI"),
+            ("5-7", "SUN,FRI,SAT"),
+            ("*/2", "SUN,TUE,THU,SAT"),
+            ("1-5/2", "MON,WED,FRI"),
+            ("mon,Wed", "MON,WED"),
+            ("*", "*"),
+        ] {
+            assert_eq!(day_of_week_names(field).unwrap(), days, "{field}");
+        }
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let cases: Vec<(ScheduleSpec, &str, &str)> = vec![
+            (ScheduleSpec::new("a", "61 * * * *", "k"), "cron", "Minutes"),
+            (ScheduleSpec::new("a", "* * *", "k"), "cron", "3 fields"),
+            (ScheduleSpec::new("a", "", "k"), "cron", "empty"),
+            (
+                ScheduleSpec::new("a", "0 9 * * 8", "k"),
+                "cron",
+                "out of range",
+            ),
+            (
+                ScheduleSpec::new("bad name!", "* * * * *", "k"),
+                "name",
+                "name",
+            ),
+            (
+                ScheduleSpec {
+                    timezone: "Mars/Olympus".into(),
+                    ..ScheduleSpec::new("a", "* * * * *", "k")
+                },
+                "timezone",
+                "Europe/Berlin",
+            ),
+            (
+                ScheduleSpec {
+                    max_attempts: 0,
+                    ..ScheduleSpec::new("a", "* * * * *", "k")
+                },
+                "max_attempts",
+                "at least 1",
+            ),
+        ];
+        for (spec, field, hint) in cases {
+            let e = spec.compile().unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.to_string().contains(hint), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_skipped_wall_clock_time_does_not_fire() {
+        // Europe/Berlin skips 02:00-03:00 on 2026-03-29.
+        let s = berlin("30 2 * * *");
+        let fires: Vec<String> = s
+            .next(at("2026-03-27T12:00:00Z"), 3)
+            .iter()
+            .map(|t| t.format("%F %T %Z").to_string())
+            .collect();
+        assert_eq!(
+            fires,
+            [
+                "2026-03-28 02:30:00 CET",
+                "2026-03-30 02:30:00 CEST",
+                "2026-03-31 02:30:00 CEST"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_repeated_wall_clock_time_fires_once() {
+        // Europe/Berlin repeats 02:00-03:00 on 2026-10-25.
+        let s = berlin("30 2 * * *");
+        let fires: Vec<DateTime<Utc>> = s.fires_after(at("2026-10-23T12:00:00Z")).take(3).collect();
+        assert_eq!(
+            fires,
+            [
+                at("2026-10-24T00:30:00Z"),
+                at("2026-10-25T00:30:00Z"), // 02:30 CEST, the first of the two
+                at("2026-10-26T01:30:00Z"),
+            ]
+        );
+        // Every 15 minutes: the repeated hour is not run twice, and time never goes back.
+        let s = berlin("*/15 * * * *");
+        let fires: Vec<DateTime<Utc>> = s.fires_after(at("2026-10-24T23:50:00Z")).take(7).collect();
+        assert!(fires.windows(2).all(|w| w[0] < w[1]), "{fires:?}");
+        assert_eq!(fires[0], at("2026-10-25T00:00:00Z")); // 02:00 CEST
+        assert_eq!(fires[3], at("2026-10-25T00:45:00Z")); // 02:45 CEST
+        assert_eq!(fires[4], at("2026-10-25T02:00:00Z")); // 03:00 CET: 02:xx CET skipped
+        // Starting inside the repeated hour yields nothing earlier than the start.
+        let inside = at("2026-10-25T01:20:00Z"); // 02:20 CET
+        assert!(s.fires_after(inside).take(3).all(|t| t > inside));
+    }
+
+    #[test]
+    fn missed_ticks_follow_the_policy() {
+        let mut spec = ScheduleSpec::new("m", "0 * * * *", "k");
+        let last = at("2026-11-22T10:00:00Z");
+        let now = at("2026-11-22T13:30:00Z"); // 11:00, 12:00 and 13:00 were missed
+        assert_eq!(
+            spec.compile().unwrap().due(Some(last), now),
+            [at("2026-11-22T13:00:00Z")],
+            "latest is the default"
+        );
+        spec.missed = MissedPolicy::All;
+        spec.backfill_limit = 2;
+        assert_eq!(
+            spec.compile().unwrap().due(Some(last), now),
+            [at("2026-11-22T11:00:00Z"), at("2026-11-22T12:00:00Z")]
+        );
+        spec.missed = MissedPolicy::Skip;
+        assert!(spec.compile().unwrap().due(Some(last), now).is_empty());
+        assert_eq!(
+            spec.compile()
+                .unwrap()
+                .due(Some(last), at("2026-11-22T13:00:02Z")),
+            [at("2026-11-22T13:00:00Z")],
+            "skip still fires the tick that is due now"
+        );
+        spec.enabled = false;
+        assert!(spec.compile().unwrap().due(Some(last), now).is_empty());
+    }
+
+    #[test]
+    fn each_tick_has_one_key_and_its_job_says_where_it_came_from() {
+        let s = ScheduleSpec::new("digest", "*/5 * * * *", "mail.digest")
+            .compile()
+            .unwrap();
+        let tick = at("2026-11-22T10:05:00Z");
+        assert_eq!(s.tick_key(tick), "schedule:digest:2026-11-22T10:05:00Z");
+        let job = s.job(tick);
+        assert_eq!(job.kind, "mail.digest");
+        assert_eq!(
+            job.idempotency_key.as_deref(),
+            Some(s.tick_key(tick).as_str())
+        );
+        assert_eq!(job.metadata["schedule"], "digest");
+        job.validate().unwrap();
+    }
+}
