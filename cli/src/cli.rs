@@ -14,7 +14,8 @@ pub struct Cli {
     /// Config file (TOML). Default: ./conveyor.toml if it exists.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Store URL; overrides `database.url` (sqlite://conveyor.db, postgres://user@host/db).
+    /// Store URL; overrides `database.url` (sqlite://conveyor.db, postgres://user@host/db,
+    /// redis://host:6379/0).
     #[arg(long, global = true, value_name = "URL")]
     pub database_url: Option<String>,
     /// Log filter, e.g. `info` or `conveyor=debug,sqlx=warn`; overrides `log.level` and RUST_LOG.

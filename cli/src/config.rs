@@ -42,7 +42,8 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// `sqlite://conveyor.db` (the default: a file in the working directory),
-    /// `sqlite:///abs/path.db` or `postgres://user:pass@host:5432/db`.
+    /// `sqlite:///abs/path.db`, `postgres://user:pass@host:5432/db` or
+    /// `redis://host:6379/0?prefix=conveyor`.
     pub url: String,
     /// Connection pool size.
     pub max_connections: u32,
@@ -208,10 +209,12 @@ impl Config {
         let url = &self.database.url;
         let known = url.starts_with("sqlite:")
             || url.starts_with("postgres://")
-            || url.starts_with("postgresql://");
+            || url.starts_with("postgresql://")
+            || url.starts_with("redis://")
+            || url.starts_with("rediss://");
         if !known {
             return Err(ConfigError(format!(
-                "`database.url` = `{}`: unknown scheme; use sqlite://conveyor.db or postgres://user@host:5432/db",
+                "`database.url` = `{}`: unknown scheme; use sqlite://conveyor.db, postgres://user@host:5432/db or redis://host:6379/0",
                 conveyor_worker::store::redact_url(url)
             )));
         }

@@ -3,8 +3,11 @@
 //! Every test gets a store of its own: a fresh SQLite file in a temp folder, or a fresh
 //! Postgres database (`conveyor_t_<uuid>`) created on the server named by
 //! `CONVEYOR_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) and dropped
-//! afterwards. When Postgres is unreachable, Postgres tests are skipped with a printed reason,
-//! except under `CI=true`, where they fail.
+//! afterwards, or a fresh key prefix (`conveyor_t_<uuid>`) on the Redis server named by
+//! `CONVEYOR_TEST_REDIS_URL` (default `redis://127.0.0.1:6379/0`), whose keys are deleted
+//! afterwards with `SCAN MATCH` + `DEL` (never `FLUSHDB`: the server may be shared). When
+//! Postgres or Redis is unreachable, its tests are skipped with a printed reason, except under
+//! `CI=true`, where they fail.
 //!
 //! [`backend_tests!`] turns a list of `async fn(Arc<dyn Store>)` into one `#[tokio::test]` per
 //! backend, so the same suite runs everywhere.
@@ -28,6 +31,7 @@ pub struct TestStore {
 enum Cleanup {
     File(PathBuf),
     Database { admin_url: String, name: String },
+    Prefix { url: String, prefix: String },
 }
 
 impl TestStore {
@@ -83,6 +87,36 @@ impl TestStore {
         })
     }
 
+    /// A fresh key prefix on Redis, or `None` (with the reason printed) when Redis is not
+    /// reachable outside CI.
+    pub async fn redis() -> Option<TestStore> {
+        let server = redis_url();
+        if let Err(e) = redis_reachable(&server).await {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("Redis at {server} is unreachable under CI=true: {e}");
+            }
+            eprintln!(
+                "skipping: Redis at {server} is unreachable ({e}); set CONVEYOR_TEST_REDIS_URL or start Redis"
+            );
+            return None;
+        }
+        let prefix = format!("conveyor_t_{}", uuid::Uuid::now_v7().simple());
+        let sep = if server.contains('?') { '&' } else { '?' };
+        let url = format!("{server}{sep}prefix={prefix}");
+        let cleanup = Cleanup::Prefix {
+            url: server,
+            prefix,
+        };
+        let store = store::connect(&url, StoreOptions::default())
+            .await
+            .expect("a fresh Redis prefix opens");
+        Some(TestStore {
+            store,
+            url,
+            _cleanup: cleanup,
+        })
+    }
+
     /// Removes the file or drops the database (best effort). Dropping the `TestStore` does
     /// the same, so a test that panics cleans up too.
     pub async fn cleanup(self) {
@@ -119,6 +153,74 @@ impl Drop for Cleanup {
                 })
                 .join();
             }
+            Cleanup::Prefix { url, prefix } => {
+                let (url, prefix) = (url.clone(), prefix.clone());
+                let _ = std::thread::spawn(move || {
+                    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    else {
+                        return;
+                    };
+                    rt.block_on(delete_prefix(&url, &prefix));
+                })
+                .join();
+            }
+        }
+    }
+}
+
+/// The Redis server tests make their prefixes on.
+pub fn redis_url() -> String {
+    std::env::var("CONVEYOR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+async fn redis_reachable(url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let ping = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(3), ping).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 3 s".into()),
+    }
+}
+
+/// Deletes every key a test's prefix made: the global ones (`prefix:…`) and the queues'
+/// (`{prefix:queue}…`).
+async fn delete_prefix(url: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
+        let mut cursor: u64 = 0;
+        loop {
+            let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+            else {
+                return;
+            };
+            if !keys.is_empty() {
+                let _ = redis::cmd("DEL")
+                    .arg(&keys)
+                    .query_async::<()>(&mut conn)
+                    .await;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
     }
 }
@@ -181,6 +283,16 @@ macro_rules! backend_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let Some(t) = $crate::TestStore::postgres().await else { return };
+                    super::$name(t.store.clone()).await;
+                    t.cleanup().await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(t) = $crate::TestStore::redis().await else { return };
                     super::$name(t.store.clone()).await;
                     t.cleanup().await;
                 }

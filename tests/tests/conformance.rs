@@ -262,6 +262,35 @@ async fn finish_applies_every_outcome(s: Arc<dyn Store>) {
     );
 }
 
+async fn a_large_due_backlog_is_claimed_in_bounded_steps(s: Arc<dyn Store>) {
+    // More due jobs than any one step handles: bulk enqueue, fetch and the promoter must all
+    // keep working (a store that unpacks the whole due set at once fails here).
+    let due = Utc::now() + chrono::Duration::milliseconds(200);
+    let out = s
+        .enqueue_many((0..2500).map(|_| job("k").run_at(due)).collect())
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 2500);
+    assert!(out.iter().all(|e| e.state == JobState::Scheduled));
+    let got = conveyor_tests::eventually(5, "the backlog becomes due", || {
+        let s = s.clone();
+        async move {
+            let v = fetch(&s, "default", 10).await;
+            (!v.is_empty()).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(got.len(), 10);
+    s.promote_due(Utc::now(), 100_000).await.unwrap();
+    assert_eq!(
+        s.count(&JobFilter::state(JobState::Available))
+            .await
+            .unwrap(),
+        2490
+    );
+    assert_eq!(fetch(&s, "default", 1000).await.len(), 1000);
+}
+
 async fn stale_outcomes_are_ignored(s: Arc<dyn Store>) {
     s.enqueue(job("k")).await.unwrap();
     let first = s
@@ -923,7 +952,9 @@ async fn enqueue_wakes_subscribers(s: Arc<dyn Store>) {
 async fn backend_reports_its_name_and_health(s: Arc<dyn Store>) {
     let name = s.backend_name().await.unwrap();
     assert!(
-        name.starts_with("SQLite 3") || name.starts_with("Postgres 1"),
+        name.starts_with("SQLite 3")
+            || name.starts_with("Postgres 1")
+            || name.starts_with("Redis "),
         "{name}"
     );
     s.ping().await.unwrap();
@@ -934,6 +965,7 @@ backend_tests!(
     enqueue_now_is_available_and_later_is_scheduled,
     fetch_claims_by_priority_then_run_at_and_sets_the_lease,
     concurrent_fetchers_never_share_a_job,
+    a_large_due_backlog_is_claimed_in_bounded_steps,
     finish_applies_every_outcome,
     stale_outcomes_are_ignored,
     a_retryable_job_runs_again_when_due,

@@ -31,7 +31,7 @@ pub enum Error {
     Unsupported(String),
     /// The store URL could not be understood.
     #[error(
-        "cannot use store URL `{url}`: {reason}. Use sqlite://path/to/file.db or postgres://user@host:5432/db"
+        "cannot use store URL `{url}`: {reason}. Use sqlite://path/to/file.db, postgres://user@host:5432/db or redis://host:6379/0"
     )]
     BadUrl {
         /// The URL as given (credentials stripped by the caller where needed).
@@ -42,6 +42,9 @@ pub enum Error {
     /// The database said no or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// Redis said no or could not be reached.
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

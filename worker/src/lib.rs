@@ -3,7 +3,7 @@
 //! Where to start reading:
 //! - [`job`]: `Job`, `JobState` (the lifecycle), `NewJob` (what an enqueue asks for).
 //! - [`store`]: the `Store` trait every backend implements, and `store::connect(url)`.
-//!   Backends live below it: `store::sqlite`, `store::postgres`.
+//!   Backends live below it: `store::sqlite`, `store::postgres`, `store::redis`.
 //! - [`handler`]: how a kind is registered and what a handler returns (`Outcome`).
 //! - [`runtime`]: the worker — per-queue fetch loops claim batches, each job runs under a
 //!   semaphore slot, outcomes become `store::Finish` rows (`runtime::transition`) written back

@@ -3,11 +3,14 @@
 //! - [`sqlite`]: the embedded default (one file, WAL, in-process wake-up).
 //! - [`postgres`]: production and many machines (`FOR UPDATE SKIP LOCKED` fetch, LISTEN/NOTIFY
 //!   wake-up, transactional enqueue with the application's own connection).
+//! - [`redis`]: the highest throughput (one Lua script per step, keys hash-tagged per queue
+//!   for Redis Cluster, PUBLISH wake-up).
 //!
 //! The runtime only ever talks to `dyn Store`; [`connect`] picks the backend from a URL.
 //! Every backend passes the conformance suite in `tests/`.
 
 pub mod postgres;
+pub mod redis;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -38,13 +41,15 @@ impl Default for StoreOptions {
     }
 }
 
-/// Opens the store a URL names (`sqlite://file.db`, `sqlite::memory:`, `postgres://…`) and
-/// applies its migrations.
+/// Opens the store a URL names (`sqlite://file.db`, `sqlite::memory:`, `postgres://…`,
+/// `redis://host:6379/0?prefix=conveyor`) and applies its migrations.
 pub async fn connect(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
     let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
         Arc::new(sqlite::SqliteStore::connect(url, &options).await?)
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Arc::new(postgres::PgStore::connect(url, &options).await?)
+    } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+        Arc::new(self::redis::RedisStore::connect(url, &options).await?)
     } else {
         return Err(Error::BadUrl {
             url: redact_url(url),

@@ -1,0 +1,1561 @@
+//! The Redis backend: the highest throughput, and many worker processes on many machines.
+//!
+//! Every step that touches more than one key is one Lua script (`EVALSHA`, scripts in
+//! `store/redis/*.lua`), so no step ever leaves a job in two states or in none.
+//!
+//! # Keys
+//!
+//! `P` is the key prefix (`?prefix=…` in the URL, default `conveyor`). Every key of queue `Q`
+//! starts with the hash tag `{P:Q}`, so a queue lives in one Redis Cluster slot and its scripts
+//! never cross slots:
+//!
+//! | key | what |
+//! |---|---|
+//! | `{P:Q}:job:<id>` | hash: the job (args, tags, metadata and the attempt history as JSON strings; times as microseconds) |
+//! | `{P:Q}:ready` | zset of `available` jobs, score `priority · 10¹³ + run_at_ms`: fetch pops the head |
+//! | `{P:Q}:delayed` | zset of `scheduled` and `retryable` jobs by `run_at` (µs) |
+//! | `{P:Q}:leases` | zset of `running` jobs by lease deadline (µs): the rescuer's work list |
+//! | `{P:Q}:w:<worker>` | set of the jobs a worker runs: its heartbeat |
+//! | `{P:Q}:s:<state>` | zset per state, all scores 0, so members sort by id: listings and counts |
+//! | `{P:Q}:fin:<state>`, `{P:Q}:fink:<state>` | finished jobs by `finalized_at`, without and with an idempotency key: the pruner |
+//!
+//! A few small global keys sit outside any queue's slot: `P:index` (hash, job id → queue, for
+//! [`Store::get`] and every call that starts from an id), `P:queues` (set of queue names),
+//! `P:version` (the data layout) and one `P:key:<idempotency key>` per key (`queue/id` of the
+//! holder). They are read and written by single-key commands beside the queue's scripts.
+//! Operations that span queues walk `P:queues` and run one script per queue: `list`, `count`,
+//! `queue_stats`, `heartbeat`, `promote_due`, `rescue_expired`, `prune`, `retry_matching` and
+//! `purge`. The store talks to one server through a [`ConnectionManager`]; the layout is what
+//! lets the same scripts run unchanged on a cluster (each names its queue's `ready` key first,
+//! so a cluster client routes it to the right node).
+//!
+//! # Costs
+//!
+//! Nothing scans a whole list per job, nothing uses `KEYS`, and no script unpacks an unbounded
+//! list: enqueue, promotion, pruning and bulk edits work in chunks of [`CHUNK`]. Fetch pops the
+//! head of the ready set and first promotes at most [`CHUNK`] due delayed jobs. Counting by
+//! state and queue is a `ZCARD` per set. Listing merges the per-state sets newest first and
+//! reads one page of jobs at a time; filters on kind, tag, creation time or error text are
+//! applied to each page as it is read, so a selective filter of that kind (above all
+//! `error_contains`, which parses every attempt history it reads) costs a walk over the
+//! matching states — slower than the SQL backends' indexes.
+//!
+//! Scores are doubles: `run_at` ordering among ready jobs is exact to the millisecond for
+//! priorities up to about ±900 and coarser beyond; equal scores fall back to id order.
+//!
+//! # Idempotency keys
+//!
+//! A key is claimed with `SET P:key:<k> queue/id NX PX 60000` before the insert and made
+//! permanent right after it, then lives exactly as long as its job: deleting the job (prune,
+//! discard, purge) frees it. So duplicates behave as on the SQL backends, including the
+//! pruner keeping a keyed finished job for `RetentionPolicy::idempotency`. The claim's expiry
+//! only covers an enqueue that died between claim and insert; a confirmed key whose job is
+//! gone is found and freed by the next enqueue that wants it. A key and its job live in
+//! different slots, so they are separate steps, ordered so that a crash leaves at worst a
+//! claim that expires or a key that the next enqueue frees.
+//!
+//! # Wake-up
+//!
+//! Scripts `PUBLISH` the queue name on `P:jobs` when jobs become ready and the job id on
+//! `P:cancel` when a running job's cancel is requested. One subscriber connection per store
+//! forwards them to [`Store::subscribe`]; the store also wakes its own process directly, and
+//! the runtime polls, so a lost message only costs a poll.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{FromRedisValue, Pipeline, Script};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tokio::sync::broadcast;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use uuid::Uuid;
+
+use super::{
+    CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
+    Store, StoreEvent, StoreOptions, check_page, redact_url, rescue_finish,
+};
+use crate::error::{Error, Result};
+use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
+use crate::retry_policy::RetryPolicy;
+
+/// Jobs per script call for bulk work (enqueue, promotion, pruning, bulk edits).
+pub const CHUNK: usize = 1000;
+/// The prefix when the URL names none.
+pub const DEFAULT_PREFIX: &str = "conveyor";
+/// Data layout version kept in `P:version`; `migrate` writes it, `ping` checks it.
+const LAYOUT_VERSION: i64 = 1;
+/// How long an idempotency key claim lasts if its insert never confirms it.
+const CLAIM_MS: u64 = 60_000;
+/// How long an enqueue waits for another enqueue's claim on the same key to be confirmed.
+const CLAIM_WAIT: Duration = Duration::from_secs(5);
+
+macro_rules! queue_script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("redis/prelude.lua"),
+                "\n",
+                include_str!(concat!("redis/", $file))
+            ))
+        })
+    };
+}
+
+static ENQUEUE: LazyLock<Script> = queue_script!("enqueue.lua");
+static FETCH: LazyLock<Script> = queue_script!("fetch.lua");
+static FINISH: LazyLock<Script> = queue_script!("finish.lua");
+static HEARTBEAT: LazyLock<Script> = queue_script!("heartbeat.lua");
+static RESCUE_SCAN: LazyLock<Script> = queue_script!("rescue_scan.lua");
+static CANCEL: LazyLock<Script> = queue_script!("cancel.lua");
+static RETRY: LazyLock<Script> = queue_script!("retry.lua");
+static DELETE: LazyLock<Script> = queue_script!("delete.lua");
+static PRUNE: LazyLock<Script> = queue_script!("prune.lua");
+static PROMOTE: LazyLock<Script> = queue_script!("promote.lua");
+static STATS: LazyLock<Script> = queue_script!("stats.lua");
+static KEY_CLAIM: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/key_claim.lua")));
+static KEY_KEEP: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/key_keep.lua")));
+static KEY_FREE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/key_free.lua")));
+
+fn all_scripts() -> [&'static Script; 14] {
+    [
+        &ENQUEUE,
+        &FETCH,
+        &FINISH,
+        &HEARTBEAT,
+        &RESCUE_SCAN,
+        &CANCEL,
+        &RETRY,
+        &DELETE,
+        &PRUNE,
+        &PROMOTE,
+        &STATS,
+        &KEY_CLAIM,
+        &KEY_KEEP,
+        &KEY_FREE,
+    ]
+}
+
+/// Key names under one prefix.
+#[derive(Clone, Debug)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// The hash-tagged base of every key of `queue`.
+    fn queue(&self, queue: &str) -> String {
+        format!("{{{}:{queue}}}", self.prefix)
+    }
+    fn index(&self) -> String {
+        format!("{}:index", self.prefix)
+    }
+    fn queues(&self) -> String {
+        format!("{}:queues", self.prefix)
+    }
+    fn version(&self) -> String {
+        format!("{}:version", self.prefix)
+    }
+    fn idempotency(&self, key: &str) -> String {
+        format!("{}:key:{key}", self.prefix)
+    }
+    fn jobs_channel(&self) -> String {
+        format!("{}:jobs", self.prefix)
+    }
+    fn cancel_channel(&self) -> String {
+        format!("{}:cancel", self.prefix)
+    }
+}
+
+/// The Redis store. Cheap to clone; clones share the connection and the subscriber.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    keys: Arc<Keys>,
+    events: broadcast::Sender<StoreEvent>,
+    /// Stops the subscriber task when the last clone is dropped.
+    _subscriber: Arc<DropGuard>,
+}
+
+/// Splits `?prefix=…` off a Redis URL; returns the URL to connect with and the prefix.
+fn split_prefix(url: &str) -> Result<(String, String)> {
+    let bad = |reason: String| Error::BadUrl {
+        url: redact_url(url),
+        reason,
+    };
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, q),
+        None => (url, ""),
+    };
+    let mut prefix = None;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("prefix", value)) => prefix = Some(value.to_string()),
+            _ => rest.push(pair),
+        }
+    }
+    let prefix = prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+    if !ok {
+        return Err(bad(format!(
+            "prefix `{prefix}` must be 1-64 ASCII letters, digits, '.', '_', '-' or ':'"
+        )));
+    }
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, prefix))
+}
+
+impl RedisStore {
+    /// Connects to `redis://host:port/db[?prefix=name]` and starts the subscriber task.
+    pub async fn connect(url: &str, _options: &StoreOptions) -> Result<Self> {
+        // One multiplexed connection serves every caller, so `max_connections` does not apply.
+        let (conn_url, prefix) = split_prefix(url)?;
+        let client = ::redis::Client::open(conn_url.as_str()).map_err(|e| Error::BadUrl {
+            url: redact_url(url),
+            reason: e.to_string(),
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            // Bulk scripts over thousands of jobs take longer than the client's 500 ms default.
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_number_of_retries(3);
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let keys = Arc::new(Keys { prefix });
+        let (events, _) = broadcast::channel(4096);
+        let stop = CancellationToken::new();
+        tokio::spawn(subscribe_loop(
+            client,
+            keys.clone(),
+            events.clone(),
+            stop.clone(),
+        ));
+        Ok(Self {
+            conn,
+            keys,
+            events,
+            _subscriber: Arc::new(stop.drop_guard()),
+        })
+    }
+
+    /// The key prefix this store uses.
+    pub fn prefix(&self) -> &str {
+        &self.keys.prefix
+    }
+
+    fn wake(&self, queues: impl IntoIterator<Item = String>) {
+        for queue in queues.into_iter().collect::<BTreeSet<_>>() {
+            let _ = self.events.send(StoreEvent::JobsAvailable { queue });
+        }
+    }
+
+    /// Runs a pipeline; if the server lost its script cache (a restart), loads the scripts
+    /// and runs it once more. Every pipeline here is safe to repeat after `NOSCRIPT`: a script
+    /// that was not found did not run, and the plain commands beside it are idempotent.
+    async fn run<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T> {
+        let mut conn = self.conn.clone();
+        match pipe.query_async(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e)
+                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+            {
+                self.load_scripts().await?;
+                Ok(pipe.query_async(&mut conn).await?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs one script invocation (loading the script if the server does not have it).
+    async fn eval<T: FromRedisValue>(&self, inv: &::redis::ScriptInvocation<'_>) -> Result<T> {
+        let mut conn = self.conn.clone();
+        Ok(inv.invoke_async(&mut conn).await?)
+    }
+
+    async fn load_scripts(&self) -> Result<()> {
+        let mut pipe = ::redis::pipe();
+        for s in all_scripts() {
+            pipe.load_script(s).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn queues(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let mut queues: Vec<String> = ::redis::cmd("SMEMBERS")
+            .arg(self.keys.queues())
+            .query_async(&mut conn)
+            .await?;
+        queues.sort();
+        Ok(queues)
+    }
+
+    /// The queue of each id (`None`: no such job).
+    async fn queues_of(&self, ids: &[JobId]) -> Result<Vec<Option<String>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let mut cmd = ::redis::cmd("HMGET");
+        cmd.arg(self.keys.index());
+        for id in ids {
+            cmd.arg(id.to_string());
+        }
+        Ok(cmd.query_async(&mut conn).await?)
+    }
+
+    /// Loads jobs by (queue, id); missing ones are skipped.
+    async fn load_jobs(&self, refs: &[(String, JobId)]) -> Result<Vec<Job>> {
+        if refs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = ::redis::pipe();
+        for (queue, id) in refs {
+            pipe.cmd("HGETALL")
+                .arg(format!("{}:job:{id}", self.keys.queue(queue)));
+        }
+        let rows: Vec<Vec<String>> = self.run(&pipe).await?;
+        rows.into_iter()
+            .filter(|r| !r.is_empty())
+            .map(job_from_fields)
+            .collect()
+    }
+
+    /// Removes deleted jobs from the global index and frees their idempotency keys.
+    async fn forget(&self, deleted: &[(String, JobId, String)]) -> Result<()> {
+        if deleted.is_empty() {
+            return Ok(());
+        }
+        for chunk in deleted.chunks(CHUNK) {
+            let mut pipe = ::redis::pipe();
+            let mut hdel = ::redis::cmd("HDEL");
+            hdel.arg(self.keys.index());
+            for (_, id, _) in chunk {
+                hdel.arg(id.to_string());
+            }
+            pipe.add_command(hdel).ignore();
+            for (queue, id, key) in chunk.iter().filter(|(_, _, k)| !k.is_empty()) {
+                pipe.invoke_script(
+                    KEY_FREE
+                        .key(self.keys.idempotency(key))
+                        .arg(format!("{queue}/{id}")),
+                )
+                .ignore();
+            }
+            self.run::<()>(&pipe).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs the delete script over `ids` of one queue; returns per id the status and key.
+    async fn delete_in(
+        &self,
+        queue: &str,
+        ids: &[JobId],
+        mode: &str,
+    ) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(CHUNK) {
+            let mut inv = DELETE.prepare_invoke();
+            inv.key(format!("{}:ready", self.keys.queue(queue)))
+                .arg(self.keys.queue(queue))
+                .arg(mode);
+            for id in chunk {
+                inv.arg(id.to_string());
+            }
+            let flat: Vec<String> = self.eval(&inv).await?;
+            let mut deleted = Vec::new();
+            for (id, pair) in chunk.iter().zip(flat.chunks(2)) {
+                if pair[0] == "ok" {
+                    deleted.push((queue.to_string(), *id, pair[1].clone()));
+                }
+                out.push((pair[0].clone(), pair[1].clone()));
+            }
+            self.forget(&deleted).await?;
+        }
+        Ok(out)
+    }
+
+    /// Runs the retry script over `ids` of one queue; returns one status per id.
+    async fn retry_in(
+        &self,
+        queue: &str,
+        ids: &[JobId],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(CHUNK) {
+            let mut inv = RETRY.prepare_invoke();
+            inv.key(format!("{}:ready", self.keys.queue(queue)))
+                .arg(self.keys.queue(queue))
+                .arg(self.keys.jobs_channel())
+                .arg(queue)
+                .arg(micros(now));
+            for id in chunk {
+                inv.arg(id.to_string());
+            }
+            let answers: Vec<String> = self.eval(&inv).await?;
+            if answers.iter().any(|a| a == "ok") {
+                self.wake([queue.to_string()]);
+            }
+            out.extend(answers);
+        }
+        Ok(out)
+    }
+
+    /// Applies outcomes queue by queue; returns the ids applied. With `guard`, an outcome
+    /// applies only if the job's lease expired before it (the rescuer's condition).
+    async fn apply(&self, outcomes: &[Finish], guard: Option<DateTime<Utc>>) -> Result<Vec<JobId>> {
+        let ids: Vec<JobId> = outcomes.iter().map(|f| f.id).collect();
+        let queues = self.queues_of(&ids).await?;
+        let mut by_queue: BTreeMap<String, Vec<&Finish>> = BTreeMap::new();
+        for (f, q) in outcomes.iter().zip(queues) {
+            if let Some(q) = q {
+                by_queue.entry(q).or_default().push(f);
+            }
+        }
+        let mut invocations = Vec::new();
+        for (queue, fs) in &by_queue {
+            for chunk in fs.chunks(CHUNK) {
+                let mut inv = FINISH.prepare_invoke();
+                inv.key(format!("{}:ready", self.keys.queue(queue)))
+                    .arg(self.keys.queue(queue))
+                    .arg(self.keys.jobs_channel())
+                    .arg(queue)
+                    .arg(guard.map(micros).unwrap_or_default());
+                for f in chunk {
+                    let terminal = f.state.is_terminal();
+                    inv.arg(f.id.to_string())
+                        .arg(f.attempt)
+                        .arg(f.state.as_str())
+                        .arg(match (terminal, f.run_at) {
+                            (false, Some(at)) => micros(at),
+                            _ => String::new(),
+                        })
+                        .arg(if terminal {
+                            micros(f.record.finished_at)
+                        } else {
+                            String::new()
+                        })
+                        .arg(f.attempt_delta)
+                        .arg(serde_json::to_string(&f.record)?);
+                }
+                invocations.push((queue.clone(), inv));
+            }
+        }
+        if invocations.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = ::redis::pipe();
+        for (_, inv) in &invocations {
+            pipe.invoke_script(inv);
+        }
+        let answers: Vec<Vec<String>> = self.run(&pipe).await?;
+        let next: HashMap<JobId, JobState> = outcomes.iter().map(|f| (f.id, f.state)).collect();
+        let mut applied = Vec::new();
+        let mut woken = Vec::new();
+        for ((queue, _), ids) in invocations.iter().zip(answers) {
+            for id in ids {
+                let id: JobId = id.parse()?;
+                if next.get(&id) == Some(&JobState::Available) {
+                    woken.push(queue.clone());
+                }
+                applied.push(id);
+            }
+        }
+        self.wake(woken);
+        Ok(applied)
+    }
+
+    /// Per (queue, state) source, the next ids strictly below `before`, newest first: at most
+    /// `n` of them overall, with their queue.
+    async fn candidates(
+        &self,
+        sources: &[(String, JobState)],
+        before: Option<JobId>,
+        n: usize,
+    ) -> Result<Vec<(JobId, String)>> {
+        if sources.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max = match before {
+            Some(id) => format!("({id}"),
+            None => "+".to_string(),
+        };
+        let mut pipe = ::redis::pipe();
+        for (queue, state) in sources {
+            pipe.cmd("ZRANGE")
+                .arg(format!("{}:s:{}", self.keys.queue(queue), state.as_str()))
+                .arg(&max)
+                .arg("-")
+                .arg("BYLEX")
+                .arg("REV")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(n);
+        }
+        let lists: Vec<Vec<String>> = self.run(&pipe).await?;
+        let mut all = Vec::new();
+        for ((queue, _), ids) in sources.iter().zip(lists) {
+            for id in ids {
+                all.push((id.parse::<JobId>()?, queue.clone()));
+            }
+        }
+        all.sort_by_key(|c| std::cmp::Reverse(c.0));
+        all.dedup_by(|a, b| a.0 == b.0);
+        all.truncate(n);
+        Ok(all)
+    }
+
+    /// The (queue, state) sets a filter reads, limited to `allowed` states.
+    async fn sources(
+        &self,
+        filter: &JobFilter,
+        allowed: &[JobState],
+    ) -> Result<Vec<(String, JobState)>> {
+        let queues = match &filter.queue {
+            Some(q) => vec![q.clone()],
+            None => self.queues().await?,
+        };
+        let states: Vec<JobState> = allowed
+            .iter()
+            .copied()
+            .filter(|s| filter.states.is_empty() || filter.states.contains(s))
+            .collect();
+        Ok(queues
+            .iter()
+            .flat_map(|q| states.iter().map(move |s| (q.clone(), *s)))
+            .collect())
+    }
+
+    /// One page of jobs matching `filter` in `allowed` states, newest first, strictly older
+    /// than `before`.
+    async fn page(
+        &self,
+        filter: &JobFilter,
+        allowed: &[JobState],
+        before: Option<JobId>,
+        limit: usize,
+    ) -> Result<Vec<Job>> {
+        let keep = |j: &Job| allowed.contains(&j.state) && matches(j, filter);
+        if !filter.ids.is_empty() {
+            let mut ids: Vec<JobId> = filter
+                .ids
+                .iter()
+                .copied()
+                .filter(|id| before.is_none_or(|b| *id < b))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            ids.reverse();
+            let mut out = Vec::new();
+            for chunk in ids.chunks(CHUNK) {
+                let queues = self.queues_of(chunk).await?;
+                let refs: Vec<(String, JobId)> = chunk
+                    .iter()
+                    .zip(queues)
+                    .filter_map(|(id, q)| q.map(|q| (q, *id)))
+                    .collect();
+                out.extend(self.load_jobs(&refs).await?.into_iter().filter(keep));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            out.truncate(limit);
+            return Ok(out);
+        }
+        let sources = self.sources(filter, allowed).await?;
+        // Without filters on the job's fields every candidate matches: read exactly a page.
+        let refine = filter.kind.is_some()
+            || filter.tag.is_some()
+            || filter.created_after.is_some()
+            || filter.created_before.is_some()
+            || filter.error_contains.is_some();
+        let batch = if refine { limit.max(200) } else { limit };
+        let mut cursor = before;
+        let mut out = Vec::new();
+        loop {
+            let refs = self.candidates(&sources, cursor, batch).await?;
+            let Some(last) = refs.last() else { break };
+            cursor = Some(last.0);
+            let exhausted = refs.len() < batch;
+            let refs: Vec<(String, JobId)> = refs.into_iter().map(|(id, q)| (q, id)).collect();
+            for job in self.load_jobs(&refs).await? {
+                if keep(&job) {
+                    out.push(job);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Claims keys and caller-chosen ids, then inserts. See [`Store::enqueue_many`].
+    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
+        for job in &jobs {
+            job.validate()?;
+        }
+        let now = Utc::now();
+        let n = jobs.len();
+        let ids: Vec<JobId> = jobs
+            .iter()
+            .map(|j| j.id.unwrap_or_else(JobId::new))
+            .collect();
+        let states: Vec<JobState> = jobs
+            .iter()
+            .map(|j| {
+                if j.run_at.is_some_and(|at| at > now) {
+                    JobState::Scheduled
+                } else {
+                    JobState::Available
+                }
+            })
+            .collect();
+        let mut answers: Vec<Option<Enqueued>> = vec![None; n];
+        // Duplicates within the batch follow the first job with their key.
+        let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+        let mut follows: Vec<(usize, usize)> = Vec::new();
+        let mut keyed = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            if let Some(key) = job.idempotency_key.as_deref() {
+                match first_with_key.get(key) {
+                    Some(&first) => follows.push((i, first)),
+                    None => {
+                        first_with_key.insert(key, i);
+                        keyed.push(i);
+                    }
+                }
+            }
+        }
+        let mut claimed = Vec::new();
+        for chunk in keyed.chunks(CHUNK) {
+            let held = self.claim_keys(&jobs, &ids, chunk).await?;
+            for (&i, holder) in chunk.iter().zip(held) {
+                match holder {
+                    None => claimed.push(i),
+                    Some(answer) => answers[i] = Some(answer),
+                }
+            }
+        }
+        let skipped: BTreeSet<usize> = follows.iter().map(|(i, _)| *i).collect();
+        let inserting: Vec<usize> = (0..n)
+            .filter(|i| answers[*i].is_none() && !skipped.contains(i))
+            .collect();
+        if let Err(e) = self.reserve_ids(&jobs, &ids, &inserting).await {
+            self.release_claims(&jobs, &ids, &claimed).await;
+            return Err(e);
+        }
+
+        // Insert queue by queue, in chunks, each chunk one pipeline: queue registry, id index,
+        // the insert script, then the confirmations of the chunk's key claims.
+        let mut by_queue: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for &i in &inserting {
+            by_queue.entry(jobs[i].queue.as_str()).or_default().push(i);
+        }
+        let mut woken = Vec::new();
+        for (queue, members) in &by_queue {
+            let base = self.keys.queue(queue);
+            for chunk in members.chunks(CHUNK) {
+                let mut pipe = ::redis::pipe();
+                pipe.cmd("SADD")
+                    .arg(self.keys.queues())
+                    .arg(*queue)
+                    .ignore();
+                let generated: Vec<usize> = chunk
+                    .iter()
+                    .copied()
+                    .filter(|&i| jobs[i].id.is_none())
+                    .collect();
+                if !generated.is_empty() {
+                    let mut hset = ::redis::cmd("HSET");
+                    hset.arg(self.keys.index());
+                    for &i in &generated {
+                        hset.arg(ids[i].to_string()).arg(*queue);
+                    }
+                    pipe.add_command(hset).ignore();
+                }
+                let mut inv = ENQUEUE.prepare_invoke();
+                inv.key(format!("{base}:ready"))
+                    .arg(&base)
+                    .arg(self.keys.jobs_channel())
+                    .arg(*queue)
+                    .arg(micros(now));
+                for &i in chunk {
+                    let job = &jobs[i];
+                    inv.arg(ids[i].to_string())
+                        .arg(&job.kind)
+                        .arg(serde_json::to_string(&job.args)?)
+                        .arg(job.priority)
+                        .arg(job.max_attempts)
+                        .arg(micros(job.run_at.unwrap_or(now)))
+                        .arg(job.idempotency_key.as_deref().unwrap_or(""))
+                        .arg(serde_json::to_string(&job.tags)?)
+                        .arg(serde_json::to_string(&job.metadata)?)
+                        .arg(states[i].as_str());
+                }
+                pipe.invoke_script(&inv);
+                for &i in chunk {
+                    if let Some(key) = &jobs[i].idempotency_key {
+                        pipe.invoke_script(
+                            KEY_KEEP
+                                .key(self.keys.idempotency(key))
+                                .arg(format!("{queue}/{}", ids[i])),
+                        )
+                        .ignore();
+                    }
+                }
+                let (taken,): (Vec<String>,) = self.run(&pipe).await?;
+                if let Some(id) = taken.first() {
+                    return Err(Error::invalid("id", format!("job id {id} already exists")));
+                }
+                for &i in chunk {
+                    if states[i] == JobState::Available {
+                        woken.push(queue.to_string());
+                    }
+                    answers[i] = Some(Enqueued {
+                        id: ids[i],
+                        state: states[i],
+                        duplicate: false,
+                    });
+                }
+            }
+        }
+        self.wake(woken);
+        for (i, first) in follows {
+            answers[i] = answers[first].clone().map(|a| Enqueued {
+                duplicate: true,
+                ..a
+            });
+        }
+        answers
+            .into_iter()
+            .map(|a| a.ok_or_else(|| Error::Unsupported("enqueue left a job unanswered".into())))
+            .collect()
+    }
+
+    /// Claims the idempotency keys of `which` jobs. Per job: `None` when claimed (insert it),
+    /// or the holder's answer (a duplicate).
+    async fn claim_keys(
+        &self,
+        jobs: &[NewJob],
+        ids: &[JobId],
+        which: &[usize],
+    ) -> Result<Vec<Option<Enqueued>>> {
+        let value = |i: usize| format!("{}/{}", jobs[i].queue, ids[i]);
+        let key = |i: usize| {
+            self.keys
+                .idempotency(jobs[i].idempotency_key.as_deref().unwrap_or_default())
+        };
+        let mut pipe = ::redis::pipe();
+        for &i in which {
+            pipe.invoke_script(KEY_CLAIM.key(key(i)).arg(value(i)).arg(CLAIM_MS));
+        }
+        let first: Vec<(i64, String, i64)> = self.run(&pipe).await?;
+        let mut out = Vec::with_capacity(which.len());
+        for (&i, (won, holder, ttl)) in which.iter().zip(first) {
+            if won == 1 {
+                out.push(None);
+                continue;
+            }
+            out.push(self.settle_key(&key(i), &value(i), holder, ttl).await?);
+        }
+        Ok(out)
+    }
+
+    /// Resolves a lost claim: the holder's answer, or `None` once the key was won after all
+    /// (its holder had gone).
+    async fn settle_key(
+        &self,
+        key: &str,
+        value: &str,
+        mut holder: String,
+        mut ttl: i64,
+    ) -> Result<Option<Enqueued>> {
+        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        loop {
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Unsupported(format!(
+                    "idempotency key `{}` is claimed by an enqueue that has not finished; try again",
+                    key.strip_prefix(&format!("{}:key:", self.keys.prefix))
+                        .unwrap_or(key)
+                )));
+            }
+            if let Some((queue, id)) = holder.split_once('/') {
+                let id: JobId = id.parse()?;
+                let mut conn = self.conn.clone();
+                let state: Option<String> = ::redis::cmd("HGET")
+                    .arg(format!("{}:job:{id}", self.keys.queue(queue)))
+                    .arg("state")
+                    .query_async(&mut conn)
+                    .await?;
+                if let Some(state) = state {
+                    return Ok(Some(Enqueued {
+                        id,
+                        state: state.parse()?,
+                        duplicate: true,
+                    }));
+                }
+                if ttl == -1 {
+                    // Confirmed, yet its job is gone: deleted before the key could be freed.
+                    self.eval::<i64>(KEY_FREE.key(key).arg(&holder)).await?;
+                } else {
+                    // Another enqueue claimed it and is inserting its job right now.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            let (won, h, t): (i64, String, i64) = self
+                .eval(KEY_CLAIM.key(key).arg(value).arg(CLAIM_MS))
+                .await?;
+            if won == 1 {
+                return Ok(None);
+            }
+            (holder, ttl) = (h, t);
+        }
+    }
+
+    /// Frees claims made by an enqueue that then failed.
+    async fn release_claims(&self, jobs: &[NewJob], ids: &[JobId], claimed: &[usize]) {
+        if claimed.is_empty() {
+            return;
+        }
+        let mut pipe = ::redis::pipe();
+        for &i in claimed {
+            let key = jobs[i].idempotency_key.as_deref().unwrap_or_default();
+            pipe.invoke_script(
+                KEY_FREE
+                    .key(self.keys.idempotency(key))
+                    .arg(format!("{}/{}", jobs[i].queue, ids[i])),
+            )
+            .ignore();
+        }
+        if let Err(e) = self.run::<()>(&pipe).await {
+            tracing::warn!(error = %e, "could not free idempotency key claims; they expire in a minute");
+        }
+    }
+
+    /// Enters caller-chosen ids into the global index, refusing one that exists (in any
+    /// queue). On refusal nothing stays reserved.
+    async fn reserve_ids(&self, jobs: &[NewJob], ids: &[JobId], which: &[usize]) -> Result<()> {
+        let chosen: Vec<usize> = which
+            .iter()
+            .copied()
+            .filter(|&i| jobs[i].id.is_some())
+            .collect();
+        if chosen.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        for &i in &chosen {
+            pipe.cmd("HSETNX")
+                .arg(self.keys.index())
+                .arg(ids[i].to_string())
+                .arg(&jobs[i].queue);
+        }
+        let set: Vec<i64> = self.run(&pipe).await?;
+        let Some(pos) = set.iter().position(|&s| s == 0) else {
+            return Ok(());
+        };
+        let mut undo = ::redis::cmd("HDEL");
+        undo.arg(self.keys.index());
+        let mut any = false;
+        for (&i, &s) in chosen.iter().zip(&set) {
+            if s == 1 {
+                undo.arg(ids[i].to_string());
+                any = true;
+            }
+        }
+        if any {
+            let mut conn = self.conn.clone();
+            undo.query_async::<()>(&mut conn).await?;
+        }
+        Err(Error::invalid(
+            "id",
+            format!("job id {} already exists", ids[chosen[pos]]),
+        ))
+    }
+
+    /// Why an operation on `id` changed nothing: it is missing, or in the wrong state.
+    fn refusal(id: JobId, status: &str, action: &'static str) -> Error {
+        match status.parse::<JobState>() {
+            Ok(state) => Error::WrongState { id, state, action },
+            Err(_) => Error::NotFound(id),
+        }
+    }
+}
+
+/// Forwards published wake-ups to subscribers until `stop`, reconnecting after errors.
+async fn subscribe_loop(
+    client: ::redis::Client,
+    keys: Arc<Keys>,
+    events: broadcast::Sender<StoreEvent>,
+    stop: CancellationToken,
+) {
+    let jobs = keys.jobs_channel();
+    let cancel = keys.cancel_channel();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let connected = tokio::select! {
+            _ = stop.cancelled() => return,
+            c = client.get_async_pubsub() => c,
+        };
+        let mut pubsub = match connected {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "Redis subscriber connection failed; polling covers the gap");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        if let Err(e) = pubsub.subscribe(&[&jobs, &cancel]).await {
+            tracing::warn!(error = %e, "SUBSCRIBE failed; retrying");
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            continue;
+        }
+        delay = Duration::from_millis(100);
+        let mut stream = pubsub.on_message();
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = stream.next() => m,
+            };
+            let Some(msg) = msg else {
+                tracing::warn!("Redis subscriber connection lost; reconnecting");
+                break;
+            };
+            let Ok(payload) = msg.get_payload::<String>() else {
+                continue;
+            };
+            let event = if msg.get_channel_name() == cancel {
+                match payload.parse::<Uuid>() {
+                    Ok(id) => StoreEvent::CancelRequested { id: JobId(id) },
+                    Err(_) => continue,
+                }
+            } else {
+                StoreEvent::JobsAvailable { queue: payload }
+            };
+            let _ = events.send(event);
+        }
+    }
+}
+
+fn micros(t: DateTime<Utc>) -> String {
+    t.timestamp_micros().to_string()
+}
+
+fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// A job from its hash's field/value list.
+fn job_from_fields(flat: Vec<String>) -> Result<Job> {
+    let mut map: HashMap<String, String> = HashMap::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        map.insert(k, v);
+    }
+    let corrupt = |field: &str| {
+        Error::Unsupported(format!(
+            "stored job {} is missing or has a bad `{field}`",
+            map.get("id").map_or("?", String::as_str)
+        ))
+    };
+    let text = |field: &str| map.get(field).cloned().ok_or_else(|| corrupt(field));
+    let int = |field: &str| -> Result<i64> {
+        map.get(field)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| corrupt(field))
+    };
+    let time = |field: &str| -> Result<Option<DateTime<Utc>>> {
+        match map.get(field) {
+            None => Ok(None),
+            Some(v) => v
+                .parse::<i64>()
+                .ok()
+                .and_then(DateTime::from_timestamp_micros)
+                .map(Some)
+                .ok_or_else(|| corrupt(field)),
+        }
+    };
+    let required = |field: &str| time(field)?.ok_or_else(|| corrupt(field));
+    Ok(Job {
+        id: text("id")?.parse()?,
+        queue: text("queue")?,
+        kind: text("kind")?,
+        args: serde_json::from_str(&text("args")?)?,
+        priority: i16::try_from(int("priority")?).map_err(|_| corrupt("priority"))?,
+        state: text("state")?.parse()?,
+        attempt: i32::try_from(int("attempt")?).map_err(|_| corrupt("attempt"))?,
+        max_attempts: i32::try_from(int("max_attempts")?).map_err(|_| corrupt("max_attempts"))?,
+        run_at: required("run_at")?,
+        created_at: required("created_at")?,
+        attempted_at: time("attempted_at")?,
+        finalized_at: time("finalized_at")?,
+        lease_owner: map.get("lease_owner").cloned(),
+        lease_expires_at: time("lease_expires_at")?,
+        cancel_requested_at: time("cancel_requested_at")?,
+        idempotency_key: map.get("idempotency_key").cloned(),
+        tags: serde_json::from_str(&text("tags")?)?,
+        metadata: serde_json::from_str(&text("metadata")?)?,
+        attempts: serde_json::from_str::<Vec<AttemptRecord>>(&text("attempts")?)?,
+    })
+}
+
+/// The filter's conditions on a job's own fields (states and queue are chosen by the sets
+/// read, ids by lookup).
+fn matches(job: &Job, filter: &JobFilter) -> bool {
+    if !filter.states.is_empty() && !filter.states.contains(&job.state) {
+        return false;
+    }
+    if filter.queue.as_ref().is_some_and(|q| *q != job.queue) {
+        return false;
+    }
+    if filter.kind.as_ref().is_some_and(|k| *k != job.kind) {
+        return false;
+    }
+    if filter.tag.as_ref().is_some_and(|t| !job.tags.contains(t)) {
+        return false;
+    }
+    if filter.created_after.is_some_and(|t| job.created_at < t) {
+        return false;
+    }
+    if filter.created_before.is_some_and(|t| job.created_at >= t) {
+        return false;
+    }
+    if !filter.ids.is_empty() && !filter.ids.contains(&job.id) {
+        return false;
+    }
+    if let Some(text) = &filter.error_contains {
+        let needle = text.to_lowercase();
+        let hit = job.attempts.iter().any(|a| {
+            a.error
+                .iter()
+                .chain(a.causes.iter())
+                .any(|m| m.to_lowercase().contains(&needle))
+        });
+        if !hit {
+            return false;
+        }
+    }
+    true
+}
+
+const TERMINAL: [JobState; 3] = [JobState::Completed, JobState::Cancelled, JobState::Dead];
+const NOT_RUNNING: [JobState; 6] = [
+    JobState::Scheduled,
+    JobState::Available,
+    JobState::Retryable,
+    JobState::Completed,
+    JobState::Cancelled,
+    JobState::Dead,
+];
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn backend_name(&self) -> Result<String> {
+        let mut conn = self.conn.clone();
+        let info: String = ::redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await?;
+        let version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .unwrap_or("(unknown version)")
+            .trim();
+        Ok(format!("Redis {version}"))
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let found: Option<i64> = ::redis::cmd("GET")
+            .arg(self.keys.version())
+            .query_async(&mut conn)
+            .await?;
+        if found.is_some_and(|v| v > LAYOUT_VERSION) {
+            return Err(Error::Unsupported(format!(
+                "the data under prefix `{}` has layout {}, newer than this binary's {LAYOUT_VERSION}; upgrade conveyor",
+                self.keys.prefix,
+                found.unwrap_or_default()
+            )));
+        }
+        ::redis::cmd("SET")
+            .arg(self.keys.version())
+            .arg(LAYOUT_VERSION)
+            .query_async::<()>(&mut conn)
+            .await?;
+        self.load_scripts().await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let found: Option<i64> = ::redis::cmd("GET")
+            .arg(self.keys.version())
+            .query_async(&mut conn)
+            .await?;
+        if found != Some(LAYOUT_VERSION) {
+            return Err(Error::Unsupported(format!(
+                "prefix `{}` has data layout {}, this binary needs {LAYOUT_VERSION}; run `conveyor migrate`",
+                self.keys.prefix,
+                found.map_or("none".to_string(), |v| v.to_string())
+            )));
+        }
+        Ok(())
+    }
+
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
+        let mut out = self.insert(vec![job]).await?;
+        out.pop()
+            .ok_or_else(|| Error::Unsupported("enqueue returned no answer".into()))
+    }
+
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
+        self.insert(jobs).await
+    }
+
+    async fn fetch(&self, request: FetchRequest<'_>) -> Result<Vec<Job>> {
+        let now = Utc::now();
+        let base = self.keys.queue(request.queue);
+        let mut inv = FETCH.prepare_invoke();
+        inv.key(format!("{base}:ready"))
+            .arg(&base)
+            .arg(micros(now))
+            .arg(request.limit)
+            .arg(request.worker)
+            .arg(micros(after(now, request.lease)))
+            .arg(CHUNK);
+        let rows: Vec<Vec<String>> = self.eval(&inv).await?;
+        let mut jobs = rows
+            .into_iter()
+            .map(job_from_fields)
+            .collect::<Result<Vec<_>>>()?;
+        jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
+        Ok(jobs)
+    }
+
+    async fn finish(&self, outcomes: Vec<Finish>) -> Result<u64> {
+        if outcomes.is_empty() {
+            return Ok(0);
+        }
+        Ok(self.apply(&outcomes, None).await?.len() as u64)
+    }
+
+    async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>> {
+        let queues = self.queues().await?;
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let until = micros(after(Utc::now(), lease));
+        let mut pipe = ::redis::pipe();
+        for queue in &queues {
+            let base = self.keys.queue(queue);
+            pipe.invoke_script(
+                HEARTBEAT
+                    .key(format!("{base}:leases"))
+                    .arg(&base)
+                    .arg(worker)
+                    .arg(&until),
+            );
+        }
+        let cancel: Vec<Vec<String>> = self.run(&pipe).await?;
+        cancel.into_iter().flatten().map(|id| id.parse()).collect()
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>> {
+        let Some(Some(queue)) = self.queues_of(&[id]).await?.pop() else {
+            return Ok(None);
+        };
+        Ok(self.load_jobs(&[(queue, id)]).await?.pop())
+    }
+
+    async fn list(&self, filter: &JobFilter, page: Page) -> Result<Vec<Job>> {
+        check_page(&page)?;
+        self.page(filter, &JobState::ALL, page.before, page.limit as usize)
+            .await
+    }
+
+    async fn count(&self, filter: &JobFilter) -> Result<u64> {
+        let by_sets_only = filter.ids.is_empty()
+            && filter.kind.is_none()
+            && filter.tag.is_none()
+            && filter.created_after.is_none()
+            && filter.created_before.is_none()
+            && filter.error_contains.is_none();
+        if by_sets_only {
+            let sources = self.sources(filter, &JobState::ALL).await?;
+            if sources.is_empty() {
+                return Ok(0);
+            }
+            let mut pipe = ::redis::pipe();
+            for (queue, state) in &sources {
+                pipe.cmd("ZCARD")
+                    .arg(format!("{}:s:{}", self.keys.queue(queue), state.as_str()));
+            }
+            let counts: Vec<u64> = self.run(&pipe).await?;
+            return Ok(counts.into_iter().sum());
+        }
+        let mut n = 0u64;
+        let mut cursor = None;
+        loop {
+            let jobs = self.page(filter, &JobState::ALL, cursor, CHUNK).await?;
+            n += jobs.len() as u64;
+            match jobs.last() {
+                Some(last) if jobs.len() == CHUNK => cursor = Some(last.id),
+                _ => return Ok(n),
+            }
+        }
+    }
+
+    async fn retry(&self, id: JobId) -> Result<Job> {
+        let Some(Some(queue)) = self.queues_of(&[id]).await?.pop() else {
+            return Err(Error::NotFound(id));
+        };
+        let status = self
+            .retry_in(&queue, &[id], Utc::now())
+            .await?
+            .pop()
+            .unwrap_or_default();
+        if status != "ok" {
+            return Err(Self::refusal(id, &status, "retry"));
+        }
+        self.load_jobs(&[(queue, id)])
+            .await?
+            .pop()
+            .ok_or(Error::NotFound(id))
+    }
+
+    async fn retry_matching(&self, filter: &JobFilter) -> Result<u64> {
+        // Page by page, each retried as it is read: the id cursor never meets a job twice.
+        let now = Utc::now();
+        let mut n = 0u64;
+        let mut cursor = None;
+        loop {
+            let jobs = self.page(filter, &NOT_RUNNING, cursor, CHUNK).await?;
+            let full = jobs.len() == CHUNK;
+            cursor = jobs.last().map(|j| j.id);
+            let mut by_queue: BTreeMap<String, Vec<JobId>> = BTreeMap::new();
+            for j in jobs {
+                by_queue.entry(j.queue).or_default().push(j.id);
+            }
+            for (queue, ids) in by_queue {
+                let answers = self.retry_in(&queue, &ids, now).await?;
+                n += answers.iter().filter(|a| *a == "ok").count() as u64;
+            }
+            if !full {
+                return Ok(n);
+            }
+        }
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<CancelResult> {
+        let Some(Some(queue)) = self.queues_of(&[id]).await?.pop() else {
+            return Err(Error::NotFound(id));
+        };
+        let base = self.keys.queue(&queue);
+        let mut inv = CANCEL.prepare_invoke();
+        inv.key(format!("{base}:ready"))
+            .arg(&base)
+            .arg(self.keys.cancel_channel())
+            .arg(id.to_string())
+            .arg(micros(Utc::now()));
+        let answer: Vec<String> = self.eval(&inv).await?;
+        match answer.first().map(String::as_str) {
+            Some("cancelled") => Ok(CancelResult::Cancelled),
+            Some("requested") => {
+                let _ = self.events.send(StoreEvent::CancelRequested { id });
+                Ok(CancelResult::Requested)
+            }
+            Some("wrong") => Err(Self::refusal(
+                id,
+                answer.get(1).map_or("", String::as_str),
+                "cancel",
+            )),
+            _ => Err(Error::NotFound(id)),
+        }
+    }
+
+    async fn discard(&self, id: JobId) -> Result<()> {
+        let Some(Some(queue)) = self.queues_of(&[id]).await?.pop() else {
+            return Err(Error::NotFound(id));
+        };
+        let (status, _) = self
+            .delete_in(&queue, &[id], "any")
+            .await?
+            .pop()
+            .unwrap_or_default();
+        if status == "ok" {
+            Ok(())
+        } else {
+            Err(Self::refusal(id, &status, "discard"))
+        }
+    }
+
+    async fn purge(&self, filter: &JobFilter) -> Result<u64> {
+        let mut n = 0u64;
+        let mut cursor = None;
+        loop {
+            let jobs = self.page(filter, &TERMINAL, cursor, CHUNK).await?;
+            let full = jobs.len() == CHUNK;
+            cursor = jobs.last().map(|j| j.id);
+            let mut by_queue: BTreeMap<String, Vec<JobId>> = BTreeMap::new();
+            for j in jobs {
+                by_queue.entry(j.queue).or_default().push(j.id);
+            }
+            for (queue, ids) in by_queue {
+                let answers = self.delete_in(&queue, &ids, "finished").await?;
+                n += answers.iter().filter(|(s, _)| s == "ok").count() as u64;
+            }
+            if !full {
+                return Ok(n);
+            }
+        }
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>> {
+        let queues = self.queues().await?;
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = Utc::now();
+        let mut pipe = ::redis::pipe();
+        for queue in &queues {
+            let base = self.keys.queue(queue);
+            let mut inv = STATS.prepare_invoke();
+            inv.key(format!("{base}:ready")).arg(&base).arg(micros(now));
+            for state in JobState::ALL {
+                inv.arg(state.as_str());
+            }
+            pipe.invoke_script(&inv);
+        }
+        let rows: Vec<Vec<String>> = self.run(&pipe).await?;
+        let mut stats = Vec::new();
+        for (queue, row) in queues.into_iter().zip(rows) {
+            let mut counts = BTreeMap::new();
+            for (state, n) in JobState::ALL.iter().zip(&row) {
+                let n: i64 = n.parse().unwrap_or(0);
+                if n > 0 {
+                    counts.insert(*state, n);
+                }
+            }
+            if counts.is_empty() {
+                continue;
+            }
+            let oldest = row
+                .get(JobState::ALL.len())
+                .and_then(|v| v.parse::<i64>().ok())
+                .and_then(DateTime::from_timestamp_micros);
+            stats.push(QueueStats {
+                queue,
+                counts,
+                oldest_available_age: oldest.and_then(|at| (now - at).to_std().ok()),
+            });
+        }
+        Ok(stats)
+    }
+
+    async fn promote_due(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
+        let mut left = limit as usize;
+        let mut n = 0u64;
+        for queue in self.queues().await? {
+            let base = self.keys.queue(&queue);
+            while left > 0 {
+                let step = left.min(CHUNK);
+                let moved: u64 = self
+                    .eval(
+                        PROMOTE
+                            .key(format!("{base}:delayed"))
+                            .arg(&base)
+                            .arg(micros(now))
+                            .arg(step)
+                            .arg(self.keys.jobs_channel())
+                            .arg(&queue),
+                    )
+                    .await?;
+                n += moved;
+                left -= moved as usize;
+                if moved > 0 {
+                    self.wake([queue.clone()]);
+                }
+                if (moved as usize) < step {
+                    break;
+                }
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn rescue_expired(
+        &self,
+        now: DateTime<Utc>,
+        policy: &RetryPolicy,
+        limit: u32,
+    ) -> Result<RescueReport> {
+        let mut report = RescueReport::default();
+        let mut left = limit as usize;
+        for queue in self.queues().await? {
+            if left == 0 {
+                break;
+            }
+            let base = self.keys.queue(&queue);
+            let flat: Vec<String> = self
+                .eval(
+                    RESCUE_SCAN
+                        .key(format!("{base}:leases"))
+                        .arg(&base)
+                        .arg(micros(now))
+                        .arg(left.min(CHUNK)),
+                )
+                .await?;
+            let mut finishes = Vec::new();
+            for row in flat.chunks(6) {
+                let [id, attempt, max, started, owner, cancel] = row else {
+                    continue;
+                };
+                let started = started
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(DateTime::from_timestamp_micros)
+                    .unwrap_or(now);
+                finishes.push(rescue_finish(
+                    id.parse()?,
+                    attempt.parse().unwrap_or(0),
+                    max.parse().unwrap_or(1),
+                    (!owner.is_empty()).then(|| owner.clone()),
+                    started,
+                    !cancel.is_empty(),
+                    now,
+                    policy,
+                ));
+            }
+            if finishes.is_empty() {
+                continue;
+            }
+            // Another rescuer may have taken some since the scan, or a heartbeat renewed
+            // them: only the outcomes that applied are counted.
+            let applied: BTreeSet<JobId> = self
+                .apply(&finishes, Some(now))
+                .await?
+                .into_iter()
+                .collect();
+            for f in finishes.iter().filter(|f| applied.contains(&f.id)) {
+                match f.state {
+                    JobState::Cancelled => report.cancelled += 1,
+                    JobState::Dead => report.dead += 1,
+                    _ => report.retried += 1,
+                }
+            }
+            left = left.saturating_sub(applied.len());
+        }
+        Ok(report)
+    }
+
+    async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64> {
+        let cut = |d: Duration| micros(before(now, d));
+        let keyed = |d: Duration| micros(before(now, d.max(policy.idempotency)));
+        let mut left = limit as usize;
+        let mut n = 0u64;
+        for queue in self.queues().await? {
+            let base = self.keys.queue(&queue);
+            while left > 0 {
+                let step = left.min(CHUNK);
+                let flat: Vec<String> = self
+                    .eval(
+                        PRUNE
+                            .key(format!("{base}:ready"))
+                            .arg(&base)
+                            .arg(step)
+                            .arg(cut(policy.completed))
+                            .arg(cut(policy.cancelled))
+                            .arg(cut(policy.dead))
+                            .arg(keyed(policy.completed))
+                            .arg(keyed(policy.cancelled))
+                            .arg(keyed(policy.dead)),
+                    )
+                    .await?;
+                let deleted = flat
+                    .chunks(2)
+                    .map(|p| Ok((queue.clone(), p[0].parse()?, p[1].clone())))
+                    .collect::<Result<Vec<(String, JobId, String)>>>()?;
+                self.forget(&deleted).await?;
+                n += deleted.len() as u64;
+                left -= deleted.len();
+                if deleted.len() < step {
+                    break;
+                }
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_comes_from_the_url() {
+        assert_eq!(
+            split_prefix("redis://h:6379/0").unwrap(),
+            ("redis://h:6379/0".to_string(), "conveyor".to_string())
+        );
+        assert_eq!(
+            split_prefix("redis://h/1?prefix=app_jobs&protocol=resp3").unwrap(),
+            (
+                "redis://h/1?protocol=resp3".to_string(),
+                "app_jobs".to_string()
+            )
+        );
+        assert!(split_prefix("redis://h/0?prefix=").is_err());
+        assert!(split_prefix("redis://h/0?prefix={x}").is_err());
+    }
+
+    #[test]
+    fn queue_keys_share_one_hash_tag() {
+        let keys = Keys {
+            prefix: "conveyor".into(),
+        };
+        assert_eq!(keys.queue("default"), "{conveyor:default}");
+        assert_eq!(keys.idempotency("order-1"), "conveyor:key:order-1");
+    }
+}

@@ -1,0 +1,23 @@
+-- Cancels job ARGV[3] at ARGV[4]: a waiting one at once, a running one by flagging it and
+-- telling its worker on channel ARGV[2]. Returns {'cancelled'}, {'requested'}, {'missing'}
+-- or {'wrong', state}.
+local id, now = ARGV[3], ARGV[4]
+local h = load(id)
+if not h then
+  return { 'missing' }
+end
+if is_waiting(h.state) then
+  unindex(id, h.state, h)
+  redis.call('HSET', jkey(id), 'state', 'cancelled', 'finalized_at', now)
+  h.finalized_at = now
+  index(id, 'cancelled', h)
+  return { 'cancelled' }
+end
+if h.state == 'running' then
+  if not h.cancel_requested_at then
+    redis.call('HSET', jkey(id), 'cancel_requested_at', now)
+  end
+  redis.call('PUBLISH', ARGV[2], id)
+  return { 'requested' }
+end
+return { 'wrong', h.state }

@@ -1,0 +1,28 @@
+-- Makes each listed job that is not running available at ARGV[4] with a fresh attempt budget.
+-- ARGV: base, jobs channel, queue, now, ids... Returns one answer per id: 'ok', 'missing', or
+-- the state that refused it.
+local now = ARGV[4]
+local out = {}
+local ready = false
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local h = load(id)
+  if not h then
+    out[#out + 1] = 'missing'
+  elseif h.state == 'running' then
+    out[#out + 1] = 'running'
+  else
+    unindex(id, h.state, h)
+    local k = jkey(id)
+    redis.call('HSET', k, 'state', 'available', 'attempt', '0', 'run_at', now)
+    redis.call('HDEL', k, 'finalized_at', 'lease_owner', 'lease_expires_at', 'cancel_requested_at')
+    h.run_at = now
+    index(id, 'available', h)
+    ready = true
+    out[#out + 1] = 'ok'
+  end
+end
+if ready then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+return out
