@@ -29,7 +29,7 @@ pub enum BenchBackend {
     Sqlite,
     /// `postgres://user@host:port/db`
     Postgres,
-    /// `redis://host:port/db` (not available yet)
+    /// `redis://host:port/db`
     Redis,
 }
 
@@ -84,7 +84,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.url.starts_with("postgres://") || args.url.starts_with("postgresql://")
         }
         BenchBackend::Redis => {
-            bail!("the Redis backend is not built yet; use --backend sqlite or --backend postgres")
+            args.url.starts_with("redis://") || args.url.starts_with("rediss://")
         }
     };
     if !scheme_ok {
