@@ -45,6 +45,9 @@ pub enum Command {
     Dead(DeadCommand),
     /// Counts by state and the oldest ready job's age, per queue.
     Queues(OutputArgs),
+    /// Cron schedules from the config file (`[[schedules]]`).
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
     /// Run the shared benchmark protocol against a store.
     Bench(BenchArgs),
 }
@@ -209,6 +212,26 @@ pub enum JobsCommand {
         /// Job ids.
         #[arg(required = true)]
         ids: Vec<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+/// `schedules …`
+#[derive(Debug, Subcommand)]
+pub enum SchedulesCommand {
+    /// Every schedule with its expression, zone, target and next fire time.
+    List(OutputArgs),
+    /// The next fire times of one schedule, in its time zone.
+    Next {
+        /// The schedule's name.
+        name: String,
+        /// How many fire times.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        count: u16,
+        /// Start from this instant (RFC 3339, e.g. 2027-03-27T00:00:00Z) instead of now.
+        #[arg(long)]
+        after: Option<chrono::DateTime<chrono::FixedOffset>>,
         #[command(flatten)]
         out: OutputArgs,
     },

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use conveyor_scheduler::MaintenanceConfig;
+use conveyor_scheduler::schedule::{Schedule, ScheduleSpec};
 use conveyor_worker::runtime::{QueueConfig, WorkerConfig};
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
@@ -31,10 +32,12 @@ pub struct Config {
     pub serve: ServeConfig,
     /// The worker runtime.
     pub worker: WorkerConfig,
-    /// Promoter, rescuer and pruner (including retention).
+    /// Promoter, rescuer, pruner (including retention) and the cron service.
     pub maintenance: MaintenanceConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Cron schedules (`[[schedules]]`).
+    pub schedules: Vec<ScheduleSpec>,
 }
 
 /// `[database]`
@@ -231,7 +234,27 @@ impl Config {
         self.worker
             .validate()
             .map_err(|e| ConfigError(e.to_string()))?;
+        self.compiled_schedules()?;
         Ok(())
+    }
+
+    /// The `[[schedules]]`, validated: every field, and names unique.
+    pub fn compiled_schedules(&self) -> Result<Vec<Schedule>, ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(self.schedules.len());
+        for (i, spec) in self.schedules.iter().enumerate() {
+            if !seen.insert(spec.name.as_str()) {
+                return Err(ConfigError(format!(
+                    "`schedules[{i}]`: the name `{}` is used twice; schedule names must be unique",
+                    spec.name
+                )));
+            }
+            out.push(
+                spec.compile()
+                    .map_err(|e| ConfigError(format!("`schedules[{i}]`: {e}")))?,
+            );
+        }
+        Ok(out)
     }
 
     /// Applies `--queues default=10,emails=4`.

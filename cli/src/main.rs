@@ -100,6 +100,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Jobs(cmd) => commands::jobs(open_store(&config).await?, cmd).await,
         Command::Dead(cmd) => commands::dead(open_store(&config).await?, cmd).await,
         Command::Queues(out) => commands::queues(open_store(&config).await?, out.json).await,
+        Command::Schedules(cmd) => commands::schedules(&config, cmd),
         Command::Bench(_) => unreachable!("handled above"),
     }
 }

@@ -169,3 +169,29 @@ pub fn queues_table(stats: &[QueueStats]) {
     }
     println!("{t}");
 }
+
+/// Schedules as rows of `name, cron, timezone, queue, kind, enabled, next`.
+pub fn schedules_table(rows: &[serde_json::Value]) {
+    let mut t = table(&[
+        "name",
+        "cron",
+        "zone",
+        "queue",
+        "kind",
+        "enabled",
+        "next fire",
+    ]);
+    for r in rows {
+        let text = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+        t.add_row(vec![
+            text("name"),
+            text("cron"),
+            text("timezone"),
+            text("queue"),
+            text("kind"),
+            r["enabled"].to_string(),
+            text("next"),
+        ]);
+    }
+    println!("{t}");
+}

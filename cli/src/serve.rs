@@ -2,7 +2,7 @@
 //!
 //! - `api`: the HTTP listener. Today `/livez` and `/readyz`; the `/v1` API mounts here.
 //! - `worker`: the worker runtime over the configured queues.
-//! - `scheduler`: promoter, rescuer and pruner (safe on every replica).
+//! - `scheduler`: promoter, rescuer, pruner and the cron schedules (safe on every replica).
 //!
 //! SIGINT or SIGTERM starts a graceful shutdown: the listener stops accepting, workers stop
 //! fetching and let running jobs finish within `worker.shutdown_grace`, unfinished jobs go
@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use conveyor_scheduler::Maintenance;
+use conveyor_scheduler::{CronScheduler, Maintenance};
 use conveyor_worker::runtime::Worker;
 use conveyor_worker::{Registry, Store};
 use tokio_util::sync::CancellationToken;
@@ -57,6 +57,19 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
         let stop = shutdown.clone();
         tasks.spawn(async move {
             maintenance.run(stop).await;
+            Ok(())
+        });
+        let schedules = config.compiled_schedules()?;
+        if !schedules.is_empty() {
+            tracing::info!(
+                schedules = ?schedules.iter().map(|s| s.spec().name.as_str()).collect::<Vec<_>>(),
+                "cron schedules loaded"
+            );
+        }
+        let cron = CronScheduler::new(store.clone(), schedules, config.maintenance.cron.clone());
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            cron.run(stop).await;
             Ok(())
         });
     }

@@ -12,8 +12,9 @@
 //! - [`pruner`]: deletes finished jobs after their retention.
 //!
 //! [`Maintenance`] runs all three; `conveyor serve` starts it in every process with the
-//! `scheduler` or `worker` role. Cron schedules land here as their own module.
+//! `scheduler` role, with the [`cron`] service that enqueues each [`schedule`]'s jobs.
 
+pub mod cron;
 pub mod promoter;
 pub mod pruner;
 pub mod rescuer;
@@ -25,6 +26,7 @@ use conveyor_worker::Store;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+pub use cron::CronScheduler;
 pub use promoter::Promoter;
 pub use pruner::Pruner;
 pub use rescuer::Rescuer;
@@ -39,6 +41,8 @@ pub struct MaintenanceConfig {
     pub rescuer: rescuer::Config,
     /// The pruner.
     pub pruner: pruner::Config,
+    /// The cron service (schedules are configured under `[[schedules]]`).
+    pub cron: cron::Config,
 }
 
 /// All maintenance services over one store.
