@@ -6,16 +6,19 @@
 //! enqueue the same ticks, and the store keeps one job per key, so each tick yields exactly
 //! one job however many schedulers race for it.
 //!
-//! This process remembers the last tick it handled per schedule; a new process starts from
-//! the next tick. Ticks missed while every scheduler was down are applied per
-//! [`MissedPolicy`](crate::schedule::MissedPolicy) only within a process's lifetime until
-//! schedules are kept in the store.
+//! Where a schedule left off comes from the store: every tick's job carries the tag
+//! `schedule:<name>` and its tick in `metadata.tick`, so a starting scheduler reads the newest
+//! such job and resumes after its tick, applying the schedule's
+//! [`MissedPolicy`](crate::schedule::MissedPolicy) to ticks missed while every scheduler was
+//! down. A schedule with no job left (new, or its jobs pruned) starts from its next tick.
+//! After that, each process remembers its own progress.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use conveyor_worker::store::{JobFilter, Page};
 use conveyor_worker::{JobId, Store};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -85,10 +88,13 @@ impl CronScheduler {
         let mut progress = self.progress.lock().await;
         for schedule in self.schedules.iter() {
             let name = &schedule.spec().name;
-            let state = progress.entry(name.clone()).or_insert(Progress {
-                last: now,
-                last_job: None,
-            });
+            if !progress.contains_key(name) {
+                let resumed = self.resume(schedule, now).await?;
+                progress.insert(name.clone(), resumed);
+            }
+            let Some(state) = progress.get_mut(name) else {
+                continue;
+            };
             let ticks = schedule.due(Some(state.last), now);
             let Some(&newest) = ticks.last() else {
                 continue;
@@ -116,6 +122,42 @@ impl CronScheduler {
             state.last_job = answers.last().map(|a| a.id);
         }
         Ok(report)
+    }
+
+    /// Where `schedule` left off: the tick of its newest job, or `now` if it has none.
+    async fn resume(
+        &self,
+        schedule: &Schedule,
+        now: DateTime<Utc>,
+    ) -> conveyor_worker::Result<Progress> {
+        let newest = self
+            .store
+            .list(
+                &JobFilter {
+                    tag: Some(schedule.tag()),
+                    ..JobFilter::default()
+                },
+                Page {
+                    before: None,
+                    limit: 1,
+                },
+            )
+            .await?;
+        let last = newest.first().and_then(|job| {
+            let tick = job.metadata.get("tick")?.as_str()?;
+            let tick = DateTime::parse_from_rfc3339(tick).ok()?.with_timezone(&Utc);
+            Some((tick.min(now), job.id))
+        });
+        Ok(match last {
+            Some((tick, id)) => Progress {
+                last: tick,
+                last_job: Some(id),
+            },
+            None => Progress {
+                last: now,
+                last_job: None,
+            },
+        })
     }
 
     /// Runs passes every `interval` until `shutdown`. A failed pass is logged and retried at

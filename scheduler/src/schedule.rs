@@ -371,6 +371,12 @@ impl Schedule {
         )
     }
 
+    /// The tag every job of this schedule carries (`schedule:<name>`): the newest such job
+    /// tells a starting scheduler which tick fired last.
+    pub fn tag(&self) -> String {
+        format!("schedule:{}", self.spec.name)
+    }
+
     /// The job the tick at `at` enqueues.
     pub fn job(&self, at: DateTime<Utc>) -> NewJob {
         NewJob::new(self.spec.kind.clone(), self.spec.args.clone())
@@ -378,6 +384,7 @@ impl Schedule {
             .priority(self.spec.priority)
             .max_attempts(self.spec.max_attempts)
             .idempotency_key(self.tick_key(at))
+            .tags([self.tag()])
             .metadata(serde_json::json!({
                 "schedule": self.spec.name,
                 "tick": at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -552,6 +559,7 @@ mod tests {
             Some(s.tick_key(tick).as_str())
         );
         assert_eq!(job.metadata["schedule"], "digest");
+        assert_eq!(job.tags, ["schedule:digest"]);
         job.validate().unwrap();
     }
 }

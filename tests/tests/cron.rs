@@ -111,7 +111,60 @@ async fn overlap_skip_waits_for_the_previous_job(s: Arc<dyn Store>) {
     assert_eq!(third.enqueued, 1);
 }
 
+async fn a_restarted_scheduler_resumes_from_the_store(s: Arc<dyn Store>) {
+    let t0: DateTime<Utc> = "2026-11-23T10:00:58Z".parse().unwrap();
+    let at = |secs: i64| t0 + chrono::Duration::seconds(secs);
+    for (name, missed, expect_after_restart) in [
+        ("backfill", MissedPolicy::All, 4),
+        ("newest", MissedPolicy::Latest, 1),
+        ("none", MissedPolicy::Skip, 0),
+    ] {
+        let mut spec = ScheduleSpec::new(name, "* * * * *", "cron.minutely");
+        spec.missed = missed;
+        let schedule = spec.compile().unwrap();
+
+        // The first process fires 10:01, then every scheduler is down until 10:05:58.
+        let before = CronScheduler::new(s.clone(), vec![schedule.clone()], Config::default());
+        assert_eq!(before.run_once(t0).await.unwrap().enqueued, 0);
+        assert_eq!(before.run_once(at(3)).await.unwrap().enqueued, 1);
+        drop(before);
+
+        // A new process knows nothing but what the store holds.
+        let after = CronScheduler::new(s.clone(), vec![schedule.clone()], Config::default());
+        let report = after.run_once(at(300)).await.unwrap();
+        assert_eq!(report.enqueued, expect_after_restart, "{name}: {report:?}");
+        // Nothing is fired twice, and the next tick follows on.
+        assert_eq!(after.run_once(at(303)).await.unwrap().enqueued, 1, "{name}");
+    }
+    let ticks: Vec<String> = s
+        .list(
+            &JobFilter {
+                tag: Some("schedule:backfill".into()),
+                ..JobFilter::default()
+            },
+            Page::default(),
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.metadata["tick"].as_str().unwrap().to_string())
+        .rev()
+        .collect();
+    assert_eq!(
+        ticks,
+        [
+            "2026-11-23T10:01:00Z",
+            "2026-11-23T10:02:00Z",
+            "2026-11-23T10:03:00Z",
+            "2026-11-23T10:04:00Z",
+            "2026-11-23T10:05:00Z",
+            "2026-11-23T10:06:00Z",
+        ]
+    );
+}
+
 backend_tests!(
+    a_restarted_scheduler_resumes_from_the_store,
     three_schedulers_enqueue_each_tick_exactly_once,
     overlap_skip_waits_for_the_previous_job,
 );
