@@ -194,6 +194,38 @@ async fn concurrent_fetchers_never_share_a_job(s: Arc<dyn Store>) {
     assert_eq!(unique.len(), 400, "no job claimed twice");
 }
 
+async fn leased_to_lists_a_workers_running_jobs_of_one_queue(s: Arc<dyn Store>) {
+    s.enqueue_many((0..5).map(|_| job("k")).collect())
+        .await
+        .unwrap();
+    s.enqueue(job("k").queue("other")).await.unwrap();
+    let mine = fetch_as(&s, "default", 3, "w1").await;
+    fetch_as(&s, "default", 1, "w2").await;
+    fetch_as(&s, "other", 1, "w1").await;
+    let done = &mine[0];
+    s.finish(vec![finish(
+        done,
+        JobState::Completed,
+        AttemptOutcome::Completed,
+        None,
+    )])
+    .await
+    .unwrap();
+
+    let mut leased: Vec<JobId> = s
+        .leased_to("w1", "default")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    leased.sort();
+    let mut want: Vec<JobId> = mine[1..].iter().map(|j| j.id).collect();
+    want.sort();
+    assert_eq!(leased, want, "running, this worker, this queue");
+    assert!(s.leased_to("w3", "default").await.unwrap().is_empty());
+}
+
 async fn finish_applies_every_outcome(s: Arc<dyn Store>) {
     let ids = s
         .enqueue_many((0..6).map(|_| job("k")).collect())
@@ -965,6 +997,7 @@ backend_tests!(
     enqueue_now_is_available_and_later_is_scheduled,
     fetch_claims_by_priority_then_run_at_and_sets_the_lease,
     concurrent_fetchers_never_share_a_job,
+    leased_to_lists_a_workers_running_jobs_of_one_queue,
     a_large_due_backlog_is_claimed_in_bounded_steps,
     finish_applies_every_outcome,
     stale_outcomes_are_ignored,

@@ -45,6 +45,11 @@ async fn write(shared: &Shared, batch: Vec<Finish>) {
     loop {
         match shared.store.finish(batch.clone()).await {
             Ok(applied) => {
+                let mut held = shared.held();
+                for f in &batch {
+                    held.remove(&f.id);
+                }
+                drop(held);
                 if applied < batch.len() as u64 {
                     tracing::debug!(
                         applied,

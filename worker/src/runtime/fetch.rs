@@ -1,4 +1,10 @@
 //! One fetch loop per queue: claim as many jobs as there are free slots, in one statement.
+//!
+//! A fetch that fails may still have claimed its jobs: the store applied it, then the
+//! connection dropped before the answer arrived (a store restart). Those jobs are `running`
+//! under this worker's name, and the heartbeat keeps renewing their leases, yet nothing here
+//! runs them. So after a failed fetch, before fetching again, the loop asks the store which
+//! of the queue's jobs it leases to this worker and runs the ones it does not hold.
 
 use std::sync::Arc;
 
@@ -7,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{QueueConfig, Shared, execute};
+use crate::error::Result;
 use crate::store::{FetchRequest, Finish};
 
 pub(crate) async fn run(
@@ -24,7 +31,18 @@ pub(crate) async fn run(
     // slot is enough: the next job should start the moment it arrives.
     let low_water = (batch / 4).max(1);
     let mut backlog = false;
+    // Set by a failed fetch, cleared once the store has been asked for lost claims.
+    let mut recheck = false;
     loop {
+        if recheck {
+            match adopt(&shared, &queue.name, &slots, &jobs, &done, &shutdown).await {
+                Ok(true) => recheck = false,
+                Ok(false) => return, // shutting down
+                Err(e) => {
+                    tracing::warn!(queue = %queue.name, error = %e, "looking for claims lost with a failed fetch failed; asking again next round");
+                }
+            }
+        }
         let need = if backlog { low_water } else { 1 };
         let mut permit = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -49,6 +67,7 @@ pub(crate) async fn run(
         match shared.store.fetch(request).await {
             Ok(claimed) => {
                 backlog = claimed.len() == want;
+                shared.held().extend(claimed.iter().map(|j| j.id));
                 for job in claimed {
                     let Some(slot) = permit.split(1) else {
                         // The store returned more than asked; it still runs, over the limit
@@ -66,6 +85,7 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 backlog = false;
+                recheck = true;
                 drop(permit);
                 tracing::warn!(queue = %queue.name, error = %e, "fetch failed; retrying after the poll interval");
             }
@@ -76,4 +96,47 @@ pub(crate) async fn run(
             _ = tokio::time::sleep(shared.config.poll_interval) => {}
         }
     }
+}
+
+/// Runs the jobs the store leases to this worker on `queue` that no fetch here returned.
+/// Returns `false` if shutdown began while it waited for a free slot (the rest stay leased;
+/// once this worker stops renewing them, the rescuer retries them).
+async fn adopt(
+    shared: &Arc<Shared>,
+    queue: &str,
+    slots: &Arc<Semaphore>,
+    jobs: &TaskTracker,
+    done: &mpsc::Sender<Finish>,
+    shutdown: &CancellationToken,
+) -> Result<bool> {
+    // What this process holds is read before the store is asked: a job whose outcome is
+    // written while the store answers would otherwise look running there and unheld here.
+    // Nothing is added meanwhile: only this loop fetches this queue's jobs.
+    let held = shared.held().clone();
+    let lost: Vec<_> = shared
+        .store
+        .leased_to(&shared.worker_id, queue)
+        .await?
+        .into_iter()
+        .filter(|j| !held.contains(&j.id))
+        .collect();
+    if !lost.is_empty() {
+        tracing::warn!(
+            queue,
+            jobs = lost.len(),
+            "running jobs whose claim was applied by a fetch that failed (its answer was lost)"
+        );
+    }
+    for job in lost {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return Ok(false),
+            },
+        };
+        shared.held().insert(job.id);
+        jobs.spawn(execute::run(shared.clone(), job, Some(slot), done.clone()));
+    }
+    Ok(true)
 }

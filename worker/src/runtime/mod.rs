@@ -4,6 +4,8 @@
 //! - [`fetch`]: one loop per queue. It waits for free slots (a semaphore of the queue's
 //!   concurrency), claims up to that many jobs in one `Store::fetch`, and spawns each job with
 //!   its slot. It sleeps on a wake-up (store event) or the poll interval when the queue is dry.
+//!   After a failed fetch it asks the store for jobs leased to this worker that it does not
+//!   hold (a claim applied whose answer was lost) and runs them.
 //! - [`execute`]: runs one handler under its timeout, catches panics, honours cancellation and
 //!   turns the result into a `store::Finish` via [`transition`] — the one place that decides
 //!   a job's next state.
@@ -21,7 +23,7 @@ mod fetch;
 mod heartbeat;
 mod transition;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -176,11 +178,20 @@ pub(crate) struct Shared {
     pub worker_id: Arc<str>,
     /// Cancel tokens of the jobs running here, so a cancel request can reach them.
     pub running: Mutex<HashMap<JobId, CancellationToken>>,
+    /// Jobs this process claimed whose outcome is not written yet: from the fetch that
+    /// returned them until the completer's write succeeds. A job the store leases to this
+    /// worker that is not here was claimed by a fetch whose answer was lost.
+    pub held: Mutex<HashSet<JobId>>,
     /// Fired when the shutdown grace period runs out: running handlers are dropped.
     pub interrupt: CancellationToken,
 }
 
 impl Shared {
+    /// Locks [`Shared::held`].
+    pub fn held(&self) -> std::sync::MutexGuard<'_, HashSet<JobId>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Fires the cancel token of a job if it runs here.
     pub fn cancel_running(&self, id: JobId) -> bool {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
@@ -211,6 +222,7 @@ impl Worker {
                 config,
                 worker_id,
                 running: Mutex::new(HashMap::new()),
+                held: Mutex::new(HashSet::new()),
                 interrupt: CancellationToken::new(),
             }),
         })

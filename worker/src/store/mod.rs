@@ -318,6 +318,42 @@ pub trait Store: Send + Sync + 'static {
 
     /// Wake-ups: new jobs per queue, cancel requests. Lossy by design; the runtime also polls.
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+
+    /// The `running` jobs of `queue` whose lease `worker` holds. After a failed fetch the
+    /// runtime compares them with the jobs it knows it runs: a claim the store applied but
+    /// whose answer was lost (the connection dropped mid-reply) shows up here and is run.
+    /// Running jobs are few (bounded by the workers' concurrency), so the default pages
+    /// through them with [`Store::list`].
+    async fn leased_to(&self, worker: &str, queue: &str) -> Result<Vec<Job>> {
+        const PAGE: u32 = 1000;
+        let filter = JobFilter {
+            states: vec![JobState::Running],
+            queue: Some(queue.to_string()),
+            ..JobFilter::default()
+        };
+        let mut out = Vec::new();
+        let mut before = None;
+        loop {
+            let page = self
+                .list(
+                    &filter,
+                    Page {
+                        before,
+                        limit: PAGE,
+                    },
+                )
+                .await?;
+            let full = page.len() == PAGE as usize;
+            before = page.last().map(|j| j.id);
+            out.extend(
+                page.into_iter()
+                    .filter(|j| j.lease_owner.as_deref() == Some(worker)),
+            );
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
 }
 
 /// The write-back for a running job whose lease expired: `cancelled` if a cancel was
