@@ -55,12 +55,10 @@ timezone = "Europe/Berlin"
 kind = "demo.echo"
 "#;
 
-#[test]
-fn next_fire_times_follow_daylight_saving() {
-    let cfg = config(NIGHTLY);
-    // Spring: 02:30 does not exist on 2027-03-28 and is skipped.
+/// `schedules next nightly --count 3 --after AFTER`, line by line.
+fn next_three(cfg: &std::path::Path, after: &str) -> Vec<String> {
     let (code, out, err) = conveyor(
-        &cfg.file,
+        cfg,
         &[
             "schedules",
             "next",
@@ -68,12 +66,19 @@ fn next_fire_times_follow_daylight_saving() {
             "--count",
             "3",
             "--after",
-            "2027-03-26T12:00:00Z",
+            after,
         ],
     );
     assert_eq!(code, 0, "{err}");
+    out.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn next_fire_times_follow_daylight_saving() {
+    let cfg = config(NIGHTLY);
+    // Spring: 02:30 does not exist on 2027-03-28 and is skipped.
     assert_eq!(
-        out.lines().collect::<Vec<_>>(),
+        next_three(&cfg.file, "2027-03-26T12:00:00Z"),
         [
             "2027-03-27 02:30:00 CET (+01:00)",
             "2027-03-29 02:30:00 CEST (+02:00)",
@@ -81,21 +86,8 @@ fn next_fire_times_follow_daylight_saving() {
         ]
     );
     // Autumn: 02:30 exists twice on 2026-10-25 and fires once.
-    let (code, out, err) = conveyor(
-        &cfg.file,
-        &[
-            "schedules",
-            "next",
-            "nightly",
-            "--count",
-            "3",
-            "--after",
-            "2026-10-24T12:00:00Z",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
     assert_eq!(
-        out.lines().collect::<Vec<_>>(),
+        next_three(&cfg.file, "2026-10-24T12:00:00Z"),
         [
             "2026-10-25 02:30:00 CEST (+02:00)",
             "2026-10-26 02:30:00 CET (+01:00)",

@@ -58,13 +58,9 @@ impl TestStore {
         let mut admin = match sqlx::PgConnection::connect(&admin_url).await {
             Ok(c) => c,
             Err(e) => {
-                if std::env::var("CI").is_ok_and(|v| v == "true") {
-                    panic!("Postgres at {admin_url} is unreachable under CI=true: {e}");
-                }
-                eprintln!(
-                    "skipping: Postgres at {admin_url} is unreachable ({e}); set CONVEYOR_TEST_PG_URL or start Postgres"
-                );
-                return None;
+                return unavailable(&format!(
+                    "Postgres at {admin_url} is unreachable ({e}); set CONVEYOR_TEST_PG_URL or start Postgres"
+                ));
             }
         };
         let name = format!("conveyor_t_{}", uuid::Uuid::now_v7().simple());
@@ -92,13 +88,9 @@ impl TestStore {
     pub async fn redis() -> Option<TestStore> {
         let server = redis_url();
         if let Err(e) = redis_reachable(&server).await {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("Redis at {server} is unreachable under CI=true: {e}");
-            }
-            eprintln!(
-                "skipping: Redis at {server} is unreachable ({e}); set CONVEYOR_TEST_REDIS_URL or start Redis"
-            );
-            return None;
+            return unavailable(&format!(
+                "Redis at {server} is unreachable ({e}); set CONVEYOR_TEST_REDIS_URL or start Redis"
+            ));
         }
         let prefix = format!("conveyor_t_{}", uuid::Uuid::now_v7().simple());
         let sep = if server.contains('?') { '&' } else { '?' };
@@ -188,8 +180,35 @@ async fn redis_reachable(url: &str) -> Result<(), String> {
     }
 }
 
-/// Deletes every key a test's prefix made: the global ones (`prefix:…`) and the queues'
-/// (`{prefix:queue}…`).
+/// Every key a test's prefix made: the global ones (`prefix:…`) and the queues'
+/// (`{prefix:queue}…`), found with `SCAN MATCH` (never `KEYS`).
+pub async fn keys_with_prefix(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+) -> redis::RedisResult<Vec<String>> {
+    let mut out = Vec::new();
+    for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            out.extend(keys);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes every key a test's prefix made (best effort).
 async fn delete_prefix(url: &str, prefix: &str) {
     let Ok(client) = redis::Client::open(url) else {
         return;
@@ -197,32 +216,25 @@ async fn delete_prefix(url: &str, prefix: &str) {
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
         return;
     };
-    for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
-        let mut cursor: u64 = 0;
-        loop {
-            let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-            else {
-                return;
-            };
-            if !keys.is_empty() {
-                let _ = redis::cmd("DEL")
-                    .arg(&keys)
-                    .query_async::<()>(&mut conn)
-                    .await;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+    let Ok(keys) = keys_with_prefix(&mut conn, prefix).await else {
+        return;
+    };
+    for batch in keys.chunks(1000) {
+        let _ = redis::cmd("DEL")
+            .arg(batch)
+            .query_async::<()>(&mut conn)
+            .await;
     }
+}
+
+/// A service a test needs is missing: fails under `CI=true`, else prints why the test is
+/// skipped and returns `None` for the test to return early.
+pub fn unavailable<T>(reason: &str) -> Option<T> {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{reason} (under CI=true this is a failure, not a skip)");
+    }
+    eprintln!("skipping: {reason}");
+    None
 }
 
 /// The maintenance database URL tests create their databases from.

@@ -14,31 +14,16 @@ async fn keys_of(prefix: &str) -> Vec<(String, i64)> {
     let client = redis::Client::open(conveyor_tests::redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut out = Vec::new();
-    for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
-        let mut cursor = 0u64;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            for k in keys {
-                let ttl: i64 = redis::cmd("PTTL")
-                    .arg(&k)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                out.push((k, ttl));
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+    for k in conveyor_tests::keys_with_prefix(&mut conn, prefix)
+        .await
+        .unwrap()
+    {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        out.push((k, ttl));
     }
     out
 }

@@ -252,8 +252,14 @@ pub trait Store: Send + Sync + 'static {
     /// Succeeds if the store answers and its schema is current.
     async fn ping(&self) -> Result<()>;
 
-    /// Inserts one job, or returns the existing holder of its idempotency key.
-    async fn enqueue(&self, job: NewJob) -> Result<Enqueued>;
+    /// Inserts one job, or returns the existing holder of its idempotency key. The default
+    /// is a one-job [`Store::enqueue_many`], which every backend already makes a single step.
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
+        self.enqueue_many(vec![job])
+            .await?
+            .pop()
+            .ok_or_else(|| Error::Unsupported("enqueue returned no answer".into()))
+    }
 
     /// Inserts many jobs in as few statements as the backend allows. Duplicates (against
     /// stored jobs or within the batch) come back as `duplicate` and do not fail the rest.
@@ -354,6 +360,18 @@ pub trait Store: Send + Sync + 'static {
             }
         }
     }
+}
+
+/// Readiness of a SQL schema: `applied` (the newest successful migration the database
+/// records) must have reached `latest` (the newest this binary carries).
+pub(crate) fn check_migrations(applied: Option<i64>, latest: i64) -> Result<()> {
+    let applied = applied.unwrap_or(0);
+    if applied < latest {
+        return Err(Error::Unsupported(format!(
+            "migrations pending: the database is at version {applied}, this binary needs {latest}; run `conveyor migrate`"
+        )));
+    }
+    Ok(())
 }
 
 /// The write-back for a running job whose lease expired: `cancelled` if a cancel was

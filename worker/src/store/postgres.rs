@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use super::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
-    Store, StoreEvent, StoreOptions, check_page, rescue_finish,
+    Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish,
 };
 use crate::error::{Error, Result};
 use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
@@ -36,7 +36,8 @@ const INSERT_CHUNK: usize = 5000;
 /// Rows per statement when a pooled bulk enqueue is split across connections.
 const PARALLEL_CHUNK: usize = 1250;
 /// Statements of one pooled bulk enqueue in flight at once (each on its own connection): the
-/// server parses JSON and maintains indexes on as many cores as it has.
+/// server parses JSON and maintains indexes on as many cores as it has. A batch of up to
+/// `PARALLEL_CHUNK` jobs is one statement on one connection.
 const PARALLEL_INSERTS: usize = 4;
 const JOBS_CHANNEL: &str = "conveyor_jobs";
 const CANCEL_CHANNEL: &str = "conveyor_cancel";
@@ -74,12 +75,6 @@ impl PgStore {
     /// The connection pool, for applications that share the database.
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// Wakes this process's workers for `queue` at once, without waiting for the NOTIFY the
-    /// insert trigger sends (that one still reaches every other process).
-    fn wake_here(&self, queue: String) {
-        let _ = self.events.send(StoreEvent::JobsAvailable { queue });
     }
 
     async fn notify_queues(&self, queues: impl IntoIterator<Item = String>) -> Result<()> {
@@ -550,57 +545,46 @@ impl Store for PgStore {
             sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
                 .fetch_one(&self.pool)
                 .await?;
-        if applied.unwrap_or(0) < latest {
-            return Err(Error::Unsupported(format!(
-                "migrations pending: the database is at version {}, this binary needs {latest}; run `conveyor migrate`",
-                applied.unwrap_or(0)
-            )));
-        }
-        Ok(())
-    }
-
-    async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
-        let queue = job.queue.clone();
-        let mut conn = self.pool.acquire().await?;
-        let answer = enqueue_in(&mut conn, job).await?;
-        drop(conn);
-        if answer.state == JobState::Available && !answer.duplicate {
-            self.wake_here(queue);
-        }
-        Ok(answer)
+        check_migrations(applied, latest)
     }
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
-        let queues: BTreeSet<String> = jobs.iter().map(|j| j.queue.clone()).collect();
-        if jobs.len() <= PARALLEL_CHUNK {
-            let mut conn = self.pool.acquire().await?;
-            let answers = enqueue_many_in(&mut conn, jobs).await?;
-            drop(conn);
-            queues.into_iter().for_each(|q| self.wake_here(q));
-            return Ok(answers);
-        }
         // Validate everything first, so bad input inserts nothing.
         for job in &jobs {
             job.validate()?;
         }
         let now = Utc::now();
-        let parallel = PARALLEL_INSERTS.min(self.pool.options().get_max_connections() as usize / 2);
+        let parallel = PARALLEL_INSERTS
+            .min(self.pool.options().get_max_connections() as usize / 2)
+            .max(1);
         let mut chunks = jobs.chunks(PARALLEL_CHUNK);
         let mut in_flight = FuturesOrdered::new();
         let mut answers = Vec::with_capacity(jobs.len());
         loop {
-            while in_flight.len() < parallel.max(1) {
+            while in_flight.len() < parallel {
                 let Some(chunk) = chunks.next() else { break };
                 in_flight.push_back(insert_pooled(&self.pool, chunk, now));
             }
             match in_flight.next().await {
                 Some(done) => answers.extend(done?),
-                None => {
-                    queues.into_iter().for_each(|q| self.wake_here(q));
-                    return Ok(answers);
-                }
+                None => break,
             }
         }
+        // Wake this process's workers at once for the queues that got a job ready now,
+        // without waiting for the NOTIFY the insert trigger sends (that one still reaches
+        // every other process).
+        let ready: BTreeSet<&str> = jobs
+            .iter()
+            .zip(&answers)
+            .filter(|(_, a)| !a.duplicate && a.state == JobState::Available)
+            .map(|(j, _)| j.queue.as_str())
+            .collect();
+        for queue in ready {
+            let _ = self.events.send(StoreEvent::JobsAvailable {
+                queue: queue.to_string(),
+            });
+        }
+        Ok(answers)
     }
 
     async fn fetch(&self, request: FetchRequest<'_>) -> Result<Vec<Job>> {

@@ -546,6 +546,43 @@ impl RedisStore {
 
     /// One page of jobs matching `filter` in `allowed` states, newest first, strictly older
     /// than `before`.
+    /// Applies `action` to every job matching `filter` in `allowed` states, a page at a time
+    /// and one script call per queue within a page; returns how many it applied to. Each page
+    /// is acted on as it is read, and the id cursor never meets a job twice.
+    async fn for_each_page(
+        &self,
+        filter: &JobFilter,
+        allowed: &[JobState],
+        action: Bulk,
+    ) -> Result<u64> {
+        let mut n = 0u64;
+        let mut cursor = None;
+        loop {
+            let jobs = self.page(filter, allowed, cursor, CHUNK).await?;
+            let full = jobs.len() == CHUNK;
+            cursor = jobs.last().map(|j| j.id);
+            let mut by_queue: BTreeMap<String, Vec<JobId>> = BTreeMap::new();
+            for j in jobs {
+                by_queue.entry(j.queue).or_default().push(j.id);
+            }
+            for (queue, ids) in by_queue {
+                n += match action {
+                    Bulk::Retry(now) => {
+                        let answers = self.retry_in(&queue, &ids, now).await?;
+                        answers.iter().filter(|a| *a == "ok").count()
+                    }
+                    Bulk::Purge => {
+                        let answers = self.delete_in(&queue, &ids, "finished").await?;
+                        answers.iter().filter(|(s, _)| s == "ok").count()
+                    }
+                } as u64;
+            }
+            if !full {
+                return Ok(n);
+            }
+        }
+    }
+
     async fn page(
         &self,
         filter: &JobFilter,
@@ -1071,6 +1108,15 @@ fn matches(job: &Job, filter: &JobFilter) -> bool {
     true
 }
 
+/// What [`RedisStore::for_each_page`] does to each page.
+#[derive(Clone, Copy)]
+enum Bulk {
+    /// Admin retry, as of this instant.
+    Retry(DateTime<Utc>),
+    /// Delete finished jobs.
+    Purge,
+}
+
 const TERMINAL: [JobState; 3] = [JobState::Completed, JobState::Cancelled, JobState::Dead];
 const NOT_RUNNING: [JobState; 6] = [
     JobState::Scheduled,
@@ -1132,12 +1178,6 @@ impl Store for RedisStore {
             )));
         }
         Ok(())
-    }
-
-    async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
-        let mut out = self.insert(vec![job]).await?;
-        out.pop()
-            .ok_or_else(|| Error::Unsupported("enqueue returned no answer".into()))
     }
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
@@ -1256,26 +1296,8 @@ impl Store for RedisStore {
     }
 
     async fn retry_matching(&self, filter: &JobFilter) -> Result<u64> {
-        // Page by page, each retried as it is read: the id cursor never meets a job twice.
-        let now = Utc::now();
-        let mut n = 0u64;
-        let mut cursor = None;
-        loop {
-            let jobs = self.page(filter, &NOT_RUNNING, cursor, CHUNK).await?;
-            let full = jobs.len() == CHUNK;
-            cursor = jobs.last().map(|j| j.id);
-            let mut by_queue: BTreeMap<String, Vec<JobId>> = BTreeMap::new();
-            for j in jobs {
-                by_queue.entry(j.queue).or_default().push(j.id);
-            }
-            for (queue, ids) in by_queue {
-                let answers = self.retry_in(&queue, &ids, now).await?;
-                n += answers.iter().filter(|a| *a == "ok").count() as u64;
-            }
-            if !full {
-                return Ok(n);
-            }
-        }
+        self.for_each_page(filter, &NOT_RUNNING, Bulk::Retry(Utc::now()))
+            .await
     }
 
     async fn cancel(&self, id: JobId) -> Result<CancelResult> {
@@ -1322,24 +1344,7 @@ impl Store for RedisStore {
     }
 
     async fn purge(&self, filter: &JobFilter) -> Result<u64> {
-        let mut n = 0u64;
-        let mut cursor = None;
-        loop {
-            let jobs = self.page(filter, &TERMINAL, cursor, CHUNK).await?;
-            let full = jobs.len() == CHUNK;
-            cursor = jobs.last().map(|j| j.id);
-            let mut by_queue: BTreeMap<String, Vec<JobId>> = BTreeMap::new();
-            for j in jobs {
-                by_queue.entry(j.queue).or_default().push(j.id);
-            }
-            for (queue, ids) in by_queue {
-                let answers = self.delete_in(&queue, &ids, "finished").await?;
-                n += answers.iter().filter(|(s, _)| s == "ok").count() as u64;
-            }
-            if !full {
-                return Ok(n);
-            }
-        }
+        self.for_each_page(filter, &TERMINAL, Bulk::Purge).await
     }
 
     async fn queue_stats(&self) -> Result<Vec<QueueStats>> {

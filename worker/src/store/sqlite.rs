@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use super::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
-    Store, StoreEvent, StoreOptions, check_page,
+    Store, StoreEvent, StoreOptions, check_migrations, check_page,
 };
 use crate::error::{Error, Result};
 use crate::job::{Enqueued, Job, JobId, JobState, NewJob};
@@ -475,19 +475,7 @@ impl Store for SqliteStore {
             sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
                 .fetch_one(&self.reader)
                 .await?;
-        if applied.unwrap_or(0) < latest {
-            return Err(Error::Unsupported(format!(
-                "migrations pending: the database is at version {}, this binary needs {latest}; run `conveyor migrate`",
-                applied.unwrap_or(0)
-            )));
-        }
-        Ok(())
-    }
-
-    async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
-        let mut out = self.enqueue_many(vec![job]).await?;
-        out.pop()
-            .ok_or_else(|| Error::Unsupported("enqueue returned no answer".into()))
+        check_migrations(applied, latest)
     }
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
