@@ -8,6 +8,8 @@
 //!
 //! Webhook delivery, email, analytics and backup kinds land here as their own modules.
 
+pub mod webhook;
+
 use std::time::Duration;
 
 use conveyor_worker::{JobContext, Outcome, Registry};

@@ -1,0 +1,5 @@
+//! Webhook delivery.
+pub mod client;
+pub mod guard;
+pub mod retry_policy;
+pub mod signature;
