@@ -1,5 +1,166 @@
-//! Webhook delivery.
+//! Webhook delivery: signed, retried, rate-limited, guarded.
+//!
+//! Where to start reading:
+//! - [`Webhooks`]: the service every caller (CLI, HTTP API, the job handler) goes through.
+//!   Its methods are spread over the modules that do the work:
+//!   - [`endpoint`]: endpoint CRUD and secret rotation;
+//!   - [`event`]: sending an event (fan-out, idempotency) and one-off deliveries to a URL;
+//!   - [`delivery`]: the `webhook.deliver` job handler — circuit check, shared rate limit,
+//!     signing, the POST, classification, attempt log;
+//!   - [`replay`]: one delivery, an endpoint's failures since a time, an event to all its
+//!     endpoints;
+//!   - [`health`]: per-endpoint success rate and latency, circuit state.
+//! - [`signature`]: Standard Webhooks signing and [`signature::verify`] for Rust receivers.
+//! - [`guard`]: the SSRF guard, applied to resolved addresses inside the HTTP client.
+//! - [`client`]: the HTTP client; [`retry_policy`]: the schedule and status classification;
+//!   [`circuit`]: the per-endpoint breaker; [`model`]: the stored records and the config.
+//!
+//! Everything shared between processes lives in the store's meta collections (`webhook_*`):
+//! endpoints, events and their idempotency keys, circuit states, attempt log, health counters;
+//! the per-endpoint rate limit is the store's token bucket.
+
+pub mod circuit;
 pub mod client;
+pub mod delivery;
+pub mod endpoint;
+pub mod event;
 pub mod guard;
+pub mod health;
+pub mod model;
+pub mod replay;
 pub mod retry_policy;
 pub mod signature;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use conveyor_worker::{JobContext, KindOptions, Registry, Store};
+
+pub use model::{
+    Attempt, Circuit, CircuitState, DeliverArgs, Endpoint, Event, KIND, Secret, WebhookConfig,
+};
+
+/// Errors of the webhook service.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] conveyor_worker::Error),
+    /// No such endpoint, event or delivery.
+    #[error("{what} {id} not found")]
+    NotFound {
+        /// `endpoint`, `event`, `delivery`.
+        what: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// Bad input; `field` names it.
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// Someone else changed the record; read it again and retry.
+    #[error("{0}")]
+    Conflict(String),
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+impl WebhookError {
+    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        WebhookError::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(what: &'static str, id: impl Into<String>) -> Self {
+        WebhookError::NotFound {
+            what,
+            id: id.into(),
+        }
+    }
+}
+
+impl From<serde_json::Error> for WebhookError {
+    fn from(e: serde_json::Error) -> Self {
+        WebhookError::Store(conveyor_worker::Error::Corrupt(e))
+    }
+}
+
+/// `Result` with [`WebhookError`].
+pub type Result<T, E = WebhookError> = std::result::Result<T, E>;
+
+/// The webhook service: the store, the config, the HTTP client and small per-process caches.
+/// Cheap to share (`Arc`); one per process.
+pub struct Webhooks {
+    store: Arc<dyn Store>,
+    config: WebhookConfig,
+    client: client::Client,
+    endpoints: Mutex<HashMap<String, (Instant, Option<Arc<Endpoint>>)>>,
+    closed: Mutex<HashMap<String, Instant>>,
+    health: health::Recorder,
+}
+
+impl std::fmt::Debug for Webhooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhooks")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Webhooks {
+    /// The service over `store`.
+    pub fn new(store: Arc<dyn Store>, config: WebhookConfig) -> Result<Self> {
+        config
+            .validate()
+            .map_err(|m| WebhookError::invalid("webhooks", m))?;
+        let guard = guard::Guard::new(config.allow_cidrs.clone());
+        let client = client::Client::new(guard, config.connect_timeout)?;
+        Ok(Self {
+            store,
+            config,
+            client,
+            endpoints: Mutex::new(HashMap::new()),
+            closed: Mutex::new(HashMap::new()),
+            health: health::Recorder::default(),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &WebhookConfig {
+        &self.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}
+
+/// Registers the `webhook.deliver` kind, run by `webhooks`.
+pub fn register(registry: &mut Registry, webhooks: Arc<Webhooks>) {
+    registry.register_with(
+        KIND,
+        // The request has its own timeout; the job's is a backstop for a stuck store call.
+        KindOptions {
+            timeout: Some(webhooks.config.timeout * 4 + std::time::Duration::from_secs(30)),
+            ..KindOptions::default()
+        },
+        move |args: DeliverArgs, ctx: JobContext| {
+            let webhooks = webhooks.clone();
+            async move { webhooks.deliver(args, ctx).await }
+        },
+    );
+}
+
+/// A new id: `prefix` and a UUIDv7 in hex (time-ordered as a string).
+pub(crate) fn new_id(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::now_v7().simple())
+}

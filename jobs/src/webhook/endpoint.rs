@@ -1,0 +1,344 @@
+//! Endpoint CRUD and secret rotation. Endpoints are records in `webhook_endpoints`; every
+//! change is a versioned write, so two admins editing at once do not lose each other's edits.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use conveyor_worker::store::meta::{Expect, MetaQuery, Put, Record};
+use serde::{Deserialize, Serialize};
+
+use super::model::{ENDPOINTS, Endpoint, Secret};
+use super::{Result, WebhookError, Webhooks, new_id, signature};
+
+/// What creating an endpoint takes. Absent fields take the defaults.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NewEndpoint {
+    /// Where to POST (http or https).
+    pub url: String,
+    /// Free text.
+    pub description: String,
+    /// Event types; empty: all.
+    pub event_types: Vec<String>,
+    /// Extra headers.
+    pub headers: BTreeMap<String, String>,
+    /// Deliveries per second across all workers.
+    pub rate_limit: Option<f64>,
+    /// Request timeout in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Waits before each attempt, in milliseconds.
+    pub retry_schedule_ms: Option<Vec<u64>>,
+    /// Follow redirects.
+    pub follow_redirects: Option<bool>,
+    /// A secret to use instead of a generated one (`whsec_…`).
+    pub secret: Option<String>,
+    /// Start disabled.
+    pub disabled: bool,
+}
+
+/// A partial update: only the fields given change. `Some(None)` clears an optional field.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EndpointPatch {
+    /// New URL.
+    pub url: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// New event types.
+    pub event_types: Option<Vec<String>>,
+    /// New headers (replacing all).
+    pub headers: Option<BTreeMap<String, String>>,
+    /// New rate limit.
+    pub rate_limit: Option<Option<f64>>,
+    /// New timeout.
+    pub timeout_ms: Option<Option<u64>>,
+    /// New schedule.
+    pub retry_schedule_ms: Option<Option<Vec<u64>>>,
+    /// New redirect setting.
+    pub follow_redirects: Option<Option<bool>>,
+}
+
+const RESERVED_HEADERS: [&str; 5] = [
+    signature::HEADER_ID,
+    signature::HEADER_TIMESTAMP,
+    signature::HEADER_SIGNATURE,
+    "content-type",
+    "host",
+];
+
+fn check(ep: &Endpoint) -> Result<()> {
+    let url = reqwest::Url::parse(&ep.url)
+        .map_err(|e| WebhookError::invalid("url", format!("`{}` is not a URL: {e}", ep.url)))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(WebhookError::invalid(
+            "url",
+            format!("`{}` must be an http:// or https:// URL with a host", ep.url),
+        ));
+    }
+    for name in ep.headers.keys() {
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(WebhookError::invalid(
+                "headers",
+                format!("`{name}` is set by Conveyor and cannot be overridden"),
+            ));
+        }
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(WebhookError::invalid(
+                "headers",
+                format!("`{name}` is not a valid header name"),
+            ));
+        }
+    }
+    if let Some(r) = ep.rate_limit
+        && !(r.is_finite() && r > 0.0)
+    {
+        return Err(WebhookError::invalid(
+            "rate_limit",
+            format!("must be a positive number of deliveries per second, got {r}"),
+        ));
+    }
+    if ep.timeout_ms == Some(0) {
+        return Err(WebhookError::invalid("timeout_ms", "must be more than 0"));
+    }
+    if let Some(s) = &ep.retry_schedule_ms
+        && (s.is_empty() || s.len() > 50)
+    {
+        return Err(WebhookError::invalid(
+            "retry_schedule_ms",
+            "must list 1 to 50 waits (the first is usually 0)",
+        ));
+    }
+    for s in &ep.secrets {
+        signature::secret_key(&s.secret)
+            .map_err(|e| WebhookError::invalid("secret", e.to_string()))?;
+    }
+    Ok(())
+}
+
+impl Webhooks {
+    /// Creates an endpoint with a fresh secret (or the one given); returns it with its
+    /// secret in clear — the only time the secret is returned unasked.
+    pub async fn create_endpoint(&self, new: NewEndpoint) -> Result<Endpoint> {
+        let now = Utc::now();
+        let ep = Endpoint {
+            id: new_id("ep_"),
+            url: new.url,
+            description: new.description,
+            enabled: !new.disabled,
+            event_types: new.event_types,
+            headers: new.headers,
+            secrets: vec![Secret {
+                secret: new.secret.unwrap_or_else(signature::generate_secret),
+                expires_at: None,
+            }],
+            rate_limit: new.rate_limit,
+            timeout_ms: new.timeout_ms,
+            retry_schedule_ms: new.retry_schedule_ms,
+            follow_redirects: new.follow_redirects,
+            created_at: now,
+            updated_at: now,
+            disabled_reason: None,
+        };
+        check(&ep)?;
+        let value = serde_json::to_value(&ep)?;
+        self.store
+            .meta_put(Put::new(ENDPOINTS, &ep.id, &value).expect(Expect::Absent))
+            .await?;
+        Ok(ep)
+    }
+
+    /// One endpoint, secrets included (callers showing it should use [`Endpoint::redacted`]).
+    pub async fn endpoint(&self, id: &str) -> Result<Endpoint> {
+        Ok(self.endpoint_record(id).await?.1)
+    }
+
+    async fn endpoint_record(&self, id: &str) -> Result<(Record, Endpoint)> {
+        let record = self
+            .store
+            .meta_get(ENDPOINTS, id)
+            .await?
+            .ok_or_else(|| WebhookError::not_found("endpoint", id))?;
+        let ep = record.decode()?;
+        Ok((record, ep))
+    }
+
+    /// Every endpoint, oldest first.
+    pub async fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .meta_list(
+                    ENDPOINTS,
+                    &MetaQuery {
+                        after: after.clone(),
+                        limit: 1000,
+                        ..MetaQuery::default()
+                    },
+                )
+                .await?;
+            let full = page.len() == 1000;
+            after = page.last().map(|r| r.key.clone());
+            for r in page {
+                out.push(r.decode()?);
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Read-modify-write of one endpoint, retried on a concurrent change.
+    pub(crate) async fn modify_endpoint(
+        &self,
+        id: &str,
+        change: impl Fn(&mut Endpoint) -> Result<()>,
+    ) -> Result<Endpoint> {
+        for _ in 0..5 {
+            let (record, mut ep) = self.endpoint_record(id).await?;
+            change(&mut ep)?;
+            ep.updated_at = Utc::now();
+            check(&ep)?;
+            let value = serde_json::to_value(&ep)?;
+            match self
+                .store
+                .meta_put(Put::new(ENDPOINTS, id, &value).expect(Expect::Version(record.version)))
+                .await
+            {
+                Ok(_) => {
+                    self.forget_endpoint(id);
+                    return Ok(ep);
+                }
+                Err(conveyor_worker::Error::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(WebhookError::Conflict(format!(
+            "endpoint {id} kept changing under this update; try again"
+        )))
+    }
+
+    /// Changes the fields given.
+    pub async fn update_endpoint(&self, id: &str, patch: EndpointPatch) -> Result<Endpoint> {
+        self.modify_endpoint(id, |ep| {
+            let p = patch.clone();
+            if let Some(v) = p.url {
+                ep.url = v;
+            }
+            if let Some(v) = p.description {
+                ep.description = v;
+            }
+            if let Some(v) = p.event_types {
+                ep.event_types = v;
+            }
+            if let Some(v) = p.headers {
+                ep.headers = v;
+            }
+            if let Some(v) = p.rate_limit {
+                ep.rate_limit = v;
+            }
+            if let Some(v) = p.timeout_ms {
+                ep.timeout_ms = v;
+            }
+            if let Some(v) = p.retry_schedule_ms {
+                ep.retry_schedule_ms = v;
+            }
+            if let Some(v) = p.follow_redirects {
+                ep.follow_redirects = v;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Enables or disables an endpoint. Enabling replays nothing by itself (see
+    /// [`Webhooks::replay_failed`]) and resets its circuit.
+    pub async fn set_enabled(&self, id: &str, enabled: bool) -> Result<Endpoint> {
+        let ep = self
+            .modify_endpoint(id, |ep| {
+                ep.enabled = enabled;
+                ep.disabled_reason = (!enabled).then(|| "disabled by an admin".to_string());
+                Ok(())
+            })
+            .await?;
+        if enabled {
+            self.reset_circuit(id).await?;
+        }
+        Ok(ep)
+    }
+
+    /// Deletes an endpoint; its queued deliveries are cancelled when they come up.
+    pub async fn delete_endpoint(&self, id: &str) -> Result<()> {
+        if !self.store.meta_delete(ENDPOINTS, id, Expect::Any).await? {
+            return Err(WebhookError::not_found("endpoint", id));
+        }
+        self.forget_endpoint(id);
+        let _ = self
+            .store
+            .meta_delete(super::model::CIRCUITS, id, Expect::Any)
+            .await;
+        Ok(())
+    }
+
+    /// Starts signing with a new secret (generated unless given). The old one keeps signing
+    /// beside it for `overlap` (default `webhooks.secret_overlap`), so receivers can switch
+    /// without dropping a request. Returns the endpoint with its secrets in clear.
+    pub async fn rotate_secret(
+        &self,
+        id: &str,
+        secret: Option<String>,
+        overlap: Option<Duration>,
+    ) -> Result<Endpoint> {
+        let fresh = secret.unwrap_or_else(signature::generate_secret);
+        let overlap = chrono::Duration::from_std(overlap.unwrap_or(self.config.secret_overlap))
+            .map_err(|_| WebhookError::invalid("overlap", "too long"))?;
+        self.modify_endpoint(id, |ep| {
+            let now = Utc::now();
+            ep.secrets.retain(|s| s.expires_at.is_none_or(|t| t > now));
+            for s in &mut ep.secrets {
+                if s.expires_at.is_none() {
+                    s.expires_at = Some(now + overlap);
+                }
+            }
+            ep.secrets.insert(
+                0,
+                Secret {
+                    secret: fresh.clone(),
+                    expires_at: None,
+                },
+            );
+            Ok(())
+        })
+        .await
+    }
+
+    /// The endpoint as the handler sees it: cached for `webhooks.endpoint_cache`.
+    pub(crate) async fn endpoint_cached(&self, id: &str) -> Result<Option<Arc<Endpoint>>> {
+        let ttl = self.config.endpoint_cache;
+        if !ttl.is_zero()
+            && let Some((at, ep)) = self.endpoints.lock().expect("not poisoned").get(id)
+            && at.elapsed() < ttl
+        {
+            return Ok(ep.clone());
+        }
+        let ep = match self.store.meta_get(ENDPOINTS, id).await? {
+            Some(r) => Some(Arc::new(r.decode::<Endpoint>()?)),
+            None => None,
+        };
+        if !ttl.is_zero() {
+            self.endpoints
+                .lock()
+                .expect("not poisoned")
+                .insert(id.to_string(), (Instant::now(), ep.clone()));
+        }
+        Ok(ep)
+    }
+
+    fn forget_endpoint(&self, id: &str) {
+        self.endpoints.lock().expect("not poisoned").remove(id);
+        self.closed.lock().expect("not poisoned").remove(id);
+    }
+}
