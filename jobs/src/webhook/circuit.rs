@@ -91,7 +91,9 @@ impl Webhooks {
                 && probe > now
             {
                 let spread = Duration::from_millis(rand::rng().random_range(100..1000));
-                return Ok(Admission::Wait(until(probe, now).min(Duration::from_secs(5)) + spread));
+                return Ok(Admission::Wait(
+                    until(probe, now).min(Duration::from_secs(5)) + spread,
+                ));
             }
             // Half-open and no probe out: claim the probe.
             let probe_for = chrono::Duration::from_std(self.config.timeout * 2)
@@ -150,9 +152,12 @@ impl Webhooks {
         now: DateTime<Utc>,
         was_probe: bool,
     ) -> Result<FailureEffect> {
-        self.closed.lock().expect("not poisoned").remove(endpoint_id);
-        let cooldown =
-            chrono::Duration::from_std(self.config.circuit_cooldown).unwrap_or(chrono::Duration::MAX);
+        self.closed
+            .lock()
+            .expect("not poisoned")
+            .remove(endpoint_id);
+        let cooldown = chrono::Duration::from_std(self.config.circuit_cooldown)
+            .unwrap_or(chrono::Duration::MAX);
         for _ in 0..CAS_TRIES {
             let record = self.store.meta_get(CIRCUITS, endpoint_id).await?;
             let (expect, mut c) = match &record {
@@ -162,7 +167,10 @@ impl Webhooks {
             c.consecutive_failures = c.consecutive_failures.saturating_add(1);
             c.failing_since.get_or_insert(now);
             let reopen = was_probe || c.open_until.is_some_and(|t| t <= now);
-            if reopen || (c.open_until.is_none() && c.consecutive_failures >= self.config.circuit_threshold) {
+            if reopen
+                || (c.open_until.is_none()
+                    && c.consecutive_failures >= self.config.circuit_threshold)
+            {
                 c.open_until = Some(now + cooldown);
                 c.probe_until = None;
             }
@@ -191,7 +199,10 @@ impl Webhooks {
 
     /// Closes the circuit (on re-enable).
     pub async fn reset_circuit(&self, endpoint_id: &str) -> Result<()> {
-        self.closed.lock().expect("not poisoned").remove(endpoint_id);
+        self.closed
+            .lock()
+            .expect("not poisoned")
+            .remove(endpoint_id);
         self.store
             .meta_delete(CIRCUITS, endpoint_id, Expect::Any)
             .await?;

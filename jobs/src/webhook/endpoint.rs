@@ -74,7 +74,10 @@ fn check(ep: &Endpoint) -> Result<()> {
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return Err(WebhookError::invalid(
             "url",
-            format!("`{}` must be an http:// or https:// URL with a host", ep.url),
+            format!(
+                "`{}` must be an http:// or https:// URL with a host",
+                ep.url
+            ),
         ));
     }
     for name in ep.headers.keys() {

@@ -41,7 +41,9 @@ fn check_type(t: &str) -> Result<()> {
     {
         return Err(WebhookError::invalid(
             "event_type",
-            format!("`{t}` must be 1 to 200 letters, digits, `.`, `_`, `-` or `:` (e.g. invoice.paid)"),
+            format!(
+                "`{t}` must be 1 to 200 letters, digits, `.`, `_`, `-` or `:` (e.g. invoice.paid)"
+            ),
         ));
     }
     Ok(())
@@ -77,7 +79,8 @@ impl Webhooks {
                         Some(r) => r.decode()?,
                         None => {
                             return Err(WebhookError::Conflict(
-                                "the idempotency key expired while this send ran; send again".into(),
+                                "the idempotency key expired while this send ran; send again"
+                                    .into(),
                             ));
                         }
                     };
@@ -167,7 +170,11 @@ impl Webhooks {
 
     /// The delivery job for `args`: on the webhook queue, as many attempts as the schedule
     /// has waits, tagged with its endpoint and event so replays can find it.
-    pub(crate) fn delivery_job(&self, args: &DeliverArgs, schedule_len: Option<usize>) -> Result<NewJob> {
+    pub(crate) fn delivery_job(
+        &self,
+        args: &DeliverArgs,
+        schedule_len: Option<usize>,
+    ) -> Result<NewJob> {
         let attempts = schedule_len.unwrap_or(self.config.retry_schedule.len());
         let target = args.endpoint_id.as_deref().unwrap_or("direct");
         Ok(NewJob::new(KIND, serde_json::to_value(args)?)
@@ -235,9 +242,9 @@ impl Webhooks {
 
     /// A delivery job by id.
     pub async fn delivery(&self, job_id: &str) -> Result<conveyor_worker::Job> {
-        let id: JobId = job_id
-            .parse()
-            .map_err(|_| WebhookError::invalid("delivery", format!("`{job_id}` is not a job id")))?;
+        let id: JobId = job_id.parse().map_err(|_| {
+            WebhookError::invalid("delivery", format!("`{job_id}` is not a job id"))
+        })?;
         match self.store.get(id).await? {
             Some(job) if job.kind == KIND => Ok(job),
             _ => Err(WebhookError::not_found("delivery", job_id)),

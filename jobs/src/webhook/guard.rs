@@ -105,9 +105,8 @@ fn v4_class(ip: Ipv4Addr) -> Option<&'static str> {
         Some("broadcast")
     } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
         Some("shared (CGNAT)")
-    } else if o[0] >= 240 {
-        Some("reserved")
-    } else if (o[0] == 192 && o[1] == 0 && (o[2] == 0 || o[2] == 2))
+    } else if o[0] >= 240
+        || (o[0] == 192 && o[1] == 0 && (o[2] == 0 || o[2] == 2))
         || (o[0] == 198 && (o[1] & 0xfe) == 18)
         || (o[0] == 198 && o[1] == 51 && o[2] == 100)
         || (o[0] == 203 && o[1] == 0 && o[2] == 113)
@@ -127,11 +126,10 @@ fn v6_class(ip: Ipv6Addr) -> Option<&'static str> {
     } else if ip.is_multicast() {
         Some("multicast")
     } else if (s[0] & 0xfe00) == 0xfc00 {
+        // Unique-local; includes AWS's IPv6 metadata address fd00:ec2::254.
         Some("private")
     } else if (s[0] & 0xffc0) == 0xfe80 {
         Some("link-local")
-    } else if s[0] == 0xfd00 && s[1..7] == [0, 0, 0, 0, 0, 0] && s[7] == 0x254 {
-        Some("cloud metadata")
     } else if s[0] == 0x2001 && s[1] == 0xdb8 {
         Some("reserved")
     } else if s[0] == 0x64 && s[1] == 0xff9b {
@@ -174,10 +172,10 @@ impl Resolve for GuardedResolver {
                     }
                 }
             }
-            if allowed.is_empty() {
-                if let Some(refusal) = first_refusal {
-                    return Err(Box::new(refusal) as Box<dyn std::error::Error + Send + Sync>);
-                }
+            if allowed.is_empty()
+                && let Some(refusal) = first_refusal
+            {
+                return Err(Box::new(refusal) as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(allowed.into_iter()) as Addrs)
         })

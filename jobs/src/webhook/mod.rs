@@ -96,13 +96,16 @@ impl From<serde_json::Error> for WebhookError {
 /// `Result` with [`WebhookError`].
 pub type Result<T, E = WebhookError> = std::result::Result<T, E>;
 
+/// An endpoint as read at an instant (`None`: it did not exist).
+type CachedEndpoint = (Instant, Option<Arc<Endpoint>>);
+
 /// The webhook service: the store, the config, the HTTP client and small per-process caches.
 /// Cheap to share (`Arc`); one per process.
 pub struct Webhooks {
     store: Arc<dyn Store>,
     config: WebhookConfig,
     client: client::Client,
-    endpoints: Mutex<HashMap<String, (Instant, Option<Arc<Endpoint>>)>>,
+    endpoints: Mutex<HashMap<String, CachedEndpoint>>,
     closed: Mutex<HashMap<String, Instant>>,
     health: health::Recorder,
 }

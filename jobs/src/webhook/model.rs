@@ -103,7 +103,15 @@ impl Endpoint {
     pub fn redacted(&self) -> Endpoint {
         let mut out = self.clone();
         for s in &mut out.secrets {
-            let tail: String = s.secret.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: String = s
+                .secret
+                .chars()
+                .rev()
+                .take(4)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             s.secret = format!("whsec_…{tail}");
         }
         out
@@ -313,9 +321,12 @@ impl Default for WebhookConfig {
 impl WebhookConfig {
     /// Checks what serde cannot; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
-        conveyor_worker::job::check_name("webhooks.queue", &self.queue).map_err(|e| e.to_string())?;
+        conveyor_worker::job::check_name("webhooks.queue", &self.queue)
+            .map_err(|e| e.to_string())?;
         if self.retry_schedule.is_empty() {
-            return Err("`webhooks.retry_schedule` is empty; list at least one wait, e.g. [\"0s\"]".into());
+            return Err(
+                "`webhooks.retry_schedule` is empty; list at least one wait, e.g. [\"0s\"]".into(),
+            );
         }
         if self.concurrency == 0 {
             return Err("`webhooks.concurrency` must be at least 1".into());
