@@ -12,6 +12,8 @@
 //! [`backend_tests!`] turns a list of `async fn(Arc<dyn Store>)` into one `#[tokio::test]` per
 //! backend, so the same suite runs everywhere.
 
+pub mod receiver;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
