@@ -50,6 +50,9 @@ pub enum Command {
     Schedules(SchedulesCommand),
     /// Run the shared benchmark protocol against a store.
     Bench(BenchArgs),
+    /// Webhooks: endpoints, events, the attempt log, replay, health.
+    #[command(subcommand)]
+    Webhooks(crate::webhooks::WebhooksCommand),
 }
 
 /// A role of a `serve` process.

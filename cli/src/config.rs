@@ -20,7 +20,14 @@ use serde::{Deserialize, Serialize};
 use crate::cli::Role;
 
 /// The sections a config file (and `CONVEYOR_<SECTION>__…`) may set.
-const SECTIONS: [&str; 5] = ["database", "serve", "worker", "maintenance", "log"];
+const SECTIONS: [&str; 6] = [
+    "database",
+    "serve",
+    "worker",
+    "maintenance",
+    "log",
+    "webhooks",
+];
 
 /// Everything `conveyor` reads from its config.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -38,6 +45,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Cron schedules (`[[schedules]]`).
     pub schedules: Vec<ScheduleSpec>,
+    /// Webhook delivery: queue, SSRF allow-list, retries, timeouts, circuit breaker.
+    pub webhooks: conveyor_jobs::webhook::WebhookConfig,
 }
 
 /// `[database]`
@@ -235,6 +244,7 @@ impl Config {
             .validate()
             .map_err(|e| ConfigError(e.to_string()))?;
         self.compiled_schedules()?;
+        self.webhooks.validate().map_err(ConfigError)?;
         Ok(())
     }
 

@@ -6,6 +6,7 @@ mod commands;
 mod config;
 mod output;
 mod serve;
+mod webhooks;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -101,6 +102,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dead(cmd) => commands::dead(open_store(&config).await?, cmd).await,
         Command::Queues(out) => commands::queues(open_store(&config).await?, out.json).await,
         Command::Schedules(cmd) => commands::schedules(&config, cmd),
+        Command::Webhooks(cmd) => {
+            webhooks::run(open_store(&config).await?, config.webhooks.clone(), cmd).await
+        }
         Command::Bench(_) => unreachable!("handled above"),
     }
 }

@@ -76,7 +76,9 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
     if roles.contains(&Role::Worker) {
         let mut registry = Registry::new();
         conveyor_jobs::register_builtin(&mut registry);
-        let worker = Worker::new(store.clone(), registry, config.worker.clone())?;
+        let mut worker_config = config.worker.clone();
+        crate::webhooks::register(&mut registry, &mut worker_config, &store, &config.webhooks)?;
+        let worker = Worker::new(store.clone(), registry, worker_config)?;
         let stop = shutdown.clone();
         tasks.spawn(async move { worker.run(stop).await.context("worker failed") });
     }
