@@ -22,6 +22,18 @@ use conveyor_worker::{JobContext, JobState, NewJob, Outcome, Registry, Store};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+mod webhooks;
+
+/// What the benchmark runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// No-op jobs: the shared protocol.
+    #[default]
+    Jobs,
+    /// Signed webhook deliveries to a local receiver, attempt log on (see docs/webhooks.md).
+    Webhooks,
+}
+
 /// Which store the benchmark runs on (must match the URL).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchBackend {
@@ -60,6 +72,9 @@ pub struct BenchArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// What to run.
+    #[arg(long, value_enum, default_value = "jobs")]
+    pub workload: Workload,
 }
 
 /// The result line.
@@ -101,6 +116,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let store = store::connect(&args.url, StoreOptions { max_connections: 8 })
         .await
         .with_context(|| format!("opening {}", store::redact_url(&args.url)))?;
+    if args.workload == Workload::Webhooks {
+        return webhooks::run(&args, store).await;
+    }
     let backend = store.backend_name().await?;
     let queue = format!("bench_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
     let say = |msg: String| {

@@ -170,11 +170,7 @@ impl Webhooks {
 
     /// The delivery job for `args`: on the webhook queue, as many attempts as the schedule
     /// has waits, tagged with its endpoint and event so replays can find it.
-    pub(crate) fn delivery_job(
-        &self,
-        args: &DeliverArgs,
-        schedule_len: Option<usize>,
-    ) -> Result<NewJob> {
+    pub fn delivery_job(&self, args: &DeliverArgs, schedule_len: Option<usize>) -> Result<NewJob> {
         let attempts = schedule_len.unwrap_or(self.config.retry_schedule.len());
         let target = args.endpoint_id.as_deref().unwrap_or("direct");
         Ok(NewJob::new(KIND, serde_json::to_value(args)?)

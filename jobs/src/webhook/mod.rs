@@ -147,8 +147,26 @@ impl Webhooks {
     }
 }
 
-/// Registers the `webhook.deliver` kind, run by `webhooks`.
+/// Registers the `webhook.deliver` kind, run by `webhooks`. Inside a Tokio runtime it also
+/// starts the task that writes health counters every `webhooks.health_flush`; the task ends
+/// once the registry (and so the worker) is gone.
 pub fn register(registry: &mut Registry, webhooks: Arc<Webhooks>) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let weak = Arc::downgrade(&webhooks);
+        let every = webhooks
+            .config
+            .health_flush
+            .max(std::time::Duration::from_millis(100));
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(hooks) = weak.upgrade() else { break };
+                if let Err(e) = hooks.flush_health().await {
+                    tracing::warn!(error = %e, "cannot write webhook health counters");
+                }
+            }
+        });
+    }
     registry.register_with(
         KIND,
         // The request has its own timeout; the job's is a backstop for a stuck store call.
