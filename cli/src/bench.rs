@@ -113,9 +113,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--jobs, --concurrency and --enqueue-batch must be at least 1");
     }
 
-    let store = store::connect(&args.url, StoreOptions { max_connections: 8 })
-        .await
-        .with_context(|| format!("opening {}", store::redact_url(&args.url)))?;
+    // Deliveries write an attempt-log record each, concurrently with fetch and completion:
+    // they get a larger pool (CONVEYOR_BENCH_POOL overrides, for A/B runs).
+    let pool = match args.workload {
+        Workload::Jobs => 8,
+        Workload::Webhooks => std::env::var("CONVEYOR_BENCH_POOL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(32),
+    };
+    let store = store::connect(
+        &args.url,
+        StoreOptions {
+            max_connections: pool,
+        },
+    )
+    .await
+    .with_context(|| format!("opening {}", store::redact_url(&args.url)))?;
     if args.workload == Workload::Webhooks {
         return webhooks::run(&args, store).await;
     }

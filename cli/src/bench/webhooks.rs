@@ -65,6 +65,8 @@ pub async fn run(args: &BenchArgs, store: Arc<dyn Store>) -> anyhow::Result<()> 
     let config = WebhookConfig {
         queue: format!("bench_wh_{suffix}"),
         allow_cidrs: vec!["127.0.0.0/8".parse().expect("a CIDR")],
+        // For A/B runs: CONVEYOR_BENCH_ATTEMPT_LOG=false measures without the attempt log.
+        attempt_log: std::env::var("CONVEYOR_BENCH_ATTEMPT_LOG").map_or(true, |v| v != "false"),
         ..WebhookConfig::default()
     };
     let hooks = Arc::new(Webhooks::new(store.clone(), config.clone())?);

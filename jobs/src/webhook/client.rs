@@ -64,7 +64,6 @@ impl Client {
                 .no_proxy()
                 .connect_timeout(connect_timeout)
                 .pool_idle_timeout(Duration::from_secs(60))
-                .pool_max_idle_per_host(64)
                 .user_agent(concat!("Conveyor-Webhooks/", env!("CARGO_PKG_VERSION")))
         };
         let plain = base().redirect(reqwest::redirect::Policy::none()).build()?;
