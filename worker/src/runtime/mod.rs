@@ -22,6 +22,8 @@ mod execute;
 mod fetch;
 mod heartbeat;
 mod transition;
+pub mod pause;
+pub mod registration;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
