@@ -1,6 +1,7 @@
 //! Deletes finished jobs once their retention has passed (completed after 24 h, cancelled
 //! and dead after 30 days by default; a job holding an idempotency key is kept at least as
-//! long as the key's window).
+//! long as the key's window). Each pass also deletes expired shared records (worker
+//! registrations and other records written with a TTL) and idle rate buckets.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,11 @@ impl Pruner {
                 .await?;
             total += n;
             if n < u64::from(self.config.batch) {
+                break;
+            }
+        }
+        for _ in 0..10 {
+            if self.store.meta_prune(now, self.config.batch).await? < u64::from(self.config.batch) {
                 break;
             }
         }

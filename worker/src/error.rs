@@ -26,6 +26,10 @@ pub enum Error {
         /// What was attempted.
         action: &'static str,
     },
+    /// A write's precondition failed: the record exists already, is missing, or someone
+    /// else changed it since it was read.
+    #[error("{0}")]
+    Conflict(String),
     /// The backend cannot do this (e.g. transactional enqueue outside Postgres).
     #[error("{0}")]
     Unsupported(String),

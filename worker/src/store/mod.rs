@@ -9,6 +9,7 @@
 //! The runtime only ever talks to `dyn Store`; [`connect`] picks the backend from a URL.
 //! Every backend passes the conformance suite in `tests/`.
 
+pub mod meta;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;
@@ -22,6 +23,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+pub use self::meta::MetaStore;
 use crate::error::{Error, Result};
 use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
 use crate::retry_policy::RetryPolicy;
@@ -240,9 +242,10 @@ pub enum StoreEvent {
     },
 }
 
-/// A job store. All methods are safe to call from many processes at once.
+/// A job store. All methods are safe to call from many processes at once. Every store also
+/// keeps small shared records ([`MetaStore`]).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: MetaStore + Send + Sync + 'static {
     /// A human name with the server version, e.g. `Postgres 15.19` or `SQLite 3.46.0`.
     async fn backend_name(&self) -> Result<String>;
 

@@ -10,6 +10,8 @@
 //! - Transactional enqueue: [`enqueue_in`] and [`enqueue_many_in`] take the application's own
 //!   connection or transaction, so the job exists iff that transaction commits.
 
+mod meta;
+
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 

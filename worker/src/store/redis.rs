@@ -61,6 +61,8 @@
 //! forwards them to [`Store::subscribe`]; the store also wakes its own process directly, and
 //! the runtime polls, so a lost message only costs a poll.
 
+mod meta;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;

@@ -10,6 +10,8 @@
 //! at once by this store's own writes, and by a watcher that notices other processes'
 //! commits (`PRAGMA data_version`, every 50 ms).
 
+mod meta;
+
 use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::sync::Arc;
