@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::meta::{Expect, MetaQuery, MetaStore, Put};
+use crate::meta::{Expect, MetaQuery, Put};
 
 /// The collection audit records live in.
 pub const COLLECTION: &str = "audit";

@@ -14,7 +14,7 @@ use chrono::Utc;
 
 use crate::audit::Actor;
 use crate::key::{self, ApiKey, AuthError, Scope};
-use crate::meta::{MetaStore, RateLimit};
+use crate::meta::RateLimit;
 use crate::problem::Problem;
 use crate::state::AppState;
 
@@ -98,14 +98,18 @@ pub async fn authorize(
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let header = parts
-        .headers
-        .get(AUTHORIZATION)
-        .ok_or_else(|| Problem::unauthorized("send `Authorization: Bearer cvk_…`; create a key with `conveyor keys create`"))?;
+    let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+        Problem::unauthorized(
+            "send `Authorization: Bearer cvk_…`; create a key with `conveyor keys create`",
+        )
+    })?;
     let token = header
         .to_str()
         .ok()
-        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .ok_or_else(|| Problem::unauthorized("the Authorization header must be `Bearer <key>`"))?;
     let key = match key::verify(&state.store, token).await {

@@ -95,7 +95,8 @@ where
                 let text = std::error::Error::source(&e)
                     .map(ToString::to_string)
                     .unwrap_or_else(|| e.body_text());
-                Err(Problem::bad_request(format!("bad query string: {text}")))
+                let (field, message) = split_path(&text);
+                Err(Problem::bad_request(format!("bad query string: {text}")).field(field, message))
             }
             Err(other) => Err(Problem::bad_request(other.body_text())),
         }
@@ -114,8 +115,8 @@ impl<S: Send + Sync> FromRequestParts<S> for JobPath {
             axum::extract::Path::<String>::from_request_parts(parts, state)
                 .await
                 .map_err(|e| Problem::bad_request(e.body_text()))?;
-        raw.parse::<JobId>().map(JobPath).map_err(|e| {
-            Problem::bad_request(e.to_string()).field("id", "not a job id (a UUID)")
-        })
+        raw.parse::<JobId>()
+            .map(JobPath)
+            .map_err(|e| Problem::bad_request(e.to_string()).field("id", "not a job id (a UUID)"))
     }
 }

@@ -199,10 +199,7 @@ async fn record_http(request: Request, next: Next) -> Response {
 pub fn metrics_router(state: AppState) -> axum::Router {
     security_headers(
         axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(route::system::open_metrics),
-            )
+            .route("/metrics", axum::routing::get(route::system::open_metrics))
             .with_state(state),
     )
 }

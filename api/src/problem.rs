@@ -206,7 +206,7 @@ impl From<conveyor_worker::Error> for Problem {
             E::InvalidInput { field, message } => Problem::invalid(field, message),
             E::NotFound(id) => Problem::not_found(format!("job {id} not found")),
             e @ E::WrongState { .. } => Problem::conflict(e.to_string()),
-            // META: E::Conflict(msg) => Problem::conflict(msg),
+            E::Conflict(msg) => Problem::conflict(msg),
             E::Database(_) | E::Redis(_) | E::Migrate(_) => {
                 tracing::error!(error = %e, "store error while serving a request");
                 Problem::unavailable("the store did not answer; try again shortly")

@@ -9,7 +9,10 @@ use conveyor_worker::store::{JobFilter, Page};
 use conveyor_worker::{JobId, JobState, NewJob, Store};
 use serde_json::json;
 
-use crate::cli::{DeadCommand, EnqueueArgs, FilterArgs, JobsCommand, PageArgs, SchedulesCommand};
+use crate::cli::{
+    AuditCommand, DeadCommand, EnqueueArgs, FilterArgs, JobsCommand, KeysCommand, PageArgs,
+    SchedulesCommand,
+};
 use crate::config::Config;
 use crate::output;
 
@@ -386,6 +389,63 @@ pub fn schedules(config: &Config, cmd: SchedulesCommand) -> anyhow::Result<()> {
                 println!("{}", t.format("%Y-%m-%d %H:%M:%S %Z (%:z)"));
             }
             Ok(())
+        }
+    }
+}
+
+/// `conveyor keys …`
+pub async fn keys(store: Arc<dyn Store>, cmd: KeysCommand) -> anyhow::Result<()> {
+    use conveyor_api::audit::Actor;
+    use conveyor_api::key::{self, Scope};
+    match cmd {
+        KeysCommand::Create { scope, name, out } => {
+            let scope: Scope = scope.parse()?;
+            let (k, token) = key::create(&store, &name, scope, Actor::cli()).await?;
+            if out.json {
+                output::json(&json!({ "key": token, "id": k.id, "name": k.name, "scope": k.scope }))
+            } else {
+                println!("{token}");
+                eprintln!(
+                    "created key {} `{}` with scope `{}`. This is the only time the key is shown: store it now. Send it as `Authorization: Bearer <key>`.",
+                    k.id, k.name, k.scope
+                );
+                Ok(())
+            }
+        }
+        KeysCommand::List(out) => {
+            let keys = key::list(&store).await?;
+            if out.json {
+                output::json(&keys)
+            } else {
+                output::keys_table(&keys);
+                Ok(())
+            }
+        }
+        KeysCommand::Revoke { id, out } => match key::revoke(&store, &id, Actor::cli()).await? {
+            Some(k) if out.json => output::json(&k),
+            Some(k) => {
+                println!("key {} `{}` is revoked", k.id, k.name);
+                Ok(())
+            }
+            None => bail!("no key with id `{id}`; see `conveyor keys list`"),
+        },
+    }
+}
+
+/// `conveyor audit …`
+pub async fn audit(store: Arc<dyn Store>, cmd: AuditCommand) -> anyhow::Result<()> {
+    match cmd {
+        AuditCommand::List { limit, before, out } => {
+            if !(1..=1000).contains(&limit) {
+                bail!("--limit must be between 1 and 1000, got {limit}");
+            }
+            let entries = conveyor_api::audit::list(&store, before, limit).await?;
+            if out.json {
+                output::json(&entries)
+            } else {
+                output::audit_table(&entries, limit);
+                Ok(())
+            }
         }
     }
 }

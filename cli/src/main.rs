@@ -101,6 +101,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dead(cmd) => commands::dead(open_store(&config).await?, cmd).await,
         Command::Queues(out) => commands::queues(open_store(&config).await?, out.json).await,
         Command::Schedules(cmd) => commands::schedules(&config, cmd),
+        Command::Keys(cmd) => commands::keys(open_store(&config).await?, cmd).await,
+        Command::Audit(cmd) => commands::audit(open_store(&config).await?, cmd).await,
         Command::Bench(_) => unreachable!("handled above"),
     }
 }

@@ -54,8 +54,10 @@ impl Histogram {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            d.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// How many observations.
@@ -210,7 +212,12 @@ impl Metrics {
         for (name, help, pick) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for (labels, s) in &jobs {
-                let _ = writeln!(out, "{name}{{{}}} {}", self.jobs.label_text(labels), pick(s));
+                let _ = writeln!(
+                    out,
+                    "{name}{{{}}} {}",
+                    self.jobs.label_text(labels),
+                    pick(s)
+                );
             }
         }
         type PickH = fn(&JobSeries) -> &Histogram;
@@ -313,6 +320,8 @@ mod tests {
         assert!(out.contains(
             "conveyor_job_execution_seconds_bucket{queue=\"q\\\"1\",kind=\"k\",le=\"0.05\"} 1"
         ));
-        assert!(out.contains("conveyor_job_execution_seconds_count{queue=\"q\\\"1\",kind=\"k\"} 1"));
+        assert!(
+            out.contains("conveyor_job_execution_seconds_count{queue=\"q\\\"1\",kind=\"k\"} 1")
+        );
     }
 }

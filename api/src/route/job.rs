@@ -100,7 +100,10 @@ impl EnqueueRequest {
             return Err(Problem::too_large(format!(
                 "{prefix}args is {size} bytes; the limit (api.args_limit) is {args_limit}"
             ))
-            .field(format!("{prefix}args"), format!("at most {args_limit} bytes")));
+            .field(
+                format!("{prefix}args"),
+                format!("at most {args_limit} bytes"),
+            ));
         }
         let mut job = NewJob::new(self.kind, args)
             .queue(self.queue.unwrap_or_else(|| "default".into()))
@@ -120,11 +123,14 @@ impl EnqueueRequest {
                 ));
             }
             (Some(at), None) => {
-                if at < now - chrono::Duration::days(1) || at > now + chrono::Duration::days(5 * 366)
+                if at < now - chrono::Duration::days(1)
+                    || at > now + chrono::Duration::days(5 * 366)
                 {
                     return Err(invalid(
                         "run_at",
-                        format!("{at} is out of range: give a time between a day ago and five years ahead"),
+                        format!(
+                            "{at} is out of range: give a time between a day ago and five years ahead"
+                        ),
                     ));
                 }
                 job = job.run_at(at);
@@ -601,7 +607,10 @@ async fn bulk(
     let states: Vec<JobState> = if f.states.is_empty() {
         allowed
     } else {
-        f.states.into_iter().filter(|s| allowed.contains(s)).collect()
+        f.states
+            .into_iter()
+            .filter(|s| allowed.contains(s))
+            .collect()
     };
     let target = json!({
         "filter": {
@@ -675,7 +684,9 @@ async fn cancel_matching(state: &AppState, filter: &JobFilter) -> Result<(u64, b
             match state.store.cancel(job.id).await {
                 Ok(_) => done += 1,
                 // Finished or deleted meanwhile: nothing to cancel.
-                Err(conveyor_worker::Error::WrongState { .. } | conveyor_worker::Error::NotFound(_)) => {}
+                Err(
+                    conveyor_worker::Error::WrongState { .. } | conveyor_worker::Error::NotFound(_),
+                ) => {}
                 Err(e) => return Err(e.into()),
             }
         }

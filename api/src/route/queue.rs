@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 
 use crate::audit::{self, AuditEntry};
 use crate::auth::{Auth, scope};
-use crate::meta::{MetaQuery, MetaStore, Put};
+use crate::meta::{MetaQuery, Put};
 use crate::problem::Problem;
 use crate::state::AppState;
 use crate::view::QueueView;
@@ -50,7 +50,9 @@ pub(crate) async fn all_records<T: serde::de::DeserializeOwned>(
         for r in page {
             match r.decode::<T>() {
                 Ok(v) => out.push((r.key, v)),
-                Err(e) => tracing::warn!(collection, key = %r.key, error = %e, "skipping an unreadable record"),
+                Err(e) => {
+                    tracing::warn!(collection, key = %r.key, error = %e, "skipping an unreadable record")
+                }
             }
         }
         if !full {
@@ -71,8 +73,10 @@ async fn list(
     _auth: Auth<scope::Read>,
 ) -> Result<axum::Json<Vec<QueueView>>, Problem> {
     let stats = state.store.queue_stats().await?;
-    let settings: HashMap<String, QueueSettings> =
-        all_records(&state, pause::COLLECTION).await?.into_iter().collect();
+    let settings: HashMap<String, QueueSettings> = all_records(&state, pause::COLLECTION)
+        .await?
+        .into_iter()
+        .collect();
     let workers: Vec<(String, WorkerRegistration)> =
         all_records(&state, registration::COLLECTION).await?;
     let mut throughput: HashMap<&str, f64> = HashMap::new();
@@ -123,7 +127,11 @@ async fn set_paused(
         .store
         .meta_put(Put::new(pause::COLLECTION, name, &value))
         .await?;
-    let action = if paused { "queue.pause" } else { "queue.resume" };
+    let action = if paused {
+        "queue.pause"
+    } else {
+        "queue.resume"
+    };
     audit::record(
         &state.store,
         AuditEntry::new(actor, action)

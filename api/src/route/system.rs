@@ -123,7 +123,9 @@ async fn render_metrics(state: &AppState) -> Result<Response, Problem> {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// A page that renders `/v1/openapi.json` (self-contained: no external scripts).

@@ -21,9 +21,9 @@ mod completer;
 mod execute;
 mod fetch;
 mod heartbeat;
-mod transition;
 pub mod pause;
 pub mod registration;
+mod transition;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
