@@ -56,6 +56,7 @@ pub use state::AppState;
         version = "1"
     ),
     modifiers(&BearerAuth),
+    components(schemas(route::job::BulkAction)),
     tags(
         (name = "jobs", description = "Enqueue, inspect, retry, cancel, discard"),
         (name = "queues", description = "Counts, pause, resume"),
