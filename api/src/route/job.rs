@@ -184,10 +184,10 @@ fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     }
 }
 
-fn count_enqueued(job: &NewJob) {
+fn count_enqueued(queue: &str, kind: &str) {
     conveyor_worker::metrics::global()
         .enqueued
-        .get(&[&job.queue, &job.kind])
+        .get(&[queue, kind])
         .inc();
 }
 
@@ -216,8 +216,11 @@ async fn enqueue(
         state.config.args_limit,
         Utc::now(),
     )?;
-    count_enqueued(&job);
+    let (queue, kind) = (job.queue.clone(), job.kind.clone());
     let enqueued = state.store.enqueue(job).await?;
+    if !enqueued.duplicate {
+        count_enqueued(&queue, &kind);
+    }
     let stored = state
         .store
         .get(enqueued.id)
@@ -283,10 +286,16 @@ async fn enqueue_batch(
             .map(|k| format!("{k}:{i}"));
         jobs.push(r.into_job(&format!("jobs[{i}]."), key, state.config.args_limit, now)?);
     }
-    for job in &jobs {
-        count_enqueued(job);
-    }
+    let names: Vec<(String, String)> = jobs
+        .iter()
+        .map(|j| (j.queue.clone(), j.kind.clone()))
+        .collect();
     let answers = state.store.enqueue_many(jobs).await?;
+    for ((queue, kind), a) in names.iter().zip(&answers) {
+        if !a.duplicate {
+            count_enqueued(queue, kind);
+        }
+    }
     let duplicates = answers.iter().filter(|a| a.duplicate).count();
     let body = BatchResponse {
         inserted: answers.len() - duplicates,
