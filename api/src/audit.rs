@@ -96,7 +96,7 @@ impl AuditEntry {
 }
 
 /// Writes one record.
-pub async fn record(store: &Arc<dyn Store>, entry: AuditEntry) -> Result<()> {
+pub async fn record(store: &dyn Store, entry: AuditEntry) -> Result<()> {
     let value = serde_json::to_value(&entry)?;
     store
         .meta_put(Put::new(COLLECTION, &entry.id, &value).expect(Expect::Absent))

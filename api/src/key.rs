@@ -192,7 +192,7 @@ pub async fn create(
         .meta_put(Put::new(COLLECTION, &id, &value).expect(Expect::Absent))
         .await?;
     audit::record(
-        store,
+        store.as_ref(),
         AuditEntry::new(actor, "key.create")
             .target(serde_json::json!({ "key_id": id, "name": name, "scope": scope }))
             .affected(1),
@@ -225,7 +225,7 @@ pub async fn revoke(store: &Arc<dyn Store>, id: &str, actor: Actor) -> Result<Op
             Err(e) => return Err(e),
         }
         audit::record(
-            store,
+            store.as_ref(),
             AuditEntry::new(actor, "key.revoke")
                 .target(serde_json::json!({ "key_id": id, "name": key.name }))
                 .affected(1),

@@ -159,21 +159,39 @@ pub async fn jobs(store: Arc<dyn Store>, cmd: JobsCommand) -> anyhow::Result<()>
         JobsCommand::Retry { ids, out } => {
             for_each(ids, out.json, "retried", |id| {
                 let store = store.clone();
-                async move { store.retry(id).await.map(|j| json!({"state": j.state})) }
+                async move {
+                    let job = store.retry(id).await?;
+                    audit_cli(&*store, "job.retry", json!({ "ids": [id] }), 1).await?;
+                    Ok(json!({"state": job.state}))
+                }
             })
             .await
         }
         JobsCommand::Cancel { ids, out } => {
             for_each(ids, out.json, "cancel", |id| {
                 let store = store.clone();
-                async move { store.cancel(id).await.map(|r| json!({"result": r})) }
+                async move {
+                    let result = store.cancel(id).await?;
+                    audit_cli(
+                        &*store,
+                        "job.cancel",
+                        json!({ "ids": [id], "result": result }),
+                        1,
+                    )
+                    .await?;
+                    Ok(json!({"result": result}))
+                }
             })
             .await
         }
         JobsCommand::Discard { ids, out } => {
             for_each(ids, out.json, "discarded", |id| {
                 let store = store.clone();
-                async move { store.discard(id).await.map(|()| json!({})) }
+                async move {
+                    store.discard(id).await?;
+                    audit_cli(&*store, "job.discard", json!({ "ids": [id] }), 1).await?;
+                    Ok(json!({}))
+                }
             })
             .await
         }
@@ -299,10 +317,12 @@ async fn bulk(
     let n = if dry_run {
         store.count(&filter).await?
     } else {
-        match op {
-            Bulk::Retry => store.retry_matching(&filter).await?,
-            Bulk::Purge => store.purge(&filter).await?,
-        }
+        let (n, action) = match op {
+            Bulk::Retry => (store.retry_matching(&filter).await?, "jobs.retry"),
+            Bulk::Purge => (store.purge(&filter).await?, "jobs.discard"),
+        };
+        audit_cli(store, action, json!({ "filter": filter }), n).await?;
+        n
     };
     if as_json {
         output::json(&json!({ "matched": n, "dry_run": dry_run, "action": verb }))
@@ -314,6 +334,23 @@ async fn bulk(
         }
         Ok(())
     }
+}
+
+/// Records an operator action taken from the command line.
+async fn audit_cli(
+    store: &dyn Store,
+    action: &str,
+    target: serde_json::Value,
+    affected: u64,
+) -> conveyor_worker::Result<()> {
+    use conveyor_api::audit::{self, Actor, AuditEntry};
+    audit::record(
+        store,
+        AuditEntry::new(Actor::cli(), action)
+            .target(target)
+            .affected(affected),
+    )
+    .await
 }
 
 /// `conveyor queues`

@@ -430,7 +430,7 @@ async fn retry(
 ) -> Result<axum::Json<JobView>, Problem> {
     let job = state.store.retry(id).await?;
     audit::record(
-        &state.store,
+        state.store.as_ref(),
         AuditEntry::new(auth.actor(), "job.retry")
             .target(json!({ "ids": [id] }))
             .affected(1),
@@ -457,7 +457,7 @@ async fn cancel(
         CancelResult::Requested => "requested",
     };
     audit::record(
-        &state.store,
+        state.store.as_ref(),
         AuditEntry::new(auth.actor(), "job.cancel")
             .target(json!({ "ids": [id], "result": result }))
             .affected(1),
@@ -483,7 +483,7 @@ async fn discard(
 ) -> Result<axum::Json<DiscardResponse>, Problem> {
     state.store.discard(id).await?;
     audit::record(
-        &state.store,
+        state.store.as_ref(),
         AuditEntry::new(auth.actor(), "job.discard")
             .target(json!({ "ids": [id] }))
             .affected(1),
@@ -664,7 +664,7 @@ async fn bulk(
         }
     };
     audit::record(
-        &state.store,
+        state.store.as_ref(),
         AuditEntry::new(auth.actor(), &format!("jobs.{}", action.name()))
             .target(target)
             .affected(answer.affected),

@@ -133,7 +133,7 @@ async fn set_paused(
         "queue.resume"
     };
     audit::record(
-        &state.store,
+        state.store.as_ref(),
         AuditEntry::new(actor, action)
             .target(json!({ "queue": name }))
             .affected(1),
