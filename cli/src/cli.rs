@@ -48,8 +48,55 @@ pub enum Command {
     /// Cron schedules: list, show, create, update, delete, pause, resume, trigger, next.
     #[command(subcommand)]
     Schedules(SchedulesCommand),
+    /// API keys: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// The audit log of operator actions.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Run the shared benchmark protocol against a store.
     Bench(BenchArgs),
+}
+
+/// `keys …`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it once (only its hash is stored).
+    Create {
+        /// What it may do: enqueue, read, operate (read + actions) or admin (everything).
+        #[arg(long)]
+        scope: String,
+        /// Who or what it is for, e.g. billing-app.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Every key (id, name, scope, created, revoked).
+    List(OutputArgs),
+    /// Revoke a key by id (or the whole key); requests with it get 401.
+    Revoke {
+        /// The key's id (the part after `cvk_`), or the key itself.
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+/// `audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Operator actions, newest first.
+    List {
+        /// Page size (1-1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue after this audit id (the last id of the previous page).
+        #[arg(long, value_name = "ID")]
+        before: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 /// A role of a `serve` process.

@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use conveyor_api::ApiConfig;
 use conveyor_scheduler::MaintenanceConfig;
 use conveyor_scheduler::schedule::{Schedule, ScheduleSpec};
 use conveyor_worker::runtime::{QueueConfig, WorkerConfig};
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::Role;
 
 /// The sections a config file (and `CONVEYOR_<SECTION>__…`) may set.
-const SECTIONS: [&str; 5] = ["database", "serve", "worker", "maintenance", "log"];
+const SECTIONS: [&str; 6] = ["database", "serve", "api", "worker", "maintenance", "log"];
 
 /// Everything `conveyor` reads from its config.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -30,6 +31,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// The `serve` process.
     pub serve: ServeConfig,
+    /// The HTTP API: limits, rate limits, metrics access, CORS.
+    pub api: ApiConfig,
     /// The worker runtime.
     pub worker: WorkerConfig,
     /// Promoter, rescuer, pruner (including retention) and the cron service.
@@ -234,6 +237,7 @@ impl Config {
         self.worker
             .validate()
             .map_err(|e| ConfigError(e.to_string()))?;
+        self.api.validate().map_err(ConfigError)?;
         self.compiled_schedules()?;
         Ok(())
     }

@@ -108,6 +108,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.compiled_schedules()?;
             schedules::run(&config, open_store(&config).await?, cmd).await
         }
+        Command::Keys(cmd) => commands::keys(open_store(&config).await?, cmd).await,
+        Command::Audit(cmd) => commands::audit(open_store(&config).await?, cmd).await,
         Command::Bench(_) => unreachable!("handled above"),
     }
 }

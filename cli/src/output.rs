@@ -213,3 +213,47 @@ pub fn schedules_table(rows: &[conveyor_scheduler::registry::ScheduleStatus]) {
     }
     println!("{t}");
 }
+
+/// API keys.
+pub fn keys_table(keys: &[conveyor_api::key::ApiKey]) {
+    if keys.is_empty() {
+        println!("no keys; create one with `conveyor keys create --scope read --name NAME`");
+        return;
+    }
+    let mut t = table(&["id", "name", "scope", "created", "revoked"]);
+    for k in keys {
+        t.add_row(vec![
+            k.id.clone(),
+            k.name.clone(),
+            k.scope.to_string(),
+            time(k.created_at),
+            opt_time(k.revoked_at),
+        ]);
+    }
+    println!("{t}");
+}
+
+/// Audit records, newest first; points at the next page when this one is full.
+pub fn audit_table(entries: &[conveyor_api::audit::AuditEntry], page_size: u32) {
+    if entries.is_empty() {
+        println!("no audit records");
+        return;
+    }
+    let mut t = table(&["at", "who", "from", "action", "affected", "target"]);
+    for e in entries {
+        t.add_row(vec![
+            time(e.at),
+            e.actor.name.clone(),
+            e.actor.address.clone().unwrap_or_else(|| "-".into()),
+            e.action.clone(),
+            e.affected.to_string(),
+            clip(&e.target.to_string(), 80),
+        ]);
+    }
+    println!("{t}");
+    if entries.len() == page_size as usize
+        && let Some(last) = entries.last()
+    {
+        println!("more: --before {}", last.id);
+    }
+}
