@@ -11,7 +11,7 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `{P:Q}:job:<id>` | hash: the job (args, tags, metadata and the attempt history as JSON strings; times as microseconds) |
+//! | `{P:Q}:job:<id>` | hash: the job (args, tags, metadata and the attempt history as JSON strings; times as microseconds). The id and queue are in the key; empty tags, `{}` metadata and an empty history are left out |
 //! | `{P:Q}:ready` | zset of `available` jobs, score `priority · 10¹³ + run_at_ms`: fetch pops the head |
 //! | `{P:Q}:delayed` | zset of `scheduled` and `retryable` jobs by `run_at` (µs) |
 //! | `{P:Q}:leases` | zset of `running` jobs by lease deadline (µs): the rescuer's work list |
@@ -25,9 +25,10 @@
 //! holder). They are read and written by single-key commands beside the queue's scripts.
 //! Operations that span queues walk `P:queues` and run one script per queue: `list`, `count`,
 //! `queue_stats`, `heartbeat`, `promote_due`, `rescue_expired`, `prune`, `retry_matching` and
-//! `purge`. The store talks to one server through a [`ConnectionManager`]; the layout is what
-//! lets the same scripts run unchanged on a cluster (each names its queue's `ready` key first,
-//! so a cluster client routes it to the right node).
+//! `purge`. The store talks to one server through a [`ConnectionManager`]; there is no
+//! cluster client yet. The layout is what would let the same scripts run unchanged on a
+//! cluster: each names one key of its queue in `KEYS` (so a cluster client routes it to the
+//! right node) and builds the others from the same hash tag, so they share its slot.
 //!
 //! # Costs
 //!
@@ -46,8 +47,8 @@
 //! # Idempotency keys
 //!
 //! A key is claimed with `SET P:key:<k> queue/id NX PX 60000` before the insert and made
-//! permanent right after it, then lives exactly as long as its job: deleting the job (prune,
-//! discard, purge) frees it. So duplicates behave as on the SQL backends, including the
+//! permanent (`PERSIST`, in the insert's pipeline) right after it, then lives exactly as long
+//! as its job: deleting the job (prune, discard, purge) frees it. So duplicates behave as on the SQL backends, including the
 //! pruner keeping a keyed finished job for `RetentionPolicy::idempotency`. The claim's expiry
 //! only covers an enqueue that died between claim and insert; a confirmed key whose job is
 //! gone is found and freed by the next enqueue that wants it. A key and its job live in
