@@ -45,14 +45,61 @@ pub enum Command {
     Dead(DeadCommand),
     /// Counts by state and the oldest ready job's age, per queue.
     Queues(OutputArgs),
-    /// Cron schedules from the config file (`[[schedules]]`).
+    /// Cron schedules: list, show, create, update, delete, pause, resume, trigger, next.
     #[command(subcommand)]
     Schedules(SchedulesCommand),
+    /// API keys: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// The audit log of operator actions.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Run the shared benchmark protocol against a store.
     Bench(BenchArgs),
     /// Webhooks: endpoints, events, the attempt log, replay, health.
     #[command(subcommand)]
     Webhooks(crate::webhooks::WebhooksCommand),
+}
+
+/// `keys …`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it once (only its hash is stored).
+    Create {
+        /// What it may do: enqueue, read, operate (read + actions) or admin (everything).
+        #[arg(long)]
+        scope: String,
+        /// Who or what it is for, e.g. billing-app.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Every key (id, name, scope, created, revoked).
+    List(OutputArgs),
+    /// Revoke a key by id (or the whole key); requests with it get 401.
+    Revoke {
+        /// The key's id (the part after `cvk_`), or the key itself.
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+/// `audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Operator actions, newest first.
+    List {
+        /// Page size (1-1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue after this audit id (the last id of the previous page).
+        #[arg(long, value_name = "ID")]
+        before: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 /// A role of a `serve` process.
@@ -223,8 +270,56 @@ pub enum JobsCommand {
 /// `schedules …`
 #[derive(Debug, Subcommand)]
 pub enum SchedulesCommand {
-    /// Every schedule with its expression, zone, target and next fire time.
+    /// Every schedule with its last fire, last outcome and next fire.
     List(OutputArgs),
+    /// One schedule in full, with its last fire, last outcome and next fire.
+    Show {
+        /// The schedule's name.
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Store a new schedule (it starts firing within a second on every scheduler).
+    Create {
+        /// Unique name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        fields: ScheduleFields,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Change fields of a stored schedule; fields not given stay as they are.
+    Update {
+        /// The schedule's name.
+        name: String,
+        #[command(flatten)]
+        fields: ScheduleFields,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Delete a schedule (the jobs it enqueued stay).
+    Delete {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Stop firing until resumed (ticks while paused are not fired later).
+    Pause {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Fire again from the next tick.
+    Resume {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Enqueue one job of the schedule now, outside its ticks.
+    Trigger {
+        /// The schedule's name.
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// The next fire times of one schedule, in its time zone.
     Next {
         /// The schedule's name.
@@ -238,6 +333,45 @@ pub enum SchedulesCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+}
+
+/// The fields of a schedule, for `create` (where `--cron` and `--kind` are required) and
+/// `update` (where every field is optional).
+#[derive(Debug, Args)]
+pub struct ScheduleFields {
+    /// Cron expression: 5 fields (`30 2 * * *`), or 6-7 with seconds first.
+    #[arg(long)]
+    pub cron: Option<String>,
+    /// Job kind to enqueue.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// IANA time zone the expression is read in (default UTC).
+    #[arg(long)]
+    pub timezone: Option<String>,
+    /// Queue of the jobs (default `default`).
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Job arguments as JSON (default `{}`).
+    #[arg(long)]
+    pub args: Option<String>,
+    /// Job priority (smaller runs first).
+    #[arg(long, allow_hyphen_values = true)]
+    pub priority: Option<i16>,
+    /// Attempt budget of each job.
+    #[arg(long)]
+    pub max_attempts: Option<i32>,
+    /// Missed ticks: skip, latest (default) or all.
+    #[arg(long)]
+    pub missed: Option<String>,
+    /// Most ticks one backfill enqueues with `--missed all`.
+    #[arg(long)]
+    pub backfill_limit: Option<u32>,
+    /// Overlap: allow (default) or skip while the previous tick's job is unfinished.
+    #[arg(long)]
+    pub overlap: Option<String>,
+    /// Store it paused.
+    #[arg(long)]
+    pub disabled: bool,
 }
 
 /// `dead …`

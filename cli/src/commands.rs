@@ -9,8 +9,9 @@ use conveyor_worker::store::{JobFilter, Page};
 use conveyor_worker::{JobId, JobState, NewJob, Store};
 use serde_json::json;
 
-use crate::cli::{DeadCommand, EnqueueArgs, FilterArgs, JobsCommand, PageArgs, SchedulesCommand};
-use crate::config::Config;
+use crate::cli::{
+    AuditCommand, DeadCommand, EnqueueArgs, FilterArgs, JobsCommand, KeysCommand, PageArgs,
+};
 use crate::output;
 
 /// Parses a JSON flag, saying which flag and where the JSON breaks.
@@ -156,21 +157,39 @@ pub async fn jobs(store: Arc<dyn Store>, cmd: JobsCommand) -> anyhow::Result<()>
         JobsCommand::Retry { ids, out } => {
             for_each(ids, out.json, "retried", |id| {
                 let store = store.clone();
-                async move { store.retry(id).await.map(|j| json!({"state": j.state})) }
+                async move {
+                    let job = store.retry(id).await?;
+                    audit_cli(&*store, "job.retry", json!({ "ids": [id] }), 1).await?;
+                    Ok(json!({"state": job.state}))
+                }
             })
             .await
         }
         JobsCommand::Cancel { ids, out } => {
             for_each(ids, out.json, "cancel", |id| {
                 let store = store.clone();
-                async move { store.cancel(id).await.map(|r| json!({"result": r})) }
+                async move {
+                    let result = store.cancel(id).await?;
+                    audit_cli(
+                        &*store,
+                        "job.cancel",
+                        json!({ "ids": [id], "result": result }),
+                        1,
+                    )
+                    .await?;
+                    Ok(json!({"result": result}))
+                }
             })
             .await
         }
         JobsCommand::Discard { ids, out } => {
             for_each(ids, out.json, "discarded", |id| {
                 let store = store.clone();
-                async move { store.discard(id).await.map(|()| json!({})) }
+                async move {
+                    store.discard(id).await?;
+                    audit_cli(&*store, "job.discard", json!({ "ids": [id] }), 1).await?;
+                    Ok(json!({}))
+                }
             })
             .await
         }
@@ -296,10 +315,12 @@ async fn bulk(
     let n = if dry_run {
         store.count(&filter).await?
     } else {
-        match op {
-            Bulk::Retry => store.retry_matching(&filter).await?,
-            Bulk::Purge => store.purge(&filter).await?,
-        }
+        let (n, action) = match op {
+            Bulk::Retry => (store.retry_matching(&filter).await?, "jobs.retry"),
+            Bulk::Purge => (store.purge(&filter).await?, "jobs.discard"),
+        };
+        audit_cli(store, action, json!({ "filter": filter }), n).await?;
+        n
     };
     if as_json {
         output::json(&json!({ "matched": n, "dry_run": dry_run, "action": verb }))
@@ -313,6 +334,23 @@ async fn bulk(
     }
 }
 
+/// Records an operator action taken from the command line.
+pub(crate) async fn audit_cli(
+    store: &dyn Store,
+    action: &str,
+    target: serde_json::Value,
+    affected: u64,
+) -> conveyor_worker::Result<()> {
+    use conveyor_api::audit::{self, Actor, AuditEntry};
+    audit::record(
+        store,
+        AuditEntry::new(Actor::cli(), action)
+            .target(target)
+            .affected(affected),
+    )
+    .await
+}
+
 /// `conveyor queues`
 pub async fn queues(store: Arc<dyn Store>, as_json: bool) -> anyhow::Result<()> {
     let stats = store.queue_stats().await?;
@@ -324,68 +362,59 @@ pub async fn queues(store: Arc<dyn Store>, as_json: bool) -> anyhow::Result<()> 
     }
 }
 
-/// `schedules list|next`: answered from the config file, without the store.
-pub fn schedules(config: &Config, cmd: SchedulesCommand) -> anyhow::Result<()> {
-    let schedules = config.compiled_schedules()?;
-    let now = chrono::Utc::now();
+/// `conveyor keys …`
+pub async fn keys(store: Arc<dyn Store>, cmd: KeysCommand) -> anyhow::Result<()> {
+    use conveyor_api::audit::Actor;
+    use conveyor_api::key::{self, Scope};
     match cmd {
-        SchedulesCommand::List(out) => {
-            let rows: Vec<serde_json::Value> = schedules
-                .iter()
-                .map(|s| {
-                    let spec = s.spec();
-                    serde_json::json!({
-                        "name": spec.name,
-                        "cron": spec.cron,
-                        "timezone": spec.timezone,
-                        "queue": spec.queue,
-                        "kind": spec.kind,
-                        "enabled": spec.enabled,
-                        "missed": spec.missed,
-                        "overlap": spec.overlap,
-                        "next": s.next(now, 1).first().map(|t| t.to_rfc3339()),
-                    })
-                })
-                .collect();
+        KeysCommand::Create { scope, name, out } => {
+            let scope: Scope = scope.parse()?;
+            let (k, token) = key::create(&store, &name, scope, Actor::cli()).await?;
             if out.json {
-                return output::json(&rows);
-            }
-            if rows.is_empty() {
-                println!(
-                    "no schedules; add [[schedules]] to the config file (see config/conveyor.example.toml)"
+                output::json(&json!({ "key": token, "id": k.id, "name": k.name, "scope": k.scope }))
+            } else {
+                println!("{token}");
+                eprintln!(
+                    "created key {} `{}` with scope `{}`. This is the only time the key is shown: store it now. Send it as `Authorization: Bearer <key>`.",
+                    k.id, k.name, k.scope
                 );
-                return Ok(());
+                Ok(())
             }
-            output::schedules_table(&rows);
-            Ok(())
         }
-        SchedulesCommand::Next {
-            name,
-            count,
-            after,
-            out,
-        } => {
-            let Some(schedule) = schedules.iter().find(|s| s.spec().name == name) else {
-                let known: Vec<&str> = schedules.iter().map(|s| s.spec().name.as_str()).collect();
-                anyhow::bail!(
-                    "no schedule named `{name}` in the config; known: {}",
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                );
-            };
-            let from = after.map_or(now, |t| t.with_timezone(&chrono::Utc));
-            let times = schedule.next(from, usize::from(count));
+        KeysCommand::List(out) => {
+            let keys = key::list(&store).await?;
             if out.json {
-                let times: Vec<String> = times.iter().map(|t| t.to_rfc3339()).collect();
-                return output::json(&times);
+                output::json(&keys)
+            } else {
+                output::keys_table(&keys);
+                Ok(())
             }
-            for t in times {
-                println!("{}", t.format("%Y-%m-%d %H:%M:%S %Z (%:z)"));
+        }
+        KeysCommand::Revoke { id, out } => match key::revoke(&store, &id, Actor::cli()).await? {
+            Some(k) if out.json => output::json(&k),
+            Some(k) => {
+                println!("key {} `{}` is revoked", k.id, k.name);
+                Ok(())
             }
-            Ok(())
+            None => bail!("no key with id `{id}`; see `conveyor keys list`"),
+        },
+    }
+}
+
+/// `conveyor audit …`
+pub async fn audit(store: Arc<dyn Store>, cmd: AuditCommand) -> anyhow::Result<()> {
+    match cmd {
+        AuditCommand::List { limit, before, out } => {
+            if !(1..=1000).contains(&limit) {
+                bail!("--limit must be between 1 and 1000, got {limit}");
+            }
+            let entries = conveyor_api::audit::list(&store, before, limit).await?;
+            if out.json {
+                output::json(&entries)
+            } else {
+                output::audit_table(&entries, limit);
+                Ok(())
+            }
         }
     }
 }

@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use conveyor_api::ApiConfig;
 use conveyor_scheduler::MaintenanceConfig;
 use conveyor_scheduler::schedule::{Schedule, ScheduleSpec};
 use conveyor_worker::runtime::{QueueConfig, WorkerConfig};
@@ -20,9 +21,10 @@ use serde::{Deserialize, Serialize};
 use crate::cli::Role;
 
 /// The sections a config file (and `CONVEYOR_<SECTION>__…`) may set.
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "database",
     "serve",
+    "api",
     "worker",
     "maintenance",
     "log",
@@ -37,6 +39,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// The `serve` process.
     pub serve: ServeConfig,
+    /// The HTTP API: limits, rate limits, metrics access, CORS.
+    pub api: ApiConfig,
     /// The worker runtime.
     pub worker: WorkerConfig,
     /// Promoter, rescuer, pruner (including retention) and the cron service.
@@ -243,6 +247,7 @@ impl Config {
         self.worker
             .validate()
             .map_err(|e| ConfigError(e.to_string()))?;
+        self.api.validate().map_err(ConfigError)?;
         self.compiled_schedules()?;
         self.webhooks.validate().map_err(ConfigError)?;
         Ok(())

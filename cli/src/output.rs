@@ -170,28 +170,90 @@ pub fn queues_table(stats: &[QueueStats]) {
     println!("{t}");
 }
 
-/// Schedules as rows of `name, cron, timezone, queue, kind, enabled, next`.
-pub fn schedules_table(rows: &[serde_json::Value]) {
+/// Schedules (with their status) as a table.
+pub fn schedules_table(rows: &[conveyor_scheduler::registry::ScheduleStatus]) {
     let mut t = table(&[
         "name",
         "cron",
         "zone",
-        "queue",
-        "kind",
+        "queue / kind",
         "enabled",
+        "last fire",
+        "last outcome",
         "next fire",
     ]);
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map_or("-".to_string(), |t| {
+            t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+        })
+    };
     for r in rows {
-        let text = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+        let spec = &r.schedule.spec;
         t.add_row(vec![
-            text("name"),
-            text("cron"),
-            text("timezone"),
-            text("queue"),
-            text("kind"),
-            r["enabled"].to_string(),
-            text("next"),
+            spec.name.clone(),
+            spec.cron.clone(),
+            spec.timezone.clone(),
+            format!("{} / {}", spec.queue, spec.kind),
+            if spec.enabled {
+                "yes".to_string()
+            } else {
+                r.schedule
+                    .disabled_reason
+                    .as_deref()
+                    .map_or("paused".to_string(), |why| format!("no ({why})"))
+            },
+            time(r.last_fire),
+            match (r.last_job, r.last_state) {
+                (Some(_), Some(state)) => state.to_string(),
+                (Some(_), None) => "pruned".into(),
+                _ => "-".into(),
+            },
+            time(r.next_fire),
         ]);
     }
     println!("{t}");
+}
+
+/// API keys.
+pub fn keys_table(keys: &[conveyor_api::key::ApiKey]) {
+    if keys.is_empty() {
+        println!("no keys; create one with `conveyor keys create --scope read --name NAME`");
+        return;
+    }
+    let mut t = table(&["id", "name", "scope", "created", "revoked"]);
+    for k in keys {
+        t.add_row(vec![
+            k.id.clone(),
+            k.name.clone(),
+            k.scope.to_string(),
+            time(k.created_at),
+            opt_time(k.revoked_at),
+        ]);
+    }
+    println!("{t}");
+}
+
+/// Audit records, newest first; points at the next page when this one is full.
+pub fn audit_table(entries: &[conveyor_api::audit::AuditEntry], page_size: u32) {
+    if entries.is_empty() {
+        println!("no audit records");
+        return;
+    }
+    let mut t = table(&["at", "who", "from", "action", "affected", "target"]);
+    for e in entries {
+        t.add_row(vec![
+            time(e.at),
+            e.actor.name.clone(),
+            e.actor.address.clone().unwrap_or_else(|| "-".into()),
+            e.action.clone(),
+            e.affected.to_string(),
+            clip(&e.target.to_string(), 80),
+        ]);
+    }
+    println!("{t}");
+    if entries.len() == page_size as usize
+        && let Some(last) = entries.last()
+    {
+        println!("more: --before {}", last.id);
+    }
 }

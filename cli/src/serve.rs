@@ -1,6 +1,7 @@
 //! `conveyor serve` / `conveyor worker`: one process running any of the roles.
 //!
-//! - `api`: the HTTP listener. Today `/livez` and `/readyz`; the `/v1` API mounts here.
+//! - `api`: the HTTP listener: the `/v1` API (`conveyor_api`), `/livez`, `/readyz`, `/metrics`
+//!   (and `/metrics` alone on `api.metrics.listen` if set).
 //! - `worker`: the worker runtime over the configured queues.
 //! - `scheduler`: promoter, rescuer, pruner and the cron schedules (safe on every replica).
 //!
@@ -9,15 +10,9 @@
 //! back to the queue, and the process exits 0.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use conveyor_scheduler::{CronScheduler, Maintenance};
+use conveyor_scheduler::{CronScheduler, Maintenance, Schedules};
 use conveyor_worker::runtime::Worker;
 use conveyor_worker::{Registry, Store};
 use tokio_util::sync::CancellationToken;
@@ -43,14 +38,27 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
             })?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "listening on http://{addr}");
-        let app = router(store.clone());
+        let state = conveyor_api::AppState::new(store.clone(), config.api.clone());
+        let app = conveyor_api::router(state.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
+            conveyor_api::serve(listener, app, async move { stop.cancelled().await })
                 .await
                 .context("HTTP server failed")
         });
+        if let Some(addr) = config.api.metrics.listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} for metrics: pick another with api.metrics.listen")
+            })?;
+            tracing::info!(%addr, "metrics on http://{addr}/metrics");
+            let app = conveyor_api::metrics_router(state);
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                conveyor_api::serve(listener, app, async move { stop.cancelled().await })
+                    .await
+                    .context("metrics server failed")
+            });
+        }
     }
     if roles.contains(&Role::Scheduler) {
         let maintenance = Maintenance::new(store.clone(), config.maintenance.clone());
@@ -59,14 +67,26 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
             maintenance.run(stop).await;
             Ok(())
         });
-        let schedules = config.compiled_schedules()?;
-        if !schedules.is_empty() {
-            tracing::info!(
-                schedules = ?schedules.iter().map(|s| s.spec().name.as_str()).collect::<Vec<_>>(),
-                "cron schedules loaded"
-            );
+        config.compiled_schedules()?;
+        let registry = Schedules::new(store.clone());
+        let seeded = registry
+            .seed_builtin(&conveyor_scheduler::registry::builtin())
+            .await
+            .context("cannot store the built-in example schedules")?;
+        if !seeded.is_empty() {
+            tracing::info!(schedules = ?seeded, "example schedules stored (disabled; `conveyor schedules resume NAME` turns one on)");
         }
-        let cron = CronScheduler::new(store.clone(), schedules, config.maintenance.cron.clone());
+        let report = registry
+            .reconcile(&config.schedules)
+            .await
+            .context("cannot store the config file's schedules")?;
+        tracing::info!(
+            created = ?report.created,
+            updated = ?report.updated,
+            disabled = ?report.disabled,
+            "config schedules reconciled"
+        );
+        let cron = CronScheduler::from_store(store.clone(), config.maintenance.cron.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
             cron.run(stop).await;
@@ -121,27 +141,4 @@ async fn signal_shutdown(shutdown: CancellationToken) {
     };
     tracing::info!(signal = name, "shutdown requested: finishing running jobs");
     shutdown.cancel();
-}
-
-/// The HTTP routes.
-pub fn router(store: Arc<dyn Store>) -> Router {
-    Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(store)
-}
-
-/// 200 when the store answers and its schema is current; 503 with the reason otherwise.
-async fn readyz(State(store): State<Arc<dyn Store>>) -> impl IntoResponse {
-    match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_string()),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: store: {e}\n"),
-        ),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: store did not answer within 2s\n".to_string(),
-        ),
-    }
 }

@@ -13,7 +13,75 @@ use nix::sys::signal::Signal;
 cli_backend_tests!(
     enqueue_dedupes_and_dead_letters_can_be_retried_and_purged,
     bad_input_is_explained_and_changes_nothing,
+    keys_and_the_audit_log,
 );
+
+async fn keys_and_the_audit_log(url: String, store: Arc<dyn Store>) {
+    let created = run_json(
+        &url,
+        &["keys", "create", "--scope", "read", "--name", "dash"],
+    );
+    let key = created["key"].as_str().unwrap();
+    let id = created["id"].as_str().unwrap();
+    assert!(key.starts_with(&format!("cvk_{id}_")), "{key}");
+    let (code, out, err) = run(
+        &url,
+        &["keys", "create", "--scope", "operate", "--name", "ops"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.trim().starts_with("cvk_") && err.contains("only time"),
+        "{out} {err}"
+    );
+
+    let listed = run_json(&url, &["keys", "list"]);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed.iter().all(|k| k.get("hash").is_none()),
+        "hashes are never shown"
+    );
+    assert!(
+        !listed.iter().any(|k| k.to_string().contains(&key[21..])),
+        "nor secrets"
+    );
+
+    let revoked = run_json(&url, &["keys", "revoke", id]);
+    assert!(revoked["revoked_at"].is_string());
+    let (code, _, err) = run(&url, &["keys", "revoke", "0000000000000000"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no key"), "{err}");
+    let (code, _, err) = run(&url, &["keys", "create", "--scope", "root", "--name", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("enqueue, read, operate or admin"), "{err}");
+
+    let job = store
+        .enqueue(conveyor_worker::NewJob::new(
+            "demo.echo",
+            serde_json::json!({}),
+        ))
+        .await
+        .unwrap();
+    run_json(&url, &["jobs", "cancel", &job.id.to_string()]);
+    let audit = run_json(&url, &["audit", "list"]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["job.cancel", "key.revoke", "key.create", "key.create"]
+    );
+    assert!(
+        audit[0]["actor"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("cli:")
+    );
+    assert_eq!(audit[0]["target"]["ids"][0], job.id.to_string());
+}
 
 async fn enqueue_dedupes_and_dead_letters_can_be_retried_and_purged(
     url: String,

@@ -69,6 +69,10 @@ impl Rescuer {
             }
         }
         if total != RescueReport::default() {
+            let rescues = &conveyor_worker::metrics::global().rescues;
+            rescues.get(&["retried"]).add(total.retried);
+            rescues.get(&["dead"]).add(total.dead);
+            rescues.get(&["cancelled"]).add(total.cancelled);
             tracing::warn!(?total, "rescued jobs whose worker stopped heartbeating");
         }
         Ok(total)

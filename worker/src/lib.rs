@@ -9,10 +9,12 @@
 //!   semaphore slot, outcomes become `store::Finish` rows (`runtime::transition`) written back
 //!   in batches by the completer; a heartbeat renews leases and delivers cancel requests.
 //! - [`retry_policy`]: backoff between attempts.
+//! - [`metrics`]: process-local counters and histograms, rendered by the API's `/metrics`.
 
 pub mod error;
 pub mod handler;
 pub mod job;
+pub mod metrics;
 pub mod retry_policy;
 pub mod runtime;
 pub mod store;

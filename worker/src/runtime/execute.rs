@@ -10,10 +10,11 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::Shared;
 use super::transition::{Ended, transition};
+use super::{QueueState, Shared};
 use crate::handler::{JobContext, JobError, Outcome};
-use crate::job::Job;
+use crate::job::{Job, JobState};
+use crate::metrics::JobSeries;
 use crate::retry_policy::RetryPolicy;
 use crate::store::Finish;
 
@@ -22,6 +23,8 @@ pub(crate) async fn run(
     job: Job,
     slot: Option<OwnedSemaphorePermit>,
     done: mpsc::Sender<Finish>,
+    series: Arc<JobSeries>,
+    queue: Arc<QueueState>,
 ) {
     let span = tracing::info_span!(
         "job",
@@ -33,6 +36,9 @@ pub(crate) async fn run(
     async move {
         let job = Arc::new(job);
         let started_at = job.attempted_at.unwrap_or_else(Utc::now);
+        if let Ok(wait) = (started_at - job.run_at).to_std() {
+            series.queue_wait.observe(wait);
+        }
         let token = CancellationToken::new();
         shared
             .running
@@ -68,6 +74,8 @@ pub(crate) async fn run(
             .as_ref()
             .map_or(&default_policy, |r| &r.options.retry);
         let finish = transition(&job, ended, policy, &shared.worker_id, started_at, Utc::now());
+        record(&series, &finish);
+        queue.finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The completer outlives every job task, so this only fails if it crashed; then the
         // lease expires and the rescuer retries the job.
         if done.send(finish).await.is_err() {
@@ -76,6 +84,27 @@ pub(crate) async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// Counts the attempt's outcome and times it.
+fn record(series: &JobSeries, finish: &Finish) {
+    series.execution.observe(std::time::Duration::from_millis(
+        finish.record.duration_ms.max(0) as u64,
+    ));
+    match finish.state {
+        JobState::Completed => series.completed.inc(),
+        JobState::Retryable => {
+            series.failed.inc();
+            series.retried.inc();
+        }
+        JobState::Dead => {
+            series.failed.inc();
+            series.dead.inc();
+        }
+        JobState::Cancelled => series.cancelled.inc(),
+        // Snoozed or given back at shutdown: not an outcome.
+        _ => {}
+    }
 }
 
 type Caught = Result<anyhow::Result<Outcome>, Box<dyn Any + Send>>;

@@ -6,25 +6,47 @@
 //! runs them. So after a failed fetch, before fetching again, the loop asks the store which
 //! of the queue's jobs it leases to this worker and runs the ones it does not hold.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{QueueConfig, Shared, execute};
+use super::{QueueState, Shared, execute};
 use crate::error::Result;
+use crate::job::Job;
+use crate::metrics::{self, JobSeries};
 use crate::store::{FetchRequest, Finish};
+
+/// The metrics series of each kind seen on one queue, looked up in the registry once per
+/// kind so recording a job takes no lock.
+#[derive(Default)]
+pub(crate) struct SeriesCache(HashMap<String, Arc<JobSeries>>);
+
+impl SeriesCache {
+    pub(crate) fn get(&mut self, job: &Job) -> Arc<JobSeries> {
+        if let Some(s) = self.0.get(job.kind.as_str()) {
+            return s.clone();
+        }
+        let s = metrics::global().jobs.get(&[&job.queue, &job.kind]);
+        self.0.insert(job.kind.clone(), s.clone());
+        s
+    }
+}
 
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    queue: QueueConfig,
-    wake: Arc<Notify>,
+    state: Arc<QueueState>,
     jobs: TaskTracker,
     done: mpsc::Sender<Finish>,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(queue.concurrency as usize));
+    let queue = &state.config;
+    let wake = &state.wake;
+    let slots = &state.slots;
+    let mut series = SeriesCache::default();
     let batch = (shared.config.fetch_batch.min(queue.concurrency)).max(1);
     // With a backlog, wait until a quarter of a batch is free so every fetch claims a
     // worthwhile batch instead of one job per round trip. When the queue is dry, one free
@@ -35,13 +57,23 @@ pub(crate) async fn run(
     let mut recheck = false;
     loop {
         if recheck {
-            match adopt(&shared, &queue.name, &slots, &jobs, &done, &shutdown).await {
+            match adopt(&shared, &state, &mut series, &jobs, &done, &shutdown).await {
                 Ok(true) => recheck = false,
                 Ok(false) => return, // shutting down
                 Err(e) => {
                     tracing::warn!(queue = %queue.name, error = %e, "looking for claims lost with a failed fetch failed; asking again next round");
                 }
             }
+        }
+        // A paused queue fetches nothing; the pause watcher wakes this loop on resume.
+        if state.paused.load(Ordering::Relaxed) {
+            backlog = false;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(shared.config.poll_interval) => {}
+            }
+            continue;
         }
         let need = if backlog { low_water } else { 1 };
         let mut permit = tokio::select! {
@@ -73,10 +105,26 @@ pub(crate) async fn run(
                         // The store returned more than asked; it still runs, over the limit
                         // for a moment, rather than being stranded in `running`.
                         tracing::error!(queue = %queue.name, "store returned more jobs than requested");
-                        jobs.spawn(execute::run(shared.clone(), job, None, done.clone()));
+                        let s = series.get(&job);
+                        jobs.spawn(execute::run(
+                            shared.clone(),
+                            job,
+                            None,
+                            done.clone(),
+                            s,
+                            state.clone(),
+                        ));
                         continue;
                     };
-                    jobs.spawn(execute::run(shared.clone(), job, Some(slot), done.clone()));
+                    let s = series.get(&job);
+                    jobs.spawn(execute::run(
+                        shared.clone(),
+                        job,
+                        Some(slot),
+                        done.clone(),
+                        s,
+                        state.clone(),
+                    ));
                 }
                 drop(permit);
                 if backlog {
@@ -103,8 +151,8 @@ pub(crate) async fn run(
 /// once this worker stops renewing them, the rescuer retries them).
 async fn adopt(
     shared: &Arc<Shared>,
-    queue: &str,
-    slots: &Arc<Semaphore>,
+    state: &Arc<QueueState>,
+    series: &mut SeriesCache,
     jobs: &TaskTracker,
     done: &mpsc::Sender<Finish>,
     shutdown: &CancellationToken,
@@ -112,6 +160,8 @@ async fn adopt(
     // What this process holds is read before the store is asked: a job whose outcome is
     // written while the store answers would otherwise look running there and unheld here.
     // Nothing is added meanwhile: only this loop fetches this queue's jobs.
+    let queue = state.config.name.as_str();
+    let slots: &Arc<Semaphore> = &state.slots;
     let held = shared.held().clone();
     let lost: Vec<_> = shared
         .store
@@ -136,7 +186,15 @@ async fn adopt(
             },
         };
         shared.held().insert(job.id);
-        jobs.spawn(execute::run(shared.clone(), job, Some(slot), done.clone()));
+        let s = series.get(&job);
+        jobs.spawn(execute::run(
+            shared.clone(),
+            job,
+            Some(slot),
+            done.clone(),
+            s,
+            state.clone(),
+        ));
     }
     Ok(true)
 }

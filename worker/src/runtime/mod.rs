@@ -11,8 +11,11 @@
 //!   a job's next state.
 //! - [`completer`]: drains finished outcomes from a channel and writes them with one
 //!   `Store::finish` per batch, so completion never costs a round trip per job.
-//! - [`heartbeat`]: renews every lease this process holds with one statement, and fires the
-//!   cancel token of jobs whose cancellation was requested.
+//! - [`heartbeat`]: renews every lease this process holds with one statement, fires the
+//!   cancel token of jobs whose cancellation was requested, and refreshes this worker's
+//!   [`registration`] (a record with a TTL that the API lists).
+//! - [`pause`]: a watcher reads the queues' settings every second; a fetch loop whose queue
+//!   is paused fetches nothing until it is resumed.
 //!
 //! Shutdown: stop fetching, let running jobs finish within the grace period, then interrupt
 //! the rest (they go back to `available` without using an attempt), flush the completer, exit.
@@ -21,6 +24,8 @@ mod completer;
 mod execute;
 mod fetch;
 mod heartbeat;
+pub mod pause;
+pub mod registration;
 mod transition;
 
 use std::collections::{HashMap, HashSet};
@@ -184,6 +189,31 @@ pub(crate) struct Shared {
     pub held: Mutex<HashSet<JobId>>,
     /// Fired when the shutdown grace period runs out: running handlers are dropped.
     pub interrupt: CancellationToken,
+    /// Per-queue state shared by its fetch loop, its jobs, the pause watcher and the heartbeat.
+    pub queues: HashMap<String, Arc<QueueState>>,
+    /// When this worker started.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// One queue of this worker.
+pub(crate) struct QueueState {
+    pub config: QueueConfig,
+    /// One permit per job slot; `concurrency - available` jobs run now.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// Attempts finished (any outcome), for the registration's throughput.
+    pub finished: std::sync::atomic::AtomicU64,
+    /// The queue is paused (from the store's `queues` records).
+    pub paused: std::sync::atomic::AtomicBool,
+    /// Wakes the fetch loop (new jobs, or the queue was resumed).
+    pub wake: Arc<Notify>,
+}
+
+impl QueueState {
+    /// Jobs running now.
+    pub fn running(&self) -> u32 {
+        let free = self.slots.available_permits() as u32;
+        self.config.concurrency.saturating_sub(free)
+    }
 }
 
 impl Shared {
@@ -215,6 +245,20 @@ impl Worker {
     pub fn new(store: Arc<dyn Store>, registry: Registry, config: WorkerConfig) -> Result<Self> {
         config.validate()?;
         let worker_id: Arc<str> = config.id.as_str().into();
+        let queues = config
+            .queues
+            .iter()
+            .map(|q| {
+                let state = QueueState {
+                    config: q.clone(),
+                    slots: Arc::new(tokio::sync::Semaphore::new(q.concurrency as usize)),
+                    finished: Default::default(),
+                    paused: Default::default(),
+                    wake: Arc::new(Notify::new()),
+                };
+                (q.name.clone(), Arc::new(state))
+            })
+            .collect();
         Ok(Self {
             shared: Arc::new(Shared {
                 store,
@@ -224,6 +268,8 @@ impl Worker {
                 running: Mutex::new(HashMap::new()),
                 held: Mutex::new(HashSet::new()),
                 interrupt: CancellationToken::new(),
+                queues,
+                started_at: chrono::Utc::now(),
             }),
         })
     }
@@ -250,11 +296,14 @@ impl Worker {
 
         // Background parts that live until the jobs are done, not just until shutdown.
         let background = CancellationToken::new();
-        let wakers: HashMap<String, Arc<Notify>> = config
+        let wakers: HashMap<String, Arc<Notify>> = shared
             .queues
             .iter()
-            .map(|q| (q.name.clone(), Arc::new(Notify::new())))
+            .map(|(name, q)| (name.clone(), q.wake.clone()))
             .collect();
+        // Paused queues are known before the first fetch.
+        pause::refresh(&shared).await;
+        let watcher = tokio::spawn(pause::watch(shared.clone(), background.clone()));
         let events = tokio::spawn(dispatch_events(
             shared.clone(),
             wakers.clone(),
@@ -267,8 +316,7 @@ impl Worker {
         for q in &config.queues {
             fetchers.spawn(fetch::run(
                 shared.clone(),
-                q.clone(),
-                wakers[&q.name].clone(),
+                shared.queues[&q.name].clone(),
                 jobs.clone(),
                 done_tx.clone(),
                 shutdown.clone(),
@@ -300,6 +348,8 @@ impl Worker {
         background.cancel();
         let _ = heartbeat.await;
         let _ = events.await;
+        let _ = watcher.await;
+        registration::remove(&shared).await;
         match flushed {
             Ok(result) => result,
             Err(e) => Err(Error::Unsupported(format!("completer task failed: {e}"))),

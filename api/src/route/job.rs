@@ -1,0 +1,706 @@
+//! `/v1/jobs`: enqueue (one or a batch), get, list, and the operator actions (one job or in
+//! bulk by filter).
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use conveyor_worker::job::DEFAULT_MAX_ATTEMPTS;
+use conveyor_worker::store::{CancelResult, JobFilter, Page};
+use conveyor_worker::{JobId, JobState, NewJob};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::audit::{self, AuditEntry};
+use crate::auth::{Auth, scope};
+use crate::extract::{Body, JobPath, Query};
+use crate::problem::Problem;
+use crate::state::AppState;
+use crate::view::{
+    BatchItem, BatchResponse, BulkResponse, CancelResponse, DiscardResponse, EnqueueResponse,
+    JobPage, JobView,
+};
+
+/// The route group.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(enqueue, list))
+        .routes(routes!(enqueue_batch))
+        .routes(routes!(get_job))
+        .routes(routes!(retry))
+        .routes(routes!(cancel))
+        .routes(routes!(discard))
+        .routes(routes!(bulk))
+}
+
+/// Most tags on one job.
+const MAX_TAGS: usize = 32;
+
+/// One job to enqueue.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnqueueRequest {
+    /// The kind (selects the handler): 1-128 ASCII letters, digits, `.`, `_`, `-`, `:`.
+    pub kind: String,
+    /// The queue (same rules as `kind`). Default `default`.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Handler arguments (any JSON; at most `api.args_limit` bytes serialized). Default `{}`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub args: Option<Value>,
+    /// Smaller runs first (-32768..=32767). Default 0.
+    #[serde(default)]
+    pub priority: i16,
+    /// Attempts before the job goes dead (1..=1000). Default 20.
+    #[serde(default)]
+    pub max_attempts: Option<i32>,
+    /// Run no earlier than this (RFC 3339; from a day ago to five years ahead).
+    #[serde(default)]
+    pub run_at: Option<DateTime<Utc>>,
+    /// Run after this many seconds (instead of `run_at`).
+    #[serde(default)]
+    pub delay_seconds: Option<u32>,
+    /// Deduplication key (1-255 bytes); the `Idempotency-Key` header does the same.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Labels (at most 32, each 1-128 characters).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Application metadata (a JSON object).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub metadata: Option<Value>,
+}
+
+/// A batch to enqueue.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// 1 to `api.batch_limit` (default 1,000) jobs.
+    pub jobs: Vec<EnqueueRequest>,
+}
+
+impl EnqueueRequest {
+    /// Checks every field and builds the job; errors name `prefix` + the field.
+    fn into_job(
+        self,
+        prefix: &str,
+        header_key: Option<String>,
+        args_limit: usize,
+        now: DateTime<Utc>,
+    ) -> Result<NewJob, Problem> {
+        let invalid = |field: &str, msg: String| Problem::invalid(format!("{prefix}{field}"), msg);
+        let args = self.args.unwrap_or_else(|| json!({}));
+        let size = serde_json::to_vec(&args).map(|v| v.len()).unwrap_or(0);
+        if size > args_limit {
+            return Err(Problem::too_large(format!(
+                "{prefix}args is {size} bytes; the limit (api.args_limit) is {args_limit}"
+            ))
+            .field(
+                format!("{prefix}args"),
+                format!("at most {args_limit} bytes"),
+            ));
+        }
+        let mut job = NewJob::new(self.kind, args)
+            .queue(self.queue.unwrap_or_else(|| "default".into()))
+            .priority(self.priority)
+            .max_attempts(self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS));
+        if !(1..=1000).contains(&job.max_attempts) {
+            return Err(invalid(
+                "max_attempts",
+                format!("must be between 1 and 1000, got {}", job.max_attempts),
+            ));
+        }
+        match (self.run_at, self.delay_seconds) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "run_at",
+                    "give run_at or delay_seconds, not both".into(),
+                ));
+            }
+            (Some(at), None) => {
+                if at < now - chrono::Duration::days(1)
+                    || at > now + chrono::Duration::days(5 * 366)
+                {
+                    return Err(invalid(
+                        "run_at",
+                        format!(
+                            "{at} is out of range: give a time between a day ago and five years ahead"
+                        ),
+                    ));
+                }
+                job = job.run_at(at);
+            }
+            (None, Some(secs)) => job = job.run_at(now + chrono::Duration::seconds(secs.into())),
+            (None, None) => {}
+        }
+        let key = match (self.idempotency_key, header_key) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(invalid(
+                    "idempotency_key",
+                    "differs from the Idempotency-Key header; send one of them".into(),
+                ));
+            }
+            (a, b) => a.or(b),
+        };
+        if let Some(key) = key {
+            job = job.idempotency_key(key);
+        }
+        if self.tags.len() > MAX_TAGS {
+            return Err(invalid("tags", format!("at most {MAX_TAGS} tags")));
+        }
+        for (i, tag) in self.tags.iter().enumerate() {
+            if tag.is_empty() || tag.chars().count() > 128 || tag.chars().any(char::is_control) {
+                return Err(invalid(
+                    &format!("tags[{i}]"),
+                    "must be 1-128 characters without control characters".into(),
+                ));
+            }
+        }
+        job = job.tags(self.tags);
+        if let Some(meta) = self.metadata {
+            job = job.metadata(meta);
+        }
+        job.validate().map_err(|e| match e {
+            conveyor_worker::Error::InvalidInput { field, message } => {
+                Problem::invalid(format!("{prefix}{field}"), message)
+            }
+            other => other.into(),
+        })?;
+        Ok(job)
+    }
+}
+
+fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|s| Some(s.to_string())).map_err(|_| {
+            Problem::invalid("Idempotency-Key", "must be visible ASCII (1-255 bytes)")
+        }),
+    }
+}
+
+fn count_enqueued(queue: &str, kind: &str) {
+    conveyor_worker::metrics::global()
+        .enqueued
+        .get(&[queue, kind])
+        .inc();
+}
+
+/// Enqueue one job.
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    request_body = EnqueueRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key (same as the `idempotency_key` field)")),
+    responses(
+        (status = 201, description = "Enqueued; `Location` names the job", body = EnqueueResponse),
+        (status = 200, description = "Duplicate: an existing job holds the idempotency key (`Idempotent-Replayed: true`)", body = EnqueueResponse),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 413, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem),
+    ),
+    security(("bearer" = ["enqueue"]))
+)]
+async fn enqueue(
+    State(state): State<AppState>,
+    _auth: Auth<scope::Enqueue>,
+    headers: HeaderMap,
+    Body(req): Body<EnqueueRequest>,
+) -> Result<Response, Problem> {
+    let job = req.into_job(
+        "",
+        idempotency_header(&headers)?,
+        state.config.args_limit,
+        Utc::now(),
+    )?;
+    let (queue, kind) = (job.queue.clone(), job.kind.clone());
+    let enqueued = state.store.enqueue(job).await?;
+    if !enqueued.duplicate {
+        count_enqueued(&queue, &kind);
+    }
+    let stored = state
+        .store
+        .get(enqueued.id)
+        .await?
+        .ok_or_else(|| Problem::conflict("the job was deleted right after its enqueue"))?;
+    let body = EnqueueResponse {
+        duplicate: enqueued.duplicate,
+        job: stored.into(),
+    };
+    let location = format!("/v1/jobs/{}", enqueued.id);
+    let mut response = if enqueued.duplicate {
+        (StatusCode::OK, axum::Json(body)).into_response()
+    } else {
+        (StatusCode::CREATED, axum::Json(body)).into_response()
+    };
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        h.insert(header::LOCATION, v);
+    }
+    if enqueued.duplicate {
+        h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// Enqueue a batch of jobs in one request (all valid, or none enqueued).
+#[utoipa::path(
+    post, path = "/v1/jobs/batch", tag = "jobs",
+    request_body = BatchRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes job i's key `<key>:<i>` for jobs without their own key")),
+    responses(
+        (status = 201, description = "At least one job was inserted", body = BatchResponse),
+        (status = 200, description = "Every job was a duplicate", body = BatchResponse),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 413, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem),
+    ),
+    security(("bearer" = ["enqueue"]))
+)]
+async fn enqueue_batch(
+    State(state): State<AppState>,
+    _auth: Auth<scope::Enqueue>,
+    headers: HeaderMap,
+    Body(req): Body<BatchRequest>,
+) -> Result<Response, Problem> {
+    let limit = state.config.batch_limit;
+    if req.jobs.is_empty() || req.jobs.len() > limit {
+        return Err(Problem::invalid(
+            "jobs",
+            format!(
+                "send 1 to {limit} jobs per batch (api.batch_limit), got {}",
+                req.jobs.len()
+            ),
+        ));
+    }
+    let header_key = idempotency_header(&headers)?;
+    let now = Utc::now();
+    let mut jobs = Vec::with_capacity(req.jobs.len());
+    for (i, r) in req.jobs.into_iter().enumerate() {
+        let own = r.idempotency_key.is_some();
+        let key = header_key
+            .as_ref()
+            .filter(|_| !own)
+            .map(|k| format!("{k}:{i}"));
+        jobs.push(r.into_job(&format!("jobs[{i}]."), key, state.config.args_limit, now)?);
+    }
+    let names: Vec<(String, String)> = jobs
+        .iter()
+        .map(|j| (j.queue.clone(), j.kind.clone()))
+        .collect();
+    let answers = state.store.enqueue_many(jobs).await?;
+    for ((queue, kind), a) in names.iter().zip(&answers) {
+        if !a.duplicate {
+            count_enqueued(queue, kind);
+        }
+    }
+    let duplicates = answers.iter().filter(|a| a.duplicate).count();
+    let body = BatchResponse {
+        inserted: answers.len() - duplicates,
+        duplicates,
+        jobs: answers
+            .into_iter()
+            .map(|a| BatchItem {
+                id: a.id.to_string(),
+                state: a.state,
+                duplicate: a.duplicate,
+            })
+            .collect(),
+    };
+    let status = if body.inserted > 0 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(body)).into_response())
+}
+
+/// One job with its attempt history.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = JobView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = ["read"]))
+)]
+async fn get_job(
+    State(state): State<AppState>,
+    _auth: Auth<scope::Read>,
+    JobPath(id): JobPath,
+) -> Result<axum::Json<JobView>, Problem> {
+    match state.store.get(id).await? {
+        Some(job) => Ok(axum::Json(job.into())),
+        None => Err(Problem::not_found(format!("job {id} not found"))),
+    }
+}
+
+/// Filters for listing jobs.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Comma-separated states, e.g. `dead,retryable`.
+    pub state: Option<String>,
+    /// Exactly this queue.
+    pub queue: Option<String>,
+    /// Exactly this kind.
+    pub kind: Option<String>,
+    /// Has this tag.
+    pub tag: Option<String>,
+    /// Created at or after (RFC 3339).
+    pub since: Option<DateTime<Utc>>,
+    /// Created before (RFC 3339).
+    pub until: Option<DateTime<Utc>>,
+    /// Some attempt's error contains this text (case-insensitive).
+    pub error: Option<String>,
+    /// Page size, 1-1000 (default 50).
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+fn parse_states(text: Option<&str>) -> Result<Vec<JobState>, Problem> {
+    let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
+        return Ok(Vec::new());
+    };
+    text.split(',')
+        .map(|s| s.trim().parse::<JobState>().map_err(Problem::from))
+        .collect()
+}
+
+/// Jobs matching the filters, newest first, one page.
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "jobs",
+    params(ListParams),
+    responses((status = 200, body = JobPage), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = ["read"]))
+)]
+async fn list(
+    State(state): State<AppState>,
+    _auth: Auth<scope::Read>,
+    Query(p): Query<ListParams>,
+) -> Result<axum::Json<JobPage>, Problem> {
+    let filter = JobFilter {
+        states: parse_states(p.state.as_deref())?,
+        queue: p.queue,
+        kind: p.kind,
+        tag: p.tag,
+        created_after: p.since,
+        created_before: p.until,
+        error_contains: p.error,
+        ids: Vec::new(),
+    };
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::invalid(
+            "limit",
+            format!("must be between 1 and 1000, got {limit}"),
+        ));
+    }
+    let before = p
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<JobId>()
+                .map_err(|_| Problem::invalid("cursor", "not a cursor from a previous page"))
+        })
+        .transpose()?;
+    let jobs = state.store.list(&filter, Page { before, limit }).await?;
+    let next_cursor = (jobs.len() == limit as usize)
+        .then(|| jobs.last().map(|j| j.id.to_string()))
+        .flatten();
+    Ok(axum::Json(JobPage {
+        jobs: jobs.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+/// Make a job available now with a fresh attempt budget (history kept). Audited.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = JobView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, description = "The job is running", body = Problem)),
+    security(("bearer" = ["operate"]))
+)]
+async fn retry(
+    State(state): State<AppState>,
+    auth: Auth<scope::Operate>,
+    JobPath(id): JobPath,
+) -> Result<axum::Json<JobView>, Problem> {
+    let job = state.store.retry(id).await?;
+    audit::record(
+        state.store.as_ref(),
+        AuditEntry::new(auth.actor(), "job.retry")
+            .target(json!({ "ids": [id] }))
+            .affected(1),
+    )
+    .await?;
+    Ok(axum::Json(job.into()))
+}
+
+/// Cancel a waiting job, or ask the worker running it to stop. Audited.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = CancelResponse), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, description = "The job is finished", body = Problem)),
+    security(("bearer" = ["operate"]))
+)]
+async fn cancel(
+    State(state): State<AppState>,
+    auth: Auth<scope::Operate>,
+    JobPath(id): JobPath,
+) -> Result<axum::Json<CancelResponse>, Problem> {
+    let result = state.store.cancel(id).await?;
+    let result = match result {
+        CancelResult::Cancelled => "cancelled",
+        CancelResult::Requested => "requested",
+    };
+    audit::record(
+        state.store.as_ref(),
+        AuditEntry::new(auth.actor(), "job.cancel")
+            .target(json!({ "ids": [id], "result": result }))
+            .affected(1),
+    )
+    .await?;
+    Ok(axum::Json(CancelResponse {
+        id: id.to_string(),
+        result: result.into(),
+    }))
+}
+
+/// Delete a job that is not running. Audited.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/discard", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = DiscardResponse), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, description = "The job is running", body = Problem)),
+    security(("bearer" = ["operate"]))
+)]
+async fn discard(
+    State(state): State<AppState>,
+    auth: Auth<scope::Operate>,
+    JobPath(id): JobPath,
+) -> Result<axum::Json<DiscardResponse>, Problem> {
+    state.store.discard(id).await?;
+    audit::record(
+        state.store.as_ref(),
+        AuditEntry::new(auth.actor(), "job.discard")
+            .target(json!({ "ids": [id] }))
+            .affected(1),
+    )
+    .await?;
+    Ok(axum::Json(DiscardResponse {
+        id: id.to_string(),
+        discarded: true,
+    }))
+}
+
+/// Which jobs a bulk action selects. Empty fields match everything; at least one field (or
+/// `all: true`) is required.
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FilterBody {
+    /// Any of these states.
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub states: Vec<JobState>,
+    /// Exactly this queue.
+    pub queue: Option<String>,
+    /// Exactly this kind.
+    pub kind: Option<String>,
+    /// Has this tag.
+    pub tag: Option<String>,
+    /// Created at or after.
+    pub created_after: Option<DateTime<Utc>>,
+    /// Created before.
+    pub created_before: Option<DateTime<Utc>>,
+    /// Some attempt's error contains this text.
+    pub error_contains: Option<String>,
+    /// Only these job ids (at most 1,000).
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub ids: Vec<JobId>,
+}
+
+/// A bulk action.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkRequest {
+    /// Which jobs.
+    #[serde(default)]
+    pub filter: FilterBody,
+    /// Required to act on every job when the filter is empty.
+    #[serde(default)]
+    pub all: bool,
+    /// Only count what would be changed.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a bulk action does.
+#[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BulkAction {
+    /// Retry every matching job that is not running.
+    Retry,
+    /// Cancel every matching waiting or running job.
+    Cancel,
+    /// Delete every matching finished job (completed, cancelled, dead).
+    Discard,
+}
+
+impl BulkAction {
+    fn name(self) -> &'static str {
+        match self {
+            BulkAction::Retry => "retry",
+            BulkAction::Cancel => "cancel",
+            BulkAction::Discard => "discard",
+        }
+    }
+
+    fn states(self) -> Vec<JobState> {
+        JobState::ALL
+            .into_iter()
+            .filter(|s| match self {
+                BulkAction::Retry => *s != JobState::Running,
+                BulkAction::Cancel => !s.is_terminal(),
+                BulkAction::Discard => s.is_terminal(),
+            })
+            .collect()
+    }
+}
+
+/// Retry, cancel or discard every job a filter selects; `dry_run` counts first. Audited.
+#[utoipa::path(
+    post, path = "/v1/jobs/bulk/{action}", tag = "jobs",
+    params(("action" = BulkAction, Path, description = "`retry`, `cancel` or `discard`")),
+    request_body = BulkRequest,
+    responses((status = 200, body = BulkResponse), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = ["operate"]))
+)]
+async fn bulk(
+    State(state): State<AppState>,
+    auth: Auth<scope::Operate>,
+    axum::extract::Path(action): axum::extract::Path<String>,
+    Body(req): Body<BulkRequest>,
+) -> Result<axum::Json<BulkResponse>, Problem> {
+    let action = match action.as_str() {
+        "retry" => BulkAction::Retry,
+        "cancel" => BulkAction::Cancel,
+        "discard" => BulkAction::Discard,
+        other => {
+            return Err(Problem::not_found(format!(
+                "no bulk action `{other}`; use retry, cancel or discard"
+            )));
+        }
+    };
+    let f = req.filter;
+    let empty = f.states.is_empty()
+        && f.queue.is_none()
+        && f.kind.is_none()
+        && f.tag.is_none()
+        && f.created_after.is_none()
+        && f.created_before.is_none()
+        && f.error_contains.is_none()
+        && f.ids.is_empty();
+    if empty && !req.all {
+        return Err(Problem::invalid(
+            "filter",
+            "give at least one filter field, or `all: true` to select every job",
+        ));
+    }
+    if f.ids.len() > 1000 {
+        return Err(Problem::invalid("filter.ids", "at most 1000 ids"));
+    }
+    let allowed = action.states();
+    let states: Vec<JobState> = if f.states.is_empty() {
+        allowed
+    } else {
+        f.states
+            .into_iter()
+            .filter(|s| allowed.contains(s))
+            .collect()
+    };
+    let target = json!({
+        "filter": {
+            "states": states, "queue": f.queue, "kind": f.kind, "tag": f.tag,
+            "created_after": f.created_after, "created_before": f.created_before,
+            "error_contains": f.error_contains, "ids": f.ids,
+        }
+    });
+    let filter = JobFilter {
+        states,
+        queue: f.queue,
+        kind: f.kind,
+        tag: f.tag,
+        created_after: f.created_after,
+        created_before: f.created_before,
+        error_contains: f.error_contains,
+        ids: f.ids,
+    };
+    let mut answer = BulkResponse {
+        action: action.name().into(),
+        dry_run: req.dry_run,
+        matched: 0,
+        affected: 0,
+        more: false,
+    };
+    // An action that applies to none of the requested states selects nothing (an empty state
+    // list would mean "all states" to the store).
+    if filter.states.is_empty() {
+        return Ok(axum::Json(answer));
+    }
+    answer.matched = state.store.count(&filter).await?;
+    if req.dry_run {
+        return Ok(axum::Json(answer));
+    }
+    answer.affected = match action {
+        BulkAction::Retry => state.store.retry_matching(&filter).await?,
+        BulkAction::Discard => state.store.purge(&filter).await?,
+        BulkAction::Cancel => {
+            let (n, more) = cancel_matching(&state, &filter).await?;
+            answer.more = more;
+            n
+        }
+    };
+    audit::record(
+        state.store.as_ref(),
+        AuditEntry::new(auth.actor(), &format!("jobs.{}", action.name()))
+            .target(target)
+            .affected(answer.affected),
+    )
+    .await?;
+    Ok(axum::Json(answer))
+}
+
+/// Cancels matching jobs page by page, up to `api.bulk_cancel_limit`. Returns how many and
+/// whether matching jobs remain.
+async fn cancel_matching(state: &AppState, filter: &JobFilter) -> Result<(u64, bool), Problem> {
+    let cap = state.config.bulk_cancel_limit as u64;
+    let mut done = 0u64;
+    let mut before = None;
+    loop {
+        let page = state
+            .store
+            .list(filter, Page { before, limit: 500 })
+            .await?;
+        let full = page.len() == 500;
+        before = page.last().map(|j| j.id);
+        for job in page {
+            if done >= cap {
+                return Ok((done, true));
+            }
+            match state.store.cancel(job.id).await {
+                Ok(_) => done += 1,
+                // Finished or deleted meanwhile: nothing to cancel.
+                Err(
+                    conveyor_worker::Error::WrongState { .. } | conveyor_worker::Error::NotFound(_),
+                ) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !full {
+            return Ok((done, false));
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The route groups. Each module has a `routes()` returning its `OpenApiRouter`; the crate's
+//! `routes()` merges them.
+
+pub mod audit;
+pub mod job;
+pub mod queue;
+pub mod schedule;
+pub mod system;
+pub mod worker;
