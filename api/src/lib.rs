@@ -2,7 +2,7 @@
 //!
 //! Where to start reading:
 //! - [`router`] composes the route groups in [`route`] (`job`, `queue`, `worker`, `schedule`,
-//!   `audit`, `system`) into one axum `Router` and one OpenAPI document, then wraps them in the
+//!   `audit`, `system`, `webhook`) into one axum `Router` and one OpenAPI document, then wraps them in the
 //!   shared layers (body limit, security headers, CORS, HTTP metrics, panic catcher).
 //! - [`serve`] runs it on a bound listener until a shutdown future resolves.
 //! - [`auth`]: the `Auth<scope::…>` extractor every route takes — key check, rate limit,
@@ -63,6 +63,7 @@ pub use state::AppState;
         (name = "workers", description = "Live worker processes"),
         (name = "schedules", description = "Cron schedules: status, create, update, pause, resume, trigger"),
         (name = "audit", description = "Operator actions"),
+        (name = "webhooks", description = "Webhook endpoints, events, the attempt log, replay, health"),
         (name = "system", description = "Health, metrics, docs"),
     )
 )]
@@ -94,6 +95,7 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(route::schedule::routes())
         .merge(route::audit::routes())
         .merge(route::system::routes())
+        .merge(route::webhook::routes())
         .split_for_parts()
 }
 

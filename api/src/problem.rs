@@ -236,3 +236,19 @@ pub const CODES: [(&str, u16); 11] = [
     ("rate-limited", 429),
     ("unavailable", 503),
 ];
+
+impl From<conveyor_jobs::webhook::WebhookError> for Problem {
+    fn from(e: conveyor_jobs::webhook::WebhookError) -> Self {
+        use conveyor_jobs::webhook::WebhookError as E;
+        match e {
+            E::Store(e) => e.into(),
+            E::NotFound { what, id } => Problem::not_found(format!("{what} {id} not found")),
+            E::Invalid { field, message } => Problem::invalid(field, message),
+            E::Conflict(msg) => Problem::conflict(msg),
+            E::Client(e) => {
+                tracing::error!(error = %e, "webhook client error while serving a request");
+                Problem::internal()
+            }
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use conveyor_jobs::webhook::{WebhookConfig, Webhooks};
 use conveyor_worker::Store;
 
 use crate::config::ApiConfig;
@@ -13,14 +14,26 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Limits and switches.
     pub config: Arc<ApiConfig>,
+    /// The webhook service behind `/v1/webhooks` and `/v1/events`.
+    pub webhooks: Arc<Webhooks>,
 }
 
 impl AppState {
     /// State over `store` with `config`.
+    /// Webhooks use their default settings until [`AppState::with_webhooks`].
     pub fn new(store: Arc<dyn Store>, config: ApiConfig) -> Self {
+        let webhooks = Webhooks::new(store.clone(), WebhookConfig::default())
+            .expect("the default webhook settings are valid and the HTTP client builds");
         Self {
             store,
             config: Arc::new(config),
+            webhooks: Arc::new(webhooks),
         }
+    }
+
+    /// With the process's webhook service (configured by `[webhooks]`).
+    pub fn with_webhooks(mut self, webhooks: Arc<Webhooks>) -> Self {
+        self.webhooks = webhooks;
+        self
     }
 }

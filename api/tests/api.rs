@@ -437,6 +437,114 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
     ("GET", "/readyz", None, None),
     ("GET", "/v1/docs", None, None),
     ("GET", "/v1/openapi.json", None, None),
+    (
+        "GET",
+        "/v1/webhooks/endpoints",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/webhooks/endpoints",
+        Some(r#"{"url":"https://example.com/hook"}"#),
+        Some([false, false, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/webhooks/endpoints/{endpoint}",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "PATCH",
+        "/v1/webhooks/endpoints/{endpoint}",
+        Some(r#"{"description":"m"}"#),
+        Some([false, false, true, true]),
+    ),
+    (
+        "DELETE",
+        "/v1/webhooks/endpoints/{endpoint}",
+        None,
+        Some([false, false, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/webhooks/endpoints/{endpoint}/secret",
+        None,
+        Some([false, false, false, true]),
+    ),
+    (
+        "POST",
+        "/v1/webhooks/endpoints/{endpoint}/rotate-secret",
+        Some("{}"),
+        Some([false, false, false, true]),
+    ),
+    (
+        "POST",
+        "/v1/webhooks/endpoints/{endpoint}/enable",
+        None,
+        Some([false, false, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/webhooks/endpoints/{endpoint}/disable",
+        None,
+        Some([false, false, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/webhooks/endpoints/{endpoint}/attempts",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/webhooks/endpoints/{endpoint}/health",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/webhooks/endpoints/{endpoint}/replay",
+        Some(r#"{"since":"2020-01-01T00:00:00Z"}"#),
+        Some([false, false, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/webhooks/deliveries/{delivery}/replay",
+        None,
+        Some([false, false, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/webhooks/messages",
+        Some(r#"{"url":"https://example.com/m","type":"matrix.m"}"#),
+        Some([true, false, false, true]),
+    ),
+    (
+        "POST",
+        "/v1/events",
+        Some(r#"{"type":"matrix.e","payload":{"n":"{n}"}}"#),
+        Some([true, false, false, true]),
+    ),
+    (
+        "GET",
+        "/v1/events/{event}",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/events/{event}/attempts",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/events/{event}/replay",
+        None,
+        Some([false, false, true, true]),
+    ),
 ];
 
 async fn scope_matrix(store: Arc<dyn Store>) {
@@ -470,7 +578,29 @@ async fn scope_matrix(store: Arc<dyn Store>) {
                 .await
                 .unwrap()
                 .id;
+            let hooks = conveyor_jobs::webhook::Webhooks::new(
+                store.clone(),
+                conveyor_jobs::webhook::WebhookConfig::default(),
+            )
+            .unwrap();
+            let endpoint = hooks
+                .create_endpoint(conveyor_jobs::webhook::endpoint::NewEndpoint {
+                    url: "https://example.com/matrix".into(),
+                    event_types: vec!["matrix.none".into()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let event = hooks
+                .send_to_url("https://example.com/matrix", "matrix.e", json!({}))
+                .await
+                .unwrap();
+            let delivery: conveyor_worker::JobId = event.deliveries[0].job_id.parse().unwrap();
+            store.cancel(delivery).await.unwrap();
             let path = template
+                .replace("{endpoint}", &endpoint.id)
+                .replace("{event}", &event.id)
+                .replace("{delivery}", &delivery.to_string())
                 .replace("{id}", &id.to_string())
                 .replace("{action}", "retry")
                 .replace("{name}", "matrix");

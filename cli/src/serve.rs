@@ -27,6 +27,11 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
     tokio::spawn(signal_shutdown(shutdown.clone()));
 
     let mut tasks = tokio::task::JoinSet::new();
+    // One webhook service per process: the API sends events through it, the worker delivers.
+    let webhooks = std::sync::Arc::new(conveyor_jobs::webhook::Webhooks::new(
+        store.clone(),
+        config.webhooks.clone(),
+    )?);
     if roles.contains(&Role::Api) {
         let listener = tokio::net::TcpListener::bind(config.serve.listen)
             .await
@@ -38,7 +43,8 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
             })?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "listening on http://{addr}");
-        let state = conveyor_api::AppState::new(store.clone(), config.api.clone());
+        let state = conveyor_api::AppState::new(store.clone(), config.api.clone())
+            .with_webhooks(webhooks.clone());
         let app = conveyor_api::router(state.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
@@ -97,7 +103,7 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
         let mut registry = Registry::new();
         conveyor_jobs::register_builtin(&mut registry);
         let mut worker_config = config.worker.clone();
-        crate::webhooks::register(&mut registry, &mut worker_config, &store, &config.webhooks)?;
+        crate::webhooks::register(&mut registry, &mut worker_config, webhooks.clone());
         let worker = Worker::new(store.clone(), registry, worker_config)?;
         let stop = shutdown.clone();
         tasks.spawn(async move { worker.run(stop).await.context("worker failed") });

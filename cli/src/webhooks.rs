@@ -633,16 +633,14 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
 pub fn register(
     registry: &mut conveyor_worker::Registry,
     worker: &mut conveyor_worker::runtime::WorkerConfig,
-    store: &Arc<dyn Store>,
-    config: &WebhookConfig,
-) -> anyhow::Result<()> {
-    let hooks = Arc::new(Webhooks::new(store.clone(), config.clone())?);
+    hooks: Arc<Webhooks>,
+) {
+    let (queue, concurrency) = (hooks.config().queue.clone(), hooks.config().concurrency);
     conveyor_jobs::webhook::register(registry, hooks);
-    if !worker.queues.iter().any(|q| q.name == config.queue) {
+    if !worker.queues.iter().any(|q| q.name == queue) {
         worker.queues.push(conveyor_worker::runtime::QueueConfig {
-            name: config.queue.clone(),
-            concurrency: config.concurrency,
+            name: queue,
+            concurrency,
         });
     }
-    Ok(())
 }

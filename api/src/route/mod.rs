@@ -6,4 +6,5 @@ pub mod job;
 pub mod queue;
 pub mod schedule;
 pub mod system;
+pub mod webhook;
 pub mod worker;

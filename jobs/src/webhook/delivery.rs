@@ -263,15 +263,27 @@ impl Webhooks {
             return Ok(());
         }
         tracing::warn!(endpoint = %ep.id, url = %ep.url, %reason, "webhook endpoint disabled");
-        let audit = serde_json::json!({
-            "actor": "system",
-            "action": "webhook.endpoint.auto_disabled",
-            "target": format!("webhook_endpoint:{}", ep.id),
-            "at": now,
-            "details": { "url": ep.url, "failing_since": since, "reason": reason },
-        });
+        // The API's audit record shape (`conveyor_api::audit::AuditEntry`), so the audit
+        // log lists it beside operator actions.
         let key = uuid::Uuid::now_v7().to_string();
-        self.store.meta_put(Put::new(AUDIT, &key, &audit)).await?;
+        let audit = serde_json::json!({
+            "id": key,
+            "at": now,
+            "actor": { "key_id": null, "name": "system", "address": null },
+            "action": "webhook.endpoint.auto_disabled",
+            "target": {
+                "webhook_endpoint": ep.id,
+                "url": ep.url,
+                "failing_since": since,
+                "reason": reason,
+            },
+            "affected": 1,
+        });
+        self.store
+            .meta_put(
+                Put::new(AUDIT, &key, &audit).expect(conveyor_worker::store::meta::Expect::Absent),
+            )
+            .await?;
         self.send_event(super::event::SendEvent {
             event_type: EVENT_ENDPOINT_DISABLED.into(),
             payload: serde_json::json!({

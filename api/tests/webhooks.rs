@@ -1,0 +1,146 @@
+//! `/v1/webhooks` and `/v1/events` over a real server: create an endpoint, send an event
+//! twice with one idempotency key (one set of deliveries), read it back with its attempt log,
+//! rotate the secret, replay, and the audit trail of the changes.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Server, send};
+use conveyor_api::key::Scope;
+use conveyor_worker::Store;
+use reqwest::Method;
+use serde_json::json;
+
+async fn endpoints_and_events(store: Arc<dyn Store>) {
+    let s = Server::default(store.clone()).await;
+    let operate = s.key(Scope::Operate).await;
+    let admin = s.key(Scope::Admin).await;
+    let enqueue = s.key(Scope::Enqueue).await;
+
+    let (status, ep) = send(
+        s.req(Method::POST, "/v1/webhooks/endpoints", Some(&operate))
+            .json(&json!({"url": "https://example.com/hooks", "event_types": ["invoice.*"], "rate_limit": 5.0})),
+    )
+    .await;
+    assert_eq!(status, 201, "{ep}");
+    let id = ep["id"].as_str().unwrap().to_string();
+    let secret = ep["secrets"][0]["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_") && secret.len() > 20);
+
+    // Reads redact the secret; the admin-only route shows it.
+    let (status, shown) = send(s.req(
+        Method::GET,
+        &format!("/v1/webhooks/endpoints/{id}"),
+        Some(&operate),
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert_ne!(shown["secrets"][0]["secret"], secret.as_str());
+    let (status, secrets) = send(s.req(
+        Method::GET,
+        &format!("/v1/webhooks/endpoints/{id}/secret"),
+        Some(&admin),
+    ))
+    .await;
+    assert_eq!(
+        (status, secrets[0]["secret"].as_str()),
+        (200, Some(secret.as_str()))
+    );
+
+    let (status, bad) = send(
+        s.req(Method::POST, "/v1/webhooks/endpoints", Some(&operate))
+            .json(&json!({"url": "ftp://example.com"})),
+    )
+    .await;
+    assert_eq!(
+        (status, bad["errors"][0]["field"].as_str()),
+        (422, Some("url")),
+        "{bad}"
+    );
+
+    let body = json!({"type": "invoice.paid", "payload": {"n": 1}});
+    let (status, first) = send(
+        s.req(Method::POST, "/v1/events", Some(&enqueue))
+            .header("idempotency-key", "inv-1")
+            .json(&body),
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["duplicate"], false);
+    assert_eq!(first["event"]["deliveries"].as_array().unwrap().len(), 1);
+    let (status, again) = send(
+        s.req(Method::POST, "/v1/events", Some(&enqueue))
+            .header("idempotency-key", "inv-1")
+            .json(&body),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["event"]["id"], first["event"]["id"]);
+    let evt = first["event"]["id"].as_str().unwrap();
+    let (status, shown) =
+        send(s.req(Method::GET, &format!("/v1/events/{evt}"), Some(&operate))).await;
+    assert_eq!(
+        (status, &shown["event_type"]),
+        (200, &json!("invoice.paid"))
+    );
+    let (status, log) = send(s.req(
+        Method::GET,
+        &format!("/v1/events/{evt}/attempts"),
+        Some(&operate),
+    ))
+    .await;
+    assert_eq!(
+        (status, log.as_array().map(Vec::len)),
+        (200, Some(0)),
+        "nothing ran yet"
+    );
+
+    let (status, rotated) = send(
+        s.req(
+            Method::POST,
+            &format!("/v1/webhooks/endpoints/{id}/rotate-secret"),
+            Some(&admin),
+        )
+        .json(&json!({"overlap": "1h"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+    assert_eq!(rotated["secrets"].as_array().unwrap().len(), 2);
+
+    let (status, health) = send(s.req(
+        Method::GET,
+        &format!("/v1/webhooks/endpoints/{id}/health"),
+        Some(&operate),
+    ))
+    .await;
+    assert_eq!((status, &health["circuit"]), (200, &json!("closed")));
+
+    let (status, _) = send(s.req(
+        Method::DELETE,
+        &format!("/v1/webhooks/endpoints/{id}"),
+        Some(&operate),
+    ))
+    .await;
+    assert_eq!(status, 204);
+    let (status, p) = send(s.req(
+        Method::GET,
+        &format!("/v1/webhooks/endpoints/{id}"),
+        Some(&operate),
+    ))
+    .await;
+    assert_eq!((status, p["status"].as_u64()), (404, Some(404)));
+
+    let entries = conveyor_api::audit::list(&store, None, 100).await.unwrap();
+    let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
+    for a in [
+        "webhook.endpoint.create",
+        "webhook.endpoint.rotate_secret",
+        "webhook.endpoint.delete",
+    ] {
+        assert!(actions.contains(&a), "{a} in {actions:?}");
+    }
+}
+
+api_tests!(endpoints_and_events);
