@@ -190,8 +190,9 @@ pub async fn run(args: &BenchArgs, store: Arc<dyn Store>) -> anyhow::Result<()> 
         "lat_p99_ms": round(p99, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "config": format!(
-            "1 worker process + receiver in-process, concurrency {}, fetch batch {fetch_batch}, attempt log on, signed, SSRF guard on (loopback allow-listed)",
-            args.concurrency
+            "1 worker process + receiver in-process, concurrency {}, fetch batch {fetch_batch}, attempt log {}, signed, SSRF guard on (loopback allow-listed)",
+            args.concurrency,
+            if config.attempt_log { "on" } else { "off" }
         ),
     });
     if args.json {
