@@ -651,11 +651,10 @@ async fn auto_disable_after_the_period_then_replay(store: Arc<dyn Store>) {
         .iter()
         .find(|r| r.value["action"] == "webhook.endpoint.auto_disabled")
         .expect("an audit record");
-    assert_eq!(entry.value["actor"], "system");
-    assert_eq!(
-        entry.value["target"],
-        format!("webhook_endpoint:{}", failing.id)
-    );
+    // The API's audit shape, so `GET /v1/audit` lists it.
+    assert_eq!(entry.value["actor"]["name"], "system");
+    assert_eq!(entry.value["target"]["webhook_endpoint"], failing.id);
+    assert_eq!(entry.value["affected"], 1);
     let notice = arrivals(&rx, "/watcher", 1).await;
     let body: serde_json::Value = serde_json::from_slice(&notice[0].body).unwrap();
     assert_eq!(body["type"], EVENT_ENDPOINT_DISABLED);
