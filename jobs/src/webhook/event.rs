@@ -145,7 +145,11 @@ impl Webhooks {
             };
             jobs.push(self.delivery_job(&args, ep.retry_schedule_ms.as_ref().map(Vec::len))?);
         }
-        let enqueued = self.store.enqueue_many(jobs).await?;
+        let enqueued = if jobs.is_empty() {
+            Vec::new()
+        } else {
+            self.store.enqueue_many(jobs).await?
+        };
         let event = Event {
             id: id.clone(),
             event_type,
