@@ -45,7 +45,7 @@ pub enum Command {
     Dead(DeadCommand),
     /// Counts by state and the oldest ready job's age, per queue.
     Queues(OutputArgs),
-    /// Cron schedules from the config file (`[[schedules]]`).
+    /// Cron schedules: list, show, create, update, delete, pause, resume, trigger, next.
     #[command(subcommand)]
     Schedules(SchedulesCommand),
     /// API keys: create (shown once), list, revoke.
@@ -267,8 +267,56 @@ pub enum JobsCommand {
 /// `schedules …`
 #[derive(Debug, Subcommand)]
 pub enum SchedulesCommand {
-    /// Every schedule with its expression, zone, target and next fire time.
+    /// Every schedule with its last fire, last outcome and next fire.
     List(OutputArgs),
+    /// One schedule in full, with its last fire, last outcome and next fire.
+    Show {
+        /// The schedule's name.
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Store a new schedule (it starts firing within a second on every scheduler).
+    Create {
+        /// Unique name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        fields: ScheduleFields,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Change fields of a stored schedule; fields not given stay as they are.
+    Update {
+        /// The schedule's name.
+        name: String,
+        #[command(flatten)]
+        fields: ScheduleFields,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Delete a schedule (the jobs it enqueued stay).
+    Delete {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Stop firing until resumed (ticks while paused are not fired later).
+    Pause {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Fire again from the next tick.
+    Resume {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Enqueue one job of the schedule now, outside its ticks.
+    Trigger {
+        /// The schedule's name.
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// The next fire times of one schedule, in its time zone.
     Next {
         /// The schedule's name.
@@ -282,6 +330,45 @@ pub enum SchedulesCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+}
+
+/// The fields of a schedule, for `create` (where `--cron` and `--kind` are required) and
+/// `update` (where every field is optional).
+#[derive(Debug, Args)]
+pub struct ScheduleFields {
+    /// Cron expression: 5 fields (`30 2 * * *`), or 6-7 with seconds first.
+    #[arg(long)]
+    pub cron: Option<String>,
+    /// Job kind to enqueue.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// IANA time zone the expression is read in (default UTC).
+    #[arg(long)]
+    pub timezone: Option<String>,
+    /// Queue of the jobs (default `default`).
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Job arguments as JSON (default `{}`).
+    #[arg(long)]
+    pub args: Option<String>,
+    /// Job priority (smaller runs first).
+    #[arg(long, allow_hyphen_values = true)]
+    pub priority: Option<i16>,
+    /// Attempt budget of each job.
+    #[arg(long)]
+    pub max_attempts: Option<i32>,
+    /// Missed ticks: skip, latest (default) or all.
+    #[arg(long)]
+    pub missed: Option<String>,
+    /// Most ticks one backfill enqueues with `--missed all`.
+    #[arg(long)]
+    pub backfill_limit: Option<u32>,
+    /// Overlap: allow (default) or skip while the previous tick's job is unfinished.
+    #[arg(long)]
+    pub overlap: Option<String>,
+    /// Store it paused.
+    #[arg(long)]
+    pub disabled: bool,
 }
 
 /// `dead …`

@@ -11,9 +11,7 @@ use serde_json::json;
 
 use crate::cli::{
     AuditCommand, DeadCommand, EnqueueArgs, FilterArgs, JobsCommand, KeysCommand, PageArgs,
-    SchedulesCommand,
 };
-use crate::config::Config;
 use crate::output;
 
 /// Parses a JSON flag, saying which flag and where the JSON breaks.
@@ -361,72 +359,6 @@ pub async fn queues(store: Arc<dyn Store>, as_json: bool) -> anyhow::Result<()> 
     } else {
         output::queues_table(&stats);
         Ok(())
-    }
-}
-
-/// `schedules list|next`: answered from the config file, without the store.
-pub fn schedules(config: &Config, cmd: SchedulesCommand) -> anyhow::Result<()> {
-    let schedules = config.compiled_schedules()?;
-    let now = chrono::Utc::now();
-    match cmd {
-        SchedulesCommand::List(out) => {
-            let rows: Vec<serde_json::Value> = schedules
-                .iter()
-                .map(|s| {
-                    let spec = s.spec();
-                    serde_json::json!({
-                        "name": spec.name,
-                        "cron": spec.cron,
-                        "timezone": spec.timezone,
-                        "queue": spec.queue,
-                        "kind": spec.kind,
-                        "enabled": spec.enabled,
-                        "missed": spec.missed,
-                        "overlap": spec.overlap,
-                        "next": s.next(now, 1).first().map(|t| t.to_rfc3339()),
-                    })
-                })
-                .collect();
-            if out.json {
-                return output::json(&rows);
-            }
-            if rows.is_empty() {
-                println!(
-                    "no schedules; add [[schedules]] to the config file (see config/conveyor.example.toml)"
-                );
-                return Ok(());
-            }
-            output::schedules_table(&rows);
-            Ok(())
-        }
-        SchedulesCommand::Next {
-            name,
-            count,
-            after,
-            out,
-        } => {
-            let Some(schedule) = schedules.iter().find(|s| s.spec().name == name) else {
-                let known: Vec<&str> = schedules.iter().map(|s| s.spec().name.as_str()).collect();
-                anyhow::bail!(
-                    "no schedule named `{name}` in the config; known: {}",
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                );
-            };
-            let from = after.map_or(now, |t| t.with_timezone(&chrono::Utc));
-            let times = schedule.next(from, usize::from(count));
-            if out.json {
-                let times: Vec<String> = times.iter().map(|t| t.to_rfc3339()).collect();
-                return output::json(&times);
-            }
-            for t in times {
-                println!("{}", t.format("%Y-%m-%d %H:%M:%S %Z (%:z)"));
-            }
-            Ok(())
-        }
     }
 }
 

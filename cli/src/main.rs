@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod config;
 mod output;
+mod schedules;
 mod serve;
 
 use std::process::ExitCode;
@@ -100,7 +101,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Jobs(cmd) => commands::jobs(open_store(&config).await?, cmd).await,
         Command::Dead(cmd) => commands::dead(open_store(&config).await?, cmd).await,
         Command::Queues(out) => commands::queues(open_store(&config).await?, out.json).await,
-        Command::Schedules(cmd) => commands::schedules(&config, cmd),
+        Command::Schedules(cmd) if schedules::from_config_only(&config, &cmd) => {
+            schedules::next_from_config(&config, cmd)
+        }
+        Command::Schedules(cmd) => {
+            config.compiled_schedules()?;
+            schedules::run(&config, open_store(&config).await?, cmd).await
+        }
         Command::Keys(cmd) => commands::keys(open_store(&config).await?, cmd).await,
         Command::Audit(cmd) => commands::audit(open_store(&config).await?, cmd).await,
         Command::Bench(_) => unreachable!("handled above"),

@@ -170,27 +170,45 @@ pub fn queues_table(stats: &[QueueStats]) {
     println!("{t}");
 }
 
-/// Schedules as rows of `name, cron, timezone, queue, kind, enabled, next`.
-pub fn schedules_table(rows: &[serde_json::Value]) {
+/// Schedules (with their status) as a table.
+pub fn schedules_table(rows: &[conveyor_scheduler::registry::ScheduleStatus]) {
     let mut t = table(&[
         "name",
         "cron",
         "zone",
-        "queue",
-        "kind",
+        "queue / kind",
         "enabled",
+        "last fire",
+        "last outcome",
         "next fire",
     ]);
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map_or("-".to_string(), |t| {
+            t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+        })
+    };
     for r in rows {
-        let text = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+        let spec = &r.schedule.spec;
         t.add_row(vec![
-            text("name"),
-            text("cron"),
-            text("timezone"),
-            text("queue"),
-            text("kind"),
-            r["enabled"].to_string(),
-            text("next"),
+            spec.name.clone(),
+            spec.cron.clone(),
+            spec.timezone.clone(),
+            format!("{} / {}", spec.queue, spec.kind),
+            if spec.enabled {
+                "yes".to_string()
+            } else {
+                r.schedule
+                    .disabled_reason
+                    .as_deref()
+                    .map_or("paused".to_string(), |why| format!("no ({why})"))
+            },
+            time(r.last_fire),
+            match (r.last_job, r.last_state) {
+                (Some(_), Some(state)) => state.to_string(),
+                (Some(_), None) => "pruned".into(),
+                _ => "-".into(),
+            },
+            time(r.next_fire),
         ]);
     }
     println!("{t}");

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use conveyor_scheduler::{CronScheduler, Maintenance};
+use conveyor_scheduler::{CronScheduler, Maintenance, Schedules};
 use conveyor_worker::runtime::Worker;
 use conveyor_worker::{Registry, Store};
 use tokio_util::sync::CancellationToken;
@@ -67,14 +67,26 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
             maintenance.run(stop).await;
             Ok(())
         });
-        let schedules = config.compiled_schedules()?;
-        if !schedules.is_empty() {
-            tracing::info!(
-                schedules = ?schedules.iter().map(|s| s.spec().name.as_str()).collect::<Vec<_>>(),
-                "cron schedules loaded"
-            );
+        config.compiled_schedules()?;
+        let registry = Schedules::new(store.clone());
+        let seeded = registry
+            .seed_builtin(&conveyor_scheduler::registry::builtin())
+            .await
+            .context("cannot store the built-in example schedules")?;
+        if !seeded.is_empty() {
+            tracing::info!(schedules = ?seeded, "example schedules stored (disabled; `conveyor schedules resume NAME` turns one on)");
         }
-        let cron = CronScheduler::new(store.clone(), schedules, config.maintenance.cron.clone());
+        let report = registry
+            .reconcile(&config.schedules)
+            .await
+            .context("cannot store the config file's schedules")?;
+        tracing::info!(
+            created = ?report.created,
+            updated = ?report.updated,
+            disabled = ?report.disabled,
+            "config schedules reconciled"
+        );
+        let cron = CronScheduler::from_store(store.clone(), config.maintenance.cron.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
             cron.run(stop).await;

@@ -21,6 +21,11 @@ mod tempfile_path {
                 std::env::temp_dir().join(format!("conveyor-sched-{}-{n}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let file = dir.join("conveyor.toml");
+            // Each config gets a store of its own in its folder.
+            let body = format!(
+                "[database]\nurl = \"sqlite://{}\"\n{body}",
+                dir.join("conveyor.db").display()
+            );
             std::fs::write(&file, body).unwrap();
             Self { dir, file }
         }
@@ -94,11 +99,143 @@ fn next_fire_times_follow_daylight_saving() {
             "2026-10-27 02:30:00 CET (+01:00)",
         ]
     );
-    let (code, out, _) = conveyor(&cfg.file, &["schedules", "list", "--json"]);
-    assert_eq!(code, 0);
-    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(rows[0]["name"], "nightly");
-    assert_eq!(rows[0]["timezone"], "Europe/Berlin");
+    // Not stored until a scheduler starts: the listing says so.
+    let (code, out, err) = conveyor(&cfg.file, &["schedules", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("stored when a scheduler next starts: nightly"),
+        "{out}"
+    );
+}
+
+#[test]
+fn stored_schedules_through_their_lifecycle() {
+    let cfg = config("");
+    let run = |args: &[&str]| {
+        let (code, out, err) = conveyor(&cfg.file, args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        out
+    };
+    let created: serde_json::Value = serde_json::from_str(&run(&[
+        "schedules",
+        "create",
+        "--name",
+        "digest",
+        "--cron",
+        "0 8 * * MON-FRI",
+        "--timezone",
+        "America/New_York",
+        "--kind",
+        "demo.echo",
+        "--args",
+        r#"{"msg":"good morning"}"#,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(created["spec"]["name"], "digest");
+    assert_eq!(created["origin"], "api");
+    assert!(created["next_fire"].is_string(), "{created}");
+    assert!(created["last_fire"].is_null());
+
+    // The same name again is refused; so is a bad field, naming it.
+    let (code, _, err) = conveyor(
+        &cfg.file,
+        &[
+            "schedules",
+            "create",
+            "--name",
+            "digest",
+            "--cron",
+            "* * * * *",
+            "--kind",
+            "k",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists"), "{err}");
+    let (code, _, err) = conveyor(
+        &cfg.file,
+        &[
+            "schedules",
+            "create",
+            "--name",
+            "x",
+            "--cron",
+            "61 * * * *",
+            "--kind",
+            "k",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("invalid cron"), "{err}");
+    let (code, _, err) = conveyor(
+        &cfg.file,
+        &[
+            "schedules",
+            "update",
+            "digest",
+            "--timezone",
+            "Atlantis/Capital",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("invalid timezone"), "{err}");
+
+    // Next fire times come from the store for a stored schedule, in its zone.
+    let out = run(&[
+        "schedules",
+        "next",
+        "digest",
+        "--count",
+        "2",
+        "--after",
+        "2027-03-12T00:00:00Z",
+    ]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "2027-03-12 08:00:00 EST (-05:00)",
+            "2027-03-15 08:00:00 EDT (-04:00)"
+        ]
+    );
+
+    run(&["schedules", "pause", "digest"]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&["schedules", "list", "--json"])).unwrap();
+    assert_eq!(listed[0]["spec"]["enabled"], false);
+    assert!(listed[0]["next_fire"].is_null(), "paused: no next fire");
+    run(&["schedules", "resume", "digest"]);
+
+    // Trigger enqueues a job now; `show` then reports it.
+    let triggered: serde_json::Value =
+        serde_json::from_str(&run(&["schedules", "trigger", "digest", "--json"])).unwrap();
+    let id = triggered["id"].as_str().unwrap().to_string();
+    let job: serde_json::Value =
+        serde_json::from_str(&run(&["jobs", "show", &id, "--json"])).unwrap();
+    assert_eq!(job["kind"], "demo.echo");
+    assert_eq!(job["metadata"]["trigger"], "manual");
+
+    let updated: serde_json::Value = serde_json::from_str(&run(&[
+        "schedules",
+        "update",
+        "digest",
+        "--cron",
+        "30 7 * * *",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(updated["spec"]["cron"], "30 7 * * *");
+    assert_eq!(
+        updated["spec"]["timezone"], "America/New_York",
+        "unchanged fields stay"
+    );
+    let shown = run(&["schedules", "show", "digest"]);
+    assert!(shown.contains("30 7 * * * (America/New_York)"), "{shown}");
+
+    run(&["schedules", "delete", "digest"]);
+    let (code, _, err) = conveyor(&cfg.file, &["schedules", "show", "digest"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no schedule is named `digest`"), "{err}");
 }
 
 #[test]
@@ -120,8 +257,5 @@ fn bad_schedules_are_rejected_with_the_field() {
     let cfg = config(NIGHTLY);
     let (code, _, err) = conveyor(&cfg.file, &["schedules", "next", "weekly"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("no schedule named `weekly`") && err.contains("nightly"),
-        "{err}"
-    );
+    assert!(err.contains("no schedule is named `weekly`"), "{err}");
 }

@@ -12,18 +12,24 @@
 //! [`MissedPolicy`](crate::schedule::MissedPolicy) to ticks missed while every scheduler was
 //! down. A schedule with no job left (new, or its jobs pruned) starts from its next tick.
 //! After that, each process remembers its own progress.
+//!
+//! The schedules come either from the store ([`CronScheduler::from_store`], what `serve`
+//! runs: every pass reads the enabled schedules, so creating, pausing, resuming or editing one
+//! takes effect within one interval on every replica) or from a fixed list
+//! ([`CronScheduler::new`]). A paused schedule fires nothing; once resumed it fires from its
+//! next tick, never for ticks that passed while it was paused.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use conveyor_worker::store::{JobFilter, Page};
 use conveyor_worker::{JobId, Store};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::registry::{Schedules, last_tick_job};
 use crate::schedule::{OverlapPolicy, Schedule};
 
 /// Settings of the cron service.
@@ -61,23 +67,46 @@ struct Progress {
     last_job: Option<JobId>,
 }
 
+#[derive(Clone)]
+enum Source {
+    Fixed(Arc<Vec<Schedule>>),
+    Stored(Schedules),
+}
+
 /// Enqueues scheduled jobs. Cheap to clone; clones share their progress.
 #[derive(Clone)]
 pub struct CronScheduler {
     store: Arc<dyn Store>,
-    schedules: Arc<Vec<Schedule>>,
+    source: Source,
     config: Config,
     progress: Arc<Mutex<HashMap<String, Progress>>>,
 }
 
 impl CronScheduler {
-    /// A scheduler for `schedules` over `store`.
+    /// A scheduler for a fixed list of `schedules` over `store`.
     pub fn new(store: Arc<dyn Store>, schedules: Vec<Schedule>, config: Config) -> Self {
         Self {
             store,
-            schedules: Arc::new(schedules),
+            source: Source::Fixed(Arc::new(schedules)),
             config,
             progress: Arc::default(),
+        }
+    }
+
+    /// A scheduler for the schedules stored in `store` (see [`crate::registry`]).
+    pub fn from_store(store: Arc<dyn Store>, config: Config) -> Self {
+        Self {
+            source: Source::Stored(Schedules::new(store.clone())),
+            store,
+            config,
+            progress: Arc::default(),
+        }
+    }
+
+    async fn schedules(&self) -> conveyor_worker::Result<Vec<(Schedule, Option<DateTime<Utc>>)>> {
+        match &self.source {
+            Source::Fixed(list) => Ok(list.iter().map(|s| (s.clone(), None)).collect()),
+            Source::Stored(registry) => registry.active().await,
         }
     }
 
@@ -85,8 +114,11 @@ impl CronScheduler {
     /// tick is the first it fires.
     pub async fn run_once(&self, now: DateTime<Utc>) -> conveyor_worker::Result<CronReport> {
         let mut report = CronReport::default();
+        let schedules = self.schedules().await?;
         let mut progress = self.progress.lock().await;
-        for schedule in self.schedules.iter() {
+        // A schedule paused or deleted since the last pass starts over when it comes back.
+        progress.retain(|name, _| schedules.iter().any(|(s, _)| &s.spec().name == name));
+        for (schedule, resumed_at) in &schedules {
             let name = &schedule.spec().name;
             if !progress.contains_key(name) {
                 let resumed = self.resume(schedule, now).await?;
@@ -95,6 +127,12 @@ impl CronScheduler {
             let Some(state) = progress.get_mut(name) else {
                 continue;
             };
+            // Ticks that passed while it was paused are not fired late.
+            if let Some(at) = resumed_at
+                && *at > state.last
+            {
+                state.last = (*at).min(now);
+            }
             let ticks = schedule.due(Some(state.last), now);
             let Some(&newest) = ticks.last() else {
                 continue;
@@ -130,24 +168,9 @@ impl CronScheduler {
         schedule: &Schedule,
         now: DateTime<Utc>,
     ) -> conveyor_worker::Result<Progress> {
-        let newest = self
-            .store
-            .list(
-                &JobFilter {
-                    tag: Some(schedule.tag()),
-                    ..JobFilter::default()
-                },
-                Page {
-                    before: None,
-                    limit: 1,
-                },
-            )
-            .await?;
-        let last = newest.first().and_then(|job| {
-            let tick = job.metadata.get("tick")?.as_str()?;
-            let tick = DateTime::parse_from_rfc3339(tick).ok()?.with_timezone(&Utc);
-            Some((tick.min(now), job.id))
-        });
+        let last = last_tick_job(self.store.as_ref(), &schedule.spec().name)
+            .await?
+            .map(|(tick, id)| (tick.min(now), id));
         Ok(match last {
             Some((tick, id)) => Progress {
                 last: tick,
@@ -163,7 +186,9 @@ impl CronScheduler {
     /// Runs passes every `interval` until `shutdown`. A failed pass is logged and retried at
     /// the next interval; ticks that came due meanwhile follow the missed-tick policy.
     pub async fn run(self, shutdown: CancellationToken) {
-        if self.schedules.is_empty() {
+        if let Source::Fixed(list) = &self.source
+            && list.is_empty()
+        {
             return;
         }
         let mut ticker = tokio::time::interval(self.config.interval);

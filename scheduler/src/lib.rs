@@ -17,6 +17,7 @@
 pub mod cron;
 pub mod promoter;
 pub mod pruner;
+pub mod registry;
 pub mod rescuer;
 pub mod schedule;
 
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub use cron::CronScheduler;
 pub use promoter::Promoter;
 pub use pruner::Pruner;
+pub use registry::Schedules;
 pub use rescuer::Rescuer;
 
 /// Settings for all maintenance services.

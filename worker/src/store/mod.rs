@@ -423,6 +423,23 @@ pub fn rescue_finish(
     }
 }
 
+/// `now + d`, saturating at the latest representable instant (a retention or TTL of a
+/// thousand years must not overflow).
+pub fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// `now - d`, saturating at the earliest representable instant.
+pub fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 /// Checks a page request.
 pub fn check_page(page: &Page) -> Result<()> {
     if page.limit == 0 || page.limit > 1000 {
@@ -437,6 +454,17 @@ pub fn check_page(page: &Page) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_arithmetic_saturates() {
+        let now = Utc::now();
+        assert_eq!(after(now, Duration::MAX), DateTime::<Utc>::MAX_UTC);
+        assert_eq!(before(now, Duration::MAX), DateTime::<Utc>::MIN_UTC);
+        assert_eq!(
+            after(now, Duration::from_secs(1)),
+            now + chrono::Duration::seconds(1)
+        );
+    }
 
     #[test]
     fn urls_are_redacted() {

@@ -189,11 +189,11 @@ fn job_from_row(row: &PgRow) -> Result<Job> {
 }
 
 fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    super::after(now, d)
 }
 
 fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    super::before(now, d)
 }
 
 /// Appends `filter` as `AND …` clauses.

@@ -200,7 +200,7 @@ fn from_micros(us: i64) -> DateTime<Utc> {
 }
 
 fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    super::after(now, d)
 }
 
 fn job_from_row(row: &SqliteRow) -> Result<Job> {

@@ -1,0 +1,273 @@
+//! `conveyor schedules …`: the schedules stored in the store (see
+//! `conveyor_scheduler::registry`), plus `next`, which answers from the config file when the
+//! schedule is there and from the store otherwise.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use conveyor_scheduler::registry::{Origin, ScheduleStatus, Schedules};
+use conveyor_scheduler::schedule::{Schedule, ScheduleSpec};
+use conveyor_worker::Store;
+
+use crate::cli::{ScheduleFields, SchedulesCommand};
+use crate::config::Config;
+use crate::output;
+
+/// Whether `cmd` can be answered without the store (`next` for a config-file schedule).
+pub fn from_config_only(config: &Config, cmd: &SchedulesCommand) -> bool {
+    matches!(cmd, SchedulesCommand::Next { name, .. } if config.schedules.iter().any(|s| &s.name == name))
+}
+
+/// `schedules next` for a schedule of the config file.
+pub fn next_from_config(config: &Config, cmd: SchedulesCommand) -> anyhow::Result<()> {
+    let schedules = config.compiled_schedules()?;
+    let SchedulesCommand::Next {
+        name,
+        count,
+        after,
+        out,
+    } = cmd
+    else {
+        bail!("only `schedules next` is answered from the config file");
+    };
+    let schedule = schedules
+        .iter()
+        .find(|s| s.spec().name == name)
+        .with_context(|| format!("no schedule named `{name}` in the config"))?;
+    print_next(schedule, count, after, out.json)
+}
+
+fn print_next(
+    schedule: &Schedule,
+    count: u16,
+    after: Option<DateTime<chrono::FixedOffset>>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let from = after.map_or_else(Utc::now, |t| t.with_timezone(&Utc));
+    let times = schedule.next(from, usize::from(count));
+    if json {
+        let times: Vec<String> = times.iter().map(|t| t.to_rfc3339()).collect();
+        return output::json(&times);
+    }
+    for t in times {
+        println!("{}", t.format("%Y-%m-%d %H:%M:%S %Z (%:z)"));
+    }
+    Ok(())
+}
+
+/// Applies the given fields to `spec`, checking each.
+fn apply(spec: &mut ScheduleSpec, fields: ScheduleFields) -> anyhow::Result<()> {
+    if let Some(v) = fields.cron {
+        spec.cron = v;
+    }
+    if let Some(v) = fields.kind {
+        spec.kind = v;
+    }
+    if let Some(v) = fields.timezone {
+        spec.timezone = v;
+    }
+    if let Some(v) = fields.queue {
+        spec.queue = v;
+    }
+    if let Some(v) = fields.args {
+        spec.args = serde_json::from_str(&v).with_context(|| {
+            format!("--args is not valid JSON: `{v}`; pass e.g. '{{\"n\": 1}}'")
+        })?;
+    }
+    if let Some(v) = fields.priority {
+        spec.priority = v;
+    }
+    if let Some(v) = fields.max_attempts {
+        spec.max_attempts = v;
+    }
+    if let Some(v) = fields.missed {
+        spec.missed = serde_json::from_value(serde_json::Value::String(v.clone()))
+            .map_err(|_| anyhow::anyhow!("--missed `{v}`: use skip, latest or all"))?;
+    }
+    if let Some(v) = fields.backfill_limit {
+        spec.backfill_limit = v;
+    }
+    if let Some(v) = fields.overlap {
+        spec.overlap = serde_json::from_value(serde_json::Value::String(v.clone()))
+            .map_err(|_| anyhow::anyhow!("--overlap `{v}`: use allow or skip"))?;
+    }
+    if fields.disabled {
+        spec.enabled = false;
+    }
+    Ok(())
+}
+
+fn status_json(s: &ScheduleStatus) -> serde_json::Value {
+    serde_json::to_value(s).unwrap_or_default()
+}
+
+fn print_status(s: &ScheduleStatus) {
+    let spec = &s.schedule.spec;
+    let time = |t: Option<DateTime<Utc>>| t.map_or("-".to_string(), |t| t.to_rfc3339());
+    println!("name:         {}", spec.name);
+    println!("cron:         {} ({})", spec.cron, spec.timezone);
+    println!("enqueues:     {} on queue {}", spec.kind, spec.queue);
+    println!("args:         {}", spec.args);
+    println!(
+        "enabled:      {}{}",
+        spec.enabled,
+        s.schedule
+            .disabled_reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    );
+    println!("origin:       {}", origin(s.schedule.origin));
+    println!(
+        "policies:     missed={:?} overlap={:?} priority={} max_attempts={}",
+        spec.missed, spec.overlap, spec.priority, spec.max_attempts
+    );
+    println!("last fire:    {}", time(s.last_fire));
+    println!(
+        "last job:     {}",
+        match (s.last_job, s.last_state) {
+            (Some(id), Some(state)) => format!("{id} ({state})"),
+            (Some(id), None) => format!("{id} (pruned)"),
+            _ => "-".into(),
+        }
+    );
+    println!("next fire:    {}", time(s.next_fire));
+}
+
+fn origin(o: Origin) -> &'static str {
+    match o {
+        Origin::Config => "config file",
+        Origin::Api => "api/cli",
+        Origin::Builtin => "built-in example",
+    }
+}
+
+/// Every other `schedules` subcommand, against the store.
+pub async fn run(
+    config: &Config,
+    store: Arc<dyn Store>,
+    cmd: SchedulesCommand,
+) -> anyhow::Result<()> {
+    let registry = Schedules::new(store);
+    let now = Utc::now();
+    match cmd {
+        SchedulesCommand::List(out) => {
+            let mut rows = Vec::new();
+            for s in registry.list().await? {
+                rows.push(registry.status(s, now).await?);
+            }
+            let pending: Vec<&str> = config
+                .schedules
+                .iter()
+                .filter(|c| !rows.iter().any(|r| r.schedule.spec.name == c.name))
+                .map(|c| c.name.as_str())
+                .collect();
+            if out.json {
+                let rows: Vec<_> = rows.iter().map(status_json).collect();
+                return output::json(&rows);
+            }
+            if rows.is_empty() {
+                println!(
+                    "no schedules; create one with `conveyor schedules create`, or add [[schedules]] to the config file"
+                );
+            } else {
+                output::schedules_table(&rows);
+            }
+            if !pending.is_empty() {
+                println!(
+                    "in the config file, stored when a scheduler next starts: {}",
+                    pending.join(", ")
+                );
+            }
+            Ok(())
+        }
+        SchedulesCommand::Show { name, out } => {
+            let s = registry.require(&name).await?;
+            let status = registry.status(s, now).await?;
+            if out.json {
+                return output::json(&status_json(&status));
+            }
+            print_status(&status);
+            Ok(())
+        }
+        SchedulesCommand::Create { name, fields, out } => {
+            let (Some(cron), Some(kind)) = (fields.cron.clone(), fields.kind.clone()) else {
+                bail!(
+                    "`schedules create` needs --cron and --kind, e.g. --cron '0 3 * * *' --kind demo.echo"
+                );
+            };
+            let mut spec = ScheduleSpec::new(name, cron, kind);
+            apply(&mut spec, fields)?;
+            let stored = registry.create(spec, Origin::Api).await?;
+            let status = registry.status(stored, now).await?;
+            if out.json {
+                return output::json(&status_json(&status));
+            }
+            println!("created schedule `{}`", status.schedule.spec.name);
+            print_status(&status);
+            Ok(())
+        }
+        SchedulesCommand::Update { name, fields, out } => {
+            let current = registry.require(&name).await?;
+            let mut spec = current.spec.clone();
+            apply(&mut spec, fields)?;
+            let stored = registry.update(&name, spec, Some(current.version)).await?;
+            if current.origin == Origin::Config {
+                eprintln!(
+                    "note: `{name}` comes from the config file; the next scheduler start puts the file's version back. Edit the file to make the change last."
+                );
+            }
+            let status = registry.status(stored, now).await?;
+            if out.json {
+                return output::json(&status_json(&status));
+            }
+            println!("updated schedule `{name}`");
+            print_status(&status);
+            Ok(())
+        }
+        SchedulesCommand::Delete { name } => {
+            let current = registry.require(&name).await?;
+            registry.delete(&name).await?;
+            println!("deleted schedule `{name}` (its jobs stay)");
+            if current.origin == Origin::Config {
+                eprintln!(
+                    "note: `{name}` is in the config file; the next scheduler start stores it again. Remove it from the file to delete it for good."
+                );
+            }
+            Ok(())
+        }
+        SchedulesCommand::Pause { name } => {
+            registry.set_enabled(&name, false).await?;
+            println!("paused schedule `{name}`");
+            Ok(())
+        }
+        SchedulesCommand::Resume { name } => {
+            let s = registry.set_enabled(&name, true).await?;
+            let status = registry.status(s, now).await?;
+            println!(
+                "resumed schedule `{name}`; next fire {}",
+                status.next_fire.map_or("-".to_string(), |t| t.to_rfc3339())
+            );
+            Ok(())
+        }
+        SchedulesCommand::Trigger { name, out } => {
+            let enqueued = registry.trigger(&name).await?;
+            if out.json {
+                return output::json(&enqueued);
+            }
+            println!("enqueued job {} for schedule `{name}`", enqueued.id);
+            Ok(())
+        }
+        SchedulesCommand::Next {
+            name,
+            count,
+            after,
+            out,
+        } => {
+            let stored = registry.require(&name).await?;
+            let schedule = stored.spec.compile().map_err(|e| anyhow::anyhow!("{e}"))?;
+            print_next(&schedule, count, after, out.json)
+        }
+    }
+}
