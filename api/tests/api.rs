@@ -514,6 +514,15 @@ async fn paused_queue_accepts_but_runs_nothing(store: Arc<dyn Store>) {
         resumed.elapsed()
     );
 
+    let series = conveyor_worker::metrics::global()
+        .jobs
+        .get(&["slow", "t.ok"]);
+    assert!(
+        series.completed.get() >= 1,
+        "the runtime counts completions"
+    );
+    assert!(series.execution.count() >= 1 && series.queue_wait.count() >= 1);
+
     stop.cancel();
     run.await.unwrap().unwrap();
     let (_, w) = send(s.req(Method::GET, "/v1/workers", Some(&op))).await;
@@ -864,6 +873,22 @@ async fn openapi_document_matches_the_routes() {
         .collect();
     routed.sort();
     assert_eq!(documented, routed, "the document lists exactly the routes");
+    // Operation ids are unique (an OpenAPI requirement client generators rely on).
+    let mut ids: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|item| item.as_object().unwrap().values())
+        .map(|op| {
+            op["operationId"]
+                .as_str()
+                .expect("every operation has an id")
+        })
+        .collect();
+    let count = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), count, "duplicate operationId in {ids:?}");
     // Every documented operation with a scope declares it as bearer security.
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {

@@ -379,7 +379,7 @@ fn parse_states(text: Option<&str>) -> Result<Vec<JobState>, Problem> {
 
 /// Jobs matching the filters, newest first, one page.
 #[utoipa::path(
-    get, path = "/v1/jobs", tag = "jobs",
+    get, path = "/v1/jobs", tag = "jobs", operation_id = "list_jobs",
     params(ListParams),
     responses((status = 200, body = JobPage), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["read"]))
