@@ -1,8 +1,8 @@
 //! Conveyor's HTTP API, served by `conveyor serve` (role `api`).
 //!
 //! Where to start reading:
-//! - [`router`] composes the route groups in [`route`] (`job`, `queue`, `worker`, `audit`,
-//!   `system`) into one axum `Router` and one OpenAPI document, then wraps them in the
+//! - [`router`] composes the route groups in [`route`] (`job`, `queue`, `worker`, `schedule`,
+//!   `audit`, `system`) into one axum `Router` and one OpenAPI document, then wraps them in the
 //!   shared layers (body limit, security headers, CORS, HTTP metrics, panic catcher).
 //! - [`serve`] runs it on a bound listener until a shutdown future resolves.
 //! - [`auth`]: the `Auth<scope::…>` extractor every route takes — key check, rate limit,
@@ -61,6 +61,7 @@ pub use state::AppState;
         (name = "jobs", description = "Enqueue, inspect, retry, cancel, discard"),
         (name = "queues", description = "Counts, pause, resume"),
         (name = "workers", description = "Live worker processes"),
+        (name = "schedules", description = "Cron schedules: status, create, update, pause, resume, trigger"),
         (name = "audit", description = "Operator actions"),
         (name = "system", description = "Health, metrics, docs"),
     )
@@ -90,6 +91,7 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(route::job::routes())
         .merge(route::queue::routes())
         .merge(route::worker::routes())
+        .merge(route::schedule::routes())
         .merge(route::audit::routes())
         .merge(route::system::routes())
         .split_for_parts()

@@ -26,7 +26,165 @@ api_tests!(
     rate_limit_is_shared_between_replicas,
     metrics_need_a_key_and_name_everything,
     bad_input_gets_a_problem,
+    schedules_over_http,
 );
+
+async fn schedules_over_http(store: Arc<dyn Store>) {
+    let s = Server::default(store.clone()).await;
+    let op = s.key(Scope::Operate).await;
+    let admin = s.key(Scope::Admin).await;
+
+    // Create: 201 with a Location and the status (no fire yet, a next fire in its zone).
+    let r = s
+        .req(Method::POST, "/v1/schedules", Some(&op))
+        .json(&json!({
+            "name": "nightly",
+            "cron": "30 2 * * *",
+            "timezone": "Europe/Berlin",
+            "kind": "report.build",
+            "args": {"format": "pdf"},
+            "missed": "all",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["location"], "/v1/schedules/nightly");
+    let created: Value = r.json().await.unwrap();
+    assert_eq!(created["spec"]["timezone"], "Europe/Berlin");
+    assert_eq!(created["spec"]["missed"], "all");
+    assert_eq!(created["origin"], "api");
+    assert!(created["last_fire"].is_null());
+    assert!(created["next_fire"].is_string());
+    let version = created["version"].as_i64().unwrap();
+
+    // The same name again: 409. Bad fields: 422 naming the field.
+    let (status, p) = send(
+        s.req(Method::POST, "/v1/schedules", Some(&op))
+            .json(&json!({"name": "nightly", "cron": "* * * * *", "kind": "k"})),
+    )
+    .await;
+    assert_eq!(status, 409, "{p}");
+    for (body, field) in [
+        (
+            json!({"name": "x", "cron": "61 * * * *", "kind": "k"}),
+            "cron",
+        ),
+        (
+            json!({"name": "x", "cron": "* * * * *", "kind": "k", "timezone": "Mars/Base"}),
+            "timezone",
+        ),
+        (
+            json!({"name": "x", "cron": "* * * * *", "kind": "k", "missed": "sometimes"}),
+            "missed",
+        ),
+        (
+            json!({"name": "x y", "cron": "* * * * *", "kind": "k"}),
+            "name",
+        ),
+        (json!({"cron": "* * * * *"}), "name"),
+    ] {
+        let (status, p) = send(s.req(Method::POST, "/v1/schedules", Some(&op)).json(&body)).await;
+        assert_eq!(status, 422, "{body}: {p}");
+        assert!(
+            p["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["field"] == field),
+            "{body}: {p}"
+        );
+    }
+    let (status, p) = send(
+        s.req(Method::POST, "/v1/schedules", Some(&op))
+            .json(&json!({"name": "x", "cron": "* * * * *", "kind": "k", "colour": "red"})),
+    )
+    .await;
+    assert_eq!(status, 422, "unknown fields are refused: {p}");
+
+    // Update with the version read; a stale If-Match is a 409 and changes nothing.
+    let (status, updated) = send(
+        s.req(Method::PATCH, "/v1/schedules/nightly", Some(&op))
+            .header("if-match", version.to_string())
+            .json(&json!({"cron": "0 3 * * *"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["spec"]["cron"], "0 3 * * *");
+    assert_eq!(
+        updated["spec"]["timezone"], "Europe/Berlin",
+        "untouched fields stay"
+    );
+    let (status, p) = send(
+        s.req(Method::PATCH, "/v1/schedules/nightly", Some(&op))
+            .header("if-match", version.to_string())
+            .json(&json!({"cron": "0 4 * * *"})),
+    )
+    .await;
+    assert_eq!(status, 409, "{p}");
+
+    // Next fire times in the zone, across the spring change (03:00 exists; 02:30 would not).
+    let (status, next) = send(s.req(
+        Method::GET,
+        "/v1/schedules/nightly/next?count=2&after=2027-03-27T12:00:00Z",
+        Some(&op),
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        next,
+        json!(["2027-03-28T03:00:00+02:00", "2027-03-29T03:00:00+02:00"])
+    );
+
+    // Pause, trigger (runs even when paused), resume, delete; 404 for unknown names.
+    let (status, paused) =
+        send(s.req(Method::POST, "/v1/schedules/nightly/pause", Some(&op))).await;
+    assert_eq!(status, 200);
+    assert_eq!(paused["spec"]["enabled"], false);
+    assert!(paused["next_fire"].is_null());
+    let r = s
+        .req(Method::POST, "/v1/schedules/nightly/trigger", Some(&op))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let job: Value = r.json().await.unwrap();
+    let id: conveyor_worker::JobId = job["id"].as_str().unwrap().parse().unwrap();
+    let stored = store.get(id).await.unwrap().unwrap();
+    assert_eq!(stored.kind, "report.build");
+    assert_eq!(stored.args, json!({"format": "pdf"}));
+    let (status, _) = send(s.req(Method::POST, "/v1/schedules/nightly/resume", Some(&op))).await;
+    assert_eq!(status, 200);
+    let (status, list) = send(s.req(Method::GET, "/v1/schedules", Some(&op))).await;
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["spec"]["enabled"], true);
+    let (status, _) = send(s.req(Method::DELETE, "/v1/schedules/nightly", Some(&op))).await;
+    assert_eq!(status, 204);
+    let (status, p) = send(s.req(Method::GET, "/v1/schedules/nightly", Some(&op))).await;
+    assert_eq!(status, 404, "{p}");
+
+    // Every change is in the audit log.
+    let (_, page) = send(s.req(Method::GET, "/v1/audit?limit=20", Some(&admin))).await;
+    let actions: Vec<&str> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .filter(|a| a.starts_with("schedule."))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "schedule.delete",
+            "schedule.resume",
+            "schedule.trigger",
+            "schedule.pause",
+            "schedule.update",
+            "schedule.create"
+        ]
+    );
+}
 
 async fn enqueue_get_and_list(store: Arc<dyn Store>) {
     let s = Server::default(store).await;
@@ -158,7 +316,8 @@ async fn batch_enqueue(store: Arc<dyn Store>) {
 }
 
 /// Every route, and which scopes may call it (enqueue, read, operate, admin). `{id}` is
-/// replaced by a fresh waiting job for each call. `None`: open to anyone without a key.
+/// replaced by a fresh waiting job for each call, `{name}` names a queue and a schedule that
+/// exist, `{n}` in a body is a fresh number. `None`: open to anyone without a key.
 #[allow(clippy::type_complexity)]
 const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
     (
@@ -218,6 +377,60 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
         Some([false, false, true, true]),
     ),
     ("GET", "/v1/workers", None, Some([false, true, true, true])),
+    (
+        "GET",
+        "/v1/schedules",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/schedules",
+        Some(r#"{"name":"m-{n}","cron":"0 * * * *","kind":"m.x"}"#),
+        Some([false, false, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/schedules/{name}",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "PATCH",
+        "/v1/schedules/{name}",
+        Some(r#"{"priority":1}"#),
+        Some([false, false, true, true]),
+    ),
+    (
+        "DELETE",
+        "/v1/schedules/{name}",
+        None,
+        Some([false, false, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/schedules/{name}/pause",
+        None,
+        Some([false, false, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/schedules/{name}/resume",
+        None,
+        Some([false, false, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/schedules/{name}/trigger",
+        None,
+        Some([false, false, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/schedules/{name}/next",
+        None,
+        Some([false, true, true, true]),
+    ),
     ("GET", "/v1/audit", None, Some([false, false, false, true])),
     ("GET", "/metrics", None, Some([false, true, true, true])),
     ("GET", "/livez", None, None),
@@ -232,10 +445,26 @@ async fn scope_matrix(store: Arc<dyn Store>) {
     for scope in Scope::ALL {
         keys.push(s.key(scope).await);
     }
+    let schedules = conveyor_scheduler::Schedules::new(store.clone());
+    let mut n = 0;
     for (method, template, body, allowed) in MATRIX {
         let method: Method = method.parse().unwrap();
         for who in 0..=Scope::ALL.len() {
             let key = keys.get(who).map(String::as_str);
+            if schedules.get("matrix").await.unwrap().is_none() {
+                schedules
+                    .create(
+                        conveyor_scheduler::schedule::ScheduleSpec::new(
+                            "matrix",
+                            "0 * * * *",
+                            "m.x",
+                        ),
+                        conveyor_scheduler::registry::Origin::Api,
+                    )
+                    .await
+                    .unwrap();
+            }
+            n += 1;
             let id = store
                 .enqueue(NewJob::new("m.x", json!({})).queue("matrix"))
                 .await
@@ -247,7 +476,9 @@ async fn scope_matrix(store: Arc<dyn Store>) {
                 .replace("{name}", "matrix");
             let mut r = s.req(method.clone(), &path, key);
             if let Some(b) = body {
-                r = r.header("content-type", "application/json").body(*b);
+                r = r
+                    .header("content-type", "application/json")
+                    .body(b.replace("{n}", &n.to_string()));
             }
             let (status, problem) = send(r).await;
             let who_name = Scope::ALL

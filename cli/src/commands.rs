@@ -335,7 +335,7 @@ async fn bulk(
 }
 
 /// Records an operator action taken from the command line.
-async fn audit_cli(
+pub(crate) async fn audit_cli(
     store: &dyn Store,
     action: &str,
     target: serde_json::Value,

@@ -149,8 +149,20 @@ pub async fn run(
     store: Arc<dyn Store>,
     cmd: SchedulesCommand,
 ) -> anyhow::Result<()> {
-    let registry = Schedules::new(store);
+    let registry = Schedules::new(store.clone());
     let now = Utc::now();
+    let audit = |action: &'static str, name: String| {
+        let store = store.clone();
+        async move {
+            crate::commands::audit_cli(
+                store.as_ref(),
+                action,
+                serde_json::json!({ "schedule": name }),
+                1,
+            )
+            .await
+        }
+    };
     match cmd {
         SchedulesCommand::List(out) => {
             let mut rows = Vec::new();
@@ -200,6 +212,7 @@ pub async fn run(
             let mut spec = ScheduleSpec::new(name, cron, kind);
             apply(&mut spec, fields)?;
             let stored = registry.create(spec, Origin::Api).await?;
+            audit("schedule.create", stored.spec.name.clone()).await?;
             let status = registry.status(stored, now).await?;
             if out.json {
                 return output::json(&status_json(&status));
@@ -213,6 +226,7 @@ pub async fn run(
             let mut spec = current.spec.clone();
             apply(&mut spec, fields)?;
             let stored = registry.update(&name, spec, Some(current.version)).await?;
+            audit("schedule.update", name.clone()).await?;
             if current.origin == Origin::Config {
                 eprintln!(
                     "note: `{name}` comes from the config file; the next scheduler start puts the file's version back. Edit the file to make the change last."
@@ -229,6 +243,7 @@ pub async fn run(
         SchedulesCommand::Delete { name } => {
             let current = registry.require(&name).await?;
             registry.delete(&name).await?;
+            audit("schedule.delete", name.clone()).await?;
             println!("deleted schedule `{name}` (its jobs stay)");
             if current.origin == Origin::Config {
                 eprintln!(
@@ -239,11 +254,13 @@ pub async fn run(
         }
         SchedulesCommand::Pause { name } => {
             registry.set_enabled(&name, false).await?;
+            audit("schedule.pause", name.clone()).await?;
             println!("paused schedule `{name}`");
             Ok(())
         }
         SchedulesCommand::Resume { name } => {
             let s = registry.set_enabled(&name, true).await?;
+            audit("schedule.resume", name.clone()).await?;
             let status = registry.status(s, now).await?;
             println!(
                 "resumed schedule `{name}`; next fire {}",
@@ -253,6 +270,7 @@ pub async fn run(
         }
         SchedulesCommand::Trigger { name, out } => {
             let enqueued = registry.trigger(&name).await?;
+            audit("schedule.trigger", name.clone()).await?;
             if out.json {
                 return output::json(&enqueued);
             }

@@ -236,6 +236,28 @@ fn stored_schedules_through_their_lifecycle() {
     let (code, _, err) = conveyor(&cfg.file, &["schedules", "show", "digest"]);
     assert_eq!(code, 1);
     assert!(err.contains("no schedule is named `digest`"), "{err}");
+
+    // Every change was audited, as the OS user running the CLI.
+    let audit: serde_json::Value =
+        serde_json::from_str(&run(&["audit", "list", "--json"])).unwrap();
+    let actions: Vec<&str> = audit
+        .as_array()
+        .or_else(|| audit["entries"].as_array())
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "schedule.delete",
+            "schedule.update",
+            "schedule.trigger",
+            "schedule.resume",
+            "schedule.pause",
+            "schedule.create"
+        ]
+    );
 }
 
 #[test]

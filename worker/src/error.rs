@@ -30,7 +30,10 @@ pub enum Error {
     /// else changed it since it was read.
     #[error("{0}")]
     Conflict(String),
-    /// The backend cannot do this (e.g. transactional enqueue outside Postgres).
+    /// The store cannot do this now: migrations are pending, the data is newer than this
+    /// binary, an idempotency key is still claimed by an unfinished enqueue, a stored job is
+    /// corrupt. (Transactional enqueue is not among them: it is `store::postgres::enqueue_in`,
+    /// which takes a Postgres connection, so on another backend it does not compile.)
     #[error("{0}")]
     Unsupported(String),
     /// The store URL could not be understood.

@@ -4,5 +4,6 @@
 pub mod audit;
 pub mod job;
 pub mod queue;
+pub mod schedule;
 pub mod system;
 pub mod worker;

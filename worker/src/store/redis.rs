@@ -11,7 +11,7 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `{P:Q}:job:<id>` | hash: the job (args, tags, metadata and the attempt history as JSON strings; times as microseconds) |
+//! | `{P:Q}:job:<id>` | hash: the job (args, tags, metadata and the attempt history as JSON strings; times as microseconds). The id and queue are in the key; empty tags, `{}` metadata and an empty history are left out |
 //! | `{P:Q}:ready` | zset of `available` jobs, score `priority · 10¹³ + run_at_ms`: fetch pops the head |
 //! | `{P:Q}:delayed` | zset of `scheduled` and `retryable` jobs by `run_at` (µs) |
 //! | `{P:Q}:leases` | zset of `running` jobs by lease deadline (µs): the rescuer's work list |
@@ -25,9 +25,10 @@
 //! holder). They are read and written by single-key commands beside the queue's scripts.
 //! Operations that span queues walk `P:queues` and run one script per queue: `list`, `count`,
 //! `queue_stats`, `heartbeat`, `promote_due`, `rescue_expired`, `prune`, `retry_matching` and
-//! `purge`. The store talks to one server through a [`ConnectionManager`]; the layout is what
-//! lets the same scripts run unchanged on a cluster (each names its queue's `ready` key first,
-//! so a cluster client routes it to the right node).
+//! `purge`. The store talks to one server through a [`ConnectionManager`]; there is no
+//! cluster client yet. The layout is what would let the same scripts run unchanged on a
+//! cluster: each names one key of its queue in `KEYS` (so a cluster client routes it to the
+//! right node) and builds the others from the same hash tag, so they share its slot.
 //!
 //! # Costs
 //!
@@ -46,8 +47,8 @@
 //! # Idempotency keys
 //!
 //! A key is claimed with `SET P:key:<k> queue/id NX PX 60000` before the insert and made
-//! permanent right after it, then lives exactly as long as its job: deleting the job (prune,
-//! discard, purge) frees it. So duplicates behave as on the SQL backends, including the
+//! permanent (`PERSIST`, in the insert's pipeline) right after it, then lives exactly as long
+//! as its job: deleting the job (prune, discard, purge) frees it. So duplicates behave as on the SQL backends, including the
 //! pruner keeping a keyed finished job for `RetentionPolicy::idempotency`. The claim's expiry
 //! only covers an enqueue that died between claim and insert; a confirmed key whose job is
 //! gone is found and freed by the next enqueue that wants it. A key and its job live in
@@ -94,6 +95,12 @@ const LAYOUT_VERSION: i64 = 1;
 const CLAIM_MS: u64 = 60_000;
 /// How long an enqueue waits for another enqueue's claim on the same key to be confirmed.
 const CLAIM_WAIT: Duration = Duration::from_secs(5);
+/// Claims of at most this many jobs come back with the jobs' hashes in the fetch script's
+/// answer (one round trip, for latency); larger ones read the hashes in a second round trip,
+/// which costs the server far less per job.
+const FETCH_INLINE: usize = 16;
+/// Pipelines one bulk enqueue keeps in flight at once.
+const IN_FLIGHT: usize = 4;
 
 macro_rules! queue_script {
     ($file:literal) => {
@@ -118,14 +125,12 @@ static DELETE: LazyLock<Script> = queue_script!("delete.lua");
 static PRUNE: LazyLock<Script> = queue_script!("prune.lua");
 static PROMOTE: LazyLock<Script> = queue_script!("promote.lua");
 static STATS: LazyLock<Script> = queue_script!("stats.lua");
-static KEY_CLAIM: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("redis/key_claim.lua")));
 static KEY_KEEP: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("redis/key_keep.lua")));
 static KEY_FREE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("redis/key_free.lua")));
 
-fn all_scripts() -> [&'static Script; 14] {
+fn all_scripts() -> [&'static Script; 13] {
     [
         &ENQUEUE,
         &FETCH,
@@ -138,7 +143,6 @@ fn all_scripts() -> [&'static Script; 14] {
         &PRUNE,
         &PROMOTE,
         &STATS,
-        &KEY_CLAIM,
         &KEY_KEEP,
         &KEY_FREE,
     ]
@@ -175,11 +179,51 @@ impl Keys {
     }
 }
 
+/// Most claimed jobs whose queue [`RunningQueues`] remembers.
+const RUNNING_CACHE: usize = 100_000;
+
+/// The queue of each job this store claimed and has not yet written an outcome for, so a
+/// completion batch goes straight to its queue's script instead of first asking `P:index`.
+/// Past [`RUNNING_CACHE`] entries further claims are not remembered, and an outcome for a job
+/// not found here (a rescue, a job adopted after a lost fetch answer) looks its queue up.
+#[derive(Default)]
+struct RunningQueues(std::sync::Mutex<HashMap<JobId, Arc<str>>>);
+
+impl RunningQueues {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Arc<str>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remember(&self, queue: &str, ids: impl Iterator<Item = JobId>) {
+        let queue: Arc<str> = Arc::from(queue);
+        let mut map = self.map();
+        for id in ids {
+            if map.len() >= RUNNING_CACHE {
+                break;
+            }
+            map.insert(id, queue.clone());
+        }
+    }
+
+    fn lookup(&self, ids: &[JobId]) -> Vec<Option<Arc<str>>> {
+        let map = self.map();
+        ids.iter().map(|id| map.get(id).cloned()).collect()
+    }
+
+    fn forget(&self, ids: &[JobId]) {
+        let mut map = self.map();
+        for id in ids {
+            map.remove(id);
+        }
+    }
+}
+
 /// The Redis store. Cheap to clone; clones share the connection and the subscriber.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
     keys: Arc<Keys>,
+    running: Arc<RunningQueues>,
     events: broadcast::Sender<StoreEvent>,
     /// Stops the subscriber task when the last clone is dropped.
     _subscriber: Arc<DropGuard>,
@@ -249,6 +293,7 @@ impl RedisStore {
         Ok(Self {
             conn,
             keys,
+            running: Arc::default(),
             events,
             _subscriber: Arc::new(stop.drop_guard()),
         })
@@ -333,9 +378,10 @@ impl RedisStore {
                 .arg(format!("{}:job:{id}", self.keys.queue(queue)));
         }
         let rows: Vec<Vec<String>> = self.run(&pipe).await?;
-        rows.into_iter()
-            .filter(|r| !r.is_empty())
-            .map(job_from_fields)
+        refs.iter()
+            .zip(rows)
+            .filter(|(_, r)| !r.is_empty())
+            .map(|((queue, id), r)| job_from_fields(queue, *id, r))
             .collect()
     }
 
@@ -425,7 +471,24 @@ impl RedisStore {
     /// applies only if the job's lease expired before it (the rescuer's condition).
     async fn apply(&self, outcomes: &[Finish], guard: Option<DateTime<Utc>>) -> Result<Vec<JobId>> {
         let ids: Vec<JobId> = outcomes.iter().map(|f| f.id).collect();
-        let queues = self.queues_of(&ids).await?;
+        let mut queues: Vec<Option<String>> = self
+            .running
+            .lookup(&ids)
+            .into_iter()
+            .map(|q| q.map(|q| q.to_string()))
+            .collect();
+        let unknown: Vec<JobId> = ids
+            .iter()
+            .zip(&queues)
+            .filter(|(_, q)| q.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !unknown.is_empty() {
+            let mut found = self.queues_of(&unknown).await?.into_iter();
+            for q in queues.iter_mut().filter(|q| q.is_none()) {
+                *q = found.next().flatten();
+            }
+        }
         let mut by_queue: BTreeMap<String, Vec<&Finish>> = BTreeMap::new();
         for (f, q) in outcomes.iter().zip(queues) {
             if let Some(q) = q {
@@ -462,6 +525,7 @@ impl RedisStore {
             }
         }
         if invocations.is_empty() {
+            self.running.forget(&ids);
             return Ok(Vec::new());
         }
         let mut pipe = ::redis::pipe();
@@ -469,6 +533,8 @@ impl RedisStore {
             pipe.invoke_script(inv);
         }
         let answers: Vec<Vec<String>> = self.run(&pipe).await?;
+        // Every outcome got its answer, applied or stale: none of these jobs runs here now.
+        self.running.forget(&ids);
         let next: HashMap<JobId, JobState> = outcomes.iter().map(|f| (f.id, f.state)).collect();
         let mut applied = Vec::new();
         let mut woken = Vec::new();
@@ -651,6 +717,10 @@ impl RedisStore {
     }
 
     /// Claims keys and caller-chosen ids, then inserts. See [`Store::enqueue_many`].
+    ///
+    /// Two round trips whatever the batch size: the claims of all the batch's keys, then the
+    /// inserts. Each stage sends one pipeline per chunk, up to [`IN_FLIGHT`] at once on the
+    /// one connection, so the server never waits for the client between chunks.
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
         for job in &jobs {
             job.validate()?;
@@ -687,14 +757,20 @@ impl RedisStore {
                 }
             }
         }
+        let held = match self.claim_keys(&jobs, &ids, &keyed).await {
+            Ok(held) => held,
+            Err(e) => {
+                // The claims may have been applied and only their answer lost: free the
+                // ones this call made, so a retry of the call is not kept waiting.
+                self.release_claims(&jobs, &ids, &keyed).await;
+                return Err(e);
+            }
+        };
         let mut claimed = Vec::new();
-        for chunk in keyed.chunks(CHUNK) {
-            let held = self.claim_keys(&jobs, &ids, chunk).await?;
-            for (&i, holder) in chunk.iter().zip(held) {
-                match holder {
-                    None => claimed.push(i),
-                    Some(answer) => answers[i] = Some(answer),
-                }
+        for (&i, holder) in keyed.iter().zip(held) {
+            match holder {
+                None => claimed.push(i),
+                Some(answer) => answers[i] = Some(answer),
             }
         }
         let skipped: BTreeSet<usize> = follows.iter().map(|(i, _)| *i).collect();
@@ -712,75 +788,57 @@ impl RedisStore {
         for &i in &inserting {
             by_queue.entry(jobs[i].queue.as_str()).or_default().push(i);
         }
-        let mut woken = Vec::new();
+        let mut chunks = Vec::new();
         for (queue, members) in &by_queue {
-            let base = self.keys.queue(queue);
             for chunk in members.chunks(CHUNK) {
-                let mut pipe = ::redis::pipe();
-                pipe.cmd("SADD")
-                    .arg(self.keys.queues())
-                    .arg(*queue)
-                    .ignore();
-                let generated: Vec<usize> = chunk
-                    .iter()
-                    .copied()
-                    .filter(|&i| jobs[i].id.is_none())
-                    .collect();
-                if !generated.is_empty() {
-                    let mut hset = ::redis::cmd("HSET");
-                    hset.arg(self.keys.index());
-                    for &i in &generated {
-                        hset.arg(ids[i].to_string()).arg(*queue);
+                chunks.push((
+                    *queue,
+                    chunk,
+                    self.insert_pipeline(queue, chunk, &jobs, &ids, &states, now)?,
+                ));
+            }
+        }
+        let sends: Vec<_> = chunks.iter().map(|(_, _, pipe)| self.run(pipe)).collect();
+        let results: Vec<Result<(Vec<String>,)>> = futures::stream::iter(sends)
+            .buffered(IN_FLIGHT)
+            .collect()
+            .await;
+        let mut woken = Vec::new();
+        let mut failed = None;
+        for ((queue, chunk, _), result) in chunks.iter().zip(results) {
+            match result {
+                Ok((taken,)) => {
+                    if let Some(id) = taken.first() {
+                        failed.get_or_insert(Error::invalid(
+                            "id",
+                            format!("job id {id} already exists"),
+                        ));
+                        continue;
                     }
-                    pipe.add_command(hset).ignore();
-                }
-                let mut inv = ENQUEUE.prepare_invoke();
-                inv.key(format!("{base}:ready"))
-                    .arg(&base)
-                    .arg(self.keys.jobs_channel())
-                    .arg(*queue)
-                    .arg(micros(now));
-                for &i in chunk {
-                    let job = &jobs[i];
-                    inv.arg(ids[i].to_string())
-                        .arg(&job.kind)
-                        .arg(serde_json::to_string(&job.args)?)
-                        .arg(job.priority)
-                        .arg(job.max_attempts)
-                        .arg(micros(job.run_at.unwrap_or(now)))
-                        .arg(job.idempotency_key.as_deref().unwrap_or(""))
-                        .arg(serde_json::to_string(&job.tags)?)
-                        .arg(serde_json::to_string(&job.metadata)?)
-                        .arg(states[i].as_str());
-                }
-                pipe.invoke_script(&inv);
-                for &i in chunk {
-                    if let Some(key) = &jobs[i].idempotency_key {
-                        pipe.invoke_script(
-                            KEY_KEEP
-                                .key(self.keys.idempotency(key))
-                                .arg(format!("{queue}/{}", ids[i])),
-                        )
-                        .ignore();
+                    for &i in *chunk {
+                        if states[i] == JobState::Available {
+                            woken.push(queue.to_string());
+                        }
+                        answers[i] = Some(Enqueued {
+                            id: ids[i],
+                            state: states[i],
+                            duplicate: false,
+                        });
                     }
                 }
-                let (taken,): (Vec<String>,) = self.run(&pipe).await?;
-                if let Some(id) = taken.first() {
-                    return Err(Error::invalid("id", format!("job id {id} already exists")));
-                }
-                for &i in chunk {
-                    if states[i] == JobState::Available {
-                        woken.push(queue.to_string());
-                    }
-                    answers[i] = Some(Enqueued {
-                        id: ids[i],
-                        state: states[i],
-                        duplicate: false,
-                    });
+                Err(e) => {
+                    failed.get_or_insert(e);
                 }
             }
         }
         self.wake(woken);
+        if let Some(e) = failed {
+            // An insert whose answer was lost may still have been applied, and its key
+            // confirmations with it or not: confirm every claim whose job exists, so the key
+            // outlives the claim's expiry. Unconfirmed claims of jobs that do not exist expire.
+            self.confirm_existing(&jobs, &ids, &claimed).await;
+            return Err(e);
+        }
         for (i, first) in follows {
             answers[i] = answers[first].clone().map(|a| Enqueued {
                 duplicate: true,
@@ -793,6 +851,72 @@ impl RedisStore {
             .collect()
     }
 
+    /// One chunk's insert: queue registry, id index, the insert script, then the
+    /// confirmations of the chunk's key claims (a claim expires unless confirmed).
+    fn insert_pipeline(
+        &self,
+        queue: &str,
+        chunk: &[usize],
+        jobs: &[NewJob],
+        ids: &[JobId],
+        states: &[JobState],
+        now: DateTime<Utc>,
+    ) -> Result<Pipeline> {
+        let base = self.keys.queue(queue);
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("SADD").arg(self.keys.queues()).arg(queue).ignore();
+        let generated: Vec<usize> = chunk
+            .iter()
+            .copied()
+            .filter(|&i| jobs[i].id.is_none())
+            .collect();
+        if !generated.is_empty() {
+            let mut hset = ::redis::cmd("HSET");
+            hset.arg(self.keys.index());
+            for &i in &generated {
+                hset.arg(ids[i].to_string()).arg(queue);
+            }
+            pipe.add_command(hset).ignore();
+        }
+        let mut inv = ENQUEUE.prepare_invoke();
+        inv.key(format!("{base}:ready"))
+            .arg(&base)
+            .arg(self.keys.jobs_channel())
+            .arg(queue)
+            .arg(micros(now));
+        for &i in chunk {
+            let job = &jobs[i];
+            let tags = if job.tags.is_empty() {
+                String::new()
+            } else {
+                serde_json::to_string(&job.tags)?
+            };
+            let metadata = match &job.metadata {
+                serde_json::Value::Object(m) if m.is_empty() => String::new(),
+                other => serde_json::to_string(other)?,
+            };
+            inv.arg(ids[i].to_string())
+                .arg(&job.kind)
+                .arg(serde_json::to_string(&job.args)?)
+                .arg(job.priority)
+                .arg(job.max_attempts)
+                .arg(micros(job.run_at.unwrap_or(now)))
+                .arg(job.idempotency_key.as_deref().unwrap_or(""))
+                .arg(tags)
+                .arg(metadata)
+                .arg(states[i].as_str());
+        }
+        pipe.invoke_script(&inv);
+        // A plain PERSIST: the key was claimed by this call a moment ago and a claim lasts
+        // CLAIM_MS, so it is still ours unless this insert stalled for longer than that.
+        for &i in chunk {
+            if let Some(key) = &jobs[i].idempotency_key {
+                pipe.cmd("PERSIST").arg(self.keys.idempotency(key)).ignore();
+            }
+        }
+        Ok(pipe)
+    }
+
     /// Claims the idempotency keys of `which` jobs. Per job: `None` when claimed (insert it),
     /// or the holder's answer (a duplicate).
     async fn claim_keys(
@@ -801,46 +925,58 @@ impl RedisStore {
         ids: &[JobId],
         which: &[usize],
     ) -> Result<Vec<Option<Enqueued>>> {
+        if which.is_empty() {
+            return Ok(Vec::new());
+        }
         let value = |i: usize| format!("{}/{}", jobs[i].queue, ids[i]);
         let key = |i: usize| {
             self.keys
                 .idempotency(jobs[i].idempotency_key.as_deref().unwrap_or_default())
         };
-        let mut pipe = ::redis::pipe();
-        for &i in which {
-            pipe.invoke_script(KEY_CLAIM.key(key(i)).arg(value(i)).arg(CLAIM_MS));
-        }
-        let first: Vec<(i64, String, i64)> = self.run(&pipe).await?;
+        let pipes: Vec<Pipeline> = which
+            .chunks(CHUNK)
+            .map(|chunk| {
+                let mut pipe = ::redis::pipe();
+                for &i in chunk {
+                    pipe.cmd("SET")
+                        .arg(key(i))
+                        .arg(value(i))
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(CLAIM_MS);
+                }
+                pipe
+            })
+            .collect();
+        let sends: Vec<_> = pipes.iter().map(|pipe| self.run(pipe)).collect();
+        let answers: Vec<Result<Vec<Option<String>>>> = futures::stream::iter(sends)
+            .buffered(IN_FLIGHT)
+            .collect()
+            .await;
         let mut out = Vec::with_capacity(which.len());
-        for (&i, (won, holder, ttl)) in which.iter().zip(first) {
-            if won == 1 {
+        let mut won = Vec::with_capacity(which.len());
+        for answer in answers {
+            won.extend(answer?.into_iter().map(|a| a.is_some()));
+        }
+        for (&i, won) in which.iter().zip(won) {
+            if won {
                 out.push(None);
-                continue;
+            } else {
+                out.push(self.settle_key(&key(i), &value(i)).await?);
             }
-            out.push(self.settle_key(&key(i), &value(i), holder, ttl).await?);
         }
         Ok(out)
     }
 
     /// Resolves a lost claim: the holder's answer, or `None` once the key was won after all
     /// (its holder had gone).
-    async fn settle_key(
-        &self,
-        key: &str,
-        value: &str,
-        mut holder: String,
-        mut ttl: i64,
-    ) -> Result<Option<Enqueued>> {
+    async fn settle_key(&self, key: &str, value: &str) -> Result<Option<Enqueued>> {
         let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
         loop {
-            if tokio::time::Instant::now() > deadline {
-                return Err(Error::Unsupported(format!(
-                    "idempotency key `{}` is claimed by an enqueue that has not finished; try again",
-                    key.strip_prefix(&format!("{}:key:", self.keys.prefix))
-                        .unwrap_or(key)
-                )));
-            }
-            if let Some((queue, id)) = holder.split_once('/') {
+            let mut pipe = ::redis::pipe();
+            pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+            let (holder, ttl): (Option<String>, i64) = self.run(&pipe).await?;
+            if let Some((queue, id)) = holder.as_deref().and_then(|h| h.split_once('/')) {
                 let id: JobId = id.parse()?;
                 let mut conn = self.conn.clone();
                 let state: Option<String> = ::redis::cmd("HGET")
@@ -849,31 +985,50 @@ impl RedisStore {
                     .query_async(&mut conn)
                     .await?;
                 if let Some(state) = state {
+                    if ttl >= 0 {
+                        // The job exists but its claim was never confirmed (an insert whose
+                        // answer was lost): confirm it now, before it expires.
+                        self.eval::<i64>(KEY_KEEP.key(key).arg(holder.as_deref()))
+                            .await?;
+                    }
                     return Ok(Some(Enqueued {
                         id,
                         state: state.parse()?,
                         duplicate: true,
                     }));
                 }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(Error::Unsupported(format!(
+                        "idempotency key `{}` is claimed by an enqueue that has not finished; try again",
+                        key.strip_prefix(&format!("{}:key:", self.keys.prefix))
+                            .unwrap_or(key)
+                    )));
+                }
                 if ttl == -1 {
                     // Confirmed, yet its job is gone: deleted before the key could be freed.
-                    self.eval::<i64>(KEY_FREE.key(key).arg(&holder)).await?;
+                    self.eval::<i64>(KEY_FREE.key(key).arg(holder.as_deref()))
+                        .await?;
                 } else {
                     // Another enqueue claimed it and is inserting its job right now.
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
-            let (won, h, t): (i64, String, i64) = self
-                .eval(KEY_CLAIM.key(key).arg(value).arg(CLAIM_MS))
+            let mut conn = self.conn.clone();
+            let won: Option<String> = ::redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("NX")
+                .arg("PX")
+                .arg(CLAIM_MS)
+                .query_async(&mut conn)
                 .await?;
-            if won == 1 {
+            if won.is_some() {
                 return Ok(None);
             }
-            (holder, ttl) = (h, t);
         }
     }
 
-    /// Frees claims made by an enqueue that then failed.
+    /// Frees claims made by an enqueue that then failed (only those this call still holds).
     async fn release_claims(&self, jobs: &[NewJob], ids: &[JobId], claimed: &[usize]) {
         if claimed.is_empty() {
             return;
@@ -890,6 +1045,38 @@ impl RedisStore {
         }
         if let Err(e) = self.run::<()>(&pipe).await {
             tracing::warn!(error = %e, "could not free idempotency key claims; they expire in a minute");
+        }
+    }
+
+    /// After a failed insert: confirms the claims of `claimed` jobs that exist after all.
+    async fn confirm_existing(&self, jobs: &[NewJob], ids: &[JobId], claimed: &[usize]) {
+        let attempt = async {
+            for chunk in claimed.chunks(CHUNK) {
+                let mut pipe = ::redis::pipe();
+                for &i in chunk {
+                    pipe.cmd("EXISTS").arg(format!(
+                        "{}:job:{}",
+                        self.keys.queue(&jobs[i].queue),
+                        ids[i]
+                    ));
+                }
+                let exists: Vec<bool> = self.run(&pipe).await?;
+                let mut pipe = ::redis::pipe();
+                for (&i, _) in chunk.iter().zip(exists).filter(|(_, e)| *e) {
+                    let key = jobs[i].idempotency_key.as_deref().unwrap_or_default();
+                    pipe.invoke_script(
+                        KEY_KEEP
+                            .key(self.keys.idempotency(key))
+                            .arg(format!("{}/{}", jobs[i].queue, ids[i])),
+                    )
+                    .ignore();
+                }
+                self.run::<()>(&pipe).await?;
+            }
+            Ok::<(), Error>(())
+        };
+        if let Err(e) = attempt.await {
+            tracing::warn!(error = %e, "could not check the key claims of a failed enqueue; a retry of it confirms them");
         }
     }
 
@@ -1017,18 +1204,16 @@ fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
-/// A job from its hash's field/value list.
-fn job_from_fields(flat: Vec<String>) -> Result<Job> {
+/// A job from its hash's field/value list. The id and queue come from the hash's key;
+/// fields left out at enqueue take their defaults (no key, no tags, `{}`, no attempts).
+fn job_from_fields(queue: &str, id: JobId, flat: Vec<String>) -> Result<Job> {
     let mut map: HashMap<String, String> = HashMap::with_capacity(flat.len() / 2);
     let mut it = flat.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
         map.insert(k, v);
     }
     let corrupt = |field: &str| {
-        Error::Unsupported(format!(
-            "stored job {} is missing or has a bad `{field}`",
-            map.get("id").map_or("?", String::as_str)
-        ))
+        Error::Unsupported(format!("stored job {id} is missing or has a bad `{field}`"))
     };
     let text = |field: &str| map.get(field).cloned().ok_or_else(|| corrupt(field));
     let int = |field: &str| -> Result<i64> {
@@ -1049,8 +1234,8 @@ fn job_from_fields(flat: Vec<String>) -> Result<Job> {
     };
     let required = |field: &str| time(field)?.ok_or_else(|| corrupt(field));
     Ok(Job {
-        id: text("id")?.parse()?,
-        queue: text("queue")?,
+        id,
+        queue: queue.to_string(),
         kind: text("kind")?,
         args: serde_json::from_str(&text("args")?)?,
         priority: i16::try_from(int("priority")?).map_err(|_| corrupt("priority"))?,
@@ -1065,9 +1250,18 @@ fn job_from_fields(flat: Vec<String>) -> Result<Job> {
         lease_expires_at: time("lease_expires_at")?,
         cancel_requested_at: time("cancel_requested_at")?,
         idempotency_key: map.get("idempotency_key").cloned(),
-        tags: serde_json::from_str(&text("tags")?)?,
-        metadata: serde_json::from_str(&text("metadata")?)?,
-        attempts: serde_json::from_str::<Vec<AttemptRecord>>(&text("attempts")?)?,
+        tags: match map.get("tags") {
+            Some(v) => serde_json::from_str(v)?,
+            None => Vec::new(),
+        },
+        metadata: match map.get("metadata") {
+            Some(v) => serde_json::from_str(v)?,
+            None => serde_json::Value::Object(Default::default()),
+        },
+        attempts: match map.get("attempts") {
+            Some(v) => serde_json::from_str::<Vec<AttemptRecord>>(v)?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -1196,13 +1390,30 @@ impl Store for RedisStore {
             .arg(request.limit)
             .arg(request.worker)
             .arg(micros(after(now, request.lease)))
-            .arg(CHUNK);
-        let rows: Vec<Vec<String>> = self.eval(&inv).await?;
+            .arg(CHUNK)
+            .arg(FETCH_INLINE);
+        let mut rows: Vec<(String, Vec<String>)> = self.eval(&inv).await?;
+        if rows.iter().any(|(_, fields)| fields.is_empty()) {
+            // A large claim: read the hashes with plain commands. These jobs are running
+            // under this worker's lease, so nothing deletes them meanwhile; if this read
+            // fails, the runtime adopts the claimed jobs as after any fetch whose answer was
+            // lost.
+            let mut pipe = ::redis::pipe();
+            for (id, _) in &rows {
+                pipe.cmd("HGETALL").arg(format!("{base}:job:{id}"));
+            }
+            let hashes: Vec<Vec<String>> = self.run(&pipe).await?;
+            for ((_, fields), hash) in rows.iter_mut().zip(hashes) {
+                *fields = hash;
+            }
+        }
         let mut jobs = rows
             .into_iter()
-            .map(job_from_fields)
+            .map(|(id, fields)| job_from_fields(request.queue, id.parse()?, fields))
             .collect::<Result<Vec<_>>>()?;
         jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
+        self.running
+            .remember(request.queue, jobs.iter().map(|j| j.id));
         Ok(jobs)
     }
 

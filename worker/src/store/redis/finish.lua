@@ -6,44 +6,54 @@
 local guard = ARGV[4]
 local applied = {}
 local ready = false
+local b = batch()
 local n = (#ARGV - 4) / 7
 for i = 0, n - 1 do
   local o = 5 + i * 7
   local id, state, run_at, fin, delta, rec =
     ARGV[o], ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
-  local h = load(id)
-  if h and h.state == 'running' and h.attempt == ARGV[o + 1]
-    and (guard == '' or (h.lease_expires_at and tonumber(h.lease_expires_at) < tonumber(guard))) then
-    unindex(id, 'running', h)
-    local k = jkey(id)
-    local history = redis.call('HGET', k, 'attempts')
+  local k = jkey(id)
+  local v = redis.call('HMGET', k, 'state', 'attempt', 'lease_owner', 'lease_expires_at',
+    'idempotency_key', 'priority', 'run_at', 'attempts')
+  if v[1] == 'running' and v[2] == ARGV[o + 1]
+    and (guard == '' or (v[4] and tonumber(v[4]) < tonumber(guard))) then
+    local h = { lease_owner = v[3] or nil, idempotency_key = v[5] or nil, priority = v[6],
+      run_at = v[7] }
+    b:unindex(id, 'running', h)
+    local history = v[8]
     if not history or history == '[]' then
       history = '[' .. rec .. ']'
     else
       history = string.sub(history, 1, -2) .. ',' .. rec .. ']'
     end
-    redis.call('HSET', k, 'state', state, 'attempts', history)
-    redis.call('HDEL', k, 'lease_owner', 'lease_expires_at', 'cancel_requested_at')
+    local set = { 'state', state, 'attempts', history }
     if run_at ~= '' then
-      redis.call('HSET', k, 'run_at', run_at)
+      set[#set + 1] = 'run_at'
+      set[#set + 1] = run_at
       h.run_at = run_at
     end
     if fin ~= '' then
-      redis.call('HSET', k, 'finalized_at', fin)
+      set[#set + 1] = 'finalized_at'
+      set[#set + 1] = fin
       h.finalized_at = fin
+      redis.call('HDEL', k, 'lease_owner', 'lease_expires_at', 'cancel_requested_at')
     else
-      redis.call('HDEL', k, 'finalized_at')
+      redis.call('HDEL', k, 'lease_owner', 'lease_expires_at', 'cancel_requested_at',
+        'finalized_at')
     end
     if delta ~= '0' then
-      redis.call('HINCRBY', k, 'attempt', delta)
+      set[#set + 1] = 'attempt'
+      set[#set + 1] = tostring(tonumber(v[2]) + tonumber(delta))
     end
-    index(id, state, h)
+    redis.call('HSET', k, unpack(set))
+    b:index(id, state, h)
     if state == 'available' then
       ready = true
     end
     applied[#applied + 1] = id
   end
 end
+b:flush()
 if ready then
   redis.call('PUBLISH', ARGV[2], ARGV[3])
 end

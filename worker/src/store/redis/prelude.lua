@@ -103,3 +103,75 @@ end
 local function is_waiting(state)
   return state == 'scheduled' or state == 'available' or state == 'retryable'
 end
+
+-- Index changes collected over a script's loop and sent as one command per key: a set
+-- change costs one call per batch instead of one per job. Each job's own hash is still read
+-- and written as the loop goes, so every check sees the jobs handled before it.
+local Batch = {}
+Batch.__index = Batch
+
+local function batch()
+  return setmetatable({ order = {}, lists = {} }, Batch)
+end
+
+function Batch:push(cmd, key, a, b)
+  local slot = cmd .. ' ' .. key
+  local l = self.lists[slot]
+  if not l then
+    l = { cmd = cmd, key = key }
+    self.lists[slot] = l
+    self.order[#self.order + 1] = slot
+  end
+  l[#l + 1] = a
+  if b then
+    l[#l + 1] = b
+  end
+end
+
+-- `index` and `unindex` above, collected instead of run.
+function Batch:index(id, state, h)
+  self:push('ZADD', base .. ':s:' .. state, 0, id)
+  if state == 'available' then
+    self:push('ZADD', base .. ':ready', ready_score(h.priority, h.run_at), id)
+  elseif state == 'scheduled' or state == 'retryable' then
+    self:push('ZADD', base .. ':delayed', h.run_at, id)
+  elseif state == 'running' then
+    self:push('ZADD', base .. ':leases', h.lease_expires_at, id)
+    self:push('SADD', base .. ':w:' .. h.lease_owner, id)
+  else
+    self:push('ZADD', fin_key(state, h.idempotency_key), h.finalized_at, id)
+  end
+end
+
+function Batch:unindex(id, state, h)
+  self:push('ZREM', base .. ':s:' .. state, id)
+  if state == 'available' then
+    self:push('ZREM', base .. ':ready', id)
+  elseif state == 'scheduled' or state == 'retryable' then
+    self:push('ZREM', base .. ':delayed', id)
+  elseif state == 'running' then
+    self:push('ZREM', base .. ':leases', id)
+    if h.lease_owner then
+      self:push('SREM', base .. ':w:' .. h.lease_owner, id)
+    end
+  else
+    self:push('ZREM', fin_key(state, h.idempotency_key), id)
+  end
+end
+
+-- Sends the collected changes, removals first, at most 1,000 values per call (so `unpack`
+-- stays far below Lua's stack limit whatever the batch size).
+function Batch:flush()
+  for pass = 1, 2 do
+    for _, slot in ipairs(self.order) do
+      local l = self.lists[slot]
+      local removal = l.cmd == 'ZREM' or l.cmd == 'SREM'
+      if (pass == 1) == removal then
+        for i = 1, #l, 1000 do
+          redis.call(l.cmd, l.key, unpack(l, i, math.min(i + 999, #l)))
+        end
+      end
+    end
+  end
+  self.order, self.lists = {}, {}
+end
