@@ -13,7 +13,7 @@
 //! Adding a route group: write `route/<name>.rs` with handlers annotated by
 //! `#[utoipa::path]` taking `State<AppState>` and `Auth<scope::…>`, returning
 //! `Result<_, Problem>`, and a `pub fn routes() -> OpenApiRouter<AppState>`; then add one
-//! `.merge(route::<name>::routes())` in [`router`]. The OpenAPI document picks it up.
+//! `.merge(route::<name>::routes())` in [`routes`]. The OpenAPI document picks it up.
 
 // A `Problem` is built only on the error path of a request, where its size costs nothing.
 #![allow(clippy::result_large_err)]

@@ -252,3 +252,30 @@ impl From<conveyor_jobs::webhook::WebhookError> for Problem {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_documented() {
+        let doc = include_str!("../../docs/api.md");
+        for (code, status) in CODES {
+            assert!(
+                doc.contains(&format!("| {status} | `{code}` |")),
+                "docs/api.md lacks {status} {code}"
+            );
+        }
+    }
+
+    #[test]
+    fn problems_render_as_problem_json() {
+        let response = Problem::rate_limited(Duration::from_millis(1500)).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+    }
+}

@@ -204,7 +204,8 @@ pub struct QueueView {
     pub oldest_available_age_seconds: Option<f64>,
     /// Workers fetch nothing from a paused queue (it still accepts jobs).
     pub paused: bool,
-    /// Jobs per second completed over the last minute, summed over live workers.
+    /// Attempts finished per second (any outcome) between the live workers' last two
+    /// heartbeats, summed over those workers.
     pub throughput_per_second: f64,
 }
 

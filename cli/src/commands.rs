@@ -357,7 +357,19 @@ pub async fn queues(store: Arc<dyn Store>, as_json: bool) -> anyhow::Result<()> 
     if as_json {
         output::json(&stats)
     } else {
-        output::queues_table(&stats);
+        use conveyor_worker::runtime::pause::{COLLECTION, QueueSettings};
+        let query = conveyor_worker::store::meta::MetaQuery {
+            limit: 1000,
+            ..Default::default()
+        };
+        let paused = store
+            .meta_list(COLLECTION, &query)
+            .await?
+            .into_iter()
+            .filter(|r| r.decode::<QueueSettings>().is_ok_and(|q| q.paused))
+            .map(|r| r.key)
+            .collect();
+        output::queues_table(&stats, &paused);
         Ok(())
     }
 }

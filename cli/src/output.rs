@@ -143,7 +143,7 @@ pub fn job_detail(job: &Job) {
 }
 
 /// Queue counts.
-pub fn queues_table(stats: &[QueueStats]) {
+pub fn queues_table(stats: &[QueueStats], paused: &std::collections::HashSet<String>) {
     if stats.is_empty() {
         println!("no queues have jobs yet");
         return;
@@ -153,7 +153,12 @@ pub fn queues_table(stats: &[QueueStats]) {
     header.push("oldest ready");
     let mut t = table(&header);
     for q in stats {
-        let mut row = vec![q.queue.clone()];
+        let name = if paused.contains(&q.queue) {
+            format!("{} (paused)", q.queue)
+        } else {
+            q.queue.clone()
+        };
+        let mut row = vec![name];
         for st in JobState::ALL {
             row.push(q.counts.get(&st).copied().unwrap_or(0).to_string());
         }

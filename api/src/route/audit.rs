@@ -31,7 +31,7 @@ pub struct AuditParams {
 
 /// Audit records, newest first.
 #[utoipa::path(
-    get, path = "/v1/audit", tag = "audit",
+    get, path = "/v1/audit", tag = "audit", operation_id = "list_audit",
     params(AuditParams),
     responses((status = 200, body = AuditPage), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["admin"]))

@@ -61,7 +61,7 @@ pub struct EnqueueRequest {
     /// Run no earlier than this (RFC 3339; from a day ago to five years ahead).
     #[serde(default)]
     pub run_at: Option<DateTime<Utc>>,
-    /// Run after this many seconds (instead of `run_at`).
+    /// Run after this many seconds (instead of `run_at`; at most five years).
     #[serde(default)]
     pub delay_seconds: Option<u32>,
     /// Deduplication key (1-255 bytes); the `Idempotency-Key` header does the same.
@@ -135,7 +135,15 @@ impl EnqueueRequest {
                 }
                 job = job.run_at(at);
             }
-            (None, Some(secs)) => job = job.run_at(now + chrono::Duration::seconds(secs.into())),
+            (None, Some(secs)) => {
+                if i64::from(secs) > 5 * 366 * 86_400 {
+                    return Err(invalid(
+                        "delay_seconds",
+                        format!("{secs} is more than five years"),
+                    ));
+                }
+                job = job.run_at(now + chrono::Duration::seconds(secs.into()));
+            }
             (None, None) => {}
         }
         let key = match (self.idempotency_key, header_key) {
@@ -371,7 +379,7 @@ fn parse_states(text: Option<&str>) -> Result<Vec<JobState>, Problem> {
 
 /// Jobs matching the filters, newest first, one page.
 #[utoipa::path(
-    get, path = "/v1/jobs", tag = "jobs",
+    get, path = "/v1/jobs", tag = "jobs", operation_id = "list_jobs",
     params(ListParams),
     responses((status = 200, body = JobPage), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["read"]))

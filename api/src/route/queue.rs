@@ -64,7 +64,7 @@ pub(crate) async fn all_records<T: serde::de::DeserializeOwned>(
 /// Every queue that has jobs or settings, with counts by state, the oldest ready job's age,
 /// whether it is paused, and throughput over live workers.
 #[utoipa::path(
-    get, path = "/v1/queues", tag = "queues",
+    get, path = "/v1/queues", tag = "queues", operation_id = "list_queues",
     responses((status = 200, body = Vec<QueueView>), (status = 401, body = Problem), (status = 403, body = Problem)),
     security(("bearer" = ["read"]))
 )]

@@ -74,7 +74,7 @@ impl From<WorkerRegistration> for WorkerView {
 
 /// Worker processes that heartbeated recently (a stopped process drops out within its TTL).
 #[utoipa::path(
-    get, path = "/v1/workers", tag = "workers",
+    get, path = "/v1/workers", tag = "workers", operation_id = "list_workers",
     responses((status = 200, body = Vec<WorkerView>), (status = 401, body = Problem), (status = 403, body = Problem)),
     security(("bearer" = ["read"]))
 )]

@@ -48,12 +48,15 @@
 //!
 //! A key is claimed with `SET P:key:<k> queue/id NX PX 60000` before the insert and made
 //! permanent (`PERSIST`, in the insert's pipeline) right after it, then lives exactly as long
-//! as its job: deleting the job (prune, discard, purge) frees it. So duplicates behave as on the SQL backends, including the
-//! pruner keeping a keyed finished job for `RetentionPolicy::idempotency`. The claim's expiry
-//! only covers an enqueue that died between claim and insert; a confirmed key whose job is
-//! gone is found and freed by the next enqueue that wants it. A key and its job live in
-//! different slots, so they are separate steps, ordered so that a crash leaves at worst a
-//! claim that expires or a key that the next enqueue frees.
+//! as its job: deleting the job (prune, discard, purge) frees it. So duplicates behave as on
+//! the SQL backends, including the pruner keeping a keyed finished job for
+//! `RetentionPolicy::idempotency`. The claim's expiry only covers an enqueue that died
+//! between claim and insert; a confirmed key whose job is gone is found and freed by the next
+//! enqueue that wants it. A key and its job live in different slots, so they are separate
+//! steps, ordered so that a crash leaves at worst a claim that expires or a key that the next
+//! enqueue frees. The plain `PERSIST` assumes an insert follows its claim within the claim's
+//! 60 s (as the expiry itself does). An enqueue whose answer was lost can be repeated: see
+//! the comment on `RedisStore::insert`.
 //!
 //! # Wake-up
 //!
@@ -721,6 +724,12 @@ impl RedisStore {
     /// Two round trips whatever the batch size: the claims of all the batch's keys, then the
     /// inserts. Each stage sends one pipeline per chunk, up to [`IN_FLIGHT`] at once on the
     /// one connection, so the server never waits for the client between chunks.
+    ///
+    /// A call that fails may have been applied (the connection dropped before the answer).
+    /// Repeating it is safe for jobs with a key: if the claims' answer was lost, the claims
+    /// were freed here; if an insert's answer was lost, its jobs exist and the retry gets
+    /// them back as duplicates (and confirms their claims). Jobs without a key are inserted
+    /// again; a caller-chosen id makes such a retry fail with "already exists" instead.
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
         for job in &jobs {
             job.validate()?;
