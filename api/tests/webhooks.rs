@@ -144,3 +144,36 @@ async fn endpoints_and_events(store: Arc<dyn Store>) {
 }
 
 api_tests!(endpoints_and_events);
+
+/// The record webhooks write when they disable an endpoint reads back as an audit entry.
+#[test]
+fn auto_disable_records_are_audit_entries() {
+    let now = chrono::Utc::now();
+    let ep = conveyor_jobs::webhook::Endpoint {
+        id: "ep_x".into(),
+        url: "https://example.com".into(),
+        description: String::new(),
+        enabled: false,
+        event_types: Vec::new(),
+        headers: Default::default(),
+        secrets: Vec::new(),
+        rate_limit: None,
+        timeout_ms: None,
+        retry_schedule_ms: None,
+        follow_redirects: None,
+        created_at: now,
+        updated_at: now,
+        disabled_reason: None,
+    };
+    let value = conveyor_jobs::webhook::delivery::auto_disable_audit(
+        "0190a8c0-0000-7000-8000-000000000000",
+        &ep,
+        now,
+        "failing",
+        now,
+    );
+    let entry: conveyor_api::audit::AuditEntry = serde_json::from_value(value).unwrap();
+    assert_eq!(entry.actor.name, "system");
+    assert_eq!(entry.action, "webhook.endpoint.auto_disabled");
+    assert_eq!(entry.target["webhook_endpoint"], "ep_x");
+}

@@ -43,6 +43,30 @@ pub struct AttemptPage {
     pub next: Option<String>,
 }
 
+/// The audit record of an automatic disable, in the API's audit shape
+/// (`conveyor_api::audit::AuditEntry`) so the audit log lists it beside operator actions.
+pub fn auto_disable_audit(
+    id: &str,
+    ep: &Endpoint,
+    since: DateTime<Utc>,
+    reason: &str,
+    at: DateTime<Utc>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "at": at,
+        "actor": { "key_id": null, "name": "system", "address": null },
+        "action": "webhook.endpoint.auto_disabled",
+        "target": {
+            "webhook_endpoint": ep.id,
+            "url": ep.url,
+            "failing_since": since,
+            "reason": reason,
+        },
+        "affected": 1,
+    })
+}
+
 fn attempt_key(target: &str, event_id: &str, attempt_id: &str) -> String {
     format!("{target}:{event_id}:{attempt_id}")
 }
@@ -263,22 +287,8 @@ impl Webhooks {
             return Ok(());
         }
         tracing::warn!(endpoint = %ep.id, url = %ep.url, %reason, "webhook endpoint disabled");
-        // The API's audit record shape (`conveyor_api::audit::AuditEntry`), so the audit
-        // log lists it beside operator actions.
         let key = uuid::Uuid::now_v7().to_string();
-        let audit = serde_json::json!({
-            "id": key,
-            "at": now,
-            "actor": { "key_id": null, "name": "system", "address": null },
-            "action": "webhook.endpoint.auto_disabled",
-            "target": {
-                "webhook_endpoint": ep.id,
-                "url": ep.url,
-                "failing_since": since,
-                "reason": reason,
-            },
-            "affected": 1,
-        });
+        let audit = auto_disable_audit(&key, ep, since, &reason, now);
         self.store
             .meta_put(
                 Put::new(AUDIT, &key, &audit).expect(conveyor_worker::store::meta::Expect::Absent),
