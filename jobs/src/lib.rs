@@ -5,8 +5,11 @@
 //!   cancellation and shutdown.
 //! - `demo.fail`: fails with `message`; `permanent: true` sends the job straight to `dead`.
 //! - `noop`: completes at once. Used by `conveyor bench`.
+//! - `webhook.deliver`: one signed webhook delivery; see [`webhook`] (the service behind
+//!   the CLI's and the API's webhook commands) and `webhook::register`. It needs the store
+//!   and settings, so it is registered apart from [`register_builtin`].
 //!
-//! Webhook delivery, email, analytics and backup kinds land here as their own modules.
+//! Email, analytics and backup kinds land here as their own modules.
 
 pub mod webhook;
 
