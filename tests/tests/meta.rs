@@ -367,7 +367,63 @@ async fn token_bucket_is_shared(s: Arc<dyn Store>) {
     assert!(matches!(&err, Error::InvalidInput { field, .. } if field == "per_second"));
 }
 
+async fn batched_writes(s: Arc<dyn Store>) {
+    s.meta_put(Put::new("log", "a", &json!("old")))
+        .await
+        .unwrap();
+    let values: Vec<serde_json::Value> = (0..50).map(|i| json!({ "n": i })).collect();
+    let keys: Vec<String> = (0..50)
+        .map(|i| {
+            if i == 0 {
+                "a".to_string()
+            } else {
+                format!("k{i:02}")
+            }
+        })
+        .collect();
+    let mut puts: Vec<Put<'_>> = keys
+        .iter()
+        .zip(&values)
+        .map(|(k, v)| Put::new("log", k, v).ttl(Duration::from_secs(3600)))
+        .collect();
+    // The same key in another collection is a different record.
+    let other = json!("other");
+    puts.push(Put::new("log2", "a", &other));
+    let written = s.meta_put_many(&puts).await.unwrap();
+    assert_eq!(written.len(), 51);
+    assert_eq!(written[0].version, 2, "an existing record is overwritten");
+    assert!(written[1..].iter().all(|r| r.version == 1));
+    assert!(written[0].expires_at.is_some());
+    assert_eq!(
+        s.meta_get("log", "a").await.unwrap().unwrap().value,
+        json!({"n": 0})
+    );
+    assert_eq!(s.meta_get("log2", "a").await.unwrap().unwrap().value, other);
+    let all = s
+        .meta_list(
+            "log",
+            &MetaQuery {
+                limit: 1000,
+                ..MetaQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 50);
+    // Conditional writes in a batch keep their conditions.
+    let v = json!(1);
+    let err = s
+        .meta_put_many(&[
+            Put::new("log", "fresh", &v).expect(Expect::Absent),
+            Put::new("log", "a", &v).expect(Expect::Absent),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+}
+
 backend_tests!(
+    batched_writes,
     versions_and_preconditions,
     concurrent_creators_one_wins,
     expiry_hides_then_prunes,

@@ -231,8 +231,8 @@ impl Webhooks {
             };
             let value = serde_json::to_value(&entry)?;
             let key = attempt_key(target, &args.event_id, &entry.id);
-            self.store
-                .meta_put(Put::new(ATTEMPTS, &key, &value).ttl(self.config.attempt_log_ttl))
+            self.attempt_log
+                .write(&self.store, key, value, self.config.attempt_log_ttl)
                 .await?;
         }
 

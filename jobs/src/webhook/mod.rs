@@ -19,6 +19,7 @@
 //! endpoints, events and their idempotency keys, circuit states, attempt log, health counters;
 //! the per-endpoint rate limit is the store's token bucket.
 
+mod attempt_log;
 pub mod circuit;
 pub mod client;
 pub mod delivery;
@@ -108,6 +109,7 @@ pub struct Webhooks {
     endpoints: Mutex<HashMap<String, CachedEndpoint>>,
     closed: Mutex<HashMap<String, Instant>>,
     health: health::Recorder,
+    attempt_log: attempt_log::AttemptLog,
 }
 
 impl std::fmt::Debug for Webhooks {
@@ -133,6 +135,7 @@ impl Webhooks {
             endpoints: Mutex::new(HashMap::new()),
             closed: Mutex::new(HashMap::new()),
             health: health::Recorder::default(),
+            attempt_log: attempt_log::AttemptLog::default(),
         })
     }
 

@@ -161,6 +161,18 @@ pub trait MetaStore: Send + Sync {
     /// (an expired record counts as absent).
     async fn meta_put(&self, put: Put<'_>) -> Result<Record>;
 
+    /// Writes many records, each exactly as [`MetaStore::meta_put`] would, in as few round
+    /// trips as the backend allows (one statement on Postgres, one transaction on SQLite for
+    /// unconditional writes). Not atomic as a whole: on an error, earlier records may be
+    /// written. Returns the records in input order.
+    async fn meta_put_many(&self, puts: &[Put<'_>]) -> Result<Vec<Record>> {
+        let mut out = Vec::with_capacity(puts.len());
+        for put in puts {
+            out.push(self.meta_put(put.clone()).await?);
+        }
+        Ok(out)
+    }
+
     /// Deletes one record; `Ok(false)` if there was none (or it had expired). With
     /// `Expect::Version(v)` it deletes only that version, else [`Error::Conflict`].
     async fn meta_delete(&self, collection: &str, key: &str, expect: Expect) -> Result<bool>;

@@ -10,8 +10,8 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use super::{PgStore, after};
 use crate::error::Result;
 use crate::store::meta::{
-    Expect, IDLE_BUCKET, MetaQuery, MetaStore, Put, RateLimit, Record, TokenTake, bucket_step,
-    check_names, check_query, check_rate, conflict,
+    Expect, IDLE_BUCKET, MetaQuery, MetaStore, Put, RateLimit, Record, TokenTake, check_names,
+    check_query, check_rate, conflict,
 };
 
 fn record(row: &PgRow) -> Result<Record> {
@@ -117,6 +117,77 @@ impl MetaStore for PgStore {
         })
     }
 
+    async fn meta_put_many(&self, puts: &[Put<'_>]) -> Result<Vec<Record>> {
+        let unconditional = puts.iter().all(|p| p.expect == Expect::Any);
+        let distinct = puts
+            .iter()
+            .map(|p| (p.collection, p.key))
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            == puts.len();
+        if puts.len() < 2 || !unconditional || !distinct {
+            let mut out = Vec::with_capacity(puts.len());
+            for put in puts {
+                out.push(self.meta_put(put.clone()).await?);
+            }
+            return Ok(out);
+        }
+        for put in puts {
+            check_names(put.collection, put.key)?;
+        }
+        let now = trunc(Utc::now());
+        let expires: Vec<Option<DateTime<Utc>>> = puts
+            .iter()
+            .map(|p| p.ttl.map(|t| trunc(after(now, t))))
+            .collect();
+        let values: Vec<String> = puts
+            .iter()
+            .map(|p| serde_json::to_string(p.value))
+            .collect::<std::result::Result<_, _>>()?;
+        // One statement; an expired row counts as absent (version 1 again), as in meta_put.
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "INSERT INTO conveyor.meta AS m (collection, key, value, version, updated_at, expires_at) \
+             SELECT c, k, v::jsonb, 1, $4, e \
+             FROM unnest($1::text[], $2::text[], $3::text[], $5::timestamptz[]) AS t(c, k, v, e) \
+             ON CONFLICT (collection, key) DO UPDATE SET value = excluded.value, \
+               version = CASE WHEN m.expires_at IS NOT NULL AND m.expires_at <= $4 THEN 1 \
+                              ELSE m.version + 1 END, \
+               updated_at = excluded.updated_at, expires_at = excluded.expires_at \
+             RETURNING collection, key, version",
+        )
+        .bind(puts.iter().map(|p| p.collection).collect::<Vec<_>>())
+        .bind(puts.iter().map(|p| p.key).collect::<Vec<_>>())
+        .bind(&values)
+        .bind(now)
+        .bind(&expires)
+        .fetch_all(self.pool())
+        .await?;
+        let written: std::collections::HashMap<(String, String), i64> =
+            rows.into_iter().map(|(c, k, v)| ((c, k), v)).collect();
+        let versions: Vec<i64> = puts
+            .iter()
+            .map(|p| {
+                written
+                    .get(&(p.collection.to_string(), p.key.to_string()))
+                    .copied()
+                    .unwrap_or(1)
+            })
+            .collect();
+        Ok(puts
+            .iter()
+            .zip(expires)
+            .zip(versions)
+            .map(|((p, expires_at), version)| Record {
+                collection: p.collection.to_string(),
+                key: p.key.to_string(),
+                value: p.value.clone(),
+                version,
+                updated_at: now,
+                expires_at,
+            })
+            .collect())
+    }
+
     async fn meta_delete(&self, collection: &str, key: &str, expect: Expect) -> Result<bool> {
         check_names(collection, key)?;
         let version = match expect {
@@ -208,34 +279,50 @@ impl MetaStore for PgStore {
         now: DateTime<Utc>,
     ) -> Result<TokenTake> {
         check_rate(bucket, limit, cost)?;
-        let mut tx = self.pool().begin().await?;
-        // Make sure the row exists, then lock it: concurrent takers queue on the row lock.
-        sqlx::query(
-            "INSERT INTO conveyor.rate_buckets (bucket, tokens, updated_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (bucket) DO NOTHING",
-        )
-        .bind(bucket)
-        .bind(limit.burst)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let (tokens, last): (f64, DateTime<Utc>) = sqlx::query_as(
-            "SELECT tokens, updated_at FROM conveyor.rate_buckets WHERE bucket = $1 FOR UPDATE",
-        )
-        .bind(bucket)
-        .fetch_one(&mut *tx)
-        .await?;
-        let (allowed, left, wait) = bucket_step(Some(tokens), Some(last), limit, cost, now);
-        sqlx::query(
-            "UPDATE conveyor.rate_buckets SET tokens = $2, updated_at = greatest(updated_at, $3) \
-             WHERE bucket = $1",
-        )
-        .bind(bucket)
-        .bind(left)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        // One statement: the row lock is held only while it runs, so many takers of one hot
+        // bucket (every delivery to one webhook endpoint) queue for microseconds, not for a
+        // transaction's round trips. The refill arithmetic is `meta::bucket_step`'s.
+        const TAKE: &str = "WITH cur AS ( \
+                SELECT least($2::float8, tokens + greatest(0::float8, \
+                         extract(epoch FROM ($4::timestamptz - updated_at))::float8) * $3::float8) AS have \
+                FROM conveyor.rate_buckets WHERE bucket = $1 FOR UPDATE), \
+             upd AS ( \
+                UPDATE conveyor.rate_buckets b \
+                SET tokens = CASE WHEN cur.have >= $5 THEN cur.have - $5 ELSE cur.have END, \
+                    updated_at = greatest(b.updated_at, $4) \
+                FROM cur WHERE b.bucket = $1 \
+                RETURNING cur.have) \
+             SELECT have FROM upd";
+        let mut have: Option<f64> = None;
+        for _ in 0..2 {
+            have = sqlx::query_scalar(TAKE)
+                .bind(bucket)
+                .bind(limit.burst)
+                .bind(limit.per_second)
+                .bind(now)
+                .bind(cost)
+                .fetch_optional(self.pool())
+                .await?;
+            if have.is_some() {
+                break;
+            }
+            // A new bucket starts full; then take from it like any other.
+            sqlx::query(
+                "INSERT INTO conveyor.rate_buckets (bucket, tokens, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (bucket) DO NOTHING",
+            )
+            .bind(bucket)
+            .bind(limit.burst)
+            .bind(now)
+            .execute(self.pool())
+            .await?;
+        }
+        let have = have.unwrap_or(0.0);
+        let (allowed, left, wait) = if have >= cost {
+            (true, have - cost, 0.0)
+        } else {
+            (false, have, (cost - have) / limit.per_second)
+        };
         Ok(TokenTake {
             allowed,
             remaining: left,

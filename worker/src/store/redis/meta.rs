@@ -289,6 +289,11 @@ impl MetaStore for RedisStore {
         })
     }
 
+    async fn meta_put_many(&self, puts: &[Put<'_>]) -> Result<Vec<Record>> {
+        // Sent together on the multiplexed connection: one round trip's worth of waiting.
+        futures::future::try_join_all(puts.iter().map(|p| self.meta_put(p.clone()))).await
+    }
+
     async fn meta_delete(&self, collection: &str, key: &str, expect: Expect) -> Result<bool> {
         check_names(collection, key)?;
         let (rec, idx, exp) = self.meta_keys(collection, key);

@@ -89,6 +89,52 @@ impl MetaStore for SqliteStore {
         })
     }
 
+    async fn meta_put_many(&self, puts: &[Put<'_>]) -> Result<Vec<Record>> {
+        if puts.len() < 2 || puts.iter().any(|p| p.expect != Expect::Any) {
+            let mut out = Vec::with_capacity(puts.len());
+            for put in puts {
+                out.push(self.meta_put(put.clone()).await?);
+            }
+            return Ok(out);
+        }
+        for put in puts {
+            check_names(put.collection, put.key)?;
+        }
+        let now = Utc::now();
+        let mut out = Vec::with_capacity(puts.len());
+        let mut tx = self.begin().await?;
+        for put in puts {
+            let expires_at = put.ttl.map(|t| after(now, t));
+            // An expired row counts as absent: it starts again at version 1.
+            let version: i64 = sqlx::query_scalar(
+                "INSERT INTO meta AS m (collection, key, value, version, updated_at, expires_at) \
+                 VALUES (?1, ?2, ?3, 1, ?4, ?5) \
+                 ON CONFLICT (collection, key) DO UPDATE SET value = excluded.value, \
+                   version = CASE WHEN m.expires_at IS NOT NULL AND m.expires_at <= ?4 THEN 1 \
+                                  ELSE m.version + 1 END, \
+                   updated_at = excluded.updated_at, expires_at = excluded.expires_at \
+                 RETURNING version",
+            )
+            .bind(put.collection)
+            .bind(put.key)
+            .bind(serde_json::to_string(put.value)?)
+            .bind(micros(now))
+            .bind(expires_at.map(micros))
+            .fetch_one(&mut *tx)
+            .await?;
+            out.push(Record {
+                collection: put.collection.to_string(),
+                key: put.key.to_string(),
+                value: put.value.clone(),
+                version,
+                updated_at: from_micros(micros(now)),
+                expires_at: expires_at.map(|t| from_micros(micros(t))),
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
     async fn meta_delete(&self, collection: &str, key: &str, expect: Expect) -> Result<bool> {
         check_names(collection, key)?;
         let now = micros(Utc::now());
