@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use crate::audit::{self, Actor, AuditEntry};
-use crate::meta::{Expect, MetaQuery, Put};
+use crate::meta::{Expect, Put, list_all};
 
 /// The collection keys live in.
 pub const COLLECTION: &str = "api_keys";
@@ -237,28 +237,11 @@ pub async fn revoke(store: &Arc<dyn Store>, id: &str, actor: Actor) -> Result<Op
 
 /// Every key, oldest id first (without hashes).
 pub async fn list(store: &Arc<dyn Store>) -> Result<Vec<ApiKey>> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .meta_list(
-                COLLECTION,
-                &MetaQuery {
-                    after: after.clone(),
-                    limit: 1000,
-                    ..MetaQuery::default()
-                },
-            )
-            .await?;
-        let full = page.len() == 1000;
-        after = page.last().map(|r| r.key.clone());
-        for r in page {
-            out.push(r.decode::<ApiKey>()?.public());
-        }
-        if !full {
-            return Ok(out);
-        }
-    }
+    list_all(store.as_ref(), COLLECTION)
+        .await?
+        .iter()
+        .map(|r| Ok(r.decode::<ApiKey>()?.public()))
+        .collect()
 }
 
 #[cfg(test)]

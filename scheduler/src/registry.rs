@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use conveyor_worker::store::meta::{Expect, MetaQuery, Put, Record};
+use conveyor_worker::store::meta::{Expect, Put, Record, list_all};
 use conveyor_worker::store::{JobFilter, Page};
 use conveyor_worker::{Enqueued, Error, JobId, JobState, Result, Store};
 use serde::{Deserialize, Serialize};
@@ -113,29 +113,11 @@ impl Schedules {
 
     /// Every stored schedule, by name.
     pub async fn list(&self) -> Result<Vec<StoredSchedule>> {
-        let mut out = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self
-                .store
-                .meta_list(
-                    COLLECTION,
-                    &MetaQuery {
-                        after: after.clone(),
-                        limit: 1000,
-                        ..MetaQuery::default()
-                    },
-                )
-                .await?;
-            after = page.last().map(|r| r.key.clone());
-            let full = page.len() == 1000;
-            for r in &page {
-                out.push(StoredSchedule::from_record(r)?);
-            }
-            if !full {
-                return Ok(out);
-            }
-        }
+        list_all(self.store.as_ref(), COLLECTION)
+            .await?
+            .iter()
+            .map(StoredSchedule::from_record)
+            .collect()
     }
 
     /// One schedule, or `None`.

@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 
 use crate::audit::{self, AuditEntry};
 use crate::auth::{Auth, scope};
-use crate::meta::{MetaQuery, Put};
+use crate::meta::{Put, list_all};
 use crate::problem::Problem;
 use crate::state::AppState;
 use crate::view::QueueView;
@@ -26,39 +26,22 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(resume_queue))
 }
 
-/// Every record of a collection (paged through 1,000 at a time).
+/// Every record of a collection that decodes as `T` (unreadable ones are skipped with a
+/// warning).
 pub(crate) async fn all_records<T: serde::de::DeserializeOwned>(
     state: &AppState,
     collection: &str,
 ) -> Result<Vec<(String, T)>, Problem> {
     let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = state
-            .store
-            .meta_list(
-                collection,
-                &MetaQuery {
-                    after: after.clone(),
-                    limit: 1000,
-                    ..MetaQuery::default()
-                },
-            )
-            .await?;
-        let full = page.len() == 1000;
-        after = page.last().map(|r| r.key.clone());
-        for r in page {
-            match r.decode::<T>() {
-                Ok(v) => out.push((r.key, v)),
-                Err(e) => {
-                    tracing::warn!(collection, key = %r.key, error = %e, "skipping an unreadable record")
-                }
+    for r in list_all(state.store.as_ref(), collection).await? {
+        match r.decode::<T>() {
+            Ok(v) => out.push((r.key, v)),
+            Err(e) => {
+                tracing::warn!(collection, key = %r.key, error = %e, "skipping an unreadable record")
             }
         }
-        if !full {
-            return Ok(out);
-        }
     }
+    Ok(out)
 }
 
 /// Every queue that has jobs or settings, with counts by state, the oldest ready job's age,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use conveyor_worker::store::meta::{Expect, MetaQuery, Put, Record};
+use conveyor_worker::store::meta::{Expect, Put, Record, list_all};
 use serde::{Deserialize, Serialize};
 
 use super::model::{ENDPOINTS, Endpoint, Secret};
@@ -169,29 +169,11 @@ impl Webhooks {
 
     /// Every endpoint, oldest first.
     pub async fn endpoints(&self) -> Result<Vec<Endpoint>> {
-        let mut out = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self
-                .store
-                .meta_list(
-                    ENDPOINTS,
-                    &MetaQuery {
-                        after: after.clone(),
-                        limit: 1000,
-                        ..MetaQuery::default()
-                    },
-                )
-                .await?;
-            let full = page.len() == 1000;
-            after = page.last().map(|r| r.key.clone());
-            for r in page {
-                out.push(r.decode()?);
-            }
-            if !full {
-                return Ok(out);
-            }
-        }
+        list_all(self.store.as_ref(), ENDPOINTS)
+            .await?
+            .iter()
+            .map(|r| Ok(r.decode()?))
+            .collect()
     }
 
     /// Read-modify-write of one endpoint, retried on a concurrent change.

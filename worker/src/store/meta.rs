@@ -195,6 +195,29 @@ pub trait MetaStore: Send + Sync {
     ) -> Result<TokenTake>;
 }
 
+/// Every live record of a collection in key order, read 1,000 at a time. For the small
+/// collections (schedules, keys, queue settings, endpoints); callers page large ones.
+pub async fn list_all(store: &(impl MetaStore + ?Sized), collection: &str) -> Result<Vec<Record>> {
+    let mut out = Vec::new();
+    loop {
+        let page = store
+            .meta_list(
+                collection,
+                &MetaQuery {
+                    after: out.last().map(|r: &Record| r.key.clone()),
+                    limit: 1000,
+                    ..MetaQuery::default()
+                },
+            )
+            .await?;
+        let full = page.len() == 1000;
+        out.extend(page);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
 /// Checks a collection name and key before they reach a backend.
 pub fn check_names(collection: &str, key: &str) -> Result<()> {
     if collection.is_empty()
@@ -276,25 +299,37 @@ pub fn expect_holds(expect: Expect, found: Option<i64>) -> bool {
     }
 }
 
-/// The token bucket rule every backend applies (the SQL backends in SQL, Redis in Lua, with
-/// the same arithmetic): refill by elapsed time, capped at `burst`, then take if enough.
-/// Returns (allowed, tokens after, retry-after seconds).
-pub fn bucket_step(
+/// The token bucket's refill, which every backend applies (the SQL backends in SQL, Redis in
+/// Lua, with the same arithmetic): what the bucket holds at `now`, given what it held
+/// (`None`: a new bucket, full) at `last`, capped at `burst`.
+pub fn bucket_refill(
     tokens: Option<f64>,
     last: Option<DateTime<Utc>>,
     limit: RateLimit,
-    cost: f64,
     now: DateTime<Utc>,
-) -> (bool, f64, f64) {
+) -> f64 {
     let elapsed = match last {
         Some(t) => ((now - t).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6).max(0.0),
         None => 0.0,
     };
-    let have = (tokens.unwrap_or(limit.burst) + elapsed * limit.per_second).min(limit.burst);
+    (tokens.unwrap_or(limit.burst) + elapsed * limit.per_second).min(limit.burst)
+}
+
+/// The token bucket's take: `cost` tokens out of `have` if there are enough, else how long
+/// until there will be.
+pub fn bucket_take(have: f64, limit: RateLimit, cost: f64) -> TokenTake {
     if have >= cost {
-        (true, have - cost, 0.0)
+        TokenTake {
+            allowed: true,
+            remaining: have - cost,
+            retry_after: Duration::ZERO,
+        }
     } else {
-        (false, have, (cost - have) / limit.per_second)
+        TokenTake {
+            allowed: false,
+            remaining: have,
+            retry_after: Duration::from_secs_f64((cost - have) / limit.per_second),
+        }
     }
 }
 
@@ -309,17 +344,22 @@ mod tests {
             burst: 5.0,
         };
         let t0 = Utc::now();
-        let (ok, left, _) = bucket_step(None, None, limit, 5.0, t0);
-        assert!(ok);
-        assert_eq!(left, 0.0);
-        let (ok, left, wait) = bucket_step(Some(0.0), Some(t0), limit, 1.0, t0);
-        assert!(!ok);
-        assert_eq!(left, 0.0);
-        assert!((wait - 0.1).abs() < 1e-9);
+        let full = bucket_refill(None, None, limit, t0);
+        assert_eq!(full, 5.0);
+        let take = bucket_take(full, limit, 5.0);
+        assert!(take.allowed);
+        assert_eq!(take.remaining, 0.0);
+        let refused = bucket_take(bucket_refill(Some(0.0), Some(t0), limit, t0), limit, 1.0);
+        assert!(!refused.allowed);
+        assert_eq!(refused.remaining, 0.0);
+        assert!((refused.retry_after.as_secs_f64() - 0.1).abs() < 1e-9);
         let later = t0 + chrono::Duration::milliseconds(300);
-        let (ok, left, _) = bucket_step(Some(0.0), Some(t0), limit, 1.0, later);
-        assert!(ok);
-        assert!((left - 2.0).abs() < 1e-9);
+        let take = bucket_take(bucket_refill(Some(0.0), Some(t0), limit, later), limit, 1.0);
+        assert!(take.allowed);
+        assert!((take.remaining - 2.0).abs() < 1e-9);
+        // Never above the burst, however long it was idle.
+        let idle = t0 + chrono::Duration::days(1);
+        assert_eq!(bucket_refill(Some(1.0), Some(t0), limit, idle), 5.0);
     }
 
     #[test]

@@ -10,8 +10,8 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use super::{PgStore, after};
 use crate::error::Result;
 use crate::store::meta::{
-    Expect, IDLE_BUCKET, MetaQuery, MetaStore, Put, RateLimit, Record, TokenTake, check_names,
-    check_query, check_rate, conflict,
+    Expect, IDLE_BUCKET, MetaQuery, MetaStore, Put, RateLimit, Record, TokenTake, bucket_take,
+    check_names, check_query, check_rate, conflict,
 };
 
 fn record(row: &PgRow) -> Result<Record> {
@@ -281,7 +281,8 @@ impl MetaStore for PgStore {
         check_rate(bucket, limit, cost)?;
         // One statement: the row lock is held only while it runs, so many takers of one hot
         // bucket (every delivery to one webhook endpoint) queue for microseconds, not for a
-        // transaction's round trips. The refill arithmetic is `meta::bucket_step`'s.
+        // transaction's round trips. The refill arithmetic is
+        // `meta::bucket_refill`'s.
         const TAKE: &str = "WITH cur AS ( \
                 SELECT least($2::float8, tokens + greatest(0::float8, \
                          extract(epoch FROM ($4::timestamptz - updated_at))::float8) * $3::float8) AS have \
@@ -317,16 +318,6 @@ impl MetaStore for PgStore {
             .execute(self.pool())
             .await?;
         }
-        let have = have.unwrap_or(0.0);
-        let (allowed, left, wait) = if have >= cost {
-            (true, have - cost, 0.0)
-        } else {
-            (false, have, (cost - have) / limit.per_second)
-        };
-        Ok(TokenTake {
-            allowed,
-            remaining: left,
-            retry_after: std::time::Duration::from_secs_f64(wait),
-        })
+        Ok(bucket_take(have.unwrap_or(0.0), limit, cost))
     }
 }

@@ -133,7 +133,7 @@ return n
 });
 
 /// KEYS[1] the bucket; ARGV: per second, burst, cost, now (µs). The arithmetic of
-/// `meta::bucket_step`.
+/// `meta::bucket_refill` and `meta::bucket_take`.
 static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"

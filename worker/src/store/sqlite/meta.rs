@@ -10,8 +10,8 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use super::{SqliteStore, after, from_micros, micros};
 use crate::error::Result;
 use crate::store::meta::{
-    Expect, IDLE_BUCKET, MetaQuery, MetaStore, Put, RateLimit, Record, TokenTake, bucket_step,
-    check_names, check_query, check_rate, conflict, expect_holds,
+    Expect, IDLE_BUCKET, MetaQuery, MetaStore, Put, RateLimit, Record, TokenTake, bucket_refill,
+    bucket_take, check_names, check_query, check_rate, conflict, expect_holds,
 };
 
 fn record(row: &SqliteRow) -> Result<Record> {
@@ -228,28 +228,19 @@ impl MetaStore for SqliteStore {
                 .bind(bucket)
                 .fetch_optional(&mut *tx)
                 .await?;
-        let (allowed, left, wait) = bucket_step(
-            row.map(|r| r.0),
-            row.map(|r| from_micros(r.1)),
-            limit,
-            cost,
-            now,
-        );
+        let have = bucket_refill(row.map(|r| r.0), row.map(|r| from_micros(r.1)), limit, now);
+        let take = bucket_take(have, limit, cost);
         sqlx::query(
             "INSERT INTO rate_buckets (bucket, tokens, updated_at) VALUES (?, ?, ?) \
              ON CONFLICT (bucket) DO UPDATE SET tokens = excluded.tokens, \
                updated_at = max(updated_at, excluded.updated_at)",
         )
         .bind(bucket)
-        .bind(left)
+        .bind(take.remaining)
         .bind(micros(now))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(TokenTake {
-            allowed,
-            remaining: left,
-            retry_after: std::time::Duration::from_secs_f64(wait),
-        })
+        Ok(take)
     }
 }
