@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
-use conveyor_scheduler::registry::{Origin, ScheduleStatus, Schedules};
+use conveyor_scheduler::registry::{Origin, SchedulePatch, ScheduleStatus, Schedules};
 use conveyor_scheduler::schedule::{Schedule, ScheduleSpec};
 use conveyor_worker::Store;
 
@@ -56,46 +56,28 @@ fn print_next(
     Ok(())
 }
 
-/// Applies the given fields to `spec`, checking each.
-fn apply(spec: &mut ScheduleSpec, fields: ScheduleFields) -> anyhow::Result<()> {
-    if let Some(v) = fields.cron {
-        spec.cron = v;
-    }
-    if let Some(v) = fields.kind {
-        spec.kind = v;
-    }
-    if let Some(v) = fields.timezone {
-        spec.timezone = v;
-    }
-    if let Some(v) = fields.queue {
-        spec.queue = v;
-    }
-    if let Some(v) = fields.args {
-        spec.args = serde_json::from_str(&v).with_context(|| {
+/// `spec` with the given flags applied, every field checked.
+fn apply(spec: &ScheduleSpec, fields: ScheduleFields) -> anyhow::Result<ScheduleSpec> {
+    let args = match fields.args {
+        Some(v) => Some(serde_json::from_str(&v).with_context(|| {
             format!("--args is not valid JSON: `{v}`; pass e.g. '{{\"n\": 1}}'")
-        })?;
-    }
-    if let Some(v) = fields.priority {
-        spec.priority = v;
-    }
-    if let Some(v) = fields.max_attempts {
-        spec.max_attempts = v;
-    }
-    if let Some(v) = fields.missed {
-        spec.missed = serde_json::from_value(serde_json::Value::String(v.clone()))
-            .map_err(|_| anyhow::anyhow!("--missed `{v}`: use skip, latest or all"))?;
-    }
-    if let Some(v) = fields.backfill_limit {
-        spec.backfill_limit = v;
-    }
-    if let Some(v) = fields.overlap {
-        spec.overlap = serde_json::from_value(serde_json::Value::String(v.clone()))
-            .map_err(|_| anyhow::anyhow!("--overlap `{v}`: use allow or skip"))?;
-    }
-    if fields.disabled {
-        spec.enabled = false;
-    }
-    Ok(())
+        })?),
+        None => None,
+    };
+    let patch = SchedulePatch {
+        cron: fields.cron,
+        kind: fields.kind,
+        timezone: fields.timezone,
+        queue: fields.queue,
+        args,
+        priority: fields.priority,
+        max_attempts: fields.max_attempts,
+        enabled: fields.disabled.then_some(false),
+        missed: fields.missed,
+        backfill_limit: fields.backfill_limit,
+        overlap: fields.overlap,
+    };
+    Ok(patch.apply(spec)?)
 }
 
 fn status_json(s: &ScheduleStatus) -> serde_json::Value {
@@ -209,8 +191,7 @@ pub async fn run(
                     "`schedules create` needs --cron and --kind, e.g. --cron '0 3 * * *' --kind demo.echo"
                 );
             };
-            let mut spec = ScheduleSpec::new(name, cron, kind);
-            apply(&mut spec, fields)?;
+            let spec = apply(&ScheduleSpec::new(name, cron, kind), fields)?;
             let stored = registry.create(spec, Origin::Api).await?;
             audit("schedule.create", stored.spec.name.clone()).await?;
             let status = registry.status(stored, now).await?;
@@ -223,8 +204,7 @@ pub async fn run(
         }
         SchedulesCommand::Update { name, fields, out } => {
             let current = registry.require(&name).await?;
-            let mut spec = current.spec.clone();
-            apply(&mut spec, fields)?;
+            let spec = apply(&current.spec, fields)?;
             let stored = registry.update(&name, spec, Some(current.version)).await?;
             audit("schedule.update", name.clone()).await?;
             if current.origin == Origin::Config {

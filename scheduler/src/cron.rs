@@ -170,7 +170,7 @@ impl CronScheduler {
     ) -> conveyor_worker::Result<Progress> {
         let last = last_tick_job(self.store.as_ref(), &schedule.spec().name)
             .await?
-            .map(|(tick, id)| (tick.min(now), id));
+            .map(|(tick, id, _)| (tick.min(now), id));
         Ok(match last {
             Some((tick, id)) => Progress {
                 last: tick,

@@ -84,6 +84,69 @@ pub struct ScheduleStatus {
     pub next_fire: Option<DateTime<Utc>>,
 }
 
+/// A change to a schedule's fields, as the CLI flags and the API body give it: fields left
+/// `None` keep their value. The name is not here: schedules are not renamed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SchedulePatch {
+    /// Cron expression.
+    pub cron: Option<String>,
+    /// Job kind.
+    pub kind: Option<String>,
+    /// IANA time zone.
+    pub timezone: Option<String>,
+    /// Queue of the jobs.
+    pub queue: Option<String>,
+    /// Job arguments.
+    pub args: Option<serde_json::Value>,
+    /// Job priority.
+    pub priority: Option<i16>,
+    /// Attempt budget of each job.
+    pub max_attempts: Option<i32>,
+    /// Paused (`false`) or firing.
+    pub enabled: Option<bool>,
+    /// `skip`, `latest` or `all`, as written.
+    pub missed: Option<String>,
+    /// Backfill limit for `missed = all`.
+    pub backfill_limit: Option<u32>,
+    /// `allow` or `skip`, as written.
+    pub overlap: Option<String>,
+}
+
+impl SchedulePatch {
+    /// `base` with the patch applied, every field checked; errors name the field.
+    pub fn apply(self, base: &ScheduleSpec) -> Result<ScheduleSpec> {
+        let mut spec = base.clone();
+        macro_rules! set {
+            ($($field:ident),*) => {
+                $(if let Some(v) = self.$field {
+                    spec.$field = v;
+                })*
+            };
+        }
+        set!(
+            cron,
+            kind,
+            timezone,
+            queue,
+            args,
+            priority,
+            max_attempts,
+            enabled,
+            backfill_limit
+        );
+        if let Some(v) = self.missed {
+            spec.missed = serde_json::from_value(serde_json::Value::String(v.clone()))
+                .map_err(|_| Error::invalid("missed", format!("`{v}`: use skip, latest or all")))?;
+        }
+        if let Some(v) = self.overlap {
+            spec.overlap = serde_json::from_value(serde_json::Value::String(v.clone()))
+                .map_err(|_| Error::invalid("overlap", format!("`{v}`: use allow or skip")))?;
+        }
+        spec.compile().map_err(invalid)?;
+        Ok(spec)
+    }
+}
+
 /// What [`Schedules::reconcile`] changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ReconcileReport {
@@ -250,10 +313,7 @@ impl Schedules {
             _ => None,
         };
         let (last_fire, last_job, last_state) = match last {
-            Some((tick, id)) => {
-                let state = self.store.get(id).await?.map(|j| j.state);
-                (Some(tick), Some(id), state)
-            }
+            Some((tick, id, state)) => (Some(tick), Some(id), Some(state)),
             None => (None, None, None),
         };
         Ok(ScheduleStatus {
@@ -393,11 +453,12 @@ impl Schedules {
     }
 }
 
-/// The tick and id of the newest job a schedule's ticks enqueued (manual triggers skipped).
+/// The tick, id and current state of the newest job a schedule's ticks enqueued (manual
+/// triggers skipped).
 pub(crate) async fn last_tick_job(
     store: &dyn Store,
     name: &str,
-) -> Result<Option<(DateTime<Utc>, JobId)>> {
+) -> Result<Option<(DateTime<Utc>, JobId, JobState)>> {
     let page = store
         .list(
             &JobFilter {
@@ -413,7 +474,7 @@ pub(crate) async fn last_tick_job(
     Ok(page.iter().find_map(|job| {
         let tick = job.metadata.get("tick")?.as_str()?;
         let tick = DateTime::parse_from_rfc3339(tick).ok()?.with_timezone(&Utc);
-        Some((tick, job.id))
+        Some((tick, job.id, job.state))
     }))
 }
 

@@ -6,7 +6,9 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use conveyor_scheduler::registry::{Origin, ScheduleStatus, Schedules, StoredSchedule};
+use conveyor_scheduler::registry::{
+    Origin, SchedulePatch, ScheduleStatus, Schedules, StoredSchedule,
+};
 use conveyor_scheduler::schedule::ScheduleSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -78,49 +80,24 @@ pub struct ScheduleInput {
 impl ScheduleInput {
     /// `base` with the given fields applied; every field checked.
     fn apply(self, base: &ScheduleSpec) -> Result<ScheduleSpec, Problem> {
-        let mut spec = base.clone();
-        if let Some(v) = self.name {
-            spec.name = v;
+        let mut base = base.clone();
+        if let Some(name) = self.name {
+            base.name = name;
         }
-        if let Some(v) = self.cron {
-            spec.cron = v;
-        }
-        if let Some(v) = self.timezone {
-            spec.timezone = v;
-        }
-        if let Some(v) = self.queue {
-            spec.queue = v;
-        }
-        if let Some(v) = self.kind {
-            spec.kind = v;
-        }
-        if let Some(v) = self.args {
-            spec.args = v;
-        }
-        if let Some(v) = self.priority {
-            spec.priority = v;
-        }
-        if let Some(v) = self.max_attempts {
-            spec.max_attempts = v;
-        }
-        if let Some(v) = self.enabled {
-            spec.enabled = v;
-        }
-        if let Some(v) = self.backfill_limit {
-            spec.backfill_limit = v;
-        }
-        if let Some(v) = self.missed {
-            spec.missed = serde_json::from_value(Value::String(v.clone())).map_err(|_| {
-                Problem::invalid("missed", format!("`{v}`: use skip, latest or all"))
-            })?;
-        }
-        if let Some(v) = self.overlap {
-            spec.overlap = serde_json::from_value(Value::String(v.clone()))
-                .map_err(|_| Problem::invalid("overlap", format!("`{v}`: use allow or skip")))?;
-        }
-        spec.compile()
-            .map_err(|e| Problem::invalid(e.field, e.to_string()))?;
-        Ok(spec)
+        let patch = SchedulePatch {
+            cron: self.cron,
+            kind: self.kind,
+            timezone: self.timezone,
+            queue: self.queue,
+            args: self.args,
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            enabled: self.enabled,
+            missed: self.missed,
+            backfill_limit: self.backfill_limit,
+            overlap: self.overlap,
+        };
+        Ok(patch.apply(&base)?)
     }
 }
 

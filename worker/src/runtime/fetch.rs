@@ -101,26 +101,17 @@ pub(crate) async fn run(
                 backlog = claimed.len() == want;
                 shared.held().extend(claimed.iter().map(|j| j.id));
                 for job in claimed {
-                    let Some(slot) = permit.split(1) else {
+                    let slot = permit.split(1);
+                    if slot.is_none() {
                         // The store returned more than asked; it still runs, over the limit
                         // for a moment, rather than being stranded in `running`.
                         tracing::error!(queue = %queue.name, "store returned more jobs than requested");
-                        let s = series.get(&job);
-                        jobs.spawn(execute::run(
-                            shared.clone(),
-                            job,
-                            None,
-                            done.clone(),
-                            s,
-                            state.clone(),
-                        ));
-                        continue;
-                    };
+                    }
                     let s = series.get(&job);
                     jobs.spawn(execute::run(
                         shared.clone(),
                         job,
-                        Some(slot),
+                        slot,
                         done.clone(),
                         s,
                         state.clone(),

@@ -254,6 +254,16 @@ pub fn check_query(collection: &str, query: &MetaQuery) -> Result<()> {
     Ok(())
 }
 
+/// For the SQL backends' listings: the cursor comparison and the ordering (ending in
+/// `LIMIT `) of `query`'s direction.
+pub(crate) fn sql_direction(query: &MetaQuery) -> (&'static str, &'static str) {
+    if query.descending {
+        (" AND key < ", " ORDER BY key DESC LIMIT ")
+    } else {
+        (" AND key > ", " ORDER BY key ASC LIMIT ")
+    }
+}
+
 /// Checks bucket settings.
 pub fn check_rate(bucket: &str, limit: RateLimit, cost: f64) -> Result<()> {
     if bucket.is_empty() || bucket.len() > MAX_KEY {

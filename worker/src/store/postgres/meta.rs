@@ -11,7 +11,7 @@ use super::{PgStore, after};
 use crate::error::Result;
 use crate::store::meta::{
     Expect, IDLE_BUCKET, MetaQuery, MetaStore, Put, RateLimit, Record, TokenTake, bucket_take,
-    check_names, check_query, check_rate, conflict,
+    check_names, check_query, check_rate, conflict, sql_direction,
 };
 
 fn record(row: &PgRow) -> Result<Record> {
@@ -231,20 +231,11 @@ impl MetaStore for PgStore {
                 .push_bind(prefix)
                 .push(")");
         }
+        let (cursor_cmp, order) = sql_direction(query);
         if let Some(cursor) = &query.after {
-            qb.push(if query.descending {
-                " AND key < "
-            } else {
-                " AND key > "
-            })
-            .push_bind(cursor);
+            qb.push(cursor_cmp).push_bind(cursor);
         }
-        qb.push(if query.descending {
-            " ORDER BY key DESC LIMIT "
-        } else {
-            " ORDER BY key ASC LIMIT "
-        })
-        .push_bind(query.limit as i64);
+        qb.push(order).push_bind(query.limit as i64);
         let rows = qb.build().fetch_all(self.pool()).await?;
         rows.iter().map(record).collect()
     }
