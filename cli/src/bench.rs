@@ -66,8 +66,8 @@ pub struct BenchArgs {
     /// Worker concurrency (jobs running at once).
     #[arg(long, default_value_t = 256)]
     pub concurrency: u32,
-    /// Jobs per bulk enqueue call.
-    #[arg(long, default_value_t = 5_000)]
+    /// Jobs per bulk enqueue call (the shared protocol enqueues in chunks of 1,000).
+    #[arg(long, default_value_t = 1_000)]
     pub enqueue_batch: usize,
     /// Print one JSON object as the last line.
     #[arg(long)]

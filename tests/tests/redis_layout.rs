@@ -184,3 +184,104 @@ async fn deleting_jobs_leaves_no_keys_behind() {
     assert!(left.is_empty(), "left behind: {left:?}");
     t.cleanup().await;
 }
+
+fn record(attempt: i32, outcome: AttemptOutcome, error: Option<&str>) -> AttemptRecord {
+    let now = Utc::now();
+    AttemptRecord {
+        attempt,
+        started_at: now,
+        finished_at: now,
+        worker: Some("w1".into()),
+        outcome,
+        error: error.map(Into::into),
+        causes: vec![],
+        duration_ms: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_1_store_is_migrated_in_place() {
+    let Some(t) = TestStore::redis().await else {
+        return;
+    };
+    let s = t.store.clone();
+    let prefix = prefix_of(&t.url);
+    s.enqueue_many(vec![
+        NewJob::new("k", json!({ "n": 1 })),
+        NewJob::new("k", json!({ "n": 2 })),
+    ])
+    .await
+    .unwrap();
+    let running = s
+        .fetch(FetchRequest {
+            queue: "default",
+            limit: 2,
+            worker: "w1",
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    assert_eq!(running.len(), 2);
+
+    // Make it look as layout 1 left it: a per-state set of running jobs, and an attempt
+    // history kept as a JSON array inside the job's hash.
+    let client = redis::Client::open(conveyor_tests::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let base = format!("{{{prefix}:default}}");
+    let old = record(0, AttemptOutcome::Failed, Some("from layout 1"));
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET").arg(format!("{prefix}:version")).arg(1);
+    for j in &running {
+        pipe.cmd("ZADD")
+            .arg(format!("{base}:s:running"))
+            .arg(0)
+            .arg(j.id.to_string());
+    }
+    pipe.cmd("HSET")
+        .arg(format!("{base}:job:{}", running[0].id))
+        .arg("attempts")
+        .arg(serde_json::to_string(&vec![old.clone()]).unwrap());
+    pipe.query_async::<()>(&mut conn).await.unwrap();
+
+    let refused = s.ping().await.unwrap_err().to_string();
+    assert!(
+        refused.contains("layout 1") && refused.contains("conveyor migrate"),
+        "{refused}"
+    );
+    s.migrate().await.unwrap();
+    s.ping().await.unwrap();
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(format!("{base}:s:running"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists, "the old set of running jobs is gone");
+    let filter = JobFilter {
+        states: vec![JobState::Running],
+        ..JobFilter::default()
+    };
+    assert_eq!(s.count(&filter).await.unwrap(), 2);
+    assert_eq!(
+        s.list(&filter, Default::default()).await.unwrap().len(),
+        2,
+        "running jobs are listed from the lease set"
+    );
+
+    // A history kept in the hash is read, and new attempts follow it.
+    let j = &running[0];
+    let now_done = record(j.attempt, AttemptOutcome::Completed, None);
+    s.finish(vec![Finish {
+        id: j.id,
+        attempt: j.attempt,
+        state: JobState::Completed,
+        run_at: None,
+        attempt_delta: 0,
+        record: now_done.clone(),
+    }])
+    .await
+    .unwrap();
+    let got = s.get(j.id).await.unwrap().unwrap();
+    assert_eq!(got.attempts, vec![old, now_done]);
+    assert_eq!(s.count(&filter).await.unwrap(), 1);
+    t.cleanup().await;
+}

@@ -11,12 +11,13 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `{P:Q}:job:<id>` | hash: the job (args, tags, metadata and the attempt history as JSON strings; times as microseconds). The id and queue are in the key; empty tags, `{}` metadata and an empty history are left out |
+//! | `{P:Q}:job:<id>` | hash: the job (args, tags and metadata as JSON strings; times as microseconds). The id and queue are in the key; empty tags and `{}` metadata are left out |
+//! | `{P:Q}:hist:<id>` | string: the job's attempt history, one JSON record per line (`APPEND`ed as attempts end; absent until the first ends). Apart from the hash so that the hash's values stay short and Redis keeps it in its compact listpack encoding |
 //! | `{P:Q}:ready` | zset of `available` jobs, score `priority · 10¹³ + run_at_ms`: fetch pops the head |
 //! | `{P:Q}:delayed` | zset of `scheduled` and `retryable` jobs by `run_at` (µs) |
-//! | `{P:Q}:leases` | zset of `running` jobs by lease deadline (µs): the rescuer's work list |
+//! | `{P:Q}:leases` | zset of `running` jobs by lease deadline (µs): the rescuer's work list, and the listing and count of running jobs |
 //! | `{P:Q}:w:<worker>` | set of the jobs a worker runs: its heartbeat |
-//! | `{P:Q}:s:<state>` | zset per state, all scores 0, so members sort by id: listings and counts |
+//! | `{P:Q}:s:<state>` | zset per state but `running`, all scores 0, so members sort by id: listings and counts |
 //! | `{P:Q}:fin:<state>`, `{P:Q}:fink:<state>` | finished jobs by `finalized_at`, without and with an idempotency key: the pruner |
 //!
 //! A few small global keys sit outside any queue's slot: `P:index` (hash, job id → queue, for
@@ -68,6 +69,7 @@
 mod meta;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -93,7 +95,7 @@ pub const CHUNK: usize = 1000;
 /// The prefix when the URL names none.
 pub const DEFAULT_PREFIX: &str = "conveyor";
 /// Data layout version kept in `P:version`; `migrate` writes it, `ping` checks it.
-const LAYOUT_VERSION: i64 = 1;
+const LAYOUT_VERSION: i64 = 2;
 /// How long an idempotency key claim lasts if its insert never confirms it.
 const CLAIM_MS: u64 = 60_000;
 /// How long an enqueue waits for another enqueue's claim on the same key to be confirmed.
@@ -104,6 +106,8 @@ const CLAIM_WAIT: Duration = Duration::from_secs(5);
 const FETCH_INLINE: usize = 16;
 /// Pipelines one bulk enqueue keeps in flight at once.
 const IN_FLIGHT: usize = 4;
+/// Jobs per part of a bulk enqueue (see `RedisStore::insert`).
+const ENQUEUE_PART: usize = 250;
 
 macro_rules! queue_script {
     ($file:literal) => {
@@ -117,7 +121,6 @@ macro_rules! queue_script {
     };
 }
 
-static ENQUEUE: LazyLock<Script> = queue_script!("enqueue.lua");
 static FETCH: LazyLock<Script> = queue_script!("fetch.lua");
 static FINISH: LazyLock<Script> = queue_script!("finish.lua");
 static HEARTBEAT: LazyLock<Script> = queue_script!("heartbeat.lua");
@@ -133,9 +136,8 @@ static KEY_KEEP: LazyLock<Script> =
 static KEY_FREE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("redis/key_free.lua")));
 
-fn all_scripts() -> [&'static Script; 13] {
+fn all_scripts() -> [&'static Script; 12] {
     [
-        &ENQUEUE,
         &FETCH,
         &FINISH,
         &HEARTBEAT,
@@ -161,6 +163,14 @@ impl Keys {
     /// The hash-tagged base of every key of `queue`.
     fn queue(&self, queue: &str) -> String {
         format!("{{{}:{queue}}}", self.prefix)
+    }
+    /// The set that holds every job of `queue` in `state`: `s:<state>`, or the lease set for
+    /// running jobs.
+    fn state_set(&self, queue: &str, state: JobState) -> String {
+        match state {
+            JobState::Running => format!("{}:leases", self.queue(queue)),
+            _ => format!("{}:s:{}", self.queue(queue), state.as_str()),
+        }
     }
     fn index(&self) -> String {
         format!("{}:index", self.prefix)
@@ -377,14 +387,13 @@ impl RedisStore {
         }
         let mut pipe = ::redis::pipe();
         for (queue, id) in refs {
-            pipe.cmd("HGETALL")
-                .arg(format!("{}:job:{id}", self.keys.queue(queue)));
+            read_job(&mut pipe, &self.keys.queue(queue), id);
         }
-        let rows: Vec<Vec<String>> = self.run(&pipe).await?;
+        let rows: Vec<(Vec<String>, Option<String>)> = self.run(&pipe).await?;
         refs.iter()
             .zip(rows)
-            .filter(|(_, r)| !r.is_empty())
-            .map(|((queue, id), r)| job_from_fields(queue, *id, r))
+            .filter(|(_, (r, _))| !r.is_empty())
+            .map(|((queue, id), (r, history))| job_from_fields(queue, *id, r, history))
             .collect()
     }
 
@@ -571,21 +580,33 @@ impl RedisStore {
         };
         let mut pipe = ::redis::pipe();
         for (queue, state) in sources {
-            pipe.cmd("ZRANGE")
-                .arg(format!("{}:s:{}", self.keys.queue(queue), state.as_str()))
-                .arg(&max)
-                .arg("-")
-                .arg("BYLEX")
-                .arg("REV")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(n);
+            if *state == JobState::Running {
+                // Running jobs are the lease set, ordered by deadline: read it whole (it holds
+                // at most the workers' combined concurrency) and cut the page here.
+                pipe.cmd("ZRANGE")
+                    .arg(format!("{}:leases", self.keys.queue(queue)))
+                    .arg(0)
+                    .arg(-1);
+            } else {
+                pipe.cmd("ZRANGE")
+                    .arg(format!("{}:s:{}", self.keys.queue(queue), state.as_str()))
+                    .arg(&max)
+                    .arg("-")
+                    .arg("BYLEX")
+                    .arg("REV")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(n);
+            }
         }
         let lists: Vec<Vec<String>> = self.run(&pipe).await?;
         let mut all = Vec::new();
         for ((queue, _), ids) in sources.iter().zip(lists) {
             for id in ids {
-                all.push((id.parse::<JobId>()?, queue.clone()));
+                let id = id.parse::<JobId>()?;
+                if before.is_none_or(|b| id < b) {
+                    all.push((id, queue.clone()));
+                }
             }
         }
         all.sort_by_key(|c| std::cmp::Reverse(c.0));
@@ -721,131 +742,88 @@ impl RedisStore {
 
     /// Claims keys and caller-chosen ids, then inserts. See [`Store::enqueue_many`].
     ///
-    /// Two round trips whatever the batch size: the claims of all the batch's keys, then the
-    /// inserts. Each stage sends one pipeline per chunk, up to [`IN_FLIGHT`] at once on the
-    /// one connection, so the server never waits for the client between chunks.
+    /// The batch is cut into parts of at most [`ENQUEUE_PART`] jobs of one queue. Each part
+    /// takes two round trips (its key claims, then its insert), and up to [`IN_FLIGHT`] parts
+    /// are under way at once on the one connection, so the server works on one part while
+    /// the client prepares the next.
     ///
-    /// A call that fails may have been applied (the connection dropped before the answer).
-    /// Repeating it is safe for jobs with a key: if the claims' answer was lost, the claims
-    /// were freed here; if an insert's answer was lost, its jobs exist and the retry gets
-    /// them back as duplicates (and confirms their claims). Jobs without a key are inserted
-    /// again; a caller-chosen id makes such a retry fail with "already exists" instead.
+    /// A call that fails may have been applied in part: parts that completed, and parts whose
+    /// insert reached Redis but whose answer was lost (the connection dropped). Repeating the
+    /// call is safe for jobs with a key: if a part's claims lost their answer, its claims were
+    /// freed here; if an insert's answer was lost, its jobs exist and the retry gets them
+    /// back as duplicates (and confirms their claims); jobs of parts never sent are inserted
+    /// by the retry. Jobs without a key are inserted again; a caller-chosen id makes such a
+    /// retry fail with "already exists" instead.
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
         for job in &jobs {
             job.validate()?;
         }
         let now = Utc::now();
-        let n = jobs.len();
-        let ids: Vec<JobId> = jobs
-            .iter()
-            .map(|j| j.id.unwrap_or_else(JobId::new))
-            .collect();
-        let states: Vec<JobState> = jobs
-            .iter()
-            .map(|j| {
-                if j.run_at.is_some_and(|at| at > now) {
-                    JobState::Scheduled
-                } else {
-                    JobState::Available
-                }
-            })
-            .collect();
-        let mut answers: Vec<Option<Enqueued>> = vec![None; n];
+        let batch = Incoming::new(&jobs, now);
         // Duplicates within the batch follow the first job with their key.
         let mut first_with_key: HashMap<&str, usize> = HashMap::new();
         let mut follows: Vec<(usize, usize)> = Vec::new();
-        let mut keyed = Vec::new();
+        let mut by_queue: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, job) in jobs.iter().enumerate() {
             if let Some(key) = job.idempotency_key.as_deref() {
-                match first_with_key.get(key) {
-                    Some(&first) => follows.push((i, first)),
-                    None => {
-                        first_with_key.insert(key, i);
-                        keyed.push(i);
-                    }
+                if let Some(&first) = first_with_key.get(key) {
+                    follows.push((i, first));
+                    continue;
                 }
+                first_with_key.insert(key, i);
             }
+            by_queue.entry(job.queue.as_str()).or_default().push(i);
         }
-        let held = match self.claim_keys(&jobs, &ids, &keyed).await {
-            Ok(held) => held,
-            Err(e) => {
-                // The claims may have been applied and only their answer lost: free the
-                // ones this call made, so a retry of the call is not kept waiting.
-                self.release_claims(&jobs, &ids, &keyed).await;
-                return Err(e);
-            }
-        };
-        let mut claimed = Vec::new();
-        for (&i, holder) in keyed.iter().zip(held) {
-            match holder {
-                None => claimed.push(i),
-                Some(answer) => answers[i] = Some(answer),
-            }
-        }
-        let skipped: BTreeSet<usize> = follows.iter().map(|(i, _)| *i).collect();
-        let inserting: Vec<usize> = (0..n)
-            .filter(|i| answers[*i].is_none() && !skipped.contains(i))
+        let parts: Vec<(&str, &[usize])> = by_queue
+            .iter()
+            .flat_map(|(queue, members)| members.chunks(ENQUEUE_PART).map(move |c| (*queue, c)))
             .collect();
-        if let Err(e) = self.reserve_ids(&jobs, &ids, &inserting).await {
-            self.release_claims(&jobs, &ids, &claimed).await;
-            return Err(e);
-        }
-
-        // Insert queue by queue, in chunks, each chunk one pipeline: queue registry, id index,
-        // the insert script, then the confirmations of the chunk's key claims.
-        let mut by_queue: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for &i in &inserting {
-            by_queue.entry(jobs[i].queue.as_str()).or_default().push(i);
-        }
-        let mut chunks = Vec::new();
-        for (queue, members) in &by_queue {
-            for chunk in members.chunks(CHUNK) {
-                chunks.push((
-                    *queue,
-                    chunk,
-                    self.insert_pipeline(queue, chunk, &jobs, &ids, &states, now)?,
-                ));
-            }
-        }
-        let sends: Vec<_> = chunks.iter().map(|(_, _, pipe)| self.run(pipe)).collect();
-        let results: Vec<Result<(Vec<String>,)>> = futures::stream::iter(sends)
+        // Once a part fails, parts not yet started are not started: the call fails anyway,
+        // and what it leaves applied stays as small as it can.
+        let failing = AtomicBool::new(false);
+        let sends: Vec<_> = parts
+            .iter()
+            .map(|&(queue, part)| {
+                let failing = &failing;
+                let batch = &batch;
+                async move {
+                    if failing.load(Ordering::Relaxed) {
+                        return Err(None);
+                    }
+                    let result = self.insert_part(batch, queue, part).await;
+                    if result.is_err() {
+                        failing.store(true, Ordering::Relaxed);
+                    }
+                    result.map_err(Some)
+                }
+            })
+            .collect();
+        let results: Vec<PartResult> = futures::stream::iter(sends)
             .buffered(IN_FLIGHT)
             .collect()
             .await;
+        let mut answers: Vec<Option<Enqueued>> = vec![None; jobs.len()];
         let mut woken = Vec::new();
         let mut failed = None;
-        for ((queue, chunk, _), result) in chunks.iter().zip(results) {
+        for (&(queue, _), result) in parts.iter().zip(results) {
             match result {
-                Ok((taken,)) => {
-                    if let Some(id) = taken.first() {
-                        failed.get_or_insert(Error::invalid(
-                            "id",
-                            format!("job id {id} already exists"),
-                        ));
-                        continue;
-                    }
-                    for &i in *chunk {
-                        if states[i] == JobState::Available {
+                Ok(done) => {
+                    for (i, answer) in done {
+                        if !answer.duplicate && answer.state == JobState::Available {
                             woken.push(queue.to_string());
                         }
-                        answers[i] = Some(Enqueued {
-                            id: ids[i],
-                            state: states[i],
-                            duplicate: false,
-                        });
+                        answers[i] = Some(answer);
                     }
                 }
-                Err(e) => {
+                Err(Some(e)) => {
                     failed.get_or_insert(e);
                 }
+                Err(None) => {}
             }
         }
+        woken.dedup();
         self.wake(woken);
         if let Some(e) = failed {
-            // An insert whose answer was lost may still have been applied, and its key
-            // confirmations with it or not: confirm every claim whose job exists, so the key
-            // outlives the claim's expiry. Unconfirmed claims of jobs that do not exist expire.
-            self.confirm_existing(&jobs, &ids, &claimed).await;
             return Err(e);
         }
         for (i, first) in follows {
@@ -860,21 +838,89 @@ impl RedisStore {
             .collect()
     }
 
-    /// One chunk's insert: queue registry, id index, the insert script, then the
-    /// confirmations of the chunk's key claims (a claim expires unless confirmed).
+    /// One part of a batch (jobs of one queue): claims its keys, reserves its caller-chosen
+    /// ids, inserts the jobs that are not duplicates. Returns an answer per job of the part.
+    async fn insert_part(
+        &self,
+        batch: &Incoming<'_>,
+        queue: &str,
+        part: &[usize],
+    ) -> Result<Vec<(usize, Enqueued)>> {
+        let jobs = batch.jobs;
+        let keyed: Vec<usize> = part
+            .iter()
+            .copied()
+            .filter(|&i| jobs[i].idempotency_key.is_some())
+            .collect();
+        let held = match self.claim_keys(batch, &keyed).await {
+            Ok(held) => held,
+            Err(e) => {
+                // The claims may have been applied and only their answer lost: free the
+                // ones this call made, so a retry of the call is not kept waiting.
+                self.release_claims(batch, &keyed).await;
+                return Err(e);
+            }
+        };
+        let mut out = Vec::with_capacity(part.len());
+        let mut claimed = Vec::new();
+        let mut duplicates = BTreeSet::new();
+        for (&i, holder) in keyed.iter().zip(held) {
+            match holder {
+                None => claimed.push(i),
+                Some(answer) => {
+                    duplicates.insert(i);
+                    out.push((i, answer));
+                }
+            }
+        }
+        let inserting: Vec<usize> = part
+            .iter()
+            .copied()
+            .filter(|i| !duplicates.contains(i))
+            .collect();
+        if let Err(e) = self.reserve_ids(batch, &inserting).await {
+            self.release_claims(batch, &claimed).await;
+            return Err(e);
+        }
+        if inserting.is_empty() {
+            return Ok(out);
+        }
+        let pipe = self.insert_pipeline(batch, queue, &inserting)?;
+        if let Err(e) = self.run_checked(&pipe).await {
+            // An insert whose answer was lost may still have been applied, and its key
+            // confirmations with it or not: confirm every claim whose job exists, so the key
+            // outlives the claim's expiry. Unconfirmed claims of jobs that do not exist expire.
+            self.confirm_existing(batch, &claimed).await;
+            return Err(e);
+        }
+        out.extend(inserting.into_iter().map(|i| {
+            (
+                i,
+                Enqueued {
+                    id: batch.ids[i],
+                    state: batch.states[i],
+                    duplicate: false,
+                },
+            )
+        }));
+        Ok(out)
+    }
+
+    /// One part's insert: queue registry and id index, then one `MULTI` with the jobs'
+    /// hashes and their state indexes (plain writes of new keys: nothing to decide, so no
+    /// script), then the confirmations of the part's key claims (a claim expires unless
+    /// confirmed). The ids are new (generated, or reserved by [`Self::reserve_ids`]).
     fn insert_pipeline(
         &self,
+        batch: &Incoming<'_>,
         queue: &str,
-        chunk: &[usize],
-        jobs: &[NewJob],
-        ids: &[JobId],
-        states: &[JobState],
-        now: DateTime<Utc>,
+        part: &[usize],
     ) -> Result<Pipeline> {
+        let (jobs, ids) = (batch.jobs, &batch.id_text);
         let base = self.keys.queue(queue);
         let mut pipe = ::redis::pipe();
         pipe.cmd("SADD").arg(self.keys.queues()).arg(queue).ignore();
-        let generated: Vec<usize> = chunk
+        let generated: Vec<usize> = part
             .iter()
             .copied()
             .filter(|&i| jobs[i].id.is_none())
@@ -883,42 +929,86 @@ impl RedisStore {
             let mut hset = ::redis::cmd("HSET");
             hset.arg(self.keys.index());
             for &i in &generated {
-                hset.arg(ids[i].to_string()).arg(queue);
+                hset.arg(&ids[i]).arg(queue);
             }
             pipe.add_command(hset).ignore();
         }
-        let mut inv = ENQUEUE.prepare_invoke();
-        inv.key(format!("{base}:ready"))
-            .arg(&base)
-            .arg(self.keys.jobs_channel())
-            .arg(queue)
-            .arg(micros(now));
-        for &i in chunk {
+        pipe.cmd("MULTI").ignore();
+        // Sized up front: each member is an id of 36 bytes and a score of up to 20.
+        let zadd = |key: String| {
+            let mut cmd = ::redis::Cmd::with_capacity(2 + 2 * part.len(), 64 + 60 * part.len());
+            cmd.arg("ZADD").arg(key);
+            cmd
+        };
+        let mut listed = zadd(format!("{base}:s:available"));
+        let mut ordered = zadd(format!("{base}:ready"));
+        let mut later = zadd(format!("{base}:s:scheduled"));
+        let mut delayed = zadd(format!("{base}:delayed"));
+        let (mut ready, mut waiting) = (false, false);
+        for &i in part {
             let job = &jobs[i];
-            let tags = if job.tags.is_empty() {
-                String::new()
-            } else {
-                serde_json::to_string(&job.tags)?
-            };
-            let metadata = match &job.metadata {
-                serde_json::Value::Object(m) if m.is_empty() => String::new(),
-                other => serde_json::to_string(other)?,
-            };
-            inv.arg(ids[i].to_string())
+            let run_at = job.run_at.unwrap_or(batch.now);
+            let args = serde_json::to_string(&job.args)?;
+            let mut hset = ::redis::Cmd::with_capacity(24, 256 + job.kind.len() + args.len());
+            hset.arg("HSET")
+                .arg(format!("{base}:job:{}", ids[i]))
+                .arg("kind")
                 .arg(&job.kind)
-                .arg(serde_json::to_string(&job.args)?)
+                .arg("args")
+                .arg(args)
+                .arg("priority")
                 .arg(job.priority)
+                .arg("state")
+                .arg(batch.states[i].as_str())
+                .arg("attempt")
+                .arg(0)
+                .arg("max_attempts")
                 .arg(job.max_attempts)
-                .arg(micros(job.run_at.unwrap_or(now)))
-                .arg(job.idempotency_key.as_deref().unwrap_or(""))
-                .arg(tags)
-                .arg(metadata)
-                .arg(states[i].as_str());
+                .arg("run_at")
+                .arg(run_at.timestamp_micros())
+                .arg("created_at")
+                .arg(batch.now.timestamp_micros());
+            // An empty key, tags or metadata is not stored (readers take none, [] and {}).
+            if let Some(key) = &job.idempotency_key {
+                hset.arg("idempotency_key").arg(key);
+            }
+            if !job.tags.is_empty() {
+                hset.arg("tags").arg(serde_json::to_string(&job.tags)?);
+            }
+            match &job.metadata {
+                serde_json::Value::Object(m) if m.is_empty() => {}
+                other => {
+                    hset.arg("metadata").arg(serde_json::to_string(other)?);
+                }
+            }
+            pipe.add_command(hset).ignore();
+            if batch.states[i] == JobState::Available {
+                listed.arg(0).arg(&ids[i]);
+                ready_score(&mut ordered, job.priority, run_at);
+                ordered.arg(&ids[i]);
+                ready = true;
+            } else {
+                later.arg(0).arg(&ids[i]);
+                delayed.arg(run_at.timestamp_micros()).arg(&ids[i]);
+                waiting = true;
+            }
         }
-        pipe.invoke_script(&inv);
+        if ready {
+            pipe.add_command(listed).ignore();
+            pipe.add_command(ordered).ignore();
+            pipe.cmd("PUBLISH")
+                .arg(self.keys.jobs_channel())
+                .arg(queue)
+                .ignore();
+        }
+        if waiting {
+            pipe.add_command(later).ignore();
+            pipe.add_command(delayed).ignore();
+        }
+        pipe.cmd("EXEC");
         // A plain PERSIST: the key was claimed by this call a moment ago and a claim lasts
         // CLAIM_MS, so it is still ours unless this insert stalled for longer than that.
-        for &i in chunk {
+        for &i in part {
             if let Some(key) = &jobs[i].idempotency_key {
                 pipe.cmd("PERSIST").arg(self.keys.idempotency(key)).ignore();
             }
@@ -926,22 +1016,38 @@ impl RedisStore {
         Ok(pipe)
     }
 
+    /// Runs a pipeline whose one unignored reply is an `EXEC`'s, and fails if the
+    /// transaction was refused or any of its commands failed.
+    async fn run_checked(&self, pipe: &Pipeline) -> Result<()> {
+        let (exec,): (::redis::Value,) = self.run(pipe).await?;
+        let replies = match exec {
+            ::redis::Value::Array(replies) => replies,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "Redis refused a transaction: {other:?}"
+                )));
+            }
+        };
+        for reply in replies {
+            if let ::redis::Value::ServerError(e) = reply {
+                return Err(Error::Unsupported(format!("Redis failed a write: {e:?}")));
+            }
+        }
+        Ok(())
+    }
+
     /// Claims the idempotency keys of `which` jobs. Per job: `None` when claimed (insert it),
     /// or the holder's answer (a duplicate).
     async fn claim_keys(
         &self,
-        jobs: &[NewJob],
-        ids: &[JobId],
+        batch: &Incoming<'_>,
         which: &[usize],
     ) -> Result<Vec<Option<Enqueued>>> {
         if which.is_empty() {
             return Ok(Vec::new());
         }
-        let value = |i: usize| format!("{}/{}", jobs[i].queue, ids[i]);
-        let key = |i: usize| {
-            self.keys
-                .idempotency(jobs[i].idempotency_key.as_deref().unwrap_or_default())
-        };
+        let value = |i: usize| batch.holder(i);
+        let key = |i: usize| self.keys.idempotency(batch.key(i));
         let pipes: Vec<Pipeline> = which
             .chunks(CHUNK)
             .map(|chunk| {
@@ -1038,17 +1144,16 @@ impl RedisStore {
     }
 
     /// Frees claims made by an enqueue that then failed (only those this call still holds).
-    async fn release_claims(&self, jobs: &[NewJob], ids: &[JobId], claimed: &[usize]) {
+    async fn release_claims(&self, batch: &Incoming<'_>, claimed: &[usize]) {
         if claimed.is_empty() {
             return;
         }
         let mut pipe = ::redis::pipe();
         for &i in claimed {
-            let key = jobs[i].idempotency_key.as_deref().unwrap_or_default();
             pipe.invoke_script(
                 KEY_FREE
-                    .key(self.keys.idempotency(key))
-                    .arg(format!("{}/{}", jobs[i].queue, ids[i])),
+                    .key(self.keys.idempotency(batch.key(i)))
+                    .arg(batch.holder(i)),
             )
             .ignore();
         }
@@ -1058,25 +1163,24 @@ impl RedisStore {
     }
 
     /// After a failed insert: confirms the claims of `claimed` jobs that exist after all.
-    async fn confirm_existing(&self, jobs: &[NewJob], ids: &[JobId], claimed: &[usize]) {
+    async fn confirm_existing(&self, batch: &Incoming<'_>, claimed: &[usize]) {
         let attempt = async {
             for chunk in claimed.chunks(CHUNK) {
                 let mut pipe = ::redis::pipe();
                 for &i in chunk {
                     pipe.cmd("EXISTS").arg(format!(
                         "{}:job:{}",
-                        self.keys.queue(&jobs[i].queue),
-                        ids[i]
+                        self.keys.queue(&batch.jobs[i].queue),
+                        batch.id_text[i]
                     ));
                 }
                 let exists: Vec<bool> = self.run(&pipe).await?;
                 let mut pipe = ::redis::pipe();
                 for (&i, _) in chunk.iter().zip(exists).filter(|(_, e)| *e) {
-                    let key = jobs[i].idempotency_key.as_deref().unwrap_or_default();
                     pipe.invoke_script(
                         KEY_KEEP
-                            .key(self.keys.idempotency(key))
-                            .arg(format!("{}/{}", jobs[i].queue, ids[i])),
+                            .key(self.keys.idempotency(batch.key(i)))
+                            .arg(batch.holder(i)),
                     )
                     .ignore();
                 }
@@ -1091,7 +1195,8 @@ impl RedisStore {
 
     /// Enters caller-chosen ids into the global index, refusing one that exists (in any
     /// queue). On refusal nothing stays reserved.
-    async fn reserve_ids(&self, jobs: &[NewJob], ids: &[JobId], which: &[usize]) -> Result<()> {
+    async fn reserve_ids(&self, batch: &Incoming<'_>, which: &[usize]) -> Result<()> {
+        let (jobs, ids) = (batch.jobs, &batch.ids);
         let chosen: Vec<usize> = which
             .iter()
             .copied()
@@ -1201,6 +1306,73 @@ async fn subscribe_loop(
     }
 }
 
+/// A bulk enqueue part's answers (job index, answer), or why it has none: its error, or
+/// `None` when it was not started because another part failed.
+type PartResult = std::result::Result<Vec<(usize, Enqueued)>, Option<Error>>;
+
+/// A batch being enqueued, with what every part of it needs computed once.
+struct Incoming<'a> {
+    jobs: &'a [NewJob],
+    now: DateTime<Utc>,
+    ids: Vec<JobId>,
+    /// The ids as text, as they appear in keys and sets.
+    id_text: Vec<String>,
+    states: Vec<JobState>,
+}
+
+impl<'a> Incoming<'a> {
+    fn new(jobs: &'a [NewJob], now: DateTime<Utc>) -> Self {
+        let ids: Vec<JobId> = jobs
+            .iter()
+            .map(|j| j.id.unwrap_or_else(JobId::new))
+            .collect();
+        let id_text = ids.iter().map(JobId::to_string).collect();
+        let states = jobs
+            .iter()
+            .map(|j| {
+                if j.run_at.is_some_and(|at| at > now) {
+                    JobState::Scheduled
+                } else {
+                    JobState::Available
+                }
+            })
+            .collect();
+        Incoming {
+            jobs,
+            now,
+            ids,
+            id_text,
+            states,
+        }
+    }
+
+    /// Job `i`'s idempotency key (empty when it has none).
+    fn key(&self, i: usize) -> &str {
+        self.jobs[i].idempotency_key.as_deref().unwrap_or_default()
+    }
+
+    /// What job `i`'s key claim holds: `queue/id`.
+    fn holder(&self, i: usize) -> String {
+        format!("{}/{}", self.jobs[i].queue, self.id_text[i])
+    }
+}
+
+/// Adds a ready job's score in `{P:Q}:ready` to `cmd`, as `ready_score` in `prelude.lua`
+/// computes it: priority · 10¹³ + run_at in whole milliseconds (clamped to 13 digits), in
+/// double precision. Up to priority ±900 the sum is an integer below 2⁵³, sent as one.
+fn ready_score(cmd: &mut ::redis::Cmd, priority: i16, run_at: DateTime<Utc>) {
+    let ms = run_at
+        .timestamp_micros()
+        .div_euclid(1000)
+        .clamp(0, 9_999_999_999_999);
+    let score = f64::from(priority) * 1e13 + ms as f64;
+    if score.abs() < 9.0e15 {
+        cmd.arg(score as i64);
+    } else {
+        cmd.arg(score);
+    }
+}
+
 fn micros(t: DateTime<Utc>) -> String {
     t.timestamp_micros().to_string()
 }
@@ -1213,9 +1385,24 @@ fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
-/// A job from its hash's field/value list. The id and queue come from the hash's key;
-/// fields left out at enqueue take their defaults (no key, no tags, `{}`, no attempts).
-fn job_from_fields(queue: &str, id: JobId, flat: Vec<String>) -> Result<Job> {
+/// Adds the reads of one job to `pipe`: its hash, then its attempt history.
+fn read_job(pipe: &mut Pipeline, base: &str, id: impl std::fmt::Display) {
+    pipe.cmd("HGETALL")
+        .arg(format!("{base}:job:{id}"))
+        .cmd("GET")
+        .arg(format!("{base}:hist:{id}"));
+}
+
+/// A job from its hash's field/value list and its history (one JSON record per line). The
+/// id and queue come from the hash's key; fields left out at enqueue take their defaults (no
+/// key, no tags, `{}`, no attempts). Jobs written before the history had a key of its own
+/// hold their earlier attempts as a JSON array in the hash's `attempts` field.
+fn job_from_fields(
+    queue: &str,
+    id: JobId,
+    flat: Vec<String>,
+    history: Option<String>,
+) -> Result<Job> {
     let mut map: HashMap<String, String> = HashMap::with_capacity(flat.len() / 2);
     let mut it = flat.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
@@ -1267,9 +1454,15 @@ fn job_from_fields(queue: &str, id: JobId, flat: Vec<String>) -> Result<Job> {
             Some(v) => serde_json::from_str(v)?,
             None => serde_json::Value::Object(Default::default()),
         },
-        attempts: match map.get("attempts") {
-            Some(v) => serde_json::from_str::<Vec<AttemptRecord>>(v)?,
-            None => Vec::new(),
+        attempts: {
+            let mut attempts = match map.get("attempts") {
+                Some(v) => serde_json::from_str::<Vec<AttemptRecord>>(v)?,
+                None => Vec::new(),
+            };
+            for line in history.as_deref().unwrap_or_default().lines() {
+                attempts.push(serde_json::from_str(line)?);
+            }
+            attempts
         },
     })
 }
@@ -1361,6 +1554,18 @@ impl Store for RedisStore {
                 found.unwrap_or_default()
             )));
         }
+        if found == Some(1) {
+            // Layout 2 lists running jobs from the lease set, which always held them too: the
+            // old per-queue set of running jobs goes. (It also keeps attempt histories apart
+            // from the hash; readers still take the histories layout 1 kept in the hash.)
+            let mut pipe = ::redis::pipe();
+            for queue in self.queues().await? {
+                pipe.cmd("DEL")
+                    .arg(format!("{}:s:running", self.keys.queue(&queue)))
+                    .ignore();
+            }
+            self.run::<()>(&pipe).await?;
+        }
         ::redis::cmd("SET")
             .arg(self.keys.version())
             .arg(LAYOUT_VERSION)
@@ -1401,24 +1606,27 @@ impl Store for RedisStore {
             .arg(micros(after(now, request.lease)))
             .arg(CHUNK)
             .arg(FETCH_INLINE);
-        let mut rows: Vec<(String, Vec<String>)> = self.eval(&inv).await?;
-        if rows.iter().any(|(_, fields)| fields.is_empty()) {
+        let mut rows: Vec<(String, Vec<String>, Option<String>)> = self.eval(&inv).await?;
+        if rows.iter().any(|(_, fields, _)| fields.is_empty()) {
             // A large claim: read the hashes with plain commands. These jobs are running
             // under this worker's lease, so nothing deletes them meanwhile; if this read
             // fails, the runtime adopts the claimed jobs as after any fetch whose answer was
             // lost.
             let mut pipe = ::redis::pipe();
-            for (id, _) in &rows {
-                pipe.cmd("HGETALL").arg(format!("{base}:job:{id}"));
+            for (id, _, _) in &rows {
+                read_job(&mut pipe, &base, id);
             }
-            let hashes: Vec<Vec<String>> = self.run(&pipe).await?;
-            for ((_, fields), hash) in rows.iter_mut().zip(hashes) {
+            let hashes: Vec<(Vec<String>, Option<String>)> = self.run(&pipe).await?;
+            for ((_, fields, history), (hash, h)) in rows.iter_mut().zip(hashes) {
                 *fields = hash;
+                *history = h;
             }
         }
         let mut jobs = rows
             .into_iter()
-            .map(|(id, fields)| job_from_fields(request.queue, id.parse()?, fields))
+            .map(|(id, fields, history)| {
+                job_from_fields(request.queue, id.parse()?, fields, history)
+            })
             .collect::<Result<Vec<_>>>()?;
         jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
         self.running
@@ -1481,8 +1689,7 @@ impl Store for RedisStore {
             }
             let mut pipe = ::redis::pipe();
             for (queue, state) in &sources {
-                pipe.cmd("ZCARD")
-                    .arg(format!("{}:s:{}", self.keys.queue(queue), state.as_str()));
+                pipe.cmd("ZCARD").arg(self.keys.state_set(queue, *state));
             }
             let counts: Vec<u64> = self.run(&pipe).await?;
             return Ok(counts.into_iter().sum());

@@ -13,7 +13,7 @@ for i = 3, #ARGV do
     out[#out + 1] = ''
   else
     unindex(id, h.state, h)
-    redis.call('DEL', jkey(id))
+    redis.call('DEL', jkey(id), hist_key(id))
     out[#out + 1] = 'ok'
     out[#out + 1] = h.idempotency_key or ''
   end

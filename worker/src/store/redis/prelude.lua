@@ -11,6 +11,12 @@ local function jkey(id)
   return base .. ':job:' .. id
 end
 
+-- The job's attempt history: one JSON record per line, appended as attempts end. It is kept
+-- out of the hash so the hash's fields stay short and Redis keeps it in its compact encoding.
+local function hist_key(id)
+  return base .. ':hist:' .. id
+end
+
 -- Ready jobs sort by priority, then run_at in milliseconds (clamped to 13 digits).
 local function ready_score(priority, run_at)
   local ms = math.floor(tonumber(run_at) / 1000)
@@ -50,9 +56,20 @@ local function load(id)
   return h
 end
 
--- Adds a job in `state` to that state's indexes.
+-- The set that holds every job in `state`: `s:<state>`, or `leases` for running jobs.
+local function state_set(state)
+  if state == 'running' then
+    return base .. ':leases'
+  end
+  return base .. ':s:' .. state
+end
+
+-- Adds a job in `state` to that state's indexes. Running jobs have no `s:` set: `leases`
+-- holds exactly them.
 local function index(id, state, h)
-  redis.call('ZADD', base .. ':s:' .. state, 0, id)
+  if state ~= 'running' then
+    redis.call('ZADD', base .. ':s:' .. state, 0, id)
+  end
   if state == 'available' then
     redis.call('ZADD', base .. ':ready', ready_score(h.priority, h.run_at), id)
   elseif state == 'scheduled' or state == 'retryable' then
@@ -67,7 +84,9 @@ end
 
 -- Removes a job from the indexes of `state`.
 local function unindex(id, state, h)
-  redis.call('ZREM', base .. ':s:' .. state, id)
+  if state ~= 'running' then
+    redis.call('ZREM', base .. ':s:' .. state, id)
+  end
   if state == 'available' then
     redis.call('ZREM', base .. ':ready', id)
   elseif state == 'scheduled' or state == 'retryable' then
@@ -104,74 +123,10 @@ local function is_waiting(state)
   return state == 'scheduled' or state == 'available' or state == 'retryable'
 end
 
--- Index changes collected over a script's loop and sent as one command per key: a set
--- change costs one call per batch instead of one per job. Each job's own hash is still read
--- and written as the loop goes, so every check sees the jobs handled before it.
-local Batch = {}
-Batch.__index = Batch
-
-local function batch()
-  return setmetatable({ order = {}, lists = {} }, Batch)
-end
-
-function Batch:push(cmd, key, a, b)
-  local slot = cmd .. ' ' .. key
-  local l = self.lists[slot]
-  if not l then
-    l = { cmd = cmd, key = key }
-    self.lists[slot] = l
-    self.order[#self.order + 1] = slot
+-- Sends `cmd key values...` in calls of at most 1,000 values (so `unpack` stays far below
+-- Lua's stack limit whatever the batch size). For ZADD the values are score/member pairs.
+local function bulk(cmd, key, values)
+  for i = 1, #values, 1000 do
+    redis.call(cmd, key, unpack(values, i, math.min(i + 999, #values)))
   end
-  l[#l + 1] = a
-  if b then
-    l[#l + 1] = b
-  end
-end
-
--- `index` and `unindex` above, collected instead of run.
-function Batch:index(id, state, h)
-  self:push('ZADD', base .. ':s:' .. state, 0, id)
-  if state == 'available' then
-    self:push('ZADD', base .. ':ready', ready_score(h.priority, h.run_at), id)
-  elseif state == 'scheduled' or state == 'retryable' then
-    self:push('ZADD', base .. ':delayed', h.run_at, id)
-  elseif state == 'running' then
-    self:push('ZADD', base .. ':leases', h.lease_expires_at, id)
-    self:push('SADD', base .. ':w:' .. h.lease_owner, id)
-  else
-    self:push('ZADD', fin_key(state, h.idempotency_key), h.finalized_at, id)
-  end
-end
-
-function Batch:unindex(id, state, h)
-  self:push('ZREM', base .. ':s:' .. state, id)
-  if state == 'available' then
-    self:push('ZREM', base .. ':ready', id)
-  elseif state == 'scheduled' or state == 'retryable' then
-    self:push('ZREM', base .. ':delayed', id)
-  elseif state == 'running' then
-    self:push('ZREM', base .. ':leases', id)
-    if h.lease_owner then
-      self:push('SREM', base .. ':w:' .. h.lease_owner, id)
-    end
-  else
-    self:push('ZREM', fin_key(state, h.idempotency_key), id)
-  end
-end
-
--- Sends the collected changes, removals first, at most 1,000 values per call (so `unpack`
--- stays far below Lua's stack limit whatever the batch size).
-function Batch:flush()
-  for pass = 1, 2 do
-    for _, slot in ipairs(self.order) do
-      local l = self.lists[slot]
-      local removal = l.cmd == 'ZREM' or l.cmd == 'SREM'
-      if (pass == 1) == removal then
-        for i = 1, #l, 1000 do
-          redis.call(l.cmd, l.key, unpack(l, i, math.min(i + 999, #l)))
-        end
-      end
-    end
-  end
-  self.order, self.lists = {}, {}
 end

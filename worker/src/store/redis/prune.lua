@@ -16,7 +16,7 @@ for i, s in ipairs(sets) do
     redis.call('ZREM', zset, id)
     if h then
       unindex(id, h.state, h)
-      redis.call('DEL', jkey(id))
+      redis.call('DEL', jkey(id), hist_key(id))
       out[#out + 1] = id
       out[#out + 1] = h.idempotency_key or ''
       left = left - 1

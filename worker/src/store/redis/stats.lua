@@ -3,7 +3,7 @@
 -- oldest job is the oldest head among the priority bands; at most 64 bands are looked at.
 local out = {}
 for i = 3, 9 do
-  out[#out + 1] = tostring(redis.call('ZCARD', base .. ':s:' .. ARGV[i]))
+  out[#out + 1] = tostring(redis.call('ZCARD', state_set(ARGV[i])))
 end
 local oldest = nil
 local d = redis.call('ZRANGEBYSCORE', base .. ':delayed', '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, 1)
