@@ -1,7 +1,8 @@
 //! The Redis backend: the highest throughput, and many worker processes on many machines.
 //!
 //! Every step that touches more than one key is one Lua script (`EVALSHA`, scripts in
-//! `store/redis/*.lua`), so no step ever leaves a job in two states or in none.
+//! `store/redis/*.lua`) or, where nothing needs deciding, one `MULTI` transaction (the
+//! insert of new jobs), so no step ever leaves a job in two states or in none.
 //!
 //! # Keys
 //!
@@ -34,13 +35,15 @@
 //! # Costs
 //!
 //! Nothing scans a whole list per job, nothing uses `KEYS`, and no script unpacks an unbounded
-//! list: enqueue, promotion, pruning and bulk edits work in chunks of [`CHUNK`]. Fetch pops the
-//! head of the ready set and first promotes at most [`CHUNK`] due delayed jobs. Counting by
-//! state and queue is a `ZCARD` per set. Listing merges the per-state sets newest first and
-//! reads one page of jobs at a time; filters on kind, tag, creation time or error text are
-//! applied to each page as it is read, so a selective filter of that kind (above all
-//! `error_contains`, which parses every attempt history it reads) costs a walk over the
-//! matching states — slower than the SQL backends' indexes.
+//! list: enqueue works in parts of [`ENQUEUE_PART`] jobs, promotion, pruning and bulk edits in
+//! chunks of [`CHUNK`]. Fetch pops the head of the ready set and first promotes at most
+//! [`CHUNK`] due delayed jobs. Counting by state and queue is a `ZCARD` per set. Listing
+//! merges the per-state sets newest first and reads one page of jobs at a time (running jobs
+//! come from the lease set, read whole: it holds at most the workers' combined concurrency);
+//! filters on kind, tag, creation time or error text are applied to each page as it is read,
+//! so a selective filter of that kind (above all `error_contains`, which parses every attempt
+//! history it reads) costs a walk over the matching states — slower than the SQL backends'
+//! indexes.
 //!
 //! Scores are doubles: `run_at` ordering among ready jobs is exact to the millisecond for
 //! priorities up to about ±900 and coarser beyond; equal scores fall back to id order.
