@@ -211,6 +211,10 @@ impl From<conveyor_worker::Error> for Problem {
                 tracing::error!(error = %e, "store error while serving a request");
                 Problem::unavailable("the store did not answer; try again shortly")
             }
+            E::StoreFull(msg) => {
+                tracing::error!(error = %msg, "the store is full");
+                Problem::unavailable(msg)
+            }
             E::Unsupported(msg) if msg.starts_with("migrations pending") => {
                 Problem::unavailable(msg)
             }

@@ -46,6 +46,11 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
+    /// The store has no room left: the disk under SQLite or Postgres is full, or Redis
+    /// reached `maxmemory` under `noeviction`. The message says which and what to do.
+    /// Reads still work; writes fail until space is freed.
+    #[error("{0}")]
+    StoreFull(String),
     /// The database said no or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
