@@ -137,7 +137,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let queue = format!("bench_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
     let say = |msg: String| {
         if !args.json {
-            eprintln!("{msg}");
+            errln!("{msg}");
         }
     };
     say(format!(
@@ -262,9 +262,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ),
     };
     if args.json {
-        println!("{}", serde_json::to_string(&result)?);
+        outln!("{}", serde_json::to_string(&result)?);
     } else {
-        println!(
+        outln!(
             "{backend}: enqueue {:.0} jobs/s, process {:.0} jobs/s, latency p50 {:.2} ms / p99 {:.2} ms, peak RSS {:.1} MB",
             result.enqueue_jobs_s,
             result.process_jobs_s,

@@ -109,12 +109,13 @@ pub async fn enqueue(store: Arc<dyn Store>, a: EnqueueArgs) -> anyhow::Result<()
     if a.json {
         output::json(&enqueued)?;
     } else if enqueued.duplicate {
-        println!(
+        outln!(
             "{} (duplicate: the idempotency key is already held by this job, which is {})",
-            enqueued.id, enqueued.state
+            enqueued.id,
+            enqueued.state
         );
     } else {
-        println!("{} enqueued ({})", enqueued.id, enqueued.state);
+        outln!("{} enqueued ({})", enqueued.id, enqueued.state);
     }
     Ok(())
 }
@@ -218,7 +219,7 @@ where
                         .and_then(|v| v.as_str())
                         .map(|s| format!(" ({s})"))
                         .unwrap_or_default();
-                    println!("{raw}: {verb}{extra}");
+                    outln!("{raw}: {verb}{extra}");
                 }
                 detail["id"] = json!(raw);
                 detail["ok"] = json!(true);
@@ -227,7 +228,7 @@ where
             Err(e) => {
                 failed += 1;
                 if !as_json {
-                    eprintln!("{raw}: error: {e}");
+                    errln!("{raw}: error: {e}");
                 }
                 report.push(json!({"id": raw, "ok": false, "error": e.to_string()}));
             }
@@ -326,9 +327,9 @@ async fn bulk(
         output::json(&json!({ "matched": n, "dry_run": dry_run, "action": verb }))
     } else {
         if dry_run {
-            println!("{n} dead jobs would be {verb} (dry run: nothing changed)");
+            outln!("{n} dead jobs would be {verb} (dry run: nothing changed)");
         } else {
-            println!("{n} dead jobs {verb}");
+            outln!("{n} dead jobs {verb}");
         }
         Ok(())
     }
@@ -385,10 +386,12 @@ pub async fn keys(store: Arc<dyn Store>, cmd: KeysCommand) -> anyhow::Result<()>
             if out.json {
                 output::json(&json!({ "key": token, "id": k.id, "name": k.name, "scope": k.scope }))
             } else {
-                println!("{token}");
-                eprintln!(
+                outln!("{token}");
+                errln!(
                     "created key {} `{}` with scope `{}`. This is the only time the key is shown: store it now. Send it as `Authorization: Bearer <key>`.",
-                    k.id, k.name, k.scope
+                    k.id,
+                    k.name,
+                    k.scope
                 );
                 Ok(())
             }
@@ -405,7 +408,7 @@ pub async fn keys(store: Arc<dyn Store>, cmd: KeysCommand) -> anyhow::Result<()>
         KeysCommand::Revoke { id, out } => match key::revoke(&store, &id, Actor::cli()).await? {
             Some(k) if out.json => output::json(&k),
             Some(k) => {
-                println!("key {} `{}` is revoked", k.id, k.name);
+                outln!("key {} `{}` is revoked", k.id, k.name);
                 Ok(())
             }
             None => bail!("no key with id `{id}`; see `conveyor keys list`"),

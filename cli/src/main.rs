@@ -1,5 +1,8 @@
 //! The `conveyor` binary. See `conveyor --help`, and the README for a tour.
 
+#[macro_use]
+mod console;
+
 mod bench;
 mod cli;
 mod commands;
@@ -29,18 +32,18 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            errln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -49,7 +52,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     // The benchmark takes its store from --url alone and ignores the config file.
     if let Command::Bench(args) = cli.command {
-        init_logging(cli.log_level.as_deref().unwrap_or("warn"), LogFormat::Text);
+        init_logging(cli.log_level.as_deref(), "warn", LogFormat::Text);
         return bench::run(args).await;
     }
 
@@ -59,12 +62,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         config.validate()?;
     }
     let long_running = matches!(cli.command, Command::Serve(_) | Command::Worker(_));
-    let level = match (&cli.log_level, long_running) {
-        (Some(level), _) => level.clone(),
-        (None, true) => config.log.level.clone(),
-        (None, false) => "warn".into(),
+    let fallback = if long_running {
+        config.log.level.as_str()
+    } else {
+        "warn"
     };
-    init_logging(&level, config.log.format);
+    init_logging(cli.log_level.as_deref(), fallback, config.log.format);
 
     match cli.command {
         Command::Serve(args) => {
@@ -91,7 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let store = open_store(&config).await?;
-            println!(
+            outln!(
                 "migrations applied: {} at {}",
                 store.backend_name().await?,
                 store::redact_url(&config.database.url)
@@ -136,19 +139,48 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     })
 }
 
-fn init_logging(level: &str, format: LogFormat) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .and_then(|s| EnvFilter::try_new(s).ok())
-        .or_else(|| EnvFilter::try_new(level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+/// The log filter, first found wins: `--log-level`, then `RUST_LOG`, then `fallback` (the
+/// config's `log.level` for `serve`/`worker`, `warn` for short commands).
+fn log_filter(flag: Option<&str>, rust_log: Option<&str>, fallback: &str) -> EnvFilter {
+    [
+        flag,
+        rust_log.filter(|s| !s.trim().is_empty()),
+        Some(fallback),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(|f| EnvFilter::try_new(f).ok())
+    .unwrap_or_else(|| EnvFilter::new("info"))
+}
+
+fn init_logging(flag: Option<&str>, fallback: &str, format: LogFormat) {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = log_filter(flag, rust_log.as_deref(), fallback);
+    // Logging never takes the process down: a log reader that goes away (a shipper
+    // restarting, `2>&1 | head`) costs the lines written meanwhile, nothing else.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(console::LogWriter)
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn log_level_flag_beats_rust_log_which_beats_config() {
+        assert_eq!(
+            log_filter(Some("debug"), Some("error"), "info").to_string(),
+            "debug"
+        );
+        assert_eq!(log_filter(None, Some("error"), "info").to_string(), "error");
+        assert_eq!(log_filter(None, Some(" "), "info").to_string(), "info");
+        assert_eq!(log_filter(None, None, "warn").to_string(), "warn");
+    }
 }

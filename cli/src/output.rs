@@ -10,7 +10,7 @@ use serde::Serialize;
 
 /// Prints `value` as pretty JSON on one or more lines.
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -44,7 +44,7 @@ fn clip(s: &str, max: usize) -> String {
 /// One page of jobs; points at the next page when this one is full.
 pub fn jobs_table(jobs: &[Job], page_size: u32) {
     if jobs.is_empty() {
-        println!("no jobs match");
+        outln!("no jobs match");
         return;
     }
     let mut t = table(&[
@@ -67,9 +67,9 @@ pub fn jobs_table(jobs: &[Job], page_size: u32) {
             clip(job.last_error().unwrap_or("-"), 60),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     if let Some(last) = jobs.last().filter(|_| jobs.len() >= page_size as usize) {
-        println!("next page: --before {}", last.id);
+        outln!("next page: --before {}", last.id);
     }
 }
 
@@ -113,13 +113,13 @@ pub fn job_detail(job: &Job) {
         ("metadata", job.metadata.to_string()),
     ];
     for (k, v) in rows {
-        println!("{k:>17}  {v}");
+        outln!("{k:>17}  {v}");
     }
     if job.attempts.is_empty() {
-        println!("\nno finished attempts yet");
+        outln!("\nno finished attempts yet");
         return;
     }
-    println!();
+    outln!();
     let mut t = table(&["#", "started", "took", "worker", "outcome", "error"]);
     for a in &job.attempts {
         let mut error = a.error.clone().unwrap_or_else(|| "-".into());
@@ -139,13 +139,13 @@ pub fn job_detail(job: &Job) {
             error,
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
 }
 
 /// Queue counts.
 pub fn queues_table(stats: &[QueueStats], paused: &std::collections::HashSet<String>) {
     if stats.is_empty() {
-        println!("no queues have jobs yet");
+        outln!("no queues have jobs yet");
         return;
     }
     let mut header = vec!["queue"];
@@ -172,7 +172,7 @@ pub fn queues_table(stats: &[QueueStats], paused: &std::collections::HashSet<Str
         );
         t.add_row(row);
     }
-    println!("{t}");
+    outln!("{t}");
 }
 
 /// Schedules (with their status) as a table.
@@ -216,13 +216,13 @@ pub fn schedules_table(rows: &[conveyor_scheduler::registry::ScheduleStatus]) {
             time(r.next_fire),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
 }
 
 /// API keys.
 pub fn keys_table(keys: &[conveyor_api::key::ApiKey]) {
     if keys.is_empty() {
-        println!("no keys; create one with `conveyor keys create --scope read --name NAME`");
+        outln!("no keys; create one with `conveyor keys create --scope read --name NAME`");
         return;
     }
     let mut t = table(&["id", "name", "scope", "created", "revoked"]);
@@ -235,13 +235,13 @@ pub fn keys_table(keys: &[conveyor_api::key::ApiKey]) {
             opt_time(k.revoked_at),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
 }
 
 /// Audit records, newest first; points at the next page when this one is full.
 pub fn audit_table(entries: &[conveyor_api::audit::AuditEntry], page_size: u32) {
     if entries.is_empty() {
-        println!("no audit records");
+        outln!("no audit records");
         return;
     }
     let mut t = table(&["at", "who", "from", "action", "affected", "target"]);
@@ -255,10 +255,10 @@ pub fn audit_table(entries: &[conveyor_api::audit::AuditEntry], page_size: u32) 
             clip(&e.target.to_string(), 80),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     if entries.len() == page_size as usize
         && let Some(last) = entries.last()
     {
-        println!("more: --before {}", last.id);
+        outln!("more: --before {}", last.id);
     }
 }

@@ -51,7 +51,7 @@ fn print_next(
         return output::json(&times);
     }
     for t in times {
-        println!("{}", t.format("%Y-%m-%d %H:%M:%S %Z (%:z)"));
+        outln!("{}", t.format("%Y-%m-%d %H:%M:%S %Z (%:z)"));
     }
     Ok(())
 }
@@ -87,11 +87,11 @@ fn status_json(s: &ScheduleStatus) -> serde_json::Value {
 fn print_status(s: &ScheduleStatus) {
     let spec = &s.schedule.spec;
     let time = |t: Option<DateTime<Utc>>| t.map_or("-".to_string(), |t| t.to_rfc3339());
-    println!("name:         {}", spec.name);
-    println!("cron:         {} ({})", spec.cron, spec.timezone);
-    println!("enqueues:     {} on queue {}", spec.kind, spec.queue);
-    println!("args:         {}", spec.args);
-    println!(
+    outln!("name:         {}", spec.name);
+    outln!("cron:         {} ({})", spec.cron, spec.timezone);
+    outln!("enqueues:     {} on queue {}", spec.kind, spec.queue);
+    outln!("args:         {}", spec.args);
+    outln!(
         "enabled:      {}{}",
         spec.enabled,
         s.schedule
@@ -100,13 +100,16 @@ fn print_status(s: &ScheduleStatus) {
             .map(|r| format!(" ({r})"))
             .unwrap_or_default()
     );
-    println!("origin:       {}", origin(s.schedule.origin));
-    println!(
+    outln!("origin:       {}", origin(s.schedule.origin));
+    outln!(
         "policies:     missed={:?} overlap={:?} priority={} max_attempts={}",
-        spec.missed, spec.overlap, spec.priority, spec.max_attempts
+        spec.missed,
+        spec.overlap,
+        spec.priority,
+        spec.max_attempts
     );
-    println!("last fire:    {}", time(s.last_fire));
-    println!(
+    outln!("last fire:    {}", time(s.last_fire));
+    outln!(
         "last job:     {}",
         match (s.last_job, s.last_state) {
             (Some(id), Some(state)) => format!("{id} ({state})"),
@@ -114,7 +117,7 @@ fn print_status(s: &ScheduleStatus) {
             _ => "-".into(),
         }
     );
-    println!("next fire:    {}", time(s.next_fire));
+    outln!("next fire:    {}", time(s.next_fire));
 }
 
 fn origin(o: Origin) -> &'static str {
@@ -162,14 +165,14 @@ pub async fn run(
                 return output::json(&rows);
             }
             if rows.is_empty() {
-                println!(
+                outln!(
                     "no schedules; create one with `conveyor schedules create`, or add [[schedules]] to the config file"
                 );
             } else {
                 output::schedules_table(&rows);
             }
             if !pending.is_empty() {
-                println!(
+                outln!(
                     "in the config file, stored when a scheduler next starts: {}",
                     pending.join(", ")
                 );
@@ -198,7 +201,7 @@ pub async fn run(
             if out.json {
                 return output::json(&status_json(&status));
             }
-            println!("created schedule `{}`", status.schedule.spec.name);
+            outln!("created schedule `{}`", status.schedule.spec.name);
             print_status(&status);
             Ok(())
         }
@@ -208,7 +211,7 @@ pub async fn run(
             let stored = registry.update(&name, spec, Some(current.version)).await?;
             audit("schedule.update", name.clone()).await?;
             if current.origin == Origin::Config {
-                eprintln!(
+                errln!(
                     "note: `{name}` comes from the config file; the next scheduler start puts the file's version back. Edit the file to make the change last."
                 );
             }
@@ -216,7 +219,7 @@ pub async fn run(
             if out.json {
                 return output::json(&status_json(&status));
             }
-            println!("updated schedule `{name}`");
+            outln!("updated schedule `{name}`");
             print_status(&status);
             Ok(())
         }
@@ -224,9 +227,9 @@ pub async fn run(
             let current = registry.require(&name).await?;
             registry.delete(&name).await?;
             audit("schedule.delete", name.clone()).await?;
-            println!("deleted schedule `{name}` (its jobs stay)");
+            outln!("deleted schedule `{name}` (its jobs stay)");
             if current.origin == Origin::Config {
-                eprintln!(
+                errln!(
                     "note: `{name}` is in the config file; the next scheduler start stores it again. Remove it from the file to delete it for good."
                 );
             }
@@ -235,14 +238,14 @@ pub async fn run(
         SchedulesCommand::Pause { name } => {
             registry.set_enabled(&name, false).await?;
             audit("schedule.pause", name.clone()).await?;
-            println!("paused schedule `{name}`");
+            outln!("paused schedule `{name}`");
             Ok(())
         }
         SchedulesCommand::Resume { name } => {
             let s = registry.set_enabled(&name, true).await?;
             audit("schedule.resume", name.clone()).await?;
             let status = registry.status(s, now).await?;
-            println!(
+            outln!(
                 "resumed schedule `{name}`; next fire {}",
                 status.next_fire.map_or("-".to_string(), |t| t.to_rfc3339())
             );
@@ -254,7 +257,7 @@ pub async fn run(
             if out.json {
                 return output::json(&enqueued);
             }
-            println!("enqueued job {} for schedule `{name}`", enqueued.id);
+            outln!("enqueued job {} for schedule `{name}`", enqueued.id);
             Ok(())
         }
         SchedulesCommand::Next {

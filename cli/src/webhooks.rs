@@ -261,12 +261,12 @@ fn print_endpoint(ep: &Endpoint, json: bool) -> anyhow::Result<()> {
     if json {
         return output::json(ep);
     }
-    println!("id:            {}", ep.id);
-    println!("url:           {}", ep.url);
+    outln!("id:            {}", ep.id);
+    outln!("url:           {}", ep.url);
     if !ep.description.is_empty() {
-        println!("description:   {}", ep.description);
+        outln!("description:   {}", ep.description);
     }
-    println!(
+    outln!(
         "enabled:       {}{}",
         ep.enabled,
         ep.disabled_reason
@@ -275,7 +275,7 @@ fn print_endpoint(ep: &Endpoint, json: bool) -> anyhow::Result<()> {
             .map(|r| format!(" ({r})"))
             .unwrap_or_default()
     );
-    println!(
+    outln!(
         "event types:   {}",
         if ep.event_types.is_empty() {
             "all".to_string()
@@ -284,25 +284,25 @@ fn print_endpoint(ep: &Endpoint, json: bool) -> anyhow::Result<()> {
         }
     );
     for (k, v) in &ep.headers {
-        println!("header:        {k}: {v}");
+        outln!("header:        {k}: {v}");
     }
     if let Some(r) = ep.rate_limit {
-        println!("rate limit:    {r}/s");
+        outln!("rate limit:    {r}/s");
     }
     if let Some(t) = ep.timeout_ms {
-        println!("timeout:       {t} ms");
+        outln!("timeout:       {t} ms");
     }
     if let Some(s) = &ep.retry_schedule_ms {
         let waits: Vec<String> = s
             .iter()
             .map(|ms| humantime::format_duration(Duration::from_millis(*ms)).to_string())
             .collect();
-        println!("retry waits:   {}", waits.join(", "));
+        outln!("retry waits:   {}", waits.join(", "));
     }
     for s in &ep.secrets {
         match s.expires_at {
-            None => println!("secret:        {}", s.secret),
-            Some(t) => println!(
+            None => outln!("secret:        {}", s.secret),
+            Some(t) => outln!(
                 "old secret:    {} (signs until {})",
                 s.secret,
                 output::time(t)
@@ -351,13 +351,13 @@ pub async fn run(
             } else {
                 ""
             };
-            println!(
+            outln!(
                 "{} sent to {} endpoint(s){note}",
                 event.id,
                 event.deliveries.len()
             );
             for d in &event.deliveries {
-                println!(
+                outln!(
                     "  delivery {} -> {}",
                     d.job_id,
                     d.endpoint_id.as_deref().unwrap_or("(one-off URL)")
@@ -386,7 +386,7 @@ pub async fn run(
                 return output::json(&serde_json::json!({"attempts": attempts, "next": next}));
             }
             if attempts.is_empty() {
-                println!("no attempts");
+                outln!("no attempts");
                 return Ok(());
             }
             let mut t = table(&[
@@ -419,9 +419,9 @@ pub async fn run(
                     detail,
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
             if let Some(next) = next {
-                println!("more: --after {next}");
+                outln!("more: --after {next}");
             }
             Ok(())
         }
@@ -446,7 +446,7 @@ pub async fn run(
             if json {
                 output::json(&out)
             } else {
-                println!(
+                outln!(
                     "queued again: {}{}",
                     out["queued"],
                     out.get("skipped")
@@ -462,12 +462,12 @@ pub async fn run(
             if json {
                 return output::json(&h);
             }
-            println!(
+            outln!(
                 "endpoint:  {} ({})",
                 h.endpoint_id,
                 if h.enabled { "enabled" } else { "disabled" }
             );
-            println!(
+            outln!(
                 "circuit:   {:?}{}",
                 h.circuit,
                 h.failing_since
@@ -497,7 +497,7 @@ pub async fn run(
                     w.latency_p99_ms.map_or("-".into(), |v| v.to_string()),
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
             Ok(())
         }
     }
@@ -539,7 +539,7 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
                 return output::json(&all);
             }
             if all.is_empty() {
-                println!(
+                outln!(
                     "no endpoints; create one with `conveyor webhooks endpoints create --url …`"
                 );
                 return Ok(());
@@ -558,7 +558,7 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
                     ep.rate_limit.map_or("-".into(), |r| format!("{r}/s")),
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
             Ok(())
         }
         EndpointsCommand::Show {
@@ -597,7 +597,7 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
         }
         EndpointsCommand::Delete { id } => {
             hooks.delete_endpoint(&id).await?;
-            println!("{id} deleted");
+            outln!("{id} deleted");
             Ok(())
         }
         EndpointsCommand::RotateSecret {
@@ -615,14 +615,14 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
         }
         EndpointsCommand::Enable { id } => {
             hooks.set_enabled(&id, true).await?;
-            println!(
+            outln!(
                 "{id} enabled (nothing is replayed by itself: `conveyor webhooks replay --endpoint {id} --since 1d`)"
             );
             Ok(())
         }
         EndpointsCommand::Disable { id } => {
             hooks.set_enabled(&id, false).await?;
-            println!("{id} disabled");
+            outln!("{id} disabled");
             Ok(())
         }
     }

@@ -79,7 +79,7 @@ pub async fn run(args: &BenchArgs, store: Arc<dyn Store>) -> anyhow::Result<()> 
         .await?;
     let say = |msg: String| {
         if !args.json {
-            eprintln!("{msg}");
+            errln!("{msg}");
         }
     };
     say(format!(
@@ -196,9 +196,9 @@ pub async fn run(args: &BenchArgs, store: Arc<dyn Store>) -> anyhow::Result<()> 
         ),
     });
     if args.json {
-        println!("{result}");
+        outln!("{result}");
     } else {
-        println!(
+        outln!(
             "{backend}: {deliveries_s:.0} deliveries/s, latency p50 {p50:.2} ms / p99 {p99:.2} ms, peak RSS {:.1} MB",
             peak_rss_mb()
         );
