@@ -16,6 +16,7 @@ use std::time::Duration;
 use chrono::Utc;
 use conveyor_tests::{TestStore, eventually};
 use conveyor_worker::runtime::{FLUSH_BOUND, QueueConfig, Worker, WorkerConfig};
+use conveyor_worker::store::meta::{Expect, Put};
 use conveyor_worker::store::{self, JobFilter, StoreOptions};
 use conveyor_worker::{
     Error, JobContext, JobId, JobState, KindOptions, NewJob, Outcome, Registry, RetryPolicy,
@@ -372,6 +373,20 @@ async fn a_full_disk_is_reported_as_such() {
         assert!(matches!(err, Error::StoreFull(_)), "{err:?}");
         assert!(err.to_string().contains("database is full"), "{err}");
     }
+    // A single-row write needs no statement journal, so SQLite answers SQLITE_FULL by
+    // rolling back the whole transaction; sqlx's own ROLLBACK then fails.
+    let value = json!({ "big": big });
+    let err = s
+        .meta_put(Put {
+            collection: "test",
+            key: "big",
+            value: &value,
+            expect: Expect::Any,
+            ttl: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::StoreFull(_)), "{err:?}");
     // The failed transaction left the writer usable: the next transaction runs (and finds
     // no such job) instead of failing at `BEGIN`.
     let missing = JobId::new();

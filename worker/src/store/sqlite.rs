@@ -214,8 +214,13 @@ impl SqliteStore {
 /// a fresh one for the next write.
 async fn still_usable(conn: &mut sqlx::SqliteConnection) -> sqlx::Result<bool> {
     use sqlx::Connection;
+    // Nothing queued can raise the depth, so zero now is zero for good: the common case
+    // costs no round trip.
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
     // The rollback a dropped `Transaction` queued runs on the connection's worker thread;
-    // a round trip after it makes sure it ran before the depth is read.
+    // a round trip after it makes sure it ran before the depth is read again.
     conn.ping().await?;
     if conn.is_in_transaction() {
         tracing::warn!(
