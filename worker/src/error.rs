@@ -66,6 +66,30 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the store could not be reached at all (down, wrong address, refused, timed
+    /// out, or a SQLite file that cannot be opened), as opposed to a store that answered with
+    /// an error of its own (a full disk, a failed migration).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Error::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::Configuration(_)
+                ) || e
+                    .as_database_error()
+                    .filter(|d| d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some())
+                    .and_then(|d| d.code())
+                    // SQLITE_CANTOPEN (and its extended codes): no such folder, no permission.
+                    .is_some_and(|c| c.parse::<i32>().is_ok_and(|c| c & 0xff == 14))
+            }
+            Error::Redis(e) => e.is_io_error() || e.is_connection_refusal() || e.is_timeout(),
+            _ => false,
+        }
+    }
+
     /// Shorthand for [`Error::InvalidInput`].
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Error::InvalidInput {
