@@ -7,7 +7,10 @@ fn starting_on_a_full_sqlite_store_says_the_disk_is_full() {
     let dir = std::env::temp_dir().join(format!("conveyor-full-{}", uuid::Uuid::now_v7().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     // A new file capped at one page cannot take the migrations: what a full disk does.
-    let url = format!("sqlite://{}?max_page_count=1", dir.join("jobs.db").display());
+    let url = format!(
+        "sqlite://{}?max_page_count=1",
+        dir.join("jobs.db").display()
+    );
     let output = common::conveyor(&url, &["queues"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     let _ = std::fs::remove_dir_all(&dir);

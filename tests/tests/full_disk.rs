@@ -19,8 +19,7 @@ use conveyor_worker::runtime::{FLUSH_BOUND, QueueConfig, Worker, WorkerConfig};
 use conveyor_worker::store::meta::{Expect, Put};
 use conveyor_worker::store::{self, JobFilter, StoreOptions};
 use conveyor_worker::{
-    Error, JobContext, JobId, JobState, KindOptions, NewJob, Outcome, Registry, RetryPolicy,
-    Store,
+    Error, JobContext, JobId, JobState, KindOptions, NewJob, Outcome, Registry, RetryPolicy, Store,
 };
 use serde_json::json;
 use sqlx::Connection;
@@ -173,7 +172,10 @@ async fn count(s: &Arc<dyn Store>, state: JobState) -> u64 {
     s.count(&JobFilter::state(state)).await.unwrap()
 }
 
-fn start(s: &Arc<dyn Store>, registry: Registry) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+fn start(
+    s: &Arc<dyn Store>,
+    registry: Registry,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let worker = Worker::new(s.clone(), registry, config()).unwrap();
     let shutdown = CancellationToken::new();
     let run = worker.run(shutdown.clone());
@@ -273,7 +275,10 @@ async fn writes_fail_then_recover(s: Arc<dyn Store>, fault: Fault) {
         .await
         .unwrap_or_else(|_| panic!("shutdown took longer than {bound:?} with unwritable outcomes"))
         .unwrap();
-    eprintln!("shutdown with unwritable outcomes took {:?}", stopping.elapsed());
+    eprintln!(
+        "shutdown with unwritable outcomes took {:?}",
+        stopping.elapsed()
+    );
     assert_eq!(
         count(&s, JobState::Running).await,
         u64::from(CONCURRENCY),

@@ -88,7 +88,8 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// Most jobs claimed by one fetch (default 100; capped by the queue's concurrency).
     pub fetch_batch: u32,
-    /// How long running jobs may finish after shutdown begins (default 30 s).
+    /// How long running jobs may finish after shutdown begins (default 30 s). Writing their
+    /// outcomes may take [`FLUSH_BOUND`] more; outcomes the store refuses then are given up.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// How long a cancelled job's handler may take to stop on its own before it is dropped
