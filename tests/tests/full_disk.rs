@@ -229,6 +229,17 @@ async fn writes_fail_then_recover(s: Arc<dyn Store>, fault: Fault) {
     })
     .await;
 
+    if let Fault::Postgres { .. } = fault {
+        // SQLSTATE 53100 is a full disk to the operator, whichever statement met it.
+        let later = Utc::now() + chrono::Duration::hours(1);
+        let err = s
+            .rescue_expired(later, &RetryPolicy::default(), 100)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::StoreFull(_)), "{err:?}");
+        assert!(err.to_string().contains("disk is full"), "{err}");
+    }
+
     // Space again: the same worker, on the same store connections, finishes everything.
     fault.free().await;
     eventually(15, "all 40 jobs completed once space is back", || {
