@@ -15,7 +15,6 @@ mod webhooks;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Parser;
 use conveyor_worker::Store;
 use conveyor_worker::store::{self, StoreOptions};
@@ -131,11 +130,18 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         },
     )
     .await
-    .with_context(|| {
-        format!(
-            "cannot open the store at {}: check that the database is running and reachable, and set database.url, CONVEYOR_DATABASE__URL or --database-url",
+    .map_err(|e| {
+        // The hint helps when the store cannot be reached; a store that answered (its disk is
+        // full, a migration failed) says what is wrong itself.
+        let hint = if e.is_unreachable() {
+            ": check that the database is running and reachable, and set database.url, CONVEYOR_DATABASE__URL or --database-url"
+        } else {
+            ""
+        };
+        anyhow::Error::new(e).context(format!(
+            "cannot open the store at {}{hint}",
             store::redact_url(url)
-        )
+        ))
     })
 }
 

@@ -53,19 +53,43 @@ pub enum Error {
     StoreFull(String),
     /// The database said no or could not be reached.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] sqlx::Error),
     /// Redis said no or could not be reached.
     #[error("redis error: {0}")]
     Redis(#[from] redis::RedisError),
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(#[source] sqlx::migrate::MigrateError),
     /// A stored JSON column could not be read back.
     #[error("stored data is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
 }
 
 impl Error {
+    /// Whether the store could not be reached at all (down, wrong address, refused, timed
+    /// out, or a SQLite file that cannot be opened), as opposed to a store that answered with
+    /// an error of its own (a full disk, a failed migration).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Error::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::Configuration(_)
+                ) || e
+                    .as_database_error()
+                    .filter(|d| d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some())
+                    .and_then(|d| d.code())
+                    // SQLITE_CANTOPEN (and its extended codes): no such folder, no permission.
+                    .is_some_and(|c| c.parse::<i32>().is_ok_and(|c| c & 0xff == 14))
+            }
+            Error::Redis(e) => e.is_io_error() || e.is_connection_refusal() || e.is_timeout(),
+            _ => false,
+        }
+    }
+
     /// Shorthand for [`Error::InvalidInput`].
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Error::InvalidInput {
@@ -73,6 +97,59 @@ impl Error {
             message: message.into(),
         }
     }
+}
+
+/// A full disk is [`Error::StoreFull`], whatever statement met it; every other database error
+/// is [`Error::Database`].
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        match disk_full(&e) {
+            Some(message) => Error::StoreFull(message),
+            None => Error::Database(e),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for Error {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        use sqlx::migrate::MigrateError;
+        match &e {
+            MigrateError::Execute(inner) | MigrateError::ExecuteMigration(inner, _) => {
+                match disk_full(inner) {
+                    Some(message) => Error::StoreFull(format!("applying migrations: {message}")),
+                    None => Error::Migrate(e),
+                }
+            }
+            _ => Error::Migrate(e),
+        }
+    }
+}
+
+/// What to tell the operator when `e` says the disk under the database is full: SQLite's
+/// `SQLITE_FULL` (13, also raised at `PRAGMA max_page_count`) or Postgres's `53100 disk_full`.
+fn disk_full(e: &sqlx::Error) -> Option<String> {
+    let sqlx::Error::Database(db) = e else {
+        return None;
+    };
+    let code = db.code()?;
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // Extended result codes keep the primary code in the low byte.
+        let full = code.parse::<i32>().is_ok_and(|c| c & 0xff == 13);
+        return full.then(|| {
+            format!(
+                "the SQLite database is full ({}): free space on the volume that holds the database file \
+                 (or raise its max_page_count); reads still work, writes fail until then",
+                db.message()
+            )
+        });
+    }
+    (code == "53100").then(|| {
+        format!(
+            "the Postgres server's disk is full ({}): free space on its data volume; \
+             reads still work, writes fail until then",
+            db.message()
+        )
+    })
 }
 
 /// `Result` with this crate's [`Error`].

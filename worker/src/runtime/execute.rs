@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::transition::{Ended, transition};
-use super::{QueueState, Shared};
+use super::{Completion, QueueState, Shared};
 use crate::handler::{JobContext, JobError, Outcome};
 use crate::job::{Job, JobState};
 use crate::metrics::JobSeries;
@@ -22,7 +22,7 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     job: Job,
     slot: Option<OwnedSemaphorePermit>,
-    done: mpsc::Sender<Finish>,
+    done: mpsc::Sender<Completion>,
     series: Arc<JobSeries>,
     queue: Arc<QueueState>,
 ) {
@@ -64,7 +64,6 @@ pub(crate) async fn run(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&job.id);
-        drop(slot);
         match &ended {
             Ended::Returned(Outcome::Done) => tracing::debug!("job completed"),
             other => tracing::info!(ended = ?other, "job attempt ended"),
@@ -76,9 +75,11 @@ pub(crate) async fn run(
         let finish = transition(&job, ended, policy, &shared.worker_id, started_at, Utc::now());
         record(&series, &finish);
         queue.finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // The completer outlives every job task, so this only fails if it crashed; then the
-        // lease expires and the rescuer retries the job.
-        if done.send(finish).await.is_err() {
+        // The slot travels with the outcome and is freed once the outcome is written: while
+        // outcomes cannot be written (a full disk), the queue stops claiming jobs it could
+        // not finish. The completer outlives every job task, so this only fails if it
+        // crashed; then the lease expires and the rescuer retries the job.
+        if done.send(Completion { finish, _slot: slot }).await.is_err() {
             tracing::error!("completer is gone; the job will be rescued when its lease expires");
         }
     }

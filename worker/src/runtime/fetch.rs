@@ -14,11 +14,11 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{QueueState, Shared, execute};
+use super::{Completion, QueueState, Shared, execute};
 use crate::error::Result;
 use crate::job::Job;
 use crate::metrics::{self, JobSeries};
-use crate::store::{FetchRequest, Finish};
+use crate::store::FetchRequest;
 
 /// The metrics series of each kind seen on one queue, looked up in the registry once per
 /// kind so recording a job takes no lock.
@@ -40,7 +40,7 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     state: Arc<QueueState>,
     jobs: TaskTracker,
-    done: mpsc::Sender<Finish>,
+    done: mpsc::Sender<Completion>,
     shutdown: CancellationToken,
 ) {
     let queue = &state.config;
@@ -145,7 +145,7 @@ async fn adopt(
     state: &Arc<QueueState>,
     series: &mut SeriesCache,
     jobs: &TaskTracker,
-    done: &mpsc::Sender<Finish>,
+    done: &mpsc::Sender<Completion>,
     shutdown: &CancellationToken,
 ) -> Result<bool> {
     // What this process holds is read before the store is asked: a job whose outcome is

@@ -10,8 +10,11 @@
 //!   turns the result into a `store::Finish` via [`transition`] — the one place that decides
 //!   a job's next state.
 //! - [`completer`]: drains finished outcomes from a channel and writes them with one
-//!   `Store::finish` per batch, so completion never costs a round trip per job.
-//! - [`heartbeat`]: renews every lease this process holds with one statement, fires the
+//!   `Store::finish` per batch, so completion never costs a round trip per job. A job's slot
+//!   is freed when its outcome is written, not when its handler returns: a worker whose
+//!   writes fail (a full disk) claims no more jobs than its concurrency.
+//! - [`heartbeat`]: renews every lease this process holds with one statement (none while
+//!   outcome writes have failed for longer than a lease, so peers can take the jobs), fires the
 //!   cancel token of jobs whose cancellation was requested, and refreshes this worker's
 //!   [`registration`] (a record with a TTL that the API lists).
 //! - [`pause`]: a watcher reads the queues' settings every second; a fetch loop whose queue
@@ -19,6 +22,9 @@
 //!
 //! Shutdown: stop fetching, let running jobs finish within the grace period, then interrupt
 //! the rest (they go back to `available` without using an attempt), flush the completer, exit.
+//! The flush has what is left of the grace period plus [`FLUSH_BOUND`]; outcomes the store
+//! still refuses then are given up and logged (their leases expire and the rescuer retries
+//! them), so a store that cannot be written never keeps a worker from stopping.
 
 mod completer;
 mod execute;
@@ -30,7 +36,7 @@ mod transition;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
@@ -40,9 +46,19 @@ use tokio_util::task::TaskTracker;
 use crate::error::{Error, Result};
 use crate::handler::Registry;
 use crate::job::{JobId, check_name};
-use crate::store::{Store, StoreEvent};
+use crate::store::{Finish, Store, StoreEvent};
 
 pub use transition::transition;
+
+/// How long shutdown waits for outcomes to be written beyond `shutdown_grace`.
+pub const FLUSH_BOUND: Duration = Duration::from_secs(5);
+
+/// An attempt's outcome on its way to the store, with the queue slot its job took: the slot
+/// is freed once the outcome is written (or given up at shutdown).
+pub(crate) struct Completion {
+    pub finish: Finish,
+    pub _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 /// One queue this worker runs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -72,7 +88,8 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// Most jobs claimed by one fetch (default 100; capped by the queue's concurrency).
     pub fetch_batch: u32,
-    /// How long running jobs may finish after shutdown begins (default 30 s).
+    /// How long running jobs may finish after shutdown begins (default 30 s). Writing their
+    /// outcomes may take [`FLUSH_BOUND`] more; outcomes the store refuses then are given up.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// How long a cancelled job's handler may take to stop on its own before it is dropped
@@ -193,6 +210,8 @@ pub(crate) struct Shared {
     pub queues: HashMap<String, Arc<QueueState>>,
     /// When this worker started.
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// Since when every outcome write has failed (`None`: the last one succeeded).
+    pub write_failing: Mutex<Option<Instant>>,
 }
 
 /// One queue of this worker.
@@ -220,6 +239,25 @@ impl Shared {
     /// Locks [`Shared::held`].
     pub fn held(&self) -> std::sync::MutexGuard<'_, HashSet<JobId>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a failed outcome write (the start of a failing streak is kept).
+    pub fn write_failed(&self) {
+        let mut since = self.write_failing.lock().unwrap_or_else(|e| e.into_inner());
+        since.get_or_insert_with(Instant::now);
+    }
+
+    /// Records a successful outcome write: the store takes writes again.
+    pub fn write_succeeded(&self) {
+        *self.write_failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// How long outcome writes have been failing, if they are.
+    pub fn write_failing_for(&self) -> Option<Duration> {
+        self.write_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed())
     }
 
     /// Fires the cancel token of a job if it runs here.
@@ -270,6 +308,7 @@ impl Worker {
                 interrupt: CancellationToken::new(),
                 queues,
                 started_at: chrono::Utc::now(),
+                write_failing: Mutex::new(None),
             }),
         })
     }
@@ -292,7 +331,8 @@ impl Worker {
         );
 
         let (done_tx, done_rx) = mpsc::channel(config.completion_batch.max(1024));
-        let completer = tokio::spawn(completer::run(shared.clone(), done_rx));
+        let give_up = CancellationToken::new();
+        let mut completer = tokio::spawn(completer::run(shared.clone(), done_rx, give_up.clone()));
 
         // Background parts that live until the jobs are done, not just until shutdown.
         let background = CancellationToken::new();
@@ -327,8 +367,9 @@ impl Worker {
         fetchers.wait().await;
         tracing::info!(worker.id = %shared.worker_id, "shutting down: fetching stopped, waiting for running jobs");
 
+        let grace_ends = tokio::time::Instant::now() + config.shutdown_grace;
         jobs.close();
-        if tokio::time::timeout(config.shutdown_grace, jobs.wait())
+        if tokio::time::timeout_at(grace_ends, jobs.wait())
             .await
             .is_err()
         {
@@ -343,13 +384,26 @@ impl Worker {
         }
 
         // Every job task has sent its outcome and dropped its sender: the completer drains
-        // the channel and returns.
-        let flushed = completer.await;
+        // the channel and returns, unless the store refuses the writes; then what is left is
+        // given up once the grace period and the flush bound are over.
+        let flush_ends = grace_ends.max(tokio::time::Instant::now()) + FLUSH_BOUND;
+        let flushed = match tokio::time::timeout_at(flush_ends, &mut completer).await {
+            Ok(r) => r,
+            Err(_) => {
+                give_up.cancel();
+                completer.await
+            }
+        };
         background.cancel();
         let _ = heartbeat.await;
         let _ = events.await;
         let _ = watcher.await;
-        registration::remove(&shared).await;
+        if tokio::time::timeout(FLUSH_BOUND, registration::remove(&shared))
+            .await
+            .is_err()
+        {
+            tracing::warn!("removing this worker's registration timed out; it expires by itself");
+        }
         match flushed {
             Ok(result) => result,
             Err(e) => Err(Error::Unsupported(format!("completer task failed: {e}"))),

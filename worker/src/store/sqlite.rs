@@ -122,9 +122,15 @@ async fn watch_other_writers(
 impl SqliteStore {
     /// Opens (creating if missing) the database a URL names: `sqlite://relative/file.db`,
     /// `sqlite:///absolute/file.db`, `sqlite:file.db`, or `sqlite::memory:`.
+    ///
+    /// `?max_page_count=N` (Conveyor's own parameter, not SQLite's URL syntax) caps the file
+    /// at N pages on every connection: past it, writes fail as on a full disk. It is a quota
+    /// for a shared volume, and how the tests fill a store without filling a disk.
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self> {
         let memory = url.contains(":memory:") || url.contains("mode=memory");
-        let connect = SqliteConnectOptions::from_str(url)
+        let (url, max_pages) = take_max_page_count(url)?;
+        let url = url.as_str();
+        let mut connect = SqliteConnectOptions::from_str(url)
             .map_err(|e| Error::BadUrl {
                 url: url.to_string(),
                 reason: e.to_string(),
@@ -140,6 +146,9 @@ impl SqliteStore {
             .foreign_keys(true)
             .pragma("temp_store", "memory")
             .pragma("cache_size", "-32000");
+        if let Some(n) = max_pages {
+            connect = connect.pragma("max_page_count", n.to_string());
+        }
         // An in-memory database exists per connection: one connection serves everything.
         // No ping before each acquire: each one is a round trip to SQLite's thread.
         let writer = SqlitePoolOptions::new()
@@ -148,6 +157,7 @@ impl SqliteStore {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            .after_release(|conn, _| Box::pin(still_usable(conn)))
             .connect_with(connect.clone())
             .await?;
         let watch_options = connect.clone().read_only(true).pragma("cache_size", "-500");
@@ -189,6 +199,63 @@ impl SqliteStore {
     async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
+}
+
+/// Whether a writer connection may go back to the pool: not if a transaction is still open
+/// on it, or sqlx believes one is.
+///
+/// A transaction ended by an error is rolled back when its `Transaction` is dropped. But
+/// SQLite itself rolls the whole transaction back on some errors (`SQLITE_FULL`, `SQLITE_IOERR`,
+/// `SQLITE_NOMEM`, a failed `COMMIT`), so that `ROLLBACK` then fails with "no transaction is
+/// active", and sqlx, which counts transactions itself and only decrements on success, keeps
+/// a depth of 1 on a connection that is in none. Every later `BEGIN IMMEDIATE` on it fails with
+/// "attempted to call begin_with at non-zero transaction depth": with one writer connection,
+/// every write of the process, for good. Closing such a connection instead lets the pool open
+/// a fresh one for the next write.
+async fn still_usable(conn: &mut sqlx::SqliteConnection) -> sqlx::Result<bool> {
+    use sqlx::Connection;
+    // Nothing queued can raise the depth, so zero now is zero for good: the common case
+    // costs no round trip.
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    // The rollback a dropped `Transaction` queued runs on the connection's worker thread;
+    // a round trip after it makes sure it ran before the depth is read again.
+    conn.ping().await?;
+    if conn.is_in_transaction() {
+        tracing::warn!(
+            "closing the SQLite writer connection: a failed write left it inside a transaction; the next write opens a fresh one"
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Splits Conveyor's `max_page_count` parameter off a SQLite URL (sqlx refuses parameters it
+/// does not know).
+fn take_max_page_count(url: &str) -> Result<(String, Option<u64>)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), None));
+    };
+    let mut max = None;
+    let mut rest = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("max_page_count", v)) => {
+                max = Some(v.parse::<u64>().map_err(|_| Error::BadUrl {
+                    url: url.to_string(),
+                    reason: format!("max_page_count must be a whole number of pages, got `{v}`"),
+                })?);
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, max))
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
