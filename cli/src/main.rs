@@ -12,7 +12,6 @@ mod webhooks;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Parser;
 use conveyor_worker::Store;
 use conveyor_worker::store::{self, StoreOptions};
@@ -125,14 +124,20 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         url,
         StoreOptions {
             max_connections: config.database.max_connections,
+            pooler: config.database.pooler,
+            listen_url: config.database.listen_url.clone(),
+            ..StoreOptions::default()
         },
     )
     .await
-    .with_context(|| {
-        format!(
+    .map_err(|e| match e {
+        // The database answered; the pooler in front of it needs a setting changed.
+        e @ conveyor_worker::Error::Pooler(_) => anyhow::Error::new(e)
+            .context(format!("cannot open the store at {}", store::redact_url(url))),
+        e => anyhow::Error::new(e).context(format!(
             "cannot open the store at {}: check that the database is running and reachable, and set database.url, CONVEYOR_DATABASE__URL or --database-url",
             store::redact_url(url)
-        )
+        )),
     })
 }
 
