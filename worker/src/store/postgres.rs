@@ -54,6 +54,9 @@ pub struct PgStore {
     /// Every statement runs on this (see [`pooler`]).
     pool: Db,
     pooler: Pooler,
+    /// No LISTEN task (transaction pooling without `listen_url`): this store's own wake-ups
+    /// are delivered in process, other processes' are found by polling.
+    polling: bool,
     events: broadcast::Sender<StoreEvent>,
     /// Stops the LISTEN task when the last clone is dropped.
     _listener: std::sync::Arc<DropGuard>,
@@ -104,12 +107,14 @@ impl PgStore {
             }
             (None, Pooler::None) => Some(pool.clone()),
         };
+        let polling = listen_on.is_none();
         if let Some(listen_pool) = listen_on {
             tokio::spawn(listen(listen_pool, events.clone(), stop.clone()));
         }
         Ok(Self {
             pool: Db::new(pool, pooler),
             pooler,
+            polling,
             events,
             _listener: std::sync::Arc::new(stop.drop_guard()),
         })
@@ -208,6 +213,11 @@ impl PgStore {
                 .bind(&queues)
                 .execute(&self.pool)
                 .await?;
+            if self.polling {
+                for queue in queues {
+                    let _ = self.events.send(StoreEvent::JobsAvailable { queue });
+                }
+            }
         }
         Ok(())
     }
@@ -905,6 +915,9 @@ impl Store for PgStore {
             });
         };
         tx.commit().await?;
+        if self.polling && result == CancelResult::Requested {
+            let _ = self.events.send(StoreEvent::CancelRequested { id });
+        }
         Ok(result)
     }
 
