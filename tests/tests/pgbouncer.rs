@@ -204,3 +204,70 @@ async fn a_pooler_named_twice_differently_is_refused() {
     };
     assert!(err.contains("none") && err.contains("transaction"), "{err}");
 }
+
+/// The measurement behind docs/decisions/0003: through transaction pooling, sqlx's unnamed
+/// statements (`persistent(false)`) outside a transaction. sqlx sends Parse/Describe and
+/// Bind/Execute in two round trips, each ending in Sync, and PgBouncer may hand the second to
+/// another server connection. Eight clients each run their own statement (`$1 + i`) and check
+/// the answer; the same with each statement inside `BEGIN … COMMIT`. Prints the counts.
+/// `cargo test -p conveyor-tests --test pgbouncer -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn measure_unnamed_statements_through_transaction_pooling() {
+    use sqlx::postgres::PgConnectOptions;
+    let Some((bouncer, name, _cleanup)) = pooled_database(Pooler::Transaction).await else {
+        return;
+    };
+    let options: PgConnectOptions = bouncer.bare_url(&name).parse().unwrap();
+    let options = options.extra_float_digits(None);
+    for in_transaction in [false, true] {
+        let started = std::time::Instant::now();
+        let runs = (0..8i64).map(|i| {
+            let options = options.clone();
+            async move {
+                let mut conn = sqlx::PgConnection::connect_with(&options).await.unwrap();
+                let (mut ok, mut wrong, mut failed) = (0u32, 0u32, 0u32);
+                for n in 0..1000i64 {
+                    let sql = sqlx::AssertSqlSafe(format!("SELECT $1::int8 + {i}"));
+                    let answer: Result<i64, sqlx::Error> = if in_transaction {
+                        async {
+                            let mut tx = conn.begin().await?;
+                            let v = sqlx::query_scalar(sql)
+                                .persistent(false)
+                                .bind(n)
+                                .fetch_one(&mut *tx)
+                                .await?;
+                            tx.commit().await?;
+                            Ok(v)
+                        }
+                        .await
+                    } else {
+                        sqlx::query_scalar(sql)
+                            .persistent(false)
+                            .bind(n)
+                            .fetch_one(&mut conn)
+                            .await
+                    };
+                    match answer {
+                        Ok(v) if v == n + i => ok += 1,
+                        Ok(_) => wrong += 1,
+                        Err(_) => {
+                            failed += 1;
+                            // A failed exchange can leave the connection unusable.
+                            conn = sqlx::PgConnection::connect_with(&options).await.unwrap();
+                        }
+                    }
+                }
+                (ok, wrong, failed)
+            }
+        });
+        let results = futures::future::join_all(runs).await;
+        let (ok, wrong, failed) = results
+            .iter()
+            .fold((0, 0, 0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
+        println!(
+            "in_transaction={in_transaction}: {ok} right, {wrong} answered by another client's statement, {failed} failed, {:.0} statements/s",
+            8000.0 / started.elapsed().as_secs_f64()
+        );
+    }
+}
