@@ -419,6 +419,41 @@ mod tests {
     }
 
     #[test]
+    fn pooler_settings_are_checked() {
+        let config = load(
+            None,
+            env(&[
+                ("CONVEYOR_DATABASE__URL", "postgres://u@h/db"),
+                ("CONVEYOR_DATABASE__POOLER", "transaction"),
+                ("CONVEYOR_DATABASE__LISTEN_URL", "postgres://u@direct/db"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.database.pooler,
+            conveyor_worker::store::Pooler::Transaction
+        );
+        let err = load(None, env(&[("CONVEYOR_DATABASE__POOLER", "statement")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pooler") && err.contains("transaction"), "{err}");
+        let err = load(None, env(&[("CONVEYOR_DATABASE__POOLER", "session")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Postgres only"), "{err}");
+        let err = load(
+            None,
+            env(&[
+                ("CONVEYOR_DATABASE__URL", "postgres://u@h/db"),
+                ("CONVEYOR_DATABASE__LISTEN_URL", "redis://h"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("database.listen_url"), "{err}");
+    }
+
+    #[test]
     fn queue_specs() {
         let mut config = Config::default();
         config
