@@ -436,7 +436,10 @@ mod tests {
         let err = load(None, env(&[("CONVEYOR_DATABASE__POOLER", "statement")]))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("pooler") && err.contains("transaction"), "{err}");
+        assert!(
+            err.contains("pooler") && err.contains("transaction"),
+            "{err}"
+        );
         let err = load(None, env(&[("CONVEYOR_DATABASE__POOLER", "session")]))
             .unwrap_err()
             .to_string();

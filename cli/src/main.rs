@@ -126,7 +126,6 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             max_connections: config.database.max_connections,
             pooler: config.database.pooler,
             listen_url: config.database.listen_url.clone(),
-            ..StoreOptions::default()
         },
     )
     .await

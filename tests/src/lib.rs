@@ -34,8 +34,14 @@ pub struct TestStore {
 /// What a test's store leaves behind, removed when dropped.
 pub enum Cleanup {
     File(PathBuf),
-    Database { admin_url: String, name: String },
-    Prefix { url: String, prefix: String },
+    Database {
+        admin_url: String,
+        name: String,
+    },
+    Prefix {
+        url: String,
+        prefix: String,
+    },
     /// A PgBouncer in front of a database: stopped before the database is dropped.
     Pooled {
         bouncer: pgbouncer::PgBouncer,
@@ -82,12 +88,15 @@ impl TestStore {
         // The guard exists before the store does, so a failed migration still drops the
         // database.
         let cleanup = Cleanup::Database { admin_url, name };
-        let store = store::connect(&url, StoreOptions {
-            max_connections: 8,
-            ..StoreOptions::default()
-        })
-            .await
-            .expect("a fresh Postgres database migrates");
+        let store = store::connect(
+            &url,
+            StoreOptions {
+                max_connections: 8,
+                ..StoreOptions::default()
+            },
+        )
+        .await
+        .expect("a fresh Postgres database migrates");
         Some(TestStore {
             store,
             url,
@@ -113,7 +122,9 @@ impl TestStore {
             },
         )
         .await
-        .unwrap_or_else(|e| panic!("a fresh Postgres database migrates through PgBouncer in {mode} mode: {e}"));
+        .unwrap_or_else(|e| {
+            panic!("a fresh Postgres database migrates through PgBouncer in {mode} mode: {e}")
+        });
         Some(TestStore {
             store,
             url,
@@ -170,7 +181,10 @@ pub async fn pooled_database(mode: Pooler) -> Option<(pgbouncer::PgBouncer, Stri
         let admin_url = admin_url.clone();
         tokio::task::spawn_blocking(move || pgbouncer::PgBouncer::start(mode, &admin_url))
     };
-    let bouncer = match start.await.expect("the PgBouncer start task does not panic") {
+    let bouncer = match start
+        .await
+        .expect("the PgBouncer start task does not panic")
+    {
         Ok(b) => b,
         Err(reason) => return unavailable(&reason),
     };

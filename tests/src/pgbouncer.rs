@@ -33,9 +33,14 @@ pub struct PgBouncer {
 /// Where PgBouncer is installed, if it is.
 fn binary() -> Option<PathBuf> {
     let from_env = std::env::var_os("CONVEYOR_TEST_PGBOUNCER").map(PathBuf::from);
-    let candidates = from_env
-        .into_iter()
-        .chain(["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer"].map(PathBuf::from));
+    let candidates = from_env.into_iter().chain(
+        [
+            "/usr/sbin/pgbouncer",
+            "/usr/bin/pgbouncer",
+            "/usr/local/bin/pgbouncer",
+        ]
+        .map(PathBuf::from),
+    );
     candidates.into_iter().find(|p| p.is_file())
 }
 
@@ -56,7 +61,8 @@ impl PgBouncer {
             "conveyor-pgbouncer-{}",
             uuid::Uuid::now_v7().simple()
         ));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let listen = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("no free loopback port: {e}"))?
@@ -117,7 +123,10 @@ impl PgBouncer {
                 return Err(format!("pgbouncer exited at start ({status}): {log}"));
             }
             if Instant::now() > deadline {
-                return Err(format!("pgbouncer did not listen on port {} within 10 s", self.port));
+                return Err(format!(
+                    "pgbouncer did not listen on port {} within 10 s",
+                    self.port
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

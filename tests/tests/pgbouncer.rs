@@ -29,7 +29,8 @@ async fn concurrent_migrations(mode: Pooler) {
     let opened = futures::future::join_all((0..3).map(|_| store::connect(&url, options()))).await;
     let mut stores = Vec::new();
     for (i, s) in opened.into_iter().enumerate() {
-        stores.push(s.unwrap_or_else(|e| panic!("store {i} opens through PgBouncer ({mode}): {e}")));
+        stores
+            .push(s.unwrap_or_else(|e| panic!("store {i} opens through PgBouncer ({mode}): {e}")));
     }
     for s in &stores {
         s.ping().await.expect("the schema is current for everyone");
@@ -49,9 +50,9 @@ async fn concurrent_migrations(mode: Pooler) {
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
     assert_eq!(locks, 0, "advisory locks left behind");
 
     // Work goes on through every store.
@@ -81,7 +82,15 @@ async fn a_current_schema_is_checked_without_writing() {
     let Some(t) = TestStore::pgbouncer(Pooler::Transaction).await else {
         return;
     };
-    let name = t.url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let name = t
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
     let mut admin = sqlx::PgConnection::connect(&conveyor_tests::pg_admin_url())
         .await
         .unwrap();
@@ -113,7 +122,15 @@ async fn listen_url_carries_wakeups_past_a_transaction_pooler() {
     let Some(t) = TestStore::pgbouncer(Pooler::Transaction).await else {
         return;
     };
-    let name = t.url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let name = t
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
     let direct = conveyor_tests::replace_db(&conveyor_tests::pg_admin_url(), &name);
     let listening = store::connect(
         &t.url,
@@ -150,7 +167,10 @@ async fn listen_url_carries_wakeups_past_a_transaction_pooler() {
         }
     })
     .await;
-    assert!(woke.is_ok(), "no wake-up through database.listen_url within 10 s");
+    assert!(
+        woke.is_ok(),
+        "no wake-up through database.listen_url within 10 s"
+    );
     drop(listening);
     t.cleanup().await;
 }
@@ -162,10 +182,7 @@ async fn a_refused_startup_parameter_is_a_pooler_error() {
     let Some((bouncer, name, _cleanup)) = pooled_database(Pooler::Session).await else {
         return;
     };
-    let url = format!(
-        "{}&options=-c%20work_mem%3D8MB",
-        bouncer.url(&name)
-    );
+    let url = format!("{}&options=-c%20work_mem%3D8MB", bouncer.url(&name));
     let err = match store::connect(&url, options()).await {
         Ok(_) => panic!("PgBouncer accepted the `options` startup parameter"),
         Err(e) => e,
@@ -196,8 +213,15 @@ async fn a_pooler_named_twice_differently_is_refused() {
         Ok(_) => panic!("conflicting pooler settings were accepted"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("pooler=session") && err.contains("transaction"), "{err}");
-    let err = match store::connect("postgres://postgres@127.0.0.1:1/x?pooler=statement", options()).await
+    assert!(
+        err.contains("pooler=session") && err.contains("transaction"),
+        "{err}"
+    );
+    let err = match store::connect(
+        "postgres://postgres@127.0.0.1:1/x?pooler=statement",
+        options(),
+    )
+    .await
     {
         Ok(_) => panic!("an unknown pooler mode was accepted"),
         Err(e) => e.to_string(),

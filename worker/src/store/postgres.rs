@@ -137,22 +137,20 @@ impl PgStore {
     /// `false` also when something is off (a failed or unknown migration, a changed
     /// checksum): the full run then reports it.
     async fn migrations_current(&self, migrator: &sqlx::migrate::Migrator) -> Result<bool> {
-        let exists: bool =
-            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-                .fetch_one(&self.pool)
-                .await?;
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
         if !exists {
             return Ok(false);
         }
-        let applied: HashMap<i64, (Vec<u8>, bool)> =
-            sqlx::query_as::<_, (i64, Vec<u8>, bool)>(
-                "SELECT version, checksum, success FROM _sqlx_migrations",
-            )
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(|(v, sum, ok)| (v, (sum, ok)))
-            .collect();
+        let applied: HashMap<i64, (Vec<u8>, bool)> = sqlx::query_as::<_, (i64, Vec<u8>, bool)>(
+            "SELECT version, checksum, success FROM _sqlx_migrations",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|(v, sum, ok)| (v, (sum, ok)))
+        .collect();
         let mut known = 0;
         for m in migrator.iter() {
             if m.migration_type.is_down_migration() {
@@ -260,9 +258,7 @@ fn pooler_setting(url: &str, configured: Pooler) -> Result<(String, Pooler)> {
 /// later already send the shortest exact text for floats at the default of 1, and Conveyor
 /// reads floats in binary anyway, so it is left out.
 fn pg_options(url: &str) -> Result<PgConnectOptions> {
-    Ok(url
-        .parse::<PgConnectOptions>()?
-        .extra_float_digits(None))
+    Ok(url.parse::<PgConnectOptions>()?.extra_float_digits(None))
 }
 
 /// Forwards NOTIFYs to subscribers until `stop`, reconnecting after errors.
@@ -616,10 +612,7 @@ async fn insert_chunk(
 }
 
 /// Applies outcomes in one statement; returns (applied, queues with a job ready now).
-async fn apply_finishes(
-    conn: &mut Conn<'_>,
-    outcomes: &[Finish],
-) -> Result<(u64, Vec<String>)> {
+async fn apply_finishes(conn: &mut Conn<'_>, outcomes: &[Finish]) -> Result<(u64, Vec<String>)> {
     // A consistent row order keeps two concurrent batches from deadlocking.
     let mut sorted: Vec<&Finish> = outcomes.iter().collect();
     sorted.sort_by_key(|f| f.id);
