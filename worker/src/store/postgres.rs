@@ -87,10 +87,11 @@ impl PgStore {
                     "wake-ups: LISTEN on database.listen_url"
                 );
                 // Lazy: an unreachable listen URL is retried by the LISTEN task (and logged),
-                // while polling covers the gap.
+                // while polling covers the gap. Two connections: a lost one is closed in the
+                // background while its replacement connects.
                 Some(
                     PgPoolOptions::new()
-                        .max_connections(1)
+                        .max_connections(2)
                         .connect_lazy_with(pg_options(&direct)?),
                 )
             }
