@@ -30,18 +30,21 @@ pub struct PgBouncer {
     mode: Pooler,
 }
 
-/// Where PgBouncer is installed, if it is.
+/// Where PgBouncer is installed, if it is: `CONVEYOR_TEST_PGBOUNCER` if set, else the usual
+/// places.
 fn binary() -> Option<PathBuf> {
-    let from_env = std::env::var_os("CONVEYOR_TEST_PGBOUNCER").map(PathBuf::from);
-    let candidates = from_env.into_iter().chain(
-        [
-            "/usr/sbin/pgbouncer",
-            "/usr/bin/pgbouncer",
-            "/usr/local/bin/pgbouncer",
-        ]
-        .map(PathBuf::from),
-    );
-    candidates.into_iter().find(|p| p.is_file())
+    if let Some(path) = std::env::var_os("CONVEYOR_TEST_PGBOUNCER") {
+        let path = PathBuf::from(path);
+        return path.is_file().then_some(path);
+    }
+    [
+        "/usr/sbin/pgbouncer",
+        "/usr/bin/pgbouncer",
+        "/usr/local/bin/pgbouncer",
+    ]
+    .map(PathBuf::from)
+    .into_iter()
+    .find(|p| p.is_file())
 }
 
 impl PgBouncer {
