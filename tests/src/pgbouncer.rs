@@ -51,6 +51,19 @@ impl PgBouncer {
     /// Starts PgBouncer in `mode` (session or transaction) in front of the server that
     /// `admin_url` names. `Err` says why it could not (not installed, failed to start).
     pub fn start(mode: Pooler, admin_url: &str) -> Result<PgBouncer, String> {
+        let pool_size = match mode {
+            Pooler::Transaction => TRANSACTION_POOL,
+            _ => SESSION_POOL,
+        };
+        Self::start_with_pool(mode, admin_url, pool_size)
+    }
+
+    /// [`PgBouncer::start`] with `default_pool_size = pool_size`.
+    pub fn start_with_pool(
+        mode: Pooler,
+        admin_url: &str,
+        pool_size: u32,
+    ) -> Result<PgBouncer, String> {
         let pool_mode = match mode {
             Pooler::Session => "session",
             Pooler::Transaction => "transaction",
@@ -70,10 +83,6 @@ impl PgBouncer {
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("no free loopback port: {e}"))?
             .port();
-        let pool_size = match mode {
-            Pooler::Transaction => TRANSACTION_POOL,
-            _ => SESSION_POOL,
-        };
         let ini = format!(
             "[databases]\n* = host={host} port={port}\n\n[pgbouncer]\n\
              listen_addr = 127.0.0.1\nlisten_port = {listen}\nunix_socket_dir =\n\

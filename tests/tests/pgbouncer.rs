@@ -198,6 +198,60 @@ async fn a_refused_startup_parameter_is_a_pooler_error() {
     );
 }
 
+/// A transaction-mode pooler used without `pooler = "transaction"`: the named statement meets
+/// a server connection that already has one of that name, and the error says which setting
+/// to change. One server connection, already holding `sqlx_s_1` from another client, makes
+/// the collision certain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unset_transaction_pooler_is_named_in_the_error() {
+    use conveyor_tests::pgbouncer::PgBouncer;
+    let Some((_, name, _cleanup)) = pooled_database(Pooler::Transaction).await else {
+        return;
+    };
+    let admin_url = conveyor_tests::pg_admin_url();
+    let bouncer = tokio::task::spawn_blocking(move || {
+        PgBouncer::start_with_pool(Pooler::Transaction, &admin_url, 1)
+    })
+    .await
+    .unwrap()
+    .expect("a second PgBouncer starts");
+    let options: sqlx::postgres::PgConnectOptions = bouncer.bare_url(&name).parse().unwrap();
+    let mut other = sqlx::PgConnection::connect_with(&options.extra_float_digits(None))
+        .await
+        .unwrap();
+    // A named statement, left on the only server connection.
+    let _: i32 = sqlx::query_scalar("SELECT $1::int4")
+        .bind(1)
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    let err = match store::connect(&bouncer.bare_url(&name), options_for_one()).await {
+        Ok(_) => panic!("named statements worked through a transaction pooler"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(err, conveyor_worker::Error::Pooler(_)),
+        "not a pooler error: {err:?}"
+    );
+    assert!(
+        err.to_string().contains("pooler = \"transaction\""),
+        "{err}"
+    );
+    // Told, it works on the same pooler.
+    let store = store::connect(&bouncer.url(&name), options_for_one())
+        .await
+        .expect("with the setting it opens");
+    store.ping().await.unwrap();
+    let _ = other.close().await;
+}
+
+fn options_for_one() -> StoreOptions {
+    StoreOptions {
+        max_connections: 2,
+        ..StoreOptions::default()
+    }
+}
+
 /// The URL and the setting must not disagree.
 #[tokio::test]
 async fn a_pooler_named_twice_differently_is_refused() {
