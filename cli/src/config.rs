@@ -63,6 +63,12 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Connection pool size.
     pub max_connections: u32,
+    /// Postgres behind a connection pooler such as PgBouncer: `"none"` (a direct connection),
+    /// `"session"` or `"transaction"` (its `pool_mode`). See docs/operations.md.
+    pub pooler: conveyor_worker::store::Pooler,
+    /// Postgres: a direct URL (bypassing the pooler) for LISTEN wake-ups. Without it, a
+    /// transaction-mode pooler means polling.
+    pub listen_url: Option<String>,
 }
 
 impl Default for DatabaseConfig {
@@ -70,6 +76,8 @@ impl Default for DatabaseConfig {
         Self {
             url: "sqlite://conveyor.db".into(),
             max_connections: 10,
+            pooler: conveyor_worker::store::Pooler::None,
+            listen_url: None,
         }
     }
 }
@@ -234,6 +242,22 @@ impl Config {
                 conveyor_worker::store::redact_url(url)
             )));
         }
+        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if self.database.pooler != conveyor_worker::store::Pooler::None && !postgres {
+            return Err(ConfigError(format!(
+                "`database.pooler` = \"{}\" applies to Postgres only, but `database.url` is not a postgres:// URL; remove it",
+                self.database.pooler
+            )));
+        }
+        if let Some(listen) = &self.database.listen_url
+            && !(postgres
+                && (listen.starts_with("postgres://") || listen.starts_with("postgresql://")))
+        {
+            return Err(ConfigError(format!(
+                "`database.listen_url` = `{}`: must be a postgres:// URL of the same database, reached directly rather than through the pooler, and `database.url` must be Postgres too",
+                conveyor_worker::store::redact_url(listen)
+            )));
+        }
         if self.database.max_connections == 0 {
             return Err(ConfigError(
                 "`database.max_connections` must be at least 1".into(),
@@ -392,6 +416,44 @@ mod tests {
         config.worker.id.clear();
         defaults.worker.id.clear();
         assert_eq!(config, defaults, "the example documents the defaults");
+    }
+
+    #[test]
+    fn pooler_settings_are_checked() {
+        let config = load(
+            None,
+            env(&[
+                ("CONVEYOR_DATABASE__URL", "postgres://u@h/db"),
+                ("CONVEYOR_DATABASE__POOLER", "transaction"),
+                ("CONVEYOR_DATABASE__LISTEN_URL", "postgres://u@direct/db"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.database.pooler,
+            conveyor_worker::store::Pooler::Transaction
+        );
+        let err = load(None, env(&[("CONVEYOR_DATABASE__POOLER", "statement")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pooler") && err.contains("transaction"),
+            "{err}"
+        );
+        let err = load(None, env(&[("CONVEYOR_DATABASE__POOLER", "session")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Postgres only"), "{err}");
+        let err = load(
+            None,
+            env(&[
+                ("CONVEYOR_DATABASE__URL", "postgres://u@h/db"),
+                ("CONVEYOR_DATABASE__LISTEN_URL", "redis://h"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("database.listen_url"), "{err}");
     }
 
     #[test]

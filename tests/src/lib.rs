@@ -12,13 +12,14 @@
 //! [`backend_tests!`] turns a list of `async fn(Arc<dyn Store>)` into one `#[tokio::test]` per
 //! backend, so the same suite runs everywhere.
 
+pub mod pgbouncer;
 pub mod receiver;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use conveyor_worker::Store;
-use conveyor_worker::store::{self, StoreOptions};
+use conveyor_worker::store::{self, Pooler, StoreOptions};
 use sqlx::Connection;
 
 /// A store made for one test, cleaned up by [`TestStore::cleanup`].
@@ -30,10 +31,22 @@ pub struct TestStore {
     _cleanup: Cleanup,
 }
 
-enum Cleanup {
+/// What a test's store leaves behind, removed when dropped.
+pub enum Cleanup {
     File(PathBuf),
-    Database { admin_url: String, name: String },
-    Prefix { url: String, prefix: String },
+    Database {
+        admin_url: String,
+        name: String,
+    },
+    Prefix {
+        url: String,
+        prefix: String,
+    },
+    /// A PgBouncer in front of a database: stopped before the database is dropped.
+    Pooled {
+        bouncer: pgbouncer::PgBouncer,
+        database: Box<Cleanup>,
+    },
 }
 
 impl TestStore {
@@ -75,9 +88,43 @@ impl TestStore {
         // The guard exists before the store does, so a failed migration still drops the
         // database.
         let cleanup = Cleanup::Database { admin_url, name };
-        let store = store::connect(&url, StoreOptions { max_connections: 8 })
-            .await
-            .expect("a fresh Postgres database migrates");
+        let store = store::connect(
+            &url,
+            StoreOptions {
+                max_connections: 8,
+                ..StoreOptions::default()
+            },
+        )
+        .await
+        .expect("a fresh Postgres database migrates");
+        Some(TestStore {
+            store,
+            url,
+            _cleanup: cleanup,
+        })
+    }
+
+    /// A fresh Postgres database reached through a PgBouncer of its own in `mode` (session or
+    /// transaction), the store told so with `?pooler=`; or `None` (with the reason printed)
+    /// when Postgres or PgBouncer is missing outside CI.
+    pub async fn pgbouncer(mode: Pooler) -> Option<TestStore> {
+        let (bouncer, name, cleanup) = pooled_database(mode).await?;
+        let url = bouncer.url(&name);
+        let cleanup = Cleanup::Pooled {
+            bouncer,
+            database: Box::new(cleanup),
+        };
+        let store = store::connect(
+            &url,
+            StoreOptions {
+                max_connections: 8,
+                ..StoreOptions::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!("a fresh Postgres database migrates through PgBouncer in {mode} mode: {e}")
+        });
         Some(TestStore {
             store,
             url,
@@ -118,9 +165,49 @@ impl TestStore {
     }
 }
 
+/// A PgBouncer in `mode` and a fresh, empty database behind it (nothing migrated), with the
+/// guard that drops the database; `None` (reason printed) when either is missing outside CI.
+pub async fn pooled_database(mode: Pooler) -> Option<(pgbouncer::PgBouncer, String, Cleanup)> {
+    let admin_url = pg_admin_url();
+    let mut admin = match sqlx::PgConnection::connect(&admin_url).await {
+        Ok(c) => c,
+        Err(e) => {
+            return unavailable(&format!(
+                "Postgres at {admin_url} is unreachable ({e}); set CONVEYOR_TEST_PG_URL or start Postgres"
+            ));
+        }
+    };
+    let start = {
+        let admin_url = admin_url.clone();
+        tokio::task::spawn_blocking(move || pgbouncer::PgBouncer::start(mode, &admin_url))
+    };
+    let bouncer = match start
+        .await
+        .expect("the PgBouncer start task does not panic")
+    {
+        Ok(b) => b,
+        Err(reason) => return unavailable(&reason),
+    };
+    let name = format!("conveyor_t_{}", uuid::Uuid::now_v7().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("the test role may create databases");
+    let _ = admin.close().await;
+    let cleanup = Cleanup::Database {
+        admin_url,
+        name: name.clone(),
+    };
+    Some((bouncer, name, cleanup))
+}
+
 impl Drop for Cleanup {
     fn drop(&mut self) {
         match self {
+            Cleanup::Pooled { bouncer, .. } => {
+                // Its server connections go with it; then `database` drops the database.
+                bouncer.stop();
+            }
             Cleanup::File(dir) => {
                 let _ = std::fs::remove_dir_all(dir);
             }
@@ -307,6 +394,40 @@ macro_rules! backend_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let Some(t) = $crate::TestStore::redis().await else { return };
+                    super::$name(t.store.clone()).await;
+                    t.cleanup().await;
+                }
+            )*
+        }
+        /// Postgres through PgBouncer with `pool_mode = transaction`.
+        mod pgbouncer_transaction {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(t) = $crate::TestStore::pgbouncer(
+                        ::conveyor_worker::store::Pooler::Transaction,
+                    )
+                    .await
+                    else {
+                        return;
+                    };
+                    super::$name(t.store.clone()).await;
+                    t.cleanup().await;
+                }
+            )*
+        }
+        /// Postgres through PgBouncer with `pool_mode = session`.
+        mod pgbouncer_session {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(t) = $crate::TestStore::pgbouncer(
+                        ::conveyor_worker::store::Pooler::Session,
+                    )
+                    .await
+                    else {
+                        return;
+                    };
                     super::$name(t.store.clone()).await;
                     t.cleanup().await;
                 }

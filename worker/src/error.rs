@@ -51,6 +51,10 @@ pub enum Error {
     /// Reads still work; writes fail until space is freed.
     #[error("{0}")]
     StoreFull(String),
+    /// A connection pooler in front of the database (PgBouncer) refused what Conveyor sent or
+    /// broke something it relies on; the message says which setting to change.
+    #[error("{0}")]
+    Pooler(String),
     /// The database said no or could not be reached.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 pub use self::meta::MetaStore;
+pub use self::postgres::Pooler;
 use crate::error::{Error, Result};
 use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
 use crate::retry_policy::RetryPolicy;
@@ -33,12 +34,20 @@ use crate::retry_policy::RetryPolicy;
 pub struct StoreOptions {
     /// Pool size.
     pub max_connections: u32,
+    /// Postgres: the connection pooler in front of the database, if any (docs/operations.md,
+    /// "PgBouncer"). `?pooler=` in the URL says the same.
+    pub pooler: Pooler,
+    /// Postgres: a direct URL (not through the pooler) for LISTEN. Without one, a store behind
+    /// a transaction-mode pooler polls instead.
+    pub listen_url: Option<String>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             max_connections: 10,
+            pooler: Pooler::None,
+            listen_url: None,
         }
     }
 }

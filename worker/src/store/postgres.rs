@@ -11,6 +11,10 @@
 //!   connection or transaction, so the job exists iff that transaction commits.
 
 mod meta;
+mod pooler;
+
+pub use self::pooler::Pooler;
+use self::pooler::{Conn, Db, classify};
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -19,8 +23,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, PgConnection, Postgres, QueryBuilder, Row};
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
@@ -47,7 +51,12 @@ const CANCEL_CHANNEL: &str = "conveyor_cancel";
 /// The Postgres store. Cheap to clone; clones share the pool and the listener.
 #[derive(Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    /// Every statement runs on this (see [`pooler`]).
+    pool: Db,
+    pooler: Pooler,
+    /// No LISTEN task (transaction pooling without `listen_url`): this store's own wake-ups
+    /// are delivered in process, other processes' are found by polling.
+    polling: bool,
     events: broadcast::Sender<StoreEvent>,
     /// Stops the LISTEN task when the last clone is dropped.
     _listener: std::sync::Arc<DropGuard>,
@@ -56,27 +65,139 @@ pub struct PgStore {
 impl PgStore {
     /// Connects a pool to `url` and starts the LISTEN task.
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self> {
+        let (url, pooler) = pooler_setting(url, options.pooler)?;
+        let connect_options = pg_options(&url)?;
         // No ping before each acquire: it would add a round trip to every call, and a broken
         // connection fails the call anyway, which every caller already retries or reports.
         let pool = PgPoolOptions::new()
             .test_before_acquire(false)
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
-            .await?;
+            .connect_with(connect_options)
+            .await
+            .map_err(|e| classify(e.into(), pooler))?;
         let (events, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
-        tokio::spawn(listen(pool.clone(), events.clone(), stop.clone()));
+        let listen_on = match (&options.listen_url, pooler) {
+            (Some(direct), _) => {
+                let direct = pooler_setting(direct, Pooler::None)?.0;
+                tracing::info!(
+                    listen_url = %super::redact_url(&direct),
+                    %pooler,
+                    "wake-ups: LISTEN on database.listen_url"
+                );
+                // Lazy: an unreachable listen URL is retried by the LISTEN task (and logged),
+                // while polling covers the gap. Two connections: a lost one is closed in the
+                // background while its replacement connects.
+                Some(
+                    PgPoolOptions::new()
+                        .max_connections(2)
+                        .connect_lazy_with(pg_options(&direct)?),
+                )
+            }
+            (None, Pooler::Transaction) => {
+                tracing::info!(
+                    %pooler,
+                    "wake-ups: polling, no LISTEN (a transaction-mode pooler cannot carry it; set database.listen_url to a direct Postgres URL for instant wake-ups): new jobs are found within worker.poll_interval, cancel requests at the next heartbeat"
+                );
+                None
+            }
+            (None, Pooler::Session) => {
+                tracing::info!(%pooler, "wake-ups: LISTEN through the session-mode pooler");
+                Some(pool.clone())
+            }
+            (None, Pooler::None) => Some(pool.clone()),
+        };
+        let polling = listen_on.is_none();
+        if let Some(listen_pool) = listen_on {
+            tokio::spawn(listen(listen_pool, events.clone(), stop.clone()));
+        }
         Ok(Self {
-            pool,
+            pool: Db::new(pool, pooler),
+            pooler,
+            polling,
             events,
             _listener: std::sync::Arc::new(stop.drop_guard()),
         })
     }
 
-    /// The connection pool, for applications that share the database.
+    /// The connection pool, for applications that share the database. Behind a
+    /// transaction-mode pooler, statements on it must be unnamed (`.persistent(false)`) and
+    /// inside a transaction; see docs/operations.md.
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.pool.inner()
+    }
+
+    /// The pooler mode the store was opened with.
+    pub fn pooler(&self) -> Pooler {
+        self.pooler
+    }
+
+    /// Whether every migration this binary carries is applied, read without writing or
+    /// locking anything (so a routine start needs no lock and works on a busy database).
+    /// `false` also when something is off (a failed or unknown migration, a changed
+    /// checksum): the full run then reports it.
+    async fn migrations_current(&self, migrator: &sqlx::migrate::Migrator) -> Result<bool> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        if !exists {
+            return Ok(false);
+        }
+        let applied: HashMap<i64, (Vec<u8>, bool)> = sqlx::query_as::<_, (i64, Vec<u8>, bool)>(
+            "SELECT version, checksum, success FROM _sqlx_migrations",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|(v, sum, ok)| (v, (sum, ok)))
+        .collect();
+        let mut known = 0;
+        for m in migrator.iter() {
+            if m.migration_type.is_down_migration() {
+                continue;
+            }
+            known += 1;
+            match applied.get(&m.version) {
+                Some((sum, true)) if sum[..] == m.checksum[..] => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(applied.len() == known)
+    }
+
+    /// Applies pending migrations on a connection of its own, in one transaction that first
+    /// takes sqlx's migration lock as a transaction-level advisory lock: unlike sqlx's
+    /// session-level lock it cannot outlive the transaction on a pooler's server connection,
+    /// and a second process waits for the first and then finds nothing to do.
+    async fn apply_migrations(&self, mut migrator: sqlx::migrate::Migrator) -> Result<()> {
+        migrator.set_locking(false);
+        let options = self.pool.inner().connect_options();
+        let mut conn = PgConnection::connect_with(&options).await?;
+        let result = async {
+            let mut tx = conn.begin().await?;
+            // Behind a transaction-mode pooler the migrator's named statements live on the
+            // server connection this transaction pins: start it clean and leave it clean.
+            sqlx::raw_sql("DEALLOCATE ALL").execute(&mut *tx).await?;
+            let database: String = sqlx::query_scalar("SELECT current_database()")
+                .persistent(false)
+                .fetch_one(&mut *tx)
+                .await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .persistent(false)
+                .bind(pooler::migration_lock_id(&database))
+                .execute(&mut *tx)
+                .await?;
+            // `run` wants `Acquire` for every lifetime, which an async trait method cannot
+            // prove; `run_direct` is what sqlx offers for that ("not general enough").
+            migrator.run_direct(None, &mut *tx, false).await?;
+            sqlx::raw_sql("DEALLOCATE ALL").execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        let _ = conn.close().await;
+        result
     }
 
     async fn notify_queues(&self, queues: impl IntoIterator<Item = String>) -> Result<()> {
@@ -91,6 +212,11 @@ impl PgStore {
                 .bind(&queues)
                 .execute(&self.pool)
                 .await?;
+            if self.polling {
+                for queue in queues {
+                    let _ = self.events.send(StoreEvent::JobsAvailable { queue });
+                }
+            }
         }
         Ok(())
     }
@@ -107,6 +233,33 @@ impl PgStore {
             Err(e) => e,
         }
     }
+}
+
+/// The pooler mode: `?pooler=` in the URL (taken out of it) or the configured one; both set
+/// and different is an error. Returns the URL sqlx may see.
+fn pooler_setting(url: &str, configured: Pooler) -> Result<(String, Pooler)> {
+    let (url, from_url) = pooler::split_url(url)?;
+    let pooler = match from_url {
+        None => configured,
+        Some(p) if configured == Pooler::None || configured == p => p,
+        Some(p) => {
+            return Err(Error::invalid(
+                "database.pooler",
+                format!(
+                    "the URL says pooler={p} but database.pooler = \"{configured}\"; set one of them"
+                ),
+            ));
+        }
+    };
+    Ok((url, pooler))
+}
+
+/// Connection options for `url`. sqlx sends `extra_float_digits=2` at startup by default,
+/// which PgBouncer refuses unless listed in `ignore_startup_parameters`; Postgres 12 and
+/// later already send the shortest exact text for floats at the default of 1, and Conveyor
+/// reads floats in binary anyway, so it is left out.
+fn pg_options(url: &str) -> Result<PgConnectOptions> {
+    Ok(url.parse::<PgConnectOptions>()?.extra_float_digits(None))
 }
 
 /// Forwards NOTIFYs to subscribers until `stop`, reconnecting after errors.
@@ -249,8 +402,9 @@ pub async fn enqueue_many_in(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Resu
     }
     let now = Utc::now();
     let mut answers = Vec::with_capacity(jobs.len());
+    let mut conn = Conn::borrowed(conn);
     for chunk in jobs.chunks(INSERT_CHUNK) {
-        answers.extend(insert_chunk(conn, chunk, now).await?);
+        answers.extend(insert_chunk(&mut conn, chunk, now).await?);
     }
     Ok(answers)
 }
@@ -276,17 +430,15 @@ fn existing_id(e: sqlx::Error) -> Error {
     e.into()
 }
 
-async fn insert_pooled(
-    pool: &PgPool,
-    chunk: &[NewJob],
-    now: DateTime<Utc>,
-) -> Result<Vec<Enqueued>> {
+async fn insert_pooled(pool: &Db, chunk: &[NewJob], now: DateTime<Utc>) -> Result<Vec<Enqueued>> {
     let mut conn = pool.acquire().await?;
-    insert_chunk(&mut conn, chunk, now).await
+    let answers = insert_chunk(&mut conn, chunk, now).await?;
+    conn.commit().await?;
+    Ok(answers)
 }
 
 async fn insert_chunk(
-    conn: &mut PgConnection,
+    conn: &mut Conn<'_>,
     chunk: &[NewJob],
     now: DateTime<Utc>,
 ) -> Result<Vec<Enqueued>> {
@@ -461,10 +613,7 @@ async fn insert_chunk(
 }
 
 /// Applies outcomes in one statement; returns (applied, queues with a job ready now).
-async fn apply_finishes(
-    conn: &mut PgConnection,
-    outcomes: &[Finish],
-) -> Result<(u64, Vec<String>)> {
+async fn apply_finishes(conn: &mut Conn<'_>, outcomes: &[Finish]) -> Result<(u64, Vec<String>)> {
     // A consistent row order keeps two concurrent batches from deadlocking.
     let mut sorted: Vec<&Finish> = outcomes.iter().collect();
     sorted.sort_by_key(|f| f.id);
@@ -528,10 +677,17 @@ impl Store for PgStore {
     }
 
     async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("../migrations/postgres")
-            .run(&self.pool)
-            .await?;
-        Ok(())
+        let migrator = sqlx::migrate!("../migrations/postgres");
+        let current = self
+            .migrations_current(&migrator)
+            .await
+            .map_err(|e| classify(e, self.pooler))?;
+        if current {
+            return Ok(());
+        }
+        self.apply_migrations(migrator)
+            .await
+            .map_err(|e| classify(e, self.pooler))
     }
 
     async fn ping(&self) -> Result<()> {
@@ -617,7 +773,7 @@ impl Store for PgStore {
         }
         let mut conn = self.pool.acquire().await?;
         let (applied, ready) = apply_finishes(&mut conn, &outcomes).await?;
-        drop(conn);
+        conn.commit().await?;
         self.notify_queues(ready).await?;
         Ok(applied)
     }
@@ -715,7 +871,7 @@ impl Store for PgStore {
         let state: Option<String> =
             sqlx::query_scalar("SELECT state FROM conveyor.jobs WHERE id = $1 FOR UPDATE")
                 .bind(id.0)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut tx)
                 .await?;
         let state: JobState = match state {
             Some(s) => s.parse()?,
@@ -727,7 +883,7 @@ impl Store for PgStore {
             )
             .bind(now)
             .bind(id.0)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
             CancelResult::Cancelled
         } else if state == JobState::Running {
@@ -737,12 +893,12 @@ impl Store for PgStore {
             )
             .bind(now)
             .bind(id.0)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CANCEL_CHANNEL)
                 .bind(id.to_string())
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await?;
             CancelResult::Requested
         } else {
@@ -753,6 +909,9 @@ impl Store for PgStore {
             });
         };
         tx.commit().await?;
+        if self.polling && result == CancelResult::Requested {
+            let _ = self.events.send(StoreEvent::CancelRequested { id });
+        }
         Ok(result)
     }
 
@@ -847,7 +1006,7 @@ impl Store for PgStore {
         )
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut tx)
         .await?;
         let mut report = RescueReport::default();
         let mut finishes = Vec::with_capacity(rows.len());

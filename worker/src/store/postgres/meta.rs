@@ -38,7 +38,7 @@ impl PgStore {
         )
         .bind(collection)
         .bind(key)
-        .fetch_optional(self.pool())
+        .fetch_optional(&self.pool)
         .await?)
     }
 }
@@ -54,7 +54,7 @@ impl MetaStore for PgStore {
         .bind(collection)
         .bind(key)
         .bind(Utc::now())
-        .fetch_optional(self.pool())
+        .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(record).transpose()
     }
@@ -101,7 +101,7 @@ impl MetaStore for PgStore {
             .bind(now)
             .bind(expires_at)
             .bind(expected)
-            .fetch_optional(self.pool())
+            .fetch_optional(&self.pool)
             .await?;
         let Some(version) = version else {
             let found = self.live_version(put.collection, put.key).await?;
@@ -160,7 +160,7 @@ impl MetaStore for PgStore {
         .bind(&values)
         .bind(now)
         .bind(&expires)
-        .fetch_all(self.pool())
+        .fetch_all(&self.pool)
         .await?;
         let written: std::collections::HashMap<(String, String), i64> =
             rows.into_iter().map(|(c, k, v)| ((c, k), v)).collect();
@@ -204,7 +204,7 @@ impl MetaStore for PgStore {
         .bind(collection)
         .bind(key)
         .bind(version)
-        .fetch_optional(self.pool())
+        .fetch_optional(&self.pool)
         .await?;
         match deleted {
             Some(live) => Ok(live),
@@ -236,7 +236,7 @@ impl MetaStore for PgStore {
             qb.push(cursor_cmp).push_bind(cursor);
         }
         qb.push(order).push_bind(query.limit as i64);
-        let rows = qb.build().fetch_all(self.pool()).await?;
+        let rows = qb.build().fetch_all(&self.pool).await?;
         rows.iter().map(record).collect()
     }
 
@@ -248,7 +248,7 @@ impl MetaStore for PgStore {
         )
         .bind(now)
         .bind(limit as i64)
-        .execute(self.pool())
+        .execute(&self.pool)
         .await?;
         let idle = now - chrono::Duration::from_std(IDLE_BUCKET).unwrap_or_default();
         sqlx::query(
@@ -257,7 +257,7 @@ impl MetaStore for PgStore {
         )
         .bind(idle)
         .bind(limit as i64)
-        .execute(self.pool())
+        .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
     }
@@ -293,7 +293,7 @@ impl MetaStore for PgStore {
                 .bind(limit.per_second)
                 .bind(now)
                 .bind(cost)
-                .fetch_optional(self.pool())
+                .fetch_optional(&self.pool)
                 .await?;
             if have.is_some() {
                 break;
@@ -306,7 +306,7 @@ impl MetaStore for PgStore {
             .bind(bucket)
             .bind(limit.burst)
             .bind(now)
-            .execute(self.pool())
+            .execute(&self.pool)
             .await?;
         }
         Ok(bucket_take(have.unwrap_or(0.0), limit, cost))
