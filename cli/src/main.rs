@@ -127,6 +127,8 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         url,
         StoreOptions {
             max_connections: config.database.max_connections,
+            pooler: config.database.pooler,
+            listen_url: config.database.listen_url.clone(),
         },
     )
     .await
