@@ -154,7 +154,9 @@ async fn workers_with_skewed_clocks_run_each_job_once(lib: &PathBuf, t: &TestSto
         if a.duration_ms > 10_000 || a.finished_at > store_now + chrono::Duration::seconds(5) {
             mistimed.push(a.clone());
         }
-        *by_worker.entry(a.worker.clone().unwrap_or_default()).or_default() += 1;
+        *by_worker
+            .entry(a.worker.clone().unwrap_or_default())
+            .or_default() += 1;
     }
     assert!(
         twice.is_empty(),

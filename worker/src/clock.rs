@@ -105,6 +105,11 @@ mod tests {
         assert_eq!(clock.offset(), chrono::Duration::seconds(60));
         assert!(clock.age().is_some());
         let skew = clock.now() - Utc::now();
-        assert!((skew - chrono::Duration::seconds(60)).num_milliseconds().abs() < 100);
+        assert!(
+            (skew - chrono::Duration::seconds(60))
+                .num_milliseconds()
+                .abs()
+                < 100
+        );
     }
 }

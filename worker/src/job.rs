@@ -250,7 +250,11 @@ pub struct NewJob {
     pub run_at: Option<DateTime<Utc>>,
     /// Run this long after the store's clock reads at insert (instead of `run_at`), so a
     /// delay means the same on every machine whatever its own clock says.
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub delay: Option<std::time::Duration>,
     /// Deduplication key.
     pub idempotency_key: Option<String>,

@@ -372,9 +372,8 @@ pub(crate) async fn sync_clock(shared: &Shared) {
             let large = offset.abs().to_std().is_ok_and(|d| d >= SKEW_WARNING);
             // Warn when the skew is first seen or changes by more than the warning threshold,
             // not at every heartbeat.
-            let changed = before.is_none_or(|b| {
-                (offset - b).abs().to_std().is_ok_and(|d| d >= SKEW_WARNING)
-            });
+            let changed =
+                before.is_none_or(|b| (offset - b).abs().to_std().is_ok_and(|d| d >= SKEW_WARNING));
             if large && changed {
                 tracing::warn!(
                     worker.id = %shared.worker_id,

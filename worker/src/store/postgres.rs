@@ -316,7 +316,10 @@ async fn insert_chunk(conn: &mut PgConnection, chunk: &[NewJob]) -> Result<Vec<E
         run_ats.push(job.run_at);
         // Microseconds after the store's now(); 0 for a job due now. A delay beyond the
         // representable range saturates (it is years anyway).
-        delays.push(job.delay.map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)));
+        delays.push(
+            job.delay
+                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+        );
         keys.push(job.idempotency_key.as_deref());
         tags.push(serde_json::to_string(&job.tags)?);
         metadata.push(serde_json::to_string(&job.metadata)?);

@@ -1589,8 +1589,11 @@ impl Store for RedisStore {
     async fn now(&self) -> Result<DateTime<Utc>> {
         let mut conn = self.conn.clone();
         let (secs, micros): (i64, u32) = ::redis::cmd("TIME").query_async(&mut conn).await?;
-        DateTime::from_timestamp(secs, micros.saturating_mul(1000))
-            .ok_or_else(|| Error::Unsupported(format!("Redis TIME answered {secs} s, {micros} µs: not a time")))
+        DateTime::from_timestamp(secs, micros.saturating_mul(1000)).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "Redis TIME answered {secs} s, {micros} µs: not a time"
+            ))
+        })
     }
 
     async fn ping(&self) -> Result<()> {
@@ -1742,8 +1745,7 @@ impl Store for RedisStore {
     }
 
     async fn retry_matching(&self, filter: &JobFilter) -> Result<u64> {
-        self.for_each_page(filter, &NOT_RUNNING, Bulk::Retry)
-            .await
+        self.for_each_page(filter, &NOT_RUNNING, Bulk::Retry).await
     }
 
     async fn cancel(&self, id: JobId) -> Result<CancelResult> {
