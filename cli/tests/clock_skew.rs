@@ -170,6 +170,24 @@ async fn workers_with_skewed_clocks_run_each_job_once(lib: &PathBuf, t: &TestSto
         mistimed.len(),
         mistimed.first()
     );
+    // Each worker's registration expires one lease after its last heartbeat on the store's
+    // clock: neither hidden at once (behind) nor kept long after the worker is gone (ahead).
+    let records = conveyor_worker::store::meta::list_all(store.as_ref(), "workers")
+        .await
+        .unwrap();
+    let store_now = chrono::Utc::now();
+    let mut listed = Vec::new();
+    for r in &records {
+        let left = r.expires_at.map(|e| (e - store_now).num_milliseconds());
+        assert!(
+            left.is_some_and(|ms| (0..=6_000).contains(&ms)),
+            "registration of {} expires {left:?} ms from now on the store's clock (lease 4 s)",
+            r.key
+        );
+        listed.push(r.key.clone());
+    }
+    listed.sort();
+    assert_eq!(listed, ["ahead", "behind", "on-time"]);
     for w in ["behind", "ahead"] {
         assert!(
             by_worker.get(w).copied().unwrap_or(0) > 0,

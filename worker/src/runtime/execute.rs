@@ -54,7 +54,8 @@ pub(crate) async fn run(
                 job.kind, shared.worker_id
             ))),
             Some(reg) => {
-                let ctx = JobContext::new(job.clone(), shared.worker_id.clone(), token.clone());
+                let ctx = JobContext::new(job.clone(), shared.worker_id.clone(), token.clone())
+                    .with_clock(shared.clock.clone());
                 let fut = AssertUnwindSafe(reg.call(job.args.clone(), ctx)).catch_unwind();
                 supervise(fut, reg.options.timeout, &token, &shared).await
             }

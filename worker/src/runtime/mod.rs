@@ -196,7 +196,7 @@ pub(crate) struct Shared {
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// The store's clock, which every time this worker writes is taken on (an attempt's end,
     /// a retry's due time): measured at start and at every heartbeat.
-    pub clock: StoreClock,
+    pub clock: Arc<StoreClock>,
 }
 
 /// One queue of this worker.
@@ -274,7 +274,7 @@ impl Worker {
                 interrupt: CancellationToken::new(),
                 queues,
                 started_at: chrono::Utc::now(),
-                clock: StoreClock::new(),
+                clock: Arc::new(StoreClock::new()),
             }),
         })
     }

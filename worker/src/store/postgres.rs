@@ -29,6 +29,7 @@ use super::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
     Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish,
 };
+use crate::clock::StoreClock;
 use crate::error::{Error, Result};
 use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
 use crate::retry_policy::RetryPolicy;
@@ -41,6 +42,8 @@ const PARALLEL_CHUNK: usize = 1250;
 /// server parses JSON and maintains indexes on as many cores as it has. A batch of up to
 /// `PARALLEL_CHUNK` jobs is one statement on one connection.
 const PARALLEL_INSERTS: usize = 4;
+/// How old the measured offset to the server's clock may be before it is measured again.
+const CLOCK_MAX_AGE: Duration = Duration::from_secs(10);
 const JOBS_CHANNEL: &str = "conveyor_jobs";
 const CANCEL_CHANNEL: &str = "conveyor_cancel";
 
@@ -49,6 +52,9 @@ const CANCEL_CHANNEL: &str = "conveyor_cancel";
 pub struct PgStore {
     pool: PgPool,
     events: broadcast::Sender<StoreEvent>,
+    /// The server's clock as seen from here, for the expiry times of shared records (computed
+    /// here, since each statement returns the record it wrote).
+    clock: std::sync::Arc<StoreClock>,
     /// Stops the LISTEN task when the last clone is dropped.
     _listener: std::sync::Arc<DropGuard>,
 }
@@ -70,8 +76,15 @@ impl PgStore {
         Ok(Self {
             pool,
             events,
+            clock: Default::default(),
             _listener: std::sync::Arc::new(stop.drop_guard()),
         })
+    }
+
+    /// Now on the server's clock, estimated from the offset measured at most
+    /// [`CLOCK_MAX_AGE`] ago.
+    pub(crate) async fn clock_now(&self) -> Result<DateTime<Utc>> {
+        self.clock.now_fresh(self, CLOCK_MAX_AGE).await
     }
 
     /// The connection pool, for applications that share the database.

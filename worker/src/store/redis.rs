@@ -323,6 +323,12 @@ impl RedisStore {
         })
     }
 
+    /// Now on the server's clock, estimated from the offset measured at most
+    /// [`CLOCK_MAX_AGE`] ago.
+    pub(crate) async fn clock_now(&self) -> Result<DateTime<Utc>> {
+        self.clock.now_fresh(self, CLOCK_MAX_AGE).await
+    }
+
     /// The key prefix this store uses.
     pub fn prefix(&self) -> &str {
         &self.keys.prefix
@@ -765,7 +771,7 @@ impl RedisStore {
         }
         // Whether a job is due is decided on the server's clock (estimated here, measured
         // again every few seconds), not on this machine's.
-        let now = self.clock.now_fresh(self, CLOCK_MAX_AGE).await?;
+        let now = self.clock_now().await?;
         let batch = Incoming::new(&jobs, now);
         // Duplicates within the batch follow the first job with their key.
         let mut first_with_key: HashMap<&str, usize> = HashMap::new();
