@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use chrono::Utc;
 
 use crate::audit::Actor;
 use crate::key::{self, ApiKey, AuthError, Scope};
@@ -128,7 +127,11 @@ pub async fn authorize(
                     burst: limit.burst,
                 },
                 1.0,
-                Utc::now(),
+                // Measured again at most every 10 s: one extra round trip, not one per request.
+                state
+                    .clock
+                    .now_fresh(state.store.as_ref(), std::time::Duration::from_secs(10))
+                    .await?,
             )
             .await?;
         if !take.allowed {

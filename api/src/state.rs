@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use conveyor_jobs::webhook::{WebhookConfig, Webhooks};
 use conveyor_worker::Store;
+use conveyor_worker::clock::StoreClock;
 
 use crate::config::ApiConfig;
 
@@ -16,6 +17,9 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// The webhook service behind `/v1/webhooks` and `/v1/events`.
     pub webhooks: Arc<Webhooks>,
+    /// The store's clock as this server measures it: the rate limits are shared with API
+    /// servers on other machines, whose clocks may disagree with this one.
+    pub clock: Arc<StoreClock>,
 }
 
 impl AppState {
@@ -28,6 +32,7 @@ impl AppState {
             store,
             config: Arc::new(config),
             webhooks: Arc::new(webhooks),
+            clock: Arc::default(),
         }
     }
 

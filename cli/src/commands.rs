@@ -100,7 +100,8 @@ pub async fn enqueue(store: Arc<dyn Store>, a: EnqueueArgs) -> anyhow::Result<()
         let d = humantime::parse_duration(delay).map_err(|e| {
             anyhow::anyhow!("--delay `{delay}` is not a duration ({e}); write e.g. 30s, 5m or 2h")
         })?;
-        job = job.run_at(Utc::now() + chrono::Duration::from_std(d)?);
+        // Counted from the store's clock at insert, not this machine's.
+        job = job.delay(d);
     }
     if let Some(key) = a.idempotency_key {
         job = job.idempotency_key(key);

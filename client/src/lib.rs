@@ -120,10 +120,11 @@ impl<T> Enqueue<T> {
         self.map(|j| j.run_at(at))
     }
 
-    /// Run after `delay`.
+    /// Run after `delay`, counted on the store's clock when the job is inserted (not on this
+    /// machine's, which may be off). Over HTTP the API takes whole seconds: the delay is
+    /// rounded up.
     pub fn delay(self, delay: Duration) -> Self {
-        let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-        self.run_at(at)
+        self.map(|j| j.delay(delay))
     }
 
     /// Deduplicate: a second enqueue with this key returns the first job (marked duplicate).
@@ -170,6 +171,8 @@ struct EnqueueBody<'a> {
     max_attempts: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
     run_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delay_seconds: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     idempotency_key: Option<&'a str>,
     tags: &'a [String],
@@ -226,6 +229,10 @@ impl Client {
             priority: job.priority,
             max_attempts: job.max_attempts,
             run_at: job.run_at,
+            delay_seconds: job.delay.map(|d| {
+                let whole = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+                u32::try_from(whole).unwrap_or(u32::MAX)
+            }),
             idempotency_key: job.idempotency_key.as_deref(),
             tags: &job.tags,
             metadata: &job.metadata,

@@ -198,7 +198,13 @@ impl CronScheduler {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            if let Err(e) = self.run_once(Utc::now()).await {
+            // Ticks are compared with the store's clock, so replicas whose clocks disagree
+            // still fire each tick once, on time.
+            let pass = match self.store.now().await {
+                Ok(now) => self.run_once(now).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = pass {
                 tracing::warn!(error = %e, "cron pass failed; retrying at the next interval");
             }
         }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use conveyor_worker::{Result, Store};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -41,14 +41,16 @@ impl Promoter {
         Self { store, config }
     }
 
-    /// One pass: promotes what is due now; returns how many jobs moved.
+    /// One pass: promotes what is due now on the store's clock; returns how many jobs moved.
     pub async fn run_once(&self) -> Result<u64> {
+        self.run_once_at(self.store.now().await?).await
+    }
+
+    /// One pass as if the store's clock read `now`.
+    pub async fn run_once_at(&self, now: DateTime<Utc>) -> Result<u64> {
         let mut total = 0;
         for _ in 0..10 {
-            let n = self
-                .store
-                .promote_due(Utc::now(), self.config.batch)
-                .await?;
+            let n = self.store.promote_due(now, self.config.batch).await?;
             total += n;
             if n < u64::from(self.config.batch) {
                 break;

@@ -49,12 +49,12 @@ impl Pruner {
         Self { store, config }
     }
 
-    /// One pass at the current time; returns how many jobs were deleted.
+    /// One pass at the store's current time; returns how many jobs were deleted.
     pub async fn run_once(&self) -> Result<u64> {
-        self.run_once_at(Utc::now()).await
+        self.run_once_at(self.store.now().await?).await
     }
 
-    /// One pass as if the clock read `now`.
+    /// One pass as if the store's clock read `now`.
     pub async fn run_once_at(&self, now: chrono::DateTime<Utc>) -> Result<u64> {
         let mut total = 0;
         for _ in 0..10 {

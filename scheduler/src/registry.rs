@@ -250,7 +250,8 @@ impl Schedules {
         let mut current = self.require(name).await?;
         let version = expect_version.unwrap_or(current.version);
         if spec.enabled && !current.spec.enabled {
-            current.resumed_at = Some(Utc::now());
+            // On the store's clock, which the cron service compares ticks with.
+            current.resumed_at = Some(self.store.now().await?);
         }
         current.spec = spec;
         current.disabled_reason = None;
@@ -259,7 +260,8 @@ impl Schedules {
 
     /// Enables (resume) or disables (pause) a schedule.
     pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<StoredSchedule> {
-        self.set_enabled_at(name, enabled, Utc::now()).await
+        self.set_enabled_at(name, enabled, self.store.now().await?)
+            .await
     }
 
     /// [`Schedules::set_enabled`] as if the clock read `now` (ticks before a resume at `now`
@@ -351,7 +353,7 @@ impl Schedules {
                         report.updated.push(spec.name.clone());
                         let version = current.version;
                         let resumed_at = if spec.enabled && !current.spec.enabled {
-                            Some(Utc::now())
+                            Some(self.store.now().await?)
                         } else {
                             current.resumed_at
                         };

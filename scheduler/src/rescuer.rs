@@ -48,12 +48,13 @@ impl Rescuer {
         Self { store, config }
     }
 
-    /// One pass at the current time.
+    /// One pass at the store's current time: a lease has expired when the store's clock
+    /// says so, whatever this machine's clock says.
     pub async fn run_once(&self) -> Result<RescueReport> {
-        self.run_once_at(Utc::now()).await
+        self.run_once_at(self.store.now().await?).await
     }
 
-    /// One pass as if the clock read `now` (tests move time forward instead of sleeping).
+    /// One pass as if the store's clock read `now` (tests move time forward instead of sleeping).
     pub async fn run_once_at(&self, now: chrono::DateTime<Utc>) -> Result<RescueReport> {
         let mut total = RescueReport::default();
         for _ in 0..10 {

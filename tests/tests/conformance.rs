@@ -136,6 +136,31 @@ async fn enqueue_now_is_available_and_later_is_scheduled(s: Arc<dyn Store>) {
     assert_eq!(got[0].id, soon.id);
 }
 
+async fn a_delay_is_counted_on_the_store_clock(s: Arc<dyn Store>) {
+    // The store runs on this machine here, so its clock and this one agree.
+    let now = s.now().await.unwrap();
+    assert!(
+        (now - Utc::now()).num_seconds().abs() <= 5,
+        "the store's clock reads {now}"
+    );
+    let later = s
+        .enqueue(job("a").delay(std::time::Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_eq!(later.state, JobState::Scheduled);
+    let due_in = (get(&s, later.id).await.run_at - now).num_seconds();
+    assert!((3590..=3610).contains(&due_in), "due in {due_in} s");
+    let at_once = s
+        .enqueue(job("a").delay(std::time::Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(at_once.state, JobState::Available);
+    let mut both = job("a").delay(std::time::Duration::from_secs(1));
+    both.run_at = Some(now);
+    let err = s.enqueue(both).await.unwrap_err().to_string();
+    assert!(err.contains("not both"), "{err}");
+}
+
 async fn fetch_claims_by_priority_then_run_at_and_sets_the_lease(s: Arc<dyn Store>) {
     let past = Utc::now() - secs(60);
     let low_old = s.enqueue(job("k").priority(5).run_at(past)).await.unwrap();
@@ -995,6 +1020,7 @@ async fn backend_reports_its_name_and_health(s: Arc<dyn Store>) {
 
 backend_tests!(
     enqueue_now_is_available_and_later_is_scheduled,
+    a_delay_is_counted_on_the_store_clock,
     fetch_claims_by_priority_then_run_at_and_sets_the_lease,
     concurrent_fetchers_never_share_a_job,
     leased_to_lists_a_workers_running_jobs_of_one_queue,

@@ -128,6 +128,8 @@ pub struct JobContext {
     /// The worker process running it.
     pub worker_id: Arc<str>,
     cancel: CancellationToken,
+    /// The store's clock as the worker measures it; `None`: this machine's clock.
+    clock: Option<Arc<crate::clock::StoreClock>>,
 }
 
 impl JobContext {
@@ -137,7 +139,22 @@ impl JobContext {
             job,
             worker_id,
             cancel,
+            clock: None,
         }
+    }
+
+    /// With the worker's measure of the store's clock (the runtime sets it).
+    pub fn with_clock(mut self, clock: Arc<crate::clock::StoreClock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Now on the store's clock (as the worker measures it): the time to use for anything
+    /// other processes compare, such as a shared rate limit's or circuit breaker's state.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock
+            .as_ref()
+            .map_or_else(chrono::Utc::now, |c| c.now())
     }
 
     /// Resolves when the job is cancelled, timed out or its worker is shutting down past its

@@ -246,8 +246,16 @@ pub struct NewJob {
     pub priority: i16,
     /// Attempt budget.
     pub max_attempts: i32,
-    /// Run no earlier than this; `None` means now.
+    /// Run no earlier than this; `None` means now (or after `delay`).
     pub run_at: Option<DateTime<Utc>>,
+    /// Run this long after the store's clock reads at insert (instead of `run_at`), so a
+    /// delay means the same on every machine whatever its own clock says.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub delay: Option<std::time::Duration>,
     /// Deduplication key.
     pub idempotency_key: Option<String>,
     /// Labels.
@@ -267,6 +275,7 @@ impl NewJob {
             priority: 0,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             run_at: None,
+            delay: None,
             idempotency_key: None,
             tags: Vec::new(),
             metadata: serde_json::Value::Object(Default::default()),
@@ -297,10 +306,27 @@ impl NewJob {
         self
     }
 
-    /// Run no earlier than `at`.
+    /// Run no earlier than `at` (replaces a delay).
     pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
         self.run_at = Some(at);
+        self.delay = None;
         self
+    }
+
+    /// Run `delay` after the store's clock reads at insert (replaces a `run_at`).
+    pub fn delay(mut self, delay: std::time::Duration) -> Self {
+        self.delay = Some(delay);
+        self.run_at = None;
+        self
+    }
+
+    /// When the job is due, given the store's clock reads `now` at insert.
+    pub fn due_at(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match (self.run_at, self.delay) {
+            (Some(at), _) => at,
+            (None, Some(d)) => crate::store::after(now, d),
+            (None, None) => now,
+        }
     }
 
     /// Deduplicate on `key`.
@@ -334,6 +360,9 @@ impl NewJob {
                 "max_attempts",
                 format!("must be at least 1, got {}", self.max_attempts),
             ));
+        }
+        if self.run_at.is_some() && self.delay.is_some() {
+            return Err(Error::invalid("run_at", "give run_at or delay, not both"));
         }
         if !self.metadata.is_object() {
             return Err(Error::invalid(

@@ -9,8 +9,10 @@
 //!   semaphore slot, outcomes become `store::Finish` rows (`runtime::transition`) written back
 //!   in batches by the completer; a heartbeat renews leases and delivers cancel requests.
 //! - [`retry_policy`]: backoff between attempts.
+//! - [`clock`]: the store's clock, which every process times leases and due jobs on.
 //! - [`metrics`]: process-local counters and histograms, rendered by the API's `/metrics`.
 
+pub mod clock;
 pub mod error;
 pub mod handler;
 pub mod job;

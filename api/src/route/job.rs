@@ -142,7 +142,8 @@ impl EnqueueRequest {
                         format!("{secs} is more than five years"),
                     ));
                 }
-                job = job.run_at(now + chrono::Duration::seconds(secs.into()));
+                // Counted from the store's clock at insert, not this server's.
+                job = job.delay(std::time::Duration::from_secs(secs.into()));
             }
             (None, None) => {}
         }

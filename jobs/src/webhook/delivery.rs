@@ -74,7 +74,9 @@ fn attempt_key(target: &str, event_id: &str, attempt_id: &str) -> String {
 impl Webhooks {
     /// Runs one delivery attempt (the job handler).
     pub async fn deliver(&self, args: DeliverArgs, ctx: JobContext) -> anyhow::Result<Outcome> {
-        let now = Utc::now();
+        // The store's clock: the circuit breaker and the rate limit are shared with workers
+        // on other machines, whose clocks may disagree with this one.
+        let now = ctx.now();
         let job = &ctx.job;
         let endpoint: Option<Arc<Endpoint>> = match &args.endpoint_id {
             Some(id) => match self.endpoint_cached(id).await? {

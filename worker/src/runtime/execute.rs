@@ -4,7 +4,6 @@ use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use chrono::Utc;
 use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +34,9 @@ pub(crate) async fn run(
     );
     async move {
         let job = Arc::new(job);
-        let started_at = job.attempted_at.unwrap_or_else(Utc::now);
+        // Times are on the store's clock: the claim's time came from the store, and the end
+        // of the attempt (and any retry's due time) is this machine's clock plus its offset.
+        let started_at = job.attempted_at.unwrap_or_else(|| shared.clock.now());
         if let Ok(wait) = (started_at - job.run_at).to_std() {
             series.queue_wait.observe(wait);
         }
@@ -53,7 +54,8 @@ pub(crate) async fn run(
                 job.kind, shared.worker_id
             ))),
             Some(reg) => {
-                let ctx = JobContext::new(job.clone(), shared.worker_id.clone(), token.clone());
+                let ctx = JobContext::new(job.clone(), shared.worker_id.clone(), token.clone())
+                    .with_clock(shared.clock.clone());
                 let fut = AssertUnwindSafe(reg.call(job.args.clone(), ctx)).catch_unwind();
                 supervise(fut, reg.options.timeout, &token, &shared).await
             }
@@ -72,7 +74,14 @@ pub(crate) async fn run(
         let policy = registered
             .as_ref()
             .map_or(&default_policy, |r| &r.options.retry);
-        let finish = transition(&job, ended, policy, &shared.worker_id, started_at, Utc::now());
+        let finish = transition(
+            &job,
+            ended,
+            policy,
+            &shared.worker_id,
+            started_at,
+            shared.clock.now(),
+        );
         record(&series, &finish);
         queue.finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The slot travels with the outcome and is freed once the outcome is written: while

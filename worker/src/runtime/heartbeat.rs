@@ -50,6 +50,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed; leases renew on the next tick"),
         }
+        super::sync_clock(&shared).await;
         registration::write(&shared, &mut previous).await;
     }
 }

@@ -43,6 +43,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::{SKEW_WARNING, StoreClock};
 use crate::error::{Error, Result};
 use crate::handler::Registry;
 use crate::job::{JobId, check_name};
@@ -212,6 +213,9 @@ pub(crate) struct Shared {
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// Since when every outcome write has failed (`None`: the last one succeeded).
     pub write_failing: Mutex<Option<Instant>>,
+    /// The store's clock, which every time this worker writes is taken on (an attempt's end,
+    /// a retry's due time): measured at start and at every heartbeat.
+    pub clock: Arc<StoreClock>,
 }
 
 /// One queue of this worker.
@@ -309,6 +313,7 @@ impl Worker {
                 queues,
                 started_at: chrono::Utc::now(),
                 write_failing: Mutex::new(None),
+                clock: Arc::new(StoreClock::new()),
             }),
         })
     }
@@ -330,6 +335,7 @@ impl Worker {
             "worker started"
         );
 
+        sync_clock(&shared).await;
         let (done_tx, done_rx) = mpsc::channel(config.completion_batch.max(1024));
         let give_up = CancellationToken::new();
         let mut completer = tokio::spawn(completer::run(shared.clone(), done_rx, give_up.clone()));
@@ -407,6 +413,31 @@ impl Worker {
         match flushed {
             Ok(result) => result,
             Err(e) => Err(Error::Unsupported(format!("completer task failed: {e}"))),
+        }
+    }
+}
+
+/// Measures the offset between this machine's clock and the store's. A failed measurement
+/// keeps the last offset (the local clock before the first); the next heartbeat measures again.
+pub(crate) async fn sync_clock(shared: &Shared) {
+    let before = shared.clock.age().map(|_| shared.clock.offset());
+    match shared.clock.sync(shared.store.as_ref()).await {
+        Ok(offset) => {
+            let large = offset.abs().to_std().is_ok_and(|d| d >= SKEW_WARNING);
+            // Warn when the skew is first seen or changes by more than the warning threshold,
+            // not at every heartbeat.
+            let changed =
+                before.is_none_or(|b| (offset - b).abs().to_std().is_ok_and(|d| d >= SKEW_WARNING));
+            if large && changed {
+                tracing::warn!(
+                    worker.id = %shared.worker_id,
+                    offset_ms = offset.num_milliseconds(),
+                    "this machine's clock differs from the store's; leases and due times use the store's clock, but check this machine's time sync (NTP)"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the store's clock failed; keeping the last known offset")
         }
     }
 }

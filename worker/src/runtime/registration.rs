@@ -92,7 +92,7 @@ pub(crate) async fn write(shared: &super::Shared, previous: &mut Previous) {
         host: host(),
         pid: std::process::id(),
         started_at: shared.started_at,
-        last_heartbeat: Utc::now(),
+        last_heartbeat: shared.clock.now(),
         queues,
     };
     let value = match serde_json::to_value(&record) {

@@ -264,6 +264,15 @@ pub trait Store: MetaStore + Send + Sync + 'static {
     /// Succeeds if the store answers and its schema is current.
     async fn ping(&self) -> Result<()>;
 
+    /// The store's clock: the one clock every process compares leases, due times and
+    /// retention against, whatever its own machine's clock says (Postgres `now()`, Redis
+    /// `TIME`). The default is this machine's clock, right for a store on one machine (SQLite).
+    /// The maintenance services read it at the start of each pass; the worker runtime keeps
+    /// its offset (see [`crate::clock::StoreClock`]).
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        Ok(Utc::now())
+    }
+
     /// Inserts one job, or returns the existing holder of its idempotency key. The default
     /// is a one-job [`Store::enqueue_many`], which every backend already makes a single step.
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {

@@ -16,7 +16,7 @@ mod pooler;
 pub use self::pooler::Pooler;
 use self::pooler::{Conn, Db, classify};
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,6 +33,7 @@ use super::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
     Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish,
 };
+use crate::clock::StoreClock;
 use crate::error::{Error, Result};
 use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
 use crate::retry_policy::RetryPolicy;
@@ -45,6 +46,8 @@ const PARALLEL_CHUNK: usize = 1250;
 /// server parses JSON and maintains indexes on as many cores as it has. A batch of up to
 /// `PARALLEL_CHUNK` jobs is one statement on one connection.
 const PARALLEL_INSERTS: usize = 4;
+/// How old the measured offset to the server's clock may be before it is measured again.
+const CLOCK_MAX_AGE: Duration = Duration::from_secs(10);
 const JOBS_CHANNEL: &str = "conveyor_jobs";
 const CANCEL_CHANNEL: &str = "conveyor_cancel";
 
@@ -58,6 +61,9 @@ pub struct PgStore {
     /// are delivered in process, other processes' are found by polling.
     polling: bool,
     events: broadcast::Sender<StoreEvent>,
+    /// The server's clock as seen from here, for the expiry times of shared records (computed
+    /// here, since each statement returns the record it wrote).
+    clock: std::sync::Arc<StoreClock>,
     /// Stops the LISTEN task when the last clone is dropped.
     _listener: std::sync::Arc<DropGuard>,
 }
@@ -117,8 +123,15 @@ impl PgStore {
             pooler,
             polling,
             events,
+            clock: Default::default(),
             _listener: std::sync::Arc::new(stop.drop_guard()),
         })
+    }
+
+    /// Now on the server's clock, estimated from the offset measured at most
+    /// [`CLOCK_MAX_AGE`] ago.
+    pub(crate) async fn clock_now(&self) -> Result<DateTime<Utc>> {
+        self.clock.now_fresh(self, CLOCK_MAX_AGE).await
     }
 
     /// The connection pool, for applications that share the database. Behind a
@@ -345,6 +358,16 @@ fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     super::after(now, d)
 }
 
+/// A lease or delay as a Postgres interval, added to the store's `now()` in a statement.
+fn interval(d: Duration) -> Result<sqlx::postgres::types::PgInterval> {
+    sqlx::postgres::types::PgInterval::try_from(d).map_err(|e| {
+        Error::invalid(
+            "lease",
+            format!("{d:?} does not fit a Postgres interval ({e}); use a shorter duration"),
+        )
+    })
+}
+
 fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     super::before(now, d)
 }
@@ -400,11 +423,10 @@ pub async fn enqueue_many_in(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Resu
     for job in &jobs {
         job.validate()?;
     }
-    let now = Utc::now();
     let mut answers = Vec::with_capacity(jobs.len());
     let mut conn = Conn::borrowed(conn);
     for chunk in jobs.chunks(INSERT_CHUNK) {
-        answers.extend(insert_chunk(&mut conn, chunk, now).await?);
+        answers.extend(insert_chunk(&mut conn, chunk).await?);
     }
     Ok(answers)
 }
@@ -430,44 +452,43 @@ fn existing_id(e: sqlx::Error) -> Error {
     e.into()
 }
 
-async fn insert_pooled(pool: &Db, chunk: &[NewJob], now: DateTime<Utc>) -> Result<Vec<Enqueued>> {
+async fn insert_pooled(pool: &Db, chunk: &[NewJob]) -> Result<Vec<Enqueued>> {
     let mut conn = pool.acquire().await?;
-    let answers = insert_chunk(&mut conn, chunk, now).await?;
+    let answers = insert_chunk(&mut conn, chunk).await?;
     conn.commit().await?;
     Ok(answers)
 }
 
-async fn insert_chunk(
-    conn: &mut Conn<'_>,
-    chunk: &[NewJob],
-    now: DateTime<Utc>,
-) -> Result<Vec<Enqueued>> {
+/// Inserts one chunk. Due times, `created_at` and scheduled-or-available are decided by the
+/// statement on the store's clock (`now()`: the transaction's start on the caller's
+/// transaction), so a client whose clock is off neither delays nor advances a job.
+async fn insert_chunk(conn: &mut Conn<'_>, chunk: &[NewJob]) -> Result<Vec<Enqueued>> {
     let n = chunk.len();
     let mut ids = Vec::with_capacity(n);
     let mut queues = Vec::with_capacity(n);
     let mut kinds = Vec::with_capacity(n);
     let mut args = Vec::with_capacity(n);
     let mut priorities = Vec::with_capacity(n);
-    let mut states = Vec::with_capacity(n);
     let mut max_attempts = Vec::with_capacity(n);
     let mut run_ats = Vec::with_capacity(n);
+    let mut delays = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
     let mut tags = Vec::with_capacity(n);
     let mut metadata = Vec::with_capacity(n);
     for job in chunk {
-        let run_at = job.run_at.unwrap_or(now);
         ids.push(job.id.unwrap_or_else(JobId::new).0);
         queues.push(job.queue.as_str());
         kinds.push(job.kind.as_str());
         args.push(serde_json::to_string(&job.args)?);
         priorities.push(job.priority);
-        states.push(if run_at > now {
-            "scheduled"
-        } else {
-            "available"
-        });
         max_attempts.push(job.max_attempts);
-        run_ats.push(run_at);
+        run_ats.push(job.run_at);
+        // Microseconds after the store's now(); 0 for a job due now. A delay beyond the
+        // representable range saturates (it is years anyway).
+        delays.push(
+            job.delay
+                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+        );
         keys.push(job.idempotency_key.as_deref());
         tags.push(serde_json::to_string(&job.tags)?);
         metadata.push(serde_json::to_string(&job.metadata)?);
@@ -483,23 +504,27 @@ async fn insert_chunk(
         // Keys first, in the same statement: a keyed job is inserted only if its key row
         // was, so a key never has two holders. An id that already exists fails the whole
         // statement (and with it the key rows), reported as bad input below.
-        let inserted: HashSet<Uuid> = sqlx::query_scalar(
-            "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
-               $5::int2[], $6::text[], $7::int4[], $8::timestamptz[], $10::text[], $11::text[], \
-               $12::text[]) AS u(id, queue, kind, args, priority, state, max_attempts, run_at, \
+        let inserted: HashMap<Uuid, String> = sqlx::query_as::<_, (Uuid, String)>(
+            "WITH u AS (SELECT u.id, u.queue, u.kind, u.args, u.priority, u.max_attempts, \
+               coalesce(u.run_at, now() + u.delay_us * interval '1 microsecond') AS run_at, \
+               u.key, u.tags, u.metadata \
+               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
+               $5::int2[], $6::int8[], $7::int4[], $8::timestamptz[], $9::text[], $10::text[], \
+               $11::text[]) AS u(id, queue, kind, args, priority, delay_us, max_attempts, run_at, \
                key, tags, metadata)), \
              k AS (INSERT INTO conveyor.job_keys (key, job_id) \
                SELECT u.key, u.id FROM u WHERE u.key IS NOT NULL \
                ON CONFLICT (key) DO NOTHING RETURNING job_id) \
              INSERT INTO conveyor.jobs (id, queue, kind, args, priority, state, max_attempts, \
              run_at, created_at, idempotency_key, tags, metadata) \
-             SELECT u.id, u.queue, u.kind, u.args::jsonb, u.priority, u.state, u.max_attempts, \
-             u.run_at, $9, u.key, \
+             SELECT u.id, u.queue, u.kind, u.args::jsonb, u.priority, \
+             CASE WHEN u.run_at > now() THEN 'scheduled' ELSE 'available' END, u.max_attempts, \
+             u.run_at, now(), u.key, \
              CASE WHEN u.tags = '[]' THEN '{}'::text[] \
              ELSE ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)) END, \
              u.metadata::jsonb \
              FROM u WHERE u.key IS NULL OR u.id IN (SELECT job_id FROM k) \
-             RETURNING id",
+             RETURNING id, state",
         )
         .bind(pending.iter().map(|&i| ids[i]).collect::<Vec<_>>())
         .bind(pick(&queues, &pending))
@@ -511,10 +536,9 @@ async fn insert_chunk(
                 .collect::<Vec<_>>(),
         )
         .bind(pending.iter().map(|&i| priorities[i]).collect::<Vec<_>>())
-        .bind(pick(&states, &pending))
+        .bind(pending.iter().map(|&i| delays[i]).collect::<Vec<_>>())
         .bind(pending.iter().map(|&i| max_attempts[i]).collect::<Vec<_>>())
         .bind(pending.iter().map(|&i| run_ats[i]).collect::<Vec<_>>())
-        .bind(now)
         .bind(pending.iter().map(|&i| keys[i]).collect::<Vec<_>>())
         .bind(
             pending
@@ -536,10 +560,10 @@ async fn insert_chunk(
 
         let mut dup_keys = Vec::new();
         for &i in &pending {
-            if inserted.contains(&ids[i]) {
+            if let Some(state) = inserted.get(&ids[i]) {
                 answers[i] = Some(Enqueued {
                     id: JobId(ids[i]),
-                    state: states[i].parse()?,
+                    state: state.parse()?,
                     duplicate: false,
                 });
             } else if let Some(k) = keys[i] {
@@ -690,6 +714,12 @@ impl Store for PgStore {
             .map_err(|e| classify(e, self.pooler))
     }
 
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        Ok(sqlx::query_scalar("SELECT now()")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     async fn ping(&self) -> Result<()> {
         let latest = sqlx::migrate!("../migrations/postgres")
             .iter()
@@ -711,7 +741,6 @@ impl Store for PgStore {
         for job in &jobs {
             job.validate()?;
         }
-        let now = Utc::now();
         let parallel = PARALLEL_INSERTS
             .min(self.pool.options().get_max_connections() as usize / 2)
             .max(1);
@@ -721,7 +750,7 @@ impl Store for PgStore {
         loop {
             while in_flight.len() < parallel {
                 let Some(chunk) = chunks.next() else { break };
-                in_flight.push_back(insert_pooled(&self.pool, chunk, now));
+                in_flight.push_back(insert_pooled(&self.pool, chunk));
             }
             match in_flight.next().await {
                 Some(done) => answers.extend(done?),
@@ -746,20 +775,21 @@ impl Store for PgStore {
     }
 
     async fn fetch(&self, request: FetchRequest<'_>) -> Result<Vec<Job>> {
-        let now = Utc::now();
+        // Due-ness, the claim's time and the lease are all on the store's clock (`now()`),
+        // never the worker's: a worker whose clock is behind must not hand out leases that
+        // everyone else sees as expired, nor one ahead claim jobs before they are due.
         let rows = sqlx::query(
             "WITH next AS (SELECT id FROM conveyor.jobs \
-               WHERE queue = $1 AND state IN ('available','scheduled','retryable') AND run_at <= $2 \
-               ORDER BY priority, run_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+               WHERE queue = $1 AND state IN ('available','scheduled','retryable') AND run_at <= now() \
+               ORDER BY priority, run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
              UPDATE conveyor.jobs j SET state = 'running', attempt = j.attempt + 1, \
-               attempted_at = $2, lease_owner = $4, lease_expires_at = $5 \
+               attempted_at = now(), lease_owner = $3, lease_expires_at = now() + $4 \
              FROM next WHERE j.id = next.id RETURNING j.*",
         )
         .bind(request.queue)
-        .bind(now)
         .bind(i64::from(request.limit))
         .bind(request.worker)
-        .bind(after(now, request.lease))
+        .bind(interval(request.lease)?)
         .fetch_all(&self.pool)
         .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
@@ -783,11 +813,11 @@ impl Store for PgStore {
         // deadlock with a completion batch, and the lease of a job that is finishing needs no
         // extension. A running job skipped now is extended at the next beat.
         let rows = sqlx::query(
-            "UPDATE conveyor.jobs SET lease_expires_at = $1 \
+            "UPDATE conveyor.jobs SET lease_expires_at = now() + $1 \
              WHERE id IN (SELECT id FROM conveyor.jobs WHERE state = 'running' \
              AND lease_owner = $2 FOR UPDATE SKIP LOCKED) RETURNING id, cancel_requested_at",
         )
-        .bind(after(Utc::now(), lease))
+        .bind(interval(lease)?)
         .bind(worker)
         .fetch_all(&self.pool)
         .await?;
@@ -833,11 +863,10 @@ impl Store for PgStore {
 
     async fn retry(&self, id: JobId) -> Result<Job> {
         let row = sqlx::query(
-            "UPDATE conveyor.jobs SET state = 'available', attempt = 0, run_at = $1, \
+            "UPDATE conveyor.jobs SET state = 'available', attempt = 0, run_at = now(), \
              finalized_at = NULL, lease_owner = NULL, lease_expires_at = NULL, \
-             cancel_requested_at = NULL WHERE id = $2 AND state <> 'running' RETURNING *",
+             cancel_requested_at = NULL WHERE id = $1 AND state <> 'running' RETURNING *",
         )
-        .bind(Utc::now())
         .bind(id.0)
         .fetch_optional(&self.pool)
         .await?;
@@ -854,9 +883,9 @@ impl Store for PgStore {
     async fn retry_matching(&self, filter: &JobFilter) -> Result<u64> {
         let mut qb = QueryBuilder::<Postgres>::new(
             "UPDATE conveyor.jobs SET state = 'available', attempt = 0, finalized_at = NULL, \
-             lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL, run_at = ",
+             lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL, \
+             run_at = now() WHERE state <> 'running'",
         );
-        qb.push_bind(Utc::now()).push(" WHERE state <> 'running'");
         push_filter(&mut qb, filter);
         qb.push(" RETURNING queue");
         let queues: Vec<String> = qb.build_query_scalar().fetch_all(&self.pool).await?;
@@ -866,7 +895,6 @@ impl Store for PgStore {
     }
 
     async fn cancel(&self, id: JobId) -> Result<CancelResult> {
-        let now = Utc::now();
         let mut tx = self.pool.begin().await?;
         let state: Option<String> =
             sqlx::query_scalar("SELECT state FROM conveyor.jobs WHERE id = $1 FOR UPDATE")
@@ -879,19 +907,17 @@ impl Store for PgStore {
         };
         let result = if state.is_waiting() {
             sqlx::query(
-                "UPDATE conveyor.jobs SET state = 'cancelled', finalized_at = $1 WHERE id = $2",
+                "UPDATE conveyor.jobs SET state = 'cancelled', finalized_at = now() WHERE id = $1",
             )
-            .bind(now)
             .bind(id.0)
             .execute(&mut tx)
             .await?;
             CancelResult::Cancelled
         } else if state == JobState::Running {
             sqlx::query(
-                "UPDATE conveyor.jobs SET cancel_requested_at = coalesce(cancel_requested_at, $1) \
-                 WHERE id = $2",
+                "UPDATE conveyor.jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()) \
+                 WHERE id = $1",
             )
-            .bind(now)
             .bind(id.0)
             .execute(&mut tx)
             .await?;
@@ -936,7 +962,6 @@ impl Store for PgStore {
     }
 
     async fn queue_stats(&self) -> Result<Vec<QueueStats>> {
-        let now = Utc::now();
         let rows = sqlx::query(
             "SELECT queue, state, count(*) AS n FROM conveyor.jobs GROUP BY queue, state ORDER BY queue",
         )
@@ -959,17 +984,18 @@ impl Store for PgStore {
             }
         }
         let oldest = sqlx::query(
-            "SELECT queue, min(run_at) AS oldest FROM conveyor.jobs \
-             WHERE state IN ('available','scheduled','retryable') AND run_at <= $1 GROUP BY queue",
+            "SELECT queue, now() - min(run_at) AS age FROM conveyor.jobs \
+             WHERE state IN ('available','scheduled','retryable') AND run_at <= now() GROUP BY queue",
         )
-        .bind(now)
         .fetch_all(&self.pool)
         .await?;
         for row in oldest {
             let queue: String = row.try_get("queue")?;
-            let at: DateTime<Utc> = row.try_get("oldest")?;
+            let age: sqlx::postgres::types::PgInterval = row.try_get("age")?;
             if let Some(s) = stats.iter_mut().find(|s| s.queue == queue) {
-                s.oldest_available_age = (now - at).to_std().ok();
+                // The difference of two timestamps has days and microseconds, never months.
+                let micros = age.microseconds + i64::from(age.days) * 86_400_000_000;
+                s.oldest_available_age = u64::try_from(micros).ok().map(Duration::from_micros);
             }
         }
         Ok(stats)

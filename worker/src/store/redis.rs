@@ -89,6 +89,7 @@ use super::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
     Store, StoreEvent, StoreOptions, check_page, redact_url, rescue_finish,
 };
+use crate::clock::StoreClock;
 use crate::error::{Error, Result};
 use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
 use crate::retry_policy::RetryPolicy;
@@ -111,6 +112,9 @@ const FETCH_INLINE: usize = 16;
 const IN_FLIGHT: usize = 4;
 /// Jobs per part of a bulk enqueue (see `RedisStore::insert`).
 const ENQUEUE_PART: usize = 250;
+/// How old the measured offset to the server's clock may be before an insert measures it
+/// again (one `TIME`): clocks drift by far less than a millisecond in that time.
+const CLOCK_MAX_AGE: Duration = Duration::from_secs(10);
 
 macro_rules! queue_script {
     ($file:literal) => {
@@ -241,6 +245,9 @@ pub struct RedisStore {
     keys: Arc<Keys>,
     running: Arc<RunningQueues>,
     events: broadcast::Sender<StoreEvent>,
+    /// The server's clock as seen from here, for the one decision not made in a script: whether
+    /// a job being inserted is due (the insert is a plain `MULTI`).
+    clock: Arc<StoreClock>,
     /// Stops the subscriber task when the last clone is dropped.
     _subscriber: Arc<DropGuard>,
 }
@@ -311,8 +318,15 @@ impl RedisStore {
             keys,
             running: Arc::default(),
             events,
+            clock: Arc::default(),
             _subscriber: Arc::new(stop.drop_guard()),
         })
+    }
+
+    /// Now on the server's clock, estimated from the offset measured at most
+    /// [`CLOCK_MAX_AGE`] ago.
+    pub(crate) async fn clock_now(&self) -> Result<DateTime<Utc>> {
+        self.clock.now_fresh(self, CLOCK_MAX_AGE).await
     }
 
     /// The key prefix this store uses.
@@ -456,20 +470,14 @@ impl RedisStore {
     }
 
     /// Runs the retry script over `ids` of one queue; returns one status per id.
-    async fn retry_in(
-        &self,
-        queue: &str,
-        ids: &[JobId],
-        now: DateTime<Utc>,
-    ) -> Result<Vec<String>> {
+    async fn retry_in(&self, queue: &str, ids: &[JobId]) -> Result<Vec<String>> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHUNK) {
             let mut inv = RETRY.prepare_invoke();
             inv.key(format!("{}:ready", self.keys.queue(queue)))
                 .arg(self.keys.queue(queue))
                 .arg(self.keys.jobs_channel())
-                .arg(queue)
-                .arg(micros(now));
+                .arg(queue);
             for id in chunk {
                 inv.arg(id.to_string());
             }
@@ -662,8 +670,8 @@ impl RedisStore {
             }
             for (queue, ids) in by_queue {
                 n += match action {
-                    Bulk::Retry(now) => {
-                        let answers = self.retry_in(&queue, &ids, now).await?;
+                    Bulk::Retry => {
+                        let answers = self.retry_in(&queue, &ids).await?;
                         answers.iter().filter(|a| *a == "ok").count()
                     }
                     Bulk::Purge => {
@@ -761,7 +769,9 @@ impl RedisStore {
         for job in &jobs {
             job.validate()?;
         }
-        let now = Utc::now();
+        // Whether a job is due is decided on the server's clock (estimated here, measured
+        // again every few seconds), not on this machine's.
+        let now = self.clock_now().await?;
         let batch = Incoming::new(&jobs, now);
         // Duplicates within the batch follow the first job with their key.
         let mut first_with_key: HashMap<&str, usize> = HashMap::new();
@@ -950,7 +960,7 @@ impl RedisStore {
         let (mut ready, mut waiting) = (false, false);
         for &i in part {
             let job = &jobs[i];
-            let run_at = job.run_at.unwrap_or(batch.now);
+            let run_at = job.due_at(batch.now);
             let args = serde_json::to_string(&job.args)?;
             let mut hset = ::redis::Cmd::with_capacity(24, 256 + job.kind.len() + args.len());
             hset.arg("HSET")
@@ -1333,7 +1343,7 @@ impl<'a> Incoming<'a> {
         let states = jobs
             .iter()
             .map(|j| {
-                if j.run_at.is_some_and(|at| at > now) {
+                if j.due_at(now) > now {
                     JobState::Scheduled
                 } else {
                     JobState::Available
@@ -1382,6 +1392,11 @@ fn micros(t: DateTime<Utc>) -> String {
 
 fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// A lease length in whole microseconds, added to the server's clock in the scripts.
+fn lease_micros(d: Duration) -> String {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).to_string()
 }
 
 fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
@@ -1512,8 +1527,8 @@ fn matches(job: &Job, filter: &JobFilter) -> bool {
 /// What [`RedisStore::for_each_page`] does to each page.
 #[derive(Clone, Copy)]
 enum Bulk {
-    /// Admin retry, as of this instant.
-    Retry(DateTime<Utc>),
+    /// Admin retry (now, on the server's clock).
+    Retry,
     /// Delete finished jobs.
     Purge,
 }
@@ -1577,6 +1592,16 @@ impl Store for RedisStore {
         self.load_scripts().await
     }
 
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        let mut conn = self.conn.clone();
+        let (secs, micros): (i64, u32) = ::redis::cmd("TIME").query_async(&mut conn).await?;
+        DateTime::from_timestamp(secs, micros.saturating_mul(1000)).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "Redis TIME answered {secs} s, {micros} µs: not a time"
+            ))
+        })
+    }
+
     async fn ping(&self) -> Result<()> {
         let mut conn = self.conn.clone();
         let found: Option<i64> = ::redis::cmd("GET")
@@ -1598,15 +1623,13 @@ impl Store for RedisStore {
     }
 
     async fn fetch(&self, request: FetchRequest<'_>) -> Result<Vec<Job>> {
-        let now = Utc::now();
         let base = self.keys.queue(request.queue);
         let mut inv = FETCH.prepare_invoke();
         inv.key(format!("{base}:ready"))
             .arg(&base)
-            .arg(micros(now))
+            .arg(lease_micros(request.lease))
             .arg(request.limit)
             .arg(request.worker)
-            .arg(micros(after(now, request.lease)))
             .arg(CHUNK)
             .arg(FETCH_INLINE);
         let mut rows: Vec<(String, Vec<String>, Option<String>)> = self.eval(&inv).await?;
@@ -1649,7 +1672,7 @@ impl Store for RedisStore {
         if queues.is_empty() {
             return Ok(Vec::new());
         }
-        let until = micros(after(Utc::now(), lease));
+        let lease = lease_micros(lease);
         let mut pipe = ::redis::pipe();
         for queue in &queues {
             let base = self.keys.queue(queue);
@@ -1658,7 +1681,7 @@ impl Store for RedisStore {
                     .key(format!("{base}:leases"))
                     .arg(&base)
                     .arg(worker)
-                    .arg(&until),
+                    .arg(&lease),
             );
         }
         let cancel: Vec<Vec<String>> = self.run(&pipe).await?;
@@ -1714,7 +1737,7 @@ impl Store for RedisStore {
             return Err(Error::NotFound(id));
         };
         let status = self
-            .retry_in(&queue, &[id], Utc::now())
+            .retry_in(&queue, &[id])
             .await?
             .pop()
             .unwrap_or_default();
@@ -1728,8 +1751,7 @@ impl Store for RedisStore {
     }
 
     async fn retry_matching(&self, filter: &JobFilter) -> Result<u64> {
-        self.for_each_page(filter, &NOT_RUNNING, Bulk::Retry(Utc::now()))
-            .await
+        self.for_each_page(filter, &NOT_RUNNING, Bulk::Retry).await
     }
 
     async fn cancel(&self, id: JobId) -> Result<CancelResult> {
@@ -1741,8 +1763,7 @@ impl Store for RedisStore {
         inv.key(format!("{base}:ready"))
             .arg(&base)
             .arg(self.keys.cancel_channel())
-            .arg(id.to_string())
-            .arg(micros(Utc::now()));
+            .arg(id.to_string());
         let answer: Vec<String> = self.eval(&inv).await?;
         match answer.first().map(String::as_str) {
             Some("cancelled") => Ok(CancelResult::Cancelled),
@@ -1784,12 +1805,11 @@ impl Store for RedisStore {
         if queues.is_empty() {
             return Ok(Vec::new());
         }
-        let now = Utc::now();
         let mut pipe = ::redis::pipe();
         for queue in &queues {
             let base = self.keys.queue(queue);
             let mut inv = STATS.prepare_invoke();
-            inv.key(format!("{base}:ready")).arg(&base).arg(micros(now));
+            inv.key(format!("{base}:ready")).arg(&base);
             for state in JobState::ALL {
                 inv.arg(state.as_str());
             }
@@ -1808,14 +1828,19 @@ impl Store for RedisStore {
             if counts.is_empty() {
                 continue;
             }
-            let oldest = row
-                .get(JobState::ALL.len())
-                .and_then(|v| v.parse::<i64>().ok())
-                .and_then(DateTime::from_timestamp_micros);
+            let time = |i: usize| {
+                row.get(i)
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .and_then(DateTime::from_timestamp_micros)
+            };
+            // Ages are measured on the server's clock, which the script read.
+            let (oldest, now) = (time(JobState::ALL.len()), time(JobState::ALL.len() + 1));
             stats.push(QueueStats {
                 queue,
                 counts,
-                oldest_available_age: oldest.and_then(|at| (now - at).to_std().ok()),
+                oldest_available_age: oldest
+                    .zip(now)
+                    .and_then(|(at, now)| (now - at).to_std().ok()),
             });
         }
         Ok(stats)

@@ -434,7 +434,7 @@ async fn insert_jobs(
         );
         let mut rows = Vec::with_capacity(chunk.len());
         for job in chunk {
-            let run_at = job.run_at.unwrap_or(now);
+            let run_at = job.due_at(now);
             let state = if run_at > now {
                 JobState::Scheduled
             } else {

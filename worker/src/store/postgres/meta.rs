@@ -53,7 +53,7 @@ impl MetaStore for PgStore {
         )
         .bind(collection)
         .bind(key)
-        .bind(Utc::now())
+        .bind(self.clock_now().await?)
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(record).transpose()
@@ -61,7 +61,7 @@ impl MetaStore for PgStore {
 
     async fn meta_put(&self, put: Put<'_>) -> Result<Record> {
         check_names(put.collection, put.key)?;
-        let now = trunc(Utc::now());
+        let now = trunc(self.clock_now().await?);
         let expires_at = put.ttl.map(|t| trunc(after(now, t)));
         // An expired row counts as absent: it is replaced with version 1.
         let sql = match put.expect {
@@ -135,7 +135,7 @@ impl MetaStore for PgStore {
         for put in puts {
             check_names(put.collection, put.key)?;
         }
-        let now = trunc(Utc::now());
+        let now = trunc(self.clock_now().await?);
         let expires: Vec<Option<DateTime<Utc>>> = puts
             .iter()
             .map(|p| p.ttl.map(|t| trunc(after(now, t))))
@@ -222,7 +222,7 @@ impl MetaStore for PgStore {
             QueryBuilder::new("SELECT * FROM conveyor.meta WHERE collection = ");
         qb.push_bind(collection)
             .push(" AND (expires_at IS NULL OR expires_at > ")
-            .push_bind(Utc::now())
+            .push_bind(self.clock_now().await?)
             .push(")");
         if let Some(prefix) = query.prefix.as_deref().filter(|p| !p.is_empty()) {
             qb.push(" AND key >= ")

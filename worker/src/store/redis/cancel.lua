@@ -1,7 +1,7 @@
--- Cancels job ARGV[3] at ARGV[4]: a waiting one at once, a running one by flagging it and
+-- Cancels job ARGV[3] at the store's clock: a waiting one at once, a running one by flagging it and
 -- telling its worker on channel ARGV[2]. Returns {'cancelled'}, {'requested'}, {'missing'}
 -- or {'wrong', state}.
-local id, now = ARGV[3], ARGV[4]
+local id, now = ARGV[3], fmt(store_now())
 local h = load(id)
 if not h then
   return { 'missing' }

@@ -1,10 +1,11 @@
--- Claims up to ARGV[3] jobs. ARGV: base, now, limit, worker, lease deadline, promote chunk,
--- inline limit. First promotes a bounded chunk of due delayed jobs, so a due job needs no
+-- Claims up to ARGV[3] jobs. ARGV: base, lease (µs), limit, worker, promote chunk, inline
+-- limit. The claim's time and the lease deadline are on the store's clock. First promotes a bounded chunk of due delayed jobs, so a due job needs no
 -- promoter. Returns one {id, fields, history} per claimed job. The fields are the job's hash
--- and history when at most ARGV[7] jobs were claimed, else empty: the caller then reads them,
+-- and history when at most ARGV[6] jobs were claimed, else empty: the caller then reads them,
 -- since handing a hash through Lua costs the server about three times a plain HGETALL.
-local now, worker, until_ = ARGV[2], ARGV[4], ARGV[5]
-promote(now, tonumber(ARGV[6]))
+local t = store_now()
+local now, worker, until_ = fmt(t), ARGV[4], fmt(t + tonumber(ARGV[2]))
+promote(now, tonumber(ARGV[5]))
 local popped = redis.call('ZPOPMIN', base .. ':ready', tonumber(ARGV[3]))
 local prefix = base .. ':job:'
 -- The index changes are collected and sent as one command per set.
@@ -28,7 +29,7 @@ if #claimed > 0 then
 end
 local out = {}
 for i, id in ipairs(claimed) do
-  if #claimed <= tonumber(ARGV[7]) then
+  if #claimed <= tonumber(ARGV[6]) then
     out[i] = { id, redis.call('HGETALL', prefix .. id), redis.call('GET', hist_key(id)) }
   else
     out[i] = { id, {}, false }

@@ -1,6 +1,6 @@
--- Renews the leases of every job ARGV[2] runs on this queue until ARGV[3]; returns the ids
--- among them whose cancellation was requested.
-local worker, until_ = ARGV[2], ARGV[3]
+-- Renews the leases of every job ARGV[2] runs on this queue for ARGV[3] µs from the store's
+-- clock; returns the ids among them whose cancellation was requested.
+local worker, until_ = ARGV[2], fmt(store_now() + tonumber(ARGV[3]))
 local set = base .. ':w:' .. worker
 local cancel = {}
 for _, id in ipairs(redis.call('SMEMBERS', set)) do

@@ -232,7 +232,9 @@ impl MetaStore for RedisStore {
             return Ok(None);
         };
         let expires_at = opt_time(exp.as_deref().unwrap_or(""))?;
-        if expires_at.is_some_and(|e| e <= Utc::now()) {
+        if let Some(e) = expires_at
+            && e <= self.clock_now().await?
+        {
             return Ok(None);
         }
         Ok(Some(Record {
@@ -248,7 +250,7 @@ impl MetaStore for RedisStore {
     async fn meta_put(&self, put: Put<'_>) -> Result<Record> {
         check_names(put.collection, put.key)?;
         let (rec, idx, exp) = self.meta_keys(put.collection, put.key);
-        let now = Utc::now();
+        let now = self.clock_now().await?;
         let now_us = now.timestamp_micros();
         let expires_at = put.ttl.map(|t| after(now, t));
         let (kind, want) = match put.expect {
@@ -308,7 +310,7 @@ impl MetaStore for RedisStore {
                     .key(&idx)
                     .key(&exp)
                     .arg(format!("{collection}:{key}"))
-                    .arg(Utc::now().timestamp_micros())
+                    .arg(self.clock_now().await?.timestamp_micros())
                     .arg(want)
                     .arg(key),
             )
@@ -331,7 +333,7 @@ impl MetaStore for RedisStore {
                     .arg(high)
                     .arg(query.limit)
                     .arg(if query.descending { "1" } else { "0" })
-                    .arg(Utc::now().timestamp_micros()),
+                    .arg(self.clock_now().await?.timestamp_micros()),
             )
             .await?;
         flat.chunks_exact(5)

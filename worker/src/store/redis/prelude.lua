@@ -7,6 +7,15 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
+-- The store's clock in microseconds, as a string like every time in a job's hash. Every
+-- instant another process compares (a claim, a lease's deadline) is taken on this one clock,
+-- not on the clock of whichever machine called the script. TIME is allowed in scripts since
+-- Redis 5 (scripts replicate their effects).
+local function store_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
 local function jkey(id)
   return base .. ':job:' .. id
 end

@@ -1,10 +1,10 @@
--- Makes each listed job that is not running available at ARGV[4] with a fresh attempt budget.
--- ARGV: base, jobs channel, queue, now, ids... Returns one answer per id: 'ok', 'missing', or
+-- Makes each listed job that is not running available now (the store's clock) with a fresh
+-- attempt budget. ARGV: base, jobs channel, queue, ids... Returns one answer per id: 'ok', 'missing', or
 -- the state that refused it.
-local now = ARGV[4]
+local now = fmt(store_now())
 local out = {}
 local ready = false
-for i = 5, #ARGV do
+for i = 4, #ARGV do
   local id = ARGV[i]
   local h = load(id)
   if not h then

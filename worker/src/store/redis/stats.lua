@@ -1,12 +1,13 @@
--- Counts per state (in the order of ARGV[3..9]) and the run_at of the oldest job ready at
--- ARGV[2] ('' when none), all as strings. The ready set sorts by priority first, so its
+-- Counts per state (in the order of ARGV[2..8]), the run_at of the oldest job ready now ('' when
+-- none) and now, all as strings; now is the store's clock. The ready set sorts by priority first, so its
 -- oldest job is the oldest head among the priority bands; at most 64 bands are looked at.
+local now = fmt(store_now())
 local out = {}
-for i = 3, 9 do
+for i = 2, 8 do
   out[#out + 1] = tostring(redis.call('ZCARD', state_set(ARGV[i])))
 end
 local oldest = nil
-local d = redis.call('ZRANGEBYSCORE', base .. ':delayed', '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, 1)
+local d = redis.call('ZRANGEBYSCORE', base .. ':delayed', '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1)
 if #d > 0 then
   oldest = tonumber(redis.call('HGET', jkey(d[1]), 'run_at') or d[2])
 end
@@ -23,4 +24,5 @@ for _ = 1, 64 do
   lo = fmt((math.floor(tonumber(r[2]) / 1e13) + 1) * 1e13)
 end
 out[#out + 1] = oldest and fmt(oldest) or ''
+out[#out + 1] = now
 return out
