@@ -54,9 +54,10 @@ pub enum Error {
     /// The database said no or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// Redis said no or could not be reached.
+    /// Redis said no or could not be reached. (Its "out of memory" refusal becomes
+    /// [`Error::StoreFull`] instead: see the `From` impl below.)
     #[error("redis error: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[source] redis::RedisError),
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -72,6 +73,12 @@ impl Error {
             field: field.into(),
             message: message.into(),
         }
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        crate::store::redis::store_error(e)
     }
 }
 

@@ -241,6 +241,8 @@ pub struct RedisStore {
     keys: Arc<Keys>,
     running: Arc<RunningQueues>,
     events: broadcast::Sender<StoreEvent>,
+    /// What the server check at connect warned about.
+    warnings: Arc<Vec<String>>,
     /// Stops the subscriber task when the last clone is dropped.
     _subscriber: Arc<DropGuard>,
 }
@@ -282,11 +284,170 @@ fn split_prefix(url: &str) -> Result<(String, String)> {
     Ok((url, prefix))
 }
 
+/// Takes `allow_eviction=true|false` off a Redis URL (the rest goes on to the client):
+/// whether to start on a server whose `maxmemory-policy` may evict keys.
+fn split_allow_eviction(url: &str) -> Result<(String, bool)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), false));
+    };
+    let mut allow = false;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("allow_eviction", value)) => {
+                allow = match value {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    other => {
+                        return Err(Error::BadUrl {
+                            url: redact_url(url),
+                            reason: format!("allow_eviction must be true or false, not `{other}`"),
+                        });
+                    }
+                }
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, allow))
+}
+
+/// Reads `INFO <section>` as field → value.
+async fn server_info(conn: &ConnectionManager, section: &str) -> Result<HashMap<String, String>> {
+    let mut conn = conn.clone();
+    let text: String = ::redis::cmd("INFO")
+        .arg(section)
+        .query_async(&mut conn)
+        .await?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect())
+}
+
+/// `CONFIG GET name`, or `None` where the server does not allow it (managed Redis often
+/// disables or renames CONFIG).
+async fn config_get(conn: &ConnectionManager, name: &str) -> Option<String> {
+    let mut conn = conn.clone();
+    let pairs: Vec<String> = ::redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    pairs.get(1).cloned()
+}
+
+/// Checks the settings a job store depends on; `server` (the redacted URL) names the server
+/// in messages.
+///
+/// - A `maxmemory-policy` other than `noeviction` lets Redis delete keys when memory runs
+///   short: jobs disappear, an idempotency key is taken again by a second job, index sets
+///   point at deleted jobs, API keys vanish, all without an error. Such a server is refused
+///   (read from `INFO memory`, which managed Redis allows where it disables CONFIG), unless
+///   the URL says `allow_eviction=true`; then it is a warning.
+/// - Without AOF and without RDB snapshots a restart brings the server back empty: a warning.
+///
+/// Returns the warnings.
+pub async fn check_server(
+    conn: &ConnectionManager,
+    server: &str,
+    allow_eviction: bool,
+) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    let memory = server_info(conn, "memory").await?;
+    let policy = match memory.get("maxmemory_policy") {
+        Some(p) => Some(p.clone()),
+        None => config_get(conn, "maxmemory-policy").await,
+    };
+    match policy.as_deref() {
+        Some("noeviction") => {}
+        Some(policy) => {
+            let problem = eviction_problem(server, policy);
+            if !allow_eviction {
+                return Err(Error::Unsupported(format!(
+                    "{problem} Set `maxmemory-policy noeviction` (`CONFIG SET maxmemory-policy noeviction` and `CONFIG REWRITE`, in redis.conf, or in your provider's parameter group), or, if the risk is understood, add `allow_eviction=true` to the store URL"
+                )));
+            }
+            warnings.push(format!("{problem} Starting anyway: the store URL says allow_eviction=true."));
+        }
+        None => warnings.push(format!(
+            "could not read the maxmemory-policy of Redis at {server}; it must be noeviction, or Redis may delete jobs when memory runs short"
+        )),
+    }
+    let persistence = server_info(conn, "persistence").await?;
+    let aof = persistence.get("aof_enabled").is_some_and(|v| v == "1");
+    let save = config_get(conn, "save").await;
+    warnings.extend(persistence_warnings(server, aof, save.as_deref()));
+    Ok(warnings)
+}
+
+fn eviction_problem(server: &str, policy: &str) -> String {
+    format!(
+        "Redis at {server} has maxmemory-policy `{policy}`: when memory runs short it deletes keys, and Conveyor's jobs, idempotency keys, indexes and API keys are keys, so jobs are lost without an error."
+    )
+}
+
+/// Why a restart of the server would lose the store: a warning when neither the append-only
+/// file (`aof`, from `INFO persistence`) nor RDB snapshots (`save`, from `CONFIG GET save`;
+/// `None` when CONFIG is not allowed, as on most managed Redis) are on.
+pub fn persistence_warnings(server: &str, aof: bool, save: Option<&str>) -> Vec<String> {
+    const FIX: &str = "turn on the append-only file (`appendonly yes`, `appendfsync everysec`) or snapshots (`save 60 1000`) in redis.conf or your provider's settings";
+    match (aof, save.map(str::trim)) {
+        (true, _) => Vec::new(),
+        (false, Some(save)) if !save.is_empty() => Vec::new(),
+        (false, Some(_)) => vec![format!(
+            "Redis at {server} has neither the append-only file nor RDB snapshots on: if it restarts, every job, schedule and API key is gone. For a job store, {FIX}"
+        )],
+        (false, None) => vec![format!(
+            "Redis at {server} has the append-only file off, and its snapshot setting cannot be read (CONFIG is not allowed): unless snapshots or your provider's persistence are on, a restart loses every job, schedule and API key. For a job store, {FIX}"
+        )],
+    }
+}
+
+/// Logs each warning once per process, however many stores connect.
+fn log_once(warnings: &[String]) {
+    static LOGGED: LazyLock<std::sync::Mutex<BTreeSet<String>>> = LazyLock::new(Default::default);
+    let mut logged = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
+    for w in warnings {
+        if logged.insert(w.clone()) {
+            tracing::warn!("{w}");
+        }
+    }
+}
+
+/// What Redis answers when it refuses a write at `maxmemory` (policy `noeviction`).
+const OOM_REPLY: &str = "OOM command not allowed";
+
+/// A Redis error as this crate's: an out-of-memory refusal, alone or inside a pipeline, a
+/// transaction or a script, becomes [`Error::StoreFull`] saying what to do; anything else is
+/// [`Error::Redis`].
+pub(crate) fn store_error(e: ::redis::RedisError) -> Error {
+    if e.code() == Some("OOM") || e.to_string().contains(OOM_REPLY) {
+        Error::StoreFull(out_of_memory())
+    } else {
+        Error::Redis(e)
+    }
+}
+
+/// The message of [`Error::StoreFull`] on Redis.
+fn out_of_memory() -> String {
+    "Redis is out of memory: it reached `maxmemory` and refuses writes (reads still work). Give it room: raise `maxmemory` (`CONFIG SET maxmemory <bytes>`, redis.conf, or your provider's settings), delete dead jobs (`conveyor dead purge --all`), or shorten `maintenance.pruner.retention` so finished jobs are deleted sooner".into()
+}
+
 impl RedisStore {
-    /// Connects to `redis://host:port/db[?prefix=name]` and starts the subscriber task.
+    /// Connects to `redis://host:port/db[?prefix=name][&allow_eviction=true]`, checks the
+    /// server's settings (see [`check_server`]) and starts the subscriber task.
     pub async fn connect(url: &str, _options: &StoreOptions) -> Result<Self> {
         // One multiplexed connection serves every caller, so `max_connections` does not apply.
-        let (conn_url, prefix) = split_prefix(url)?;
+        let (url_without_flag, allow_eviction) = split_allow_eviction(url)?;
+        let (conn_url, prefix) = split_prefix(&url_without_flag)?;
         let client = ::redis::Client::open(conn_url.as_str()).map_err(|e| Error::BadUrl {
             url: redact_url(url),
             reason: e.to_string(),
@@ -297,6 +458,8 @@ impl RedisStore {
             .set_response_timeout(Some(Duration::from_secs(30)))
             .set_number_of_retries(3);
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let warnings = check_server(&conn, &redact_url(url), allow_eviction).await?;
+        log_once(&warnings);
         let keys = Arc::new(Keys { prefix });
         let (events, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
@@ -311,8 +474,15 @@ impl RedisStore {
             keys,
             running: Arc::default(),
             events,
+            warnings: Arc::new(warnings),
             _subscriber: Arc::new(stop.drop_guard()),
         })
+    }
+
+    /// What [`check_server`] found worth a warning when this store connected (each is logged
+    /// once per process): no persistence, or eviction allowed by `allow_eviction=true`.
+    pub fn server_warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// The key prefix this store uses.
@@ -1569,11 +1739,16 @@ impl Store for RedisStore {
             }
             self.run::<()>(&pipe).await?;
         }
-        ::redis::cmd("SET")
-            .arg(self.keys.version())
-            .arg(LAYOUT_VERSION)
-            .query_async::<()>(&mut conn)
-            .await?;
+        // Nothing is written when the layout is current, so every process can start (and
+        // read) on a Redis that is out of memory and refuses writes. Loading scripts is not
+        // a write Redis refuses.
+        if found != Some(LAYOUT_VERSION) {
+            ::redis::cmd("SET")
+                .arg(self.keys.version())
+                .arg(LAYOUT_VERSION)
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
         self.load_scripts().await
     }
 
