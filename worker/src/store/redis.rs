@@ -997,7 +997,14 @@ impl RedisStore {
         woken.dedup();
         self.wake(woken);
         if let Some(e) = failed {
-            return Err(e);
+            let stored = answers.iter().filter(|a| a.is_some()).count();
+            return Err(match e {
+                Error::StoreFull(msg) if stored > 0 => Error::StoreFull(format!(
+                    "{msg}. {stored} of the {} jobs of this enqueue were stored (or found to exist) before that; once Redis has room, sending the same jobs again returns those with an idempotency key as duplicates and enqueues jobs without one a second time",
+                    jobs.len()
+                )),
+                e => e,
+            });
         }
         for (i, first) in follows {
             answers[i] = answers[first].clone().map(|a| Enqueued {
@@ -1059,13 +1066,8 @@ impl RedisStore {
             return Ok(out);
         }
         let pipe = self.insert_pipeline(batch, queue, &inserting)?;
-        if let Err(e) = self.run_checked(&pipe).await {
-            // An insert whose answer was lost may still have been applied, and its key
-            // confirmations with it or not: confirm every claim whose job exists, so the key
-            // outlives the claim's expiry. Unconfirmed claims of jobs that do not exist expire.
-            self.confirm_existing(batch, &claimed).await;
-            return Err(e);
-        }
+        self.run_insert(&pipe, batch, queue, &inserting, &claimed)
+            .await?;
         out.extend(inserting.into_iter().map(|i| {
             (
                 i,
@@ -1092,20 +1094,13 @@ impl RedisStore {
         let (jobs, ids) = (batch.jobs, &batch.id_text);
         let base = self.keys.queue(queue);
         let mut pipe = ::redis::pipe();
-        pipe.cmd("SADD").arg(self.keys.queues()).arg(queue).ignore();
-        let generated: Vec<usize> = part
-            .iter()
-            .copied()
-            .filter(|&i| jobs[i].id.is_none())
-            .collect();
-        if !generated.is_empty() {
-            let mut hset = ::redis::cmd("HSET");
-            hset.arg(self.keys.index());
-            for &i in &generated {
-                hset.arg(&ids[i]).arg(queue);
-            }
-            pipe.add_command(hset).ignore();
+        // Every reply comes back, errors included: `run_insert` tells from them what applied.
+        pipe.ignore_errors();
+        for cmd in self.registry_writes(batch, queue, part) {
+            pipe.add_command(cmd);
         }
+        // Inside the transaction every reply is kept too: a command Redis refuses as it is
+        // queued (out of memory) is why the whole transaction is then refused.
         pipe.cmd("MULTI").ignore();
         // Sized up front: each member is an id of 36 bytes and a score of up to 20.
         let zadd = |key: String| {
@@ -1154,7 +1149,7 @@ impl RedisStore {
                     hset.arg("metadata").arg(serde_json::to_string(other)?);
                 }
             }
-            pipe.add_command(hset).ignore();
+            pipe.add_command(hset);
             if batch.states[i] == JobState::Available {
                 listed.arg(0).arg(&ids[i]);
                 ready_score(&mut ordered, job.priority, run_at);
@@ -1167,16 +1162,13 @@ impl RedisStore {
             }
         }
         if ready {
-            pipe.add_command(listed).ignore();
-            pipe.add_command(ordered).ignore();
-            pipe.cmd("PUBLISH")
-                .arg(self.keys.jobs_channel())
-                .arg(queue)
-                .ignore();
+            pipe.add_command(listed);
+            pipe.add_command(ordered);
+            pipe.cmd("PUBLISH").arg(self.keys.jobs_channel()).arg(queue);
         }
         if waiting {
-            pipe.add_command(later).ignore();
-            pipe.add_command(delayed).ignore();
+            pipe.add_command(later);
+            pipe.add_command(delayed);
         }
         pipe.cmd("EXEC");
         // A plain PERSIST: the key was claimed by this call a moment ago and a claim lasts
@@ -1189,24 +1181,125 @@ impl RedisStore {
         Ok(pipe)
     }
 
-    /// Runs a pipeline whose one unignored reply is an `EXEC`'s, and fails if the
-    /// transaction was refused or any of its commands failed.
-    async fn run_checked(&self, pipe: &Pipeline) -> Result<()> {
-        let (exec,): (::redis::Value,) = self.run(pipe).await?;
-        let replies = match exec {
-            ::redis::Value::Array(replies) => replies,
-            other => {
-                return Err(Error::Unsupported(format!(
-                    "Redis refused a transaction: {other:?}"
-                )));
+    /// The writes before a part's transaction: the queue into the queue registry, generated
+    /// ids into the id index (caller-chosen ones were reserved there already).
+    fn registry_writes(
+        &self,
+        batch: &Incoming<'_>,
+        queue: &str,
+        part: &[usize],
+    ) -> Vec<::redis::Cmd> {
+        let mut sadd = ::redis::cmd("SADD");
+        sadd.arg(self.keys.queues()).arg(queue);
+        let mut cmds = vec![sadd];
+        let generated: Vec<usize> = part
+            .iter()
+            .copied()
+            .filter(|&i| batch.jobs[i].id.is_none())
+            .collect();
+        if !generated.is_empty() {
+            let mut hset = ::redis::cmd("HSET");
+            hset.arg(self.keys.index());
+            for &i in &generated {
+                hset.arg(&batch.id_text[i]).arg(queue);
+            }
+            cmds.push(hset);
+        }
+        cmds
+    }
+
+    /// Runs a part's insert pipeline (see [`Self::insert_pipeline`]) and leaves the part
+    /// either applied whole or, as far as the answers tell, not at all:
+    ///
+    /// - transaction refused (Redis out of memory refuses it whole): nothing of it applied,
+    ///   so the part's ids leave the index and its key claims are freed (the `PERSIST`s
+    ///   after `EXEC` ran regardless). A retry of the call inserts these jobs; no key is left
+    ///   pointing at a job that does not exist.
+    /// - transaction applied but a write before it refused (memory freed by someone else in
+    ///   between): the refused writes are sent again, so the jobs are listed and found.
+    /// - no answer (connection lost): the insert may have been applied, and its key
+    ///   confirmations with it or not: every claim whose job exists is confirmed, so the key
+    ///   outlives the claim's expiry. Unconfirmed claims of jobs that do not exist expire.
+    async fn run_insert(
+        &self,
+        pipe: &Pipeline,
+        batch: &Incoming<'_>,
+        queue: &str,
+        inserting: &[usize],
+        claimed: &[usize],
+    ) -> Result<()> {
+        let mut replies: Vec<::redis::Value> = match self.run(pipe).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                self.confirm_existing(batch, claimed).await;
+                return Err(e);
             }
         };
-        for reply in replies {
-            if let ::redis::Value::ServerError(e) = reply {
-                return Err(Error::Unsupported(format!("Redis failed a write: {e:?}")));
+        let exec = replies.pop().map(::redis::Value::extract_error);
+        // Why a transaction was refused: the first command refused before or inside it.
+        let cause = |replies: Vec<::redis::Value>, exec: ::redis::RedisError| {
+            replies
+                .into_iter()
+                .find_map(|r| r.extract_error().err())
+                .unwrap_or(exec)
+        };
+        match exec {
+            Some(Ok(::redis::Value::Array(results))) => {
+                if let Some(e) = results.into_iter().find_map(|r| r.extract_error().err()) {
+                    // A command inside the transaction failed on its own (a key of the wrong
+                    // type: data not written by this version). The others applied.
+                    self.confirm_existing(batch, claimed).await;
+                    return Err(Error::Unsupported(format!(
+                        "Redis failed a write while enqueueing into queue `{queue}`: {e}"
+                    )));
+                }
+            }
+            Some(Err(e)) => {
+                self.undo_insert(batch, inserting, claimed).await;
+                return Err(cause(replies, e).into());
+            }
+            other => {
+                self.confirm_existing(batch, claimed).await;
+                return Err(Error::Unsupported(format!(
+                    "Redis answered a transaction with {other:?}"
+                )));
+            }
+        }
+        // The transaction applied, so every command inside it was queued: a refused reply
+        // is one of the writes before it.
+        if replies
+            .iter()
+            .any(|r| matches!(r, ::redis::Value::ServerError(_)))
+        {
+            let mut repair = ::redis::pipe();
+            for cmd in self.registry_writes(batch, queue, inserting) {
+                repair.add_command(cmd).ignore();
+            }
+            if let Err(e) = self.run::<()>(&repair).await {
+                tracing::error!(queue, error = %e, "jobs were inserted but could not be entered into the queue registry and id index; a retry of the enqueue repairs it");
+                return Err(e);
             }
         }
         Ok(())
+    }
+
+    /// After a refused insert transaction: takes the part's ids out of the index and frees
+    /// its key claims (only those this call still holds). Neither step is a write Redis
+    /// refuses when out of memory.
+    async fn undo_insert(&self, batch: &Incoming<'_>, inserting: &[usize], claimed: &[usize]) {
+        let mut pipe = ::redis::pipe();
+        for chunk in inserting.chunks(CHUNK) {
+            let mut hdel = ::redis::cmd("HDEL");
+            hdel.arg(self.keys.index());
+            for &i in chunk {
+                hdel.arg(&batch.id_text[i]);
+            }
+            pipe.add_command(hdel).ignore();
+        }
+        if let Err(e) = self.run::<()>(&pipe).await {
+            tracing::warn!(error = %e, "could not take the ids of a refused enqueue out of the index; lookups of them find no job");
+        }
+        self.release_claims(batch, claimed).await;
     }
 
     /// Claims the idempotency keys of `which` jobs. Per job: `None` when claimed (insert it),
@@ -1379,21 +1472,26 @@ impl RedisStore {
             return Ok(());
         }
         let mut pipe = ::redis::pipe();
+        // Every reply comes back, errors included, so a part refused half-way (Redis out of
+        // memory) undoes exactly the reservations it made.
+        pipe.ignore_errors();
         for &i in &chosen {
             pipe.cmd("HSETNX")
                 .arg(self.keys.index())
                 .arg(ids[i].to_string())
                 .arg(&jobs[i].queue);
         }
-        let set: Vec<i64> = self.run(&pipe).await?;
-        let Some(pos) = set.iter().position(|&s| s == 0) else {
+        let set: Vec<::redis::Value> = self.run(&pipe).await?;
+        let taken = set.iter().position(|s| matches!(s, ::redis::Value::Int(0)));
+        let refused = set.iter().find_map(|s| s.clone().extract_error().err());
+        if taken.is_none() && refused.is_none() {
             return Ok(());
-        };
+        }
         let mut undo = ::redis::cmd("HDEL");
         undo.arg(self.keys.index());
         let mut any = false;
-        for (&i, &s) in chosen.iter().zip(&set) {
-            if s == 1 {
+        for (&i, s) in chosen.iter().zip(&set) {
+            if matches!(s, ::redis::Value::Int(1)) {
                 undo.arg(ids[i].to_string());
                 any = true;
             }
@@ -1402,10 +1500,14 @@ impl RedisStore {
             let mut conn = self.conn.clone();
             undo.query_async::<()>(&mut conn).await?;
         }
-        Err(Error::invalid(
-            "id",
-            format!("job id {} already exists", ids[chosen[pos]]),
-        ))
+        match (refused, taken) {
+            (Some(e), _) => Err(e.into()),
+            (None, Some(pos)) => Err(Error::invalid(
+                "id",
+                format!("job id {} already exists", ids[chosen[pos]]),
+            )),
+            (None, None) => Ok(()),
+        }
     }
 
     /// Why an operation on `id` changed nothing: it is missing, or in the wrong state.

@@ -3,6 +3,12 @@
 -- promoter. Returns one {id, fields, history} per claimed job. The fields are the job's hash
 -- and history when at most ARGV[7] jobs were claimed, else empty: the caller then reads them,
 -- since handing a hash through Lua costs the server about three times a plain HGETALL.
+-- A write Redis refuses when it is out of memory, made first (it changes nothing: `XX`
+-- with a member that never exists), so that then the whole claim is refused. Otherwise the
+-- pop below, a write Redis allows even then, would let the claim through, and the jobs
+-- would run with no outcome that can be written (Redis refuses the finish script's first
+-- write too).
+redis.call('ZADD', base .. ':leases', 'XX', 0, '')
 local now, worker, until_ = ARGV[2], ARGV[4], ARGV[5]
 promote(now, tonumber(ARGV[6]))
 local popped = redis.call('ZPOPMIN', base .. ':ready', tonumber(ARGV[3]))
