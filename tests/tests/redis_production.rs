@@ -384,6 +384,10 @@ async fn a_full_server_refuses_writes_clearly_answers_reads_and_loses_nothing() 
         .await
         .expect("a process starts on a full store");
     assert_eq!(again.count(&JobFilter::default()).await.unwrap(), stored);
+    // Deleting frees memory, so Redis allows it while full.
+    let gone = acked.pop().unwrap();
+    s.discard(gone).await.expect("discard on a full store");
+    assert!(s.get(gone).await.unwrap().is_none());
     // A worker claims nothing it could not finish.
     let claim = s
         .fetch(FetchRequest {
