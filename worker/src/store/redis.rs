@@ -60,7 +60,16 @@
 //! steps, ordered so that a crash leaves at worst a claim that expires or a key that the next
 //! enqueue frees. The plain `PERSIST` assumes an insert follows its claim within the claim's
 //! 60 s (as the expiry itself does). An enqueue whose answer was lost can be repeated: see
-//! the comment on `RedisStore::insert`.
+//! the comment on `RedisStore::insert`. A part whose insert Redis refused (out of memory)
+//! frees its claims and index entries at once (`RedisStore::run_insert`).
+//!
+//! # Server settings
+//!
+//! [`check_server`] runs at connect: a `maxmemory-policy` that may evict keys is refused
+//! (unless `?allow_eviction=true`), and no persistence is a warning. A Redis at `maxmemory`
+//! refuses writes; that error is [`Error::StoreFull`] (`store_error`). Reads, deletes and
+//! a start on a current layout write nothing Redis refuses, so they keep working; the fetch
+//! script is refused whole (see `fetch.lua`), so no job is claimed that could not finish.
 //!
 //! # Wake-up
 //!
@@ -2262,6 +2271,43 @@ mod tests {
         );
         assert!(split_prefix("redis://h/0?prefix=").is_err());
         assert!(split_prefix("redis://h/0?prefix={x}").is_err());
+    }
+
+    #[test]
+    fn allow_eviction_comes_off_the_url() {
+        assert_eq!(
+            split_allow_eviction("redis://h/0").unwrap(),
+            ("redis://h/0".to_string(), false)
+        );
+        assert_eq!(
+            split_allow_eviction("redis://h/0?prefix=a&allow_eviction=true").unwrap(),
+            ("redis://h/0?prefix=a".to_string(), true)
+        );
+        assert_eq!(
+            split_allow_eviction("redis://h/0?allow_eviction=false&protocol=resp3").unwrap(),
+            ("redis://h/0?protocol=resp3".to_string(), false)
+        );
+        assert!(split_allow_eviction("redis://h/0?allow_eviction=yes").is_err());
+    }
+
+    #[test]
+    fn an_out_of_memory_refusal_is_a_full_store() {
+        let oom = ::redis::RedisError::from((
+            ::redis::ErrorKind::Extension,
+            "pipeline",
+            "OOM command not allowed when used memory > 'maxmemory'.".to_string(),
+        ));
+        assert!(matches!(store_error(oom), Error::StoreFull(m) if m.contains("maxmemory")));
+        let other = ::redis::RedisError::from((::redis::ErrorKind::Io, "connection reset"));
+        assert!(matches!(store_error(other), Error::Redis(_)));
+    }
+
+    #[test]
+    fn persistence_warns_only_when_nothing_persists() {
+        assert!(persistence_warnings("r", true, Some("")).is_empty());
+        assert!(persistence_warnings("r", false, Some("3600 1 300 100")).is_empty());
+        assert_eq!(persistence_warnings("r", false, Some("")).len(), 1);
+        assert_eq!(persistence_warnings("r", false, None).len(), 1);
     }
 
     #[test]
