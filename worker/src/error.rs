@@ -54,8 +54,7 @@ pub enum Error {
     /// The database said no or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// Redis said no or could not be reached. (Its "out of memory" refusal becomes
-    /// [`Error::StoreFull`] instead: see the `From` impl below.)
+    /// Redis said no or could not be reached.
     #[error("redis error: {0}")]
     Redis(#[source] redis::RedisError),
     /// Applying migrations failed.
@@ -66,6 +65,14 @@ pub enum Error {
     Corrupt(#[from] serde_json::Error),
 }
 
+/// Redis refusing a write because it is out of memory is [`Error::StoreFull`]; every other
+/// Redis error is [`Error::Redis`].
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        crate::store::redis::store_error(e)
+    }
+}
+
 impl Error {
     /// Shorthand for [`Error::InvalidInput`].
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -73,12 +80,6 @@ impl Error {
             field: field.into(),
             message: message.into(),
         }
-    }
-}
-
-impl From<redis::RedisError> for Error {
-    fn from(e: redis::RedisError) -> Self {
-        crate::store::redis::store_error(e)
     }
 }
 

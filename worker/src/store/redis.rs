@@ -247,11 +247,11 @@ impl RunningQueues {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// What the server check at connect warned about.
+    warnings: Arc<Vec<String>>,
     keys: Arc<Keys>,
     running: Arc<RunningQueues>,
     events: broadcast::Sender<StoreEvent>,
-    /// What the server check at connect warned about.
-    warnings: Arc<Vec<String>>,
     /// Stops the subscriber task when the last clone is dropped.
     _subscriber: Arc<DropGuard>,
 }
@@ -271,6 +271,8 @@ fn split_prefix(url: &str) -> Result<(String, String)> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("prefix", value)) => prefix = Some(value.to_string()),
+            // Read by `allow_eviction`.
+            Some(("allow_eviction", _)) => {}
             _ => rest.push(pair),
         }
     }
@@ -293,37 +295,27 @@ fn split_prefix(url: &str) -> Result<(String, String)> {
     Ok((url, prefix))
 }
 
-/// Takes `allow_eviction=true|false` off a Redis URL (the rest goes on to the client):
-/// whether to start on a server whose `maxmemory-policy` may evict keys.
-fn split_allow_eviction(url: &str) -> Result<(String, bool)> {
-    let Some((base, query)) = url.split_once('?') else {
-        return Ok((url.to_string(), false));
-    };
+/// The URL's `allow_eviction=true|false` (default false): whether to start on a server whose
+/// `maxmemory-policy` may evict keys. [`split_prefix`] leaves it out of the URL the client
+/// connects with.
+fn allow_eviction(url: &str) -> Result<bool> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
     let mut allow = false;
-    let mut rest = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("allow_eviction", value)) => {
-                allow = match value {
-                    "true" | "1" => true,
-                    "false" | "0" => false,
-                    other => {
-                        return Err(Error::BadUrl {
-                            url: redact_url(url),
-                            reason: format!("allow_eviction must be true or false, not `{other}`"),
-                        });
-                    }
+    for pair in query.split('&') {
+        if let Some(("allow_eviction", value)) = pair.split_once('=') {
+            allow = match value {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => {
+                    return Err(Error::BadUrl {
+                        url: redact_url(url),
+                        reason: format!("allow_eviction must be true or false, not `{other}`"),
+                    });
                 }
-            }
-            _ => rest.push(pair),
+            };
         }
     }
-    let url = if rest.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}?{}", rest.join("&"))
-    };
-    Ok((url, allow))
+    Ok(allow)
 }
 
 /// Reads `INFO <section>` as field → value.
@@ -454,9 +446,9 @@ impl RedisStore {
     /// Connects to `redis://host:port/db[?prefix=name][&allow_eviction=true]`, checks the
     /// server's settings (see [`check_server`]) and starts the subscriber task.
     pub async fn connect(url: &str, _options: &StoreOptions) -> Result<Self> {
+        let allow_eviction = allow_eviction(url)?;
         // One multiplexed connection serves every caller, so `max_connections` does not apply.
-        let (url_without_flag, allow_eviction) = split_allow_eviction(url)?;
-        let (conn_url, prefix) = split_prefix(&url_without_flag)?;
+        let (conn_url, prefix) = split_prefix(url)?;
         let client = ::redis::Client::open(conn_url.as_str()).map_err(|e| Error::BadUrl {
             url: redact_url(url),
             reason: e.to_string(),
@@ -467,9 +459,9 @@ impl RedisStore {
             .set_response_timeout(Some(Duration::from_secs(30)))
             .set_number_of_retries(3);
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let keys = Arc::new(Keys { prefix });
         let warnings = check_server(&conn, &redact_url(url), allow_eviction).await?;
         log_once(&warnings);
-        let keys = Arc::new(Keys { prefix });
         let (events, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
         tokio::spawn(subscribe_loop(
@@ -480,10 +472,10 @@ impl RedisStore {
         ));
         Ok(Self {
             conn,
+            warnings: Arc::new(warnings),
             keys,
             running: Arc::default(),
             events,
-            warnings: Arc::new(warnings),
             _subscriber: Arc::new(stop.drop_guard()),
         })
     }
@@ -2275,19 +2267,17 @@ mod tests {
 
     #[test]
     fn allow_eviction_comes_off_the_url() {
+        assert!(!allow_eviction("redis://h/0").unwrap());
+        assert!(allow_eviction("redis://h/0?prefix=a&allow_eviction=true").unwrap());
+        assert!(!allow_eviction("redis://h/0?allow_eviction=false&protocol=resp3").unwrap());
+        assert!(allow_eviction("redis://h/0?allow_eviction=yes").is_err());
         assert_eq!(
-            split_allow_eviction("redis://h/0").unwrap(),
-            ("redis://h/0".to_string(), false)
+            split_prefix("redis://h/0?allow_eviction=true&protocol=resp3").unwrap(),
+            (
+                "redis://h/0?protocol=resp3".to_string(),
+                "conveyor".to_string()
+            )
         );
-        assert_eq!(
-            split_allow_eviction("redis://h/0?prefix=a&allow_eviction=true").unwrap(),
-            ("redis://h/0?prefix=a".to_string(), true)
-        );
-        assert_eq!(
-            split_allow_eviction("redis://h/0?allow_eviction=false&protocol=resp3").unwrap(),
-            ("redis://h/0?protocol=resp3".to_string(), false)
-        );
-        assert!(split_allow_eviction("redis://h/0?allow_eviction=yes").is_err());
     }
 
     #[test]
