@@ -228,11 +228,29 @@ async fn a_server_that_keeps_nothing_across_a_restart_is_warned_about() {
         .await
         .unwrap();
     assert!(rdb.is_empty(), "{rdb:?}");
-    // Managed Redis that refuses CONFIG: the snapshot setting is unknown, so it is a
-    // warning that says so.
-    let unknown = persistence_warnings("redis://h:6379/0", false, None);
+    // Managed Redis that refuses CONFIG (and here INFO too): the store starts, and says
+    // what it could not check.
+    let managed = warnings(&[
+        "--save",
+        "",
+        "--rename-command",
+        "CONFIG",
+        "",
+        "--rename-command",
+        "INFO",
+        "",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(managed.len(), 2, "{managed:?}");
     assert!(
-        unknown.len() == 1 && unknown[0].contains("cannot be read"),
+        managed[0].contains("could not read the maxmemory-policy"),
+        "{managed:?}"
+    );
+    assert!(managed[1].contains("could not confirm"), "{managed:?}");
+    let unknown = persistence_warnings("redis://h:6379/0", Some(false), None);
+    assert!(
+        unknown.len() == 1 && unknown[0].contains("could not confirm"),
         "{unknown:?}"
     );
 }

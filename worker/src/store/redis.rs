@@ -318,18 +318,35 @@ fn allow_eviction(url: &str) -> Result<bool> {
     Ok(allow)
 }
 
-/// Reads `INFO <section>` as field → value.
-async fn server_info(conn: &ConnectionManager, section: &str) -> Result<HashMap<String, String>> {
+/// Reads `INFO <section>` as field → value, or `None` when the server refuses the command
+/// (an ACL without `+info`, a renamed command). Only an unreachable server is an error.
+async fn server_info(
+    conn: &ConnectionManager,
+    section: &str,
+) -> Result<Option<HashMap<String, String>>> {
     let mut conn = conn.clone();
-    let text: String = ::redis::cmd("INFO")
+    let text: String = match ::redis::cmd("INFO")
         .arg(section)
         .query_async(&mut conn)
-        .await?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-        .collect())
+        .await
+    {
+        Ok(text) => text,
+        Err(e)
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal() =>
+        {
+            return Err(e.into());
+        }
+        Err(_) => return Ok(None),
+    };
+    Ok(Some(
+        text.lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect(),
+    ))
 }
 
 /// `CONFIG GET name`, or `None` where the server does not allow it (managed Redis often
@@ -363,7 +380,7 @@ pub async fn check_server(
 ) -> Result<Vec<String>> {
     let mut warnings = Vec::new();
     let memory = server_info(conn, "memory").await?;
-    let policy = match memory.get("maxmemory_policy") {
+    let policy = match memory.as_ref().and_then(|m| m.get("maxmemory_policy")) {
         Some(p) => Some(p.clone()),
         None => config_get(conn, "maxmemory-policy").await,
     };
@@ -383,7 +400,7 @@ pub async fn check_server(
         )),
     }
     let persistence = server_info(conn, "persistence").await?;
-    let aof = persistence.get("aof_enabled").is_some_and(|v| v == "1");
+    let aof = persistence.and_then(|p| p.get("aof_enabled").map(|v| v == "1"));
     let save = config_get(conn, "save").await;
     warnings.extend(persistence_warnings(server, aof, save.as_deref()));
     Ok(warnings)
@@ -395,19 +412,19 @@ fn eviction_problem(server: &str, policy: &str) -> String {
     )
 }
 
-/// Why a restart of the server would lose the store: a warning when neither the append-only
-/// file (`aof`, from `INFO persistence`) nor RDB snapshots (`save`, from `CONFIG GET save`;
-/// `None` when CONFIG is not allowed, as on most managed Redis) are on.
-pub fn persistence_warnings(server: &str, aof: bool, save: Option<&str>) -> Vec<String> {
+/// Why a restart of the server would lose the store: a warning unless the append-only file
+/// (`aof`, from `INFO persistence`) or RDB snapshots (`save`, from `CONFIG GET save`) are on.
+/// `None` is a setting the server would not tell (managed Redis often refuses `CONFIG`).
+pub fn persistence_warnings(server: &str, aof: Option<bool>, save: Option<&str>) -> Vec<String> {
     const FIX: &str = "turn on the append-only file (`appendonly yes`, `appendfsync everysec`) or snapshots (`save 60 1000`) in redis.conf or your provider's settings";
-    match (aof, save.map(str::trim)) {
-        (true, _) => Vec::new(),
-        (false, Some(save)) if !save.is_empty() => Vec::new(),
-        (false, Some(_)) => vec![format!(
+    let snapshots = save.map(|s| !s.trim().is_empty());
+    match (aof, snapshots) {
+        (Some(true), _) | (_, Some(true)) => Vec::new(),
+        (Some(false), Some(false)) => vec![format!(
             "Redis at {server} has neither the append-only file nor RDB snapshots on: if it restarts, every job, schedule and API key is gone. For a job store, {FIX}"
         )],
-        (false, None) => vec![format!(
-            "Redis at {server} has the append-only file off, and its snapshot setting cannot be read (CONFIG is not allowed): unless snapshots or your provider's persistence are on, a restart loses every job, schedule and API key. For a job store, {FIX}"
+        _ => vec![format!(
+            "could not confirm that Redis at {server} persists its data (it did not tell whether the append-only file or snapshots are on): unless they or your provider's persistence are on, a restart loses every job, schedule and API key. For a job store, {FIX}"
         )],
     }
 }
@@ -2294,10 +2311,13 @@ mod tests {
 
     #[test]
     fn persistence_warns_only_when_nothing_persists() {
-        assert!(persistence_warnings("r", true, Some("")).is_empty());
-        assert!(persistence_warnings("r", false, Some("3600 1 300 100")).is_empty());
-        assert_eq!(persistence_warnings("r", false, Some("")).len(), 1);
-        assert_eq!(persistence_warnings("r", false, None).len(), 1);
+        assert!(persistence_warnings("r", Some(true), Some("")).is_empty());
+        assert!(persistence_warnings("r", Some(true), None).is_empty());
+        assert!(persistence_warnings("r", Some(false), Some("3600 1 300 100")).is_empty());
+        assert!(persistence_warnings("r", None, Some("60 1")).is_empty());
+        assert!(persistence_warnings("r", Some(false), Some(""))[0].contains("neither"));
+        assert!(persistence_warnings("r", Some(false), None)[0].contains("could not confirm"));
+        assert!(persistence_warnings("r", None, None)[0].contains("could not confirm"));
     }
 
     #[test]
