@@ -296,8 +296,8 @@ fn split_prefix(url: &str) -> Result<(String, String)> {
 }
 
 /// The URL's `allow_eviction=true|false` (default false): whether to start on a server whose
-/// `maxmemory-policy` may evict keys. [`split_prefix`] leaves it out of the URL the client
-/// connects with.
+/// `maxmemory-policy` may evict keys (see [`check_server`], which `RedisStore::connect`
+/// runs). [`split_prefix`] leaves it out of the URL the client connects with.
 fn allow_eviction(url: &str) -> Result<bool> {
     let query = url.split_once('?').map_or("", |(_, q)| q);
     let mut allow = false;
@@ -460,8 +460,7 @@ fn out_of_memory() -> String {
 }
 
 impl RedisStore {
-    /// Connects to `redis://host:port/db[?prefix=name][&allow_eviction=true]`, checks the
-    /// server's settings (see [`check_server`]) and starts the subscriber task.
+    /// Connects to `redis://host:port/db[?prefix=name]` and starts the subscriber task.
     pub async fn connect(url: &str, _options: &StoreOptions) -> Result<Self> {
         let allow_eviction = allow_eviction(url)?;
         // One multiplexed connection serves every caller, so `max_connections` does not apply.
@@ -497,15 +496,15 @@ impl RedisStore {
         })
     }
 
+    /// The key prefix this store uses.
+    pub fn prefix(&self) -> &str {
+        &self.keys.prefix
+    }
+
     /// What [`check_server`] found worth a warning when this store connected (each is logged
     /// once per process): no persistence, or eviction allowed by `allow_eviction=true`.
     pub fn server_warnings(&self) -> &[String] {
         &self.warnings
-    }
-
-    /// The key prefix this store uses.
-    pub fn prefix(&self) -> &str {
-        &self.keys.prefix
     }
 
     fn wake(&self, queues: impl IntoIterator<Item = String>) {
