@@ -60,13 +60,21 @@ pub enum Error {
     Database(#[source] sqlx::Error),
     /// Redis said no or could not be reached.
     #[error("redis error: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[source] redis::RedisError),
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[source] sqlx::migrate::MigrateError),
     /// A stored JSON column could not be read back.
     #[error("stored data is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
+}
+
+/// Redis refusing a write because it is out of memory is [`Error::StoreFull`]; every other
+/// Redis error is [`Error::Redis`].
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        crate::store::redis::store_error(e)
+    }
 }
 
 impl Error {

@@ -60,7 +60,16 @@
 //! steps, ordered so that a crash leaves at worst a claim that expires or a key that the next
 //! enqueue frees. The plain `PERSIST` assumes an insert follows its claim within the claim's
 //! 60 s (as the expiry itself does). An enqueue whose answer was lost can be repeated: see
-//! the comment on `RedisStore::insert`.
+//! the comment on `RedisStore::insert`. A part whose insert Redis refused (out of memory)
+//! frees its claims and index entries at once (`RedisStore::run_insert`).
+//!
+//! # Server settings
+//!
+//! [`check_server`] runs at connect: a `maxmemory-policy` that may evict keys is refused
+//! (unless `?allow_eviction=true`), and no persistence is a warning. A Redis at `maxmemory`
+//! refuses writes; that error is [`Error::StoreFull`] (`store_error`). Reads, deletes and
+//! a start on a current layout write nothing Redis refuses, so they keep working; the fetch
+//! script is refused whole (see `fetch.lua`), so no job is claimed that could not finish.
 //!
 //! # Wake-up
 //!
@@ -242,6 +251,8 @@ impl RunningQueues {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// What the server check at connect warned about.
+    warnings: Arc<Vec<String>>,
     keys: Arc<Keys>,
     running: Arc<RunningQueues>,
     events: broadcast::Sender<StoreEvent>,
@@ -267,6 +278,8 @@ fn split_prefix(url: &str) -> Result<(String, String)> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("prefix", value)) => prefix = Some(value.to_string()),
+            // Read by `allow_eviction`.
+            Some(("allow_eviction", _)) => {}
             _ => rest.push(pair),
         }
     }
@@ -289,9 +302,174 @@ fn split_prefix(url: &str) -> Result<(String, String)> {
     Ok((url, prefix))
 }
 
+/// The URL's `allow_eviction=true|false` (default false): whether to start on a server whose
+/// `maxmemory-policy` may evict keys (see [`check_server`], which `RedisStore::connect`
+/// runs). [`split_prefix`] leaves it out of the URL the client connects with.
+fn allow_eviction(url: &str) -> Result<bool> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let mut allow = false;
+    for pair in query.split('&') {
+        if let Some(("allow_eviction", value)) = pair.split_once('=') {
+            allow = match value {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => {
+                    return Err(Error::BadUrl {
+                        url: redact_url(url),
+                        reason: format!("allow_eviction must be true or false, not `{other}`"),
+                    });
+                }
+            };
+        }
+    }
+    Ok(allow)
+}
+
+/// Reads `INFO <section>` as field → value, or `None` when the server refuses the command
+/// (an ACL without `+info`, a renamed command). Only an unreachable server is an error.
+async fn server_info(
+    conn: &ConnectionManager,
+    section: &str,
+) -> Result<Option<HashMap<String, String>>> {
+    let mut conn = conn.clone();
+    let text: String = match ::redis::cmd("INFO")
+        .arg(section)
+        .query_async(&mut conn)
+        .await
+    {
+        Ok(text) => text,
+        Err(e)
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal() =>
+        {
+            return Err(e.into());
+        }
+        Err(_) => return Ok(None),
+    };
+    Ok(Some(
+        text.lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect(),
+    ))
+}
+
+/// `CONFIG GET name`, or `None` where the server does not allow it (managed Redis often
+/// disables or renames CONFIG).
+async fn config_get(conn: &ConnectionManager, name: &str) -> Option<String> {
+    let mut conn = conn.clone();
+    let pairs: Vec<String> = ::redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    pairs.get(1).cloned()
+}
+
+/// Checks the settings a job store depends on; `server` (the redacted URL) names the server
+/// in messages.
+///
+/// - A `maxmemory-policy` other than `noeviction` lets Redis delete keys when memory runs
+///   short: jobs disappear, an idempotency key is taken again by a second job, index sets
+///   point at deleted jobs, API keys vanish, all without an error. Such a server is refused
+///   (read from `INFO memory`, which managed Redis allows where it disables CONFIG), unless
+///   the URL says `allow_eviction=true`; then it is a warning.
+/// - Without AOF and without RDB snapshots a restart brings the server back empty: a warning.
+///
+/// Returns the warnings.
+pub async fn check_server(
+    conn: &ConnectionManager,
+    server: &str,
+    allow_eviction: bool,
+) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    let memory = server_info(conn, "memory").await?;
+    let policy = match memory.as_ref().and_then(|m| m.get("maxmemory_policy")) {
+        Some(p) => Some(p.clone()),
+        None => config_get(conn, "maxmemory-policy").await,
+    };
+    match policy.as_deref() {
+        Some("noeviction") => {}
+        Some(policy) => {
+            let problem = eviction_problem(server, policy);
+            if !allow_eviction {
+                return Err(Error::Unsupported(format!(
+                    "{problem} Set `maxmemory-policy noeviction` (`CONFIG SET maxmemory-policy noeviction` and `CONFIG REWRITE`, in redis.conf, or in your provider's parameter group), or, if the risk is understood, add `allow_eviction=true` to the store URL"
+                )));
+            }
+            warnings.push(format!("{problem} Starting anyway: the store URL says allow_eviction=true."));
+        }
+        None => warnings.push(format!(
+            "could not read the maxmemory-policy of Redis at {server}; it must be noeviction, or Redis may delete jobs when memory runs short"
+        )),
+    }
+    let persistence = server_info(conn, "persistence").await?;
+    let aof = persistence.and_then(|p| p.get("aof_enabled").map(|v| v == "1"));
+    let save = config_get(conn, "save").await;
+    warnings.extend(persistence_warnings(server, aof, save.as_deref()));
+    Ok(warnings)
+}
+
+fn eviction_problem(server: &str, policy: &str) -> String {
+    format!(
+        "Redis at {server} has maxmemory-policy `{policy}`: when memory runs short it deletes keys, and Conveyor's jobs, idempotency keys, indexes and API keys are keys, so jobs are lost without an error."
+    )
+}
+
+/// Why a restart of the server would lose the store: a warning unless the append-only file
+/// (`aof`, from `INFO persistence`) or RDB snapshots (`save`, from `CONFIG GET save`) are on.
+/// `None` is a setting the server would not tell (managed Redis often refuses `CONFIG`).
+pub fn persistence_warnings(server: &str, aof: Option<bool>, save: Option<&str>) -> Vec<String> {
+    const FIX: &str = "turn on the append-only file (`appendonly yes`, `appendfsync everysec`) or snapshots (`save 60 1000`) in redis.conf or your provider's settings";
+    let snapshots = save.map(|s| !s.trim().is_empty());
+    match (aof, snapshots) {
+        (Some(true), _) | (_, Some(true)) => Vec::new(),
+        (Some(false), Some(false)) => vec![format!(
+            "Redis at {server} has neither the append-only file nor RDB snapshots on: if it restarts, every job, schedule and API key is gone. For a job store, {FIX}"
+        )],
+        _ => vec![format!(
+            "could not confirm that Redis at {server} persists its data (it did not tell whether the append-only file or snapshots are on): unless they or your provider's persistence are on, a restart loses every job, schedule and API key. For a job store, {FIX}"
+        )],
+    }
+}
+
+/// Logs each warning once per process, however many stores connect.
+fn log_once(warnings: &[String]) {
+    static LOGGED: LazyLock<std::sync::Mutex<BTreeSet<String>>> = LazyLock::new(Default::default);
+    let mut logged = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
+    for w in warnings {
+        if logged.insert(w.clone()) {
+            tracing::warn!("{w}");
+        }
+    }
+}
+
+/// What Redis answers when it refuses a write at `maxmemory` (policy `noeviction`).
+const OOM_REPLY: &str = "OOM command not allowed";
+
+/// A Redis error as this crate's: an out-of-memory refusal, alone or inside a pipeline, a
+/// transaction or a script, becomes [`Error::StoreFull`] saying what to do; anything else is
+/// [`Error::Redis`].
+pub(crate) fn store_error(e: ::redis::RedisError) -> Error {
+    if e.code() == Some("OOM") || e.to_string().contains(OOM_REPLY) {
+        Error::StoreFull(out_of_memory())
+    } else {
+        Error::Redis(e)
+    }
+}
+
+/// The message of [`Error::StoreFull`] on Redis.
+fn out_of_memory() -> String {
+    "Redis is out of memory: it reached `maxmemory` and refuses writes (reads still work). Give it room: raise `maxmemory` (`CONFIG SET maxmemory <bytes>`, redis.conf, or your provider's settings), delete dead jobs (`conveyor dead purge --all`), or shorten `maintenance.pruner.retention` so finished jobs are deleted sooner".into()
+}
+
 impl RedisStore {
     /// Connects to `redis://host:port/db[?prefix=name]` and starts the subscriber task.
     pub async fn connect(url: &str, _options: &StoreOptions) -> Result<Self> {
+        let allow_eviction = allow_eviction(url)?;
         // One multiplexed connection serves every caller, so `max_connections` does not apply.
         let (conn_url, prefix) = split_prefix(url)?;
         let client = ::redis::Client::open(conn_url.as_str()).map_err(|e| Error::BadUrl {
@@ -305,6 +483,8 @@ impl RedisStore {
             .set_number_of_retries(3);
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         let keys = Arc::new(Keys { prefix });
+        let warnings = check_server(&conn, &redact_url(url), allow_eviction).await?;
+        log_once(&warnings);
         let (events, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
         tokio::spawn(subscribe_loop(
@@ -315,6 +495,7 @@ impl RedisStore {
         ));
         Ok(Self {
             conn,
+            warnings: Arc::new(warnings),
             keys,
             running: Arc::default(),
             events,
@@ -332,6 +513,12 @@ impl RedisStore {
     /// The key prefix this store uses.
     pub fn prefix(&self) -> &str {
         &self.keys.prefix
+    }
+
+    /// What [`check_server`] found worth a warning when this store connected (each is logged
+    /// once per process): no persistence, or eviction allowed by `allow_eviction=true`.
+    pub fn server_warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     fn wake(&self, queues: impl IntoIterator<Item = String>) {
@@ -837,7 +1024,14 @@ impl RedisStore {
         woken.dedup();
         self.wake(woken);
         if let Some(e) = failed {
-            return Err(e);
+            let stored = answers.iter().filter(|a| a.is_some()).count();
+            return Err(match e {
+                Error::StoreFull(msg) if stored > 0 => Error::StoreFull(format!(
+                    "{msg}. {stored} of the {} jobs of this enqueue were stored (or found to exist) before that; once Redis has room, sending the same jobs again returns those with an idempotency key as duplicates and enqueues jobs without one a second time",
+                    jobs.len()
+                )),
+                e => e,
+            });
         }
         for (i, first) in follows {
             answers[i] = answers[first].clone().map(|a| Enqueued {
@@ -899,13 +1093,8 @@ impl RedisStore {
             return Ok(out);
         }
         let pipe = self.insert_pipeline(batch, queue, &inserting)?;
-        if let Err(e) = self.run_checked(&pipe).await {
-            // An insert whose answer was lost may still have been applied, and its key
-            // confirmations with it or not: confirm every claim whose job exists, so the key
-            // outlives the claim's expiry. Unconfirmed claims of jobs that do not exist expire.
-            self.confirm_existing(batch, &claimed).await;
-            return Err(e);
-        }
+        self.run_insert(&pipe, batch, queue, &inserting, &claimed)
+            .await?;
         out.extend(inserting.into_iter().map(|i| {
             (
                 i,
@@ -932,20 +1121,13 @@ impl RedisStore {
         let (jobs, ids) = (batch.jobs, &batch.id_text);
         let base = self.keys.queue(queue);
         let mut pipe = ::redis::pipe();
-        pipe.cmd("SADD").arg(self.keys.queues()).arg(queue).ignore();
-        let generated: Vec<usize> = part
-            .iter()
-            .copied()
-            .filter(|&i| jobs[i].id.is_none())
-            .collect();
-        if !generated.is_empty() {
-            let mut hset = ::redis::cmd("HSET");
-            hset.arg(self.keys.index());
-            for &i in &generated {
-                hset.arg(&ids[i]).arg(queue);
-            }
-            pipe.add_command(hset).ignore();
+        // Every reply comes back, errors included: `run_insert` tells from them what applied.
+        pipe.ignore_errors();
+        for cmd in self.registry_writes(batch, queue, part) {
+            pipe.add_command(cmd);
         }
+        // Inside the transaction every reply is kept too: a command Redis refuses as it is
+        // queued (out of memory) is why the whole transaction is then refused.
         pipe.cmd("MULTI").ignore();
         // Sized up front: each member is an id of 36 bytes and a score of up to 20.
         let zadd = |key: String| {
@@ -994,7 +1176,7 @@ impl RedisStore {
                     hset.arg("metadata").arg(serde_json::to_string(other)?);
                 }
             }
-            pipe.add_command(hset).ignore();
+            pipe.add_command(hset);
             if batch.states[i] == JobState::Available {
                 listed.arg(0).arg(&ids[i]);
                 ready_score(&mut ordered, job.priority, run_at);
@@ -1007,16 +1189,13 @@ impl RedisStore {
             }
         }
         if ready {
-            pipe.add_command(listed).ignore();
-            pipe.add_command(ordered).ignore();
-            pipe.cmd("PUBLISH")
-                .arg(self.keys.jobs_channel())
-                .arg(queue)
-                .ignore();
+            pipe.add_command(listed);
+            pipe.add_command(ordered);
+            pipe.cmd("PUBLISH").arg(self.keys.jobs_channel()).arg(queue);
         }
         if waiting {
-            pipe.add_command(later).ignore();
-            pipe.add_command(delayed).ignore();
+            pipe.add_command(later);
+            pipe.add_command(delayed);
         }
         pipe.cmd("EXEC");
         // A plain PERSIST: the key was claimed by this call a moment ago and a claim lasts
@@ -1029,24 +1208,125 @@ impl RedisStore {
         Ok(pipe)
     }
 
-    /// Runs a pipeline whose one unignored reply is an `EXEC`'s, and fails if the
-    /// transaction was refused or any of its commands failed.
-    async fn run_checked(&self, pipe: &Pipeline) -> Result<()> {
-        let (exec,): (::redis::Value,) = self.run(pipe).await?;
-        let replies = match exec {
-            ::redis::Value::Array(replies) => replies,
-            other => {
-                return Err(Error::Unsupported(format!(
-                    "Redis refused a transaction: {other:?}"
-                )));
+    /// The writes before a part's transaction: the queue into the queue registry, generated
+    /// ids into the id index (caller-chosen ones were reserved there already).
+    fn registry_writes(
+        &self,
+        batch: &Incoming<'_>,
+        queue: &str,
+        part: &[usize],
+    ) -> Vec<::redis::Cmd> {
+        let mut sadd = ::redis::cmd("SADD");
+        sadd.arg(self.keys.queues()).arg(queue);
+        let mut cmds = vec![sadd];
+        let generated: Vec<usize> = part
+            .iter()
+            .copied()
+            .filter(|&i| batch.jobs[i].id.is_none())
+            .collect();
+        if !generated.is_empty() {
+            let mut hset = ::redis::cmd("HSET");
+            hset.arg(self.keys.index());
+            for &i in &generated {
+                hset.arg(&batch.id_text[i]).arg(queue);
+            }
+            cmds.push(hset);
+        }
+        cmds
+    }
+
+    /// Runs a part's insert pipeline (see [`Self::insert_pipeline`]) and leaves the part
+    /// either applied whole or, as far as the answers tell, not at all:
+    ///
+    /// - transaction refused (Redis out of memory refuses it whole): nothing of it applied,
+    ///   so the part's ids leave the index and its key claims are freed (the `PERSIST`s
+    ///   after `EXEC` ran regardless). A retry of the call inserts these jobs; no key is left
+    ///   pointing at a job that does not exist.
+    /// - transaction applied but a write before it refused (memory freed by someone else in
+    ///   between): the refused writes are sent again, so the jobs are listed and found.
+    /// - no answer (connection lost): the insert may have been applied, and its key
+    ///   confirmations with it or not: every claim whose job exists is confirmed, so the key
+    ///   outlives the claim's expiry. Unconfirmed claims of jobs that do not exist expire.
+    async fn run_insert(
+        &self,
+        pipe: &Pipeline,
+        batch: &Incoming<'_>,
+        queue: &str,
+        inserting: &[usize],
+        claimed: &[usize],
+    ) -> Result<()> {
+        let mut replies: Vec<::redis::Value> = match self.run(pipe).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                self.confirm_existing(batch, claimed).await;
+                return Err(e);
             }
         };
-        for reply in replies {
-            if let ::redis::Value::ServerError(e) = reply {
-                return Err(Error::Unsupported(format!("Redis failed a write: {e:?}")));
+        let exec = replies.pop().map(::redis::Value::extract_error);
+        // Why a transaction was refused: the first command refused before or inside it.
+        let cause = |replies: Vec<::redis::Value>, exec: ::redis::RedisError| {
+            replies
+                .into_iter()
+                .find_map(|r| r.extract_error().err())
+                .unwrap_or(exec)
+        };
+        match exec {
+            Some(Ok(::redis::Value::Array(results))) => {
+                if let Some(e) = results.into_iter().find_map(|r| r.extract_error().err()) {
+                    // A command inside the transaction failed on its own (a key of the wrong
+                    // type: data not written by this version). The others applied.
+                    self.confirm_existing(batch, claimed).await;
+                    return Err(Error::Unsupported(format!(
+                        "Redis failed a write while enqueueing into queue `{queue}`: {e}"
+                    )));
+                }
+            }
+            Some(Err(e)) => {
+                self.undo_insert(batch, inserting, claimed).await;
+                return Err(cause(replies, e).into());
+            }
+            other => {
+                self.confirm_existing(batch, claimed).await;
+                return Err(Error::Unsupported(format!(
+                    "Redis answered a transaction with {other:?}"
+                )));
+            }
+        }
+        // The transaction applied, so every command inside it was queued: a refused reply
+        // is one of the writes before it.
+        if replies
+            .iter()
+            .any(|r| matches!(r, ::redis::Value::ServerError(_)))
+        {
+            let mut repair = ::redis::pipe();
+            for cmd in self.registry_writes(batch, queue, inserting) {
+                repair.add_command(cmd).ignore();
+            }
+            if let Err(e) = self.run::<()>(&repair).await {
+                tracing::error!(queue, error = %e, "jobs were inserted but could not be entered into the queue registry and id index; a retry of the enqueue repairs it");
+                return Err(e);
             }
         }
         Ok(())
+    }
+
+    /// After a refused insert transaction: takes the part's ids out of the index and frees
+    /// its key claims (only those this call still holds). Neither step is a write Redis
+    /// refuses when out of memory.
+    async fn undo_insert(&self, batch: &Incoming<'_>, inserting: &[usize], claimed: &[usize]) {
+        let mut pipe = ::redis::pipe();
+        for chunk in inserting.chunks(CHUNK) {
+            let mut hdel = ::redis::cmd("HDEL");
+            hdel.arg(self.keys.index());
+            for &i in chunk {
+                hdel.arg(&batch.id_text[i]);
+            }
+            pipe.add_command(hdel).ignore();
+        }
+        if let Err(e) = self.run::<()>(&pipe).await {
+            tracing::warn!(error = %e, "could not take the ids of a refused enqueue out of the index; lookups of them find no job");
+        }
+        self.release_claims(batch, claimed).await;
     }
 
     /// Claims the idempotency keys of `which` jobs. Per job: `None` when claimed (insert it),
@@ -1219,21 +1499,26 @@ impl RedisStore {
             return Ok(());
         }
         let mut pipe = ::redis::pipe();
+        // Every reply comes back, errors included, so a part refused half-way (Redis out of
+        // memory) undoes exactly the reservations it made.
+        pipe.ignore_errors();
         for &i in &chosen {
             pipe.cmd("HSETNX")
                 .arg(self.keys.index())
                 .arg(ids[i].to_string())
                 .arg(&jobs[i].queue);
         }
-        let set: Vec<i64> = self.run(&pipe).await?;
-        let Some(pos) = set.iter().position(|&s| s == 0) else {
+        let set: Vec<::redis::Value> = self.run(&pipe).await?;
+        let taken = set.iter().position(|s| matches!(s, ::redis::Value::Int(0)));
+        let refused = set.iter().find_map(|s| s.clone().extract_error().err());
+        if taken.is_none() && refused.is_none() {
             return Ok(());
-        };
+        }
         let mut undo = ::redis::cmd("HDEL");
         undo.arg(self.keys.index());
         let mut any = false;
-        for (&i, &s) in chosen.iter().zip(&set) {
-            if s == 1 {
+        for (&i, s) in chosen.iter().zip(&set) {
+            if matches!(s, ::redis::Value::Int(1)) {
                 undo.arg(ids[i].to_string());
                 any = true;
             }
@@ -1242,10 +1527,14 @@ impl RedisStore {
             let mut conn = self.conn.clone();
             undo.query_async::<()>(&mut conn).await?;
         }
-        Err(Error::invalid(
-            "id",
-            format!("job id {} already exists", ids[chosen[pos]]),
-        ))
+        match (refused, taken) {
+            (Some(e), _) => Err(e.into()),
+            (None, Some(pos)) => Err(Error::invalid(
+                "id",
+                format!("job id {} already exists", ids[chosen[pos]]),
+            )),
+            (None, None) => Ok(()),
+        }
     }
 
     /// Why an operation on `id` changed nothing: it is missing, or in the wrong state.
@@ -1584,11 +1873,16 @@ impl Store for RedisStore {
             }
             self.run::<()>(&pipe).await?;
         }
-        ::redis::cmd("SET")
-            .arg(self.keys.version())
-            .arg(LAYOUT_VERSION)
-            .query_async::<()>(&mut conn)
-            .await?;
+        // Nothing is written when the layout is current, so every process can start (and
+        // read) on a Redis that is out of memory and refuses writes. Loading scripts is not
+        // a write Redis refuses.
+        if found != Some(LAYOUT_VERSION) {
+            ::redis::cmd("SET")
+                .arg(self.keys.version())
+                .arg(LAYOUT_VERSION)
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
         self.load_scripts().await
     }
 
@@ -2010,6 +2304,44 @@ mod tests {
         );
         assert!(split_prefix("redis://h/0?prefix=").is_err());
         assert!(split_prefix("redis://h/0?prefix={x}").is_err());
+    }
+
+    #[test]
+    fn allow_eviction_comes_off_the_url() {
+        assert!(!allow_eviction("redis://h/0").unwrap());
+        assert!(allow_eviction("redis://h/0?prefix=a&allow_eviction=true").unwrap());
+        assert!(!allow_eviction("redis://h/0?allow_eviction=false&protocol=resp3").unwrap());
+        assert!(allow_eviction("redis://h/0?allow_eviction=yes").is_err());
+        assert_eq!(
+            split_prefix("redis://h/0?allow_eviction=true&protocol=resp3").unwrap(),
+            (
+                "redis://h/0?protocol=resp3".to_string(),
+                "conveyor".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn an_out_of_memory_refusal_is_a_full_store() {
+        let oom = ::redis::RedisError::from((
+            ::redis::ErrorKind::Extension,
+            "pipeline",
+            "OOM command not allowed when used memory > 'maxmemory'.".to_string(),
+        ));
+        assert!(matches!(store_error(oom), Error::StoreFull(m) if m.contains("maxmemory")));
+        let other = ::redis::RedisError::from((::redis::ErrorKind::Io, "connection reset"));
+        assert!(matches!(store_error(other), Error::Redis(_)));
+    }
+
+    #[test]
+    fn persistence_warns_only_when_nothing_persists() {
+        assert!(persistence_warnings("r", Some(true), Some("")).is_empty());
+        assert!(persistence_warnings("r", Some(true), None).is_empty());
+        assert!(persistence_warnings("r", Some(false), Some("3600 1 300 100")).is_empty());
+        assert!(persistence_warnings("r", None, Some("60 1")).is_empty());
+        assert!(persistence_warnings("r", Some(false), Some(""))[0].contains("neither"));
+        assert!(persistence_warnings("r", Some(false), None)[0].contains("could not confirm"));
+        assert!(persistence_warnings("r", None, None)[0].contains("could not confirm"));
     }
 
     #[test]

@@ -1,8 +1,14 @@
 -- Claims up to ARGV[3] jobs. ARGV: base, lease (µs), limit, worker, promote chunk, inline
--- limit. The claim's time and the lease deadline are on the store's clock. First promotes a bounded chunk of due delayed jobs, so a due job needs no
--- promoter. Returns one {id, fields, history} per claimed job. The fields are the job's hash
+-- limit. The claim's time and the lease deadline are on the store's clock. First promotes a
+-- bounded chunk of due delayed jobs, so a due job needs no promoter. Returns one {id, fields, history} per claimed job. The fields are the job's hash
 -- and history when at most ARGV[6] jobs were claimed, else empty: the caller then reads them,
 -- since handing a hash through Lua costs the server about three times a plain HGETALL.
+-- A write Redis refuses when it is out of memory, made first (it changes nothing: `XX`
+-- with a member that never exists), so that then the whole claim is refused. Otherwise the
+-- pop below, a write Redis allows even then, would let the claim through, and the jobs
+-- would run with no outcome that can be written (Redis refuses the finish script's first
+-- write too).
+redis.call('ZADD', base .. ':leases', 'XX', 0, '')
 local t = store_now()
 local now, worker, until_ = fmt(t), ARGV[4], fmt(t + tonumber(ARGV[2]))
 promote(now, tonumber(ARGV[5]))
