@@ -118,24 +118,29 @@ pub async fn authorize(
     };
     let limit = &state.config.rate_limit;
     if limit.enabled {
-        let take = state
-            .store
-            .take_tokens(
-                &format!("api_key:{}", key.id),
-                RateLimit {
-                    per_second: limit.per_second,
-                    burst: limit.burst,
-                },
-                1.0,
-                // Measured again at most every 10 s: one extra round trip, not one per request.
-                state
-                    .clock
-                    .now_fresh(state.store.as_ref(), std::time::Duration::from_secs(10))
-                    .await?,
-            )
+        let now = state
+            .clock
+            // Measured again at most every 10 s: one extra round trip, not one per request.
+            .now_fresh(state.store.as_ref(), std::time::Duration::from_secs(10))
             .await?;
-        if !take.allowed {
-            return Err(Problem::rate_limited(take.retry_after));
+        let bucket = RateLimit {
+            per_second: limit.per_second,
+            burst: limit.burst,
+        };
+        match state
+            .store
+            .take_tokens(&format!("api_key:{}", key.id), bucket, 1.0, now)
+            .await
+        {
+            Ok(take) if !take.allowed => return Err(Problem::rate_limited(take.retry_after)),
+            Ok(_) => {}
+            // A full store refuses the bucket's write. Requests go through unmetered then,
+            // so an operator can still read and purge (what frees the space); a write the
+            // request makes is refused by the store itself with the same message.
+            Err(conveyor_worker::Error::StoreFull(msg)) => {
+                tracing::warn!(error = %msg, "rate limit not applied: the store is full");
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     if !key.scope.grants(needed) {

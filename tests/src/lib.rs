@@ -14,6 +14,7 @@
 
 pub mod pgbouncer;
 pub mod receiver;
+pub mod redis_server;
 
 use std::path::PathBuf;
 use std::sync::Arc;
