@@ -62,6 +62,18 @@ pub async fn connect(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>>
     Ok(store)
 }
 
+/// Makes ring the process's rustls crypto provider, once. sqlx names its provider itself, but
+/// the redis crate asks rustls for the process default, which rustls can only pick on its own
+/// while exactly one provider is compiled in: installing it keeps `rediss://` working if
+/// another dependency ever enables a second one.
+pub(crate) fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An error means a provider is installed already, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// The URL with any password replaced by `***`, for messages and logs.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -70,6 +70,7 @@
 //! the runtime polls, so a lost message only costs a poll.
 
 mod meta;
+mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -287,10 +288,7 @@ impl RedisStore {
     pub async fn connect(url: &str, _options: &StoreOptions) -> Result<Self> {
         // One multiplexed connection serves every caller, so `max_connections` does not apply.
         let (conn_url, prefix) = split_prefix(url)?;
-        let client = ::redis::Client::open(conn_url.as_str()).map_err(|e| Error::BadUrl {
-            url: redact_url(url),
-            reason: e.to_string(),
-        })?;
+        let client = tls::client(url, &conn_url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             // Bulk scripts over thousands of jobs take longer than the client's 500 ms default.
