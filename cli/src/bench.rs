@@ -126,6 +126,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         &args.url,
         StoreOptions {
             max_connections: pool,
+            ..StoreOptions::default()
         },
     )
     .await

@@ -125,6 +125,7 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         url,
         StoreOptions {
             max_connections: config.database.max_connections,
+            ..StoreOptions::default()
         },
     )
     .await

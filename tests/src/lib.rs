@@ -75,9 +75,15 @@ impl TestStore {
         // The guard exists before the store does, so a failed migration still drops the
         // database.
         let cleanup = Cleanup::Database { admin_url, name };
-        let store = store::connect(&url, StoreOptions { max_connections: 8 })
-            .await
-            .expect("a fresh Postgres database migrates");
+        let store = store::connect(
+            &url,
+            StoreOptions {
+                max_connections: 8,
+                ..StoreOptions::default()
+            },
+        )
+        .await
+        .expect("a fresh Postgres database migrates");
         Some(TestStore {
             store,
             url,

@@ -33,12 +33,50 @@ use crate::retry_policy::RetryPolicy;
 pub struct StoreOptions {
     /// Pool size.
     pub max_connections: u32,
+    /// Postgres: the settings Conveyor sets on each of its own connections instead of
+    /// inheriting the server's, role's or database's defaults. `None` sets nothing: behind a
+    /// transaction-mode pooler a per-connection setting would leak to other clients, so there
+    /// the operator sets them on the pooler or the role (docs/operations.md, Server settings).
+    pub pg_session: Option<PgSessionSettings>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             max_connections: 10,
+            pg_session: Some(PgSessionSettings::default()),
+        }
+    }
+}
+
+/// What Conveyor's own Postgres connections run with, whatever the server's defaults say.
+///
+/// The isolation level is always `read committed`: the fetch (`FOR UPDATE SKIP LOCKED`), the
+/// completion and the rescue are written for it, and under `serializable` concurrent workers
+/// fail each other with "could not serialize access". The timeouts are Conveyor's own so a
+/// server default meant for interactive sessions (a 1 s `statement_timeout`, say) does not
+/// cancel a bulk enqueue, and so a stuck Conveyor process cannot hold locks forever.
+/// A zero duration turns that timeout off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgSessionSettings {
+    /// `statement_timeout`: the longest any one statement may run (default 5 minutes, long
+    /// enough for a migration over a large table).
+    pub statement_timeout: Duration,
+    /// `lock_timeout`: the longest a statement waits for a lock (default 0: wait, bounded by
+    /// `statement_timeout`; migrations wait on an advisory lock while another process migrates).
+    pub lock_timeout: Duration,
+    /// `idle_in_transaction_session_timeout`: how long a transaction may sit idle before the
+    /// server ends the session (default 1 minute; Conveyor's own transactions never wait on
+    /// anything but the database, so only a stuck process hits it).
+    pub idle_in_transaction_timeout: Duration,
+}
+
+impl Default for PgSessionSettings {
+    fn default() -> Self {
+        Self {
+            statement_timeout: Duration::from_secs(300),
+            lock_timeout: Duration::ZERO,
+            idle_in_transaction_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -25,6 +25,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
+use super::PgSessionSettings;
 use super::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
     Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish,
@@ -61,9 +62,11 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .test_before_acquire(false)
             .max_connections(options.max_connections.max(2))
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(10));
+        let pool = with_session_settings(pool, options.pg_session.as_ref())
             .connect(url)
-            .await?;
+            .await
+            .map_err(|e| explain_connect_error(url, e))?;
         let (events, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
         tokio::spawn(listen(pool.clone(), events.clone(), stop.clone()));
@@ -106,6 +109,72 @@ impl PgStore {
             Ok(None) => Error::NotFound(id),
             Err(e) => e,
         }
+    }
+}
+
+/// Sets `settings` on every new connection of the pool (the LISTEN connection included), in
+/// one round trip, so nothing Conveyor runs inherits the server's isolation level or timeouts.
+/// `None` (behind a transaction-mode pooler) sets nothing.
+fn with_session_settings(
+    pool: PgPoolOptions,
+    settings: Option<&PgSessionSettings>,
+) -> PgPoolOptions {
+    let Some(settings) = settings else {
+        return pool;
+    };
+    let sql = session_sql(settings);
+    pool.after_connect(move |conn, _| {
+        let sql = sql.clone();
+        Box::pin(async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+    })
+}
+
+/// The statement [`with_session_settings`] runs: `set_config` per setting, with values that
+/// are integers of milliseconds (nothing user-typed reaches the SQL text).
+fn session_sql(settings: &PgSessionSettings) -> String {
+    let ms = |d: Duration| d.as_millis().min(i32::MAX as u128);
+    format!(
+        "SELECT set_config('default_transaction_isolation', 'read committed', false), \
+         set_config('statement_timeout', '{}', false), \
+         set_config('lock_timeout', '{}', false), \
+         set_config('idle_in_transaction_session_timeout', '{}', false), \
+         CASE WHEN current_setting('server_version_num')::int >= 140000 \
+           THEN set_config('idle_session_timeout', '0', false) END",
+        ms(settings.statement_timeout),
+        ms(settings.lock_timeout),
+        ms(settings.idle_in_transaction_timeout),
+    )
+}
+
+/// Adds what to do to TLS failures, the ones an operator meets first with a managed Postgres.
+fn explain_connect_error(url: &str, e: sqlx::Error) -> Error {
+    let hint = match &e {
+        sqlx::Error::Tls(tls) => {
+            let text = tls.to_string();
+            if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+                Some(format!(
+                    "the server's TLS certificate was not accepted ({text}): with sslmode=verify-ca or \
+                     verify-full, name the CA that signed it with sslrootcert=/path/ca.pem in the URL \
+                     ({}); with verify-full the URL's host must also be a name in the certificate",
+                    super::redact_url(url)
+                ))
+            } else {
+                Some(format!(
+                    "TLS to Postgres failed ({text}); see docs/operations.md, TLS ({})",
+                    super::redact_url(url)
+                ))
+            }
+        }
+        _ => None,
+    };
+    match hint {
+        Some(hint) => Error::Database(sqlx::Error::Tls(hint.into())),
+        None => e.into(),
     }
 }
 
@@ -281,8 +350,54 @@ async fn insert_pooled(
     chunk: &[NewJob],
     now: DateTime<Utc>,
 ) -> Result<Vec<Enqueued>> {
-    let mut conn = pool.acquire().await?;
-    insert_chunk(&mut conn, chunk, now).await
+    // One transaction, so a serialization failure or deadlock undoes the whole chunk and the
+    // chunk can simply be sent again.
+    retry_conflicts("enqueue", || async move {
+        let mut tx = pool.begin().await?;
+        let answers = insert_chunk(&mut tx, chunk, now).await?;
+        tx.commit().await?;
+        Ok(answers)
+    })
+    .await
+}
+
+/// Runs `op` again when Postgres aborted it for a serialization failure (SQLSTATE 40001) or a
+/// deadlock (40P01), with a short growing pause. Only for operations that are one statement or
+/// one transaction of their own, which such an abort undid entirely, and that are idempotent
+/// by their `WHERE` clauses: fetch, completion, rescue, a pooled enqueue chunk. Under the
+/// session settings Conveyor sets (read committed) only deadlocks remain possible; serialization
+/// failures happen when those settings are off (behind a pooler) and the server's default
+/// isolation is `repeatable read` or `serializable`.
+async fn retry_conflicts<T, F, Fut>(what: &'static str, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    const TRIES: u32 = 10;
+    let mut pause = Duration::from_millis(2);
+    for attempt in 1.. {
+        match op().await {
+            Err(e) if attempt < TRIES && is_conflict(&e) => {
+                tracing::debug!(operation = what, attempt, error = %e, "retrying after a serialization conflict");
+                // Jitter, so the transactions that collided do not collide again in step.
+                let jitter = rand::random_range(0..=pause.as_micros() as u64);
+                tokio::time::sleep(pause + Duration::from_micros(jitter)).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the loop returns by its last try")
+}
+
+/// A serialization failure or deadlock: the statement or transaction was undone as a whole.
+fn is_conflict(e: &Error) -> bool {
+    match e {
+        Error::Database(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40001" | "40P01"))
+        }
+        _ => false,
+    }
 }
 
 async fn insert_chunk(
@@ -591,7 +706,9 @@ impl Store for PgStore {
 
     async fn fetch(&self, request: FetchRequest<'_>) -> Result<Vec<Job>> {
         let now = Utc::now();
-        let rows = sqlx::query(
+        let request = &request;
+        let rows = retry_conflicts("fetch", || async move {
+            Ok(sqlx::query(
             "WITH next AS (SELECT id FROM conveyor.jobs \
                WHERE queue = $1 AND state IN ('available','scheduled','retryable') AND run_at <= $2 \
                ORDER BY priority, run_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
@@ -605,6 +722,8 @@ impl Store for PgStore {
         .bind(request.worker)
         .bind(after(now, request.lease))
         .fetch_all(&self.pool)
+        .await?)
+        })
         .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
         jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
@@ -615,9 +734,12 @@ impl Store for PgStore {
         if outcomes.is_empty() {
             return Ok(0);
         }
-        let mut conn = self.pool.acquire().await?;
-        let (applied, ready) = apply_finishes(&mut conn, &outcomes).await?;
-        drop(conn);
+        let outcomes = &outcomes;
+        let (applied, ready) = retry_conflicts("finish", || async move {
+            let mut conn = self.pool.acquire().await?;
+            apply_finishes(&mut conn, outcomes).await
+        })
+        .await?;
         self.notify_queues(ready).await?;
         Ok(applied)
     }
@@ -839,43 +961,7 @@ impl Store for PgStore {
         policy: &RetryPolicy,
         limit: u32,
     ) -> Result<RescueReport> {
-        let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT id, attempt, max_attempts, attempted_at, lease_owner, cancel_requested_at \
-             FROM conveyor.jobs WHERE state = 'running' AND lease_expires_at < $1 \
-             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut report = RescueReport::default();
-        let mut finishes = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let f = rescue_finish(
-                JobId(row.try_get("id")?),
-                row.try_get("attempt")?,
-                row.try_get("max_attempts")?,
-                row.try_get("lease_owner")?,
-                row.try_get::<Option<DateTime<Utc>>, _>("attempted_at")?
-                    .unwrap_or(now),
-                row.try_get::<Option<DateTime<Utc>>, _>("cancel_requested_at")?
-                    .is_some(),
-                now,
-                policy,
-            );
-            match f.state {
-                JobState::Cancelled => report.cancelled += 1,
-                JobState::Dead => report.dead += 1,
-                _ => report.retried += 1,
-            }
-            finishes.push(f);
-        }
-        if !finishes.is_empty() {
-            apply_finishes(&mut tx, &finishes).await?;
-        }
-        tx.commit().await?;
-        Ok(report)
+        retry_conflicts("rescue", || rescue_once(&self.pool, now, policy, limit)).await
     }
 
     async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64> {
@@ -901,4 +987,50 @@ impl Store for PgStore {
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
     }
+}
+
+/// One rescue pass in one transaction (see [`Store::rescue_expired`]).
+async fn rescue_once(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    policy: &RetryPolicy,
+    limit: u32,
+) -> Result<RescueReport> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(
+        "SELECT id, attempt, max_attempts, attempted_at, lease_owner, cancel_requested_at \
+         FROM conveyor.jobs WHERE state = 'running' AND lease_expires_at < $1 \
+         ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(now)
+    .bind(i64::from(limit))
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut report = RescueReport::default();
+    let mut finishes = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let f = rescue_finish(
+            JobId(row.try_get("id")?),
+            row.try_get("attempt")?,
+            row.try_get("max_attempts")?,
+            row.try_get("lease_owner")?,
+            row.try_get::<Option<DateTime<Utc>>, _>("attempted_at")?
+                .unwrap_or(now),
+            row.try_get::<Option<DateTime<Utc>>, _>("cancel_requested_at")?
+                .is_some(),
+            now,
+            policy,
+        );
+        match f.state {
+            JobState::Cancelled => report.cancelled += 1,
+            JobState::Dead => report.dead += 1,
+            _ => report.retried += 1,
+        }
+        finishes.push(f);
+    }
+    if !finishes.is_empty() {
+        apply_finishes(&mut tx, &finishes).await?;
+    }
+    tx.commit().await?;
+    Ok(report)
 }
