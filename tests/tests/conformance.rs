@@ -993,7 +993,16 @@ async fn backend_reports_its_name_and_health(s: Arc<dyn Store>) {
     s.migrate().await.expect("migrating twice is a no-op");
 }
 
-backend_tests!(
+/// Every test on every backend, and again under production conditions (TLS to Postgres and
+/// Redis, a Postgres database with strict defaults).
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        backend_tests!($($name),*);
+        conveyor_tests::production_backend_tests!($($name),*);
+    };
+}
+
+suite!(
     enqueue_now_is_available_and_later_is_scheduled,
     fetch_claims_by_priority_then_run_at_and_sets_the_lease,
     concurrent_fetchers_never_share_a_job,

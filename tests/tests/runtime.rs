@@ -472,7 +472,16 @@ async fn delayed_jobs_start_without_another_enqueue(s: Arc<dyn Store>) {
     w.stop().await;
 }
 
-backend_tests!(
+/// Every test on every backend, and again under production conditions (TLS to Postgres and
+/// Redis, a Postgres database with strict defaults).
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        backend_tests!($($name),*);
+        conveyor_tests::production_backend_tests!($($name),*);
+    };
+}
+
+suite!(
     jobs_run_to_completion,
     failures_retry_with_backoff_then_die_with_their_history,
     panics_timeouts_and_bad_args_are_failed_attempts,
