@@ -121,13 +121,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Opens (and migrates) the configured store, with an error that says how to fix it.
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let url = &config.database.url;
-    store::connect(
-        url,
-        StoreOptions {
-            max_connections: config.database.max_connections,
-            ..StoreOptions::default()
-        },
-    )
+    let mut options = StoreOptions {
+        max_connections: config.database.max_connections,
+        ..StoreOptions::default()
+    };
+    options.pg_session = Some(config.database.pg_session());
+    store::connect(url, options)
     .await
     .with_context(|| {
         format!(
