@@ -153,24 +153,28 @@ fn session_sql(settings: &PgSessionSettings) -> String {
 
 /// Adds what to do to TLS failures, the ones an operator meets first with a managed Postgres.
 fn explain_connect_error(url: &str, e: sqlx::Error) -> Error {
-    let hint = match &e {
-        sqlx::Error::Tls(tls) => {
-            let text = tls.to_string();
-            if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
-                Some(format!(
-                    "the server's TLS certificate was not accepted ({text}): with sslmode=verify-ca or \
-                     verify-full, name the CA that signed it with sslrootcert=/path/ca.pem in the URL \
-                     ({}); with verify-full the URL's host must also be a name in the certificate",
-                    super::redact_url(url)
-                ))
-            } else {
-                Some(format!(
-                    "TLS to Postgres failed ({text}); see docs/operations.md, TLS ({})",
-                    super::redact_url(url)
-                ))
-            }
-        }
-        _ => None,
+    // rustls' verdict arrives as an I/O error during the handshake or as a TLS error.
+    let text = e.to_string();
+    let hint = if text.contains("not valid for name") {
+        Some(format!(
+            "the server's TLS certificate does not name the host in the URL ({text}): with \
+             sslmode=verify-full connect by a name the certificate lists ({})",
+            super::redact_url(url)
+        ))
+    } else if text.contains("invalid peer certificate") {
+        Some(format!(
+            "the server's TLS certificate was not accepted ({text}): with sslmode=verify-ca or \
+             verify-full, name the CA that signed it with sslrootcert=/path/ca.pem in the URL \
+             ({}); with verify-full the URL's host must also be a name in the certificate",
+            super::redact_url(url)
+        ))
+    } else if matches!(e, sqlx::Error::Tls(_)) {
+        Some(format!(
+            "TLS to Postgres failed ({text}); see docs/operations.md, TLS ({})",
+            super::redact_url(url)
+        ))
+    } else {
+        None
     };
     match hint {
         Some(hint) => Error::Database(sqlx::Error::Tls(hint.into())),

@@ -294,7 +294,9 @@ impl RedisStore {
             // Bulk scripts over thousands of jobs take longer than the client's 500 ms default.
             .set_response_timeout(Some(Duration::from_secs(30)))
             .set_number_of_retries(3);
-        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(tls::explain)?;
         let keys = Arc::new(Keys { prefix });
         let (events, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();

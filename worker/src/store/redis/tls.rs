@@ -79,6 +79,23 @@ pub(super) fn client(url: &str, conn_url: &str) -> Result<::redis::Client> {
     .map_err(|e| bad(format!("the TLS certificates could not be used: {e}")))
 }
 
+/// Adds what to do to a refused server certificate, the failure an operator meets first.
+pub(super) fn explain(e: ::redis::RedisError) -> Error {
+    let text = e.to_string();
+    if !text.contains("invalid peer certificate") {
+        return e.into();
+    }
+    Error::Redis(::redis::RedisError::from((
+        ::redis::ErrorKind::InvalidClientConfig,
+        "the Redis server's TLS certificate was not accepted",
+        format!(
+            "{text}. Name the CA that signed it with {CA_FILE}=/path/ca.pem in the rediss:// URL \
+             (without it, only public CAs are trusted); the URL's host must also be a name in \
+             the certificate"
+        ),
+    )))
+}
+
 /// A certificate or key file's contents, or an error that names the parameter and the file.
 fn read(url: &str, param: &str, path: &str) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::BadUrl {
