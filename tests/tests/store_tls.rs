@@ -295,7 +295,7 @@ async fn strict_database_defaults_do_not_break_concurrent_workers() {
     for task in tasks {
         task.await.expect("no store call failed");
     }
-    let runs = runs.lock().unwrap();
+    let runs = runs.lock().unwrap().clone();
     assert_eq!(runs.len(), JOBS);
     assert!(runs.values().all(|&n| n == 1), "no job ran twice");
     let completed = s
