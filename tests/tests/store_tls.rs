@@ -8,8 +8,8 @@
 //! - A Postgres database whose defaults are `serializable` with short timeouts: a burst of
 //!   concurrent workers completes every job once, without serialization errors.
 //!
-//! The conformance and runtime suites also run over TLS and on the strict database
-//! (`production_backend_tests!`).
+//! The main flows of the conformance and runtime suites also run over TLS and on the strict
+//! database (`production_backend_tests!`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
