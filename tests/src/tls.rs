@@ -226,3 +226,154 @@ pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
+
+/// A throwaway Postgres cluster (`initdb` + `pg_ctl`, run as the `postgres` user when the
+/// tests run as root) on a free loopback port that accepts only TLS with a client certificate
+/// (`hostssl … cert`), its server certificate and CA from its own [`Certs`]. Its superuser is
+/// `conveyor`, the client certificate's CN. Dropping it stops the cluster and deletes it.
+pub struct CertPostgres {
+    /// The port.
+    pub port: u16,
+    /// Its certificates.
+    pub certs: Certs,
+    data: PathBuf,
+    run_as_postgres: bool,
+    pg_ctl: PathBuf,
+}
+
+impl CertPostgres {
+    /// Starts one, or returns `None` (with the reason printed) when the Postgres server
+    /// binaries or `openssl` are missing, outside CI.
+    pub fn start() -> Option<CertPostgres> {
+        let bin = ["/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin"]
+            .into_iter()
+            .map(PathBuf::from)
+            .chain(find_on_path("initdb").and_then(|p| p.parent().map(Path::to_path_buf)))
+            .find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file());
+        let Some(bin) = bin else {
+            return crate::unavailable(
+                "initdb and pg_ctl are not installed; install the Postgres server to run the client-certificate test",
+            );
+        };
+        let certs = Certs::generate()?;
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        let data = certs.path("pgdata");
+        std::fs::create_dir_all(&data).expect("temp dir is writable");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let server = CertPostgres {
+            port,
+            certs,
+            data: data.clone(),
+            run_as_postgres: root,
+            pg_ctl: bin.join("pg_ctl"),
+        };
+        if root {
+            // Postgres refuses to run as root; the cluster and its key belong to `postgres`.
+            run(Command::new("chown")
+                .arg("-R")
+                .arg("postgres:")
+                .arg(&server.certs.dir));
+        }
+        server.run(
+            &bin.join("initdb"),
+            &["-N", "-U", "conveyor", "--auth=trust", "-D"],
+            &[&data],
+        );
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 cert\nhostssl all all ::1/128 cert\n",
+        )
+        .expect("the cluster folder is writable");
+        for file in ["server.pem", "server.key", "ca.pem"] {
+            std::fs::copy(server.certs.path(file), data.join(file)).expect("copy certificates");
+        }
+        if root {
+            run(Command::new("chown").arg("-R").arg("postgres:").arg(&data));
+        }
+        run(Command::new("chmod")
+            .arg("600")
+            .arg(data.join("server.key")));
+        let options = format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' \
+             -c ssl=on -c ssl_cert_file=server.pem -c ssl_key_file=server.key \
+             -c ssl_ca_file=ca.pem -c fsync=off",
+            data.display()
+        );
+        let log = data.join("server.log");
+        server.run(
+            &server.pg_ctl.clone(),
+            &["-w", "-t", "20", "-o", &options, "-l"],
+            &[&log, Path::new("-D"), &data, Path::new("start")],
+        );
+        Some(server)
+    }
+
+    fn run(&self, program: &Path, args: &[&str], paths: &[&Path]) {
+        let mut cmd = if self.run_as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        cmd.args(args).args(paths);
+        run(&mut cmd);
+    }
+
+    /// `postgres://conveyor@localhost:PORT/postgres?sslmode=verify-full&sslrootcert=…`,
+    /// with the client certificate when `client_cert`.
+    pub fn url(&self, client_cert: bool) -> String {
+        let c = &self.certs;
+        let mut url = format!(
+            "postgres://conveyor@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+            self.port,
+            c.path("ca.pem").display()
+        );
+        if client_cert {
+            url.push_str(&format!(
+                "&sslcert={}&sslkey={}",
+                c.path("client.pem").display(),
+                c.path("client.key").display()
+            ));
+        }
+        url
+    }
+}
+
+impl Drop for CertPostgres {
+    fn drop(&mut self) {
+        let mut cmd = if self.run_as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&self.pg_ctl);
+            c
+        } else {
+            Command::new(&self.pg_ctl)
+        };
+        let _ = cmd
+            .args(["-m", "immediate", "-D"])
+            .arg(&self.data)
+            .arg("stop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?} runs: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use conveyor_tests::tls::{Certs, TlsRedis, local_pg_ca, pg_tls_url};
+use conveyor_tests::tls::{CertPostgres, Certs, TlsRedis, local_pg_ca, pg_tls_url};
 use conveyor_tests::{TestStore, unavailable};
 use conveyor_worker::store::{self, JobFilter, StoreOptions};
 use conveyor_worker::{AttemptOutcome, JobId, JobState, NewJob, Store};
@@ -150,6 +150,30 @@ async fn postgres_verify_full_with_a_wrong_ca_or_host_fails_clearly() {
             .await
             .unwrap_or_else(|e| panic!("verify-ca with the server's CA connects: {e}"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_verify_full_with_a_client_certificate() {
+    // A private cluster that takes only TLS connections with a client certificate.
+    let Some(server) = tokio::task::spawn_blocking(CertPostgres::start)
+        .await
+        .expect("the cluster starts without panicking")
+    else {
+        return;
+    };
+    let s = store::connect(&server.url(true), StoreOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("verify-full with a client certificate connects: {e}"));
+    round_trip(&s).await;
+    let e = match store::connect(&server.url(false), StoreOptions::default()).await {
+        Ok(_) => panic!("a client without a certificate is refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("certificate"), "{e}");
+    drop(s);
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
