@@ -246,10 +246,37 @@ async fn strict_database_defaults_do_not_break_concurrent_workers() {
         .await
         .unwrap();
     assert_eq!(plain, "serializable", "the database default is in force");
-    let s = t.store.clone();
+    burst(t.store.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serialization_failures_are_retried_when_session_settings_are_off() {
+    // As behind a transaction-mode pooler: Conveyor sets nothing per connection, so its
+    // statements run serializable and abort each other; the store retries them.
+    let Some(t) =
+        TestStore::postgres_with(&["default_transaction_isolation = 'serializable'"], |url| {
+            url.to_string()
+        })
+        .await
+    else {
+        return;
+    };
+    let mut options = StoreOptions {
+        max_connections: 8,
+        ..StoreOptions::default()
+    };
+    options.pg_session = None;
+    let s = store::connect(&t.url, options)
+        .await
+        .expect("the database opens");
+    burst(s).await;
+}
+
+/// Concurrent enqueuers, fetch-and-complete loops and a rescuer; every store call must
+/// succeed (the runtime would retry a failed one and hide it), every job runs once.
+async fn burst(s: Arc<dyn Store>) {
     const JOBS: usize = 1200;
     const ENQUEUERS: usize = 12;
-    // Every store call must succeed: the runtime would retry a failed one and hide it.
     let mut tasks = Vec::new();
     for e in 0..ENQUEUERS {
         let s = s.clone();

@@ -379,7 +379,9 @@ where
 {
     const TRIES: u32 = 10;
     let mut pause = Duration::from_millis(2);
-    for attempt in 1.. {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         match op().await {
             Err(e) if attempt < TRIES && is_conflict(&e) => {
                 tracing::debug!(operation = what, attempt, error = %e, "retrying after a serialization conflict");
@@ -391,7 +393,6 @@ where
             other => return other,
         }
     }
-    unreachable!("the loop returns by its last try")
 }
 
 /// A serialization failure or deadlock: the statement or transaction was undone as a whole.
