@@ -81,8 +81,9 @@ impl Default for PgSessionSettings {
     }
 }
 
-/// Opens the store a URL names (`sqlite://file.db`, `sqlite::memory:`, `postgres://…`,
-/// `redis://host:6379/0?prefix=conveyor`) and applies its migrations.
+/// Opens the store a URL names (`sqlite://file.db`, `sqlite::memory:`, `postgres://…` with
+/// libpq's `sslmode`/`sslrootcert`/`sslcert`/`sslkey`, `redis://host:6379/0?prefix=conveyor`
+/// or `rediss://…?tls_ca_file=…`) and applies its migrations.
 pub async fn connect(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
     let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
         Arc::new(sqlite::SqliteStore::connect(url, &options).await?)

@@ -284,7 +284,8 @@ fn split_prefix(url: &str) -> Result<(String, String)> {
 }
 
 impl RedisStore {
-    /// Connects to `redis://host:port/db[?prefix=name]` and starts the subscriber task.
+    /// Connects to `redis://host:port/db[?prefix=name]` (or `rediss://` with TLS, see
+    /// `tls.rs` for its certificate parameters) and starts the subscriber task.
     pub async fn connect(url: &str, _options: &StoreOptions) -> Result<Self> {
         // One multiplexed connection serves every caller, so `max_connections` does not apply.
         let (conn_url, prefix) = split_prefix(url)?;
