@@ -69,15 +69,41 @@ pub struct DatabaseConfig {
     /// Postgres: a direct URL (bypassing the pooler) for LISTEN wake-ups. Without it, a
     /// transaction-mode pooler means polling.
     pub listen_url: Option<String>,
+    /// Postgres: `statement_timeout` of Conveyor's own connections, whatever the server's
+    /// default is (`0s`: none). See docs/operations.md, Server settings.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: std::time::Duration,
+    /// Postgres: `lock_timeout` of Conveyor's own connections (`0s`: wait, bounded by
+    /// `statement_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub lock_timeout: std::time::Duration,
+    /// Postgres: `idle_in_transaction_session_timeout` of Conveyor's own connections.
+    #[serde(with = "humantime_serde")]
+    pub idle_in_transaction_timeout: std::time::Duration,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
+        let session = conveyor_worker::store::PgSessionSettings::default();
         Self {
             url: "sqlite://conveyor.db".into(),
             max_connections: 10,
             pooler: conveyor_worker::store::Pooler::None,
             listen_url: None,
+            statement_timeout: session.statement_timeout,
+            lock_timeout: session.lock_timeout,
+            idle_in_transaction_timeout: session.idle_in_transaction_timeout,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// The per-connection settings for a Postgres store.
+    pub fn pg_session(&self) -> conveyor_worker::store::PgSessionSettings {
+        conveyor_worker::store::PgSessionSettings {
+            statement_timeout: self.statement_timeout,
+            lock_timeout: self.lock_timeout,
+            idle_in_transaction_timeout: self.idle_in_transaction_timeout,
         }
     }
 }

@@ -123,14 +123,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Opens (and migrates) the configured store, with an error that says how to fix it.
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let url = &config.database.url;
-    store::connect(
-        url,
-        StoreOptions {
-            max_connections: config.database.max_connections,
-            pooler: config.database.pooler,
-            listen_url: config.database.listen_url.clone(),
-        },
-    )
+    let options = StoreOptions {
+        max_connections: config.database.max_connections,
+        pooler: config.database.pooler,
+        listen_url: config.database.listen_url.clone(),
+        pg_session: Some(config.database.pg_session()),
+    };
+    store::connect(url, options)
     .await
     .map_err(|e| {
         // The hint helps when the store cannot be reached; a store that answered (its disk is

@@ -15,6 +15,7 @@
 pub mod pgbouncer;
 pub mod receiver;
 pub mod redis_server;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +49,8 @@ pub enum Cleanup {
         bouncer: pgbouncer::PgBouncer,
         database: Box<Cleanup>,
     },
+    /// A private TLS Redis: killed (and its certificates deleted) on drop.
+    TlsRedis(#[allow(dead_code)] tls::TlsRedis),
 }
 
 impl TestStore {
@@ -70,6 +73,28 @@ impl TestStore {
     /// A fresh Postgres database, or `None` (with the reason printed) when Postgres is not
     /// reachable outside CI.
     pub async fn postgres() -> Option<TestStore> {
+        Self::postgres_with(&[], |url| url.to_string()).await
+    }
+
+    /// A fresh Postgres database reached over TLS (verify-full against the local server's
+    /// certificate, see [`tls::pg_tls_url`]).
+    pub async fn postgres_tls() -> Option<TestStore> {
+        Self::postgres_with(&[], tls::pg_tls_url).await
+    }
+
+    /// A fresh Postgres database whose defaults are what a strict organisation sets:
+    /// `serializable` isolation and short statement, lock and idle-in-transaction timeouts.
+    /// Conveyor must set its own per connection and not inherit these.
+    pub async fn postgres_strict() -> Option<TestStore> {
+        Self::postgres_with(STRICT_DATABASE_SETTINGS, |url| url.to_string()).await
+    }
+
+    /// A fresh Postgres database with `ALTER DATABASE … SET` for each of `settings`, opened at
+    /// `url(database url)`.
+    pub async fn postgres_with(
+        settings: &[&str],
+        url: impl FnOnce(&str) -> String,
+    ) -> Option<TestStore> {
         let admin_url = pg_admin_url();
         let mut admin = match sqlx::PgConnection::connect(&admin_url).await {
             Ok(c) => c,
@@ -84,8 +109,16 @@ impl TestStore {
             .execute(&mut admin)
             .await
             .expect("the test role may create databases");
+        for setting in settings {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE {name} SET {setting}"
+            )))
+            .execute(&mut admin)
+            .await
+            .expect("the test role may alter its databases");
+        }
         let _ = admin.close().await;
-        let url = replace_db(&admin_url, &name);
+        let url = url(&replace_db(&admin_url, &name));
         // The guard exists before the store does, so a failed migration still drops the
         // database.
         let cleanup = Cleanup::Database { admin_url, name };
@@ -156,6 +189,21 @@ impl TestStore {
             store,
             url,
             _cleanup: cleanup,
+        })
+    }
+
+    /// A fresh store on a private `redis-server` that speaks only TLS, reached with
+    /// `rediss://localhost:PORT/0?tls_ca_file=…`.
+    pub async fn redis_tls() -> Option<TestStore> {
+        let server = tls::TlsRedis::start(false).await?;
+        let url = server.url(&[("tls_ca_file", &server.certs.path("ca.pem"))]);
+        let store = store::connect(&url, StoreOptions::default())
+            .await
+            .expect("the TLS Redis opens");
+        Some(TestStore {
+            store,
+            url,
+            _cleanup: Cleanup::TlsRedis(server),
         })
     }
 
@@ -235,6 +283,7 @@ impl Drop for Cleanup {
                 })
                 .join();
             }
+            Cleanup::TlsRedis(_) => {}
             Cleanup::Prefix { url, prefix } => {
                 let (url, prefix) = (url.clone(), prefix.clone());
                 let _ = std::thread::spawn(move || {
@@ -364,6 +413,44 @@ where
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// What [`TestStore::postgres_strict`] sets on its database.
+pub const STRICT_DATABASE_SETTINGS: &[&str] = &[
+    "default_transaction_isolation = 'serializable'",
+    "statement_timeout = '300ms'",
+    "lock_timeout = '20ms'",
+    "idle_in_transaction_session_timeout = '50ms'",
+];
+
+/// Generates, for each listed `async fn(Arc<dyn Store>)`, one `#[tokio::test]` per store
+/// under production conditions: Postgres and Redis over TLS, and a Postgres database with
+/// strict defaults ([`STRICT_DATABASE_SETTINGS`]).
+#[macro_export]
+macro_rules! production_backend_tests {
+    ($($name:ident),* $(,)?) => {
+        $crate::store_variant_tests!(postgres_tls, postgres_tls, $($name),*);
+        $crate::store_variant_tests!(redis_tls, redis_tls, $($name),*);
+        $crate::store_variant_tests!(postgres_strict, postgres_strict, $($name),*);
+    };
+}
+
+/// One module `$module` of tests, each on a store made by `TestStore::$make()`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! store_variant_tests {
+    ($module:ident, $make:ident, $($name:ident),*) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(t) = $crate::TestStore::$make().await else { return };
+                    super::$name(t.store.clone()).await;
+                    t.cleanup().await;
+                }
+            )*
+        }
+    };
 }
 
 /// Generates one `#[tokio::test]` per backend for each listed `async fn(Arc<dyn Store>)`.

@@ -1042,3 +1042,17 @@ backend_tests!(
     enqueue_wakes_subscribers,
     backend_reports_its_name_and_health,
 );
+
+// The flows production conditions could break, again over TLS to Postgres and Redis and on a
+// Postgres database with strict defaults (each Postgres test creates a database: the whole
+// suite again would double its time).
+conveyor_tests::production_backend_tests!(
+    fetch_claims_by_priority_then_run_at_and_sets_the_lease,
+    concurrent_fetchers_never_share_a_job,
+    finish_applies_every_outcome,
+    expired_leases_are_rescued,
+    cancel_waiting_and_running_jobs,
+    one_hundred_concurrent_enqueues_make_one_job,
+    enqueue_wakes_subscribers,
+    backend_reports_its_name_and_health,
+);

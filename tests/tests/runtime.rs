@@ -483,3 +483,13 @@ backend_tests!(
     shutdown_lets_jobs_finish_then_interrupts_the_rest,
     delayed_jobs_start_without_another_enqueue,
 );
+
+// The flows production conditions could break, again over TLS to Postgres and Redis and on a
+// Postgres database with strict defaults (each Postgres test creates a database: the whole
+// suite again would double its time).
+conveyor_tests::production_backend_tests!(
+    jobs_run_to_completion,
+    running_jobs_can_be_cancelled,
+    two_workers_run_each_job_exactly_once,
+    delayed_jobs_start_without_another_enqueue,
+);

@@ -40,6 +40,11 @@ pub struct StoreOptions {
     /// Postgres: a direct URL (not through the pooler) for LISTEN. Without one, a store behind
     /// a transaction-mode pooler polls instead.
     pub listen_url: Option<String>,
+    /// Postgres: the settings Conveyor sets on each of its own connections instead of
+    /// inheriting the server's, role's or database's defaults. `None` sets nothing: behind a
+    /// transaction-mode pooler a per-connection setting would leak to other clients, so there
+    /// the operator sets them on the pooler or the role (docs/operations.md, Server settings).
+    pub pg_session: Option<PgSessionSettings>,
 }
 
 impl Default for StoreOptions {
@@ -48,12 +53,46 @@ impl Default for StoreOptions {
             max_connections: 10,
             pooler: Pooler::None,
             listen_url: None,
+            pg_session: Some(PgSessionSettings::default()),
         }
     }
 }
 
-/// Opens the store a URL names (`sqlite://file.db`, `sqlite::memory:`, `postgres://…`,
-/// `redis://host:6379/0?prefix=conveyor`) and applies its migrations.
+/// What Conveyor's own Postgres connections run with, whatever the server's defaults say.
+///
+/// The isolation level is always `read committed`: the fetch (`FOR UPDATE SKIP LOCKED`), the
+/// completion and the rescue are written for it, and under `serializable` concurrent workers
+/// fail each other with "could not serialize access". The timeouts are Conveyor's own so a
+/// server default meant for interactive sessions (a 1 s `statement_timeout`, say) does not
+/// cancel a bulk enqueue, and so a stuck Conveyor process cannot hold locks forever.
+/// A zero duration turns that timeout off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgSessionSettings {
+    /// `statement_timeout`: the longest any one statement may run (default 5 minutes, long
+    /// enough for a migration over a large table).
+    pub statement_timeout: Duration,
+    /// `lock_timeout`: the longest a statement waits for a lock (default 0: wait, bounded by
+    /// `statement_timeout`; migrations wait on an advisory lock while another process migrates).
+    pub lock_timeout: Duration,
+    /// `idle_in_transaction_session_timeout`: how long a transaction may sit idle before the
+    /// server ends the session (default 1 minute; Conveyor's own transactions never wait on
+    /// anything but the database, so only a stuck process hits it).
+    pub idle_in_transaction_timeout: Duration,
+}
+
+impl Default for PgSessionSettings {
+    fn default() -> Self {
+        Self {
+            statement_timeout: Duration::from_secs(300),
+            lock_timeout: Duration::ZERO,
+            idle_in_transaction_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Opens the store a URL names (`sqlite://file.db`, `sqlite::memory:`, `postgres://…` with
+/// libpq's `sslmode`/`sslrootcert`/`sslcert`/`sslkey`, `redis://host:6379/0?prefix=conveyor`
+/// or `rediss://…?tls_ca_file=…`) and applies its migrations.
 pub async fn connect(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
     let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
         Arc::new(sqlite::SqliteStore::connect(url, &options).await?)
@@ -69,6 +108,18 @@ pub async fn connect(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>>
     };
     store.migrate().await?;
     Ok(store)
+}
+
+/// Makes ring the process's rustls crypto provider, once. sqlx names its provider itself, but
+/// the redis crate asks rustls for the process default, which rustls can only pick on its own
+/// while exactly one provider is compiled in: installing it keeps `rediss://` working if
+/// another dependency ever enables a second one.
+pub(crate) fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An error means a provider is installed already, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 /// The URL with any password replaced by `***`, for messages and logs.

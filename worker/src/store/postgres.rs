@@ -29,6 +29,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
+use super::PgSessionSettings;
 use super::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
     Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish,
@@ -78,10 +79,17 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .test_before_acquire(false)
             .max_connections(options.max_connections.max(2))
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(10));
+        // Per-connection settings would leak to other clients through a transaction-mode
+        // pooler: there the operator sets them on the role or the pooler (docs/operations.md).
+        let session = match pooler {
+            Pooler::Transaction => None,
+            Pooler::None | Pooler::Session => options.pg_session.as_ref(),
+        };
+        let pool = with_session_settings(pool, session)
             .connect_with(connect_options)
             .await
-            .map_err(|e| classify(e.into(), pooler))?;
+            .map_err(|e| classify(explain_connect_error(&url, e), pooler))?;
         let (events, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
         let listen_on = match (&options.listen_url, pooler) {
@@ -271,8 +279,102 @@ fn pooler_setting(url: &str, configured: Pooler) -> Result<(String, Pooler)> {
 /// which PgBouncer refuses unless listed in `ignore_startup_parameters`; Postgres 12 and
 /// later already send the shortest exact text for floats at the default of 1, and Conveyor
 /// reads floats in binary anyway, so it is left out.
+///
+/// TLS follows libpq: `sslmode` in the URL (or `PGSSLMODE`) decides, and without either the
+/// default is `prefer` (TLS when the server offers it, unverified) — except to a loopback
+/// address or a Unix socket, where encryption protects nothing and would cost about half
+/// the enqueue rate, so the connection is plain.
 fn pg_options(url: &str) -> Result<PgConnectOptions> {
-    Ok(url.parse::<PgConnectOptions>()?.extra_float_digits(None))
+    let options = url.parse::<PgConnectOptions>()?.extra_float_digits(None);
+    let sslmode_given = std::env::var_os("PGSSLMODE").is_some()
+        || url::Url::parse(url)
+            .map(|u| u.query_pairs().any(|(k, _)| k == "sslmode"))
+            .unwrap_or(true);
+    if !sslmode_given && is_local(options.get_host()) {
+        return Ok(options.ssl_mode(sqlx::postgres::PgSslMode::Disable));
+    }
+    Ok(options)
+}
+
+/// A loopback host or a Unix socket folder.
+fn is_local(host: &str) -> bool {
+    host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Sets `settings` on every new connection of the pool (the LISTEN connection included), in
+/// one round trip, so nothing Conveyor runs inherits the server's isolation level or timeouts.
+/// `None` (behind a transaction-mode pooler) sets nothing.
+fn with_session_settings(
+    pool: PgPoolOptions,
+    settings: Option<&PgSessionSettings>,
+) -> PgPoolOptions {
+    let Some(settings) = settings else {
+        return pool;
+    };
+    let sql = session_sql(settings);
+    pool.after_connect(move |conn, _| {
+        let sql = sql.clone();
+        Box::pin(async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+    })
+}
+
+/// The statement [`with_session_settings`] runs: `set_config` per setting, with values that
+/// are integers of milliseconds (nothing user-typed reaches the SQL text).
+fn session_sql(settings: &PgSessionSettings) -> String {
+    let ms = |d: Duration| d.as_millis().min(i32::MAX as u128);
+    format!(
+        "SELECT set_config('default_transaction_isolation', 'read committed', false), \
+         set_config('statement_timeout', '{}', false), \
+         set_config('lock_timeout', '{}', false), \
+         set_config('idle_in_transaction_session_timeout', '{}', false), \
+         CASE WHEN current_setting('server_version_num')::int >= 140000 \
+           THEN set_config('idle_session_timeout', '0', false) END",
+        ms(settings.statement_timeout),
+        ms(settings.lock_timeout),
+        ms(settings.idle_in_transaction_timeout),
+    )
+}
+
+/// Adds what to do to TLS failures, the ones an operator meets first with a managed Postgres.
+fn explain_connect_error(url: &str, e: sqlx::Error) -> Error {
+    // rustls' verdict arrives as an I/O error during the handshake or as a TLS error.
+    let text = e.to_string();
+    let hint = if text.contains("not valid for name") {
+        Some(format!(
+            "the server's TLS certificate does not name the host in the URL ({text}): with \
+             sslmode=verify-full connect by a name the certificate lists ({})",
+            super::redact_url(url)
+        ))
+    } else if text.contains("invalid peer certificate") {
+        Some(format!(
+            "the server's TLS certificate was not accepted ({text}): with sslmode=verify-ca or \
+             verify-full, name the CA that signed it with sslrootcert=/path/ca.pem in the URL \
+             ({}); with verify-full the URL's host must also be a name in the certificate",
+            super::redact_url(url)
+        ))
+    } else if matches!(e, sqlx::Error::Tls(_)) {
+        Some(format!(
+            "TLS to Postgres failed ({text}); see docs/operations.md, TLS ({})",
+            super::redact_url(url)
+        ))
+    } else {
+        None
+    };
+    match hint {
+        Some(hint) => Error::Database(sqlx::Error::Tls(hint.into())),
+        None => e.into(),
+    }
 }
 
 /// Forwards NOTIFYs to subscribers until `stop`, reconnecting after errors.
@@ -453,10 +555,55 @@ fn existing_id(e: sqlx::Error) -> Error {
 }
 
 async fn insert_pooled(pool: &Db, chunk: &[NewJob]) -> Result<Vec<Enqueued>> {
-    let mut conn = pool.acquire().await?;
-    let answers = insert_chunk(&mut conn, chunk).await?;
-    conn.commit().await?;
-    Ok(answers)
+    // One transaction, so a serialization failure or deadlock undoes the whole chunk and the
+    // chunk can simply be sent again.
+    retry_conflicts("enqueue", || async move {
+        let mut tx = pool.begin().await?;
+        let answers = insert_chunk(&mut tx, chunk).await?;
+        tx.commit().await?;
+        Ok(answers)
+    })
+    .await
+}
+
+/// Runs `op` again when Postgres aborted it for a serialization failure (SQLSTATE 40001) or a
+/// deadlock (40P01), with a short growing pause. Only for operations that are one statement or
+/// one transaction of their own, which such an abort undid entirely, and that are idempotent
+/// by their `WHERE` clauses: fetch, completion, rescue, a pooled enqueue chunk. Under the
+/// session settings Conveyor sets (read committed) only deadlocks remain possible; serialization
+/// failures happen when those settings are off (behind a pooler) and the server's default
+/// isolation is `repeatable read` or `serializable`.
+async fn retry_conflicts<T, F, Fut>(what: &'static str, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    const TRIES: u32 = 10;
+    let mut pause = Duration::from_millis(2);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match op().await {
+            Err(e) if attempt < TRIES && is_conflict(&e) => {
+                tracing::debug!(operation = what, attempt, error = %e, "retrying after a serialization conflict");
+                // Jitter, so the transactions that collided do not collide again in step.
+                let jitter = rand::random_range(0..=pause.as_micros() as u64);
+                tokio::time::sleep(pause + Duration::from_micros(jitter)).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A serialization failure or deadlock: the statement or transaction was undone as a whole.
+fn is_conflict(e: &Error) -> bool {
+    match e {
+        Error::Database(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40001" | "40P01"))
+        }
+        _ => false,
+    }
 }
 
 /// Inserts one chunk. Due times, `created_at` and scheduled-or-available are decided by the
@@ -778,7 +925,9 @@ impl Store for PgStore {
         // Due-ness, the claim's time and the lease are all on the store's clock (`now()`),
         // never the worker's: a worker whose clock is behind must not hand out leases that
         // everyone else sees as expired, nor one ahead claim jobs before they are due.
-        let rows = sqlx::query(
+        let request = &request;
+        let rows = retry_conflicts("fetch", || async move {
+            Ok(sqlx::query(
             "WITH next AS (SELECT id FROM conveyor.jobs \
                WHERE queue = $1 AND state IN ('available','scheduled','retryable') AND run_at <= now() \
                ORDER BY priority, run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
@@ -791,6 +940,8 @@ impl Store for PgStore {
         .bind(request.worker)
         .bind(interval(request.lease)?)
         .fetch_all(&self.pool)
+        .await?)
+        })
         .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
         jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
@@ -801,9 +952,14 @@ impl Store for PgStore {
         if outcomes.is_empty() {
             return Ok(0);
         }
-        let mut conn = self.pool.acquire().await?;
-        let (applied, ready) = apply_finishes(&mut conn, &outcomes).await?;
-        conn.commit().await?;
+        let outcomes = &outcomes;
+        let (applied, ready) = retry_conflicts("finish", || async move {
+            let mut conn = self.pool.acquire().await?;
+            let done = apply_finishes(&mut conn, outcomes).await?;
+            conn.commit().await?;
+            Ok(done)
+        })
+        .await?;
         self.notify_queues(ready).await?;
         Ok(applied)
     }
@@ -1024,43 +1180,7 @@ impl Store for PgStore {
         policy: &RetryPolicy,
         limit: u32,
     ) -> Result<RescueReport> {
-        let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT id, attempt, max_attempts, attempted_at, lease_owner, cancel_requested_at \
-             FROM conveyor.jobs WHERE state = 'running' AND lease_expires_at < $1 \
-             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&mut tx)
-        .await?;
-        let mut report = RescueReport::default();
-        let mut finishes = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let f = rescue_finish(
-                JobId(row.try_get("id")?),
-                row.try_get("attempt")?,
-                row.try_get("max_attempts")?,
-                row.try_get("lease_owner")?,
-                row.try_get::<Option<DateTime<Utc>>, _>("attempted_at")?
-                    .unwrap_or(now),
-                row.try_get::<Option<DateTime<Utc>>, _>("cancel_requested_at")?
-                    .is_some(),
-                now,
-                policy,
-            );
-            match f.state {
-                JobState::Cancelled => report.cancelled += 1,
-                JobState::Dead => report.dead += 1,
-                _ => report.retried += 1,
-            }
-            finishes.push(f);
-        }
-        if !finishes.is_empty() {
-            apply_finishes(&mut tx, &finishes).await?;
-        }
-        tx.commit().await?;
-        Ok(report)
+        retry_conflicts("rescue", || rescue_once(&self.pool, now, policy, limit)).await
     }
 
     async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64> {
@@ -1085,5 +1205,84 @@ impl Store for PgStore {
 
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
+    }
+}
+
+/// One rescue pass in one transaction (see [`Store::rescue_expired`]).
+async fn rescue_once(
+    pool: &Db,
+    now: DateTime<Utc>,
+    policy: &RetryPolicy,
+    limit: u32,
+) -> Result<RescueReport> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(
+        "SELECT id, attempt, max_attempts, attempted_at, lease_owner, cancel_requested_at \
+         FROM conveyor.jobs WHERE state = 'running' AND lease_expires_at < $1 \
+         ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(now)
+    .bind(i64::from(limit))
+    .fetch_all(&mut tx)
+    .await?;
+    let mut report = RescueReport::default();
+    let mut finishes = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let f = rescue_finish(
+            JobId(row.try_get("id")?),
+            row.try_get("attempt")?,
+            row.try_get("max_attempts")?,
+            row.try_get("lease_owner")?,
+            row.try_get::<Option<DateTime<Utc>>, _>("attempted_at")?
+                .unwrap_or(now),
+            row.try_get::<Option<DateTime<Utc>>, _>("cancel_requested_at")?
+                .is_some(),
+            now,
+            policy,
+        );
+        match f.state {
+            JobState::Cancelled => report.cancelled += 1,
+            JobState::Dead => report.dead += 1,
+            _ => report.retried += 1,
+        }
+        finishes.push(f);
+    }
+    if !finishes.is_empty() {
+        apply_finishes(&mut tx, &finishes).await?;
+    }
+    tx.commit().await?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::postgres::PgSslMode;
+
+    use super::pg_options;
+
+    #[test]
+    fn tls_follows_the_url_and_is_off_only_for_local_servers_by_default() {
+        if std::env::var_os("PGSSLMODE").is_some() {
+            return;
+        }
+        let mode = |url: &str| pg_options(url).unwrap().get_ssl_mode();
+        assert!(matches!(
+            mode("postgres://u@127.0.0.1:5432/db"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(mode("postgres://u@localhost/db"), PgSslMode::Disable));
+        assert!(matches!(mode("postgres://u@[::1]:5432/db"), PgSslMode::Disable));
+        assert!(matches!(
+            mode("postgres://u@db.example.com/db"),
+            PgSslMode::Prefer
+        ));
+        assert!(matches!(
+            mode("postgres://u@127.0.0.1/db?sslmode=require"),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://u@db.example.com/db?sslmode=disable"),
+            PgSslMode::Disable
+        ));
     }
 }

@@ -79,6 +79,7 @@
 //! the runtime polls, so a lost message only costs a poll.
 
 mod meta;
+mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -467,21 +468,21 @@ fn out_of_memory() -> String {
 }
 
 impl RedisStore {
-    /// Connects to `redis://host:port/db[?prefix=name]` and starts the subscriber task.
+    /// Connects to `redis://host:port/db[?prefix=name]` (or `rediss://` with TLS, see
+    /// `tls.rs` for its certificate parameters) and starts the subscriber task.
     pub async fn connect(url: &str, _options: &StoreOptions) -> Result<Self> {
         let allow_eviction = allow_eviction(url)?;
         // One multiplexed connection serves every caller, so `max_connections` does not apply.
         let (conn_url, prefix) = split_prefix(url)?;
-        let client = ::redis::Client::open(conn_url.as_str()).map_err(|e| Error::BadUrl {
-            url: redact_url(url),
-            reason: e.to_string(),
-        })?;
+        let client = tls::client(url, &conn_url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             // Bulk scripts over thousands of jobs take longer than the client's 500 ms default.
             .set_response_timeout(Some(Duration::from_secs(30)))
             .set_number_of_retries(3);
-        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(tls::explain)?;
         let keys = Arc::new(Keys { prefix });
         let warnings = check_server(&conn, &redact_url(url), allow_eviction).await?;
         log_once(&warnings);
