@@ -1270,8 +1270,14 @@ mod tests {
             mode("postgres://u@127.0.0.1:5432/db"),
             PgSslMode::Disable
         ));
-        assert!(matches!(mode("postgres://u@localhost/db"), PgSslMode::Disable));
-        assert!(matches!(mode("postgres://u@[::1]:5432/db"), PgSslMode::Disable));
+        assert!(matches!(
+            mode("postgres://u@localhost/db"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://u@[::1]:5432/db"),
+            PgSslMode::Disable
+        ));
         assert!(matches!(
             mode("postgres://u@db.example.com/db"),
             PgSslMode::Prefer
