@@ -11,6 +11,7 @@
 //!   connection or transaction, so the job exists iff that transaction commits.
 
 mod meta;
+pub mod queries;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -328,27 +329,7 @@ async fn insert_chunk(
         fn pick<'a>(v: &[&'a str], at: &[usize]) -> Vec<&'a str> {
             at.iter().map(|&i| v[i]).collect()
         }
-        // Keys first, in the same statement: a keyed job is inserted only if its key row
-        // was, so a key never has two holders. An id that already exists fails the whole
-        // statement (and with it the key rows), reported as bad input below.
-        let inserted: HashSet<Uuid> = sqlx::query_scalar(
-            "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
-               $5::int2[], $6::text[], $7::int4[], $8::timestamptz[], $10::text[], $11::text[], \
-               $12::text[]) AS u(id, queue, kind, args, priority, state, max_attempts, run_at, \
-               key, tags, metadata)), \
-             k AS (INSERT INTO conveyor.job_keys (key, job_id) \
-               SELECT u.key, u.id FROM u WHERE u.key IS NOT NULL \
-               ON CONFLICT (key) DO NOTHING RETURNING job_id) \
-             INSERT INTO conveyor.jobs (id, queue, kind, args, priority, state, max_attempts, \
-             run_at, created_at, idempotency_key, tags, metadata) \
-             SELECT u.id, u.queue, u.kind, u.args::jsonb, u.priority, u.state, u.max_attempts, \
-             u.run_at, $9, u.key, \
-             CASE WHEN u.tags = '[]' THEN '{}'::text[] \
-             ELSE ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)) END, \
-             u.metadata::jsonb \
-             FROM u WHERE u.key IS NULL OR u.id IN (SELECT job_id FROM k) \
-             RETURNING id",
-        )
+        let inserted: HashSet<Uuid> = sqlx::query_scalar(queries::ENQUEUE)
         .bind(pending.iter().map(|&i| ids[i]).collect::<Vec<_>>())
         .bind(pick(&queues, &pending))
         .bind(pick(&kinds, &pending))
@@ -402,10 +383,7 @@ async fn insert_chunk(
         if dup_keys.is_empty() {
             break;
         }
-        let holders: HashMap<String, (Uuid, String)> = sqlx::query(
-            "SELECT k.key AS idempotency_key, j.id, j.state FROM conveyor.job_keys k \
-             JOIN conveyor.jobs j ON j.id = k.job_id WHERE k.key = ANY($1)",
-        )
+        let holders: HashMap<String, (Uuid, String)> = sqlx::query(queries::KEY_HOLDERS)
         .bind(&dup_keys)
         .fetch_all(&mut *conn)
         .await?
@@ -437,13 +415,7 @@ async fn insert_chunk(
         if pending.is_empty() {
             break;
         }
-        // No job holds these keys any more (pruned since the insert, or removed without the
-        // delete trigger, e.g. by TRUNCATE): free them and insert again.
-        let orphans: Vec<&str> = pending.iter().filter_map(|&i| keys[i]).collect();
-        sqlx::query(
-            "DELETE FROM conveyor.job_keys k WHERE k.key = ANY($1) \
-             AND NOT EXISTS (SELECT 1 FROM conveyor.jobs j WHERE j.id = k.job_id)",
-        )
+        sqlx::query(queries::FREE_ORPHAN_KEYS)
         .bind(&orphans)
         .execute(&mut *conn)
         .await?;
@@ -490,16 +462,7 @@ async fn apply_finishes(
         .iter()
         .map(|f| serde_json::to_string(&f.record))
         .collect::<Result<_, _>>()?;
-    let rows = sqlx::query(
-        "UPDATE conveyor.jobs j SET state = u.state, run_at = coalesce(u.run_at, j.run_at), \
-         finalized_at = u.finalized_at, attempt = j.attempt + u.delta, \
-         attempts = j.attempts || u.record::jsonb, \
-         lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL \
-         FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::timestamptz[], $5::timestamptz[], \
-         $6::int4[], $7::text[]) AS u(id, attempt, state, run_at, finalized_at, delta, record) \
-         WHERE j.id = u.id AND j.state = 'running' AND j.attempt = u.attempt \
-         RETURNING j.queue, j.state",
-    )
+    let rows = sqlx::query(queries::FINISH)
     .bind(ids)
     .bind(attempts)
     .bind(states)
@@ -591,14 +554,7 @@ impl Store for PgStore {
 
     async fn fetch(&self, request: FetchRequest<'_>) -> Result<Vec<Job>> {
         let now = Utc::now();
-        let rows = sqlx::query(
-            "WITH next AS (SELECT id FROM conveyor.jobs \
-               WHERE queue = $1 AND state IN ('available','scheduled','retryable') AND run_at <= $2 \
-               ORDER BY priority, run_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             UPDATE conveyor.jobs j SET state = 'running', attempt = j.attempt + 1, \
-               attempted_at = $2, lease_owner = $4, lease_expires_at = $5 \
-             FROM next WHERE j.id = next.id RETURNING j.*",
-        )
+        let rows = sqlx::query(queries::FETCH)
         .bind(request.queue)
         .bind(now)
         .bind(i64::from(request.limit))
@@ -623,14 +579,7 @@ impl Store for PgStore {
     }
 
     async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>> {
-        // SKIP LOCKED: a row locked now is being completed or rescued; waiting for it could
-        // deadlock with a completion batch, and the lease of a job that is finishing needs no
-        // extension. A running job skipped now is extended at the next beat.
-        let rows = sqlx::query(
-            "UPDATE conveyor.jobs SET lease_expires_at = $1 \
-             WHERE id IN (SELECT id FROM conveyor.jobs WHERE state = 'running' \
-             AND lease_owner = $2 FOR UPDATE SKIP LOCKED) RETURNING id, cancel_requested_at",
-        )
+        let rows = sqlx::query(queries::HEARTBEAT)
         .bind(after(Utc::now(), lease))
         .bind(worker)
         .fetch_all(&self.pool)
@@ -817,13 +766,7 @@ impl Store for PgStore {
     }
 
     async fn promote_due(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
-        let queues: Vec<String> = sqlx::query_scalar(
-            "WITH due AS (SELECT id FROM conveyor.jobs \
-               WHERE state IN ('scheduled','retryable') AND run_at <= $1 \
-               LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             UPDATE conveyor.jobs j SET state = 'available' FROM due WHERE j.id = due.id \
-             RETURNING j.queue",
-        )
+        let queues: Vec<String> = sqlx::query_scalar(queries::PROMOTE_DUE)
         .bind(now)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
@@ -840,11 +783,7 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<RescueReport> {
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT id, attempt, max_attempts, attempted_at, lease_owner, cancel_requested_at \
-             FROM conveyor.jobs WHERE state = 'running' AND lease_expires_at < $1 \
-             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-        )
+        let rows = sqlx::query(queries::RESCUE_EXPIRED)
         .bind(now)
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
@@ -879,15 +818,7 @@ impl Store for PgStore {
     }
 
     async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM conveyor.jobs WHERE id IN (SELECT id FROM conveyor.jobs \
-             WHERE finalized_at IS NOT NULL \
-             AND ((state = 'completed' AND finalized_at < $1) \
-               OR (state = 'cancelled' AND finalized_at < $2) \
-               OR (state = 'dead' AND finalized_at < $3)) \
-             AND (idempotency_key IS NULL OR finalized_at < $4) \
-             LIMIT $5 FOR UPDATE SKIP LOCKED)",
-        )
+        let done = sqlx::query(queries::PRUNE)
         .bind(before(now, policy.completed))
         .bind(before(now, policy.cancelled))
         .bind(before(now, policy.dead))
