@@ -330,38 +330,38 @@ async fn insert_chunk(
             at.iter().map(|&i| v[i]).collect()
         }
         let inserted: HashSet<Uuid> = sqlx::query_scalar(queries::ENQUEUE)
-        .bind(pending.iter().map(|&i| ids[i]).collect::<Vec<_>>())
-        .bind(pick(&queues, &pending))
-        .bind(pick(&kinds, &pending))
-        .bind(
-            pending
-                .iter()
-                .map(|&i| args[i].as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(pending.iter().map(|&i| priorities[i]).collect::<Vec<_>>())
-        .bind(pick(&states, &pending))
-        .bind(pending.iter().map(|&i| max_attempts[i]).collect::<Vec<_>>())
-        .bind(pending.iter().map(|&i| run_ats[i]).collect::<Vec<_>>())
-        .bind(now)
-        .bind(pending.iter().map(|&i| keys[i]).collect::<Vec<_>>())
-        .bind(
-            pending
-                .iter()
-                .map(|&i| tags[i].as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            pending
-                .iter()
-                .map(|&i| metadata[i].as_str())
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(existing_id)?
-        .into_iter()
-        .collect();
+            .bind(pending.iter().map(|&i| ids[i]).collect::<Vec<_>>())
+            .bind(pick(&queues, &pending))
+            .bind(pick(&kinds, &pending))
+            .bind(
+                pending
+                    .iter()
+                    .map(|&i| args[i].as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(pending.iter().map(|&i| priorities[i]).collect::<Vec<_>>())
+            .bind(pick(&states, &pending))
+            .bind(pending.iter().map(|&i| max_attempts[i]).collect::<Vec<_>>())
+            .bind(pending.iter().map(|&i| run_ats[i]).collect::<Vec<_>>())
+            .bind(now)
+            .bind(pending.iter().map(|&i| keys[i]).collect::<Vec<_>>())
+            .bind(
+                pending
+                    .iter()
+                    .map(|&i| tags[i].as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                pending
+                    .iter()
+                    .map(|&i| metadata[i].as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(existing_id)?
+            .into_iter()
+            .collect();
 
         let mut dup_keys = Vec::new();
         for &i in &pending {
@@ -384,17 +384,17 @@ async fn insert_chunk(
             break;
         }
         let holders: HashMap<String, (Uuid, String)> = sqlx::query(queries::KEY_HOLDERS)
-        .bind(&dup_keys)
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| -> Result<_> {
-            Ok((
-                r.try_get::<String, _>("idempotency_key")?,
-                (r.try_get("id")?, r.try_get::<String, _>("state")?),
-            ))
-        })
-        .collect::<Result<_>>()?;
+            .bind(&dup_keys)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| -> Result<_> {
+                Ok((
+                    r.try_get::<String, _>("idempotency_key")?,
+                    (r.try_get("id")?, r.try_get::<String, _>("state")?),
+                ))
+            })
+            .collect::<Result<_>>()?;
         let mut again = Vec::new();
         for &i in &pending {
             if answers[i].is_some() {
@@ -415,10 +415,12 @@ async fn insert_chunk(
         if pending.is_empty() {
             break;
         }
+        // No job holds these keys any more: free them and insert again.
+        let orphans: Vec<&str> = pending.iter().filter_map(|&i| keys[i]).collect();
         sqlx::query(queries::FREE_ORPHAN_KEYS)
-        .bind(&orphans)
-        .execute(&mut *conn)
-        .await?;
+            .bind(&orphans)
+            .execute(&mut *conn)
+            .await?;
     }
     answers
         .into_iter()
@@ -463,15 +465,15 @@ async fn apply_finishes(
         .map(|f| serde_json::to_string(&f.record))
         .collect::<Result<_, _>>()?;
     let rows = sqlx::query(queries::FINISH)
-    .bind(ids)
-    .bind(attempts)
-    .bind(states)
-    .bind(run_ats)
-    .bind(finalized)
-    .bind(deltas)
-    .bind(records)
-    .fetch_all(&mut *conn)
-    .await?;
+        .bind(ids)
+        .bind(attempts)
+        .bind(states)
+        .bind(run_ats)
+        .bind(finalized)
+        .bind(deltas)
+        .bind(records)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut ready = Vec::new();
     for row in &rows {
         if row.try_get::<&str, _>("state")? == "available" {
@@ -555,13 +557,13 @@ impl Store for PgStore {
     async fn fetch(&self, request: FetchRequest<'_>) -> Result<Vec<Job>> {
         let now = Utc::now();
         let rows = sqlx::query(queries::FETCH)
-        .bind(request.queue)
-        .bind(now)
-        .bind(i64::from(request.limit))
-        .bind(request.worker)
-        .bind(after(now, request.lease))
-        .fetch_all(&self.pool)
-        .await?;
+            .bind(request.queue)
+            .bind(now)
+            .bind(i64::from(request.limit))
+            .bind(request.worker)
+            .bind(after(now, request.lease))
+            .fetch_all(&self.pool)
+            .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
         jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
         Ok(jobs)
@@ -580,10 +582,10 @@ impl Store for PgStore {
 
     async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>> {
         let rows = sqlx::query(queries::HEARTBEAT)
-        .bind(after(Utc::now(), lease))
-        .bind(worker)
-        .fetch_all(&self.pool)
-        .await?;
+            .bind(after(Utc::now(), lease))
+            .bind(worker)
+            .fetch_all(&self.pool)
+            .await?;
         let mut cancel = Vec::new();
         for row in rows {
             if row
@@ -767,10 +769,10 @@ impl Store for PgStore {
 
     async fn promote_due(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
         let queues: Vec<String> = sqlx::query_scalar(queries::PROMOTE_DUE)
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
         let n = queues.len() as u64;
         self.notify_queues(queues).await?;
         Ok(n)
@@ -784,10 +786,10 @@ impl Store for PgStore {
     ) -> Result<RescueReport> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(queries::RESCUE_EXPIRED)
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
         let mut report = RescueReport::default();
         let mut finishes = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -819,13 +821,13 @@ impl Store for PgStore {
 
     async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64> {
         let done = sqlx::query(queries::PRUNE)
-        .bind(before(now, policy.completed))
-        .bind(before(now, policy.cancelled))
-        .bind(before(now, policy.dead))
-        .bind(before(now, policy.idempotency))
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await?;
+            .bind(before(now, policy.completed))
+            .bind(before(now, policy.cancelled))
+            .bind(before(now, policy.dead))
+            .bind(before(now, policy.idempotency))
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
