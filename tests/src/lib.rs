@@ -255,10 +255,13 @@ pub async fn analyze(url: &str) {
     .await
     .expect("the catalog lists Conveyor's tables");
     if !tables.is_empty() {
-        sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {}", tables.join(", "))))
-            .execute(&mut conn)
-            .await
-            .expect("ANALYZE runs on the test database");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ANALYZE {}",
+            tables.join(", ")
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("ANALYZE runs on the test database");
     }
     let _ = conn.close().await;
 }

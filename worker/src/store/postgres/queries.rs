@@ -106,7 +106,7 @@ pub const PRUNE: &str = "\
 DELETE FROM conveyor.jobs
 WHERE id = ANY(ARRAY(
     SELECT id FROM conveyor.jobs
-    WHERE finalized_at < greatest($1, $2, $3)
+    WHERE finalized_at < greatest($1::timestamptz, $2::timestamptz, $3::timestamptz)
       AND ((state = 'completed' AND finalized_at < $1)
         OR (state = 'cancelled' AND finalized_at < $2)
         OR (state = 'dead' AND finalized_at < $3))
