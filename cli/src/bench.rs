@@ -6,6 +6,11 @@
 //! 3. Latency: with the worker warm, enqueue M jobs one at a time every G ms; each job records
 //!    its start − the instant just before its enqueue call → p50/p99.
 //!
+//! Postgres under production statistics (see docs/performance.md): `--preload-finished N`
+//! first inserts N finished jobs in bulk and runs VACUUM ANALYZE, as autovacuum would after
+//! such an insert; `--analyze` runs ANALYZE after phase 1 (statistics that say no job runs)
+//! and again mid-run (half the jobs claimed).
+//!
 //! The worker is the one `conveyor serve` runs (leases, heartbeats, attempt history, batched
 //! completion), and every enqueue carries an idempotency key so the unique index does its
 //! real work. Jobs go to a fresh queue (`bench_<id>`) so nothing else in the store is touched.
@@ -22,6 +27,7 @@ use conveyor_worker::{JobContext, JobState, NewJob, Outcome, Registry, Store};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+mod statistics;
 mod webhooks;
 
 /// What the benchmark runs.
@@ -75,6 +81,15 @@ pub struct BenchArgs {
     /// What to run.
     #[arg(long, value_enum, default_value = "jobs")]
     pub workload: Workload,
+    /// Postgres only: ANALYZE the job table after the enqueue phase, before measuring, and
+    /// again mid-run (once half the jobs are claimed), as autovacuum does on its own.
+    #[arg(long)]
+    pub analyze: bool,
+    /// Postgres only: first insert this many finished jobs in bulk (one INSERT … SELECT
+    /// generate_series, in a queue of their own), then VACUUM ANALYZE the table, as
+    /// autovacuum would after such an insert.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub preload_finished: u64,
 }
 
 /// The result line.
@@ -112,6 +127,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.jobs == 0 || args.concurrency == 0 || args.enqueue_batch == 0 {
         bail!("--jobs, --concurrency and --enqueue-batch must be at least 1");
     }
+    if args.backend != BenchBackend::Postgres && (args.analyze || args.preload_finished > 0) {
+        bail!(
+            "--analyze and --preload-finished are for --backend postgres (they run ANALYZE \
+             and bulk SQL on the job table); drop them for --backend {}",
+            format!("{:?}", args.backend).to_lowercase()
+        );
+    }
+    if args.workload == Workload::Webhooks && (args.analyze || args.preload_finished > 0) {
+        bail!("--analyze and --preload-finished apply to --workload jobs only");
+    }
 
     // Deliveries write an attempt-log record each, concurrently with fetch and completion:
     // they get a larger pool (CONVEYOR_BENCH_POOL overrides, for A/B runs).
@@ -144,6 +169,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "conveyor bench on {backend}: {} jobs, {} latency jobs every {} ms, concurrency {}",
         args.jobs, args.latency_jobs, args.latency_gap_ms, args.concurrency
     ));
+    if args.preload_finished > 0 {
+        let took = statistics::preload_finished(
+            &args.url,
+            args.preload_finished,
+            &format!("{queue}_done"),
+        )
+        .await?;
+        say(format!(
+            "preload: {} finished jobs inserted, VACUUM ANALYZE done, in {:.1} s",
+            args.preload_finished,
+            took.as_secs_f64()
+        ));
+    }
 
     // Phase 1: bulk enqueue, no worker running.
     let started = Instant::now();
@@ -170,6 +208,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "\nenqueue: {} jobs in {:.3} s = {:.0} jobs/s",
         args.jobs, enqueue_secs, enqueue_jobs_s
     ));
+
+    if args.analyze {
+        let took = statistics::analyze(&args.url).await?;
+        say(format!(
+            "ANALYZE before processing ({} ms)",
+            took.as_millis()
+        ));
+    }
 
     // Phase 2: process.
     let probe = Arc::new(Probe::new(args.latency_jobs as usize));
@@ -203,8 +249,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let worker = Worker::new(store.clone(), registry, config)?;
     let worker = tokio::spawn(worker.run(shutdown.clone()));
+    let mid_run = args.analyze.then(|| {
+        tokio::spawn(statistics::analyze_halfway(
+            store.clone(),
+            args.url.clone(),
+            queue.clone(),
+            args.jobs,
+        ))
+    });
 
     let done_at = wait_completed(&store, &queue, args.jobs, args.json).await?;
+    if let Some(mid_run) = mid_run {
+        match mid_run.await? {
+            Ok(Some(took)) => say(format!("\nANALYZE mid-run ({} ms)", took.as_millis())),
+            Ok(None) => say("\nthe run ended before the mid-run ANALYZE".into()),
+            Err(e) => return Err(e.context("the mid-run ANALYZE failed")),
+        }
+    }
     let first = probe.first_start_at().context("no job started")?;
     let process_secs = done_at.duration_since(first).as_secs_f64();
     let process_jobs_s = args.jobs as f64 / process_secs;
@@ -257,8 +318,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         lat_p99_ms: round(p99, 3),
         peak_rss_mb: round(peak_rss_mb(), 1),
         config: format!(
-            "1 worker process, concurrency {}, fetch batch {fetch_batch}, completion batch <= {completion_batch}, enqueue batch {}, idempotency keys on",
-            args.concurrency, args.enqueue_batch
+            "1 worker process, concurrency {}, fetch batch {fetch_batch}, completion batch <= {completion_batch}, enqueue batch {}, idempotency keys on{}{}",
+            args.concurrency,
+            args.enqueue_batch,
+            if args.preload_finished > 0 {
+                format!(", {} finished jobs preloaded", args.preload_finished)
+            } else {
+                String::new()
+            },
+            if args.analyze {
+                ", ANALYZE before processing and mid-run"
+            } else {
+                ""
+            }
         ),
     };
     if args.json {
