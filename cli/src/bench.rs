@@ -6,6 +6,11 @@
 //! 3. Latency: with the worker warm, enqueue M jobs one at a time every G ms; each job records
 //!    its start − the instant just before its enqueue call → p50/p99.
 //!
+//! Postgres under production statistics (see docs/performance.md): `--preload-finished N`
+//! first inserts N finished jobs in bulk and runs VACUUM ANALYZE, as autovacuum would after
+//! such an insert; `--analyze` runs ANALYZE after phase 1 (statistics that say no job runs)
+//! and again mid-run (half the jobs run).
+//!
 //! The worker is the one `conveyor serve` runs (leases, heartbeats, attempt history, batched
 //! completion), and every enqueue carries an idempotency key so the unique index does its
 //! real work. Jobs go to a fresh queue (`bench_<id>`) so nothing else in the store is touched.
@@ -22,6 +27,7 @@ use conveyor_worker::{JobContext, JobState, NewJob, Outcome, Registry, Store};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+mod statistics;
 mod webhooks;
 
 /// What the benchmark runs.
@@ -75,6 +81,15 @@ pub struct BenchArgs {
     /// What to run.
     #[arg(long, value_enum, default_value = "jobs")]
     pub workload: Workload,
+    /// Postgres only: ANALYZE the job table after the enqueue phase, before measuring, and
+    /// again mid-run (once half the jobs are claimed), as autovacuum does on its own.
+    #[arg(long)]
+    pub analyze: bool,
+    /// Postgres only: first insert this many finished jobs in bulk (one INSERT … SELECT
+    /// generate_series, in a queue of their own), then VACUUM ANALYZE the table, as
+    /// autovacuum would after such an insert.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub preload_finished: u64,
 }
 
 /// The result line.
@@ -112,6 +127,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.jobs == 0 || args.concurrency == 0 || args.enqueue_batch == 0 {
         bail!("--jobs, --concurrency and --enqueue-batch must be at least 1");
     }
+    if args.backend != BenchBackend::Postgres && (args.analyze || args.preload_finished > 0) {
+        bail!(
+            "--analyze and --preload-finished are for --backend postgres (they run ANALYZE \
+             and bulk SQL on the job table); drop them for --backend {}",
+            format!("{:?}", args.backend).to_lowercase()
+        );
+    }
+    if args.workload == Workload::Webhooks && (args.analyze || args.preload_finished > 0) {
+        bail!("--analyze and --preload-finished apply to --workload jobs only");
+    }
 
     // Deliveries write an attempt-log record each, concurrently with fetch and completion:
     // they get a larger pool (CONVEYOR_BENCH_POOL overrides, for A/B runs).
@@ -145,6 +170,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "conveyor bench on {backend}: {} jobs, {} latency jobs every {} ms, concurrency {}",
         args.jobs, args.latency_jobs, args.latency_gap_ms, args.concurrency
     ));
+    if args.preload_finished > 0 {
+        let took = statistics::preload_finished(
+            &args.url,
+            args.preload_finished,
+            &format!("{queue}_done"),
+        )
+        .await?;
+        say(format!(
+            "preload: {} finished jobs inserted, VACUUM ANALYZE done, in {:.1} s",
+            args.preload_finished,
+            took.as_secs_f64()
+        ));
+    }
 
     // Phase 1: bulk enqueue, no worker running.
     let started = Instant::now();
@@ -172,6 +210,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.jobs, enqueue_secs, enqueue_jobs_s
     ));
 
+    if args.analyze {
+        let took = statistics::analyze(&args.url).await?;
+        say(format!(
+            "ANALYZE before processing ({} ms)",
+            took.as_millis()
+        ));
+    }
+
     // Phase 2: process.
     let probe = Arc::new(Probe::new(args.latency_jobs as usize));
     let mut registry = Registry::new();
@@ -180,6 +226,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "bench.noop",
         move |_: serde_json::Value, _ctx: JobContext| {
             p.first_start();
+            p.ran.fetch_add(1, Ordering::Relaxed);
             async { Ok(Outcome::Done) }
         },
     );
@@ -188,6 +235,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "bench.latency",
         move |args: LatencyArgs, _ctx: JobContext| {
             p.latency_start(args.seq);
+            p.ran.fetch_add(1, Ordering::Relaxed);
             async { Ok(Outcome::Done) }
         },
     );
@@ -204,8 +252,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let worker = Worker::new(store.clone(), registry, config)?;
     let worker = tokio::spawn(worker.run(shutdown.clone()));
+    let mid_run = args.analyze.then(|| {
+        tokio::spawn(statistics::analyze_halfway(
+            args.url.clone(),
+            probe.clone(),
+            args.jobs,
+        ))
+    });
 
-    let done_at = wait_completed(&store, &queue, args.jobs, args.json).await?;
+    let done_at = wait_completed(&store, &queue, args.jobs, args.json, Some(&probe.ran)).await?;
+    if let Some(mid_run) = mid_run {
+        match mid_run.await? {
+            Ok(Some(took)) => say(format!("\nANALYZE mid-run ({} ms)", took.as_millis())),
+            Ok(None) => say("\nthe run ended before the mid-run ANALYZE".into()),
+            Err(e) => return Err(e.context("the mid-run ANALYZE failed")),
+        }
+    }
     let first = probe.first_start_at().context("no job started")?;
     let process_secs = done_at.duration_since(first).as_secs_f64();
     let process_jobs_s = args.jobs as f64 / process_secs;
@@ -230,7 +292,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .await?;
     }
     let all = args.jobs + args.latency_jobs;
-    wait_completed(&store, &queue, all, true).await?;
+    wait_completed(&store, &queue, all, true, Some(&probe.ran)).await?;
     let mut lat = probe.latencies_ms();
     shutdown.cancel();
     worker.await??;
@@ -258,8 +320,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         lat_p99_ms: round(p99, 3),
         peak_rss_mb: round(peak_rss_mb(), 1),
         config: format!(
-            "1 worker process, concurrency {}, fetch batch {fetch_batch}, completion batch <= {completion_batch}, enqueue batch {}, idempotency keys on",
-            args.concurrency, args.enqueue_batch
+            "1 worker process, concurrency {}, fetch batch {fetch_batch}, completion batch <= {completion_batch}, enqueue batch {}, idempotency keys on{}{}",
+            args.concurrency,
+            args.enqueue_batch,
+            if args.preload_finished > 0 {
+                format!(", {} finished jobs preloaded", args.preload_finished)
+            } else {
+                String::new()
+            },
+            if args.analyze {
+                ", ANALYZE before processing and mid-run"
+            } else {
+                ""
+            }
         ),
     };
     if args.json {
@@ -288,6 +361,8 @@ struct Probe {
     /// Nanoseconds after `origin` of the first job start; `u64::MAX` until then.
     first: AtomicU64,
     seen_first: AtomicBool,
+    /// Jobs whose handler has returned, both kinds.
+    ran: AtomicU64,
     enqueued: Mutex<Vec<Option<Instant>>>,
     started: Mutex<Vec<Option<Instant>>>,
 }
@@ -298,6 +373,7 @@ impl Probe {
             origin: Instant::now(),
             first: AtomicU64::new(u64::MAX),
             seen_first: AtomicBool::new(false),
+            ran: AtomicU64::new(0),
             enqueued: Mutex::new(vec![None; latency_jobs]),
             started: Mutex::new(vec![None; latency_jobs]),
         }
@@ -347,14 +423,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Polls the store every 20 ms until none of the queue's `total` jobs is waiting or running,
 /// then checks that all of them are `completed`; returns the instant it saw the last one done.
 ///
-/// Counting what is left (a few partial-index entries near the end) rather than what is done
-/// keeps the poll cheap, so the measurement does not slow the store it measures.
+/// With `handled` (the handlers' own count of jobs run), the store is polled only once every
+/// handler has returned: the counts are not free (after an ANALYZE that saw every job
+/// waiting, counting the waiting ones is a sequential scan), and during the run they would
+/// compete with the statements being measured. Counting what is left (a few partial-index
+/// entries near the end) rather than what is done keeps the remaining polls cheap.
 async fn wait_completed(
     store: &Arc<dyn Store>,
     queue: &str,
     total: u64,
     quiet: bool,
+    handled: Option<&AtomicU64>,
 ) -> anyhow::Result<Instant> {
+    if let Some(handled) = handled {
+        let mut last = 0;
+        let mut last_change = Instant::now();
+        loop {
+            let n = handled.load(Ordering::Relaxed);
+            if n >= total {
+                break;
+            }
+            if n != last {
+                last = n;
+                last_change = Instant::now();
+                progress(quiet, "process", n, total);
+            } else if last_change.elapsed() > Duration::from_secs(60) {
+                bail!("no progress for 60 s: {n} of {total} jobs have run");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
     // Two counts, each matching one partial index: the waiting states, and running.
     let waiting = JobFilter {
         queue: Some(queue.to_string()),
@@ -373,7 +471,12 @@ async fn wait_completed(
     let mut last_change = Instant::now();
     let mut last = u64::MAX;
     loop {
-        let left = store.count(&waiting).await? + store.count(&running).await?;
+        // Running first: its index is tiny at the end; the waiting count is read only once
+        // nothing runs.
+        let left = match store.count(&running).await? {
+            0 => store.count(&waiting).await?,
+            n => n,
+        };
         if left == 0 {
             let seen = Instant::now();
             let completed = JobFilter {

@@ -131,6 +131,7 @@ impl TestStore {
         )
         .await
         .expect("a fresh Postgres database migrates");
+        analyze(&url).await;
         Some(TestStore {
             store,
             url,
@@ -144,6 +145,7 @@ impl TestStore {
     pub async fn pgbouncer(mode: Pooler) -> Option<TestStore> {
         let (bouncer, name, cleanup) = pooled_database(mode).await?;
         let url = bouncer.url(&name);
+        let direct_url = replace_db(&pg_admin_url(), &name);
         let cleanup = Cleanup::Pooled {
             bouncer,
             database: Box::new(cleanup),
@@ -159,6 +161,7 @@ impl TestStore {
         .unwrap_or_else(|e| {
             panic!("a fresh Postgres database migrates through PgBouncer in {mode} mode: {e}")
         });
+        analyze(&direct_url).await;
         Some(TestStore {
             store,
             url,
@@ -374,6 +377,32 @@ pub fn unavailable<T>(reason: &str) -> Option<T> {
     }
     eprintln!("skipping: {reason}");
     None
+}
+
+/// Runs ANALYZE on every Conveyor table of the database at `url`, as autovacuum does on its
+/// own on every production server (it is off on some test machines). Run on a fresh database
+/// it records statistics that say no job exists in any state: the point at which a plan that
+/// trusts statistics goes wrong first, so the whole Postgres suite runs there.
+pub async fn analyze(url: &str) {
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .expect("the test database accepts a second connection");
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE schemaname = 'conveyor'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("the catalog lists Conveyor's tables");
+    if !tables.is_empty() {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ANALYZE {}",
+            tables.join(", ")
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("ANALYZE runs on the test database");
+    }
+    let _ = conn.close().await;
 }
 
 /// The maintenance database URL tests create their databases from.

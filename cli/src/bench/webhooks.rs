@@ -124,7 +124,7 @@ pub async fn run(args: &BenchArgs, store: Arc<dyn Store>) -> anyhow::Result<()> 
     let shutdown = CancellationToken::new();
     let worker = Worker::new(store.clone(), registry, worker_config)?;
     let worker = tokio::spawn(worker.run(shutdown.clone()));
-    let done_at = wait_completed(&store, &config.queue, args.jobs, args.json).await?;
+    let done_at = wait_completed(&store, &config.queue, args.jobs, args.json, None).await?;
     let first = lock(&seen).first.context("the receiver got nothing")?;
     let secs = done_at.duration_since(first).as_secs_f64();
     let deliveries_s = args.jobs as f64 / secs;
@@ -155,7 +155,7 @@ pub async fn run(args: &BenchArgs, store: Arc<dyn Store>) -> anyhow::Result<()> 
         sent_at.push((sent.event.id, before));
     }
     let all = args.jobs + args.latency_jobs;
-    wait_completed(&store, &config.queue, all, true).await?;
+    wait_completed(&store, &config.queue, all, true, None).await?;
     shutdown.cancel();
     worker.await??;
     server.abort();

@@ -12,6 +12,7 @@
 
 mod meta;
 mod pooler;
+pub mod queries;
 
 pub use self::pooler::Pooler;
 use self::pooler::{Conn, Db, classify};
@@ -651,59 +652,38 @@ async fn insert_chunk(conn: &mut Conn<'_>, chunk: &[NewJob]) -> Result<Vec<Enque
         // Keys first, in the same statement: a keyed job is inserted only if its key row
         // was, so a key never has two holders. An id that already exists fails the whole
         // statement (and with it the key rows), reported as bad input below.
-        let inserted: HashMap<Uuid, String> = sqlx::query_as::<_, (Uuid, String)>(
-            "WITH u AS (SELECT u.id, u.queue, u.kind, u.args, u.priority, u.max_attempts, \
-               coalesce(u.run_at, now() + u.delay_us * interval '1 microsecond') AS run_at, \
-               u.key, u.tags, u.metadata \
-               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
-               $5::int2[], $6::int8[], $7::int4[], $8::timestamptz[], $9::text[], $10::text[], \
-               $11::text[]) AS u(id, queue, kind, args, priority, delay_us, max_attempts, run_at, \
-               key, tags, metadata)), \
-             k AS (INSERT INTO conveyor.job_keys (key, job_id) \
-               SELECT u.key, u.id FROM u WHERE u.key IS NOT NULL \
-               ON CONFLICT (key) DO NOTHING RETURNING job_id) \
-             INSERT INTO conveyor.jobs (id, queue, kind, args, priority, state, max_attempts, \
-             run_at, created_at, idempotency_key, tags, metadata) \
-             SELECT u.id, u.queue, u.kind, u.args::jsonb, u.priority, \
-             CASE WHEN u.run_at > now() THEN 'scheduled' ELSE 'available' END, u.max_attempts, \
-             u.run_at, now(), u.key, \
-             CASE WHEN u.tags = '[]' THEN '{}'::text[] \
-             ELSE ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)) END, \
-             u.metadata::jsonb \
-             FROM u WHERE u.key IS NULL OR u.id IN (SELECT job_id FROM k) \
-             RETURNING id, state",
-        )
-        .bind(pending.iter().map(|&i| ids[i]).collect::<Vec<_>>())
-        .bind(pick(&queues, &pending))
-        .bind(pick(&kinds, &pending))
-        .bind(
-            pending
-                .iter()
-                .map(|&i| args[i].as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(pending.iter().map(|&i| priorities[i]).collect::<Vec<_>>())
-        .bind(pending.iter().map(|&i| delays[i]).collect::<Vec<_>>())
-        .bind(pending.iter().map(|&i| max_attempts[i]).collect::<Vec<_>>())
-        .bind(pending.iter().map(|&i| run_ats[i]).collect::<Vec<_>>())
-        .bind(pending.iter().map(|&i| keys[i]).collect::<Vec<_>>())
-        .bind(
-            pending
-                .iter()
-                .map(|&i| tags[i].as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            pending
-                .iter()
-                .map(|&i| metadata[i].as_str())
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(existing_id)?
-        .into_iter()
-        .collect();
+        let inserted: HashMap<Uuid, String> = sqlx::query_as::<_, (Uuid, String)>(queries::ENQUEUE)
+            .bind(pending.iter().map(|&i| ids[i]).collect::<Vec<_>>())
+            .bind(pick(&queues, &pending))
+            .bind(pick(&kinds, &pending))
+            .bind(
+                pending
+                    .iter()
+                    .map(|&i| args[i].as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(pending.iter().map(|&i| priorities[i]).collect::<Vec<_>>())
+            .bind(pending.iter().map(|&i| delays[i]).collect::<Vec<_>>())
+            .bind(pending.iter().map(|&i| max_attempts[i]).collect::<Vec<_>>())
+            .bind(pending.iter().map(|&i| run_ats[i]).collect::<Vec<_>>())
+            .bind(pending.iter().map(|&i| keys[i]).collect::<Vec<_>>())
+            .bind(
+                pending
+                    .iter()
+                    .map(|&i| tags[i].as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                pending
+                    .iter()
+                    .map(|&i| metadata[i].as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(existing_id)?
+            .into_iter()
+            .collect();
 
         let mut dup_keys = Vec::new();
         for &i in &pending {
@@ -725,21 +705,18 @@ async fn insert_chunk(conn: &mut Conn<'_>, chunk: &[NewJob]) -> Result<Vec<Enque
         if dup_keys.is_empty() {
             break;
         }
-        let holders: HashMap<String, (Uuid, String)> = sqlx::query(
-            "SELECT k.key AS idempotency_key, j.id, j.state FROM conveyor.job_keys k \
-             JOIN conveyor.jobs j ON j.id = k.job_id WHERE k.key = ANY($1)",
-        )
-        .bind(&dup_keys)
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| -> Result<_> {
-            Ok((
-                r.try_get::<String, _>("idempotency_key")?,
-                (r.try_get("id")?, r.try_get::<String, _>("state")?),
-            ))
-        })
-        .collect::<Result<_>>()?;
+        let holders: HashMap<String, (Uuid, String)> = sqlx::query(queries::KEY_HOLDERS)
+            .bind(&dup_keys)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| -> Result<_> {
+                Ok((
+                    r.try_get::<String, _>("idempotency_key")?,
+                    (r.try_get("id")?, r.try_get::<String, _>("state")?),
+                ))
+            })
+            .collect::<Result<_>>()?;
         let mut again = Vec::new();
         for &i in &pending {
             if answers[i].is_some() {
@@ -760,16 +737,12 @@ async fn insert_chunk(conn: &mut Conn<'_>, chunk: &[NewJob]) -> Result<Vec<Enque
         if pending.is_empty() {
             break;
         }
-        // No job holds these keys any more (pruned since the insert, or removed without the
-        // delete trigger, e.g. by TRUNCATE): free them and insert again.
+        // No job holds these keys any more: free them and insert again.
         let orphans: Vec<&str> = pending.iter().filter_map(|&i| keys[i]).collect();
-        sqlx::query(
-            "DELETE FROM conveyor.job_keys k WHERE k.key = ANY($1) \
-             AND NOT EXISTS (SELECT 1 FROM conveyor.jobs j WHERE j.id = k.job_id)",
-        )
-        .bind(&orphans)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(queries::FREE_ORPHAN_KEYS)
+            .bind(&orphans)
+            .execute(&mut *conn)
+            .await?;
     }
     answers
         .into_iter()
@@ -810,25 +783,16 @@ async fn apply_finishes(conn: &mut Conn<'_>, outcomes: &[Finish]) -> Result<(u64
         .iter()
         .map(|f| serde_json::to_string(&f.record))
         .collect::<Result<_, _>>()?;
-    let rows = sqlx::query(
-        "UPDATE conveyor.jobs j SET state = u.state, run_at = coalesce(u.run_at, j.run_at), \
-         finalized_at = u.finalized_at, attempt = j.attempt + u.delta, \
-         attempts = j.attempts || u.record::jsonb, \
-         lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL \
-         FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::timestamptz[], $5::timestamptz[], \
-         $6::int4[], $7::text[]) AS u(id, attempt, state, run_at, finalized_at, delta, record) \
-         WHERE j.id = u.id AND j.state = 'running' AND j.attempt = u.attempt \
-         RETURNING j.queue, j.state",
-    )
-    .bind(ids)
-    .bind(attempts)
-    .bind(states)
-    .bind(run_ats)
-    .bind(finalized)
-    .bind(deltas)
-    .bind(records)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = sqlx::query(queries::FINISH)
+        .bind(ids)
+        .bind(attempts)
+        .bind(states)
+        .bind(run_ats)
+        .bind(finalized)
+        .bind(deltas)
+        .bind(records)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut ready = Vec::new();
     for row in &rows {
         if row.try_get::<&str, _>("state")? == "available" {
@@ -927,20 +891,13 @@ impl Store for PgStore {
         // everyone else sees as expired, nor one ahead claim jobs before they are due.
         let request = &request;
         let rows = retry_conflicts("fetch", || async move {
-            Ok(sqlx::query(
-            "WITH next AS (SELECT id FROM conveyor.jobs \
-               WHERE queue = $1 AND state IN ('available','scheduled','retryable') AND run_at <= now() \
-               ORDER BY priority, run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             UPDATE conveyor.jobs j SET state = 'running', attempt = j.attempt + 1, \
-               attempted_at = now(), lease_owner = $3, lease_expires_at = now() + $4 \
-             FROM next WHERE j.id = next.id RETURNING j.*",
-        )
-        .bind(request.queue)
-        .bind(i64::from(request.limit))
-        .bind(request.worker)
-        .bind(interval(request.lease)?)
-        .fetch_all(&self.pool)
-        .await?)
+            Ok(sqlx::query(queries::FETCH)
+                .bind(request.queue)
+                .bind(i64::from(request.limit))
+                .bind(request.worker)
+                .bind(interval(request.lease)?)
+                .fetch_all(&self.pool)
+                .await?)
         })
         .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
@@ -968,15 +925,11 @@ impl Store for PgStore {
         // SKIP LOCKED: a row locked now is being completed or rescued; waiting for it could
         // deadlock with a completion batch, and the lease of a job that is finishing needs no
         // extension. A running job skipped now is extended at the next beat.
-        let rows = sqlx::query(
-            "UPDATE conveyor.jobs SET lease_expires_at = now() + $1 \
-             WHERE id IN (SELECT id FROM conveyor.jobs WHERE state = 'running' \
-             AND lease_owner = $2 FOR UPDATE SKIP LOCKED) RETURNING id, cancel_requested_at",
-        )
-        .bind(interval(lease)?)
-        .bind(worker)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(queries::HEARTBEAT)
+            .bind(interval(lease)?)
+            .bind(worker)
+            .fetch_all(&self.pool)
+            .await?;
         let mut cancel = Vec::new();
         for row in rows {
             if row
@@ -1158,17 +1111,11 @@ impl Store for PgStore {
     }
 
     async fn promote_due(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
-        let queues: Vec<String> = sqlx::query_scalar(
-            "WITH due AS (SELECT id FROM conveyor.jobs \
-               WHERE state IN ('scheduled','retryable') AND run_at <= $1 \
-               LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             UPDATE conveyor.jobs j SET state = 'available' FROM due WHERE j.id = due.id \
-             RETURNING j.queue",
-        )
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let queues: Vec<String> = sqlx::query_scalar(queries::PROMOTE_DUE)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
         let n = queues.len() as u64;
         self.notify_queues(queues).await?;
         Ok(n)
@@ -1184,22 +1131,14 @@ impl Store for PgStore {
     }
 
     async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM conveyor.jobs WHERE id IN (SELECT id FROM conveyor.jobs \
-             WHERE finalized_at IS NOT NULL \
-             AND ((state = 'completed' AND finalized_at < $1) \
-               OR (state = 'cancelled' AND finalized_at < $2) \
-               OR (state = 'dead' AND finalized_at < $3)) \
-             AND (idempotency_key IS NULL OR finalized_at < $4) \
-             LIMIT $5 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(before(now, policy.completed))
-        .bind(before(now, policy.cancelled))
-        .bind(before(now, policy.dead))
-        .bind(before(now, policy.idempotency))
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(queries::PRUNE)
+            .bind(before(now, policy.completed))
+            .bind(before(now, policy.cancelled))
+            .bind(before(now, policy.dead))
+            .bind(before(now, policy.idempotency))
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -1216,15 +1155,11 @@ async fn rescue_once(
     limit: u32,
 ) -> Result<RescueReport> {
     let mut tx = pool.begin().await?;
-    let rows = sqlx::query(
-        "SELECT id, attempt, max_attempts, attempted_at, lease_owner, cancel_requested_at \
-         FROM conveyor.jobs WHERE state = 'running' AND lease_expires_at < $1 \
-         ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(now)
-    .bind(i64::from(limit))
-    .fetch_all(&mut tx)
-    .await?;
+    let rows = sqlx::query(queries::RESCUE_EXPIRED)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut tx)
+        .await?;
     let mut report = RescueReport::default();
     let mut finishes = Vec::with_capacity(rows.len());
     for row in &rows {
