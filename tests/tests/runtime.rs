@@ -472,6 +472,60 @@ async fn delayed_jobs_start_without_another_enqueue(s: Arc<dyn Store>) {
     w.stop().await;
 }
 
+/// A handler may ask for the longest delay there is (`Duration::MAX`: "not before the end of
+/// time"). The next state saturates at the latest instant the store keeps; the job never
+/// stays `running` under the worker's live heartbeat because computing it overflowed.
+async fn extreme_delays_saturate_and_never_strand_a_job(s: Arc<dyn Store>) {
+    let mut registry = Registry::new();
+    registry
+        .register(
+            "forever.snooze",
+            |_: serde_json::Value, _ctx: JobContext| async move {
+                Ok(Outcome::Snooze(Duration::MAX))
+            },
+        )
+        .register(
+            "forever.retry",
+            |_: serde_json::Value, _ctx: JobContext| async move {
+                Ok(Outcome::retry_after(Duration::MAX, "come back never"))
+            },
+        )
+        .register(
+            "instant.retry",
+            |_: serde_json::Value, _ctx: JobContext| async move {
+                Ok(Outcome::retry_after(Duration::ZERO, "again at once"))
+            },
+        );
+    let w = Running::start(&s, registry, config(&[("default", 4)]));
+    let sn = s
+        .enqueue(NewJob::new("forever.snooze", json!({})))
+        .await
+        .unwrap();
+    let re = s
+        .enqueue(NewJob::new("forever.retry", json!({})))
+        .await
+        .unwrap();
+    let now = s
+        .enqueue(NewJob::new("instant.retry", json!({})).max_attempts(3))
+        .await
+        .unwrap();
+    let far = chrono::Utc::now() + chrono::Duration::days(365 * 1000);
+    let sn = wait_for_state(&s, sn.id, JobState::Scheduled).await;
+    assert!(
+        sn.run_at > far,
+        "snoozed until the end of time: {}",
+        sn.run_at
+    );
+    assert_eq!(sn.attempts.len(), 1, "{:?}", sn.attempts);
+    let re = wait_for_state(&s, re.id, JobState::Retryable).await;
+    assert!(re.run_at > far, "retried at the end of time: {}", re.run_at);
+    assert_eq!(re.last_error(), Some("come back never"));
+    // A zero delay retries at once, through every attempt, to dead.
+    let now = wait_for_state(&s, now.id, JobState::Dead).await;
+    assert_eq!(now.attempts.len(), 3, "{:?}", now.attempts);
+    w.stop().await;
+}
+
 backend_tests!(
     jobs_run_to_completion,
     failures_retry_with_backoff_then_die_with_their_history,
@@ -482,6 +536,7 @@ backend_tests!(
     two_workers_run_each_job_exactly_once,
     shutdown_lets_jobs_finish_then_interrupts_the_rest,
     delayed_jobs_start_without_another_enqueue,
+    extreme_delays_saturate_and_never_strand_a_job,
 );
 
 // The flows production conditions could break, again over TLS to Postgres and Redis and on a

@@ -70,25 +70,42 @@ pub(crate) async fn run(
             Ended::Returned(Outcome::Done) => tracing::debug!("job completed"),
             other => tracing::info!(ended = ?other, "job attempt ended"),
         }
-        let default_policy = RetryPolicy::default();
-        let policy = registered
-            .as_ref()
-            .map_or(&default_policy, |r| &r.options.retry);
-        let finish = transition(
-            &job,
-            ended,
-            policy,
-            &shared.worker_id,
-            started_at,
-            shared.clock.now(),
-        );
-        record(&series, &finish);
+        let finished_at = shared.clock.now();
+        // Nothing between the handler's return and the store write may strand the job: a
+        // panic here (a retry policy, a record that cannot be built) would leave it
+        // `running` under this worker's live heartbeat. The job goes back to the queue with
+        // the panic recorded instead.
+        let finish = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let default_policy = RetryPolicy::default();
+            let policy = registered
+                .as_ref()
+                .map_or(&default_policy, |r| &r.options.retry);
+            let finish = transition(
+                &job,
+                ended,
+                policy,
+                &shared.worker_id,
+                started_at,
+                finished_at,
+            );
+            record(&series, &finish);
+            finish
+        }))
+        .unwrap_or_else(|panic| {
+            let msg = panic_message(panic.as_ref());
+            tracing::error!(panic = %msg, "deciding the job's next state panicked; it goes back to the queue");
+            given_back(&job, &shared.worker_id, started_at, finished_at, &msg)
+        });
         queue.finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The slot travels with the outcome and is freed once the outcome is written: while
         // outcomes cannot be written (a full disk), the queue stops claiming jobs it could
         // not finish. The completer outlives every job task, so this only fails if it
         // crashed; then the lease expires and the rescuer retries the job.
         if done.send(Completion { finish, _slot: slot }).await.is_err() {
+            // Nothing can write this outcome any more: count it as a failing write, so the
+            // heartbeat stops renewing this worker's leases after one lease and the rescuer
+            // gives the job to another worker, instead of it staying `running` here.
+            shared.write_failed();
             tracing::error!("completer is gone; the job will be rescued when its lease expires");
         }
     }
@@ -157,13 +174,52 @@ fn ended_from(r: Caught) -> Ended {
     match r {
         Ok(Ok(outcome)) => Ended::Returned(outcome),
         Ok(Err(e)) => Ended::Failed(JobError::from_anyhow(&e)),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".into());
-            Ended::Failed(JobError::new(format!("handler panicked: {msg}")))
-        }
+        Err(panic) => Ended::Failed(JobError::new(format!(
+            "handler panicked: {}",
+            panic_message(panic.as_ref())
+        ))),
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}
+
+/// The outcome written when deciding the real one panicked: a failed attempt, retried after
+/// the default backoff (or `dead` when it was the last), with the panic as its error. Built
+/// from nothing that could panic again.
+fn given_back(
+    job: &Job,
+    worker: &str,
+    started_at: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+    msg: &str,
+) -> Finish {
+    let last = job.attempt >= job.max_attempts;
+    let error = format!("conveyor could not record this attempt's outcome (internal panic: {msg})");
+    Finish {
+        id: job.id,
+        attempt: job.attempt,
+        state: if last {
+            JobState::Dead
+        } else {
+            JobState::Retryable
+        },
+        run_at: (!last).then(|| crate::store::after(now, std::time::Duration::from_secs(30))),
+        attempt_delta: 0,
+        record: crate::job::AttemptRecord {
+            attempt: job.attempt,
+            started_at,
+            finished_at: now,
+            worker: Some(worker.to_string()),
+            outcome: crate::job::AttemptOutcome::Failed,
+            error: Some(error),
+            causes: Vec::new(),
+            duration_ms: (now - started_at).num_milliseconds().max(0),
+        },
     }
 }

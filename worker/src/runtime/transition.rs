@@ -42,7 +42,9 @@ pub fn transition(
     started_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Finish {
-    let later = |d: Duration| now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+    // Saturating: a handler's `Snooze(Duration::MAX)` or a `Retry-After` of centuries means
+    // "as late as can be", not an overflow that would leave the job running.
+    let later = |d: Duration| crate::store::after(now, d);
     let out_of_attempts = job.attempt >= job.max_attempts;
     let failed = |error: JobError, after: Option<Duration>| {
         if out_of_attempts {
