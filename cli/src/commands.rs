@@ -29,7 +29,7 @@ fn parse_time(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
         return Ok(t.with_timezone(&Utc));
     }
     match humantime::parse_duration(text) {
-        Ok(age) => Ok(Utc::now() - chrono::Duration::from_std(age)?),
+        Ok(age) => Ok(conveyor_worker::store::before(Utc::now(), age)),
         Err(_) => bail!(
             "{flag} `{text}` is neither an RFC 3339 time (2026-11-23T09:00:00Z) nor an age (30m, 2h, 7d)"
         ),

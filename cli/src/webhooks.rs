@@ -246,7 +246,7 @@ fn parse_time(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
         return Ok(t.with_timezone(&Utc));
     }
     let age = duration(flag, text)?;
-    Ok(Utc::now() - chrono::Duration::from_std(age)?)
+    Ok(conveyor_worker::store::before(Utc::now(), age))
 }
 
 fn table(header: &[&str]) -> Table {

@@ -1018,7 +1018,74 @@ async fn backend_reports_its_name_and_health(s: Arc<dyn Store>) {
     s.migrate().await.expect("migrating twice is a no-op");
 }
 
+/// Durations from input at their extremes: `Duration::MAX` retention keeps everything (it
+/// saturates, never overflows), zero retention prunes every finished job, a delay of
+/// `Duration::MAX` schedules at the latest instant the store keeps, and a rescue or
+/// promotion at either end of time changes nothing it should not.
+async fn extreme_durations_saturate(s: Arc<dyn Store>) {
+    let ids = s
+        .enqueue_many((0..2).map(|_| job("k").max_attempts(1)).collect())
+        .await
+        .unwrap();
+    let got = fetch(&s, "default", 2).await;
+    s.finish(
+        got.iter()
+            .map(|j| finish(j, JobState::Completed, AttemptOutcome::Completed, None))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let forever = RetentionPolicy {
+        completed: Duration::MAX,
+        cancelled: Duration::MAX,
+        dead: Duration::MAX,
+        idempotency: Duration::MAX,
+    };
+    assert_eq!(s.prune(Utc::now(), &forever, 100).await.unwrap(), 0);
+    assert_eq!(
+        s.prune(conveyor_worker::store::LATEST, &forever, 100)
+            .await
+            .unwrap(),
+        0,
+        "kept forever, even at the end of time"
+    );
+    let never = RetentionPolicy {
+        completed: Duration::ZERO,
+        cancelled: Duration::ZERO,
+        dead: Duration::ZERO,
+        idempotency: Duration::ZERO,
+    };
+    assert_eq!(
+        s.prune(Utc::now() + secs(1), &never, 100).await.unwrap(),
+        2,
+        "zero retention prunes every finished job"
+    );
+    for id in &ids {
+        assert!(s.get(id.id).await.unwrap().is_none());
+    }
+
+    let late = s.enqueue(job("k").delay(Duration::MAX)).await.unwrap();
+    assert_eq!(late.state, JobState::Scheduled);
+    let late = s.get(late.id).await.unwrap().unwrap();
+    assert!(
+        late.run_at > Utc::now() + secs(1000 * 365 * 24 * 3600),
+        "a delay of Duration::MAX is as late as the store keeps: {}",
+        late.run_at
+    );
+    assert_eq!(s.promote_due(Utc::now(), 100).await.unwrap(), 0, "not due");
+    let report = s
+        .rescue_expired(
+            conveyor_worker::store::EARLIEST,
+            &RetryPolicy::default(),
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.retried + report.dead + report.cancelled, 0);
+}
+
 backend_tests!(
+    extreme_durations_saturate,
     enqueue_now_is_available_and_later_is_scheduled,
     a_delay_is_counted_on_the_store_clock,
     fetch_claims_by_priority_then_run_at_and_sets_the_lease,

@@ -96,9 +96,10 @@ impl Webhooks {
                 ));
             }
             // Half-open and no probe out: claim the probe.
-            let probe_for = chrono::Duration::from_std(self.config.timeout * 2)
-                .unwrap_or(chrono::Duration::seconds(60));
-            c.probe_until = Some(now + probe_for);
+            c.probe_until = Some(conveyor_worker::store::after(
+                now,
+                self.config.timeout.saturating_mul(2),
+            ));
             let value = serde_json::to_value(&c)?;
             let expect = version.map_or(Expect::Absent, Expect::Version);
             match self
@@ -156,8 +157,6 @@ impl Webhooks {
             .lock()
             .expect("not poisoned")
             .remove(endpoint_id);
-        let cooldown = chrono::Duration::from_std(self.config.circuit_cooldown)
-            .unwrap_or(chrono::Duration::MAX);
         for _ in 0..CAS_TRIES {
             let record = self.store.meta_get(CIRCUITS, endpoint_id).await?;
             let (expect, mut c) = match &record {
@@ -171,7 +170,10 @@ impl Webhooks {
                 || (c.open_until.is_none()
                     && c.consecutive_failures >= self.config.circuit_threshold)
             {
-                c.open_until = Some(now + cooldown);
+                c.open_until = Some(conveyor_worker::store::after(
+                    now,
+                    self.config.circuit_cooldown,
+                ));
                 c.probe_until = None;
             }
             let value = serde_json::to_value(&c)?;

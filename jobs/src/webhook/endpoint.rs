@@ -278,14 +278,13 @@ impl Webhooks {
         overlap: Option<Duration>,
     ) -> Result<Endpoint> {
         let fresh = secret.unwrap_or_else(signature::generate_secret);
-        let overlap = chrono::Duration::from_std(overlap.unwrap_or(self.config.secret_overlap))
-            .map_err(|_| WebhookError::invalid("overlap", "too long"))?;
+        let overlap = overlap.unwrap_or(self.config.secret_overlap);
         self.modify_endpoint(id, |ep| {
             let now = Utc::now();
             ep.secrets.retain(|s| s.expires_at.is_none_or(|t| t > now));
             for s in &mut ep.secrets {
                 if s.expires_at.is_none() {
-                    s.expires_at = Some(now + overlap);
+                    s.expires_at = Some(conveyor_worker::store::after(now, overlap));
                 }
             }
             ep.secrets.insert(

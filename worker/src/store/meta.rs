@@ -338,8 +338,18 @@ pub fn bucket_take(have: f64, limit: RateLimit, cost: f64) -> TokenTake {
         TokenTake {
             allowed: false,
             remaining: have,
-            retry_after: Duration::from_secs_f64((cost - have) / limit.per_second),
+            retry_after: wait(((cost - have) / limit.per_second).max(0.0)),
         }
+    }
+}
+
+/// A bucket's wait in seconds as a `Duration`, saturating: a rate of 1e-300 per second
+/// means "not in any lifetime", not a panic. NaN (no rate) waits nothing.
+pub(crate) fn wait(secs: f64) -> Duration {
+    if secs.is_nan() || secs <= 0.0 {
+        Duration::ZERO
+    } else {
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
     }
 }
 
@@ -363,6 +373,9 @@ mod tests {
         assert!(!refused.allowed);
         assert_eq!(refused.remaining, 0.0);
         assert!((refused.retry_after.as_secs_f64() - 0.1).abs() < 1e-9);
+        assert_eq!(wait(1e300), Duration::MAX);
+        assert_eq!(wait(f64::INFINITY), Duration::MAX);
+        assert_eq!(wait(f64::NAN), Duration::ZERO);
         let later = t0 + chrono::Duration::milliseconds(300);
         let take = bucket_take(bucket_refill(Some(0.0), Some(t0), limit, later), limit, 1.0);
         assert!(take.allowed);

@@ -492,21 +492,38 @@ pub fn rescue_finish(
     }
 }
 
-/// `now + d`, saturating at the latest representable instant (a retention or TTL of a
-/// thousand years must not overflow).
+/// The latest instant Conveyor computes: the last microsecond of year 9999. Every backend
+/// keeps it (Postgres timestamps end in 294276, SQLite's microseconds in 294247) and every
+/// client parses it (RFC 3339 has four-digit years).
+pub const LATEST: DateTime<Utc> = match DateTime::from_timestamp_micros(253_402_300_799_999_999) {
+    Some(t) => t,
+    None => DateTime::<Utc>::MAX_UTC,
+};
+
+/// The earliest instant Conveyor computes: the first of year 1 (Postgres keeps nothing
+/// before 4713 BC).
+pub const EARLIEST: DateTime<Utc> = match DateTime::from_timestamp_micros(-62_135_596_800_000_000) {
+    Some(t) => t,
+    None => DateTime::<Utc>::MIN_UTC,
+};
+
+/// `now + d`, saturating at [`LATEST`]: a retention, delay or TTL of a million years means
+/// "as late as can be", never an overflow or a time the store cannot keep.
 pub fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(d)
         .ok()
         .and_then(|d| now.checked_add_signed(d))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        .unwrap_or(LATEST)
+        .min(LATEST)
 }
 
-/// `now - d`, saturating at the earliest representable instant.
+/// `now - d`, saturating at [`EARLIEST`].
 pub fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(d)
         .ok()
         .and_then(|d| now.checked_sub_signed(d))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        .unwrap_or(EARLIEST)
+        .max(EARLIEST)
 }
 
 /// Checks a page request.
@@ -527,8 +544,10 @@ mod tests {
     #[test]
     fn time_arithmetic_saturates() {
         let now = Utc::now();
-        assert_eq!(after(now, Duration::MAX), DateTime::<Utc>::MAX_UTC);
-        assert_eq!(before(now, Duration::MAX), DateTime::<Utc>::MIN_UTC);
+        assert_eq!(after(now, Duration::MAX), LATEST);
+        assert_eq!(before(now, Duration::MAX), EARLIEST);
+        assert_eq!(LATEST.to_rfc3339(), "9999-12-31T23:59:59.999999+00:00");
+        assert_eq!(EARLIEST.to_rfc3339(), "0001-01-01T00:00:00+00:00");
         assert_eq!(
             after(now, Duration::from_secs(1)),
             now + chrono::Duration::seconds(1)

@@ -620,6 +620,10 @@ async fn insert_chunk(conn: &mut Conn<'_>, chunk: &[NewJob]) -> Result<Vec<Enque
     let mut max_attempts = Vec::with_capacity(n);
     let mut run_ats = Vec::with_capacity(n);
     let mut delays = Vec::with_capacity(n);
+    let longest_delay_us = (super::LATEST - Utc::now() - chrono::Duration::days(1))
+        .num_microseconds()
+        .unwrap_or(i64::MAX)
+        .max(0);
     let mut keys = Vec::with_capacity(n);
     let mut tags = Vec::with_capacity(n);
     let mut metadata = Vec::with_capacity(n);
@@ -631,12 +635,14 @@ async fn insert_chunk(conn: &mut Conn<'_>, chunk: &[NewJob]) -> Result<Vec<Enque
         priorities.push(job.priority);
         max_attempts.push(job.max_attempts);
         run_ats.push(job.run_at);
-        // Microseconds after the store's now(); 0 for a job due now. A delay beyond the
-        // representable range saturates (it is years anyway).
-        delays.push(
-            job.delay
-                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
-        );
+        // Microseconds after the store's now(); 0 for a job due now. A delay past
+        // `store::LATEST` saturates there (less a day for clocks that differ), so the
+        // statement's interval arithmetic never overflows.
+        delays.push(job.delay.map_or(0, |d| {
+            i64::try_from(d.as_micros())
+                .unwrap_or(i64::MAX)
+                .min(longest_delay_us)
+        }));
         keys.push(job.idempotency_key.as_deref());
         tags.push(serde_json::to_string(&job.tags)?);
         metadata.push(serde_json::to_string(&job.metadata)?);

@@ -1681,7 +1681,7 @@ fn micros(t: DateTime<Utc>) -> String {
 }
 
 fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    super::after(now, d)
 }
 
 /// A lease length in whole microseconds, added to the server's clock in the scripts.
@@ -1690,7 +1690,7 @@ fn lease_micros(d: Duration) -> String {
 }
 
 fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    super::before(now, d)
 }
 
 /// Adds the reads of one job to `pipe`: its hash, then its attempt history.

@@ -869,9 +869,7 @@ impl Store for SqliteStore {
     }
 
     async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64> {
-        let before = |d: Duration| {
-            micros(now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
-        };
+        let before = |d: Duration| micros(super::before(now, d));
         let done = sqlx::query(
             "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE finalized_at IS NOT NULL \
              AND ((state = 'completed' AND finalized_at < ?1) \

@@ -384,9 +384,7 @@ impl MetaStore for RedisStore {
         Ok(TokenTake {
             allowed: allowed == 1,
             remaining: left.parse().unwrap_or(0.0),
-            retry_after: std::time::Duration::from_secs_f64(
-                wait.parse::<f64>().unwrap_or(0.0).max(0.0),
-            ),
+            retry_after: crate::store::meta::wait(wait.parse::<f64>().unwrap_or(0.0)),
         })
     }
 }
