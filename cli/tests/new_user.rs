@@ -1,0 +1,83 @@
+//! What a new user trips over: a mistyped environment variable, a command without `--json`,
+//! job arguments too large for the command line.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+
+use common::{run, run_json};
+use conveyor_worker::Store;
+
+cli_backend_tests!(every_command_answers_json, args_come_from_a_file_or_stdin,);
+
+/// An empty working directory of its own, so a stray `./conveyor.db` would show.
+fn scratch_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("conveyor-newuser-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `conveyor` in `dir` with no `--database-url` and no inherited `CONVEYOR_*` variables.
+fn bare(dir: &std::path::Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_conveyor"));
+    cmd.args(args).current_dir(dir).env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CONVEYOR_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+#[test]
+fn a_mistyped_environment_variable_stops_the_process() {
+    let dir = scratch_dir();
+    for (name, meant) in [
+        ("CONVEYOR_DATABSE__URL", Some("CONVEYOR_DATABASE__URL")),
+        ("CONVEYOR_DATABASE_URL", Some("CONVEYOR_DATABASE__URL")),
+        ("CONVEYOR_DATABASE__URLL", Some("CONVEYOR_DATABASE__URL")),
+        ("CONVEYOR_WORKER__NO_SUCH_THING", None),
+    ] {
+        let out = bare(&dir, &["queues"])
+            .env(name, "postgres://postgres@127.0.0.1:1/conveyor")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(name), "{name}: {err}");
+        if let Some(meant) = meant {
+            assert!(err.contains(&format!("did you mean {meant}?")), "{err}");
+        }
+        assert!(!err.contains(".rs"), "no source locations: {err}");
+        assert!(
+            !dir.join("conveyor.db").exists(),
+            "{name}: no fresh ./conveyor.db"
+        );
+    }
+
+    // A bad value names the variable it came from, not our code.
+    let out = bare(&dir, &["queues"])
+        .env("CONVEYOR_WORKER__FETCH_BATCH", "lots")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("CONVEYOR_WORKER__FETCH_BATCH"), "{err}");
+    assert!(!err.contains(".rs"), "no source locations: {err}");
+
+    // Variables that are not config are left alone: the tools' own, and those Kubernetes sets
+    // for a service named `conveyor`.
+    let out = bare(&dir, &["queues", "--json"])
+        .env("CONVEYOR_BIN", "/usr/local/bin/conveyor")
+        .env("CONVEYOR_TEST_PG_URL", "postgres://x")
+        .env("CONVEYOR_SERVICE_HOST", "10.0.0.1")
+        .env("CONVEYOR_PORT_8080_TCP", "tcp://10.0.0.1:8080")
+        .env("CONVEYOR_DATABASE__URL", "sqlite://ok.db")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
