@@ -34,7 +34,7 @@ pub enum Command {
     /// Run workers and maintenance only (no HTTP listener): `serve --roles worker,scheduler`.
     Worker(WorkerArgs),
     /// Apply the store's migrations and exit.
-    Migrate,
+    Migrate(OutputArgs),
     /// Enqueue one job.
     Enqueue(EnqueueArgs),
     /// Inspect and operate on jobs.
@@ -302,16 +302,22 @@ pub enum SchedulesCommand {
     Delete {
         /// The schedule's name.
         name: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Stop firing until resumed (ticks while paused are not fired later).
     Pause {
         /// The schedule's name.
         name: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Fire again from the next tick.
     Resume {
         /// The schedule's name.
         name: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Enqueue one job of the schedule now, outside its ticks.
     Trigger {

@@ -91,13 +91,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = open_store(&config).await?;
             serve::run(config, store).await
         }
-        Command::Migrate => {
+        Command::Migrate(out) => {
             let store = open_store(&config).await?;
-            outln!(
-                "migrations applied: {} at {}",
-                store.backend_name().await?,
-                store::redact_url(&config.database.url)
-            );
+            let backend = store.backend_name().await?;
+            let url = store::redact_url(&config.database.url);
+            if out.json {
+                return output::json(&serde_json::json!({
+                    "migrated": true,
+                    "backend": backend,
+                    "url": url,
+                }));
+            }
+            outln!("migrations applied: {backend} at {url}");
             Ok(())
         }
         Command::Enqueue(args) => commands::enqueue(open_store(&config).await?, args).await,

@@ -223,11 +223,15 @@ pub async fn run(
             print_status(&status);
             Ok(())
         }
-        SchedulesCommand::Delete { name } => {
+        SchedulesCommand::Delete { name, out } => {
             let current = registry.require(&name).await?;
             registry.delete(&name).await?;
             audit("schedule.delete", name.clone()).await?;
-            outln!("deleted schedule `{name}` (its jobs stay)");
+            if out.json {
+                output::json(&serde_json::json!({ "deleted": current }))?;
+            } else {
+                outln!("deleted schedule `{name}` (its jobs stay)");
+            }
             if current.origin == Origin::Config {
                 errln!(
                     "note: `{name}` is in the config file; the next scheduler start stores it again. Remove it from the file to delete it for good."
@@ -235,16 +239,22 @@ pub async fn run(
             }
             Ok(())
         }
-        SchedulesCommand::Pause { name } => {
-            registry.set_enabled(&name, false).await?;
+        SchedulesCommand::Pause { name, out } => {
+            let s = registry.set_enabled(&name, false).await?;
             audit("schedule.pause", name.clone()).await?;
+            if out.json {
+                return output::json(&status_json(&registry.status(s, now).await?));
+            }
             outln!("paused schedule `{name}`");
             Ok(())
         }
-        SchedulesCommand::Resume { name } => {
+        SchedulesCommand::Resume { name, out } => {
             let s = registry.set_enabled(&name, true).await?;
             audit("schedule.resume", name.clone()).await?;
             let status = registry.status(s, now).await?;
+            if out.json {
+                return output::json(&status_json(&status));
+            }
             outln!(
                 "resumed schedule `{name}`; next fire {}",
                 status.next_fire.map_or("-".to_string(), |t| t.to_rfc3339())

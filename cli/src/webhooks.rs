@@ -145,6 +145,9 @@ pub enum EndpointsCommand {
     Delete {
         /// Endpoint id.
         id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Sign with a new secret; the old one keeps signing beside it for --overlap.
     RotateSecret {
@@ -164,11 +167,17 @@ pub enum EndpointsCommand {
     Enable {
         /// Endpoint id.
         id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Disable an endpoint.
     Disable {
         /// Endpoint id.
         id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -595,8 +604,11 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
             let ep = hooks.update_endpoint(&id, patch).await?;
             print_endpoint(&ep.redacted(), json)
         }
-        EndpointsCommand::Delete { id } => {
+        EndpointsCommand::Delete { id, json } => {
             hooks.delete_endpoint(&id).await?;
+            if json {
+                return output::json(&serde_json::json!({ "deleted": id }));
+            }
             outln!("{id} deleted");
             Ok(())
         }
@@ -613,15 +625,21 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
             let ep = hooks.rotate_secret(&id, secret, overlap).await?;
             print_endpoint(&ep, json)
         }
-        EndpointsCommand::Enable { id } => {
-            hooks.set_enabled(&id, true).await?;
+        EndpointsCommand::Enable { id, json } => {
+            let ep = hooks.set_enabled(&id, true).await?;
+            if json {
+                return print_endpoint(&ep.redacted(), true);
+            }
             outln!(
                 "{id} enabled (nothing is replayed by itself: `conveyor webhooks replay --endpoint {id} --since 1d`)"
             );
             Ok(())
         }
-        EndpointsCommand::Disable { id } => {
-            hooks.set_enabled(&id, false).await?;
+        EndpointsCommand::Disable { id, json } => {
+            let ep = hooks.set_enabled(&id, false).await?;
+            if json {
+                return print_endpoint(&ep.redacted(), true);
+            }
             outln!("{id} disabled");
             Ok(())
         }

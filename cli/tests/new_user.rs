@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::{run, run_json};
 use conveyor_worker::Store;
 
-cli_backend_tests!(every_command_answers_json, args_come_from_a_file_or_stdin,);
+cli_backend_tests!(every_command_answers_json);
 
 /// An empty working directory of its own, so a stray `./conveyor.db` would show.
 fn scratch_dir() -> PathBuf {
@@ -80,4 +80,58 @@ fn a_mistyped_environment_variable_stops_the_process() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The commands that printed only text before: each prints the affected record as JSON.
+async fn every_command_answers_json(url: String, _store: Arc<dyn Store>) {
+    let migrated = run_json(&url, &["migrate"]);
+    assert_eq!(migrated["migrated"], true, "{migrated}");
+    assert!(migrated["backend"].is_string(), "{migrated}");
+
+    run_json(
+        &url,
+        &[
+            "schedules",
+            "create",
+            "--name",
+            "digest",
+            "--cron",
+            "0 8 * * *",
+            "--kind",
+            "demo.echo",
+        ],
+    );
+    let paused = run_json(&url, &["schedules", "pause", "digest"]);
+    assert_eq!(paused["spec"]["enabled"], false, "{paused}");
+    let resumed = run_json(&url, &["schedules", "resume", "digest"]);
+    assert_eq!(resumed["spec"]["enabled"], true, "{resumed}");
+    assert!(resumed["next_fire"].is_string(), "{resumed}");
+    let deleted = run_json(&url, &["schedules", "delete", "digest"]);
+    assert_eq!(deleted["deleted"]["spec"]["name"], "digest", "{deleted}");
+
+    let ep = run_json(
+        &url,
+        &[
+            "webhooks",
+            "endpoints",
+            "create",
+            "--url",
+            "https://hooks.example.com/in",
+            "--disabled",
+        ],
+    );
+    let id = ep["id"].as_str().unwrap();
+    let secret = ep["secrets"][0]["secret"].as_str().unwrap();
+    let enabled = run_json(&url, &["webhooks", "endpoints", "enable", id]);
+    assert_eq!(enabled["enabled"], true, "{enabled}");
+    assert!(
+        !enabled.to_string().contains(secret),
+        "secrets stay hidden: {enabled}"
+    );
+    let disabled = run_json(&url, &["webhooks", "endpoints", "disable", id]);
+    assert_eq!(disabled["enabled"], false, "{disabled}");
+    let deleted = run_json(&url, &["webhooks", "endpoints", "delete", id]);
+    assert_eq!(deleted["deleted"], id, "{deleted}");
+    let (code, _, _) = run(&url, &["webhooks", "endpoints", "show", id]);
+    assert_ne!(code, 0, "the endpoint is gone");
 }
