@@ -155,7 +155,7 @@ pub struct EnqueueArgs {
     /// Queue to put it on.
     #[arg(long, default_value = "default")]
     pub queue: String,
-    /// Handler arguments as JSON.
+    /// Handler arguments as JSON, or `@file.json` to read them from a file (`@-`: stdin).
     #[arg(long, default_value = "{}", value_name = "JSON")]
     pub args: String,
     /// Smaller runs first.
@@ -176,7 +176,7 @@ pub struct EnqueueArgs {
     /// A label (repeatable).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
-    /// Application metadata as a JSON object.
+    /// Application metadata as a JSON object (or `@file.json`, `@-`).
     #[arg(long, value_name = "JSON")]
     pub metadata: Option<String>,
     /// Print JSON.
@@ -357,7 +357,7 @@ pub struct ScheduleFields {
     /// Queue of the jobs (default `default`).
     #[arg(long)]
     pub queue: Option<String>,
-    /// Job arguments as JSON (default `{}`).
+    /// Job arguments as JSON (default `{}`), or `@file.json` (`@-`: stdin).
     #[arg(long)]
     pub args: Option<String>,
     /// Job priority (smaller runs first).

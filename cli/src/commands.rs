@@ -14,13 +14,9 @@ use crate::cli::{
 };
 use crate::output;
 
-/// Parses a JSON flag, saying which flag and where the JSON breaks.
+/// Parses a JSON flag (inline, `@file` or `@-`), saying which flag and where the JSON breaks.
 fn parse_json(flag: &str, text: &str) -> anyhow::Result<serde_json::Value> {
-    serde_json::from_str(text).map_err(|e| {
-        anyhow::anyhow!(
-            "{flag} is not valid JSON: {e}. Quote it for the shell, e.g. {flag} '{{\"msg\":\"hi\"}}'"
-        )
-    })
+    crate::input::json_flag(flag, text)
 }
 
 /// An instant: RFC 3339, or an age like `2h` meaning that long ago.

@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod commands;
 mod config;
+mod input;
 mod output;
 mod schedules;
 mod serve;
@@ -37,7 +38,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<ConfigError>().is_some()
+                || e.downcast_ref::<input::UsageError>().is_some() =>
+        {
             errln!("error: {e:#}");
             ExitCode::from(2)
         }

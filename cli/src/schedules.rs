@@ -59,9 +59,7 @@ fn print_next(
 /// `spec` with the given flags applied, every field checked.
 fn apply(spec: &ScheduleSpec, fields: ScheduleFields) -> anyhow::Result<ScheduleSpec> {
     let args = match fields.args {
-        Some(v) => Some(serde_json::from_str(&v).with_context(|| {
-            format!("--args is not valid JSON: `{v}`; pass e.g. '{{\"n\": 1}}'")
-        })?),
+        Some(v) => Some(crate::input::json_flag("--args", &v)?),
         None => None,
     };
     let patch = SchedulePatch {

@@ -29,7 +29,7 @@ pub enum WebhooksCommand {
         /// Event type, e.g. invoice.paid.
         #[arg(long = "type", value_name = "TYPE")]
         event_type: String,
-        /// The payload (the body's `data`) as JSON.
+        /// The payload (the body's `data`) as JSON, or `@file.json` (`@-`: stdin).
         #[arg(long, default_value = "{}", value_name = "JSON")]
         payload: String,
         /// A second send with this key returns the first event and delivers nothing new.
@@ -337,8 +337,7 @@ pub async fn run(
             url,
             json,
         } => {
-            let payload: serde_json::Value = serde_json::from_str(&payload)
-                .with_context(|| format!("--payload is not valid JSON: {payload}"))?;
+            let payload = crate::input::json_flag("--payload", &payload)?;
             let (event, duplicate) = match url {
                 Some(url) => (hooks.send_to_url(&url, &event_type, payload).await?, false),
                 None => {

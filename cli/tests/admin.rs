@@ -270,7 +270,7 @@ async fn bad_input_is_explained_and_changes_nothing(url: String, store: Arc<dyn 
     let cases: &[(&[&str], i32, &str)] = &[
         (
             &["enqueue", "--kind", "demo.echo", "--args", "{bad"],
-            1,
+            2,
             "--args is not valid JSON",
         ),
         (

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::{run, run_json};
 use conveyor_worker::Store;
 
-cli_backend_tests!(every_command_answers_json);
+cli_backend_tests!(every_command_answers_json, args_come_from_a_file_or_stdin);
 
 /// An empty working directory of its own, so a stray `./conveyor.db` would show.
 fn scratch_dir() -> PathBuf {
@@ -134,4 +134,83 @@ async fn every_command_answers_json(url: String, _store: Arc<dyn Store>) {
     assert_eq!(deleted["deleted"], id, "{deleted}");
     let (code, _, _) = run(&url, &["webhooks", "endpoints", "show", id]);
     assert_ne!(code, 0, "the endpoint is gone");
+}
+
+/// `--args @file.json` and `@-` (stdin) wherever a command takes JSON; a missing file or bad
+/// JSON is a usage error (exit 2) naming the file.
+async fn args_come_from_a_file_or_stdin(url: String, store: Arc<dyn Store>) {
+    let dir = scratch_dir();
+    let big: String = "x".repeat(200_000);
+    let file = dir.join("args.json");
+    std::fs::write(&file, serde_json::json!({ "blob": big }).to_string()).unwrap();
+    let at_file = format!("@{}", file.display());
+
+    let job = run_json(
+        &url,
+        &["enqueue", "--kind", "demo.echo", "--args", &at_file],
+    );
+    let id: conveyor_worker::JobId = job["id"].as_str().unwrap().parse().unwrap();
+    let stored = store.get(id).await.unwrap().unwrap();
+    assert_eq!(stored.args["blob"].as_str().map(str::len), Some(200_000));
+
+    let mut child = common::conveyor(
+        &url,
+        &["enqueue", "--kind", "demo.echo", "--args", "@-", "--json"],
+    )
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(br#"{"from":"stdin"}"#)
+            .unwrap();
+    }
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    assert!(out.status.success());
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id: conveyor_worker::JobId = job["id"].as_str().unwrap().parse().unwrap();
+    let stored = store.get(id).await.unwrap().unwrap();
+    assert_eq!(stored.args["from"], "stdin");
+
+    let created = run_json(
+        &url,
+        &[
+            "schedules",
+            "create",
+            "--name",
+            "big",
+            "--cron",
+            "0 8 * * *",
+            "--kind",
+            "demo.echo",
+            "--args",
+            &at_file,
+        ],
+    );
+    assert_eq!(
+        created["spec"]["args"]["blob"].as_str().map(str::len),
+        Some(200_000)
+    );
+
+    let missing = dir.join("missing.json");
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, "{not json").unwrap();
+    for path in [&missing, &bad] {
+        let arg = format!("@{}", path.display());
+        for cmd in [
+            vec!["enqueue", "--kind", "demo.echo", "--args", &arg],
+            vec!["schedules", "update", "big", "--args", &arg],
+            vec!["webhooks", "send", "--type", "t.x", "--payload", &arg],
+        ] {
+            let (code, _, err) = run(&url, &cmd);
+            assert_eq!(code, 2, "{cmd:?}: {err}");
+            assert!(err.contains(&path.display().to_string()), "{cmd:?}: {err}");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
