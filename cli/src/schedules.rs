@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use chrono::{DateTime, Utc};
 use conveyor_scheduler::registry::{Origin, SchedulePatch, ScheduleStatus, Schedules};
 use conveyor_scheduler::schedule::{Schedule, ScheduleSpec};
@@ -34,7 +34,9 @@ pub fn next_from_config(config: &Config, cmd: SchedulesCommand) -> anyhow::Resul
     let schedule = schedules
         .iter()
         .find(|s| s.spec().name == name)
-        .with_context(|| format!("no schedule named `{name}` in the config"))?;
+        .ok_or_else(|| {
+            crate::input::UsageError::new(format!("no schedule is named `{name}` in the config"))
+        })?;
     print_next(schedule, count, after, out.json)
 }
 
@@ -188,9 +190,9 @@ pub async fn run(
         }
         SchedulesCommand::Create { name, fields, out } => {
             let (Some(cron), Some(kind)) = (fields.cron.clone(), fields.kind.clone()) else {
-                bail!(
+                return Err(crate::input::UsageError::new(format!(
                     "`schedules create` needs --cron and --kind, e.g. --cron '0 3 * * *' --kind demo.echo"
-                );
+                )));
             };
             let spec = apply(&ScheduleSpec::new(name, cron, kind), fields)?;
             let stored = registry.create(spec, Origin::Api).await?;

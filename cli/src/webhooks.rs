@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use comfy_table::presets::UTF8_FULL_CONDENSED;
@@ -208,8 +207,11 @@ pub struct EndpointFlags {
 }
 
 fn duration(flag: &str, text: &str) -> anyhow::Result<Duration> {
-    humantime::parse_duration(text)
-        .with_context(|| format!("{flag} `{text}` is not a duration; write e.g. 10s, 5m or 2h"))
+    humantime::parse_duration(text).map_err(|_| {
+        crate::input::UsageError::new(format!(
+            "{flag} `{text}` is not a duration; write e.g. 10s, 5m or 2h"
+        ))
+    })
 }
 
 fn millis(d: Duration) -> u64 {
@@ -224,7 +226,9 @@ impl EndpointFlags {
         let mut out = BTreeMap::new();
         for h in &self.headers {
             let Some((k, v)) = h.split_once('=') else {
-                bail!("--header `{h}` must be NAME=VALUE");
+                return Err(crate::input::UsageError::new(format!(
+                    "--header `{h}` must be NAME=VALUE"
+                )));
             };
             out.insert(k.trim().to_string(), v.trim().to_string());
         }
@@ -388,7 +392,11 @@ pub async fn run(
                     (page.attempts, page.next)
                 }
                 (None, Some(ev)) => (hooks.attempts_for_event(&ev).await?, None),
-                (None, None) => bail!("give --endpoint ID or --event ID"),
+                (None, None) => {
+                    return Err(crate::input::UsageError::new(format!(
+                        "give --endpoint ID or --event ID"
+                    )));
+                }
             };
             if json {
                 return output::json(&serde_json::json!({"attempts": attempts, "next": next}));
@@ -449,7 +457,9 @@ pub async fn run(
             } else if let Some(ev) = event {
                 serde_json::to_value(hooks.replay_event(&ev).await?)?
             } else {
-                bail!("give --delivery JOB, --endpoint ID --since TIME, or --event ID");
+                return Err(crate::input::UsageError::new(format!(
+                    "give --delivery JOB, --endpoint ID --since TIME, or --event ID"
+                )));
             };
             if json {
                 output::json(&out)

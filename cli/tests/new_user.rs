@@ -10,7 +10,11 @@ use std::sync::Arc;
 use common::{run, run_json};
 use conveyor_worker::Store;
 
-cli_backend_tests!(every_command_answers_json, args_come_from_a_file_or_stdin);
+cli_backend_tests!(
+    every_command_answers_json,
+    args_come_from_a_file_or_stdin,
+    bad_input_exits_2,
+);
 
 /// An empty working directory of its own, so a stray `./conveyor.db` would show.
 fn scratch_dir() -> PathBuf {
@@ -213,4 +217,65 @@ async fn args_come_from_a_file_or_stdin(url: String, store: Arc<dyn Store>) {
         }
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Usage and validation errors exit 2 (as clap's do), an operation that failed exits 1.
+async fn bad_input_exits_2(url: String, _store: Arc<dyn Store>) {
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &[
+                "webhooks",
+                "endpoints",
+                "create",
+                "--url",
+                "https://h.example.com",
+                "--timeout",
+                "soon",
+            ],
+            2,
+            "not a duration",
+        ),
+        (
+            &[
+                "webhooks",
+                "endpoints",
+                "create",
+                "--url",
+                "https://h.example.com",
+                "--header",
+                "x",
+            ],
+            2,
+            "NAME=VALUE",
+        ),
+        (&["webhooks", "attempts"], 2, "--endpoint"),
+        (&["webhooks", "replay"], 2, "--delivery"),
+        (&["schedules", "create", "--name", "x"], 2, "--cron"),
+        (
+            &[
+                "schedules",
+                "create",
+                "--name",
+                "x",
+                "--cron",
+                "nope",
+                "--kind",
+                "k",
+            ],
+            2,
+            "cron",
+        ),
+        (&["jobs", "list", "--until", "someday"], 2, "--until"),
+        (&["dead", "purge"], 2, "--all"),
+        (
+            &["webhooks", "endpoints", "show", "ep_nope"],
+            1,
+            "not found",
+        ),
+    ];
+    for (args, want_code, want_text) in cases {
+        let (code, _, err) = run(&url, args);
+        assert_eq!(code, *want_code, "conveyor {args:?}: {err}");
+        assert!(err.contains(want_text), "conveyor {args:?}: {err}");
+    }
 }
