@@ -26,11 +26,9 @@ fn parse_time(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
     }
     match humantime::parse_duration(text) {
         Ok(age) => Ok(Utc::now() - chrono::Duration::from_std(age)?),
-        Err(_) => {
-            return Err(crate::input::UsageError::new(format!(
-                "{flag} `{text}` is neither an RFC 3339 time (2026-11-23T09:00:00Z) nor an age (30m, 2h, 7d)"
-            )));
-        }
+        Err(_) => Err(crate::input::usage(format!(
+            "{flag} `{text}` is neither an RFC 3339 time (2026-11-23T09:00:00Z) nor an age (30m, 2h, 7d)"
+        ))),
     }
 }
 
@@ -88,7 +86,7 @@ pub async fn enqueue(store: Arc<dyn Store>, a: EnqueueArgs) -> anyhow::Result<()
     }
     if let Some(at) = &a.run_at {
         let at = DateTime::parse_from_rfc3339(at).map_err(|e| {
-            crate::input::UsageError::new(format!(
+            crate::input::usage(format!(
                 "--run-at `{at}` is not an RFC 3339 time ({e}); write e.g. 2026-12-01T09:00:00Z"
             ))
         })?;
@@ -96,7 +94,7 @@ pub async fn enqueue(store: Arc<dyn Store>, a: EnqueueArgs) -> anyhow::Result<()
     }
     if let Some(delay) = &a.delay {
         let d = humantime::parse_duration(delay).map_err(|e| {
-            crate::input::UsageError::new(format!(
+            crate::input::usage(format!(
                 "--delay `{delay}` is not a duration ({e}); write e.g. 30s, 5m or 2h"
             ))
         })?;
@@ -267,9 +265,9 @@ pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()>
         } => {
             if !ids.is_empty() {
                 if has_filter(&filter) || all {
-                    return Err(crate::input::UsageError::new(format!(
-                        "give either job ids or filters (--queue, --kind, …/--all), not both"
-                    )));
+                    return Err(crate::input::usage(
+                        "give either job ids or filters (--queue, --kind, …/--all), not both",
+                    ));
                 }
                 let mut filter = JobFilter::state(JobState::Dead);
                 filter.ids = ids
@@ -279,9 +277,9 @@ pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()>
                 return bulk(&*store, filter, dry_run, out.json, "retried", Bulk::Retry).await;
             }
             if !has_filter(&filter) && !all {
-                return Err(crate::input::UsageError::new(format!(
-                    "name the dead jobs to retry: job ids, a filter (--queue, --kind, --error, --since …), or --all"
-                )));
+                return Err(crate::input::usage(
+                    "name the dead jobs to retry: job ids, a filter (--queue, --kind, --error, --since …), or --all",
+                ));
             }
             let filter = build_filter(vec![JobState::Dead], &filter)?;
             bulk(&*store, filter, dry_run, out.json, "retried", Bulk::Retry).await
@@ -293,9 +291,9 @@ pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()>
             out,
         } => {
             if !has_filter(&filter) && !all {
-                return Err(crate::input::UsageError::new(format!(
-                    "name the dead jobs to delete: a filter (--queue, --kind, --error, --until …), or --all"
-                )));
+                return Err(crate::input::usage(
+                    "name the dead jobs to delete: a filter (--queue, --kind, --error, --until …), or --all",
+                ));
             }
             let filter = build_filter(vec![JobState::Dead], &filter)?;
             bulk(&*store, filter, dry_run, out.json, "purged", Bulk::Purge).await
@@ -424,7 +422,7 @@ pub async fn audit(store: Arc<dyn Store>, cmd: AuditCommand) -> anyhow::Result<(
     match cmd {
         AuditCommand::List { limit, before, out } => {
             if !(1..=1000).contains(&limit) {
-                return Err(crate::input::UsageError::new(format!(
+                return Err(crate::input::usage(format!(
                     "--limit must be between 1 and 1000, got {limit}"
                 )));
             }

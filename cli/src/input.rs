@@ -8,11 +8,9 @@ use std::io::Read;
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-impl UsageError {
-    /// As an `anyhow::Error`, for `?` in commands.
-    pub fn new(message: impl Into<String>) -> anyhow::Error {
-        anyhow::Error::new(UsageError(message.into()))
-    }
+/// A [`UsageError`] as an `anyhow::Error`, for `?` in commands.
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(message.into()))
 }
 
 /// A JSON flag's value: `@path` reads the file, `@-` reads stdin, anything else is the JSON
@@ -20,7 +18,7 @@ impl UsageError {
 pub fn json_flag(flag: &str, text: &str) -> anyhow::Result<serde_json::Value> {
     let Some(path) = text.strip_prefix('@') else {
         return serde_json::from_str(text).map_err(|e| {
-            UsageError::new(format!(
+            usage(format!(
                 "{flag} is not valid JSON: {e}. Quote it for the shell, e.g. {flag} '{{\"msg\":\"hi\"}}', or read it from a file with {flag} @args.json"
             ))
         });
@@ -29,20 +27,19 @@ pub fn json_flag(flag: &str, text: &str) -> anyhow::Result<serde_json::Value> {
         let mut body = String::new();
         std::io::stdin()
             .read_to_string(&mut body)
-            .map_err(|e| UsageError::new(format!("{flag} @-: cannot read stdin: {e}")))?;
+            .map_err(|e| usage(format!("{flag} @-: cannot read stdin: {e}")))?;
         ("stdin".to_string(), body)
     } else if path.is_empty() {
-        return Err(UsageError::new(format!(
+        return Err(usage(format!(
             "{flag} @: name a file after the @ (@args.json), or @- for stdin"
         )));
     } else {
-        let body = std::fs::read_to_string(path).map_err(|e| {
-            UsageError::new(format!("{flag} @{path}: cannot read the file {path}: {e}"))
-        })?;
+        let body = std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("{flag} @{path}: cannot read the file {path}: {e}")))?;
         (format!("the file {path}"), body)
     };
     serde_json::from_str(&body)
-        .map_err(|e| UsageError::new(format!("{flag} @{path}: {source} is not valid JSON: {e}")))
+        .map_err(|e| usage(format!("{flag} @{path}: {source} is not valid JSON: {e}")))
 }
 
 #[cfg(test)]

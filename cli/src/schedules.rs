@@ -35,7 +35,7 @@ pub fn next_from_config(config: &Config, cmd: SchedulesCommand) -> anyhow::Resul
         .iter()
         .find(|s| s.spec().name == name)
         .ok_or_else(|| {
-            crate::input::UsageError::new(format!("no schedule is named `{name}` in the config"))
+            crate::input::usage(format!("no schedule is named `{name}` in the config"))
         })?;
     print_next(schedule, count, after, out.json)
 }
@@ -190,9 +190,9 @@ pub async fn run(
         }
         SchedulesCommand::Create { name, fields, out } => {
             let (Some(cron), Some(kind)) = (fields.cron.clone(), fields.kind.clone()) else {
-                return Err(crate::input::UsageError::new(format!(
-                    "`schedules create` needs --cron and --kind, e.g. --cron '0 3 * * *' --kind demo.echo"
-                )));
+                return Err(crate::input::usage(
+                    "`schedules create` needs --cron and --kind, e.g. --cron '0 3 * * *' --kind demo.echo",
+                ));
             };
             let spec = apply(&ScheduleSpec::new(name, cron, kind), fields)?;
             let stored = registry.create(spec, Origin::Api).await?;

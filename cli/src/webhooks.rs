@@ -208,7 +208,7 @@ pub struct EndpointFlags {
 
 fn duration(flag: &str, text: &str) -> anyhow::Result<Duration> {
     humantime::parse_duration(text).map_err(|_| {
-        crate::input::UsageError::new(format!(
+        crate::input::usage(format!(
             "{flag} `{text}` is not a duration; write e.g. 10s, 5m or 2h"
         ))
     })
@@ -226,7 +226,7 @@ impl EndpointFlags {
         let mut out = BTreeMap::new();
         for h in &self.headers {
             let Some((k, v)) = h.split_once('=') else {
-                return Err(crate::input::UsageError::new(format!(
+                return Err(crate::input::usage(format!(
                     "--header `{h}` must be NAME=VALUE"
                 )));
             };
@@ -393,9 +393,7 @@ pub async fn run(
                 }
                 (None, Some(ev)) => (hooks.attempts_for_event(&ev).await?, None),
                 (None, None) => {
-                    return Err(crate::input::UsageError::new(format!(
-                        "give --endpoint ID or --event ID"
-                    )));
+                    return Err(crate::input::usage("give --endpoint ID or --event ID"));
                 }
             };
             if json {
@@ -457,9 +455,9 @@ pub async fn run(
             } else if let Some(ev) = event {
                 serde_json::to_value(hooks.replay_event(&ev).await?)?
             } else {
-                return Err(crate::input::UsageError::new(format!(
-                    "give --delivery JOB, --endpoint ID --since TIME, or --event ID"
-                )));
+                return Err(crate::input::usage(
+                    "give --delivery JOB, --endpoint ID --since TIME, or --event ID",
+                ));
             };
             if json {
                 output::json(&out)
