@@ -4,9 +4,10 @@
 //!
 //! Environment variables name a key path with `__` between levels:
 //! `CONVEYOR_DATABASE__URL=postgres://…`, `CONVEYOR_WORKER__LEASE=1m`,
-//! `CONVEYOR_SERVE__LISTEN=0.0.0.0:8080`. A variable with `__`, or whose name starts with a
-//! section's, must name a key (a typo stops the process); others (`CONVEYOR_BIN`,
-//! `CONVEYOR_TEST_PG_URL`, Kubernetes' `CONVEYOR_SERVICE_HOST`) are left alone.
+//! `CONVEYOR_SERVE__LISTEN=0.0.0.0:8080`. A variable with `__` must name a key, and a key
+//! written with one `_` (`CONVEYOR_DATABASE_URL`) is refused too, naming the spelling meant;
+//! others (`CONVEYOR_BIN`, `CONVEYOR_TEST_PG_URL`, Kubernetes' `CONVEYOR_SERVICE_HOST`) are
+//! left alone.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -224,17 +225,19 @@ impl figment::Provider for EnvVars {
 }
 
 /// Whether a `CONVEYOR_*` variable is meant as config: its name has the `__` level separator
-/// (`CONVEYOR_DATABSE__URL`), or starts with a section's name (`CONVEYOR_DATABASE_URL`, one
-/// underscore short). Other `CONVEYOR_*` names are not ours to refuse: `CONVEYOR_BIN` and the
-/// test harness's `CONVEYOR_TEST_*`, the benchmark's `CONVEYOR_BENCH_*`, and the
-/// `CONVEYOR_SERVICE_HOST`/`CONVEYOR_PORT_…` Kubernetes and Docker set for a service named
-/// `conveyor`.
-fn is_config_variable(rest: &str) -> bool {
+/// (`CONVEYOR_DATABSE__URL`), or is a key with one underscore too few after the section
+/// (`CONVEYOR_DATABASE_URL`). Other `CONVEYOR_*` names are not ours to refuse: `CONVEYOR_BIN`,
+/// the test harness's `CONVEYOR_TEST_*`, the benchmark's `CONVEYOR_BENCH_*`, a client's
+/// `CONVEYOR_API_KEY`, and the `CONVEYOR_SERVICE_HOST`/`CONVEYOR_PORT_…` Kubernetes and Docker
+/// set for a service named `conveyor`.
+fn is_config_variable(rest: &str, known: &[Vec<String>]) -> bool {
     let lower = rest.to_ascii_lowercase();
     lower.contains("__")
-        || SECTIONS
-            .iter()
-            .any(|s| lower == *s || lower.starts_with(&format!("{s}_")))
+        || SECTIONS.iter().any(|section| {
+            lower
+                .strip_prefix(&format!("{section}_"))
+                .is_some_and(|key| known.contains(&vec![section.to_string(), key.to_string()]))
+        })
 }
 
 /// The config keys whose default is `None`.
@@ -280,7 +283,7 @@ fn env_provider(env: impl IntoIterator<Item = (String, String)>) -> Result<EnvVa
         let Some(rest) = name.strip_prefix("CONVEYOR_") else {
             continue;
         };
-        if !is_config_variable(rest) {
+        if !is_config_variable(rest, &known) {
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -562,6 +565,7 @@ mod tests {
             env(&[
                 ("CONVEYOR_TEST_PG_URL", "postgres://x"),
                 ("CONVEYOR_SERVICE_PORT", "8080"),
+                ("CONVEYOR_API_KEY", "cvk_for_a_client"),
                 ("CONVEYOR_MAINTENANCE__RESCUER__RETRY__BASE", "2s"),
             ]),
         )

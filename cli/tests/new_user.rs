@@ -77,6 +77,7 @@ fn a_mistyped_environment_variable_stops_the_process() {
         .env("CONVEYOR_BIN", "/usr/local/bin/conveyor")
         .env("CONVEYOR_TEST_PG_URL", "postgres://x")
         .env("CONVEYOR_SERVICE_HOST", "10.0.0.1")
+        .env("CONVEYOR_API_KEY", "cvk_for_a_client")
         .env("CONVEYOR_PORT_8080_TCP", "tcp://10.0.0.1:8080")
         .env("CONVEYOR_DATABASE__URL", "sqlite://ok.db")
         .output()
