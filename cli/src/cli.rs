@@ -34,7 +34,7 @@ pub enum Command {
     /// Run workers and maintenance only (no HTTP listener): `serve --roles worker,scheduler`.
     Worker(WorkerArgs),
     /// Apply the store's migrations and exit.
-    Migrate,
+    Migrate(OutputArgs),
     /// Enqueue one job.
     Enqueue(EnqueueArgs),
     /// Inspect and operate on jobs.
@@ -155,7 +155,7 @@ pub struct EnqueueArgs {
     /// Queue to put it on.
     #[arg(long, default_value = "default")]
     pub queue: String,
-    /// Handler arguments as JSON.
+    /// Handler arguments as JSON, or `@file.json` to read them from a file (`@-`: stdin).
     #[arg(long, default_value = "{}", value_name = "JSON")]
     pub args: String,
     /// Smaller runs first.
@@ -176,7 +176,7 @@ pub struct EnqueueArgs {
     /// A label (repeatable).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
-    /// Application metadata as a JSON object.
+    /// Application metadata as a JSON object (or `@file.json`, `@-`).
     #[arg(long, value_name = "JSON")]
     pub metadata: Option<String>,
     /// Print JSON.
@@ -302,16 +302,22 @@ pub enum SchedulesCommand {
     Delete {
         /// The schedule's name.
         name: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Stop firing until resumed (ticks while paused are not fired later).
     Pause {
         /// The schedule's name.
         name: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Fire again from the next tick.
     Resume {
         /// The schedule's name.
         name: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Enqueue one job of the schedule now, outside its ticks.
     Trigger {
@@ -351,7 +357,7 @@ pub struct ScheduleFields {
     /// Queue of the jobs (default `default`).
     #[arg(long)]
     pub queue: Option<String>,
-    /// Job arguments as JSON (default `{}`).
+    /// Job arguments as JSON (default `{}`), or `@file.json` (`@-`: stdin).
     #[arg(long)]
     pub args: Option<String>,
     /// Job priority (smaller runs first).

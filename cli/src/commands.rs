@@ -14,13 +14,9 @@ use crate::cli::{
 };
 use crate::output;
 
-/// Parses a JSON flag, saying which flag and where the JSON breaks.
+/// Parses a JSON flag (inline, `@file` or `@-`), saying which flag and where the JSON breaks.
 fn parse_json(flag: &str, text: &str) -> anyhow::Result<serde_json::Value> {
-    serde_json::from_str(text).map_err(|e| {
-        anyhow::anyhow!(
-            "{flag} is not valid JSON: {e}. Quote it for the shell, e.g. {flag} '{{\"msg\":\"hi\"}}'"
-        )
-    })
+    crate::input::json_flag(flag, text)
 }
 
 /// An instant: RFC 3339, or an age like `2h` meaning that long ago.
@@ -30,9 +26,9 @@ fn parse_time(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
     }
     match humantime::parse_duration(text) {
         Ok(age) => Ok(conveyor_worker::store::before(Utc::now(), age)),
-        Err(_) => bail!(
+        Err(_) => Err(crate::input::usage(format!(
             "{flag} `{text}` is neither an RFC 3339 time (2026-11-23T09:00:00Z) nor an age (30m, 2h, 7d)"
-        ),
+        ))),
     }
 }
 
@@ -90,15 +86,17 @@ pub async fn enqueue(store: Arc<dyn Store>, a: EnqueueArgs) -> anyhow::Result<()
     }
     if let Some(at) = &a.run_at {
         let at = DateTime::parse_from_rfc3339(at).map_err(|e| {
-            anyhow::anyhow!(
+            crate::input::usage(format!(
                 "--run-at `{at}` is not an RFC 3339 time ({e}); write e.g. 2026-12-01T09:00:00Z"
-            )
+            ))
         })?;
         job = job.run_at(at.with_timezone(&Utc));
     }
     if let Some(delay) = &a.delay {
         let d = humantime::parse_duration(delay).map_err(|e| {
-            anyhow::anyhow!("--delay `{delay}` is not a duration ({e}); write e.g. 30s, 5m or 2h")
+            crate::input::usage(format!(
+                "--delay `{delay}` is not a duration ({e}); write e.g. 30s, 5m or 2h"
+            ))
         })?;
         // Counted from the store's clock at insert, not this machine's.
         job = job.delay(d);
@@ -267,7 +265,9 @@ pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()>
         } => {
             if !ids.is_empty() {
                 if has_filter(&filter) || all {
-                    bail!("give either job ids or filters (--queue, --kind, …/--all), not both");
+                    return Err(crate::input::usage(
+                        "give either job ids or filters (--queue, --kind, …/--all), not both",
+                    ));
                 }
                 let mut filter = JobFilter::state(JobState::Dead);
                 filter.ids = ids
@@ -277,9 +277,9 @@ pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()>
                 return bulk(&*store, filter, dry_run, out.json, "retried", Bulk::Retry).await;
             }
             if !has_filter(&filter) && !all {
-                bail!(
-                    "name the dead jobs to retry: job ids, a filter (--queue, --kind, --error, --since …), or --all"
-                );
+                return Err(crate::input::usage(
+                    "name the dead jobs to retry: job ids, a filter (--queue, --kind, --error, --since …), or --all",
+                ));
             }
             let filter = build_filter(vec![JobState::Dead], &filter)?;
             bulk(&*store, filter, dry_run, out.json, "retried", Bulk::Retry).await
@@ -291,9 +291,9 @@ pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()>
             out,
         } => {
             if !has_filter(&filter) && !all {
-                bail!(
-                    "name the dead jobs to delete: a filter (--queue, --kind, --error, --until …), or --all"
-                );
+                return Err(crate::input::usage(
+                    "name the dead jobs to delete: a filter (--queue, --kind, --error, --until …), or --all",
+                ));
             }
             let filter = build_filter(vec![JobState::Dead], &filter)?;
             bulk(&*store, filter, dry_run, out.json, "purged", Bulk::Purge).await
@@ -422,7 +422,9 @@ pub async fn audit(store: Arc<dyn Store>, cmd: AuditCommand) -> anyhow::Result<(
     match cmd {
         AuditCommand::List { limit, before, out } => {
             if !(1..=1000).contains(&limit) {
-                bail!("--limit must be between 1 and 1000, got {limit}");
+                return Err(crate::input::usage(format!(
+                    "--limit must be between 1 and 1000, got {limit}"
+                )));
             }
             let entries = conveyor_api::audit::list(&store, before, limit).await?;
             if out.json {

@@ -4,8 +4,10 @@
 //!
 //! Environment variables name a key path with `__` between levels:
 //! `CONVEYOR_DATABASE__URL=postgres://…`, `CONVEYOR_WORKER__LEASE=1m`,
-//! `CONVEYOR_SERVE__LISTEN=0.0.0.0:8080`. Variables whose first segment is not a config
-//! section (such as `CONVEYOR_BIN`) are left alone.
+//! `CONVEYOR_SERVE__LISTEN=0.0.0.0:8080`. A variable with `__` must name a key, and a key
+//! written with one `_` (`CONVEYOR_DATABASE_URL`) is refused too, naming the spelling meant;
+//! others (`CONVEYOR_BIN`, `CONVEYOR_TEST_PG_URL`, Kubernetes' `CONVEYOR_SERVICE_HOST`) are
+//! left alone.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -187,7 +189,7 @@ pub fn load(
     if let Some(file) = config_file(explicit_file)? {
         figment = figment.merge(Toml::file_exact(file));
     }
-    figment = figment.merge(env_provider(env));
+    figment = figment.merge(env_provider(env)?);
     let config: Config = figment
         .extract()
         .map_err(|e| ConfigError(describe_figment_error(e)))?;
@@ -195,25 +197,134 @@ pub fn load(
     Ok(config)
 }
 
-/// `CONVEYOR_SECTION__KEY=value` pairs as a provider; values are parsed like TOML scalars.
-fn env_provider(
-    env: impl IntoIterator<Item = (String, String)>,
-) -> figment::providers::Serialized<figment::value::Dict> {
+/// The environment variables that set config keys, as a figment provider whose errors name
+/// the variable (`CONVEYOR_WORKER__FETCH_BATCH`) rather than a key path or our source code.
+struct EnvVars {
+    dict: figment::value::Dict,
+    /// `worker.fetch_batch` -> `CONVEYOR_WORKER__FETCH_BATCH`.
+    names: std::collections::HashMap<String, String>,
+}
+
+impl figment::Provider for EnvVars {
+    fn metadata(&self) -> figment::Metadata {
+        let names = self.names.clone();
+        figment::Metadata::named("environment variable").interpolater(move |_, keys| {
+            let key = keys.join(".");
+            names
+                .get(&key)
+                .cloned()
+                .unwrap_or_else(|| format!("CONVEYOR_{}", keys.join("__").to_ascii_uppercase()))
+        })
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.dict.clone()))
+    }
+}
+
+/// Whether a `CONVEYOR_*` variable is meant as config: its name has the `__` level separator
+/// (`CONVEYOR_DATABSE__URL`), or is a key with one underscore too few after the section
+/// (`CONVEYOR_DATABASE_URL`). Other `CONVEYOR_*` names are not ours to refuse: `CONVEYOR_BIN`,
+/// the test harness's `CONVEYOR_TEST_*`, the benchmark's `CONVEYOR_BENCH_*`, a client's
+/// `CONVEYOR_API_KEY`, and the `CONVEYOR_SERVICE_HOST`/`CONVEYOR_PORT_…` Kubernetes and Docker
+/// set for a service named `conveyor`.
+fn is_config_variable(rest: &str, known: &[Vec<String>]) -> bool {
+    let lower = rest.to_ascii_lowercase();
+    lower.contains("__")
+        || SECTIONS.iter().any(|section| {
+            lower
+                .strip_prefix(&format!("{section}_"))
+                .is_some_and(|key| known.contains(&vec![section.to_string(), key.to_string()]))
+        })
+}
+
+/// The config keys whose default is `None`.
+const OPTIONAL_KEYS: [&str; 2] = ["database.listen_url", "api.metrics.listen"];
+
+/// Every key path the config has (`["worker", "fetch_batch"]`), leaves and sections alike.
+fn known_keys() -> Vec<Vec<String>> {
+    fn walk(dict: &figment::value::Dict, prefix: &[String], out: &mut Vec<Vec<String>>) {
+        for (key, value) in dict {
+            let mut path = prefix.to_vec();
+            path.push(key.clone());
+            if let figment::value::Value::Dict(_, inner) = value {
+                walk(inner, &path, out);
+            }
+            out.push(path);
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(figment::value::Value::Dict(_, root)) =
+        figment::value::Value::serialize(Config::default())
+    {
+        walk(&root, &[], &mut out);
+    }
+    // Keys whose default is "unset" serialize to nothing; name them here (a unit test checks
+    // each still is a key).
+    for optional in OPTIONAL_KEYS {
+        let path: Vec<String> = optional.split('.').map(str::to_string).collect();
+        if !out.contains(&path) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// `CONVEYOR_SECTION__KEY=value` pairs as a provider; values are parsed like TOML scalars. A
+/// variable meant as config that names no key is an error naming it, with the closest key.
+fn env_provider(env: impl IntoIterator<Item = (String, String)>) -> Result<EnvVars, ConfigError> {
+    let known = known_keys();
     let mut root = figment::value::Dict::new();
+    let mut names = std::collections::HashMap::new();
+    let mut unknown = Vec::new();
     for (name, value) in env {
         let Some(rest) = name.strip_prefix("CONVEYOR_") else {
             continue;
         };
+        if !is_config_variable(rest, &known) {
+            continue;
+        }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-        if !SECTIONS.contains(&path[0].as_str()) || path.len() < 2 {
+        if path.len() < 2 || !known.contains(&path) {
+            unknown.push(unknown_variable(&name, rest, &known));
             continue;
         }
         let parsed: figment::value::Value = value
             .parse()
             .unwrap_or_else(|_| figment::value::Value::from(value.clone()));
+        names.insert(path.join("."), name.clone());
         insert_path(&mut root, &path, parsed);
     }
-    Serialized::defaults(root)
+    if !unknown.is_empty() {
+        unknown.sort();
+        return Err(ConfigError(format!(
+            "{}; unset it, or see config/conveyor.example.toml for every key (CONVEYOR_<SECTION>__<KEY>, `__` between levels)",
+            unknown.join("; ")
+        )));
+    }
+    Ok(EnvVars { dict: root, names })
+}
+
+/// "environment variable CONVEYOR_DATABSE__URL names no config key (did you mean
+/// CONVEYOR_DATABASE__URL?)"
+fn unknown_variable(name: &str, rest: &str, known: &[Vec<String>]) -> String {
+    let wanted = rest.to_ascii_lowercase();
+    let closest = known
+        .iter()
+        .filter(|path| path.len() >= 2)
+        .map(|path| path.join("__"))
+        .map(|candidate| (strsim::levenshtein(&wanted, &candidate), candidate))
+        .min();
+    let hint = match closest {
+        Some((distance, candidate)) if distance <= 3 => format!(
+            " (did you mean CONVEYOR_{}?)",
+            candidate.to_ascii_uppercase()
+        ),
+        _ => String::new(),
+    };
+    format!("environment variable {name} names no config key{hint}")
 }
 
 fn insert_path(dict: &mut figment::value::Dict, path: &[String], value: figment::value::Value) {
@@ -241,10 +352,19 @@ fn describe_figment_error(e: figment::Error) -> String {
         } else {
             err.path.join(".")
         };
+        // Name the file or variable the value came from; never where in our code a default
+        // was written (figment's source for `Serialized` values).
         let source = match &err.metadata {
+            Some(meta) if meta.name == "environment variable" => {
+                let keys: Vec<&str> = err.path.iter().map(String::as_str).collect();
+                format!(
+                    " (from environment variable {})",
+                    meta.interpolate(&err.profile.clone().unwrap_or_default(), &keys)
+                )
+            }
             Some(meta) => match &meta.source {
-                Some(src) => format!(" (from {src})"),
-                None => format!(" (from {})", meta.name),
+                Some(figment::Source::File(path)) => format!(" (from {})", path.display()),
+                _ => String::new(),
             },
             None => String::new(),
         };
@@ -418,6 +538,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no such file"), "{err}");
+    }
+
+    #[test]
+    fn unknown_variables_are_refused_with_the_key_meant() {
+        let err = load(None, env(&[("CONVEYOR_DATABSE__URL", "postgres://u@h/db")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("CONVEYOR_DATABSE__URL names no config key")
+                && err.contains("did you mean CONVEYOR_DATABASE__URL?"),
+            "{err}"
+        );
+        let err = load(
+            None,
+            env(&[("CONVEYOR_MAINTENANCE__RESCUER__RETRY__BASS", "1s")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("did you mean CONVEYOR_MAINTENANCE__RESCUER__RETRY__BASE?"),
+            "{err}"
+        );
+        let config = load(
+            None,
+            env(&[
+                ("CONVEYOR_TEST_PG_URL", "postgres://x"),
+                ("CONVEYOR_SERVICE_PORT", "8080"),
+                ("CONVEYOR_API_KEY", "cvk_for_a_client"),
+                ("CONVEYOR_MAINTENANCE__RESCUER__RETRY__BASE", "2s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.maintenance.rescuer.retry.base,
+            std::time::Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn optional_keys_can_be_set_from_the_environment() {
+        let config = load(
+            None,
+            env(&[
+                ("CONVEYOR_DATABASE__URL", "postgres://u@h/db"),
+                ("CONVEYOR_DATABASE__LISTEN_URL", "postgres://u@direct/db"),
+                ("CONVEYOR_API__METRICS__LISTEN", "127.0.0.1:9090"),
+            ]),
+        )
+        .unwrap();
+        assert!(config.database.listen_url.is_some() && config.api.metrics.listen.is_some());
+        assert_eq!(OPTIONAL_KEYS.len(), 2, "test each optional key above");
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod commands;
 mod config;
+mod input;
 mod output;
 mod schedules;
 mod serve;
@@ -37,15 +38,33 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
-            errln!("error: {e:#}");
-            ExitCode::from(2)
-        }
         Err(e) => {
             errln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_status(&e))
         }
     }
+}
+
+/// 2 for a usage, validation or config error (the input is wrong: fix it and run again, as
+/// for clap's own errors), 1 when the operation itself failed.
+fn exit_status(e: &anyhow::Error) -> u8 {
+    let bad_input = e.chain().any(|cause| {
+        cause.is::<ConfigError>()
+            || cause.is::<input::UsageError>()
+            || cause.is::<conveyor_scheduler::schedule::ScheduleError>()
+            || matches!(
+                cause.downcast_ref::<conveyor_worker::Error>(),
+                Some(
+                    conveyor_worker::Error::InvalidInput { .. }
+                        | conveyor_worker::Error::BadUrl { .. }
+                )
+            )
+            || matches!(
+                cause.downcast_ref::<conveyor_jobs::webhook::WebhookError>(),
+                Some(conveyor_jobs::webhook::WebhookError::Invalid { .. })
+            )
+    });
+    if bad_input { 2 } else { 1 }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -91,13 +110,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = open_store(&config).await?;
             serve::run(config, store).await
         }
-        Command::Migrate => {
+        Command::Migrate(out) => {
             let store = open_store(&config).await?;
-            outln!(
-                "migrations applied: {} at {}",
-                store.backend_name().await?,
-                store::redact_url(&config.database.url)
-            );
+            let backend = store.backend_name().await?;
+            let url = store::redact_url(&config.database.url);
+            if out.json {
+                return output::json(&serde_json::json!({
+                    "migrated": true,
+                    "backend": backend,
+                    "url": url,
+                }));
+            }
+            outln!("migrations applied: {backend} at {url}");
             Ok(())
         }
         Command::Enqueue(args) => commands::enqueue(open_store(&config).await?, args).await,

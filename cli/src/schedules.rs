@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use chrono::{DateTime, Utc};
 use conveyor_scheduler::registry::{Origin, SchedulePatch, ScheduleStatus, Schedules};
 use conveyor_scheduler::schedule::{Schedule, ScheduleSpec};
@@ -34,7 +34,9 @@ pub fn next_from_config(config: &Config, cmd: SchedulesCommand) -> anyhow::Resul
     let schedule = schedules
         .iter()
         .find(|s| s.spec().name == name)
-        .with_context(|| format!("no schedule named `{name}` in the config"))?;
+        .ok_or_else(|| {
+            crate::input::usage(format!("no schedule is named `{name}` in the config"))
+        })?;
     print_next(schedule, count, after, out.json)
 }
 
@@ -59,9 +61,7 @@ fn print_next(
 /// `spec` with the given flags applied, every field checked.
 fn apply(spec: &ScheduleSpec, fields: ScheduleFields) -> anyhow::Result<ScheduleSpec> {
     let args = match fields.args {
-        Some(v) => Some(serde_json::from_str(&v).with_context(|| {
-            format!("--args is not valid JSON: `{v}`; pass e.g. '{{\"n\": 1}}'")
-        })?),
+        Some(v) => Some(crate::input::json_flag("--args", &v)?),
         None => None,
     };
     let patch = SchedulePatch {
@@ -190,9 +190,9 @@ pub async fn run(
         }
         SchedulesCommand::Create { name, fields, out } => {
             let (Some(cron), Some(kind)) = (fields.cron.clone(), fields.kind.clone()) else {
-                bail!(
-                    "`schedules create` needs --cron and --kind, e.g. --cron '0 3 * * *' --kind demo.echo"
-                );
+                return Err(crate::input::usage(
+                    "`schedules create` needs --cron and --kind, e.g. --cron '0 3 * * *' --kind demo.echo",
+                ));
             };
             let spec = apply(&ScheduleSpec::new(name, cron, kind), fields)?;
             let stored = registry.create(spec, Origin::Api).await?;
@@ -223,11 +223,15 @@ pub async fn run(
             print_status(&status);
             Ok(())
         }
-        SchedulesCommand::Delete { name } => {
+        SchedulesCommand::Delete { name, out } => {
             let current = registry.require(&name).await?;
             registry.delete(&name).await?;
             audit("schedule.delete", name.clone()).await?;
-            outln!("deleted schedule `{name}` (its jobs stay)");
+            if out.json {
+                output::json(&serde_json::json!({ "deleted": current }))?;
+            } else {
+                outln!("deleted schedule `{name}` (its jobs stay)");
+            }
             if current.origin == Origin::Config {
                 errln!(
                     "note: `{name}` is in the config file; the next scheduler start stores it again. Remove it from the file to delete it for good."
@@ -235,16 +239,22 @@ pub async fn run(
             }
             Ok(())
         }
-        SchedulesCommand::Pause { name } => {
-            registry.set_enabled(&name, false).await?;
+        SchedulesCommand::Pause { name, out } => {
+            let s = registry.set_enabled(&name, false).await?;
             audit("schedule.pause", name.clone()).await?;
+            if out.json {
+                return output::json(&status_json(&registry.status(s, now).await?));
+            }
             outln!("paused schedule `{name}`");
             Ok(())
         }
-        SchedulesCommand::Resume { name } => {
+        SchedulesCommand::Resume { name, out } => {
             let s = registry.set_enabled(&name, true).await?;
             audit("schedule.resume", name.clone()).await?;
             let status = registry.status(s, now).await?;
+            if out.json {
+                return output::json(&status_json(&status));
+            }
             outln!(
                 "resumed schedule `{name}`; next fire {}",
                 status.next_fire.map_or("-".to_string(), |t| t.to_rfc3339())

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use comfy_table::presets::UTF8_FULL_CONDENSED;
@@ -29,7 +28,7 @@ pub enum WebhooksCommand {
         /// Event type, e.g. invoice.paid.
         #[arg(long = "type", value_name = "TYPE")]
         event_type: String,
-        /// The payload (the body's `data`) as JSON.
+        /// The payload (the body's `data`) as JSON, or `@file.json` (`@-`: stdin).
         #[arg(long, default_value = "{}", value_name = "JSON")]
         payload: String,
         /// A second send with this key returns the first event and delivers nothing new.
@@ -145,6 +144,9 @@ pub enum EndpointsCommand {
     Delete {
         /// Endpoint id.
         id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Sign with a new secret; the old one keeps signing beside it for --overlap.
     RotateSecret {
@@ -164,11 +166,17 @@ pub enum EndpointsCommand {
     Enable {
         /// Endpoint id.
         id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Disable an endpoint.
     Disable {
         /// Endpoint id.
         id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -199,8 +207,11 @@ pub struct EndpointFlags {
 }
 
 fn duration(flag: &str, text: &str) -> anyhow::Result<Duration> {
-    humantime::parse_duration(text)
-        .with_context(|| format!("{flag} `{text}` is not a duration; write e.g. 10s, 5m or 2h"))
+    humantime::parse_duration(text).map_err(|_| {
+        crate::input::usage(format!(
+            "{flag} `{text}` is not a duration; write e.g. 10s, 5m or 2h"
+        ))
+    })
 }
 
 fn millis(d: Duration) -> u64 {
@@ -215,7 +226,9 @@ impl EndpointFlags {
         let mut out = BTreeMap::new();
         for h in &self.headers {
             let Some((k, v)) = h.split_once('=') else {
-                bail!("--header `{h}` must be NAME=VALUE");
+                return Err(crate::input::usage(format!(
+                    "--header `{h}` must be NAME=VALUE"
+                )));
             };
             out.insert(k.trim().to_string(), v.trim().to_string());
         }
@@ -328,8 +341,7 @@ pub async fn run(
             url,
             json,
         } => {
-            let payload: serde_json::Value = serde_json::from_str(&payload)
-                .with_context(|| format!("--payload is not valid JSON: {payload}"))?;
+            let payload = crate::input::json_flag("--payload", &payload)?;
             let (event, duplicate) = match url {
                 Some(url) => (hooks.send_to_url(&url, &event_type, payload).await?, false),
                 None => {
@@ -380,7 +392,9 @@ pub async fn run(
                     (page.attempts, page.next)
                 }
                 (None, Some(ev)) => (hooks.attempts_for_event(&ev).await?, None),
-                (None, None) => bail!("give --endpoint ID or --event ID"),
+                (None, None) => {
+                    return Err(crate::input::usage("give --endpoint ID or --event ID"));
+                }
             };
             if json {
                 return output::json(&serde_json::json!({"attempts": attempts, "next": next}));
@@ -441,7 +455,9 @@ pub async fn run(
             } else if let Some(ev) = event {
                 serde_json::to_value(hooks.replay_event(&ev).await?)?
             } else {
-                bail!("give --delivery JOB, --endpoint ID --since TIME, or --event ID");
+                return Err(crate::input::usage(
+                    "give --delivery JOB, --endpoint ID --since TIME, or --event ID",
+                ));
             };
             if json {
                 output::json(&out)
@@ -595,8 +611,11 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
             let ep = hooks.update_endpoint(&id, patch).await?;
             print_endpoint(&ep.redacted(), json)
         }
-        EndpointsCommand::Delete { id } => {
+        EndpointsCommand::Delete { id, json } => {
             hooks.delete_endpoint(&id).await?;
+            if json {
+                return output::json(&serde_json::json!({ "deleted": id }));
+            }
             outln!("{id} deleted");
             Ok(())
         }
@@ -613,15 +632,21 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
             let ep = hooks.rotate_secret(&id, secret, overlap).await?;
             print_endpoint(&ep, json)
         }
-        EndpointsCommand::Enable { id } => {
-            hooks.set_enabled(&id, true).await?;
+        EndpointsCommand::Enable { id, json } => {
+            let ep = hooks.set_enabled(&id, true).await?;
+            if json {
+                return print_endpoint(&ep.redacted(), true);
+            }
             outln!(
                 "{id} enabled (nothing is replayed by itself: `conveyor webhooks replay --endpoint {id} --since 1d`)"
             );
             Ok(())
         }
-        EndpointsCommand::Disable { id } => {
-            hooks.set_enabled(&id, false).await?;
+        EndpointsCommand::Disable { id, json } => {
+            let ep = hooks.set_enabled(&id, false).await?;
+            if json {
+                return print_endpoint(&ep.redacted(), true);
+            }
             outln!("{id} disabled");
             Ok(())
         }

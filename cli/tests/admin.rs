@@ -52,7 +52,7 @@ async fn keys_and_the_audit_log(url: String, store: Arc<dyn Store>) {
     assert_eq!(code, 1);
     assert!(err.contains("no key"), "{err}");
     let (code, _, err) = run(&url, &["keys", "create", "--scope", "root", "--name", "x"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "a usage error");
     assert!(err.contains("enqueue, read, operate or admin"), "{err}");
 
     let job = store
@@ -270,48 +270,48 @@ async fn bad_input_is_explained_and_changes_nothing(url: String, store: Arc<dyn 
     let cases: &[(&[&str], i32, &str)] = &[
         (
             &["enqueue", "--kind", "demo.echo", "--args", "{bad"],
-            1,
+            2,
             "--args is not valid JSON",
         ),
         (
             &["enqueue", "--kind", "bad kind!", "--args", "{}"],
-            1,
+            2,
             "not a valid kind name",
         ),
         (
             &["enqueue", "--kind", "demo.echo", "--run-at", "tomorrow"],
-            1,
+            2,
             "not an RFC 3339 time",
         ),
         (
             &["enqueue", "--kind", "demo.echo", "--delay", "soon"],
-            1,
+            2,
             "not a duration",
         ),
         (
             &["enqueue", "--kind", "demo.echo", "--metadata", "[1]"],
-            1,
+            2,
             "metadata",
         ),
         (
             &["enqueue", "--kind", "demo.echo", "--max-attempts", "0"],
-            1,
+            2,
             "max_attempts",
         ),
         (
             &["jobs", "list", "--state", "deadish"],
-            1,
+            2,
             "unknown state `deadish`",
         ),
-        (&["jobs", "list", "--limit", "0"], 1, "limit"),
-        (&["jobs", "list", "--since", "last week"], 1, "--since"),
-        (&["jobs", "show", "nope"], 1, "is not a job id"),
+        (&["jobs", "list", "--limit", "0"], 2, "limit"),
+        (&["jobs", "list", "--since", "last week"], 2, "--since"),
+        (&["jobs", "show", "nope"], 2, "is not a job id"),
         (
             &["jobs", "retry", "0193f5a2-7c1e-7b44-9a4e-2f1d3c4b5a69"],
             1,
             "not found",
         ),
-        (&["dead", "retry"], 1, "--all"),
+        (&["dead", "retry"], 2, "--all"),
         (
             &["serve", "--queues", "default=many"],
             2,

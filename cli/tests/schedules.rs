@@ -166,7 +166,7 @@ fn stored_schedules_through_their_lifecycle() {
             "k",
         ],
     );
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("invalid cron"), "{err}");
     let (code, _, err) = conveyor(
         &cfg.file,
@@ -178,7 +178,7 @@ fn stored_schedules_through_their_lifecycle() {
             "Atlantis/Capital",
         ],
     );
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("invalid timezone"), "{err}");
 
     // Next fire times come from the store for a stored schedule, in its zone.
@@ -234,7 +234,8 @@ fn stored_schedules_through_their_lifecycle() {
 
     run(&["schedules", "delete", "digest"]);
     let (code, _, err) = conveyor(&cfg.file, &["schedules", "show", "digest"]);
-    assert_eq!(code, 1);
+    // An unknown name is bad input (the API answers 400), like an unknown job state.
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("no schedule is named `digest`"), "{err}");
 
     // Every change was audited, as the OS user running the CLI.
@@ -278,6 +279,6 @@ fn bad_schedules_are_rejected_with_the_field() {
     }
     let cfg = config(NIGHTLY);
     let (code, _, err) = conveyor(&cfg.file, &["schedules", "next", "weekly"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("no schedule is named `weekly`"), "{err}");
 }
