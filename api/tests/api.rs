@@ -1323,3 +1323,51 @@ async fn security_headers_and_cors() {
         "https://admin.example"
     );
 }
+
+/// Only the platform creates `webhook.deliver` jobs, fills the `webhooks` queue and sends
+/// `webhook.*` events: an `enqueue` key that could would forge signed deliveries.
+#[tokio::test]
+async fn reserved_kinds_queues_and_event_types_are_refused() {
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let s = Server::default(t.store.clone()).await;
+    let key = s.key(Scope::Enqueue).await;
+    let forged = json!({
+        "event_id": "evt_forged", "event_type": "invoice.paid",
+        "created_at": "2026-01-01T00:00:00Z", "payload": {}, "endpoint_id": "ep_x"
+    });
+    let cases = [
+        ("/v1/jobs", json!({"kind": "webhook.deliver", "args": forged}), "kind"),
+        ("/v1/jobs", json!({"kind": "demo.echo", "queue": "webhooks", "args": {"msg": "x"}}), "queue"),
+        (
+            "/v1/jobs/batch",
+            json!({"jobs": [{"kind": "demo.echo", "args": {"msg": "x"}}, {"kind": "webhook.deliver", "args": forged}]}),
+            "jobs[1].kind",
+        ),
+        ("/v1/events", json!({"type": "webhook.endpoint.disabled", "payload": {}}), "event_type"),
+        (
+            "/v1/webhooks/messages",
+            json!({"url": "http://127.0.0.1:9/", "type": "webhook.endpoint.disabled"}),
+            "event_type",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let (status, p) = send(s.req(Method::POST, path, Some(&key)).json(&body)).await;
+        assert_eq!(status, 422, "{path} {body}: {p}");
+        assert_eq!(p["errors"][0]["field"], field, "{path}: {p}");
+        assert!(
+            p["errors"][0]["message"].as_str().unwrap().contains("reserved"),
+            "{p}"
+        );
+    }
+    let all = t.store.count(&Default::default()).await.unwrap();
+    assert_eq!(all, 0, "nothing was enqueued");
+
+    // Other names and types still go through.
+    let (status, p) = send(
+        s.req(Method::POST, "/v1/events", Some(&key))
+            .json(&json!({"type": "invoice.paid", "payload": {}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{p}");
+    t.cleanup().await;
+}

@@ -37,7 +37,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+        // Usage errors exit 2, as the README says.
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() || is_reserved(&e) => {
             errln!("error: {e:#}");
             ExitCode::from(2)
         }
@@ -46,6 +47,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Asked for what only the platform may create (a reserved kind, queue or event type).
+fn is_reserved(e: &anyhow::Error) -> bool {
+    use conveyor_jobs::webhook::WebhookError;
+    e.downcast_ref::<conveyor_jobs::Reserved>().is_some()
+        || matches!(
+            e.downcast_ref::<WebhookError>(),
+            Some(WebhookError::Reserved(_))
+        )
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -100,7 +111,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Enqueue(args) => commands::enqueue(open_store(&config).await?, args).await,
+        Command::Enqueue(args) => {
+            commands::enqueue(open_store(&config).await?, &config.webhooks.queue, args).await
+        }
         Command::Jobs(cmd) => commands::jobs(open_store(&config).await?, cmd).await,
         Command::Dead(cmd) => commands::dead(open_store(&config).await?, cmd).await,
         Command::Queues(out) => commands::queues(open_store(&config).await?, out.json).await,

@@ -296,7 +296,7 @@ impl Webhooks {
                 Put::new(AUDIT, &key, &audit).expect(conveyor_worker::store::meta::Expect::Absent),
             )
             .await?;
-        self.send_event(super::event::SendEvent {
+        self.send_system_event(super::event::SendEvent {
             event_type: EVENT_ENDPOINT_DISABLED.into(),
             payload: serde_json::json!({
                 "endpoint_id": ep.id,

@@ -25,8 +25,15 @@ pub const AUDIT: &str = "audit";
 /// The job kind of one delivery.
 pub const KIND: &str = "webhook.deliver";
 
+/// The default queue of deliveries (`webhooks.queue`).
+pub const QUEUE: &str = "webhooks";
+
 /// The event emitted when an endpoint is disabled automatically.
 pub const EVENT_ENDPOINT_DISABLED: &str = "webhook.endpoint.disabled";
+
+/// Event types starting with this are the platform's own (e.g. [`EVENT_ENDPOINT_DISABLED`]):
+/// clients cannot send them, so a receiver can trust one.
+pub const SYSTEM_EVENT_PREFIX: &str = "webhook.";
 
 /// A receiver of events.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -295,7 +302,7 @@ impl Default for WebhookConfig {
     fn default() -> Self {
         const DAY: u64 = 24 * 3600;
         Self {
-            queue: "webhooks".into(),
+            queue: QUEUE.into(),
             concurrency: 64,
             allow_cidrs: Vec::new(),
             retry_schedule: super::retry_policy::default_schedule(),
