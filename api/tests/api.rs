@@ -1371,3 +1371,64 @@ async fn reserved_kinds_queues_and_event_types_are_refused() {
     assert_eq!(status, 201, "{p}");
     t.cleanup().await;
 }
+
+/// The `Bearer` scheme is case-insensitive (RFC 9110): `BEARER <key>` and `bearer <key>` work.
+#[tokio::test]
+async fn bearer_scheme_is_case_insensitive() {
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let s = Server::default(t.store.clone()).await;
+    let key = s.key(Scope::Read).await;
+    for scheme in ["Bearer", "BEARER", "bearer", "bEaReR"] {
+        let (status, p) = send(
+            s.req(Method::GET, "/v1/jobs", None)
+                .header("Authorization", format!("{scheme} {key}")),
+        )
+        .await;
+        assert_eq!(status, 200, "{scheme}: {p}");
+    }
+    for bad in [format!("Basic {key}"), format!("Bearer{key}"), "Bearer ".into()] {
+        let (status, p) =
+            send(s.req(Method::GET, "/v1/jobs", None).header("Authorization", bad.clone())).await;
+        assert_eq!(status, 401, "{bad}: {p}");
+    }
+    t.cleanup().await;
+}
+
+/// A body whose schema is an object is refused as a positional array, which serde would
+/// otherwise read field by field.
+#[tokio::test]
+async fn positional_array_bodies_are_refused() {
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let s = Server::default(t.store.clone()).await;
+    let key = s.key(Scope::Admin).await;
+    let cases = [
+        ("/v1/jobs", json!(["demo.echo", {"msg": "hi"}])),
+        ("/v1/jobs/batch", json!([[{"kind": "demo.echo"}]])),
+        ("/v1/events", json!(["invoice.paid", {}])),
+        ("/v1/webhooks/endpoints", json!(["http://127.0.0.1:9/"])),
+    ];
+    for (path, body) in cases {
+        let (status, p) = send(s.req(Method::POST, path, Some(&key)).json(&body)).await;
+        assert_eq!(status, 422, "{path} {body}: {p}");
+        assert_eq!(p["errors"][0]["field"], "body", "{p}");
+        assert!(p["detail"].as_str().unwrap().contains("JSON object"), "{p}");
+    }
+    assert_eq!(t.store.count(&Default::default()).await.unwrap(), 0);
+    // Objects, and the usual 415 and 400, are as before.
+    let (status, p) = send(
+        s.req(Method::POST, "/v1/jobs", Some(&key))
+            .json(&json!({"kind": "demo.echo", "args": {"msg": "hi"}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{p}");
+    let (status, _) = send(s.req(Method::POST, "/v1/jobs", Some(&key)).body("{}")).await;
+    assert_eq!(status, 415);
+    let (status, _) = send(
+        s.req(Method::POST, "/v1/jobs", Some(&key))
+            .header("Content-Type", "application/json; charset=utf-8")
+            .body("{bad"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    t.cleanup().await;
+}
