@@ -110,11 +110,10 @@ pub async fn authorize(
             "send `Authorization: Bearer cvk_…`; create a key with `conveyor keys create`",
         )
     })?;
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(bearer_token)
-        .ok_or_else(|| Problem::unauthorized("the Authorization header must be `Bearer <key>`"))?;
+    let token =
+        header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+            Problem::unauthorized("the Authorization header must be `Bearer <key>`")
+        })?;
     let key = match key::verify(&state.store, token).await {
         Ok(key) => key,
         Err(AuthError::Store(e)) => return Err(e.into()),

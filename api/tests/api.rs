@@ -1336,14 +1336,26 @@ async fn reserved_kinds_queues_and_event_types_are_refused() {
         "created_at": "2026-01-01T00:00:00Z", "payload": {}, "endpoint_id": "ep_x"
     });
     let cases = [
-        ("/v1/jobs", json!({"kind": "webhook.deliver", "args": forged}), "kind"),
-        ("/v1/jobs", json!({"kind": "demo.echo", "queue": "webhooks", "args": {"msg": "x"}}), "queue"),
+        (
+            "/v1/jobs",
+            json!({"kind": "webhook.deliver", "args": forged}),
+            "kind",
+        ),
+        (
+            "/v1/jobs",
+            json!({"kind": "demo.echo", "queue": "webhooks", "args": {"msg": "x"}}),
+            "queue",
+        ),
         (
             "/v1/jobs/batch",
             json!({"jobs": [{"kind": "demo.echo", "args": {"msg": "x"}}, {"kind": "webhook.deliver", "args": forged}]}),
             "jobs[1].kind",
         ),
-        ("/v1/events", json!({"type": "webhook.endpoint.disabled", "payload": {}}), "event_type"),
+        (
+            "/v1/events",
+            json!({"type": "webhook.endpoint.disabled", "payload": {}}),
+            "event_type",
+        ),
         (
             "/v1/webhooks/messages",
             json!({"url": "http://127.0.0.1:9/", "type": "webhook.endpoint.disabled"}),
@@ -1355,7 +1367,10 @@ async fn reserved_kinds_queues_and_event_types_are_refused() {
         assert_eq!(status, 422, "{path} {body}: {p}");
         assert_eq!(p["errors"][0]["field"], field, "{path}: {p}");
         assert!(
-            p["errors"][0]["message"].as_str().unwrap().contains("reserved"),
+            p["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("reserved"),
             "{p}"
         );
     }
@@ -1386,9 +1401,16 @@ async fn bearer_scheme_is_case_insensitive() {
         .await;
         assert_eq!(status, 200, "{scheme}: {p}");
     }
-    for bad in [format!("Basic {key}"), format!("Bearer{key}"), "Bearer ".into()] {
-        let (status, p) =
-            send(s.req(Method::GET, "/v1/jobs", None).header("Authorization", bad.clone())).await;
+    for bad in [
+        format!("Basic {key}"),
+        format!("Bearer{key}"),
+        "Bearer ".into(),
+    ] {
+        let (status, p) = send(
+            s.req(Method::GET, "/v1/jobs", None)
+                .header("Authorization", bad.clone()),
+        )
+        .await;
         assert_eq!(status, 401, "{bad}: {p}");
     }
     t.cleanup().await;

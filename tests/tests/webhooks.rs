@@ -129,6 +129,8 @@ async fn signed_fan_out_with_idempotent_events(store: Arc<dyn Store>) {
     let mut a = endpoint(rx.url("/a"));
     a.event_types = vec!["invoice.*".into()];
     a.headers.insert("x-tenant".into(), "acme".into());
+    a.headers
+        .insert("Authorization".into(), "Bearer receiver-token".into());
     let a = hooks.create_endpoint(a).await.unwrap();
     let mut b = endpoint(rx.url("/b"));
     b.event_types = vec!["user.created".into()];
@@ -170,6 +172,7 @@ async fn signed_fan_out_with_idempotent_events(store: Arc<dyn Store>) {
     assert!(signed_by(&secret, r), "signature verifies independently");
     assert_eq!(r.header("webhook-id"), Some(first.event.id.as_str()));
     assert_eq!(r.header("x-tenant"), Some("acme"));
+    assert_eq!(r.header("authorization"), Some("Bearer receiver-token"));
     assert_eq!(r.header("content-type"), Some("application/json"));
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(body["type"], "invoice.paid");
@@ -189,6 +192,14 @@ async fn signed_fan_out_with_idempotent_events(store: Arc<dyn Store>) {
     assert_eq!(logged.result, "delivered");
     assert_eq!(logged.response_body, "answer 200");
     assert!(logged.request_headers.contains_key("webhook-signature"));
+    // The receiver's credential is hidden; other headers stay for debugging.
+    assert_eq!(logged.request_headers["Authorization"], "***");
+    assert_eq!(logged.request_headers["x-tenant"], "acme");
+    assert!(
+        !serde_json::to_string(logged)
+            .unwrap()
+            .contains("receiver-token")
+    );
     assert!(
         !serde_json::to_string(logged)
             .unwrap()

@@ -123,6 +123,41 @@ impl Endpoint {
         }
         out
     }
+
+    /// [`Endpoint::redacted`], and with `show_headers` false also every custom header value
+    /// replaced by [`REDACTED`]: headers often carry the receiver's credentials
+    /// (`Authorization`), which only an admin may read back.
+    pub fn redacted_for(&self, show_headers: bool) -> Endpoint {
+        let mut out = self.redacted();
+        if !show_headers {
+            for v in out.headers.values_mut() {
+                *v = REDACTED.into();
+            }
+        }
+        out
+    }
+}
+
+/// What a hidden header value reads as.
+pub const REDACTED: &str = "***";
+
+/// Whether a request header's value is likely a credential, by its name (`Authorization`,
+/// `Cookie`, `X-Api-Key`, `X-Auth-Token`, …). Such values are not kept in the attempt log.
+pub fn is_secret_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "auth",
+        "cookie",
+        "token",
+        "secret",
+        "key",
+        "pass",
+        "session",
+        "credential",
+        "signature",
+    ]
+    .iter()
+    .any(|w| name.contains(w))
 }
 
 /// A sent event: what was fanned out, and to whom.
