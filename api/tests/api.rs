@@ -1361,9 +1361,26 @@ async fn reserved_kinds_queues_and_event_types_are_refused() {
             json!({"url": "http://127.0.0.1:9/", "type": "webhook.endpoint.disabled"}),
             "event_type",
         ),
+        (
+            "/v1/schedules",
+            json!({"name": "forge", "cron": "* * * * *", "kind": "webhook.deliver", "args": forged}),
+            "kind",
+        ),
+        (
+            "/v1/schedules",
+            json!({"name": "forge", "cron": "* * * * *", "kind": "demo.echo", "queue": "webhooks"}),
+            "queue",
+        ),
     ];
+    let operate = s.key(Scope::Operate).await;
     for (path, body, field) in cases {
-        let (status, p) = send(s.req(Method::POST, path, Some(&key)).json(&body)).await;
+        // Schedules need `operate`; their jobs follow the same rule.
+        let key = if path == "/v1/schedules" {
+            &operate
+        } else {
+            &key
+        };
+        let (status, p) = send(s.req(Method::POST, path, Some(key)).json(&body)).await;
         assert_eq!(status, 422, "{path} {body}: {p}");
         assert_eq!(p["errors"][0]["field"], field, "{path}: {p}");
         assert!(

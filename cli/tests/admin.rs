@@ -379,6 +379,19 @@ async fn reserved_kinds_queues_and_event_types_exit_2() {
             &["webhooks", "send", "--type", "webhook.endpoint.disabled"],
             "event_type",
         ),
+        (
+            &[
+                "schedules",
+                "create",
+                "--name",
+                "forge",
+                "--cron",
+                "* * * * *",
+                "--kind",
+                "webhook.deliver",
+            ],
+            "kind",
+        ),
     ];
     for (args, field) in cases {
         let (code, _, err) = run(&t.url, args);

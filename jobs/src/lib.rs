@@ -42,22 +42,26 @@ pub struct Reserved {
 /// `webhooks.queue`. Every client path (the HTTP API, `conveyor enqueue`) checks this; the
 /// platform's own enqueues do not come through here.
 pub fn check_reserved(job: &NewJob, webhook_queue: &str) -> Result<(), Reserved> {
-    if RESERVED_KINDS.contains(&job.kind.as_str()) {
+    check_reserved_names(&job.kind, &job.queue, webhook_queue)
+}
+
+/// [`check_reserved`] for a job's kind and queue alone, e.g. those of a schedule a client
+/// creates (a schedule of `webhook.deliver` would forge deliveries on every tick).
+pub fn check_reserved_names(kind: &str, queue: &str, webhook_queue: &str) -> Result<(), Reserved> {
+    if RESERVED_KINDS.contains(&kind) {
         return Err(Reserved {
             field: "kind",
             message: format!(
-                "`{}` is reserved: only the platform enqueues it (send an event with \
-                 POST /v1/events or `conveyor webhooks send` instead)",
-                job.kind
+                "`{kind}` is reserved: only the platform enqueues it (send an event with \
+                 POST /v1/events or `conveyor webhooks send` instead)"
             ),
         });
     }
-    if RESERVED_QUEUES.contains(&job.queue.as_str()) || job.queue == webhook_queue {
+    if RESERVED_QUEUES.contains(&queue) || queue == webhook_queue {
         return Err(Reserved {
             field: "queue",
             message: format!(
-                "`{}` is reserved for the platform's webhook deliveries; pick another queue",
-                job.queue
+                "`{queue}` is reserved for the platform's webhook deliveries; pick another queue"
             ),
         });
     }
