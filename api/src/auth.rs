@@ -87,6 +87,14 @@ impl<S: scope::Needed> FromRequestParts<AppState> for Auth<S> {
     }
 }
 
+/// The key of `Bearer <key>`; the scheme is case-insensitive (RFC 9110 §11.1), and any run of
+/// spaces may separate it from the key.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Authenticates the request, takes a token from the key's bucket, and checks `needed`.
 pub async fn authorize(
     parts: &Parts,
@@ -102,15 +110,10 @@ pub async fn authorize(
             "send `Authorization: Bearer cvk_…`; create a key with `conveyor keys create`",
         )
     })?;
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .ok_or_else(|| Problem::unauthorized("the Authorization header must be `Bearer <key>`"))?;
+    let token =
+        header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+            Problem::unauthorized("the Authorization header must be `Bearer <key>`")
+        })?;
     let key = match key::verify(&state.store, token).await {
         Ok(key) => key,
         Err(AuthError::Store(e)) => return Err(e.into()),

@@ -24,10 +24,62 @@ where
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        if !json_content_type(req.headers()) {
+            return Err(unsupported_media_type());
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| unreadable(e.status(), &e.body_text()))?;
+        // Every body is an object, but serde also fills a struct from a sequence of its
+        // fields in order (`["demo.echo", {}]`), which no client means and the schema forbids.
+        if bytes.trim_ascii_start().first() == Some(&b'[') {
+            return Err(Problem::invalid(
+                "body",
+                "must be a JSON object with named fields, not an array",
+            ));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(Body(v)),
             Err(rejection) => Err(json_problem(rejection)),
         }
+    }
+}
+
+/// `application/json` or `application/*+json`, as axum's `Json` accepts.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+fn unsupported_media_type() -> Problem {
+    Problem::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+        "The body must be JSON",
+        "send the body with `Content-Type: application/json`",
+    )
+}
+
+/// The body could not be read: too large, or cut off.
+fn unreadable(status: StatusCode, text: &str) -> Problem {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        Problem::too_large(
+            "the body is larger than the server's limit (api.body_limit); split a batch or shrink the args",
+        )
+    } else {
+        Problem::bad_request(format!("cannot read the body: {text}"))
     }
 }
 
@@ -54,16 +106,8 @@ fn json_problem(rejection: JsonRejection) -> Problem {
                 .unwrap_or_else(|| e.body_text());
             Problem::bad_request(format!("the body is not valid JSON: {text}"))
         }
-        JsonRejection::MissingJsonContentType(_) => Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "The body must be JSON",
-            "send the body with `Content-Type: application/json`",
-        ),
-        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Problem::too_large(
-            "the body is larger than the server's limit (api.body_limit); split a batch or shrink the args",
-        ),
-        other => Problem::bad_request(format!("cannot read the body: {}", other.body_text())),
+        JsonRejection::MissingJsonContentType(_) => unsupported_media_type(),
+        other => unreadable(other.status(), &other.body_text()),
     }
 }
 

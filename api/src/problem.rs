@@ -248,6 +248,7 @@ impl From<conveyor_jobs::webhook::WebhookError> for Problem {
             E::Store(e) => e.into(),
             E::NotFound { what, id } => Problem::not_found(format!("{what} {id} not found")),
             E::Invalid { field, message } => Problem::invalid(field, message),
+            E::Reserved(r) => Problem::invalid(r.field, r.message),
             E::Conflict(msg) => Problem::conflict(msg),
             E::Client(e) => {
                 tracing::error!(error = %e, "webhook client error while serving a request");

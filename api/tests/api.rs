@@ -1323,3 +1323,151 @@ async fn security_headers_and_cors() {
         "https://admin.example"
     );
 }
+
+/// Only the platform creates `webhook.deliver` jobs, fills the `webhooks` queue and sends
+/// `webhook.*` events: an `enqueue` key that could would forge signed deliveries.
+#[tokio::test]
+async fn reserved_kinds_queues_and_event_types_are_refused() {
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let s = Server::default(t.store.clone()).await;
+    let key = s.key(Scope::Enqueue).await;
+    let forged = json!({
+        "event_id": "evt_forged", "event_type": "invoice.paid",
+        "created_at": "2026-01-01T00:00:00Z", "payload": {}, "endpoint_id": "ep_x"
+    });
+    let cases = [
+        (
+            "/v1/jobs",
+            json!({"kind": "webhook.deliver", "args": forged}),
+            "kind",
+        ),
+        (
+            "/v1/jobs",
+            json!({"kind": "demo.echo", "queue": "webhooks", "args": {"msg": "x"}}),
+            "queue",
+        ),
+        (
+            "/v1/jobs/batch",
+            json!({"jobs": [{"kind": "demo.echo", "args": {"msg": "x"}}, {"kind": "webhook.deliver", "args": forged}]}),
+            "jobs[1].kind",
+        ),
+        (
+            "/v1/events",
+            json!({"type": "webhook.endpoint.disabled", "payload": {}}),
+            "event_type",
+        ),
+        (
+            "/v1/webhooks/messages",
+            json!({"url": "http://127.0.0.1:9/", "type": "webhook.endpoint.disabled"}),
+            "event_type",
+        ),
+        (
+            "/v1/schedules",
+            json!({"name": "forge", "cron": "* * * * *", "kind": "webhook.deliver", "args": forged}),
+            "kind",
+        ),
+        (
+            "/v1/schedules",
+            json!({"name": "forge", "cron": "* * * * *", "kind": "demo.echo", "queue": "webhooks"}),
+            "queue",
+        ),
+    ];
+    let operate = s.key(Scope::Operate).await;
+    for (path, body, field) in cases {
+        // Schedules need `operate`; their jobs follow the same rule.
+        let key = if path == "/v1/schedules" {
+            &operate
+        } else {
+            &key
+        };
+        let (status, p) = send(s.req(Method::POST, path, Some(key)).json(&body)).await;
+        assert_eq!(status, 422, "{path} {body}: {p}");
+        assert_eq!(p["errors"][0]["field"], field, "{path}: {p}");
+        assert!(
+            p["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("reserved"),
+            "{p}"
+        );
+    }
+    let all = t.store.count(&Default::default()).await.unwrap();
+    assert_eq!(all, 0, "nothing was enqueued");
+
+    // Other names and types still go through.
+    let (status, p) = send(
+        s.req(Method::POST, "/v1/events", Some(&key))
+            .json(&json!({"type": "invoice.paid", "payload": {}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{p}");
+    t.cleanup().await;
+}
+
+/// The `Bearer` scheme is case-insensitive (RFC 9110): `BEARER <key>` and `bearer <key>` work.
+#[tokio::test]
+async fn bearer_scheme_is_case_insensitive() {
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let s = Server::default(t.store.clone()).await;
+    let key = s.key(Scope::Read).await;
+    for scheme in ["Bearer", "BEARER", "bearer", "bEaReR"] {
+        let (status, p) = send(
+            s.req(Method::GET, "/v1/jobs", None)
+                .header("Authorization", format!("{scheme} {key}")),
+        )
+        .await;
+        assert_eq!(status, 200, "{scheme}: {p}");
+    }
+    for bad in [
+        format!("Basic {key}"),
+        format!("Bearer{key}"),
+        "Bearer ".into(),
+    ] {
+        let (status, p) = send(
+            s.req(Method::GET, "/v1/jobs", None)
+                .header("Authorization", bad.clone()),
+        )
+        .await;
+        assert_eq!(status, 401, "{bad}: {p}");
+    }
+    t.cleanup().await;
+}
+
+/// A body whose schema is an object is refused as a positional array, which serde would
+/// otherwise read field by field.
+#[tokio::test]
+async fn positional_array_bodies_are_refused() {
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let s = Server::default(t.store.clone()).await;
+    let key = s.key(Scope::Admin).await;
+    let cases = [
+        ("/v1/jobs", json!(["demo.echo", {"msg": "hi"}])),
+        ("/v1/jobs/batch", json!([[{"kind": "demo.echo"}]])),
+        ("/v1/events", json!(["invoice.paid", {}])),
+        ("/v1/webhooks/endpoints", json!(["http://127.0.0.1:9/"])),
+    ];
+    for (path, body) in cases {
+        let (status, p) = send(s.req(Method::POST, path, Some(&key)).json(&body)).await;
+        assert_eq!(status, 422, "{path} {body}: {p}");
+        assert_eq!(p["errors"][0]["field"], "body", "{p}");
+        assert!(p["detail"].as_str().unwrap().contains("JSON object"), "{p}");
+    }
+    assert_eq!(t.store.count(&Default::default()).await.unwrap(), 0);
+    // Objects, and the usual 415 and 400, are as before.
+    let (status, p) = send(
+        s.req(Method::POST, "/v1/jobs", Some(&key))
+            .json(&json!({"kind": "demo.echo", "args": {"msg": "hi"}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{p}");
+    let (status, _) = send(s.req(Method::POST, "/v1/jobs", Some(&key)).body("{}")).await;
+    assert_eq!(status, 415);
+    let (status, _) = send(
+        s.req(Method::POST, "/v1/jobs", Some(&key))
+            .header("Content-Type", "application/json; charset=utf-8")
+            .body("{bad"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    t.cleanup().await;
+}

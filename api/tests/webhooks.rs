@@ -145,6 +145,45 @@ async fn endpoints_and_events(store: Arc<dyn Store>) {
 
 api_tests!(endpoints_and_events);
 
+/// Custom header values (a receiver's `Authorization`) are shown to `admin` keys only.
+#[tokio::test]
+async fn endpoint_header_values_are_for_admin_only() {
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let s = Server::default(t.store.clone()).await;
+    let admin = s.key(Scope::Admin).await;
+    let operate = s.key(Scope::Operate).await;
+    let read = s.key(Scope::Read).await;
+    let (status, ep) = send(
+        s.req(Method::POST, "/v1/webhooks/endpoints", Some(&admin))
+            .json(&json!({
+                "url": "https://example.com/hooks",
+                "headers": {"Authorization": "Bearer receiver-token", "x-tenant": "acme"}
+            })),
+    )
+    .await;
+    assert_eq!(status, 201, "{ep}");
+    let id = ep["id"].as_str().unwrap().to_string();
+    let one = format!("/v1/webhooks/endpoints/{id}");
+    for key in [&read, &operate] {
+        let (status, shown) = send(s.req(Method::GET, &one, Some(key))).await;
+        assert_eq!(status, 200);
+        assert_eq!(shown["headers"]["Authorization"], "***", "{shown}");
+        assert_eq!(shown["headers"]["x-tenant"], "***", "{shown}");
+        let (_, all) = send(s.req(Method::GET, "/v1/webhooks/endpoints", Some(key))).await;
+        assert!(!all.to_string().contains("receiver-token"), "{all}");
+    }
+    let (_, disabled) = send(s.req(Method::POST, &format!("{one}/disable"), Some(&operate))).await;
+    assert!(
+        !disabled.to_string().contains("receiver-token"),
+        "{disabled}"
+    );
+    let (_, shown) = send(s.req(Method::GET, &one, Some(&admin))).await;
+    assert_eq!(shown["headers"]["Authorization"], "Bearer receiver-token");
+    let (_, all) = send(s.req(Method::GET, "/v1/webhooks/endpoints", Some(&admin))).await;
+    assert_eq!(all[0]["headers"]["x-tenant"], "acme", "{all}");
+    t.cleanup().await;
+}
+
 /// The record webhooks write when they disable an endpoint reads back as an audit entry.
 #[test]
 fn auto_disable_records_are_audit_entries() {

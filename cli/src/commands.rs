@@ -74,7 +74,11 @@ fn build_page(p: &PageArgs) -> anyhow::Result<Page> {
 }
 
 /// `conveyor enqueue`
-pub async fn enqueue(store: Arc<dyn Store>, a: EnqueueArgs) -> anyhow::Result<()> {
+pub async fn enqueue(
+    store: Arc<dyn Store>,
+    webhook_queue: &str,
+    a: EnqueueArgs,
+) -> anyhow::Result<()> {
     let args = parse_json("--args", &a.args)?;
     let mut job = NewJob::new(a.kind, args)
         .queue(a.queue)
@@ -104,6 +108,8 @@ pub async fn enqueue(store: Arc<dyn Store>, a: EnqueueArgs) -> anyhow::Result<()
     if let Some(key) = a.idempotency_key {
         job = job.idempotency_key(key);
     }
+    // The same rule as the API's: no reserved kind or queue.
+    conveyor_jobs::check_reserved(&job, webhook_queue)?;
     let enqueued = store.enqueue(job).await?;
     if a.json {
         output::json(&enqueued)?;

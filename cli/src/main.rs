@@ -46,12 +46,15 @@ fn main() -> ExitCode {
 }
 
 /// 2 for a usage, validation or config error (the input is wrong: fix it and run again, as
-/// for clap's own errors), 1 when the operation itself failed.
+/// for clap's own errors), or a request for what only the platform may create (a reserved
+/// kind, queue or event type); 1 when the operation itself failed.
 fn exit_status(e: &anyhow::Error) -> u8 {
+    use conveyor_jobs::webhook::WebhookError;
     let bad_input = e.chain().any(|cause| {
         cause.is::<ConfigError>()
             || cause.is::<input::UsageError>()
             || cause.is::<conveyor_scheduler::schedule::ScheduleError>()
+            || cause.is::<conveyor_jobs::Reserved>()
             || matches!(
                 cause.downcast_ref::<conveyor_worker::Error>(),
                 Some(
@@ -60,8 +63,8 @@ fn exit_status(e: &anyhow::Error) -> u8 {
                 )
             )
             || matches!(
-                cause.downcast_ref::<conveyor_jobs::webhook::WebhookError>(),
-                Some(conveyor_jobs::webhook::WebhookError::Invalid { .. })
+                cause.downcast_ref::<WebhookError>(),
+                Some(WebhookError::Invalid { .. } | WebhookError::Reserved(_))
             )
     });
     if bad_input { 2 } else { 1 }
@@ -124,7 +127,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             outln!("migrations applied: {backend} at {url}");
             Ok(())
         }
-        Command::Enqueue(args) => commands::enqueue(open_store(&config).await?, args).await,
+        Command::Enqueue(args) => {
+            commands::enqueue(open_store(&config).await?, &config.webhooks.queue, args).await
+        }
         Command::Jobs(cmd) => commands::jobs(open_store(&config).await?, cmd).await,
         Command::Dead(cmd) => commands::dead(open_store(&config).await?, cmd).await,
         Command::Queues(out) => commands::queues(open_store(&config).await?, out.json).await,

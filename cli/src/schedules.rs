@@ -195,6 +195,7 @@ pub async fn run(
                 ));
             };
             let spec = apply(&ScheduleSpec::new(name, cron, kind), fields)?;
+            conveyor_jobs::check_reserved_names(&spec.kind, &spec.queue, &config.webhooks.queue)?;
             let stored = registry.create(spec, Origin::Api).await?;
             audit("schedule.create", stored.spec.name.clone()).await?;
             let status = registry.status(stored, now).await?;
@@ -208,6 +209,7 @@ pub async fn run(
         SchedulesCommand::Update { name, fields, out } => {
             let current = registry.require(&name).await?;
             let spec = apply(&current.spec, fields)?;
+            conveyor_jobs::check_reserved_names(&spec.kind, &spec.queue, &config.webhooks.queue)?;
             let stored = registry.update(&name, spec, Some(current.version)).await?;
             audit("schedule.update", name.clone()).await?;
             if current.origin == Origin::Config {

@@ -359,3 +359,52 @@ async fn an_unreachable_database_is_explained() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("unknown scheme"), "{err}");
 }
+
+/// `conveyor enqueue` and `conveyor webhooks send` refuse what only the platform creates
+/// (the `webhook.deliver` kind, the `webhooks` queue, `webhook.*` event types), exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_kinds_queues_and_event_types_exit_2() {
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let forged = r#"{"event_id":"evt_x","event_type":"invoice.paid","created_at":"2026-01-01T00:00:00Z","payload":{},"endpoint_id":"ep_x"}"#;
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["enqueue", "--kind", "webhook.deliver", "--args", forged],
+            "kind",
+        ),
+        (
+            &["enqueue", "--kind", "demo.echo", "--queue", "webhooks"],
+            "queue",
+        ),
+        (
+            &["webhooks", "send", "--type", "webhook.endpoint.disabled"],
+            "event_type",
+        ),
+        (
+            &[
+                "schedules",
+                "create",
+                "--name",
+                "forge",
+                "--cron",
+                "* * * * *",
+                "--kind",
+                "webhook.deliver",
+            ],
+            "kind",
+        ),
+    ];
+    for (args, field) in cases {
+        let (code, _, err) = run(&t.url, args);
+        assert_eq!(code, 2, "conveyor {args:?}: {err}");
+        assert!(
+            err.contains(&format!("invalid {field}")) && err.contains("reserved"),
+            "conveyor {args:?} should name `{field}`: {err}"
+        );
+    }
+    assert_eq!(
+        t.store.count(&JobFilter::default()).await.unwrap(),
+        0,
+        "nothing was enqueued"
+    );
+    t.cleanup().await;
+}

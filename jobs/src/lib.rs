@@ -15,8 +15,66 @@ pub mod webhook;
 
 use std::time::Duration;
 
-use conveyor_worker::{JobContext, Outcome, Registry};
+use conveyor_worker::{JobContext, NewJob, Outcome, Registry};
 use serde::Deserialize;
+
+/// Kinds only the platform enqueues. A client that could enqueue `webhook.deliver` would send
+/// validly signed deliveries with an event id, type and time it chose, past every endpoint's
+/// filter and with no event record.
+pub const RESERVED_KINDS: &[&str] = &[webhook::KIND];
+
+/// Queues only the platform fills (the webhook queue's default name; a renamed
+/// `webhooks.queue` is reserved too, see [`check_client_job`]).
+pub const RESERVED_QUEUES: &[&str] = &[webhook::model::QUEUE];
+
+/// A client asked for something only the platform may create: a reserved kind or queue, or a
+/// system event type. Bad input (HTTP 422, CLI exit 2), never a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {field}: {message}")]
+pub struct Reserved {
+    /// `kind`, `queue`, `event_type`.
+    pub field: &'static str,
+    /// What is reserved and what to do instead.
+    pub message: String,
+}
+
+/// Refuses a job of a reserved kind or on a reserved queue. `webhook_queue` is the configured
+/// `webhooks.queue`. Every client path (the HTTP API, `conveyor enqueue`) checks this; the
+/// platform's own enqueues do not come through here.
+pub fn check_reserved(job: &NewJob, webhook_queue: &str) -> Result<(), Reserved> {
+    check_reserved_names(&job.kind, &job.queue, webhook_queue)
+}
+
+/// [`check_reserved`] for a job's kind and queue alone, e.g. those of a schedule a client
+/// creates (a schedule of `webhook.deliver` would forge deliveries on every tick).
+pub fn check_reserved_names(kind: &str, queue: &str, webhook_queue: &str) -> Result<(), Reserved> {
+    if RESERVED_KINDS.contains(&kind) {
+        return Err(Reserved {
+            field: "kind",
+            message: format!(
+                "`{kind}` is reserved: only the platform enqueues it (send an event with \
+                 POST /v1/events or `conveyor webhooks send` instead)"
+            ),
+        });
+    }
+    if RESERVED_QUEUES.contains(&queue) || queue == webhook_queue {
+        return Err(Reserved {
+            field: "queue",
+            message: format!(
+                "`{queue}` is reserved for the platform's webhook deliveries; pick another queue"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a job a client asks to enqueue: valid as any job ([`NewJob::validate`]) and not
+/// reserved ([`check_reserved`]).
+pub fn check_client_job(job: &NewJob, webhook_queue: &str) -> Result<(), conveyor_worker::Error> {
+    job.validate()?;
+    check_reserved(job, webhook_queue)
+        .map_err(|e| conveyor_worker::Error::invalid(e.field, e.message))
+}
 
 /// Args of `demo.echo`.
 #[derive(Debug, Deserialize)]

@@ -129,6 +129,8 @@ async fn signed_fan_out_with_idempotent_events(store: Arc<dyn Store>) {
     let mut a = endpoint(rx.url("/a"));
     a.event_types = vec!["invoice.*".into()];
     a.headers.insert("x-tenant".into(), "acme".into());
+    a.headers
+        .insert("Authorization".into(), "Bearer receiver-token".into());
     let a = hooks.create_endpoint(a).await.unwrap();
     let mut b = endpoint(rx.url("/b"));
     b.event_types = vec!["user.created".into()];
@@ -170,6 +172,7 @@ async fn signed_fan_out_with_idempotent_events(store: Arc<dyn Store>) {
     assert!(signed_by(&secret, r), "signature verifies independently");
     assert_eq!(r.header("webhook-id"), Some(first.event.id.as_str()));
     assert_eq!(r.header("x-tenant"), Some("acme"));
+    assert_eq!(r.header("authorization"), Some("Bearer receiver-token"));
     assert_eq!(r.header("content-type"), Some("application/json"));
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(body["type"], "invoice.paid");
@@ -189,6 +192,14 @@ async fn signed_fan_out_with_idempotent_events(store: Arc<dyn Store>) {
     assert_eq!(logged.result, "delivered");
     assert_eq!(logged.response_body, "answer 200");
     assert!(logged.request_headers.contains_key("webhook-signature"));
+    // The receiver's credential is hidden; other headers stay for debugging.
+    assert_eq!(logged.request_headers["Authorization"], "***");
+    assert_eq!(logged.request_headers["x-tenant"], "acme");
+    assert!(
+        !serde_json::to_string(logged)
+            .unwrap()
+            .contains("receiver-token")
+    );
     assert!(
         !serde_json::to_string(logged)
             .unwrap()
@@ -690,7 +701,54 @@ async fn auto_disable_after_the_period_then_replay(store: Arc<dyn Store>) {
     run.stop().await;
 }
 
+/// Rotating with overlap 0 ends every older secret, not only the one just rotated out: after
+/// two rotations with an overlap and one without, only the newest secret signs.
+async fn rotation_without_overlap_ends_every_older_secret(store: Arc<dyn Store>) {
+    let rx = Receiver::start().await;
+    let run = Running::start(&store, test_config());
+    let hooks = &run.webhooks;
+    let ep = hooks.create_endpoint(endpoint(rx.url("/r"))).await.unwrap();
+    let first = ep.secrets[0].secret.clone();
+    let hour = Some(Duration::from_secs(3600));
+    let second = hooks.rotate_secret(&ep.id, None, hour).await.unwrap();
+    let third = hooks.rotate_secret(&ep.id, None, hour).await.unwrap();
+    assert_eq!(third.live_secrets(Utc::now()).count(), 3, "{third:?}");
+    let second = second.secrets[0].secret.clone();
+    let third = third.secrets[0].secret.clone();
+
+    let last = hooks
+        .rotate_secret(&ep.id, None, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let newest = last.secrets[0].secret.clone();
+    let stored = hooks.endpoint(&ep.id).await.unwrap();
+    let live: Vec<&str> = stored.live_secrets(Utc::now()).collect();
+    assert_eq!(live.len(), 1, "only the newest secret is live: {stored:?}");
+
+    let sent = hooks
+        .send_event(SendEvent {
+            event_type: "invoice.paid".into(),
+            payload: json!({}),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    job_in(
+        &store,
+        &sent.event.deliveries[0].job_id,
+        &[JobState::Completed],
+    )
+    .await;
+    let r = &arrivals(&rx, "/r", 1).await[0];
+    assert!(signed_by(&newest, r), "the newest secret signs");
+    for old in [&first, &second, &third] {
+        assert!(!signed_by(old, r), "an older secret still signs: {old}");
+    }
+    run.stop().await;
+}
+
 backend_tests!(
+    rotation_without_overlap_ends_every_older_secret,
     signed_fan_out_with_idempotent_events,
     retries_keep_the_id_and_follow_the_schedule,
     retry_after_permanent_4xx_timeouts_and_dropped_connections,

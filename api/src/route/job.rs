@@ -91,6 +91,7 @@ impl EnqueueRequest {
         prefix: &str,
         header_key: Option<String>,
         args_limit: usize,
+        webhook_queue: &str,
         now: DateTime<Utc>,
     ) -> Result<NewJob, Problem> {
         let invalid = |field: &str, msg: String| Problem::invalid(format!("{prefix}{field}"), msg);
@@ -174,7 +175,8 @@ impl EnqueueRequest {
         if let Some(meta) = self.metadata {
             job = job.metadata(meta);
         }
-        job.validate().map_err(|e| match e {
+        // Also refuses the platform's reserved kinds and queues (`webhook.deliver`, `webhooks`).
+        conveyor_jobs::check_client_job(&job, webhook_queue).map_err(|e| match e {
             conveyor_worker::Error::InvalidInput { field, message } => {
                 Problem::invalid(format!("{prefix}{field}"), message)
             }
@@ -223,6 +225,7 @@ async fn enqueue(
         "",
         idempotency_header(&headers)?,
         state.config.args_limit,
+        &state.webhooks.config().queue,
         Utc::now(),
     )?;
     let (queue, kind) = (job.queue.clone(), job.kind.clone());
@@ -293,7 +296,13 @@ async fn enqueue_batch(
             .as_ref()
             .filter(|_| !own)
             .map(|k| format!("{k}:{i}"));
-        jobs.push(r.into_job(&format!("jobs[{i}]."), key, state.config.args_limit, now)?);
+        jobs.push(r.into_job(
+            &format!("jobs[{i}]."),
+            key,
+            state.config.args_limit,
+            &state.webhooks.config().queue,
+            now,
+        )?);
     }
     let names: Vec<(String, String)> = jobs
         .iter()

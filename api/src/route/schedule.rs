@@ -246,6 +246,7 @@ async fn create(
         return Err(p);
     };
     let spec = input.apply(&ScheduleSpec::new(name, cron, kind))?;
+    not_reserved(&state, &spec)?;
     let stored = Schedules::new(state.store.clone())
         .create(spec, Origin::Api)
         .await?;
@@ -300,6 +301,7 @@ async fn update(
             })?,
     };
     let spec = input.apply(&current.spec)?;
+    not_reserved(&state, &spec)?;
     let stored = Schedules::new(state.store.clone())
         .update(&name, spec, Some(expect))
         .await?;
@@ -450,4 +452,10 @@ async fn next(
             .map(|t| t.to_rfc3339())
             .collect(),
     ))
+}
+
+/// A schedule's jobs follow the enqueue rule: no reserved kind or queue.
+fn not_reserved(state: &AppState, spec: &ScheduleSpec) -> Result<(), Problem> {
+    conveyor_jobs::check_reserved_names(&spec.kind, &spec.queue, &state.webhooks.config().queue)
+        .map_err(|r| Problem::invalid(r.field, r.message))
 }

@@ -72,6 +72,11 @@ async fn audited(
     Ok(())
 }
 
+/// Custom header values (often the receiver's credentials) are shown to `admin` keys only.
+fn shows_headers<S>(auth: &Auth<S>) -> bool {
+    auth.key.scope == crate::key::Scope::Admin
+}
+
 fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     headers
         .get("idempotency-key")
@@ -91,14 +96,14 @@ fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 )]
 async fn list_endpoints(
     State(state): State<AppState>,
-    _auth: Auth<scope::Read>,
+    auth: Auth<scope::Read>,
 ) -> Result<axum::Json<Value>, Problem> {
     let all: Vec<_> = state
         .webhooks
         .endpoints()
         .await?
         .iter()
-        .map(|e| e.redacted())
+        .map(|e| e.redacted_for(shows_headers(&auth)))
         .collect();
     json_of(&all)
 }
@@ -149,10 +154,16 @@ async fn create_endpoint(
 )]
 async fn show_endpoint(
     State(state): State<AppState>,
-    _auth: Auth<scope::Read>,
+    auth: Auth<scope::Read>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, Problem> {
-    json_of(&state.webhooks.endpoint(&id).await?.redacted())
+    json_of(
+        &state
+            .webhooks
+            .endpoint(&id)
+            .await?
+            .redacted_for(shows_headers(&auth)),
+    )
 }
 
 /// Change fields of an endpoint; fields left out keep their value, `null` clears an
@@ -181,7 +192,7 @@ async fn update_endpoint(
         json!({"webhook_endpoint": id}),
     )
     .await?;
-    json_of(&ep.redacted())
+    json_of(&ep.redacted_for(shows_headers(&auth)))
 }
 
 /// Delete an endpoint; its queued deliveries end `cancelled`. Audited.
@@ -290,7 +301,7 @@ async fn enable_endpoint(
         json!({"webhook_endpoint": id}),
     )
     .await?;
-    json_of(&ep.redacted())
+    json_of(&ep.redacted_for(shows_headers(&auth)))
 }
 
 /// Disable an endpoint. Audited.
@@ -313,7 +324,7 @@ async fn disable_endpoint(
         json!({"webhook_endpoint": id}),
     )
     .await?;
-    json_of(&ep.redacted())
+    json_of(&ep.redacted_for(shows_headers(&auth)))
 }
 
 /// Paging of the attempt log.

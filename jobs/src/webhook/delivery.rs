@@ -215,6 +215,7 @@ impl Webhooks {
         let target = args.endpoint_id.as_deref().unwrap_or("direct");
         if self.config.attempt_log {
             let mut logged: BTreeMap<String, String> = headers.into_iter().collect();
+            redact_logged_headers(&mut logged);
             logged.insert("content-type".into(), "application/json".into());
             let entry = Attempt {
                 id: new_id("att_"),
@@ -296,7 +297,7 @@ impl Webhooks {
                 Put::new(AUDIT, &key, &audit).expect(conveyor_worker::store::meta::Expect::Absent),
             )
             .await?;
-        self.send_event(super::event::SendEvent {
+        self.send_system_event(super::event::SendEvent {
             event_type: EVENT_ENDPOINT_DISABLED.into(),
             payload: serde_json::json!({
                 "endpoint_id": ep.id,
@@ -370,10 +371,27 @@ impl Webhooks {
         let next = (records.len() == limit as usize)
             .then(|| records.last().map(|r| r.key.clone()))
             .flatten();
-        let attempts = records
+        let mut attempts = records
             .iter()
             .map(|r| r.decode())
             .collect::<std::result::Result<Vec<Attempt>, _>>()?;
+        // Entries written before values were redacted at write time.
+        for a in &mut attempts {
+            redact_logged_headers(&mut a.request_headers);
+        }
         Ok(AttemptPage { attempts, next })
+    }
+}
+
+/// Hides credential-looking header values (an endpoint's `Authorization`, `X-Api-Key`, …) in
+/// an attempt-log entry, for every reader. The signature is not secret and stays: it is what
+/// a receiver's developer compares against.
+fn redact_logged_headers(headers: &mut BTreeMap<String, String>) {
+    for (name, value) in headers.iter_mut() {
+        if !name.eq_ignore_ascii_case(signature::HEADER_SIGNATURE)
+            && super::model::is_secret_header(name)
+        {
+            *value = super::model::REDACTED.to_string();
+        }
     }
 }

@@ -268,9 +268,10 @@ impl Webhooks {
         Ok(())
     }
 
-    /// Starts signing with a new secret (generated unless given). The old one keeps signing
-    /// beside it for `overlap` (default `webhooks.secret_overlap`), so receivers can switch
-    /// without dropping a request. Returns the endpoint with its secrets in clear.
+    /// Starts signing with a new secret (generated unless given). The old ones keep signing
+    /// beside it for at most `overlap` (default `webhooks.secret_overlap`), so receivers can
+    /// switch without dropping a request; overlap 0 ends every older secret at once. Returns
+    /// the endpoint with its secrets in clear.
     pub async fn rotate_secret(
         &self,
         id: &str,
@@ -281,12 +282,14 @@ impl Webhooks {
         let overlap = overlap.unwrap_or(self.config.secret_overlap);
         self.modify_endpoint(id, |ep| {
             let now = Utc::now();
-            ep.secrets.retain(|s| s.expires_at.is_none_or(|t| t > now));
+            // Every older secret, not only the current one, ends within `overlap`: a rotation
+            // (overlap 0 above all) is how an operator revokes a leaked secret, and an earlier
+            // one must not keep signing for the rest of its own overlap.
+            let until = conveyor_worker::store::after(now, overlap);
             for s in &mut ep.secrets {
-                if s.expires_at.is_none() {
-                    s.expires_at = Some(conveyor_worker::store::after(now, overlap));
-                }
+                s.expires_at = Some(s.expires_at.map_or(until, |t| t.min(until)));
             }
+            ep.secrets.retain(|s| s.expires_at.is_some_and(|t| t > now));
             ep.secrets.insert(
                 0,
                 Secret {

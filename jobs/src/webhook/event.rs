@@ -6,7 +6,9 @@ use conveyor_worker::store::meta::{Expect, Put};
 use conveyor_worker::{JobId, NewJob};
 use serde::{Deserialize, Serialize};
 
-use super::model::{DeliverArgs, DeliveryRef, EVENT_KEYS, EVENTS, Endpoint, Event, KIND};
+use super::model::{
+    DeliverArgs, DeliveryRef, EVENT_KEYS, EVENTS, Endpoint, Event, KIND, SYSTEM_EVENT_PREFIX,
+};
 use super::{Result, WebhookError, Webhooks, new_id};
 
 /// What sending an event takes.
@@ -49,10 +51,39 @@ fn check_type(t: &str) -> Result<()> {
     Ok(())
 }
 
+/// A type a client may send: valid, and not one of the platform's own (`webhook.*`), which
+/// receivers must be able to trust.
+fn check_client_type(t: &str) -> Result<()> {
+    check_type(t)?;
+    if t.starts_with(SYSTEM_EVENT_PREFIX) {
+        return Err(crate::Reserved {
+            field: "event_type",
+            message: format!(
+                "`{t}` is reserved: `{SYSTEM_EVENT_PREFIX}*` types are sent only by the platform; \
+                 pick another name"
+            ),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 impl Webhooks {
-    /// Sends an event to every enabled endpoint subscribed to its type.
+    /// Sends an event to every enabled endpoint subscribed to its type. The type must not be
+    /// a system type (`webhook.*`).
     pub async fn send_event(&self, send: SendEvent) -> Result<Sent> {
+        check_client_type(&send.event_type)?;
+        self.send_checked(send).await
+    }
+
+    /// Sends one of the platform's own events (e.g. `webhook.endpoint.disabled`).
+    pub(crate) async fn send_system_event(&self, send: SendEvent) -> Result<Sent> {
         check_type(&send.event_type)?;
+        debug_assert!(send.event_type.starts_with(SYSTEM_EVENT_PREFIX));
+        self.send_checked(send).await
+    }
+
+    async fn send_checked(&self, send: SendEvent) -> Result<Sent> {
         let now = Utc::now();
         let id = new_id("evt_");
         if let Some(key) = &send.idempotency_key {
@@ -195,7 +226,7 @@ impl Webhooks {
         event_type: &str,
         payload: serde_json::Value,
     ) -> Result<Event> {
-        check_type(event_type)?;
+        check_client_type(event_type)?;
         let parsed = reqwest::Url::parse(url)
             .map_err(|e| WebhookError::invalid("url", format!("`{url}` is not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {

@@ -64,6 +64,9 @@ pub enum WebhookError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// A system event type, which only the platform sends.
+    #[error(transparent)]
+    Reserved(#[from] crate::Reserved),
     /// Someone else changed the record; read it again and retry.
     #[error("{0}")]
     Conflict(String),

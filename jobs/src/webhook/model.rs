@@ -25,8 +25,15 @@ pub const AUDIT: &str = "audit";
 /// The job kind of one delivery.
 pub const KIND: &str = "webhook.deliver";
 
+/// The default queue of deliveries (`webhooks.queue`).
+pub const QUEUE: &str = "webhooks";
+
 /// The event emitted when an endpoint is disabled automatically.
 pub const EVENT_ENDPOINT_DISABLED: &str = "webhook.endpoint.disabled";
+
+/// Event types starting with this are the platform's own (e.g. [`EVENT_ENDPOINT_DISABLED`]):
+/// clients cannot send them, so a receiver can trust one.
+pub const SYSTEM_EVENT_PREFIX: &str = "webhook.";
 
 /// A receiver of events.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -116,6 +123,41 @@ impl Endpoint {
         }
         out
     }
+
+    /// [`Endpoint::redacted`], and with `show_headers` false also every custom header value
+    /// replaced by [`REDACTED`]: headers often carry the receiver's credentials
+    /// (`Authorization`), which only an admin may read back.
+    pub fn redacted_for(&self, show_headers: bool) -> Endpoint {
+        let mut out = self.redacted();
+        if !show_headers {
+            for v in out.headers.values_mut() {
+                *v = REDACTED.into();
+            }
+        }
+        out
+    }
+}
+
+/// What a hidden header value reads as.
+pub const REDACTED: &str = "***";
+
+/// Whether a request header's value is likely a credential, by its name (`Authorization`,
+/// `Cookie`, `X-Api-Key`, `X-Auth-Token`, …). Such values are not kept in the attempt log.
+pub fn is_secret_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "auth",
+        "cookie",
+        "token",
+        "secret",
+        "key",
+        "pass",
+        "session",
+        "credential",
+        "signature",
+    ]
+    .iter()
+    .any(|w| name.contains(w))
 }
 
 /// A sent event: what was fanned out, and to whom.
@@ -295,7 +337,7 @@ impl Default for WebhookConfig {
     fn default() -> Self {
         const DAY: u64 = 24 * 3600;
         Self {
-            queue: "webhooks".into(),
+            queue: QUEUE.into(),
             concurrency: 64,
             allow_cidrs: Vec::new(),
             retry_schedule: super::retry_policy::default_schedule(),
