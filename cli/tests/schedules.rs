@@ -81,13 +81,13 @@ fn next_three(cfg: &std::path::Path, after: &str) -> Vec<String> {
 #[test]
 fn next_fire_times_follow_daylight_saving() {
     let cfg = config(NIGHTLY);
-    // Spring: 02:30 does not exist on 2027-03-28 and is skipped.
+    // Spring: 02:30 does not exist on 2027-03-28; it fires at the end of the gap, 03:00 CEST.
     assert_eq!(
         next_three(&cfg.file, "2027-03-26T12:00:00Z"),
         [
             "2027-03-27 02:30:00 CET (+01:00)",
+            "2027-03-28 03:00:00 CEST (+02:00)",
             "2027-03-29 02:30:00 CEST (+02:00)",
-            "2027-03-30 02:30:00 CEST (+02:00)",
         ]
     );
     // Autumn: 02:30 exists twice on 2026-10-25 and fires once.
