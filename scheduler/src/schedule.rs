@@ -187,16 +187,8 @@ impl ScheduleSpec {
             )
         })?;
         let expr = normalize(&self.cron).map_err(|m| err("cron", m))?;
-        let cron = cron::Schedule::from_str(&expr).map_err(|e| {
-            err(
-                "cron",
-                format!(
-                    "`{}`: {}",
-                    self.cron,
-                    e.to_string().lines().last().unwrap_or("unparseable").trim()
-                ),
-            )
-        })?;
+        let cron = cron::Schedule::from_str(&expr)
+            .map_err(|e| err("cron", format!("`{}`: {}", self.cron, explain(&e))))?;
         // As written: normalizing turns a day-of-week `*/2` into names, but Vixie cron's day
         // rule depends on whether the field starts with `*`.
         let fields: Vec<&str> = self.cron.split_whitespace().collect();
@@ -233,6 +225,81 @@ fn normalize(expr: &str) -> Result<String, String> {
             "`{expr}` has {n} fields; use 5 (minute hour day-of-month month day-of-week) or 6-7 (seconds first, optional year)"
         )),
     }
+}
+
+/// Each field as the `cron` crate names it in errors: our name and its valid range.
+const FIELD_RANGES: [(&str, &str, u32, u32); 7] = [
+    ("Seconds", "second", 0, 59),
+    ("Minutes", "minute", 0, 59),
+    ("Hours", "hour", 0, 23),
+    ("Days of Month", "day-of-month", 1, 31),
+    ("Months", "month", 1, 12),
+    (
+        "Days of Week",
+        "day-of-week (seconds-first form: 1 = Sunday)",
+        1,
+        7,
+    ),
+    ("Years", "year", 1970, 2100),
+];
+
+/// The `cron` crate's parse error in our words. Its range errors state the wrong bound
+/// ("Minutes must be less than 59" for 60, though 59 is valid), and its syntax errors end with
+/// a caret line that means nothing without the line above it.
+fn explain(e: &cron::error::Error) -> String {
+    let text = e.to_string();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c.is_whitespace()))
+        .next_back()
+        .unwrap_or("unparseable");
+    for (crate_name, name, min, max) in FIELD_RANGES {
+        let Some(rest) = line.strip_prefix(crate_name) else {
+            continue;
+        };
+        if rest.starts_with(" must be less than ")
+            || rest.starts_with(" must be greater than or equal to ")
+        {
+            let value = rest
+                .split_once("('")
+                .and_then(|(_, v)| v.split_once('\''))
+                .map_or("", |(v, _)| v);
+            return format!("{name} {value} is out of range; use {min}-{max}");
+        }
+        if rest.starts_with(" must be between 1 and ") {
+            // Only steps are checked this way.
+            let value = rest
+                .split_once("('")
+                .and_then(|(_, v)| v.split_once('\''))
+                .map_or("", |(v, _)| v);
+            return format!("{name} step {value} is out of range; use 1-{max}");
+        }
+    }
+    if let Some(range) = line.strip_prefix("Invalid range for ")
+        && let Some((crate_name, values)) = range.split_once(": ")
+        && let Some((_, name, min, max)) = FIELD_RANGES.iter().find(|f| f.0 == crate_name)
+    {
+        return format!(
+            "{name} range {values} is invalid; both ends must be within {min}-{max}, low to high"
+        );
+    }
+    // A bare echo of the expression with a caret under the part it could not read (a year
+    // outside the crate's range gives nothing more).
+    let lines: Vec<&str> = text.lines().collect();
+    if let [expr, caret] = lines[..]
+        && let Some(col) = caret.find('^')
+    {
+        let token = expr
+            .get(col..)
+            .and_then(|t| t.split_whitespace().next())
+            .unwrap_or("");
+        return format!(
+            "cannot read `{token}`; ranges are second 0-59, minute 0-59, hour 0-23, \
+             day-of-month 1-31, month 1-12, year 1970-2100"
+        );
+    }
+    line.to_string()
 }
 
 const DAY_NAMES: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
@@ -616,7 +683,11 @@ mod tests {
     #[test]
     fn bad_input_names_the_field() {
         let cases: Vec<(ScheduleSpec, &str, &str)> = vec![
-            (ScheduleSpec::new("a", "61 * * * *", "k"), "cron", "Minutes"),
+            (
+                ScheduleSpec::new("a", "61 * * * *", "k"),
+                "cron",
+                "minute 61",
+            ),
             (ScheduleSpec::new("a", "* * *", "k"), "cron", "3 fields"),
             (ScheduleSpec::new("a", "", "k"), "cron", "empty"),
             (
@@ -651,6 +722,35 @@ mod tests {
             assert_eq!(e.field, field, "{e}");
             assert!(e.to_string().contains(hint), "{e}");
         }
+    }
+
+    #[test]
+    fn error_texts_state_the_true_range() {
+        for (cron, says) in [
+            ("60 * * * *", "minute 60 is out of range; use 0-59"),
+            ("0 24 * * *", "hour 24 is out of range; use 0-23"),
+            ("0 0 32 * *", "day-of-month 32 is out of range; use 1-31"),
+            ("0 0 0 * *", "day-of-month 0 is out of range; use 1-31"),
+            ("0 0 * 13 *", "month 13 is out of range; use 1-12"),
+            ("60 0 0 * * *", "second 60 is out of range; use 0-59"),
+            (
+                "50-61 * * * *",
+                "minute range 50-61 is invalid; both ends must be within 0-59",
+            ),
+            ("*/61 * * * *", "minute step 61 is out of range; use 1-59"),
+            ("0 0 0 * * * 2200", "cannot read `2200`"),
+        ] {
+            let e = ScheduleSpec::new("a", cron, "k")
+                .compile()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "`{cron}`: {e}");
+            assert!(!e.contains("less than"), "`{cron}`: {e}");
+        }
+        // The largest values are valid.
+        ScheduleSpec::new("a", "59 23 31 12 7", "k")
+            .compile()
+            .unwrap();
     }
 
     #[test]
