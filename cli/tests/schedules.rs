@@ -109,6 +109,51 @@ fn next_fire_times_follow_daylight_saving() {
 }
 
 #[test]
+fn next_gives_the_count_asked_or_says_there_are_no_more() {
+    let cfg = config(
+        r#"
+[[schedules]]
+name = "nightly"
+cron = "30 2 * * *"
+timezone = "Europe/Berlin"
+kind = "demo.echo"
+
+[[schedules]]
+name = "last-two"
+cron = "0 0 12 1 1 * 2099-2100"
+kind = "demo.echo"
+"#,
+    );
+    let next = |name: &str, count: &str| {
+        let (code, out, err) = conveyor(
+            &cfg.file,
+            &[
+                "schedules",
+                "next",
+                name,
+                "--count",
+                count,
+                "--after",
+                "2026-12-01T00:00:00Z",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        (out.lines().count(), err)
+    };
+    let (lines, err) = next("nightly", "400");
+    assert_eq!(lines, 400, "{err}");
+    assert!(err.is_empty(), "{err}");
+    // The year 2100 ends the cron crate's range: two fire times, and a note saying so.
+    let (lines, err) = next("last-two", "5");
+    assert_eq!(lines, 2, "{err}");
+    assert!(
+        err.contains("`last-two` fires only 2 time(s)")
+            && err.contains("none after 2100-01-01T12:00:00+00:00"),
+        "{err}"
+    );
+}
+
+#[test]
 fn stored_schedules_through_their_lifecycle() {
     let cfg = config("");
     let run = |args: &[&str]| {
