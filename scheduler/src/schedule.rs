@@ -32,7 +32,7 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeZone, Utc};
 use chrono_tz::Tz;
 use conveyor_worker::NewJob;
 use serde::{Deserialize, Serialize};
@@ -251,8 +251,7 @@ fn explain(e: &cron::error::Error) -> String {
     let line = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c.is_whitespace()))
-        .next_back()
+        .rfind(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c.is_whitespace()))
         .unwrap_or("unparseable");
     for (crate_name, name, min, max) in FIELD_RANGES {
         let Some(rest) = line.strip_prefix(crate_name) else {
@@ -468,11 +467,19 @@ impl Times {
 
     /// The instants at which hour `hour` of day `day` fires in `tz`, ascending, applying the
     /// daylight-saving rules of the module docs.
-    fn hour_instants(&self, tz: Tz, day: NaiveDate, hour: u32) -> Vec<DateTime<Utc>> {
+    /// Local times before `not_before` are known to fire before the instant asked about, and
+    /// are left out.
+    fn hour_instants(
+        &self,
+        tz: Tz,
+        day: NaiveDate,
+        hour: u32,
+        not_before: NaiveDateTime,
+    ) -> Vec<DateTime<Utc>> {
         let mut out = Vec::new();
         for &m in &self.minutes {
             for &s in &self.seconds {
-                let Some(local) = day.and_hms_opt(hour, m, s) else {
+                let Some(local) = day.and_hms_opt(hour, m, s).filter(|l| *l >= not_before) else {
                     continue;
                 };
                 match tz.from_local_datetime(&local) {
@@ -504,7 +511,6 @@ impl Times {
 
 /// The first instant after the daylight-saving gap that skips the local time `local`.
 fn gap_end(tz: Tz, local: NaiveDateTime) -> Option<DateTime<Utc>> {
-    use chrono::Offset;
     let offset = |utc: NaiveDateTime| tz.offset_from_utc_datetime(&utc).fix().local_minus_utc();
     let before = offset(local.checked_sub_signed(chrono::Duration::days(1))?);
     let after = offset(local.checked_add_signed(chrono::Duration::days(1))?);
@@ -542,8 +548,25 @@ impl Schedule {
     pub fn fires_after(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
         let tz = self.tz;
         let times = &self.times;
-        let after_local = after.with_timezone(&tz).naive_local();
-        let mut day = times.next_day(after_local.date());
+        // No instant after `after` shows a local time earlier than `after` under the smallest
+        // offset in force around it: earlier local times need not be worked out (a 1-second
+        // schedule asks for its next tick ten times a second).
+        let not_before = [-1, 0, 1]
+            .iter()
+            .filter_map(|d| after.checked_add_signed(chrono::Duration::days(*d)))
+            .map(|t| {
+                tz.offset_from_utc_datetime(&t.naive_utc())
+                    .fix()
+                    .local_minus_utc()
+            })
+            .min()
+            .and_then(|o| {
+                after
+                    .naive_utc()
+                    .checked_add_signed(chrono::Duration::seconds(o.into()))
+            })
+            .unwrap_or(NaiveDateTime::MIN);
+        let mut day = times.next_day(not_before.date());
         let mut hour = 0;
         let mut pending = std::collections::VecDeque::new();
         let mut last = after;
@@ -565,15 +588,11 @@ impl Schedule {
                     continue;
                 };
                 hour += 1;
-                // Hours wholly before `after` are not worked out (a 1-second schedule asks for
-                // its next tick many times an hour); 3 h of slack covers any zone moving back.
-                if d.and_hms_opt(h, 59, 59)
-                    .is_some_and(|end| end + chrono::Duration::hours(3) < after_local)
-                {
+                if d.and_hms_opt(h, 59, 59).is_some_and(|end| end < not_before) {
                     continue;
                 }
                 // Chunks of an hour keep a repeated hour's two passes in order.
-                pending.extend(times.hour_instants(tz, d, h));
+                pending.extend(times.hour_instants(tz, d, h, not_before));
             }
         })
     }
@@ -797,6 +816,33 @@ mod tests {
         // Starting inside the repeated hour yields nothing earlier than the start.
         let inside = at("2026-10-25T01:20:00Z"); // 02:20 CET
         assert!(s.fires_after(inside).take(3).all(|t| t > inside));
+    }
+
+    #[test]
+    fn starting_anywhere_gives_the_same_sequence() {
+        // Starting points across both of New York's 2026 changes, every 7 min 13 s: the next
+        // tick from each is the one the sequence from the day before gives.
+        for (cron, day_before) in [
+            ("*/15 * * * *", "2026-10-31T00:00:00Z"),
+            ("30 1-2 * * *", "2026-10-31T00:00:00Z"),
+            ("30 2 * * *", "2026-03-07T00:00:00Z"),
+            ("*/20 * * * * *", "2026-03-07T00:00:00Z"),
+        ] {
+            let mut spec = ScheduleSpec::new("s", cron, "k");
+            spec.timezone = "America/New_York".into();
+            let s = spec.compile().unwrap();
+            let start = at(day_before);
+            let all: Vec<DateTime<Utc>> = s
+                .fires_after(start)
+                .take_while(|t| *t < start + chrono::Duration::days(3))
+                .collect();
+            let mut from = start;
+            while from < start + chrono::Duration::days(2) {
+                let expected = all.iter().find(|t| **t > from).copied();
+                assert_eq!(s.fires_after(from).next(), expected, "{cron} after {from}");
+                from += chrono::Duration::seconds(433);
+            }
+        }
     }
 
     #[test]
