@@ -81,13 +81,13 @@ fn next_three(cfg: &std::path::Path, after: &str) -> Vec<String> {
 #[test]
 fn next_fire_times_follow_daylight_saving() {
     let cfg = config(NIGHTLY);
-    // Spring: 02:30 does not exist on 2027-03-28 and is skipped.
+    // Spring: 02:30 does not exist on 2027-03-28; it fires at the end of the gap, 03:00 CEST.
     assert_eq!(
         next_three(&cfg.file, "2027-03-26T12:00:00Z"),
         [
             "2027-03-27 02:30:00 CET (+01:00)",
+            "2027-03-28 03:00:00 CEST (+02:00)",
             "2027-03-29 02:30:00 CEST (+02:00)",
-            "2027-03-30 02:30:00 CEST (+02:00)",
         ]
     );
     // Autumn: 02:30 exists twice on 2026-10-25 and fires once.
@@ -105,6 +105,51 @@ fn next_fire_times_follow_daylight_saving() {
     assert!(
         out.contains("stored when a scheduler next starts: nightly"),
         "{out}"
+    );
+}
+
+#[test]
+fn next_gives_the_count_asked_or_says_there_are_no_more() {
+    let cfg = config(
+        r#"
+[[schedules]]
+name = "nightly"
+cron = "30 2 * * *"
+timezone = "Europe/Berlin"
+kind = "demo.echo"
+
+[[schedules]]
+name = "last-two"
+cron = "0 0 12 1 1 * 2099-2100"
+kind = "demo.echo"
+"#,
+    );
+    let next = |name: &str, count: &str| {
+        let (code, out, err) = conveyor(
+            &cfg.file,
+            &[
+                "schedules",
+                "next",
+                name,
+                "--count",
+                count,
+                "--after",
+                "2026-12-01T00:00:00Z",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        (out.lines().count(), err)
+    };
+    let (lines, err) = next("nightly", "400");
+    assert_eq!(lines, 400, "{err}");
+    assert!(err.is_empty(), "{err}");
+    // The year 2100 ends the cron crate's range: two fire times, and a note saying so.
+    let (lines, err) = next("last-two", "5");
+    assert_eq!(lines, 2, "{err}");
+    assert!(
+        err.contains("`last-two` fires only 2 time(s)")
+            && err.contains("none after 2100-01-01T12:00:00+00:00"),
+        "{err}"
     );
 }
 
