@@ -458,22 +458,27 @@ pub const STRICT_DATABASE_SETTINGS: &[&str] = &[
 #[macro_export]
 macro_rules! production_backend_tests {
     ($($name:ident),* $(,)?) => {
-        $crate::store_variant_tests!(postgres_tls, postgres_tls, $($name),*);
-        $crate::store_variant_tests!(redis_tls, redis_tls, $($name),*);
-        $crate::store_variant_tests!(postgres_strict, postgres_strict, $($name),*);
+        $crate::store_variant_tests!(postgres_tls, $crate::TestStore::postgres_tls(), $($name),*);
+        $crate::store_variant_tests!(redis_tls, $crate::TestStore::redis_tls(), $($name),*);
+        $crate::store_variant_tests!(
+            postgres_strict,
+            $crate::TestStore::postgres_strict(),
+            $($name),*
+        );
     };
 }
 
-/// One module `$module` of tests, each on a store made by `TestStore::$make()`.
+/// One module `$module` of tests, each on the store `$make` (an expression whose future gives
+/// `Option<TestStore>`: `None` when the backend is unavailable outside CI) makes.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! store_variant_tests {
-    ($module:ident, $make:ident, $($name:ident),*) => {
+    ($module:ident, $make:expr, $($name:ident),*) => {
         mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let Some(t) = $crate::TestStore::$make().await else { return };
+                    let Some(t) = $make.await else { return };
                     super::$name(t.store.clone()).await;
                     t.cleanup().await;
                 }
@@ -482,73 +487,27 @@ macro_rules! store_variant_tests {
     };
 }
 
-/// Generates one `#[tokio::test]` per backend for each listed `async fn(Arc<dyn Store>)`.
+/// Generates one `#[tokio::test]` per backend for each listed `async fn(Arc<dyn Store>)`:
+/// SQLite, Postgres, Redis, and Postgres through PgBouncer in transaction and session mode.
 #[macro_export]
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let t = $crate::TestStore::sqlite().await;
-                    super::$name(t.store.clone()).await;
-                    t.cleanup().await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let Some(t) = $crate::TestStore::postgres().await else { return };
-                    super::$name(t.store.clone()).await;
-                    t.cleanup().await;
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let Some(t) = $crate::TestStore::redis().await else { return };
-                    super::$name(t.store.clone()).await;
-                    t.cleanup().await;
-                }
-            )*
-        }
-        /// Postgres through PgBouncer with `pool_mode = transaction`.
-        mod pgbouncer_transaction {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let Some(t) = $crate::TestStore::pgbouncer(
-                        ::conveyor_worker::store::Pooler::Transaction,
-                    )
-                    .await
-                    else {
-                        return;
-                    };
-                    super::$name(t.store.clone()).await;
-                    t.cleanup().await;
-                }
-            )*
-        }
-        /// Postgres through PgBouncer with `pool_mode = session`.
-        mod pgbouncer_session {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let Some(t) = $crate::TestStore::pgbouncer(
-                        ::conveyor_worker::store::Pooler::Session,
-                    )
-                    .await
-                    else {
-                        return;
-                    };
-                    super::$name(t.store.clone()).await;
-                    t.cleanup().await;
-                }
-            )*
-        }
+        $crate::store_variant_tests!(
+            sqlite,
+            async { Some($crate::TestStore::sqlite().await) },
+            $($name),*
+        );
+        $crate::store_variant_tests!(postgres, $crate::TestStore::postgres(), $($name),*);
+        $crate::store_variant_tests!(redis, $crate::TestStore::redis(), $($name),*);
+        $crate::store_variant_tests!(
+            pgbouncer_transaction,
+            $crate::TestStore::pgbouncer(::conveyor_worker::store::Pooler::Transaction),
+            $($name),*
+        );
+        $crate::store_variant_tests!(
+            pgbouncer_session,
+            $crate::TestStore::pgbouncer(::conveyor_worker::store::Pooler::Session),
+            $($name),*
+        );
     };
 }

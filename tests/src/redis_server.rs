@@ -1,5 +1,6 @@
 //! A private `redis-server` for tests that change server settings (memory limits, eviction
-//! policy, persistence, TLS): never the shared server other tests use.
+//! policy, persistence) or kill and restart the server: never the shared server other tests
+//! use.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -10,9 +11,11 @@ use crate::eventually;
 /// A private Redis server on a free loopback port, with its files in a temp folder. Dropping
 /// it kills the server and deletes the folder, so a failing test cleans up too.
 pub struct PrivateRedis {
+    binary: PathBuf,
+    args: Vec<String>,
     dir: PathBuf,
     port: u16,
-    child: Child,
+    child: Option<Child>,
 }
 
 impl PrivateRedis {
@@ -24,29 +27,42 @@ impl PrivateRedis {
                 "redis-server is not on PATH; install Redis to run this test",
             );
         };
-        let dir = std::env::temp_dir().join(format!(
-            "conveyor-redis-prod-{}",
-            uuid::Uuid::now_v7().simple()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("conveyor-redis-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir).expect("temp dir is writable");
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
             .port();
-        let child = Command::new(binary)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        let mut server = PrivateRedis {
+            binary,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            dir,
+            port,
+            child: None,
+        };
+        server.spawn().await;
+        Some(server)
+    }
+
+    /// Starts the server process (again, after [`PrivateRedis::kill`], on the same port and
+    /// folder) and waits until it answers `PING` (a server still loading its append-only
+    /// file answers `LOADING`).
+    pub async fn spawn(&mut self) {
+        let child = Command::new(&self.binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
-            .arg(&dir)
+            .arg(&self.dir)
             .args(["--logfile", "redis.log"])
-            .args(args)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        let server = PrivateRedis { dir, port, child };
-        let client = redis::Client::open(server.url()).unwrap();
-        eventually(10, "the private Redis to answer PING", || {
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).expect("a loopback Redis URL");
+        eventually(20, "the private Redis to answer PING", || {
             let client = client.clone();
             async move {
                 let mut conn = client.get_multiplexed_async_connection().await.ok()?;
@@ -58,9 +74,17 @@ impl PrivateRedis {
             }
         })
         .await;
-        Some(server)
     }
 
+    /// SIGKILL: no shutdown save, no goodbye to clients.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
@@ -68,7 +92,7 @@ impl PrivateRedis {
     /// A plain connection, for what the test itself reads and sets on the server.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
-            .unwrap()
+            .expect("a loopback Redis URL")
             .get_multiplexed_async_connection()
             .await
             .expect("the private Redis accepts connections")
@@ -88,8 +112,7 @@ impl PrivateRedis {
 
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

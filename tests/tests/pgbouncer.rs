@@ -283,29 +283,31 @@ async fn a_pooler_named_twice_differently_is_refused() {
     assert!(err.contains("none") && err.contains("transaction"), "{err}");
 }
 
-/// The measurement behind docs/decisions/0003: through transaction pooling, sqlx's unnamed
-/// statements (`persistent(false)`) outside a transaction. sqlx sends Parse/Describe and
-/// Bind/Execute in two round trips, each ending in Sync, and PgBouncer may hand the second to
-/// another server connection. Eight clients each run their own statement (`$1 + i`) and check
-/// the answer; the same with each statement inside `BEGIN … COMMIT`. Prints the counts.
-/// `cargo test -p conveyor-tests --test pgbouncer -- --ignored --nocapture`
+/// The rule behind docs/decisions/0003, checked: through transaction pooling, sqlx's
+/// unnamed statements (`persistent(false)`) go out in two round trips (Parse/Describe, then
+/// Bind/Execute, each ending in Sync), and outside a transaction PgBouncer may hand the
+/// second to another server connection, so a client can get another client's answer. Inside
+/// `BEGIN … COMMIT` (what the store does in transaction mode) every answer is the client's
+/// own. Eight clients each run their own statement (`$1 + i`) and check the answer; the
+/// counts of both ways are printed (`-- --nocapture`), and the transaction's must be perfect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, not a check"]
-async fn measure_unnamed_statements_through_transaction_pooling() {
+async fn unnamed_statements_inside_a_transaction_always_get_their_own_answer() {
     use sqlx::postgres::PgConnectOptions;
     let Some((bouncer, name, _cleanup)) = pooled_database(Pooler::Transaction).await else {
         return;
     };
     let options: PgConnectOptions = bouncer.bare_url(&name).parse().unwrap();
     let options = options.extra_float_digits(None);
+    const CLIENTS: i64 = 8;
+    const STATEMENTS: i64 = 250;
     for in_transaction in [false, true] {
         let started = std::time::Instant::now();
-        let runs = (0..8i64).map(|i| {
+        let runs = (0..CLIENTS).map(|i| {
             let options = options.clone();
             async move {
                 let mut conn = sqlx::PgConnection::connect_with(&options).await.unwrap();
                 let (mut ok, mut wrong, mut failed) = (0u32, 0u32, 0u32);
-                for n in 0..1000i64 {
+                for n in 0..STATEMENTS {
                     let sql = sqlx::AssertSqlSafe(format!("SELECT $1::int8 + {i}"));
                     let answer: Result<i64, sqlx::Error> = if in_transaction {
                         async {
@@ -345,7 +347,14 @@ async fn measure_unnamed_statements_through_transaction_pooling() {
             .fold((0, 0, 0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
         println!(
             "in_transaction={in_transaction}: {ok} right, {wrong} answered by another client's statement, {failed} failed, {:.0} statements/s",
-            8000.0 / started.elapsed().as_secs_f64()
+            (CLIENTS * STATEMENTS) as f64 / started.elapsed().as_secs_f64()
         );
+        if in_transaction {
+            assert_eq!(
+                (wrong, failed),
+                (0, 0),
+                "inside a transaction every statement must get its own answer"
+            );
+        }
     }
 }

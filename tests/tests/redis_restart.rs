@@ -5,14 +5,12 @@
 //! `completed` outcome in its history, and that wake-ups flow again after each restart.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use conveyor_tests::eventually;
+use conveyor_tests::redis_server::PrivateRedis;
 use conveyor_worker::runtime::{QueueConfig, Worker, WorkerConfig};
 use conveyor_worker::store::{self, JobFilter, Page, StoreEvent, StoreOptions};
 use conveyor_worker::{
@@ -23,102 +21,6 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 const JOBS: usize = 4000;
-
-/// A private Redis server on a free loopback port, with its data in a temp folder. Dropping it
-/// kills the server and deletes the folder, so a failing test cleans up too.
-struct PrivateRedis {
-    binary: PathBuf,
-    dir: PathBuf,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    /// Starts one, or returns `None` (with the reason printed) when `redis-server` is not
-    /// installed outside CI.
-    async fn start() -> Option<PrivateRedis> {
-        let Some(binary) = find_on_path("redis-server") else {
-            return conveyor_tests::unavailable(
-                "redis-server is not on PATH; install Redis to run this test",
-            );
-        };
-        let dir = std::env::temp_dir().join(format!(
-            "conveyor-redis-restart-{}",
-            uuid::Uuid::now_v7().simple()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir is writable");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        let mut server = PrivateRedis {
-            binary,
-            dir,
-            port,
-            child: None,
-        };
-        server.spawn().await;
-        Some(server)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// Starts the server process and waits until it answers `PING`.
-    async fn spawn(&mut self) {
-        let child = Command::new(&self.binary)
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .args(["--save", ""])
-            .args(["--logfile", "redis.log"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        self.child = Some(child);
-        let client = redis::Client::open(self.url()).unwrap();
-        eventually(20, "the private Redis to answer PING", || {
-            let client = client.clone();
-            async move {
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                // A server still loading its append-only file answers `LOADING`.
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-                    .map(drop)
-            }
-        })
-        .await;
-    }
-
-    /// SIGKILL: no shutdown save, no goodbye to clients.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
 
 type Runs = Arc<Mutex<HashMap<JobId, usize>>>;
 
@@ -196,7 +98,16 @@ async fn report_unfinished(s: &Arc<dyn Store>, runs: &Runs) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_job_completes_exactly_once_across_redis_restarts() {
-    let Some(mut server) = PrivateRedis::start().await else {
+    let Some(mut server) = PrivateRedis::start(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+    ])
+    .await
+    else {
         return;
     };
     let url = server.url();
