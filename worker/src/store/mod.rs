@@ -287,6 +287,17 @@ pub struct RescueReport {
     pub cancelled: u64,
 }
 
+impl RescueReport {
+    /// Counts one rescued attempt by where [`rescue_finish`] sent it.
+    pub fn count(&mut self, f: &Finish) {
+        match f.state {
+            JobState::Cancelled => self.cancelled += 1,
+            JobState::Dead => self.dead += 1,
+            _ => self.retried += 1,
+        }
+    }
+}
+
 /// A wake-up from the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreEvent {

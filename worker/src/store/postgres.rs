@@ -1181,11 +1181,7 @@ async fn rescue_once(
             now,
             policy,
         );
-        match f.state {
-            JobState::Cancelled => report.cancelled += 1,
-            JobState::Dead => report.dead += 1,
-            _ => report.retried += 1,
-        }
+        report.count(&f);
         finishes.push(f);
     }
     if !finishes.is_empty() {

@@ -2229,11 +2229,7 @@ impl Store for RedisStore {
                 .into_iter()
                 .collect();
             for f in finishes.iter().filter(|f| applied.contains(&f.id)) {
-                match f.state {
-                    JobState::Cancelled => report.cancelled += 1,
-                    JobState::Dead => report.dead += 1,
-                    _ => report.retried += 1,
-                }
+                report.count(f);
             }
             left = left.saturating_sub(applied.len());
         }

@@ -856,11 +856,7 @@ impl Store for SqliteStore {
                 now,
                 policy,
             );
-            match f.state {
-                JobState::Cancelled => report.cancelled += 1,
-                JobState::Dead => report.dead += 1,
-                _ => report.retried += 1,
-            }
+            report.count(&f);
             finishes.push(f);
         }
         apply_finishes(&mut tx, &finishes).await?;
