@@ -65,7 +65,7 @@ pub struct AttemptView {
     pub finished_at: DateTime<Utc>,
     /// Worker id.
     pub worker: Option<String>,
-    /// `completed`, `failed`, `snoozed`, `cancelled`, `discarded`, `lease_expired`, `interrupted`.
+    /// `completed`, `failed`, `snoozed`, `cancelled`, `lease_expired`, `interrupted`.
     #[schema(value_type = String, example = "failed")]
     pub outcome: AttemptOutcome,
     /// Error message.

@@ -39,10 +39,43 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            errln!("error: {e:#}");
+            errln!("error: {}", report(&e));
             ExitCode::from(exit_status(&e))
         }
     }
+}
+
+/// The error and its causes on one line, each said once: many errors repeat their source's
+/// text in their own (`database error: connection refused` over `connection refused`), so a
+/// cause whose text the error before it already ends with is not said again.
+fn report(e: &anyhow::Error) -> String {
+    let texts: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    let mut parts: Vec<&str> = Vec::new();
+    let mut i = 0;
+    while i < texts.len() {
+        let text = texts[i].as_str();
+        // Causes this text already says in full, in its middle, are not said again.
+        let mut next = i + 1;
+        while texts.get(next).is_some_and(|c| {
+            !c.is_empty() && text.contains(c.as_str()) && !text.ends_with(c.as_str())
+        }) {
+            next += 1;
+        }
+        // A cause it ends with is said in its own turn.
+        let own = match texts.get(next) {
+            Some(cause) if !cause.is_empty() && text.ends_with(cause.as_str()) => text
+                [..text.len() - cause.len()]
+                .trim_end()
+                .trim_end_matches(':')
+                .trim_end(),
+            _ => text,
+        };
+        if !own.is_empty() && parts.last() != Some(&own) {
+            parts.push(own);
+        }
+        i = next;
+    }
+    parts.join(": ")
 }
 
 /// 2 for a usage, validation or config error (the input is wrong: fix it and run again, as
@@ -158,20 +191,20 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         listen_url: config.database.listen_url.clone(),
         pg_session: Some(config.database.pg_session()),
     };
-    store::connect(url, options)
-    .await
-    .map_err(|e| {
+    store::connect(url, options).await.map_err(|e| {
         // The hint helps when the store cannot be reached; a store that answered (its disk is
         // full, a migration failed) says what is wrong itself.
         let hint = if e.is_unreachable() {
-            ": check that the database is running and reachable, and set database.url, CONVEYOR_DATABASE__URL or --database-url"
+            ". Check that the database is running and reachable, and set database.url, \
+             CONVEYOR_DATABASE__URL or --database-url"
         } else {
             ""
         };
-        anyhow::Error::new(e).context(format!(
-            "cannot open the store at {}{hint}",
+        let text = format!(
+            "cannot open the store at {}: {e}{hint}",
             store::redact_url(url)
-        ))
+        );
+        anyhow::Error::new(e).context(text)
     })
 }
 

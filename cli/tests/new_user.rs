@@ -280,3 +280,49 @@ async fn bad_input_exits_2(url: String, _store: Arc<dyn Store>) {
         assert!(err.contains(want_text), "conveyor {args:?}: {err}");
     }
 }
+
+/// A store that cannot be opened is reported with its root cause, once, at once: no pool
+/// timeout in its place, no cause repeated by every layer, no line number of the server's
+/// own source code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_opened_is_reported_by_its_root_cause_once() {
+    let admin = conveyor_tests::pg_admin_url();
+    if let Err(e) = sqlx::PgPool::connect(&admin).await {
+        return conveyor_tests::unavailable::<()>(&format!(
+            "Postgres at {admin} is unreachable ({e}); set CONVEYOR_TEST_PG_URL or start Postgres"
+        ))
+        .unwrap_or(());
+    }
+    let missing = format!("conveyor_missing_{}", uuid::Uuid::now_v7().simple());
+    let (code, _, err) = run(&conveyor_tests::replace_db(&admin, &missing), &["queues"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.matches("does not exist").count(), 1, "{err}");
+    assert!(err.contains("createdb"), "{err}");
+    assert!(err.contains(&missing), "{err}");
+    assert!(!err.contains("at line"), "{err}");
+
+    // Nothing listens on port 1: the refusal itself, not a pool that timed out.
+    for url in [
+        "postgres://postgres@127.0.0.1:1/conveyor",
+        "redis://127.0.0.1:1/0",
+    ] {
+        let (code, _, err) = run(url, &["queues"]);
+        assert_eq!(code, 1, "{err}");
+        assert_eq!(err.matches("Connection refused").count(), 1, "{url}: {err}");
+        assert!(!err.contains("timed out"), "{url}: {err}");
+        assert!(
+            err.contains("--database-url"),
+            "{url}: says how to fix: {err}"
+        );
+    }
+
+    // A SQLite file in a folder that does not exist names the folder.
+    let dir = scratch_dir().join("no").join("such");
+    let (code, _, err) = run(
+        &format!("sqlite://{}", dir.join("conveyor.db").display()),
+        &["queues"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&dir.display().to_string()), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+}

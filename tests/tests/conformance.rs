@@ -263,7 +263,7 @@ async fn finish_applies_every_outcome(s: Arc<dyn Store>) {
     let outcomes = [
         (JobState::Completed, AttemptOutcome::Completed, None),
         (JobState::Retryable, AttemptOutcome::Failed, Some(later)),
-        (JobState::Dead, AttemptOutcome::Discarded, None),
+        (JobState::Dead, AttemptOutcome::Failed, None),
         (JobState::Scheduled, AttemptOutcome::Snoozed, Some(later)),
         (JobState::Cancelled, AttemptOutcome::Cancelled, None),
         (
@@ -542,7 +542,7 @@ async fn admin_retry_revives_with_a_fresh_budget(s: Arc<dyn Store>) {
     s.finish(vec![finish(
         &j,
         JobState::Dead,
-        AttemptOutcome::Discarded,
+        AttemptOutcome::Failed,
         None,
     )])
     .await
@@ -577,7 +577,7 @@ async fn admin_retry_revives_with_a_fresh_budget(s: Arc<dyn Store>) {
     let got = fetch(&s, "default", 10).await;
     let batch = got
         .iter()
-        .map(|j| finish(j, JobState::Dead, AttemptOutcome::Discarded, None))
+        .map(|j| finish(j, JobState::Dead, AttemptOutcome::Failed, None))
         .collect();
     s.finish(batch).await.unwrap();
     let filter = JobFilter {
@@ -603,7 +603,7 @@ async fn discard_and_purge(s: Arc<dyn Store>) {
     let got = fetch(&s, "default", 2).await;
     s.finish(
         got.iter()
-            .map(|j| finish(j, JobState::Dead, AttemptOutcome::Discarded, None))
+            .map(|j| finish(j, JobState::Dead, AttemptOutcome::Failed, None))
             .collect(),
     )
     .await
@@ -763,7 +763,7 @@ async fn retention_prunes_by_state(s: Arc<dyn Store>) {
     let states = [JobState::Completed, JobState::Dead, JobState::Cancelled];
     let outcomes = [
         AttemptOutcome::Completed,
-        AttemptOutcome::Discarded,
+        AttemptOutcome::Failed,
         AttemptOutcome::Cancelled,
     ];
     s.finish(
@@ -837,7 +837,7 @@ async fn listing_filters_and_pages(s: Arc<dyn Store>) {
         s.enqueue(j).await.unwrap();
     }
     let got = fetch(&s, "default", 3).await;
-    let mut failing = finish(&got[0], JobState::Dead, AttemptOutcome::Discarded, None);
+    let mut failing = finish(&got[0], JobState::Dead, AttemptOutcome::Failed, None);
     failing.record.error = Some("SMTP said: 550 Mailbox Unavailable".into());
     s.finish(vec![failing]).await.unwrap();
 

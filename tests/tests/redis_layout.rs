@@ -71,7 +71,7 @@ async fn queue_keys_share_their_queues_hash_tag() {
                 started_at: now,
                 finished_at: now,
                 worker: Some("w1".into()),
-                outcome: AttemptOutcome::Discarded,
+                outcome: AttemptOutcome::Failed,
                 error: Some("no".into()),
                 causes: vec![],
                 duration_ms: 0,

@@ -116,7 +116,7 @@ async fn failures_retry_with_backoff_then_die_with_their_history(s: Arc<dyn Stor
         vec![
             AttemptOutcome::Failed,
             AttemptOutcome::Failed,
-            AttemptOutcome::Discarded
+            AttemptOutcome::Failed
         ]
     );
     assert_eq!(dead.attempts[2].error.as_deref(), Some("sending attempt 3"));

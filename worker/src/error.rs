@@ -55,18 +55,50 @@ pub enum Error {
     /// broke something it relies on; the message says which setting to change.
     #[error("{0}")]
     Pooler(String),
+    /// The store's database does not exist (the server answered, the database is not there).
+    /// The message names it and the command that creates it.
+    #[error("{0}")]
+    NoDatabase(String),
     /// The database said no or could not be reached.
-    #[error("database error: {0}")]
-    Database(#[source] sqlx::Error),
+    ///
+    /// These variants carry the driver's error and say all of it in their own text, so they
+    /// return no `source()`: a report that walks the chain shows the root cause once.
+    #[error("database error: {}", database_text(.0))]
+    Database(sqlx::Error),
     /// Redis said no or could not be reached.
     #[error("redis error: {0}")]
-    Redis(#[source] redis::RedisError),
+    Redis(redis::RedisError),
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
-    Migrate(#[source] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     /// A stored JSON column could not be read back.
     #[error("stored data is corrupt: {0}")]
-    Corrupt(#[from] serde_json::Error),
+    Corrupt(serde_json::Error),
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Corrupt(e)
+    }
+}
+
+/// A database error said once: the server's own message for what it refused (without the
+/// line number in the server's source code that Postgres attaches), the I/O error for what
+/// could not be reached.
+fn database_text(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("{} (code {code})", db.message()),
+            None => db.message().to_string(),
+        },
+        sqlx::Error::Io(io) => format!("cannot connect: {io}"),
+        sqlx::Error::PoolTimedOut => {
+            "no database connection became free in time (every connection busy, or the \
+             database stopped answering)"
+                .to_string()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Redis refusing a write because it is out of memory is [`Error::StoreFull`]; every other

@@ -139,14 +139,16 @@ impl FromStr for JobState {
 pub enum AttemptOutcome {
     /// The handler finished successfully.
     Completed,
-    /// The handler failed (error, panic or timeout) and the job will be retried.
+    /// The handler failed (error, panic, timeout or a permanent failure). The job's state says
+    /// what followed: `retryable` when attempts remain, `dead` when they are used up or the
+    /// failure was permanent. (Records written before this was one outcome say `discarded` for
+    /// the last failed attempt of a dead job; they read back as `failed`.)
+    #[serde(alias = "discarded")]
     Failed,
     /// The handler asked to run again later without using an attempt.
     Snoozed,
     /// The job was cancelled while this attempt ran.
     Cancelled,
-    /// The handler failed and no retry follows: the job is dead.
-    Discarded,
     /// The worker's lease expired (it crashed or hung); the rescuer recorded the attempt.
     LeaseExpired,
     /// The worker shut down before the handler finished; the job went back to the queue.
@@ -423,6 +425,16 @@ mod tests {
         }
         let err = "deadish".parse::<JobState>().unwrap_err().to_string();
         assert!(err.contains("unknown state `deadish`"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_attempt_reads_as_failed_including_records_written_as_discarded() {
+        let old: AttemptOutcome = serde_json::from_str("\"discarded\"").unwrap();
+        assert_eq!(old, AttemptOutcome::Failed);
+        assert_eq!(
+            serde_json::to_string(&AttemptOutcome::Failed).unwrap(),
+            "\"failed\""
+        );
     }
 
     #[test]

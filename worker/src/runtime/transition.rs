@@ -48,13 +48,7 @@ pub fn transition(
     let out_of_attempts = job.attempt >= job.max_attempts;
     let failed = |error: JobError, after: Option<Duration>| {
         if out_of_attempts {
-            (
-                JobState::Dead,
-                None,
-                0,
-                AttemptOutcome::Discarded,
-                Some(error),
-            )
+            (JobState::Dead, None, 0, AttemptOutcome::Failed, Some(error))
         } else {
             let delay = after.unwrap_or_else(|| policy.delay(job.attempt));
             (
@@ -98,13 +92,9 @@ pub fn transition(
             AttemptOutcome::Cancelled,
             Some(JobError::new("cancelled while running")),
         ),
-        Ended::Returned(Outcome::Fail(error)) => (
-            JobState::Dead,
-            None,
-            0,
-            AttemptOutcome::Discarded,
-            Some(error),
-        ),
+        Ended::Returned(Outcome::Fail(error)) => {
+            (JobState::Dead, None, 0, AttemptOutcome::Failed, Some(error))
+        }
         Ended::Interrupted => (
             JobState::Available,
             Some(now),
@@ -195,7 +185,7 @@ mod tests {
 
         let last = run(&job(3, 3), Ended::Failed(JobError::new("boom")));
         assert_eq!(last.state, JobState::Dead);
-        assert_eq!(last.record.outcome, AttemptOutcome::Discarded);
+        assert_eq!(last.record.outcome, AttemptOutcome::Failed);
         let timeout = run(&job(3, 3), Ended::TimedOut(Duration::from_secs(1)));
         assert_eq!(timeout.state, JobState::Dead);
         assert!(timeout.record.error.unwrap().contains("timed out"));

@@ -75,6 +75,7 @@ impl PgStore {
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self> {
         let (url, pooler) = pooler_setting(url, options.pooler)?;
         let connect_options = pg_options(&url)?;
+        probe(&url, &connect_options, pooler).await?;
         // No ping before each acquire: it would add a round trip to every call, and a broken
         // connection fails the call anyway, which every caller already retries or reports.
         let pool = PgPoolOptions::new()
@@ -348,7 +349,36 @@ fn session_sql(settings: &PgSessionSettings) -> String {
 }
 
 /// Adds what to do to TLS failures, the ones an operator meets first with a managed Postgres.
+/// One connection made directly, before the pool: the pool retries a failed connect until its
+/// acquire timeout and then reports only that it timed out, while a direct attempt reports at
+/// once what went wrong (refused, unknown host, bad password, no such database).
+async fn probe(url: &str, options: &PgConnectOptions, pooler: Pooler) -> Result<()> {
+    use sqlx::Connection;
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::postgres::PgConnection::connect_with(options),
+    )
+    .await;
+    match attempt {
+        Ok(Ok(conn)) => {
+            // Closing is a courtesy to the server; a failure here changes nothing.
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(classify(explain_connect_error(url, e), pooler)),
+        Err(_) => Err(Error::Database(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from {} within 10 s", super::redact_url(url)),
+        )))),
+    }
+}
+
 fn explain_connect_error(url: &str, e: sqlx::Error) -> Error {
+    if let Some(db) = e.as_database_error()
+        && db.code().as_deref() == Some("3D000")
+    {
+        return Error::NoDatabase(no_database_hint(url, db.message()));
+    }
     // rustls' verdict arrives as an I/O error during the handshake or as a TLS error.
     let text = e.to_string();
     let hint = if text.contains("not valid for name") {
@@ -375,6 +405,34 @@ fn explain_connect_error(url: &str, e: sqlx::Error) -> Error {
     match hint {
         Some(hint) => Error::Database(sqlx::Error::Tls(hint.into())),
         None => e.into(),
+    }
+}
+
+/// "database "x" does not exist", and the `createdb` command that makes it, for the URL's
+/// host, port, user and database.
+fn no_database_hint(url: &str, message: &str) -> String {
+    let parsed = url::Url::parse(url).ok();
+    let mut command = String::from("createdb");
+    if let Some(u) = &parsed {
+        if let Some(host) = u.host_str().filter(|h| !h.is_empty()) {
+            command.push_str(&format!(" -h {host}"));
+        }
+        if let Some(port) = u.port() {
+            command.push_str(&format!(" -p {port}"));
+        }
+        if !u.username().is_empty() {
+            command.push_str(&format!(" -U {}", u.username()));
+        }
+    }
+    let name = parsed
+        .as_ref()
+        .map(|u| u.path().trim_start_matches('/').to_string())
+        .filter(|n| !n.is_empty());
+    match name {
+        Some(name) => format!(
+            "{message}: create it with `{command} {name}`, or point database.url at an existing database"
+        ),
+        None => format!("{message}: name an existing database in database.url"),
     }
 }
 

@@ -119,6 +119,21 @@ async fn watch_other_writers(
     }
 }
 
+/// SQLite creates a missing file but not a missing folder, and says only "unable to open
+/// database file": name the folder and how to make it.
+fn check_folder(file: &std::path::Path) -> Result<()> {
+    match file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(folder) if !folder.exists() => Err(Error::NoDatabase(format!(
+            "the folder {} does not exist, so the SQLite file {} cannot be created there: \
+             create the folder (`mkdir -p {}`) or point database.url at a file in an existing one",
+            folder.display(),
+            file.display(),
+            folder.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database a URL names: `sqlite://relative/file.db`,
     /// `sqlite:///absolute/file.db`, `sqlite:file.db`, or `sqlite::memory:`.
@@ -148,6 +163,9 @@ impl SqliteStore {
             .pragma("cache_size", "-32000");
         if let Some(n) = max_pages {
             connect = connect.pragma("max_page_count", n.to_string());
+        }
+        if !memory {
+            check_folder(connect.get_filename())?;
         }
         // An in-memory database exists per connection: one connection serves everything.
         // No ping before each acquire: each one is a round trip to SQLite's thread.
