@@ -64,12 +64,27 @@ pub fn jobs_table(jobs: &[Job], page_size: u32) {
             job.kind.clone(),
             format!("{}/{}", job.attempt, job.max_attempts),
             time(job.run_at),
-            clip(job.last_error().unwrap_or("-"), 60),
+            last_error(job),
         ]);
     }
     outln!("{t}");
     if let Some(last) = jobs.last().filter(|_| jobs.len() >= page_size as usize) {
         outln!("next page: --before {}", last.id);
+    }
+}
+
+/// The last error in a list's narrow column: its message and, when it has causes, the root
+/// cause, which is what usually says what to fix (`sending attempt 3: connection refused`).
+fn last_error(job: &Job) -> String {
+    let Some(failed) = job.attempts.iter().rev().find(|a| a.error.is_some()) else {
+        return "-".into();
+    };
+    let message = failed.error.as_deref().unwrap_or_default();
+    match failed.causes.last() {
+        Some(root) if !message.contains(root.as_str()) => {
+            format!("{}: {}", clip(message, 30), clip(root, 50))
+        }
+        _ => clip(message, 60),
     }
 }
 

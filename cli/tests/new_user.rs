@@ -326,3 +326,59 @@ async fn a_store_that_cannot_be_opened_is_reported_by_its_root_cause_once() {
     assert!(err.contains(&dir.display().to_string()), "{err}");
     assert!(err.contains("does not exist"), "{err}");
 }
+
+/// `jobs list` shows a failure's root cause beside its message: the message alone
+/// ("sending attempt 3") rarely says what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_list_shows_the_root_cause_of_the_last_error() {
+    use conveyor_worker::store::{FetchRequest, Finish};
+    use conveyor_worker::{AttemptOutcome, AttemptRecord, JobState, NewJob};
+
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let e = t
+        .store
+        .enqueue(NewJob::new("report.send", serde_json::json!({})).queue("reports"))
+        .await
+        .unwrap();
+    let job = t
+        .store
+        .fetch(FetchRequest {
+            queue: "reports",
+            limit: 1,
+            worker: "w1",
+            lease: std::time::Duration::from_secs(30),
+        })
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(job.id, e.id);
+    let now = chrono::Utc::now();
+    t.store
+        .finish(vec![Finish {
+            id: job.id,
+            attempt: job.attempt,
+            state: JobState::Dead,
+            run_at: None,
+            attempt_delta: 0,
+            record: AttemptRecord {
+                attempt: job.attempt,
+                started_at: now,
+                finished_at: now,
+                worker: Some("w1".into()),
+                outcome: AttemptOutcome::Failed,
+                error: Some("sending attempt 1".into()),
+                causes: vec![
+                    "talking to smtp.example.com".into(),
+                    "connection refused".into(),
+                ],
+                duration_ms: 3,
+            },
+        }])
+        .await
+        .unwrap();
+    let (code, out, err) = run(&t.url, &["jobs", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sending attempt 1"), "{out}");
+    assert!(out.contains("connection refused"), "the root cause: {out}");
+    t.cleanup().await;
+}
