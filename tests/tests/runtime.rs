@@ -177,10 +177,6 @@ async fn panics_timeouts_and_bad_args_are_failed_attempts(s: Arc<dyn Store>) {
         .enqueue(NewJob::new("typed", json!({"count": "many"})).max_attempts(5))
         .await
         .unwrap();
-    let u = s
-        .enqueue(NewJob::new("unknown.kind", json!({})).max_attempts(1))
-        .await
-        .unwrap();
 
     let p = wait_for_state(&s, p.id, JobState::Dead).await;
     assert!(
@@ -206,13 +202,48 @@ async fn panics_timeouts_and_bad_args_are_failed_attempts(s: Arc<dyn Store>) {
         "{:?}",
         b.last_error()
     );
-    let u = wait_for_state(&s, u.id, JobState::Dead).await;
-    assert!(
-        u.last_error()
-            .unwrap()
-            .contains("no handler for kind `unknown.kind`")
-    );
     w.stop().await;
+}
+
+/// A worker without a handler for the kind (a rolling deploy, a shared queue) does not use
+/// the job's attempts: the job waits for a worker that has the kind, which then runs it.
+async fn a_kind_this_worker_lacks_waits_for_one_that_has_it(s: Arc<dyn Store>) {
+    let old = Running::start(&s, Registry::new(), config(&[("default", 2)]));
+    let u = s
+        .enqueue(NewJob::new("invoice.send", json!({})).max_attempts(1))
+        .await
+        .unwrap();
+    let waiting = eventually(20, "the job to wait for a worker with its kind", || {
+        let s = s.clone();
+        async move {
+            let j = s.get(u.id).await.unwrap().unwrap();
+            (j.state == JobState::Scheduled && !j.attempts.is_empty()).then_some(j)
+        }
+    })
+    .await;
+    assert_eq!(waiting.attempt, 0, "no attempt used");
+    assert!(
+        waiting
+            .last_error()
+            .unwrap()
+            .contains("no handler for kind `invoice.send`"),
+        "{:?}",
+        waiting.last_error()
+    );
+    old.stop().await;
+
+    let mut registry = Registry::new();
+    registry.register(
+        "invoice.send",
+        |_: serde_json::Value, _ctx: JobContext| async move { Ok(Outcome::Done) },
+    );
+    let new = Running::start(&s, registry, config(&[("default", 2)]));
+    let done = wait_for_state(&s, u.id, JobState::Completed).await;
+    assert_eq!(
+        done.attempt, 1,
+        "its one attempt ran on the worker that has the kind"
+    );
+    new.stop().await;
 }
 
 async fn outcomes_snooze_cancel_fail_and_retry_after(s: Arc<dyn Store>) {
@@ -537,6 +568,7 @@ backend_tests!(
     shutdown_lets_jobs_finish_then_interrupts_the_rest,
     delayed_jobs_start_without_another_enqueue,
     extreme_delays_saturate_and_never_strand_a_job,
+    a_kind_this_worker_lacks_waits_for_one_that_has_it,
 );
 
 // The flows production conditions could break, again over TLS to Postgres and Redis and on a

@@ -49,10 +49,7 @@ pub(crate) async fn run(
 
         let registered = shared.registry.get(&job.kind).cloned();
         let ended = match &registered {
-            None => Ended::Failed(JobError::new(format!(
-                "no handler for kind `{}` on worker {}; register the kind or run this queue on a worker that has it",
-                job.kind, shared.worker_id
-            ))),
+            None => Ended::NoHandler,
             Some(reg) => {
                 let ctx = JobContext::new(job.clone(), shared.worker_id.clone(), token.clone())
                     .with_clock(shared.clock.clone());

@@ -22,6 +22,74 @@ pub enum Ended {
     Cancelled,
     /// The worker shut down before the handler finished.
     Interrupted,
+    /// The claiming worker has no handler for the job's kind (a rolling deploy where this
+    /// worker predates the kind, a queue shared by workers with different kinds, a typo).
+    NoHandler,
+}
+
+/// The start of the error recorded when the claiming worker has no handler for the kind; the
+/// trailing run of such records is how long the job has waited for one.
+pub const NO_HANDLER: &str = "no handler for kind";
+
+/// How long a job waits for a worker that has its kind before it goes `dead`.
+pub const NO_HANDLER_GIVE_UP: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The longest wait between two claims of a job no worker could run.
+const NO_HANDLER_MAX_DELAY: Duration = Duration::from_secs(3600);
+
+/// What happens to a job the claiming worker has no handler for: it waits, without using an
+/// attempt, for a worker that has the kind, claimed again after 5 s, 10 s, 20 s … up to an
+/// hour apart; after [`NO_HANDLER_GIVE_UP`] of that it goes `dead`. Returns the next state,
+/// its `run_at`, the attempt delta and the record's outcome and error.
+fn no_handler(
+    job: &Job,
+    worker: &str,
+    now: DateTime<Utc>,
+) -> (
+    JobState,
+    Option<DateTime<Utc>>,
+    i32,
+    AttemptOutcome,
+    JobError,
+) {
+    let waiting: Vec<&AttemptRecord> = job
+        .attempts
+        .iter()
+        .rev()
+        .take_while(|a| {
+            a.outcome == AttemptOutcome::Snoozed
+                && a.error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with(NO_HANDLER))
+        })
+        .collect();
+    let since = waiting.last().map_or(now, |first| first.started_at);
+    let message = format!(
+        "{NO_HANDLER} `{}` on worker {worker}; register the kind or run this queue on a worker that has it",
+        job.kind
+    );
+    let waited = (now - since).to_std().unwrap_or_default();
+    if waited >= NO_HANDLER_GIVE_UP {
+        let error = JobError {
+            message: format!(
+                "no worker that has kind `{}` claimed the job in {} days",
+                job.kind,
+                NO_HANDLER_GIVE_UP.as_secs() / 86_400
+            ),
+            causes: vec![message],
+        };
+        return (JobState::Dead, None, 0, AttemptOutcome::Failed, error);
+    }
+    let delay = Duration::from_secs(5)
+        .saturating_mul(1u32.checked_shl(waiting.len() as u32).unwrap_or(u32::MAX))
+        .min(NO_HANDLER_MAX_DELAY);
+    (
+        JobState::Scheduled,
+        Some(crate::store::after(now, delay)),
+        -1,
+        AttemptOutcome::Snoozed,
+        JobError::new(message),
+    )
 }
 
 /// Computes the write-back for `job`'s current attempt.
@@ -33,6 +101,7 @@ pub enum Ended {
 /// | `Snooze(d)` | scheduled after `d`; the attempt does not count |
 /// | `Cancel`, cancel requested | cancelled |
 /// | `Fail` | dead |
+/// | no handler for the kind | scheduled, 5 s doubling to 1 h later; the attempt does not count; dead after 7 days of it |
 /// | shutdown interrupt | available now; the attempt does not count |
 pub fn transition(
     job: &Job,
@@ -94,6 +163,10 @@ pub fn transition(
         ),
         Ended::Returned(Outcome::Fail(error)) => {
             (JobState::Dead, None, 0, AttemptOutcome::Failed, Some(error))
+        }
+        Ended::NoHandler => {
+            let (state, run_at, delta, outcome, error) = no_handler(job, worker, now);
+            (state, run_at, delta, outcome, Some(error))
         }
         Ended::Interrupted => (
             JobState::Available,
@@ -189,6 +262,60 @@ mod tests {
         let timeout = run(&job(3, 3), Ended::TimedOut(Duration::from_secs(1)));
         assert_eq!(timeout.state, JobState::Dead);
         assert!(timeout.record.error.unwrap().contains("timed out"));
+    }
+
+    #[test]
+    fn a_job_without_a_handler_waits_for_one_without_using_attempts() {
+        let mut j = job(1, 1);
+        let mut delays = Vec::new();
+        let mut now = Utc::now();
+        for _ in 0..12 {
+            let f = transition(
+                &j,
+                Ended::NoHandler,
+                &RetryPolicy::default(),
+                "w1",
+                now,
+                now,
+            );
+            assert_eq!(f.state, JobState::Scheduled);
+            assert_eq!(f.attempt_delta, -1, "the attempt does not count");
+            assert!(f.record.error.as_deref().unwrap().contains("`k`"));
+            let run_at = f.run_at.unwrap();
+            delays.push((run_at - now).num_seconds());
+            j.attempts.push(f.record);
+            now = run_at;
+        }
+        assert_eq!(&delays[..4], &[5, 10, 20, 40]);
+        assert_eq!(*delays.last().unwrap(), 3600, "at most an hour apart");
+
+        // A week of waiting: dead, saying why.
+        let later = j.attempts[0].started_at + chrono::Duration::days(7);
+        let f = transition(
+            &j,
+            Ended::NoHandler,
+            &RetryPolicy::default(),
+            "w1",
+            later,
+            later,
+        );
+        assert_eq!(f.state, JobState::Dead);
+        assert!(f.record.error.unwrap().contains("in 7 days"));
+        assert!(f.record.causes[0].starts_with(NO_HANDLER));
+
+        // An ordinary failure in between starts the wait afresh.
+        let fail = run(&job(1, 5), Ended::Failed(JobError::new("boom")));
+        j.attempts.push(fail.record);
+        let f = transition(
+            &j,
+            Ended::NoHandler,
+            &RetryPolicy::default(),
+            "w1",
+            later,
+            later,
+        );
+        assert_eq!(f.state, JobState::Scheduled);
+        assert_eq!((f.run_at.unwrap() - later).num_seconds(), 5);
     }
 
     #[test]
