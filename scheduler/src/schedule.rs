@@ -119,6 +119,11 @@ fn default_backfill_limit() -> u32 {
     100
 }
 
+/// The longest cron expression accepted, in bytes: far more than any real schedule needs
+/// (every minute of an hour listed one by one is 170), short enough that parsing and
+/// evaluating it stays cheap whatever is sent.
+pub const MAX_CRON_LEN: usize = 512;
+
 /// A schedule field that cannot be accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("schedule `{schedule}`: invalid {field}: {message}")]
@@ -186,6 +191,15 @@ impl ScheduleSpec {
                 ),
             )
         })?;
+        if self.cron.len() > MAX_CRON_LEN {
+            return Err(err(
+                "cron",
+                format!(
+                    "is {} bytes long; at most {MAX_CRON_LEN} are accepted (write long lists as ranges and steps, e.g. `0-30/5`)",
+                    self.cron.len()
+                ),
+            ));
+        }
         let expr = normalize(&self.cron).map_err(|m| err("cron", m))?;
         let cron = cron::Schedule::from_str(&expr)
             .map_err(|e| err("cron", format!("`{}`: {}", self.cron, explain(&e))))?;
@@ -663,6 +677,17 @@ impl Schedule {
 mod tests {
     use super::*;
     use chrono::{Datelike, Timelike};
+
+    #[test]
+    fn a_cron_expression_has_a_length_limit() {
+        // Valid, and long: the same minute listed over and over.
+        let long = format!("{}0 * * * *", "0,".repeat(2_000));
+        let e = ScheduleSpec::new("long", long, "k").compile().unwrap_err();
+        assert_eq!(e.field, "cron");
+        assert!(e.message.contains("at most 512"), "{e}");
+        let fits = format!("{}0 * * * *", "0,".repeat(200));
+        ScheduleSpec::new("fits", fits, "k").compile().unwrap();
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

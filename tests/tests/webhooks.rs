@@ -791,3 +791,87 @@ mod two_connections {
         run(t).await;
     }
 }
+
+/// What an endpoint keeps is bounded: each delivery sends its headers and the attempt log
+/// keeps them, so a URL, description, filter or header set without limit is refused up
+/// front, naming the field, as is a header value that could never be sent.
+#[tokio::test]
+async fn endpoint_sizes_are_bounded_and_header_values_must_be_sendable() {
+    use conveyor_jobs::webhook::WebhookError;
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let hooks = Webhooks::new(t.store.clone(), test_config()).unwrap();
+    let base = || endpoint("https://hooks.example.com/in".into());
+    let refused = |e: WebhookError, field: &str, text: &str| match e {
+        WebhookError::Invalid { field: f, message } => {
+            assert_eq!(f, field, "{message}");
+            assert!(message.contains(text), "{field}: {message}");
+        }
+        other => panic!("{field}: expected a validation error, got {other}"),
+    };
+
+    let mut ep = base();
+    ep.url = format!("https://hooks.example.com/{}", "a".repeat(3_000));
+    refused(
+        hooks.create_endpoint(ep).await.unwrap_err(),
+        "url",
+        "at most 2048",
+    );
+    let mut ep = base();
+    ep.description = "d".repeat(5_000);
+    refused(
+        hooks.create_endpoint(ep).await.unwrap_err(),
+        "description",
+        "at most 1024",
+    );
+    let mut ep = base();
+    ep.event_types = (0..300).map(|i| format!("type.{i}")).collect();
+    refused(
+        hooks.create_endpoint(ep).await.unwrap_err(),
+        "event_types",
+        "at most 256",
+    );
+    let mut ep = base();
+    ep.headers = (0..40).map(|i| (format!("x-h{i}"), "v".into())).collect();
+    refused(
+        hooks.create_endpoint(ep).await.unwrap_err(),
+        "headers",
+        "at most 32",
+    );
+    let mut ep = base();
+    ep.headers.insert("x-big".into(), "v".repeat(100_000));
+    refused(
+        hooks.create_endpoint(ep).await.unwrap_err(),
+        "headers",
+        "at most 4096",
+    );
+    let mut ep = base();
+    ep.headers = (0..8)
+        .map(|i| (format!("x-h{i}"), "v".repeat(4_000)))
+        .collect();
+    refused(
+        hooks.create_endpoint(ep).await.unwrap_err(),
+        "headers",
+        "at most 16384",
+    );
+    let mut ep = base();
+    ep.headers
+        .insert("x-split".into(), "a\r\nx-injected: 1".into());
+    refused(
+        hooks.create_endpoint(ep).await.unwrap_err(),
+        "headers",
+        "not a valid header value",
+    );
+
+    // The same limits hold for an update.
+    let ok = hooks.create_endpoint(base()).await.unwrap();
+    let patch = EndpointPatch {
+        headers: Some([("x-big".to_string(), "v".repeat(100_000))].into()),
+        ..EndpointPatch::default()
+    };
+    refused(
+        hooks.update_endpoint(&ok.id, patch).await.unwrap_err(),
+        "headers",
+        "at most 4096",
+    );
+    t.cleanup().await;
+}

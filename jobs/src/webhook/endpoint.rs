@@ -68,7 +68,105 @@ const RESERVED_HEADERS: [&str; 5] = [
     "host",
 ];
 
+/// Bounds on what an endpoint keeps: each delivery sends its headers and the attempt log keeps
+/// them, so nothing an admin sets may grow without limit.
+pub mod limits {
+    /// Longest endpoint URL, in bytes.
+    pub const URL: usize = 2_048;
+    /// Longest description, in bytes.
+    pub const DESCRIPTION: usize = 1_024;
+    /// Most event types in an endpoint's filter.
+    pub const EVENT_TYPES: usize = 256;
+    /// Most custom headers.
+    pub const HEADERS: usize = 32;
+    /// Longest custom header name, in bytes.
+    pub const HEADER_NAME: usize = 256;
+    /// Longest custom header value, in bytes.
+    pub const HEADER_VALUE: usize = 4_096;
+    /// Most bytes of custom header names and values together.
+    pub const HEADERS_TOTAL: usize = 16_384;
+}
+
+fn too_long(field: &'static str, what: &str, len: usize, max: usize) -> WebhookError {
+    WebhookError::invalid(
+        field,
+        format!("{what} is {len} bytes long; at most {max} are accepted"),
+    )
+}
+
+fn check_sizes(ep: &Endpoint) -> Result<()> {
+    if ep.url.len() > limits::URL {
+        return Err(too_long("url", "the URL", ep.url.len(), limits::URL));
+    }
+    if ep.description.len() > limits::DESCRIPTION {
+        return Err(too_long(
+            "description",
+            "the description",
+            ep.description.len(),
+            limits::DESCRIPTION,
+        ));
+    }
+    if ep.event_types.len() > limits::EVENT_TYPES {
+        return Err(WebhookError::invalid(
+            "event_types",
+            format!(
+                "{} event types given; at most {} are accepted (a filter of none receives every type)",
+                ep.event_types.len(),
+                limits::EVENT_TYPES
+            ),
+        ));
+    }
+    if ep.headers.len() > limits::HEADERS {
+        return Err(WebhookError::invalid(
+            "headers",
+            format!(
+                "{} headers given; at most {} are accepted",
+                ep.headers.len(),
+                limits::HEADERS
+            ),
+        ));
+    }
+    let mut total = 0;
+    for (name, value) in &ep.headers {
+        if name.len() > limits::HEADER_NAME {
+            return Err(too_long(
+                "headers",
+                "a header name",
+                name.len(),
+                limits::HEADER_NAME,
+            ));
+        }
+        if value.len() > limits::HEADER_VALUE {
+            return Err(too_long(
+                "headers",
+                &format!("the value of `{name}`"),
+                value.len(),
+                limits::HEADER_VALUE,
+            ));
+        }
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            return Err(WebhookError::invalid(
+                "headers",
+                format!(
+                    "the value of `{name}` is not a valid header value (visible ASCII, spaces and tabs; no line breaks)"
+                ),
+            ));
+        }
+        total += name.len() + value.len();
+    }
+    if total > limits::HEADERS_TOTAL {
+        return Err(too_long(
+            "headers",
+            "the headers together",
+            total,
+            limits::HEADERS_TOTAL,
+        ));
+    }
+    Ok(())
+}
+
 fn check(ep: &Endpoint) -> Result<()> {
+    check_sizes(ep)?;
     let url = reqwest::Url::parse(&ep.url)
         .map_err(|e| WebhookError::invalid("url", format!("`{}` is not a URL: {e}", ep.url)))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
