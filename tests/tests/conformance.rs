@@ -23,7 +23,7 @@ use conveyor_worker::store::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, RetentionPolicy, StoreEvent,
 };
 use conveyor_worker::{
-    AttemptOutcome, AttemptRecord, Job, JobId, JobState, NewJob, RetryPolicy, Store,
+    AttemptOutcome, AttemptRecord, Job, JobId, JobState, NewJob, OperatorAction, RetryPolicy, Store,
 };
 use serde_json::json;
 
@@ -1084,7 +1084,131 @@ async fn extreme_durations_saturate(s: Arc<dyn Store>) {
     assert_eq!(report.retried + report.dead + report.cancelled, 0);
 }
 
+/// A new job in `state`, alone in `queue`.
+async fn job_in_state(s: &Arc<dyn Store>, queue: &str, state: JobState) -> JobId {
+    let later = Utc::now() + secs(3600);
+    if state == JobState::Scheduled {
+        return s
+            .enqueue(job("op").queue(queue).run_at(later))
+            .await
+            .unwrap()
+            .id;
+    }
+    let id = s.enqueue(job("op").queue(queue)).await.unwrap().id;
+    if state == JobState::Available {
+        return id;
+    }
+    let got = fetch(s, queue, 1).await;
+    assert_eq!(got.len(), 1, "the job in `{queue}` is claimed");
+    let (outcome, run_at) = match state {
+        JobState::Running => return id,
+        JobState::Retryable => (AttemptOutcome::Failed, Some(later)),
+        JobState::Completed => (AttemptOutcome::Completed, None),
+        JobState::Cancelled => (AttemptOutcome::Cancelled, None),
+        _ => (AttemptOutcome::Discarded, None),
+    };
+    s.finish(vec![finish(&got[0], state, outcome, run_at)])
+        .await
+        .unwrap();
+    assert_eq!(get(s, id).await.state, state);
+    id
+}
+
+/// Every operator action from every state: the store accepts exactly the states
+/// `OperatorAction::from_states` lists, cancel finishes `CANCEL_AT_ONCE` at once and only
+/// requests `CANCEL_BY_REQUEST`, and a refusal names the state and the action.
+async fn operator_actions_start_from_exactly_their_states(s: Arc<dyn Store>) {
+    for action in OperatorAction::ALL {
+        for state in JobState::ALL {
+            let queue = format!("op-{action}-{state}");
+            let id = job_in_state(&s, &queue, state).await;
+            let allowed = action.allows(state);
+            let by_id = JobFilter {
+                ids: vec![id],
+                ..JobFilter::default()
+            };
+            let what = format!("{action} from {state}");
+            match action {
+                OperatorAction::Retry => {
+                    match s.retry(id).await {
+                        Ok(job) => {
+                            assert!(allowed, "{what} was accepted");
+                            assert_eq!((job.state, job.attempt), (JobState::Available, 0));
+                        }
+                        Err(e) => {
+                            assert!(!allowed, "{what} was refused: {e}");
+                            assert_refused(&e, id, state, action);
+                            assert_eq!(get(&s, id).await.state, state, "{what} changed nothing");
+                        }
+                    }
+                    // The bulk form selects the same states.
+                    let id = job_in_state(&s, &format!("{queue}-bulk"), state).await;
+                    let by_id = JobFilter {
+                        ids: vec![id],
+                        ..JobFilter::default()
+                    };
+                    let n = s.retry_matching(&by_id).await.unwrap();
+                    assert_eq!(n, u64::from(allowed), "bulk {what}");
+                }
+                OperatorAction::Cancel => match s.cancel(id).await {
+                    Ok(result) => {
+                        assert!(allowed, "{what} was accepted");
+                        if OperatorAction::CANCEL_AT_ONCE.contains(&state) {
+                            assert_eq!(result, CancelResult::Cancelled, "{what}");
+                            assert_eq!(get(&s, id).await.state, JobState::Cancelled);
+                        } else {
+                            assert!(OperatorAction::CANCEL_BY_REQUEST.contains(&state));
+                            assert_eq!(result, CancelResult::Requested, "{what}");
+                            let job = get(&s, id).await;
+                            assert_eq!(job.state, state);
+                            assert!(job.cancel_requested_at.is_some());
+                        }
+                    }
+                    Err(e) => {
+                        assert!(!allowed, "{what} was refused: {e}");
+                        assert_refused(&e, id, state, action);
+                        assert_eq!(get(&s, id).await.state, state, "{what} changed nothing");
+                    }
+                },
+                OperatorAction::Discard => match s.discard(id).await {
+                    Ok(()) => {
+                        assert!(allowed, "{what} was accepted");
+                        assert!(s.get(id).await.unwrap().is_none(), "{what} deleted it");
+                    }
+                    Err(e) => {
+                        assert!(!allowed, "{what} was refused: {e}");
+                        assert_refused(&e, id, state, action);
+                        assert_eq!(get(&s, id).await.state, state, "{what} changed nothing");
+                    }
+                },
+                OperatorAction::Purge => {
+                    let n = s.purge(&by_id).await.unwrap();
+                    assert_eq!(n, u64::from(allowed), "{what}");
+                    assert_eq!(s.get(id).await.unwrap().is_none(), allowed, "{what}");
+                }
+            }
+        }
+    }
+}
+
+fn assert_refused(e: &Error, id: JobId, state: JobState, action: OperatorAction) {
+    match e {
+        Error::WrongState {
+            id: refused,
+            state: found,
+            action: tried,
+        } => assert_eq!((*refused, *found, *tried), (id, state, action)),
+        other => panic!("{action} from {state}: expected a wrong-state refusal, got {other}"),
+    }
+    let message = e.to_string();
+    assert!(
+        message.contains(&format!("cannot {action} a {state} job")),
+        "the refusal says what and why: {message}"
+    );
+}
+
 backend_tests!(
+    operator_actions_start_from_exactly_their_states,
     extreme_durations_saturate,
     enqueue_now_is_available_and_later_is_scheduled,
     a_delay_is_counted_on_the_store_clock,

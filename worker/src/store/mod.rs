@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 pub use self::meta::MetaStore;
 pub use self::postgres::Pooler;
 use crate::error::{Error, Result};
-use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
+use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction};
 use crate::retry_policy::RetryPolicy;
 
 /// Connection settings shared by the backends.
@@ -537,6 +537,19 @@ pub fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .max(EARLIEST)
 }
 
+/// The SQL condition on `state` that `states` spell, `state IN ('…', …)`: the same text in
+/// both SQL dialects.
+pub(crate) fn sql_state_in(states: &[JobState]) -> String {
+    let names: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+    format!("state IN ({})", names.join(","))
+}
+
+/// The SQL condition on `state` for the jobs `action` may start from (see
+/// [`OperatorAction::from_states`]).
+pub(crate) fn sql_from_states(action: OperatorAction) -> String {
+    sql_state_in(action.from_states())
+}
+
 /// Checks a page request.
 pub fn check_page(page: &Page) -> Result<()> {
     if page.limit == 0 || page.limit > 1000 {
@@ -551,6 +564,26 @@ pub fn check_page(page: &Page) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sql_fragments_list_exactly_each_actions_states() {
+        for action in OperatorAction::ALL {
+            let sql = sql_from_states(action);
+            let names = sql
+                .strip_prefix("state IN (")
+                .and_then(|rest| rest.strip_suffix(')'))
+                .unwrap_or_else(|| panic!("{action}: `{sql}` is not a state IN list"));
+            let states: Vec<JobState> = names
+                .split(',')
+                .map(|n| n.trim_matches('\'').parse().unwrap())
+                .collect();
+            assert_eq!(states, action.from_states(), "{action}: {sql}");
+        }
+        assert_eq!(
+            sql_from_states(OperatorAction::Purge),
+            "state IN ('completed','cancelled','dead')"
+        );
+    }
 
     #[test]
     fn time_arithmetic_saturates() {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use super::script::*;
 use super::{CHUNK, RedisStore};
 use crate::error::{Error, Result};
-use crate::job::{Job, JobId, JobState};
+use crate::job::{Job, JobId, JobState, OperatorAction};
 use crate::store::{CancelResult, JobFilter, StoreEvent};
 
 impl RedisStore {
@@ -16,14 +16,14 @@ impl RedisStore {
         &self,
         queue: &str,
         ids: &[JobId],
-        mode: &str,
+        action: OperatorAction,
     ) -> Result<Vec<(String, String)>> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHUNK) {
             let mut inv = DELETE.prepare_invoke();
             inv.key(format!("{}:ready", self.keys.queue(queue)))
                 .arg(self.keys.queue(queue))
-                .arg(mode);
+                .arg(action.as_str());
             for id in chunk {
                 inv.arg(id.to_string());
             }
@@ -87,7 +87,7 @@ impl RedisStore {
                         answers.iter().filter(|a| *a == "ok").count()
                     }
                     Bulk::Purge => {
-                        let answers = self.delete_in(&queue, &ids, "finished").await?;
+                        let answers = self.delete_in(&queue, &ids, OperatorAction::Purge).await?;
                         answers.iter().filter(|(s, _)| s == "ok").count()
                     }
                 } as u64;
@@ -99,7 +99,7 @@ impl RedisStore {
     }
 
     /// Why an operation on `id` changed nothing: it is missing, or in the wrong state.
-    pub(super) fn refusal(id: JobId, status: &str, action: &'static str) -> Error {
+    pub(super) fn refusal(id: JobId, status: &str, action: OperatorAction) -> Error {
         match status.parse::<JobState>() {
             Ok(state) => Error::WrongState { id, state, action },
             Err(_) => Error::NotFound(id),
@@ -116,7 +116,7 @@ impl RedisStore {
             .pop()
             .unwrap_or_default();
         if status != "ok" {
-            return Err(Self::refusal(id, &status, "retry"));
+            return Err(Self::refusal(id, &status, OperatorAction::Retry));
         }
         self.load_jobs(&[(queue, id)])
             .await?
@@ -125,7 +125,8 @@ impl RedisStore {
     }
 
     pub(super) async fn retry_all(&self, filter: &JobFilter) -> Result<u64> {
-        self.for_each_page(filter, &NOT_RUNNING, Bulk::Retry).await
+        self.for_each_page(filter, OperatorAction::Retry.from_states(), Bulk::Retry)
+            .await
     }
 
     pub(super) async fn cancel_one(&self, id: JobId) -> Result<CancelResult> {
@@ -148,7 +149,7 @@ impl RedisStore {
             Some("wrong") => Err(Self::refusal(
                 id,
                 answer.get(1).map_or("", String::as_str),
-                "cancel",
+                OperatorAction::Cancel,
             )),
             _ => Err(Error::NotFound(id)),
         }
@@ -159,19 +160,20 @@ impl RedisStore {
             return Err(Error::NotFound(id));
         };
         let (status, _) = self
-            .delete_in(&queue, &[id], "any")
+            .delete_in(&queue, &[id], OperatorAction::Discard)
             .await?
             .pop()
             .unwrap_or_default();
         if status == "ok" {
             Ok(())
         } else {
-            Err(Self::refusal(id, &status, "discard"))
+            Err(Self::refusal(id, &status, OperatorAction::Discard))
         }
     }
 
     pub(super) async fn purge_all(&self, filter: &JobFilter) -> Result<u64> {
-        self.for_each_page(filter, &TERMINAL, Bulk::Purge).await
+        self.for_each_page(filter, OperatorAction::Purge.from_states(), Bulk::Purge)
+            .await
     }
 }
 
@@ -183,14 +185,3 @@ pub(super) enum Bulk {
     /// Delete finished jobs.
     Purge,
 }
-
-pub(super) const TERMINAL: [JobState; 3] =
-    [JobState::Completed, JobState::Cancelled, JobState::Dead];
-pub(super) const NOT_RUNNING: [JobState; 6] = [
-    JobState::Scheduled,
-    JobState::Available,
-    JobState::Retryable,
-    JobState::Completed,
-    JobState::Cancelled,
-    JobState::Dead,
-];

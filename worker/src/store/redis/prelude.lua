@@ -128,10 +128,6 @@ local function promote(now, limit)
   return n
 end
 
-local function is_waiting(state)
-  return state == 'scheduled' or state == 'available' or state == 'retryable'
-end
-
 -- Sends `cmd key values...` in calls of at most 1,000 values (so `unpack` stays far below
 -- Lua's stack limit whatever the batch size). For ZADD the values are score/member pairs.
 local function bulk(cmd, key, values)
