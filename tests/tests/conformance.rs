@@ -447,7 +447,10 @@ async fn expired_leases_are_rescued(s: Arc<dyn Store>) {
     );
     let later = Utc::now() + secs(60);
     fetch(&s, "other", 1).await;
-    s.heartbeat("w1", Duration::from_secs(3600)).await.unwrap();
+    let held = [retry.id, last.id, cancel.id, fresh.id];
+    s.heartbeat("w1", &held, Duration::from_secs(3600))
+        .await
+        .unwrap();
     // The heartbeat renewed w1's leases: still nothing to rescue.
     let r = s.rescue_expired(later, &policy, 100).await.unwrap();
     assert_eq!((r.retried, r.dead, r.cancelled), (0, 0, 0));
@@ -509,7 +512,10 @@ async fn cancel_waiting_and_running_jobs(s: Arc<dyn Store>) {
 
     assert_eq!(s.cancel(running.id).await.unwrap(), CancelResult::Requested);
     assert!(get(&s, running.id).await.cancel_requested_at.is_some());
-    assert_eq!(s.heartbeat("w1", LEASE).await.unwrap(), vec![running.id]);
+    assert_eq!(
+        s.heartbeat("w1", &[running.id], LEASE).await.unwrap(),
+        vec![running.id]
+    );
     let saw_cancel = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match events.recv().await {
@@ -1207,7 +1213,73 @@ fn assert_refused(e: &Error, id: JobId, state: JobState, action: OperatorAction)
     );
 }
 
+/// The heartbeat renews the leases of the ids it is given that run under the worker, and no
+/// other: a job leased to the worker but no longer held by its runtime expires and is
+/// rescued; another worker's job named in the call is left alone.
+async fn heartbeat_renews_only_the_jobs_the_worker_holds(s: Arc<dyn Store>) {
+    let ids = s
+        .enqueue_many((0..3).map(|_| job("k").max_attempts(3)).collect())
+        .await
+        .unwrap();
+    let short = Duration::from_secs(2);
+    let claim = |worker: &'static str, n: u32| {
+        let s = s.clone();
+        async move {
+            s.fetch(FetchRequest {
+                queue: "default",
+                limit: n,
+                worker,
+                lease: short,
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let mine = claim("w1", 2).await;
+    let theirs = claim("w2", 1).await;
+    assert_eq!((mine.len(), theirs.len()), (2, 1));
+    let (held, dropped) = (mine[0].id, mine[1].id);
+    let other = theirs[0].id;
+    let before = get(&s, dropped).await.lease_expires_at.unwrap();
+
+    s.heartbeat("w1", &[held, other], Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let renewed = get(&s, held).await.lease_expires_at.unwrap();
+    assert!(
+        renewed > Utc::now() + secs(3000),
+        "the held job is renewed: {renewed}"
+    );
+    assert_eq!(
+        get(&s, dropped).await.lease_expires_at.unwrap(),
+        before,
+        "a job leased to w1 that w1 no longer holds keeps its deadline"
+    );
+    assert!(
+        get(&s, other).await.lease_expires_at.unwrap() < Utc::now() + secs(10),
+        "w2's job is not renewed by w1's heartbeat"
+    );
+    assert!(s.heartbeat("w1", &[], LEASE).await.unwrap().is_empty());
+
+    // Past the short lease: the dropped job and w2's are rescued, the held one keeps running.
+    let at = Utc::now() + secs(60);
+    let report = s
+        .rescue_expired(at, &RetryPolicy::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(report.retried, 2);
+    assert_eq!(get(&s, dropped).await.state, JobState::Retryable);
+    assert_eq!(get(&s, other).await.state, JobState::Retryable);
+    let kept = get(&s, held).await;
+    assert_eq!(
+        (kept.state, kept.lease_owner.as_deref()),
+        (JobState::Running, Some("w1"))
+    );
+    assert_eq!(ids.len(), 3);
+}
+
 backend_tests!(
+    heartbeat_renews_only_the_jobs_the_worker_holds,
     operator_actions_start_from_exactly_their_states,
     extreme_durations_saturate,
     enqueue_now_is_available_and_later_is_scheduled,

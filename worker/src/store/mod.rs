@@ -357,9 +357,12 @@ pub trait Store: MetaStore + Send + Sync + 'static {
     /// job no longer running at that attempt is ignored).
     async fn finish(&self, outcomes: Vec<Finish>) -> Result<u64>;
 
-    /// Renews the leases of every job `worker` runs; returns the ids among them whose
-    /// cancellation was requested.
-    async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>>;
+    /// Renews the leases of the jobs in `held` that run under `worker`'s lease (one statement
+    /// or script per call); returns the ids among them whose cancellation was requested.
+    /// Only what the worker says it holds is renewed: a job leased to `worker` that its
+    /// runtime no longer tracks keeps its deadline, expires and is rescued, instead of
+    /// staying `running` for as long as the worker lives.
+    async fn heartbeat(&self, worker: &str, held: &[JobId], lease: Duration) -> Result<Vec<JobId>>;
 
     /// One job with its attempt history.
     async fn get(&self, id: JobId) -> Result<Option<Job>>;

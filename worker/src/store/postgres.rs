@@ -927,13 +927,18 @@ impl Store for PgStore {
         Ok(applied)
     }
 
-    async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>> {
+    async fn heartbeat(&self, worker: &str, held: &[JobId], lease: Duration) -> Result<Vec<JobId>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
         // SKIP LOCKED: a row locked now is being completed or rescued; waiting for it could
         // deadlock with a completion batch, and the lease of a job that is finishing needs no
         // extension. A running job skipped now is extended at the next beat.
+        let ids: Vec<uuid::Uuid> = held.iter().map(|id| id.0).collect();
         let rows = sqlx::query(queries::HEARTBEAT)
             .bind(interval(lease)?)
             .bind(worker)
+            .bind(ids)
             .fetch_all(&self.pool)
             .await?;
         let mut cancel = Vec::new();

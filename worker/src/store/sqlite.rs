@@ -39,6 +39,9 @@ use crate::retry_policy::RetryPolicy;
 
 /// Rows per multi-row INSERT: 11 parameters a row stays far below SQLite's 32,766 limit.
 const INSERT_CHUNK: usize = 500;
+/// Ids per heartbeat statement: far below SQLite's 32,766 parameters, and above any
+/// worker's concurrency, so a beat is one statement.
+const HEARTBEAT_CHUNK: usize = 10_000;
 
 const COLUMNS: &str = "id, queue, kind, args, priority, state, attempt, max_attempts, run_at, \
     created_at, attempted_at, finalized_at, lease_owner, lease_expires_at, cancel_requested_at, \
@@ -609,22 +612,28 @@ impl Store for SqliteStore {
         Ok(applied)
     }
 
-    async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>> {
-        let rows = sqlx::query(
-            "UPDATE jobs SET lease_expires_at = ?1 WHERE state = 'running' AND lease_owner = ?2 \
-             RETURNING id, cancel_requested_at",
-        )
-        .bind(micros(after(Utc::now(), lease)))
-        .bind(worker)
-        .fetch_all(&self.writer)
-        .await?;
+    async fn heartbeat(&self, worker: &str, held: &[JobId], lease: Duration) -> Result<Vec<JobId>> {
+        let until = micros(after(Utc::now(), lease));
         let mut cancel = Vec::new();
-        for row in rows {
-            if row
-                .try_get::<Option<i64>, _>("cancel_requested_at")?
-                .is_some()
-            {
-                cancel.push(JobId(row.try_get("id")?));
+        // One statement per beat unless a worker holds more jobs than SQLite takes parameters.
+        for chunk in held.chunks(HEARTBEAT_CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new("UPDATE jobs SET lease_expires_at = ");
+            qb.push_bind(until)
+                .push(" WHERE state = 'running' AND lease_owner = ")
+                .push_bind(worker)
+                .push(" AND id IN (");
+            let mut ids = qb.separated(", ");
+            for id in chunk {
+                ids.push_bind(id.0);
+            }
+            qb.push(") RETURNING id, cancel_requested_at");
+            for row in qb.build().fetch_all(&self.writer).await? {
+                if row
+                    .try_get::<Option<i64>, _>("cancel_requested_at")?
+                    .is_some()
+                {
+                    cancel.push(JobId(row.try_get("id")?));
+                }
             }
         }
         Ok(cancel)

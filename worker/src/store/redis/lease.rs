@@ -186,22 +186,58 @@ impl RedisStore {
         Ok(jobs)
     }
 
-    pub(super) async fn renew(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>> {
-        let queues = self.queues().await?;
-        if queues.is_empty() {
+    /// Renews the leases of the `held` jobs that run under `worker`: one heartbeat script per
+    /// queue they are in, all in one pipeline. A job's queue comes from [`RunningQueues`]
+    /// when this store claimed it, else from the id index.
+    pub(super) async fn renew(
+        &self,
+        worker: &str,
+        held: &[JobId],
+        lease: Duration,
+    ) -> Result<Vec<JobId>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut queues: Vec<Option<String>> = self
+            .running
+            .lookup(held)
+            .into_iter()
+            .map(|q| q.map(|q| q.to_string()))
+            .collect();
+        let unknown: Vec<JobId> = held
+            .iter()
+            .zip(&queues)
+            .filter(|(_, q)| q.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !unknown.is_empty() {
+            let mut found = self.queues_of(&unknown).await?.into_iter();
+            for q in queues.iter_mut().filter(|q| q.is_none()) {
+                *q = found.next().flatten();
+            }
+        }
+        let mut by_queue: BTreeMap<String, Vec<JobId>> = BTreeMap::new();
+        for (id, q) in held.iter().zip(queues) {
+            if let Some(q) = q {
+                by_queue.entry(q).or_default().push(*id);
+            }
+        }
+        if by_queue.is_empty() {
             return Ok(Vec::new());
         }
         let lease = lease_micros(lease);
         let mut pipe = ::redis::pipe();
-        for queue in &queues {
+        for (queue, ids) in &by_queue {
             let base = self.keys.queue(queue);
-            pipe.invoke_script(
-                HEARTBEAT
-                    .key(format!("{base}:leases"))
-                    .arg(&base)
-                    .arg(worker)
-                    .arg(&lease),
-            );
+            let mut inv = HEARTBEAT.prepare_invoke();
+            inv.key(format!("{base}:leases"))
+                .arg(&base)
+                .arg(worker)
+                .arg(&lease);
+            for id in ids {
+                inv.arg(id.to_string());
+            }
+            pipe.invoke_script(&inv);
         }
         let cancel: Vec<Vec<String>> = self.run(&pipe).await?;
         cancel.into_iter().flatten().map(|id| id.parse()).collect()

@@ -17,7 +17,7 @@
 //! | `{P:Q}:ready` | zset of `available` jobs, score `priority · 10¹³ + run_at_ms`: fetch pops the head |
 //! | `{P:Q}:delayed` | zset of `scheduled` and `retryable` jobs by `run_at` (µs) |
 //! | `{P:Q}:leases` | zset of `running` jobs by lease deadline (µs): the rescuer's work list, and the listing and count of running jobs |
-//! | `{P:Q}:w:<worker>` | set of the jobs a worker runs: its heartbeat |
+//! | `{P:Q}:w:<worker>` | set of the jobs a worker runs |
 //! | `{P:Q}:s:<state>` | zset per state but `running`, all scores 0, so members sort by id: listings and counts |
 //! | `{P:Q}:fin:<state>`, `{P:Q}:fink:<state>` | finished jobs by `finalized_at`, without and with an idempotency key: the pruner |
 //!
@@ -348,8 +348,8 @@ impl Store for RedisStore {
         Ok(self.apply(&outcomes, None).await?.len() as u64)
     }
 
-    async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>> {
-        self.renew(worker, lease).await
+    async fn heartbeat(&self, worker: &str, held: &[JobId], lease: Duration) -> Result<Vec<JobId>> {
+        self.renew(worker, held, lease).await
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>> {
