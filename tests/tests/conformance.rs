@@ -1278,7 +1278,111 @@ async fn heartbeat_renews_only_the_jobs_the_worker_holds(s: Arc<dyn Store>) {
     assert_eq!(ids.len(), 3);
 }
 
+/// Leases, delays and idempotency windows of zero and of `Duration::MAX`: no panic and no
+/// error, instants saturate at the ends the store keeps, and each means what it says.
+async fn extreme_leases_delays_and_key_windows(s: Arc<dyn Store>) {
+    use conveyor_worker::store::LATEST;
+    let far = Utc::now() + secs(1000 * 365 * 24 * 3600);
+    let request = |queue: &'static str, lease: Duration| FetchRequest {
+        queue,
+        limit: 1,
+        worker: "w1",
+        lease,
+    };
+
+    // A zero delay is due now.
+    let now_job = s
+        .enqueue(job("k").queue("zero").delay(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(now_job.state, JobState::Available);
+
+    // A zero lease has expired as soon as it is taken: the rescuer takes the job back.
+    let got = s.fetch(request("zero", Duration::ZERO)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let r = s
+        .rescue_expired(Utc::now() + secs(1), &RetryPolicy::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(r.retried, 1, "a zero lease is expired at once");
+
+    // A lease of Duration::MAX lasts as long as the store can say, and so does its renewal.
+    s.enqueue(job("k").queue("forever")).await.unwrap();
+    let got = s.fetch(request("forever", Duration::MAX)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let leased = get(&s, got[0].id).await.lease_expires_at.unwrap();
+    assert!(leased > far && leased <= LATEST, "{leased}");
+    s.heartbeat("w1", &[got[0].id], Duration::MAX)
+        .await
+        .unwrap();
+    let renewed = get(&s, got[0].id).await.lease_expires_at.unwrap();
+    assert!(renewed > far && renewed <= LATEST, "{renewed}");
+    let r = s
+        .rescue_expired(Utc::now() + secs(3600), &RetryPolicy::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.retried + r.dead + r.cancelled,
+        0,
+        "a MAX lease never expires"
+    );
+    // A zero renewal ends it now.
+    s.heartbeat("w1", &[got[0].id], Duration::ZERO)
+        .await
+        .unwrap();
+    let r = s
+        .rescue_expired(Utc::now() + secs(1), &RetryPolicy::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(r.retried, 1);
+
+    // Keyed finished jobs: an idempotency window of Duration::MAX keeps them past a zero
+    // retention; a zero window lets them go.
+    let keyed = s
+        .enqueue(job("k").queue("keyed").idempotency_key("extreme-1"))
+        .await
+        .unwrap();
+    let got = s.fetch(request("keyed", LEASE)).await.unwrap();
+    s.finish(vec![finish(
+        &got[0],
+        JobState::Completed,
+        AttemptOutcome::Completed,
+        None,
+    )])
+    .await
+    .unwrap();
+    let mut policy = RetentionPolicy {
+        completed: Duration::ZERO,
+        cancelled: Duration::ZERO,
+        dead: Duration::ZERO,
+        idempotency: Duration::MAX,
+    };
+    let later = Utc::now() + secs(1);
+    s.prune(later, &policy, 100).await.unwrap();
+    assert!(
+        s.get(keyed.id).await.unwrap().is_some(),
+        "the key's window of Duration::MAX keeps its job"
+    );
+    let again = s
+        .enqueue(job("k").queue("keyed").idempotency_key("extreme-1"))
+        .await
+        .unwrap();
+    assert_eq!((again.id, again.duplicate), (keyed.id, true));
+    policy.idempotency = Duration::ZERO;
+    s.prune(later, &policy, 100).await.unwrap();
+    assert!(
+        s.get(keyed.id).await.unwrap().is_none(),
+        "a zero window lets it go"
+    );
+    let fresh = s
+        .enqueue(job("k").queue("keyed").idempotency_key("extreme-1"))
+        .await
+        .unwrap();
+    assert!(!fresh.duplicate && fresh.id != keyed.id);
+}
+
 backend_tests!(
+    extreme_leases_delays_and_key_windows,
     heartbeat_renews_only_the_jobs_the_worker_holds,
     operator_actions_start_from_exactly_their_states,
     extreme_durations_saturate,

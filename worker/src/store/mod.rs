@@ -531,6 +531,19 @@ pub fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .min(LATEST)
 }
 
+/// A lease length as the stores add it to their own clock (in a statement or a script):
+/// whole microseconds, and at most what keeps the store's now plus it at or before
+/// [`LATEST`] (a day is left for a store clock ahead of this machine's). So a lease of
+/// `Duration::MAX` lasts "as long as can be", never an overflow, an error or a deadline the
+/// store cannot read back.
+pub(crate) fn lease_length(d: Duration) -> Duration {
+    let room = (LATEST - Utc::now() - chrono::Duration::days(1))
+        .to_std()
+        .unwrap_or_default();
+    let d = d.min(room);
+    Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// `now - d`, saturating at [`EARLIEST`].
 pub fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(d)
@@ -585,6 +598,18 @@ mod tests {
         assert_eq!(
             sql_from_states(OperatorAction::Purge),
             "state IN ('completed','cancelled','dead')"
+        );
+    }
+
+    #[test]
+    fn a_lease_stays_within_the_instants_the_store_keeps() {
+        let max = lease_length(Duration::MAX);
+        let end = after(Utc::now(), max);
+        assert!(end < LATEST && end > LATEST - chrono::Duration::days(2), "{end}");
+        assert_eq!(lease_length(Duration::ZERO), Duration::ZERO);
+        assert_eq!(
+            lease_length(Duration::from_nanos(30_000_001_500)),
+            Duration::from_micros(30_000_001)
         );
     }
 

@@ -462,7 +462,9 @@ fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
 }
 
 /// A lease or delay as a Postgres interval, added to the store's `now()` in a statement.
+/// A lease as a Postgres interval, capped by [`super::lease_length`].
 fn interval(d: Duration) -> Result<sqlx::postgres::types::PgInterval> {
+    let d = super::lease_length(d);
     sqlx::postgres::types::PgInterval::try_from(d).map_err(|e| {
         Error::invalid(
             "lease",

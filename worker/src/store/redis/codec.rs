@@ -35,8 +35,9 @@ pub(super) fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
 }
 
 /// A lease length in whole microseconds, added to the server's clock in the scripts.
+/// Capped by [`crate::store::lease_length`], so the deadline stays one the store reads back.
 pub(super) fn lease_micros(d: Duration) -> String {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).to_string()
+    crate::store::lease_length(d).as_micros().to_string()
 }
 
 pub(super) fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
