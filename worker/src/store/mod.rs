@@ -605,7 +605,10 @@ mod tests {
     fn a_lease_stays_within_the_instants_the_store_keeps() {
         let max = lease_length(Duration::MAX);
         let end = after(Utc::now(), max);
-        assert!(end < LATEST && end > LATEST - chrono::Duration::days(2), "{end}");
+        assert!(
+            end < LATEST && end > LATEST - chrono::Duration::days(2),
+            "{end}"
+        );
         assert_eq!(lease_length(Duration::ZERO), Duration::ZERO);
         assert_eq!(
             lease_length(Duration::from_nanos(30_000_001_500)),
