@@ -23,7 +23,7 @@ use conveyor_worker::store::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, RetentionPolicy, StoreEvent,
 };
 use conveyor_worker::{
-    AttemptOutcome, AttemptRecord, Job, JobId, JobState, NewJob, RetryPolicy, Store,
+    AttemptOutcome, AttemptRecord, Job, JobId, JobState, NewJob, OperatorAction, RetryPolicy, Store,
 };
 use serde_json::json;
 
@@ -447,7 +447,10 @@ async fn expired_leases_are_rescued(s: Arc<dyn Store>) {
     );
     let later = Utc::now() + secs(60);
     fetch(&s, "other", 1).await;
-    s.heartbeat("w1", Duration::from_secs(3600)).await.unwrap();
+    let held = [retry.id, last.id, cancel.id, fresh.id];
+    s.heartbeat("w1", &held, Duration::from_secs(3600))
+        .await
+        .unwrap();
     // The heartbeat renewed w1's leases: still nothing to rescue.
     let r = s.rescue_expired(later, &policy, 100).await.unwrap();
     assert_eq!((r.retried, r.dead, r.cancelled), (0, 0, 0));
@@ -509,7 +512,10 @@ async fn cancel_waiting_and_running_jobs(s: Arc<dyn Store>) {
 
     assert_eq!(s.cancel(running.id).await.unwrap(), CancelResult::Requested);
     assert!(get(&s, running.id).await.cancel_requested_at.is_some());
-    assert_eq!(s.heartbeat("w1", LEASE).await.unwrap(), vec![running.id]);
+    assert_eq!(
+        s.heartbeat("w1", &[running.id], LEASE).await.unwrap(),
+        vec![running.id]
+    );
     let saw_cancel = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match events.recv().await {
@@ -1084,7 +1090,301 @@ async fn extreme_durations_saturate(s: Arc<dyn Store>) {
     assert_eq!(report.retried + report.dead + report.cancelled, 0);
 }
 
+/// A new job in `state`, alone in `queue`.
+async fn job_in_state(s: &Arc<dyn Store>, queue: &str, state: JobState) -> JobId {
+    let later = Utc::now() + secs(3600);
+    if state == JobState::Scheduled {
+        return s
+            .enqueue(job("op").queue(queue).run_at(later))
+            .await
+            .unwrap()
+            .id;
+    }
+    let id = s.enqueue(job("op").queue(queue)).await.unwrap().id;
+    if state == JobState::Available {
+        return id;
+    }
+    let got = fetch(s, queue, 1).await;
+    assert_eq!(got.len(), 1, "the job in `{queue}` is claimed");
+    let (outcome, run_at) = match state {
+        JobState::Running => return id,
+        JobState::Retryable => (AttemptOutcome::Failed, Some(later)),
+        JobState::Completed => (AttemptOutcome::Completed, None),
+        JobState::Cancelled => (AttemptOutcome::Cancelled, None),
+        _ => (AttemptOutcome::Discarded, None),
+    };
+    s.finish(vec![finish(&got[0], state, outcome, run_at)])
+        .await
+        .unwrap();
+    assert_eq!(get(s, id).await.state, state);
+    id
+}
+
+/// Every operator action from every state: the store accepts exactly the states
+/// `OperatorAction::from_states` lists, cancel finishes `CANCEL_AT_ONCE` at once and only
+/// requests `CANCEL_BY_REQUEST`, and a refusal names the state and the action.
+async fn operator_actions_start_from_exactly_their_states(s: Arc<dyn Store>) {
+    for action in OperatorAction::ALL {
+        for state in JobState::ALL {
+            let queue = format!("op-{action}-{state}");
+            let id = job_in_state(&s, &queue, state).await;
+            let allowed = action.allows(state);
+            let by_id = JobFilter {
+                ids: vec![id],
+                ..JobFilter::default()
+            };
+            let what = format!("{action} from {state}");
+            match action {
+                OperatorAction::Retry => {
+                    match s.retry(id).await {
+                        Ok(job) => {
+                            assert!(allowed, "{what} was accepted");
+                            assert_eq!((job.state, job.attempt), (JobState::Available, 0));
+                        }
+                        Err(e) => {
+                            assert!(!allowed, "{what} was refused: {e}");
+                            assert_refused(&e, id, state, action);
+                            assert_eq!(get(&s, id).await.state, state, "{what} changed nothing");
+                        }
+                    }
+                    // The bulk form selects the same states.
+                    let id = job_in_state(&s, &format!("{queue}-bulk"), state).await;
+                    let by_id = JobFilter {
+                        ids: vec![id],
+                        ..JobFilter::default()
+                    };
+                    let n = s.retry_matching(&by_id).await.unwrap();
+                    assert_eq!(n, u64::from(allowed), "bulk {what}");
+                }
+                OperatorAction::Cancel => match s.cancel(id).await {
+                    Ok(result) => {
+                        assert!(allowed, "{what} was accepted");
+                        if OperatorAction::CANCEL_AT_ONCE.contains(&state) {
+                            assert_eq!(result, CancelResult::Cancelled, "{what}");
+                            assert_eq!(get(&s, id).await.state, JobState::Cancelled);
+                        } else {
+                            assert!(OperatorAction::CANCEL_BY_REQUEST.contains(&state));
+                            assert_eq!(result, CancelResult::Requested, "{what}");
+                            let job = get(&s, id).await;
+                            assert_eq!(job.state, state);
+                            assert!(job.cancel_requested_at.is_some());
+                        }
+                    }
+                    Err(e) => {
+                        assert!(!allowed, "{what} was refused: {e}");
+                        assert_refused(&e, id, state, action);
+                        assert_eq!(get(&s, id).await.state, state, "{what} changed nothing");
+                    }
+                },
+                OperatorAction::Discard => match s.discard(id).await {
+                    Ok(()) => {
+                        assert!(allowed, "{what} was accepted");
+                        assert!(s.get(id).await.unwrap().is_none(), "{what} deleted it");
+                    }
+                    Err(e) => {
+                        assert!(!allowed, "{what} was refused: {e}");
+                        assert_refused(&e, id, state, action);
+                        assert_eq!(get(&s, id).await.state, state, "{what} changed nothing");
+                    }
+                },
+                OperatorAction::Purge => {
+                    let n = s.purge(&by_id).await.unwrap();
+                    assert_eq!(n, u64::from(allowed), "{what}");
+                    assert_eq!(s.get(id).await.unwrap().is_none(), allowed, "{what}");
+                }
+            }
+        }
+    }
+}
+
+fn assert_refused(e: &Error, id: JobId, state: JobState, action: OperatorAction) {
+    match e {
+        Error::WrongState {
+            id: refused,
+            state: found,
+            action: tried,
+        } => assert_eq!((*refused, *found, *tried), (id, state, action)),
+        other => panic!("{action} from {state}: expected a wrong-state refusal, got {other}"),
+    }
+    let message = e.to_string();
+    assert!(
+        message.contains(&format!("cannot {action} a {state} job")),
+        "the refusal says what and why: {message}"
+    );
+}
+
+/// The heartbeat renews the leases of the ids it is given that run under the worker, and no
+/// other: a job leased to the worker but no longer held by its runtime expires and is
+/// rescued; another worker's job named in the call is left alone.
+async fn heartbeat_renews_only_the_jobs_the_worker_holds(s: Arc<dyn Store>) {
+    let ids = s
+        .enqueue_many((0..3).map(|_| job("k").max_attempts(3)).collect())
+        .await
+        .unwrap();
+    let short = Duration::from_secs(2);
+    let claim = |worker: &'static str, n: u32| {
+        let s = s.clone();
+        async move {
+            s.fetch(FetchRequest {
+                queue: "default",
+                limit: n,
+                worker,
+                lease: short,
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let mine = claim("w1", 2).await;
+    let theirs = claim("w2", 1).await;
+    assert_eq!((mine.len(), theirs.len()), (2, 1));
+    let (held, dropped) = (mine[0].id, mine[1].id);
+    let other = theirs[0].id;
+    let before = get(&s, dropped).await.lease_expires_at.unwrap();
+
+    s.heartbeat("w1", &[held, other], Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let renewed = get(&s, held).await.lease_expires_at.unwrap();
+    assert!(
+        renewed > Utc::now() + secs(3000),
+        "the held job is renewed: {renewed}"
+    );
+    assert_eq!(
+        get(&s, dropped).await.lease_expires_at.unwrap(),
+        before,
+        "a job leased to w1 that w1 no longer holds keeps its deadline"
+    );
+    assert!(
+        get(&s, other).await.lease_expires_at.unwrap() < Utc::now() + secs(10),
+        "w2's job is not renewed by w1's heartbeat"
+    );
+    assert!(s.heartbeat("w1", &[], LEASE).await.unwrap().is_empty());
+
+    // Past the short lease: the dropped job and w2's are rescued, the held one keeps running.
+    let at = Utc::now() + secs(60);
+    let report = s
+        .rescue_expired(at, &RetryPolicy::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(report.retried, 2);
+    assert_eq!(get(&s, dropped).await.state, JobState::Retryable);
+    assert_eq!(get(&s, other).await.state, JobState::Retryable);
+    let kept = get(&s, held).await;
+    assert_eq!(
+        (kept.state, kept.lease_owner.as_deref()),
+        (JobState::Running, Some("w1"))
+    );
+    assert_eq!(ids.len(), 3);
+}
+
+/// Leases, delays and idempotency windows of zero and of `Duration::MAX`: no panic and no
+/// error, instants saturate at the ends the store keeps, and each means what it says.
+async fn extreme_leases_delays_and_key_windows(s: Arc<dyn Store>) {
+    use conveyor_worker::store::LATEST;
+    let far = Utc::now() + secs(1000 * 365 * 24 * 3600);
+    let request = |queue: &'static str, lease: Duration| FetchRequest {
+        queue,
+        limit: 1,
+        worker: "w1",
+        lease,
+    };
+
+    // A zero delay is due now.
+    let now_job = s
+        .enqueue(job("k").queue("zero").delay(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(now_job.state, JobState::Available);
+
+    // A zero lease has expired as soon as it is taken: the rescuer takes the job back.
+    let got = s.fetch(request("zero", Duration::ZERO)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let r = s
+        .rescue_expired(Utc::now() + secs(1), &RetryPolicy::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(r.retried, 1, "a zero lease is expired at once");
+
+    // A lease of Duration::MAX lasts as long as the store can say, and so does its renewal.
+    s.enqueue(job("k").queue("forever")).await.unwrap();
+    let got = s.fetch(request("forever", Duration::MAX)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let leased = get(&s, got[0].id).await.lease_expires_at.unwrap();
+    assert!(leased > far && leased <= LATEST, "{leased}");
+    s.heartbeat("w1", &[got[0].id], Duration::MAX)
+        .await
+        .unwrap();
+    let renewed = get(&s, got[0].id).await.lease_expires_at.unwrap();
+    assert!(renewed > far && renewed <= LATEST, "{renewed}");
+    let r = s
+        .rescue_expired(Utc::now() + secs(3600), &RetryPolicy::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.retried + r.dead + r.cancelled,
+        0,
+        "a MAX lease never expires"
+    );
+    // A zero renewal ends it now.
+    s.heartbeat("w1", &[got[0].id], Duration::ZERO)
+        .await
+        .unwrap();
+    let r = s
+        .rescue_expired(Utc::now() + secs(1), &RetryPolicy::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(r.retried, 1);
+
+    // Keyed finished jobs: an idempotency window of Duration::MAX keeps them past a zero
+    // retention; a zero window lets them go.
+    let keyed = s
+        .enqueue(job("k").queue("keyed").idempotency_key("extreme-1"))
+        .await
+        .unwrap();
+    let got = s.fetch(request("keyed", LEASE)).await.unwrap();
+    s.finish(vec![finish(
+        &got[0],
+        JobState::Completed,
+        AttemptOutcome::Completed,
+        None,
+    )])
+    .await
+    .unwrap();
+    let mut policy = RetentionPolicy {
+        completed: Duration::ZERO,
+        cancelled: Duration::ZERO,
+        dead: Duration::ZERO,
+        idempotency: Duration::MAX,
+    };
+    let later = Utc::now() + secs(1);
+    s.prune(later, &policy, 100).await.unwrap();
+    assert!(
+        s.get(keyed.id).await.unwrap().is_some(),
+        "the key's window of Duration::MAX keeps its job"
+    );
+    let again = s
+        .enqueue(job("k").queue("keyed").idempotency_key("extreme-1"))
+        .await
+        .unwrap();
+    assert_eq!((again.id, again.duplicate), (keyed.id, true));
+    policy.idempotency = Duration::ZERO;
+    s.prune(later, &policy, 100).await.unwrap();
+    assert!(
+        s.get(keyed.id).await.unwrap().is_none(),
+        "a zero window lets it go"
+    );
+    let fresh = s
+        .enqueue(job("k").queue("keyed").idempotency_key("extreme-1"))
+        .await
+        .unwrap();
+    assert!(!fresh.duplicate && fresh.id != keyed.id);
+}
+
 backend_tests!(
+    extreme_leases_delays_and_key_windows,
+    heartbeat_renews_only_the_jobs_the_worker_holds,
+    operator_actions_start_from_exactly_their_states,
     extreme_durations_saturate,
     enqueue_now_is_available_and_later_is_scheduled,
     a_delay_is_counted_on_the_store_clock,

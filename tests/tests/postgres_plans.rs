@@ -108,7 +108,8 @@ fn arguments(name: &str, running: &[Uuid], now: DateTime<Utc>) -> PgArguments {
         })(),
         "heartbeat" => (|| {
             a.add(lease)?;
-            a.add(WORKER)
+            a.add(WORKER)?;
+            a.add(running.to_vec())
         })(),
         "rescue" | "promotion" => (|| {
             a.add(now)?;

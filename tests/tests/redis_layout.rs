@@ -38,6 +38,7 @@ async fn queue_keys_share_their_queues_hash_tag() {
         return;
     };
     let s = t.store.clone();
+    let mut held = Vec::new();
     for queue in ["default", "mail", "billing.v2"] {
         s.enqueue_many(vec![
             NewJob::new("k", json!({})).queue(queue),
@@ -59,6 +60,7 @@ async fn queue_keys_share_their_queues_hash_tag() {
             })
             .await
             .unwrap();
+        held.extend(got.iter().map(|j| j.id));
         let now = Utc::now();
         s.finish(vec![Finish {
             id: got[0].id,
@@ -80,7 +82,9 @@ async fn queue_keys_share_their_queues_hash_tag() {
         .await
         .unwrap();
     }
-    s.heartbeat("w1", Duration::from_millis(1)).await.unwrap();
+    s.heartbeat("w1", &held, Duration::from_millis(1))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
     s.rescue_expired(Utc::now(), &RetryPolicy::default(), 100)
         .await

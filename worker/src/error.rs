@@ -1,6 +1,6 @@
 //! The crate's one error type.
 
-use crate::job::{JobId, JobState};
+use crate::job::{JobId, JobState, OperatorAction};
 
 /// Everything that can go wrong in the store or the runtime.
 #[derive(Debug, thiserror::Error)]
@@ -17,14 +17,14 @@ pub enum Error {
     #[error("job {0} not found")]
     NotFound(JobId),
     /// The job is in a state that does not allow the operation.
-    #[error("job {id} is {state}: cannot {action}")]
+    #[error("job {id} is {state}: {}", action.refusal(*state))]
     WrongState {
         /// The job.
         id: JobId,
         /// Its current state.
         state: JobState,
         /// What was attempted.
-        action: &'static str,
+        action: OperatorAction,
     },
     /// A write's precondition failed: the record exists already, is missing, or someone
     /// else changed it since it was read.

@@ -133,6 +133,107 @@ impl FromStr for JobState {
     }
 }
 
+/// An operator's action on jobs (the CLI's and the API's retry, cancel, discard and purge) and
+/// the states it may start from. This is the one definition: each backend's statements and
+/// scripts, the API's bulk actions and the refusal messages are all derived from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OperatorAction {
+    /// Make a job available now with a fresh attempt budget (one job, or every job a filter
+    /// matches).
+    Retry,
+    /// Cancel a job: a waiting one at once, a running one by asking its worker to stop.
+    Cancel,
+    /// Delete one job.
+    Discard,
+    /// Delete every finished job a filter matches.
+    Purge,
+}
+
+impl OperatorAction {
+    /// Every action.
+    pub const ALL: [OperatorAction; 4] = [
+        OperatorAction::Retry,
+        OperatorAction::Cancel,
+        OperatorAction::Discard,
+        OperatorAction::Purge,
+    ];
+
+    /// The states cancel finishes at once (they become `cancelled`).
+    pub const CANCEL_AT_ONCE: &'static [JobState] = &[
+        JobState::Scheduled,
+        JobState::Available,
+        JobState::Retryable,
+    ];
+
+    /// The states in which cancel only records the request and tells the worker, which
+    /// stops the attempt and finishes the job as `cancelled`.
+    pub const CANCEL_BY_REQUEST: &'static [JobState] = &[JobState::Running];
+
+    /// The action's name, as the CLI and the API spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorAction::Retry => "retry",
+            OperatorAction::Cancel => "cancel",
+            OperatorAction::Discard => "discard",
+            OperatorAction::Purge => "purge",
+        }
+    }
+
+    /// The states a job may be in for the action to apply; a job in any other state is
+    /// refused ([`Error::WrongState`]), or left out of a bulk action.
+    pub fn from_states(self) -> &'static [JobState] {
+        // A running job belongs to its worker: it can only be asked to stop (cancel), never
+        // reset or deleted under the worker.
+        const NOT_RUNNING: &[JobState] = &[
+            JobState::Scheduled,
+            JobState::Available,
+            JobState::Retryable,
+            JobState::Completed,
+            JobState::Cancelled,
+            JobState::Dead,
+        ];
+        match self {
+            OperatorAction::Retry | OperatorAction::Discard => NOT_RUNNING,
+            OperatorAction::Cancel => &[
+                JobState::Scheduled,
+                JobState::Available,
+                JobState::Running,
+                JobState::Retryable,
+            ],
+            OperatorAction::Purge => &[JobState::Completed, JobState::Cancelled, JobState::Dead],
+        }
+    }
+
+    /// Whether the action applies to a job in `state`.
+    pub fn allows(self, state: JobState) -> bool {
+        self.from_states().contains(&state)
+    }
+
+    /// Why the action refuses a job in `state`, and what would work instead.
+    pub fn refusal(self, state: JobState) -> String {
+        let allowed: Vec<&str> = self.from_states().iter().map(|s| s.as_str()).collect();
+        let hint = match (self, state) {
+            (OperatorAction::Retry | OperatorAction::Discard, JobState::Running) => {
+                " (cancel it first, or wait for its attempt to end)"
+            }
+            (OperatorAction::Cancel, _) => " (it has finished already)",
+            _ => "",
+        };
+        format!(
+            "cannot {} a {state} job; {} applies to {} jobs{hint}",
+            self.as_str(),
+            self.as_str(),
+            allowed.join(", ")
+        )
+    }
+}
+
+impl fmt::Display for OperatorAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How one attempt ended, as kept in the attempt history.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -417,6 +518,44 @@ pub struct Enqueued {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cancel_splits_its_states_into_at_once_and_by_request() {
+        let mut split: Vec<JobState> = OperatorAction::CANCEL_AT_ONCE
+            .iter()
+            .chain(OperatorAction::CANCEL_BY_REQUEST)
+            .copied()
+            .collect();
+        split.sort();
+        assert_eq!(split, OperatorAction::Cancel.from_states());
+        assert!(
+            !OperatorAction::CANCEL_AT_ONCE
+                .iter()
+                .any(|s| OperatorAction::CANCEL_BY_REQUEST.contains(s))
+        );
+        // Nothing resets or deletes a job under its worker.
+        for action in [
+            OperatorAction::Retry,
+            OperatorAction::Discard,
+            OperatorAction::Purge,
+        ] {
+            assert!(!action.allows(JobState::Running), "{action}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_says_what_would_work() {
+        let e = Error::WrongState {
+            id: JobId::new(),
+            state: JobState::Running,
+            action: OperatorAction::Retry,
+        };
+        let message = e.to_string();
+        assert!(
+            message.contains("is running: cannot retry a running job; retry applies to scheduled, available, retryable, completed, cancelled, dead jobs (cancel it first"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn state_names_round_trip() {

@@ -23,6 +23,8 @@ pub mod store;
 
 pub use error::{Error, Result};
 pub use handler::{JobArgs, JobContext, JobError, KindOptions, Outcome, Registry};
-pub use job::{AttemptOutcome, AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
+pub use job::{
+    AttemptOutcome, AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction,
+};
 pub use retry_policy::RetryPolicy;
 pub use store::{Store, StoreOptions};

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use conveyor_worker::job::DEFAULT_MAX_ATTEMPTS;
 use conveyor_worker::store::{CancelResult, JobFilter, Page};
-use conveyor_worker::{JobId, JobState, NewJob};
+use conveyor_worker::{JobId, JobState, NewJob, OperatorAction};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
@@ -576,15 +576,17 @@ impl BulkAction {
         }
     }
 
+    /// The store action it applies to each job, and so the states it selects.
+    fn operator_action(self) -> OperatorAction {
+        match self {
+            BulkAction::Retry => OperatorAction::Retry,
+            BulkAction::Cancel => OperatorAction::Cancel,
+            BulkAction::Discard => OperatorAction::Purge,
+        }
+    }
+
     fn states(self) -> Vec<JobState> {
-        JobState::ALL
-            .into_iter()
-            .filter(|s| match self {
-                BulkAction::Retry => *s != JobState::Running,
-                BulkAction::Cancel => !s.is_terminal(),
-                BulkAction::Discard => s.is_terminal(),
-            })
-            .collect()
+        self.operator_action().from_states().to_vec()
     }
 }
 

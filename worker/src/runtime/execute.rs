@@ -12,7 +12,7 @@ use tracing::Instrument;
 use super::transition::{Ended, transition};
 use super::{Completion, QueueState, Shared};
 use crate::handler::{JobContext, JobError, Outcome};
-use crate::job::{Job, JobState};
+use crate::job::{Job, JobId, JobState};
 use crate::metrics::JobSeries;
 use crate::retry_policy::RetryPolicy;
 use crate::store::Finish;
@@ -33,6 +33,11 @@ pub(crate) async fn run(
         job.attempt = job.attempt,
     );
     async move {
+        let mut holding = Holding {
+            shared: &shared,
+            id: job.id,
+            handed_over: false,
+        };
         let job = Arc::new(job);
         // Times are on the store's clock: the claim's time came from the store, and the end
         // of the attempt (and any retry's due time) is this machine's clock plus its offset.
@@ -98,16 +103,38 @@ pub(crate) async fn run(
         // outcomes cannot be written (a full disk), the queue stops claiming jobs it could
         // not finish. The completer outlives every job task, so this only fails if it
         // crashed; then the lease expires and the rescuer retries the job.
-        if done.send(Completion { finish, _slot: slot }).await.is_err() {
-            // Nothing can write this outcome any more: count it as a failing write, so the
-            // heartbeat stops renewing this worker's leases after one lease and the rescuer
-            // gives the job to another worker, instead of it staying `running` here.
+        if done.send(Completion { finish, _slot: slot }).await.is_ok() {
+            // The completer takes the job out of `held` once its outcome is written.
+            holding.handed_over = true;
+        } else {
+            // Nothing can write this outcome any more: the job leaves `held` (so its lease is
+            // no longer renewed), and it counts as a failing write, so the heartbeat stops
+            // renewing this worker's other leases after one lease; the rescuer gives the jobs
+            // to another worker instead of them staying `running` here.
             shared.write_failed();
             tracing::error!("completer is gone; the job will be rescued when its lease expires");
         }
     }
     .instrument(span)
     .await
+}
+
+/// Keeps a job in [`Shared::held`] (whose leases the heartbeat renews) while its task owns
+/// it: if the task ends without handing the outcome to the completer (it panicked, was
+/// dropped, or the completer is gone), the job leaves `held`, its lease is no longer renewed,
+/// and the rescuer gives it back to the queue once the lease expires.
+struct Holding<'a> {
+    shared: &'a Shared,
+    id: JobId,
+    handed_over: bool,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        if !self.handed_over {
+            self.shared.held().remove(&self.id);
+        }
+    }
 }
 
 /// Counts the attempt's outcome and times it.

@@ -1,4 +1,4 @@
-//! Renews this process's leases, picks up cancel requests the wake-up channel missed, and
+//! Renews the leases of the jobs this process holds, picks up cancel requests the wake-up channel missed, and
 //! refreshes this worker's registration.
 
 use std::sync::Arc;
@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Shared, registration};
+use crate::job::JobId;
 
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(shared.config.heartbeat);
@@ -38,9 +39,13 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             tracing::info!("job outcomes are written again: renewing leases");
             withheld = false;
         }
+        // Only the jobs this process holds: one it has let go of (its task ended without
+        // handing over an outcome) expires and is rescued rather than renewed for as long as
+        // this worker lives.
+        let held: Vec<JobId> = shared.held().iter().copied().collect();
         match shared
             .store
-            .heartbeat(&shared.worker_id, shared.config.lease)
+            .heartbeat(&shared.worker_id, &held, shared.config.lease)
             .await
         {
             Ok(cancel) => {

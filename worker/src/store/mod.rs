@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 pub use self::meta::MetaStore;
 pub use self::postgres::Pooler;
 use crate::error::{Error, Result};
-use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
+use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction};
 use crate::retry_policy::RetryPolicy;
 
 /// Connection settings shared by the backends.
@@ -357,9 +357,12 @@ pub trait Store: MetaStore + Send + Sync + 'static {
     /// job no longer running at that attempt is ignored).
     async fn finish(&self, outcomes: Vec<Finish>) -> Result<u64>;
 
-    /// Renews the leases of every job `worker` runs; returns the ids among them whose
-    /// cancellation was requested.
-    async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>>;
+    /// Renews the leases of the jobs in `held` that run under `worker`'s lease (one statement
+    /// or script per call); returns the ids among them whose cancellation was requested.
+    /// Only what the worker says it holds is renewed: a job leased to `worker` that its
+    /// runtime no longer tracks keeps its deadline, expires and is rescued, instead of
+    /// staying `running` for as long as the worker lives.
+    async fn heartbeat(&self, worker: &str, held: &[JobId], lease: Duration) -> Result<Vec<JobId>>;
 
     /// One job with its attempt history.
     async fn get(&self, id: JobId) -> Result<Option<Job>>;
@@ -528,6 +531,19 @@ pub fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .min(LATEST)
 }
 
+/// A lease length as the stores add it to their own clock (in a statement or a script):
+/// whole microseconds, and at most what keeps the store's now plus it at or before
+/// [`LATEST`] (a day is left for a store clock ahead of this machine's). So a lease of
+/// `Duration::MAX` lasts "as long as can be", never an overflow, an error or a deadline the
+/// store cannot read back.
+pub(crate) fn lease_length(d: Duration) -> Duration {
+    let room = (LATEST - Utc::now() - chrono::Duration::days(1))
+        .to_std()
+        .unwrap_or_default();
+    let d = d.min(room);
+    Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// `now - d`, saturating at [`EARLIEST`].
 pub fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(d)
@@ -535,6 +551,19 @@ pub fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .and_then(|d| now.checked_sub_signed(d))
         .unwrap_or(EARLIEST)
         .max(EARLIEST)
+}
+
+/// The SQL condition on `state` that `states` spell, `state IN ('…', …)`: the same text in
+/// both SQL dialects.
+pub(crate) fn sql_state_in(states: &[JobState]) -> String {
+    let names: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+    format!("state IN ({})", names.join(","))
+}
+
+/// The SQL condition on `state` for the jobs `action` may start from (see
+/// [`OperatorAction::from_states`]).
+pub(crate) fn sql_from_states(action: OperatorAction) -> String {
+    sql_state_in(action.from_states())
 }
 
 /// Checks a page request.
@@ -551,6 +580,41 @@ pub fn check_page(page: &Page) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sql_fragments_list_exactly_each_actions_states() {
+        for action in OperatorAction::ALL {
+            let sql = sql_from_states(action);
+            let names = sql
+                .strip_prefix("state IN (")
+                .and_then(|rest| rest.strip_suffix(')'))
+                .unwrap_or_else(|| panic!("{action}: `{sql}` is not a state IN list"));
+            let states: Vec<JobState> = names
+                .split(',')
+                .map(|n| n.trim_matches('\'').parse().unwrap())
+                .collect();
+            assert_eq!(states, action.from_states(), "{action}: {sql}");
+        }
+        assert_eq!(
+            sql_from_states(OperatorAction::Purge),
+            "state IN ('completed','cancelled','dead')"
+        );
+    }
+
+    #[test]
+    fn a_lease_stays_within_the_instants_the_store_keeps() {
+        let max = lease_length(Duration::MAX);
+        let end = after(Utc::now(), max);
+        assert!(
+            end < LATEST && end > LATEST - chrono::Duration::days(2),
+            "{end}"
+        );
+        assert_eq!(lease_length(Duration::ZERO), Duration::ZERO);
+        assert_eq!(
+            lease_length(Duration::from_nanos(30_000_001_500)),
+            Duration::from_micros(30_000_001)
+        );
+    }
 
     #[test]
     fn time_arithmetic_saturates() {

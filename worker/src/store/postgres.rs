@@ -33,11 +33,11 @@ use uuid::Uuid;
 use super::PgSessionSettings;
 use super::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
-    Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish,
+    Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish, sql_from_states,
 };
 use crate::clock::StoreClock;
 use crate::error::{Error, Result};
-use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob};
+use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction};
 use crate::retry_policy::RetryPolicy;
 
 /// Rows per bulk INSERT statement on the caller's connection.
@@ -245,7 +245,7 @@ impl PgStore {
     }
 
     /// Why an operation on `id` changed nothing: it is missing, or in the wrong state.
-    async fn refusal(&self, id: JobId, action: &'static str) -> Error {
+    async fn refusal(&self, id: JobId, action: OperatorAction) -> Error {
         match self.get(id).await {
             Ok(Some(job)) => Error::WrongState {
                 id,
@@ -520,7 +520,9 @@ fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
 }
 
 /// A lease or delay as a Postgres interval, added to the store's `now()` in a statement.
+/// A lease as a Postgres interval, capped by [`super::lease_length`].
 fn interval(d: Duration) -> Result<sqlx::postgres::types::PgInterval> {
+    let d = super::lease_length(d);
     sqlx::postgres::types::PgInterval::try_from(d).map_err(|e| {
         Error::invalid(
             "lease",
@@ -985,13 +987,18 @@ impl Store for PgStore {
         Ok(applied)
     }
 
-    async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>> {
+    async fn heartbeat(&self, worker: &str, held: &[JobId], lease: Duration) -> Result<Vec<JobId>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
         // SKIP LOCKED: a row locked now is being completed or rescued; waiting for it could
         // deadlock with a completion batch, and the lease of a job that is finishing needs no
         // extension. A running job skipped now is extended at the next beat.
+        let ids: Vec<uuid::Uuid> = held.iter().map(|id| id.0).collect();
         let rows = sqlx::query(queries::HEARTBEAT)
             .bind(interval(lease)?)
             .bind(worker)
+            .bind(ids)
             .fetch_all(&self.pool)
             .await?;
         let mut cancel = Vec::new();
@@ -1035,30 +1042,33 @@ impl Store for PgStore {
     }
 
     async fn retry(&self, id: JobId) -> Result<Job> {
-        let row = sqlx::query(
+        let sql = format!(
             "UPDATE conveyor.jobs SET state = 'available', attempt = 0, run_at = now(), \
              finalized_at = NULL, lease_owner = NULL, lease_expires_at = NULL, \
-             cancel_requested_at = NULL WHERE id = $1 AND state <> 'running' RETURNING *",
-        )
-        .bind(id.0)
-        .fetch_optional(&self.pool)
-        .await?;
+             cancel_requested_at = NULL WHERE id = $1 AND {} RETURNING *",
+            sql_from_states(OperatorAction::Retry)
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
         match row {
             Some(row) => {
                 let job = job_from_row(&row)?;
                 self.notify_queues([job.queue.clone()]).await?;
                 Ok(job)
             }
-            None => Err(self.refusal(id, "retry").await),
+            None => Err(self.refusal(id, OperatorAction::Retry).await),
         }
     }
 
     async fn retry_matching(&self, filter: &JobFilter) -> Result<u64> {
-        let mut qb = QueryBuilder::<Postgres>::new(
+        let mut qb = QueryBuilder::<Postgres>::new(format!(
             "UPDATE conveyor.jobs SET state = 'available', attempt = 0, finalized_at = NULL, \
              lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL, \
-             run_at = now() WHERE state <> 'running'",
-        );
+             run_at = now() WHERE {}",
+            sql_from_states(OperatorAction::Retry)
+        ));
         push_filter(&mut qb, filter);
         qb.push(" RETURNING queue");
         let queues: Vec<String> = qb.build_query_scalar().fetch_all(&self.pool).await?;
@@ -1078,7 +1088,7 @@ impl Store for PgStore {
             Some(s) => s.parse()?,
             None => return Err(Error::NotFound(id)),
         };
-        let result = if state.is_waiting() {
+        let result = if OperatorAction::CANCEL_AT_ONCE.contains(&state) {
             sqlx::query(
                 "UPDATE conveyor.jobs SET state = 'cancelled', finalized_at = now() WHERE id = $1",
             )
@@ -1086,7 +1096,7 @@ impl Store for PgStore {
             .execute(&mut tx)
             .await?;
             CancelResult::Cancelled
-        } else if state == JobState::Running {
+        } else if OperatorAction::CANCEL_BY_REQUEST.contains(&state) {
             sqlx::query(
                 "UPDATE conveyor.jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()) \
                  WHERE id = $1",
@@ -1104,7 +1114,7 @@ impl Store for PgStore {
             return Err(Error::WrongState {
                 id,
                 state,
-                action: "cancel",
+                action: OperatorAction::Cancel,
             });
         };
         tx.commit().await?;
@@ -1115,21 +1125,26 @@ impl Store for PgStore {
     }
 
     async fn discard(&self, id: JobId) -> Result<()> {
-        let done = sqlx::query("DELETE FROM conveyor.jobs WHERE id = $1 AND state <> 'running'")
+        let sql = format!(
+            "DELETE FROM conveyor.jobs WHERE id = $1 AND {}",
+            sql_from_states(OperatorAction::Discard)
+        );
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id.0)
             .execute(&self.pool)
             .await?;
         if done.rows_affected() == 1 {
             Ok(())
         } else {
-            Err(self.refusal(id, "discard").await)
+            Err(self.refusal(id, OperatorAction::Discard).await)
         }
     }
 
     async fn purge(&self, filter: &JobFilter) -> Result<u64> {
-        let mut qb = QueryBuilder::<Postgres>::new(
-            "DELETE FROM conveyor.jobs WHERE state IN ('completed','cancelled','dead')",
-        );
+        let mut qb = QueryBuilder::<Postgres>::new(format!(
+            "DELETE FROM conveyor.jobs WHERE {}",
+            sql_from_states(OperatorAction::Purge)
+        ));
         push_filter(&mut qb, filter);
         Ok(qb.build().execute(&self.pool).await?.rows_affected())
     }

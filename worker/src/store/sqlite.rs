@@ -31,21 +31,23 @@ use uuid::Uuid;
 
 use super::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
-    Store, StoreEvent, StoreOptions, check_migrations, check_page,
+    Store, StoreEvent, StoreOptions, check_migrations, check_page, sql_from_states,
 };
 use crate::error::{Error, Result};
-use crate::job::{Enqueued, Job, JobId, JobState, NewJob};
+use crate::job::{Enqueued, Job, JobId, JobState, NewJob, OperatorAction};
 use crate::retry_policy::RetryPolicy;
 
 /// Rows per multi-row INSERT: 11 parameters a row stays far below SQLite's 32,766 limit.
 const INSERT_CHUNK: usize = 500;
+/// Ids per heartbeat statement: far below SQLite's 32,766 parameters, and above any
+/// worker's concurrency, so a beat is one statement.
+const HEARTBEAT_CHUNK: usize = 10_000;
 
 const COLUMNS: &str = "id, queue, kind, args, priority, state, attempt, max_attempts, run_at, \
     created_at, attempted_at, finalized_at, lease_owner, lease_expires_at, cancel_requested_at, \
     idempotency_key, tags, metadata, attempts";
 
 const WAITING: &str = "('scheduled','available','retryable')";
-const TERMINAL: &str = "('completed','cancelled','dead')";
 
 /// The SQLite store. Cheap to clone; clones share the pools and the wake-up channel.
 #[derive(Clone)]
@@ -628,22 +630,28 @@ impl Store for SqliteStore {
         Ok(applied)
     }
 
-    async fn heartbeat(&self, worker: &str, lease: Duration) -> Result<Vec<JobId>> {
-        let rows = sqlx::query(
-            "UPDATE jobs SET lease_expires_at = ?1 WHERE state = 'running' AND lease_owner = ?2 \
-             RETURNING id, cancel_requested_at",
-        )
-        .bind(micros(after(Utc::now(), lease)))
-        .bind(worker)
-        .fetch_all(&self.writer)
-        .await?;
+    async fn heartbeat(&self, worker: &str, held: &[JobId], lease: Duration) -> Result<Vec<JobId>> {
+        let until = micros(after(Utc::now(), lease));
         let mut cancel = Vec::new();
-        for row in rows {
-            if row
-                .try_get::<Option<i64>, _>("cancel_requested_at")?
-                .is_some()
-            {
-                cancel.push(JobId(row.try_get("id")?));
+        // One statement per beat unless a worker holds more jobs than SQLite takes parameters.
+        for chunk in held.chunks(HEARTBEAT_CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new("UPDATE jobs SET lease_expires_at = ");
+            qb.push_bind(until)
+                .push(" WHERE state = 'running' AND lease_owner = ")
+                .push_bind(worker)
+                .push(" AND id IN (");
+            let mut ids = qb.separated(", ");
+            for id in chunk {
+                ids.push_bind(id.0);
+            }
+            qb.push(") RETURNING id, cancel_requested_at");
+            for row in qb.build().fetch_all(&self.writer).await? {
+                if row
+                    .try_get::<Option<i64>, _>("cancel_requested_at")?
+                    .is_some()
+                {
+                    cancel.push(JobId(row.try_get("id")?));
+                }
             }
         }
         Ok(cancel)
@@ -682,7 +690,8 @@ impl Store for SqliteStore {
         let sql = format!(
             "UPDATE jobs SET state = 'available', attempt = 0, run_at = ?1, finalized_at = NULL, \
              lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL \
-             WHERE id = ?2 AND state <> 'running' RETURNING {COLUMNS}"
+             WHERE id = ?2 AND {} RETURNING {COLUMNS}",
+            sql_from_states(OperatorAction::Retry)
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(micros(Utc::now()))
@@ -695,7 +704,7 @@ impl Store for SqliteStore {
                 self.wake([job.queue.clone()]);
                 Ok(job)
             }
-            None => Err(self.refusal(id, "retry").await),
+            None => Err(self.refusal(id, OperatorAction::Retry).await),
         }
     }
 
@@ -705,7 +714,7 @@ impl Store for SqliteStore {
              lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL, run_at = ",
         );
         qb.push_bind(micros(Utc::now()))
-            .push(" WHERE state <> 'running'");
+            .push(format!(" WHERE {}", sql_from_states(OperatorAction::Retry)));
         push_filter(&mut qb, filter);
         qb.push(" RETURNING queue");
         let rows = qb.build().fetch_all(&self.writer).await?;
@@ -729,14 +738,14 @@ impl Store for SqliteStore {
             Some(s) => s.parse()?,
             None => return Err(Error::NotFound(id)),
         };
-        let result = if state.is_waiting() {
+        let result = if OperatorAction::CANCEL_AT_ONCE.contains(&state) {
             sqlx::query("UPDATE jobs SET state = 'cancelled', finalized_at = ?1 WHERE id = ?2")
                 .bind(now)
                 .bind(id.0)
                 .execute(&mut *tx)
                 .await?;
             CancelResult::Cancelled
-        } else if state == JobState::Running {
+        } else if OperatorAction::CANCEL_BY_REQUEST.contains(&state) {
             sqlx::query(
                 "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, ?1) WHERE id = ?2",
             )
@@ -749,7 +758,7 @@ impl Store for SqliteStore {
             return Err(Error::WrongState {
                 id,
                 state,
-                action: "cancel",
+                action: OperatorAction::Cancel,
             });
         };
         tx.commit().await?;
@@ -760,20 +769,26 @@ impl Store for SqliteStore {
     }
 
     async fn discard(&self, id: JobId) -> Result<()> {
-        let done = sqlx::query("DELETE FROM jobs WHERE id = ? AND state <> 'running'")
+        let sql = format!(
+            "DELETE FROM jobs WHERE id = ? AND {}",
+            sql_from_states(OperatorAction::Discard)
+        );
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id.0)
             .execute(&self.writer)
             .await?;
         if done.rows_affected() == 1 {
             Ok(())
         } else {
-            Err(self.refusal(id, "discard").await)
+            Err(self.refusal(id, OperatorAction::Discard).await)
         }
     }
 
     async fn purge(&self, filter: &JobFilter) -> Result<u64> {
-        let mut qb =
-            QueryBuilder::<Sqlite>::new(format!("DELETE FROM jobs WHERE state IN {TERMINAL}"));
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "DELETE FROM jobs WHERE {}",
+            sql_from_states(OperatorAction::Purge)
+        ));
         push_filter(&mut qb, filter);
         Ok(qb.build().execute(&self.writer).await?.rows_affected())
     }
@@ -908,7 +923,7 @@ impl Store for SqliteStore {
 
 impl SqliteStore {
     /// Why an operation on `id` changed nothing: it is missing, or in the wrong state.
-    async fn refusal(&self, id: JobId, action: &'static str) -> Error {
+    async fn refusal(&self, id: JobId, action: OperatorAction) -> Error {
         match self.get(id).await {
             Ok(Some(job)) => Error::WrongState {
                 id,

@@ -62,17 +62,18 @@ WHERE j.id = ANY(ARRAY(SELECT unnest($1::uuid[])))
   AND CASE WHEN j.state = 'running' THEN j.attempt END = u.attempt
 RETURNING j.queue, j.state";
 
-/// Heartbeat: extends by `$1` (an interval, from the store's `now()`) the lease of every job
-/// worker `$2` runs, and returns which of
-/// them were asked to cancel. The owner's jobs come from `jobs_lease_owner`, not from a walk
-/// over every running job of every worker. SKIP LOCKED: a row locked now is being completed or rescued;
-/// waiting for it could deadlock with a completion batch, and a job that is finishing needs
-/// no longer lease. A job skipped now is extended at the next beat.
+/// Heartbeat: extends by `$1` (an interval, from the store's `now()`) the lease of each job
+/// of `$3` (the ids the worker's runtime holds) that worker `$2` runs, and returns which of
+/// them were asked to cancel. The jobs are found by id (`jobs_pkey`) or by owner
+/// (`jobs_lease_owner`), never by a walk over every running job. SKIP LOCKED: a row locked
+/// now is being completed or rescued; waiting for it could deadlock with a completion batch,
+/// and a job that is finishing needs no longer lease. A job skipped now is extended at the
+/// next beat.
 pub const HEARTBEAT: &str = "\
 UPDATE conveyor.jobs SET lease_expires_at = now() + $1
 WHERE id = ANY(ARRAY(
     SELECT id FROM conveyor.jobs
-    WHERE lease_owner = $2 AND state = 'running'
+    WHERE id = ANY($3::uuid[]) AND lease_owner = $2 AND state = 'running'
     FOR UPDATE SKIP LOCKED))
 RETURNING id, cancel_requested_at";
 

@@ -1,19 +1,20 @@
--- Cancels job ARGV[3] at the store's clock: a waiting one at once, a running one by flagging it and
--- telling its worker on channel ARGV[2]. Returns {'cancelled'}, {'requested'}, {'missing'}
--- or {'wrong', state}.
+-- Cancels job ARGV[3] at the store's clock: at once from FROM.cancel_at_once (the waiting
+-- states), by flagging it and telling its worker on channel ARGV[2] from
+-- FROM.cancel_by_request (running). Returns {'cancelled'}, {'requested'}, {'missing'} or
+-- {'wrong', state}.
 local id, now = ARGV[3], fmt(store_now())
 local h = load(id)
 if not h then
   return { 'missing' }
 end
-if is_waiting(h.state) then
+if FROM.cancel_at_once[h.state] then
   unindex(id, h.state, h)
   redis.call('HSET', jkey(id), 'state', 'cancelled', 'finalized_at', now)
   h.finalized_at = now
   index(id, 'cancelled', h)
   return { 'cancelled' }
 end
-if h.state == 'running' then
+if FROM.cancel_by_request[h.state] then
   if not h.cancel_requested_at then
     redis.call('HSET', jkey(id), 'cancel_requested_at', now)
   end

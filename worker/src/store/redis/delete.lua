@@ -1,5 +1,5 @@
--- Deletes each listed job: any that is not running (ARGV[2] = 'any') or finished ones only
--- (ARGV[2] = 'finished'). Two strings per id: 'ok', 'missing' or the refusing state, then
+-- Deletes each listed job that operator action ARGV[2] ('discard' or 'purge') may start from
+-- (FROM.discard, FROM.purge). Two strings per id: 'ok', 'missing' or the refusing state, then
 -- the job's idempotency key ('' for none) so the caller can free it.
 local out = {}
 for i = 3, #ARGV do
@@ -8,7 +8,7 @@ for i = 3, #ARGV do
   if not h then
     out[#out + 1] = 'missing'
     out[#out + 1] = ''
-  elseif h.state == 'running' or (ARGV[2] == 'finished' and is_waiting(h.state)) then
+  elseif not FROM[ARGV[2]][h.state] then
     out[#out + 1] = h.state
     out[#out + 1] = ''
   else

@@ -2,9 +2,10 @@
 -- key below starts with it, so one script only ever touches one Redis Cluster slot.
 local base = ARGV[1]
 
--- Exact decimal for an integral double (Lua's default conversion keeps 14 digits only).
+-- Exact decimal for an integral double (Lua's default conversion keeps 14 digits only), in
+-- plain digits however large: an instant near the latest one kept (18 digits of µs) too.
 local function fmt(x)
-  return string.format('%.17g', x)
+  return string.format('%.0f', x)
 end
 
 -- The store's clock in microseconds, as a string like every time in a job's hash. Every
@@ -126,10 +127,6 @@ local function promote(now, limit)
     end
   end
   return n
-end
-
-local function is_waiting(state)
-  return state == 'scheduled' or state == 'available' or state == 'retryable'
 end
 
 -- Sends `cmd key values...` in calls of at most 1,000 values (so `unpack` stays far below

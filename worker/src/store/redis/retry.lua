@@ -1,6 +1,6 @@
--- Makes each listed job that is not running available now (the store's clock) with a fresh
--- attempt budget. ARGV: base, jobs channel, queue, ids... Returns one answer per id: 'ok', 'missing', or
--- the state that refused it.
+-- Makes each listed job that retry may start from (FROM.retry) available now (the store's
+-- clock) with a fresh attempt budget. ARGV: base, jobs channel, queue, ids... Returns one
+-- answer per id: 'ok', 'missing', or the state that refused it.
 local now = fmt(store_now())
 local out = {}
 local ready = false
@@ -9,8 +9,8 @@ for i = 4, #ARGV do
   local h = load(id)
   if not h then
     out[#out + 1] = 'missing'
-  elseif h.state == 'running' then
-    out[#out + 1] = 'running'
+  elseif not FROM.retry[h.state] then
+    out[#out + 1] = h.state
   else
     unindex(id, h.state, h)
     local k = jkey(id)
