@@ -1111,7 +1111,7 @@ async fn job_in_state(s: &Arc<dyn Store>, queue: &str, state: JobState) -> JobId
         JobState::Retryable => (AttemptOutcome::Failed, Some(later)),
         JobState::Completed => (AttemptOutcome::Completed, None),
         JobState::Cancelled => (AttemptOutcome::Cancelled, None),
-        _ => (AttemptOutcome::Discarded, None),
+        _ => (AttemptOutcome::Failed, None),
     };
     s.finish(vec![finish(&got[0], state, outcome, run_at)])
         .await
