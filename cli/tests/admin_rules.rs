@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::{Process, conveyor, run, run_json};
-use conveyor_admin::audit::{self, Actor, AuditEntry};
-use conveyor_admin::key::{self, Scope};
+use conveyor_api::audit::{self, Actor, AuditEntry};
+use conveyor_api::key::{self, Scope};
 use conveyor_api::{ApiConfig, AppState};
 use conveyor_tests::eventually;
 use conveyor_tests::receiver::Receiver;
