@@ -25,6 +25,17 @@ pub struct ApiConfig {
     pub cors_origins: Vec<String>,
 }
 
+impl ApiConfig {
+    /// The limits the admin layer applies to every caller.
+    pub fn limits(&self) -> conveyor_admin::Limits {
+        conveyor_admin::Limits {
+            args_limit: self.args_limit,
+            batch_limit: self.batch_limit,
+            bulk_cancel_limit: self.bulk_cancel_limit,
+        }
+    }
+}
+
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {

@@ -6,7 +6,10 @@
 //!   shared layers (body limit, security headers, CORS, HTTP metrics, panic catcher).
 //! - [`serve`] runs it on a bound listener until a shutdown future resolves.
 //! - [`auth`]: the `Auth<scope::…>` extractor every route takes — key check, rate limit,
-//!   scope check. [`key`] makes, verifies and revokes keys; [`audit`] records operator actions.
+//!   scope check. [`key`] makes, verifies and revokes keys; [`audit`] records operator actions
+//!   (both from `conveyor_admin`).
+//! - Every handler parses its input, calls one `conveyor_admin::Admin` operation
+//!   ([`AppState::admin`]), which checks, performs and audits it, and renders the answer.
 //! - [`problem`]: the one error type, rendered as `application/problem+json`;
 //!   [`extract`] has the body/query/path extractors whose rejections are problems too.
 //!
@@ -18,11 +21,9 @@
 // A `Problem` is built only on the error path of a request, where its size costs nothing.
 #![allow(clippy::result_large_err)]
 
-pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod extract;
-pub mod key;
 pub mod meta;
 pub mod problem;
 pub mod route;
@@ -45,6 +46,8 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 
 pub use config::ApiConfig;
+/// The audit log and API keys live in the admin layer, below the API and the CLI.
+pub use conveyor_admin::{audit, key};
 pub use problem::Problem;
 pub use state::AppState;
 

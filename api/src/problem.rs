@@ -226,6 +226,20 @@ impl From<conveyor_worker::Error> for Problem {
     }
 }
 
+impl From<conveyor_admin::Error> for Problem {
+    fn from(e: conveyor_admin::Error) -> Self {
+        use conveyor_admin::Error as E;
+        match e {
+            E::Store(e) => e.into(),
+            E::Webhook(e) => e.into(),
+            E::TooLarge { field, message } => {
+                Problem::too_large(format!("{field} is {message}")).field(field, message)
+            }
+            E::NotFound(message) | E::UnknownName(message) => Problem::not_found(message),
+        }
+    }
+}
+
 /// The documented `type`s and their statuses, in order (listed in `docs/api.md`).
 pub const CODES: [(&str, u16); 11] = [
     ("bad-request", 400),

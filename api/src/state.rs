@@ -36,6 +36,11 @@ impl AppState {
         }
     }
 
+    /// The operator operations over this state's store, webhook service and limits.
+    pub fn admin(&self) -> conveyor_admin::Admin {
+        conveyor_admin::Admin::new(self.webhooks.clone(), self.config.limits())
+    }
+
     /// With the process's webhook service (configured by `[webhooks]`).
     pub fn with_webhooks(mut self, webhooks: Arc<Webhooks>) -> Self {
         self.webhooks = webhooks;

@@ -125,6 +125,10 @@ pub struct EnqueueResponse {
     pub duplicate: bool,
     /// The job.
     pub job: JobView,
+    /// Why the job may wait longer than expected: no live worker serves its queue, or none
+    /// on that queue has a handler for its kind. Empty when some worker will run it.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One answer of a batch enqueue.
@@ -148,6 +152,10 @@ pub struct BatchResponse {
     pub duplicates: usize,
     /// One per input job.
     pub jobs: Vec<BatchItem>,
+    /// Each queue or kind of the batch that no live worker serves, once (as in
+    /// [`EnqueueResponse::warnings`]).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One page of jobs, newest first.
@@ -207,6 +215,10 @@ pub struct QueueView {
     /// Attempts finished per second (any outcome) between the live workers' last two
     /// heartbeats, summed over those workers.
     pub throughput_per_second: f64,
+    /// Jobs wait in it (available, scheduled or retryable) and no live worker fetches from
+    /// it: they wait until a worker for this queue starts.
+    #[serde(default)]
+    pub unserved: bool,
 }
 
 /// A page of audit records.

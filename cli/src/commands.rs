@@ -5,8 +5,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
+use conveyor_admin::enqueue::JobRequest;
+use conveyor_admin::job::{BulkAction, BulkRequest};
+use conveyor_admin::{Actor, Admin};
 use conveyor_worker::store::{JobFilter, Page};
-use conveyor_worker::{JobId, JobState, NewJob, Store};
+use conveyor_worker::{JobId, JobState, Store};
 use serde_json::json;
 
 use crate::cli::{
@@ -74,19 +77,19 @@ fn build_page(p: &PageArgs) -> anyhow::Result<Page> {
 }
 
 /// `conveyor enqueue`
-pub async fn enqueue(
-    store: Arc<dyn Store>,
-    webhook_queue: &str,
-    a: EnqueueArgs,
-) -> anyhow::Result<()> {
-    let args = parse_json("--args", &a.args)?;
-    let mut job = NewJob::new(a.kind, args)
-        .queue(a.queue)
-        .priority(a.priority)
-        .max_attempts(a.max_attempts)
-        .tags(a.tags);
+pub async fn enqueue(admin: &Admin, a: EnqueueArgs) -> anyhow::Result<()> {
+    let mut request = JobRequest {
+        args: Some(parse_json("--args", &a.args)?),
+        kind: a.kind,
+        queue: Some(a.queue),
+        priority: a.priority,
+        max_attempts: Some(a.max_attempts),
+        idempotency_key: a.idempotency_key,
+        tags: a.tags,
+        ..JobRequest::default()
+    };
     if let Some(meta) = &a.metadata {
-        job = job.metadata(parse_json("--metadata", meta)?);
+        request.metadata = Some(parse_json("--metadata", meta)?);
     }
     if let Some(at) = &a.run_at {
         let at = DateTime::parse_from_rfc3339(at).map_err(|e| {
@@ -94,23 +97,22 @@ pub async fn enqueue(
                 "--run-at `{at}` is not an RFC 3339 time ({e}); write e.g. 2026-12-01T09:00:00Z"
             ))
         })?;
-        job = job.run_at(at.with_timezone(&Utc));
+        request.run_at = Some(at.with_timezone(&Utc));
     }
     if let Some(delay) = &a.delay {
-        let d = humantime::parse_duration(delay).map_err(|e| {
+        // Counted from the store's clock at insert, not this machine's.
+        request.delay = Some(humantime::parse_duration(delay).map_err(|e| {
             crate::input::usage(format!(
                 "--delay `{delay}` is not a duration ({e}); write e.g. 30s, 5m or 2h"
             ))
-        })?;
-        // Counted from the store's clock at insert, not this machine's.
-        job = job.delay(d);
+        })?);
     }
-    if let Some(key) = a.idempotency_key {
-        job = job.idempotency_key(key);
+    // The same checks as the API's, in the admin layer.
+    let outcome = admin.enqueue(&Actor::cli(), request).await?;
+    for w in &outcome.warnings {
+        errln!("warning: {w}");
     }
-    // The same rule as the API's: no reserved kind or queue.
-    conveyor_jobs::check_reserved(&job, webhook_queue)?;
-    let enqueued = store.enqueue(job).await?;
+    let enqueued = outcome.enqueued;
     if a.json {
         output::json(&enqueued)?;
     } else if enqueued.duplicate {
@@ -126,7 +128,9 @@ pub async fn enqueue(
 }
 
 /// `conveyor jobs …`
-pub async fn jobs(store: Arc<dyn Store>, cmd: JobsCommand) -> anyhow::Result<()> {
+pub async fn jobs(admin: &Admin, cmd: JobsCommand) -> anyhow::Result<()> {
+    let store = admin.store();
+    let actor = Actor::cli();
     match cmd {
         JobsCommand::List {
             state,
@@ -162,10 +166,9 @@ pub async fn jobs(store: Arc<dyn Store>, cmd: JobsCommand) -> anyhow::Result<()>
         }
         JobsCommand::Retry { ids, out } => {
             for_each(ids, out.json, "retried", |id| {
-                let store = store.clone();
+                let actor = &actor;
                 async move {
-                    let job = store.retry(id).await?;
-                    audit_cli(&*store, "job.retry", json!({ "ids": [id] }), 1).await?;
+                    let job = admin.retry(actor, id).await?;
                     Ok(json!({"state": job.state}))
                 }
             })
@@ -173,16 +176,9 @@ pub async fn jobs(store: Arc<dyn Store>, cmd: JobsCommand) -> anyhow::Result<()>
         }
         JobsCommand::Cancel { ids, out } => {
             for_each(ids, out.json, "cancel", |id| {
-                let store = store.clone();
+                let actor = &actor;
                 async move {
-                    let result = store.cancel(id).await?;
-                    audit_cli(
-                        &*store,
-                        "job.cancel",
-                        json!({ "ids": [id], "result": result }),
-                        1,
-                    )
-                    .await?;
+                    let result = admin.cancel(actor, id).await?;
                     Ok(json!({"result": result}))
                 }
             })
@@ -190,10 +186,9 @@ pub async fn jobs(store: Arc<dyn Store>, cmd: JobsCommand) -> anyhow::Result<()>
         }
         JobsCommand::Discard { ids, out } => {
             for_each(ids, out.json, "discarded", |id| {
-                let store = store.clone();
+                let actor = &actor;
                 async move {
-                    store.discard(id).await?;
-                    audit_cli(&*store, "job.discard", json!({ "ids": [id] }), 1).await?;
+                    admin.discard(actor, id).await?;
                     Ok(json!({}))
                 }
             })
@@ -206,7 +201,7 @@ pub async fn jobs(store: Arc<dyn Store>, cmd: JobsCommand) -> anyhow::Result<()>
 async fn for_each<F, Fut>(ids: Vec<String>, as_json: bool, verb: &str, op: F) -> anyhow::Result<()>
 where
     F: Fn(JobId) -> Fut,
-    Fut: std::future::Future<Output = conveyor_worker::Result<serde_json::Value>>,
+    Fut: std::future::Future<Output = conveyor_admin::Result<serde_json::Value>>,
 {
     let mut failed = 0usize;
     let mut report = Vec::new();
@@ -249,7 +244,8 @@ where
 }
 
 /// `conveyor dead …`
-pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()> {
+pub async fn dead(admin: &Admin, cmd: DeadCommand) -> anyhow::Result<()> {
+    let store = admin.store();
     match cmd {
         DeadCommand::List { filter, page, out } => {
             let filter = build_filter(vec![JobState::Dead], &filter)?;
@@ -280,7 +276,15 @@ pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()>
                     .iter()
                     .map(|s| parse_id(s))
                     .collect::<anyhow::Result<_>>()?;
-                return bulk(&*store, filter, dry_run, out.json, "retried", Bulk::Retry).await;
+                return bulk(
+                    admin,
+                    filter,
+                    dry_run,
+                    out.json,
+                    "retried",
+                    BulkAction::Retry,
+                )
+                .await;
             }
             if !has_filter(&filter) && !all {
                 return Err(crate::input::usage(
@@ -288,7 +292,15 @@ pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()>
                 ));
             }
             let filter = build_filter(vec![JobState::Dead], &filter)?;
-            bulk(&*store, filter, dry_run, out.json, "retried", Bulk::Retry).await
+            bulk(
+                admin,
+                filter,
+                dry_run,
+                out.json,
+                "retried",
+                BulkAction::Retry,
+            )
+            .await
         }
         DeadCommand::Purge {
             filter,
@@ -302,34 +314,40 @@ pub async fn dead(store: Arc<dyn Store>, cmd: DeadCommand) -> anyhow::Result<()>
                 ));
             }
             let filter = build_filter(vec![JobState::Dead], &filter)?;
-            bulk(&*store, filter, dry_run, out.json, "purged", Bulk::Purge).await
+            bulk(
+                admin,
+                filter,
+                dry_run,
+                out.json,
+                "purged",
+                BulkAction::Discard,
+            )
+            .await
         }
     }
 }
 
-enum Bulk {
-    Retry,
-    Purge,
-}
-
+/// A bulk action over dead jobs, through the same admin operation as the API's.
 async fn bulk(
-    store: &dyn Store,
+    admin: &Admin,
     filter: JobFilter,
     dry_run: bool,
     as_json: bool,
     verb: &str,
-    op: Bulk,
+    action: BulkAction,
 ) -> anyhow::Result<()> {
-    let n = if dry_run {
-        store.count(&filter).await?
-    } else {
-        let (n, action) = match op {
-            Bulk::Retry => (store.retry_matching(&filter).await?, "jobs.retry"),
-            Bulk::Purge => (store.purge(&filter).await?, "jobs.discard"),
-        };
-        audit_cli(store, action, json!({ "filter": filter }), n).await?;
-        n
-    };
+    let done = admin
+        .bulk(
+            &Actor::cli(),
+            action,
+            BulkRequest {
+                filter,
+                all: false,
+                dry_run,
+            },
+        )
+        .await?;
+    let n = if dry_run { done.matched } else { done.affected };
     if as_json {
         output::json(&json!({ "matched": n, "dry_run": dry_run, "action": verb }))
     } else {
@@ -342,54 +360,24 @@ async fn bulk(
     }
 }
 
-/// Records an operator action taken from the command line.
-pub(crate) async fn audit_cli(
-    store: &dyn Store,
-    action: &str,
-    target: serde_json::Value,
-    affected: u64,
-) -> conveyor_worker::Result<()> {
-    use conveyor_api::audit::{self, Actor, AuditEntry};
-    audit::record(
-        store,
-        AuditEntry::new(Actor::cli(), action)
-            .target(target)
-            .affected(affected),
-    )
-    .await
-}
-
 /// `conveyor queues`
-pub async fn queues(store: Arc<dyn Store>, as_json: bool) -> anyhow::Result<()> {
-    let stats = store.queue_stats().await?;
+pub async fn queues(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
+    let queues = admin.queues().await?;
     if as_json {
-        output::json(&stats)
+        output::json(&queues)
     } else {
-        use conveyor_worker::runtime::pause::{COLLECTION, QueueSettings};
-        let query = conveyor_worker::store::meta::MetaQuery {
-            limit: 1000,
-            ..Default::default()
-        };
-        let paused = store
-            .meta_list(COLLECTION, &query)
-            .await?
-            .into_iter()
-            .filter(|r| r.decode::<QueueSettings>().is_ok_and(|q| q.paused))
-            .map(|r| r.key)
-            .collect();
-        output::queues_table(&stats, &paused);
+        output::queues_table(&queues);
         Ok(())
     }
 }
 
 /// `conveyor keys …`
-pub async fn keys(store: Arc<dyn Store>, cmd: KeysCommand) -> anyhow::Result<()> {
-    use conveyor_api::audit::Actor;
-    use conveyor_api::key::{self, Scope};
+pub async fn keys(admin: &Admin, cmd: KeysCommand) -> anyhow::Result<()> {
+    use conveyor_admin::key::{self, Scope};
     match cmd {
         KeysCommand::Create { scope, name, out } => {
             let scope: Scope = scope.parse()?;
-            let (k, token) = key::create(&store, &name, scope, Actor::cli()).await?;
+            let (k, token) = admin.create_key(&Actor::cli(), &name, scope).await?;
             if out.json {
                 output::json(&json!({ "key": token, "id": k.id, "name": k.name, "scope": k.scope }))
             } else {
@@ -404,7 +392,7 @@ pub async fn keys(store: Arc<dyn Store>, cmd: KeysCommand) -> anyhow::Result<()>
             }
         }
         KeysCommand::List(out) => {
-            let keys = key::list(&store).await?;
+            let keys = key::list(admin.store()).await?;
             if out.json {
                 output::json(&keys)
             } else {
@@ -412,14 +400,14 @@ pub async fn keys(store: Arc<dyn Store>, cmd: KeysCommand) -> anyhow::Result<()>
                 Ok(())
             }
         }
-        KeysCommand::Revoke { id, out } => match key::revoke(&store, &id, Actor::cli()).await? {
-            Some(k) if out.json => output::json(&k),
-            Some(k) => {
-                outln!("key {} `{}` is revoked", k.id, k.name);
-                Ok(())
+        KeysCommand::Revoke { id, out } => {
+            let k = admin.revoke_key(&Actor::cli(), &id).await?;
+            if out.json {
+                return output::json(&k);
             }
-            None => bail!("no key with id `{id}`; see `conveyor keys list`"),
-        },
+            outln!("key {} `{}` is revoked", k.id, k.name);
+            Ok(())
+        }
     }
 }
 
@@ -432,7 +420,7 @@ pub async fn audit(store: Arc<dyn Store>, cmd: AuditCommand) -> anyhow::Result<(
                     "--limit must be between 1 and 1000, got {limit}"
                 )));
             }
-            let entries = conveyor_api::audit::list(&store, before, limit).await?;
+            let entries = conveyor_admin::audit::list(&store, before, limit).await?;
             if out.json {
                 output::json(&entries)
             } else {

@@ -88,6 +88,9 @@ fn exit_status(e: &anyhow::Error) -> u8 {
             || cause.is::<input::UsageError>()
             || cause.is::<conveyor_scheduler::schedule::ScheduleError>()
             || cause.is::<conveyor_jobs::Reserved>()
+            || cause
+                .downcast_ref::<conveyor_admin::Error>()
+                .is_some_and(conveyor_admin::Error::is_bad_input)
             || matches!(
                 cause.downcast_ref::<conveyor_worker::Error>(),
                 Some(
@@ -160,26 +163,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             outln!("migrations applied: {backend} at {url}");
             Ok(())
         }
-        Command::Enqueue(args) => {
-            commands::enqueue(open_store(&config).await?, &config.webhooks.queue, args).await
-        }
-        Command::Jobs(cmd) => commands::jobs(open_store(&config).await?, cmd).await,
-        Command::Dead(cmd) => commands::dead(open_store(&config).await?, cmd).await,
-        Command::Queues(out) => commands::queues(open_store(&config).await?, out.json).await,
+        Command::Enqueue(args) => commands::enqueue(&open_admin(&config).await?, args).await,
+        Command::Jobs(cmd) => commands::jobs(&open_admin(&config).await?, cmd).await,
+        Command::Dead(cmd) => commands::dead(&open_admin(&config).await?, cmd).await,
+        Command::Queues(out) => commands::queues(&open_admin(&config).await?, out.json).await,
         Command::Schedules(cmd) if schedules::from_config_only(&config, &cmd) => {
             schedules::next_from_config(&config, cmd)
         }
         Command::Schedules(cmd) => {
             config.compiled_schedules()?;
-            schedules::run(&config, open_store(&config).await?, cmd).await
+            schedules::run(&config, &open_admin(&config).await?, cmd).await
         }
-        Command::Keys(cmd) => commands::keys(open_store(&config).await?, cmd).await,
+        Command::Keys(cmd) => commands::keys(&open_admin(&config).await?, cmd).await,
         Command::Audit(cmd) => commands::audit(open_store(&config).await?, cmd).await,
-        Command::Webhooks(cmd) => {
-            webhooks::run(open_store(&config).await?, config.webhooks.clone(), cmd).await
-        }
+        Command::Webhooks(cmd) => webhooks::run(&open_admin(&config).await?, cmd).await,
         Command::Bench(_) => unreachable!("handled above"),
     }
+}
+
+/// The operator operations over the configured store, with the config's webhook settings
+/// and `api.*` limits: the same rules the API applies.
+async fn open_admin(config: &Config) -> anyhow::Result<conveyor_admin::Admin> {
+    let store = open_store(config).await?;
+    let webhooks = conveyor_jobs::webhook::Webhooks::new(store, config.webhooks.clone())?;
+    Ok(conveyor_admin::Admin::new(
+        Arc::new(webhooks),
+        config.api.limits(),
+    ))
 }
 
 /// Opens (and migrates) the configured store, with an error that says how to fix it.

@@ -5,7 +5,6 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{ContentArrangement, Table};
 use conveyor_worker::Job;
 use conveyor_worker::JobState;
-use conveyor_worker::store::QueueStats;
 use serde::Serialize;
 
 /// Prints `value` as pretty JSON on one or more lines.
@@ -158,33 +157,37 @@ pub fn job_detail(job: &Job) {
 }
 
 /// Queue counts.
-pub fn queues_table(stats: &[QueueStats], paused: &std::collections::HashSet<String>) {
-    if stats.is_empty() {
+pub fn queues_table(queues: &[conveyor_admin::queue::QueueOverview]) {
+    if queues.is_empty() {
         outln!("no queues have jobs yet");
         return;
     }
     let mut header = vec!["queue"];
     header.extend(JobState::ALL.iter().map(|s| s.as_str()));
     header.push("oldest ready");
+    header.push("unserved");
     let mut t = table(&header);
-    for q in stats {
-        let name = if paused.contains(&q.queue) {
-            format!("{} (paused)", q.queue)
+    for q in queues {
+        let name = if q.paused {
+            format!("{} (paused)", q.stats.queue)
         } else {
-            q.queue.clone()
+            q.stats.queue.clone()
         };
         let mut row = vec![name];
         for st in JobState::ALL {
-            row.push(q.counts.get(&st).copied().unwrap_or(0).to_string());
+            row.push(q.stats.counts.get(&st).copied().unwrap_or(0).to_string());
         }
         row.push(
-            q.oldest_available_age
+            q.stats
+                .oldest_available_age
                 .map(|d| {
                     humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
                         .to_string()
                 })
                 .unwrap_or_else(|| "-".into()),
         );
+        // Jobs wait here and no live worker fetches from this queue.
+        row.push(if q.unserved { "yes" } else { "-" }.to_string());
         t.add_row(row);
     }
     outln!("{t}");
@@ -235,7 +238,7 @@ pub fn schedules_table(rows: &[conveyor_scheduler::registry::ScheduleStatus]) {
 }
 
 /// API keys.
-pub fn keys_table(keys: &[conveyor_api::key::ApiKey]) {
+pub fn keys_table(keys: &[conveyor_admin::key::ApiKey]) {
     if keys.is_empty() {
         outln!("no keys; create one with `conveyor keys create --scope read --name NAME`");
         return;
@@ -254,7 +257,7 @@ pub fn keys_table(keys: &[conveyor_api::key::ApiKey]) {
 }
 
 /// Audit records, newest first; points at the next page when this one is full.
-pub fn audit_table(entries: &[conveyor_api::audit::AuditEntry], page_size: u32) {
+pub fn audit_table(entries: &[conveyor_admin::audit::AuditEntry], page_size: u32) {
     if entries.is_empty() {
         outln!("no audit records");
         return;

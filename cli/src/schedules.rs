@@ -2,13 +2,11 @@
 //! `conveyor_scheduler::registry`), plus `next`, which answers from the config file when the
 //! schedule is there and from the store otherwise.
 
-use std::sync::Arc;
-
 use anyhow::bail;
 use chrono::{DateTime, Utc};
+use conveyor_admin::{Actor, Admin};
 use conveyor_scheduler::registry::{Origin, SchedulePatch, ScheduleStatus, Schedules};
-use conveyor_scheduler::schedule::{Schedule, ScheduleSpec};
-use conveyor_worker::Store;
+use conveyor_scheduler::schedule::Schedule;
 
 use crate::cli::{ScheduleFields, SchedulesCommand};
 use crate::config::Config;
@@ -72,13 +70,13 @@ fn print_next(
     Ok(())
 }
 
-/// `spec` with the given flags applied, every field checked.
-fn apply(spec: &ScheduleSpec, fields: ScheduleFields) -> anyhow::Result<ScheduleSpec> {
+/// The flags as a change to a schedule (the admin layer checks every field).
+fn patch(fields: ScheduleFields) -> anyhow::Result<SchedulePatch> {
     let args = match fields.args {
         Some(v) => Some(crate::input::json_flag("--args", &v)?),
         None => None,
     };
-    let patch = SchedulePatch {
+    Ok(SchedulePatch {
         cron: fields.cron,
         kind: fields.kind,
         timezone: fields.timezone,
@@ -90,8 +88,7 @@ fn apply(spec: &ScheduleSpec, fields: ScheduleFields) -> anyhow::Result<Schedule
         missed: fields.missed,
         backfill_limit: fields.backfill_limit,
         overlap: fields.overlap,
-    };
-    Ok(patch.apply(spec)?)
+    })
 }
 
 fn status_json(s: &ScheduleStatus) -> serde_json::Value {
@@ -143,25 +140,10 @@ fn origin(o: Origin) -> &'static str {
 }
 
 /// Every other `schedules` subcommand, against the store.
-pub async fn run(
-    config: &Config,
-    store: Arc<dyn Store>,
-    cmd: SchedulesCommand,
-) -> anyhow::Result<()> {
-    let registry = Schedules::new(store.clone());
+pub async fn run(config: &Config, admin: &Admin, cmd: SchedulesCommand) -> anyhow::Result<()> {
+    let registry = Schedules::new(admin.store().clone());
     let now = Utc::now();
-    let audit = |action: &'static str, name: String| {
-        let store = store.clone();
-        async move {
-            crate::commands::audit_cli(
-                store.as_ref(),
-                action,
-                serde_json::json!({ "schedule": name }),
-                1,
-            )
-            .await
-        }
-    };
+    let actor = Actor::cli();
     match cmd {
         SchedulesCommand::List(out) => {
             let mut rows = Vec::new();
@@ -194,7 +176,7 @@ pub async fn run(
             Ok(())
         }
         SchedulesCommand::Show { name, out } => {
-            let s = registry.require(&name).await?;
+            let s = admin.schedule(&name).await?;
             let status = registry.status(s, now).await?;
             if out.json {
                 return output::json(&status_json(&status));
@@ -208,10 +190,9 @@ pub async fn run(
                     "`schedules create` needs --cron and --kind, e.g. --cron '0 3 * * *' --kind demo.echo",
                 ));
             };
-            let spec = apply(&ScheduleSpec::new(name, cron, kind), fields)?;
-            conveyor_jobs::check_reserved_names(&spec.kind, &spec.queue, &config.webhooks.queue)?;
-            let stored = registry.create(spec, Origin::Api).await?;
-            audit("schedule.create", stored.spec.name.clone()).await?;
+            let stored = admin
+                .create_schedule(&actor, name, cron, kind, patch(fields)?)
+                .await?;
             let status = registry.status(stored, now).await?;
             if out.json {
                 return output::json(&status_json(&status));
@@ -221,11 +202,9 @@ pub async fn run(
             Ok(())
         }
         SchedulesCommand::Update { name, fields, out } => {
-            let current = registry.require(&name).await?;
-            let spec = apply(&current.spec, fields)?;
-            conveyor_jobs::check_reserved_names(&spec.kind, &spec.queue, &config.webhooks.queue)?;
-            let stored = registry.update(&name, spec, Some(current.version)).await?;
-            audit("schedule.update", name.clone()).await?;
+            let (stored, current) = admin
+                .update_schedule(&actor, &name, patch(fields)?, None)
+                .await?;
             if current.origin == Origin::Config {
                 errln!(
                     "note: `{name}` comes from the config file; the next scheduler start puts the file's version back. Edit the file to make the change last."
@@ -240,9 +219,7 @@ pub async fn run(
             Ok(())
         }
         SchedulesCommand::Delete { name, out } => {
-            let current = registry.require(&name).await?;
-            registry.delete(&name).await?;
-            audit("schedule.delete", name.clone()).await?;
+            let current = admin.delete_schedule(&actor, &name).await?;
             if out.json {
                 output::json(&serde_json::json!({ "deleted": current }))?;
             } else {
@@ -256,8 +233,7 @@ pub async fn run(
             Ok(())
         }
         SchedulesCommand::Pause { name, out } => {
-            let s = registry.set_enabled(&name, false).await?;
-            audit("schedule.pause", name.clone()).await?;
+            let s = admin.set_schedule_enabled(&actor, &name, false).await?;
             if out.json {
                 return output::json(&status_json(&registry.status(s, now).await?));
             }
@@ -265,8 +241,7 @@ pub async fn run(
             Ok(())
         }
         SchedulesCommand::Resume { name, out } => {
-            let s = registry.set_enabled(&name, true).await?;
-            audit("schedule.resume", name.clone()).await?;
+            let s = admin.set_schedule_enabled(&actor, &name, true).await?;
             let status = registry.status(s, now).await?;
             if out.json {
                 return output::json(&status_json(&status));
@@ -278,8 +253,7 @@ pub async fn run(
             Ok(())
         }
         SchedulesCommand::Trigger { name, out } => {
-            let enqueued = registry.trigger(&name).await?;
-            audit("schedule.trigger", name.clone()).await?;
+            let enqueued = admin.trigger_schedule(&actor, &name).await?;
             if out.json {
                 return output::json(&enqueued);
             }
@@ -292,7 +266,7 @@ pub async fn run(
             after,
             out,
         } => {
-            let stored = registry.require(&name).await?;
+            let stored = admin.schedule(&name).await?;
             let schedule = stored.spec.compile().map_err(|e| anyhow::anyhow!("{e}"))?;
             print_next(&schedule, count, after, out.json)
         }

@@ -1,5 +1,6 @@
-//! `conveyor webhooks …`: endpoints, events, the attempt log, replay and health. Every command
-//! is a thin call into `conveyor_jobs::webhook::Webhooks`, the same service the HTTP API uses.
+//! `conveyor webhooks …`: endpoints, events, the attempt log, replay and health. Every change
+//! is one call into `conveyor_admin::Admin`, the layer the HTTP API uses too, which audits it;
+//! reads go straight to `conveyor_jobs::webhook::Webhooks`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,11 +10,11 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{ContentArrangement, Table};
+use conveyor_admin::{Actor, Admin};
 use conveyor_jobs::webhook::delivery::AttemptQuery;
 use conveyor_jobs::webhook::endpoint::{EndpointPatch, NewEndpoint};
 use conveyor_jobs::webhook::event::SendEvent;
-use conveyor_jobs::webhook::{Endpoint, WebhookConfig, Webhooks};
-use conveyor_worker::Store;
+use conveyor_jobs::webhook::{Endpoint, Webhooks};
 
 use crate::output;
 
@@ -326,14 +327,11 @@ fn print_endpoint(ep: &Endpoint, json: bool) -> anyhow::Result<()> {
 }
 
 /// Runs one `webhooks` command.
-pub async fn run(
-    store: Arc<dyn Store>,
-    config: WebhookConfig,
-    cmd: WebhooksCommand,
-) -> anyhow::Result<()> {
-    let hooks = Webhooks::new(store, config)?;
+pub async fn run(admin: &Admin, cmd: WebhooksCommand) -> anyhow::Result<()> {
+    let hooks = admin.webhooks();
+    let actor = Actor::cli();
     match cmd {
-        WebhooksCommand::Endpoints(cmd) => endpoints(&hooks, cmd).await,
+        WebhooksCommand::Endpoints(cmd) => endpoints(admin, cmd).await,
         WebhooksCommand::Send {
             event_type,
             payload,
@@ -343,14 +341,22 @@ pub async fn run(
         } => {
             let payload = crate::input::json_flag("--payload", &payload)?;
             let (event, duplicate) = match url {
-                Some(url) => (hooks.send_to_url(&url, &event_type, payload).await?, false),
+                Some(url) => (
+                    admin
+                        .send_to_url(&actor, &url, &event_type, payload)
+                        .await?,
+                    false,
+                ),
                 None => {
-                    let sent = hooks
-                        .send_event(SendEvent {
-                            event_type,
-                            payload,
-                            idempotency_key,
-                        })
+                    let sent = admin
+                        .send_event(
+                            &actor,
+                            SendEvent {
+                                event_type,
+                                payload,
+                                idempotency_key,
+                            },
+                        )
                         .await?;
                     (sent.event, sent.duplicate)
                 }
@@ -447,13 +453,13 @@ pub async fn run(
             json,
         } => {
             let out = if let Some(d) = delivery {
-                let job = hooks.replay_delivery(&d).await?;
+                let job = admin.replay_delivery(&actor, &d).await?;
                 serde_json::json!({"queued": 1, "delivery": job.id.to_string()})
             } else if let Some(ep) = endpoint {
                 let since = parse_time("--since", since.as_deref().unwrap_or("1d"))?;
-                serde_json::to_value(hooks.replay_failed(&ep, since).await?)?
+                serde_json::to_value(admin.replay_endpoint(&actor, &ep, since).await?)?
             } else if let Some(ev) = event {
-                serde_json::to_value(hooks.replay_event(&ev).await?)?
+                serde_json::to_value(admin.replay_event(&actor, &ev).await?)?
             } else {
                 return Err(crate::input::usage(
                     "give --delivery JOB, --endpoint ID --since TIME, or --event ID",
@@ -519,7 +525,9 @@ pub async fn run(
     }
 }
 
-async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()> {
+async fn endpoints(admin: &Admin, cmd: EndpointsCommand) -> anyhow::Result<()> {
+    let hooks = admin.webhooks();
+    let actor = Actor::cli();
     match cmd {
         EndpointsCommand::Create {
             url,
@@ -528,19 +536,22 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
             disabled,
             json,
         } => {
-            let ep = hooks
-                .create_endpoint(NewEndpoint {
-                    url,
-                    description: settings.description.clone().unwrap_or_default(),
-                    event_types: settings.event_types.clone(),
-                    headers: settings.headers()?.unwrap_or_default(),
-                    rate_limit: settings.rate_limit,
-                    timeout_ms: settings.timeout_ms()?,
-                    retry_schedule_ms: settings.schedule_ms()?,
-                    follow_redirects: settings.follow_redirects,
-                    secret,
-                    disabled,
-                })
+            let ep = admin
+                .create_endpoint(
+                    &actor,
+                    NewEndpoint {
+                        url,
+                        description: settings.description.clone().unwrap_or_default(),
+                        event_types: settings.event_types.clone(),
+                        headers: settings.headers()?.unwrap_or_default(),
+                        rate_limit: settings.rate_limit,
+                        timeout_ms: settings.timeout_ms()?,
+                        retry_schedule_ms: settings.schedule_ms()?,
+                        follow_redirects: settings.follow_redirects,
+                        secret,
+                        disabled,
+                    },
+                )
                 .await?;
             print_endpoint(&ep, json)
         }
@@ -582,8 +593,11 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
             show_secret,
             json,
         } => {
-            let ep = hooks.endpoint(&id).await?;
-            let ep = if show_secret { ep } else { ep.redacted() };
+            let ep = if show_secret {
+                admin.endpoint_with_secret(&actor, &id).await?
+            } else {
+                hooks.endpoint(&id).await?.redacted()
+            };
             print_endpoint(&ep, json)
         }
         EndpointsCommand::Update {
@@ -608,11 +622,11 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
                 retry_schedule_ms: settings.schedule_ms()?.map(Some),
                 follow_redirects: settings.follow_redirects.map(Some),
             };
-            let ep = hooks.update_endpoint(&id, patch).await?;
+            let ep = admin.update_endpoint(&actor, &id, patch).await?;
             print_endpoint(&ep.redacted(), json)
         }
         EndpointsCommand::Delete { id, json } => {
-            hooks.delete_endpoint(&id).await?;
+            admin.delete_endpoint(&actor, &id).await?;
             if json {
                 return output::json(&serde_json::json!({ "deleted": id }));
             }
@@ -629,11 +643,13 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
                 .as_deref()
                 .map(|o| duration("--overlap", o))
                 .transpose()?;
-            let ep = hooks.rotate_secret(&id, secret, overlap).await?;
+            let ep = admin
+                .rotate_endpoint_secret(&actor, &id, secret, overlap)
+                .await?;
             print_endpoint(&ep, json)
         }
         EndpointsCommand::Enable { id, json } => {
-            let ep = hooks.set_enabled(&id, true).await?;
+            let ep = admin.set_endpoint_enabled(&actor, &id, true).await?;
             if json {
                 return print_endpoint(&ep.redacted(), true);
             }
@@ -643,7 +659,7 @@ async fn endpoints(hooks: &Webhooks, cmd: EndpointsCommand) -> anyhow::Result<()
             Ok(())
         }
         EndpointsCommand::Disable { id, json } => {
-            let ep = hooks.set_enabled(&id, false).await?;
+            let ep = admin.set_endpoint_enabled(&actor, &id, false).await?;
             if json {
                 return print_endpoint(&ep.redacted(), true);
             }

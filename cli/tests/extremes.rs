@@ -1,6 +1,6 @@
-//! Durations typed at the command line at their extremes: an age of 300,000 years, a
-//! delay or a secret overlap as long, all saturate at the latest (or earliest) instant the
-//! store keeps instead of panicking.
+//! Durations typed at the command line at their extremes: an age of 300,000 years or a
+//! secret overlap as long saturate at the latest (or earliest) instant the store keeps
+//! instead of panicking; a delay as long is refused (at most five years, as over HTTP).
 
 mod common;
 
@@ -12,7 +12,8 @@ async fn ages_delays_and_overlaps_of_300000_years_saturate() {
     let t = TestStore::sqlite().await;
     let url = t.url.clone();
 
-    let job = run_json(
+    // A delay beyond five years is refused, as the API refuses it: bad input, no panic.
+    let (code, _, err) = run(
         &url,
         &[
             "enqueue",
@@ -22,6 +23,23 @@ async fn ages_delays_and_overlaps_of_300000_years_saturate() {
             r#"{"msg":"later"}"#,
             "--delay",
             "300000y",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("invalid delay: 300000years is more than five years"),
+        "{err}"
+    );
+    let job = run_json(
+        &url,
+        &[
+            "enqueue",
+            "--kind",
+            "demo.echo",
+            "--args",
+            r#"{"msg":"later"}"#,
+            "--delay",
+            "4y",
         ],
     );
     assert_eq!(job["state"], "scheduled", "{job}");

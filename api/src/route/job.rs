@@ -5,16 +5,16 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use conveyor_worker::job::DEFAULT_MAX_ATTEMPTS;
-use conveyor_worker::store::{CancelResult, JobFilter, Page};
-use conveyor_worker::{JobId, JobState, NewJob, OperatorAction};
+use conveyor_admin::enqueue::JobRequest;
+use conveyor_admin::job::cancel_name;
+use conveyor_worker::store::{JobFilter, Page};
+use conveyor_worker::{JobId, JobState};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::audit::{self, AuditEntry};
 use crate::auth::{Auth, scope};
 use crate::extract::{Body, JobPath, Query};
 use crate::problem::Problem;
@@ -35,9 +35,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(discard))
         .routes(routes!(bulk))
 }
-
-/// Most tags on one job.
-const MAX_TAGS: usize = 32;
 
 /// One job to enqueue.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
@@ -85,104 +82,42 @@ pub struct BatchRequest {
 }
 
 impl EnqueueRequest {
-    /// Checks every field and builds the job; errors name `prefix` + the field.
-    fn into_job(
-        self,
-        prefix: &str,
-        header_key: Option<String>,
-        args_limit: usize,
-        webhook_queue: &str,
-        now: DateTime<Utc>,
-    ) -> Result<NewJob, Problem> {
-        let invalid = |field: &str, msg: String| Problem::invalid(format!("{prefix}{field}"), msg);
-        let args = self.args.unwrap_or_else(|| json!({}));
-        let size = serde_json::to_vec(&args).map(|v| v.len()).unwrap_or(0);
-        if size > args_limit {
-            return Err(Problem::too_large(format!(
-                "{prefix}args is {size} bytes; the limit (api.args_limit) is {args_limit}"
-            ))
-            .field(
-                format!("{prefix}args"),
-                format!("at most {args_limit} bytes"),
-            ));
-        }
-        let mut job = NewJob::new(self.kind, args)
-            .queue(self.queue.unwrap_or_else(|| "default".into()))
-            .priority(self.priority)
-            .max_attempts(self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS));
-        if !(1..=1000).contains(&job.max_attempts) {
-            return Err(invalid(
-                "max_attempts",
-                format!("must be between 1 and 1000, got {}", job.max_attempts),
-            ));
-        }
-        match (self.run_at, self.delay_seconds) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "run_at",
-                    "give run_at or delay_seconds, not both".into(),
-                ));
-            }
-            (Some(at), None) => {
-                if at < now - chrono::Duration::days(1)
-                    || at > now + chrono::Duration::days(5 * 366)
-                {
-                    return Err(invalid(
-                        "run_at",
-                        format!(
-                            "{at} is out of range: give a time between a day ago and five years ahead"
-                        ),
-                    ));
-                }
-                job = job.run_at(at);
-            }
-            (None, Some(secs)) => {
-                if i64::from(secs) > 5 * 366 * 86_400 {
-                    return Err(invalid(
-                        "delay_seconds",
-                        format!("{secs} is more than five years"),
-                    ));
-                }
-                // Counted from the store's clock at insert, not this server's.
-                job = job.delay(std::time::Duration::from_secs(secs.into()));
-            }
-            (None, None) => {}
-        }
-        let key = match (self.idempotency_key, header_key) {
+    /// The job as the admin layer takes it (which checks every field); the key may come
+    /// from the `Idempotency-Key` header instead.
+    fn into_request(self, header_key: Option<String>) -> Result<JobRequest, Problem> {
+        let idempotency_key = match (self.idempotency_key, header_key) {
             (Some(a), Some(b)) if a != b => {
-                return Err(invalid(
+                return Err(Problem::invalid(
                     "idempotency_key",
-                    "differs from the Idempotency-Key header; send one of them".into(),
+                    "differs from the Idempotency-Key header; send one of them",
                 ));
             }
             (a, b) => a.or(b),
         };
-        if let Some(key) = key {
-            job = job.idempotency_key(key);
+        Ok(JobRequest {
+            kind: self.kind,
+            queue: self.queue,
+            args: self.args,
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            run_at: self.run_at,
+            delay: self
+                .delay_seconds
+                .map(|s| std::time::Duration::from_secs(s.into())),
+            idempotency_key,
+            tags: self.tags,
+            metadata: self.metadata,
+        })
+    }
+}
+
+/// The admin layer's `delay` is this API's `delay_seconds`.
+fn api_fields(e: conveyor_admin::Error) -> Problem {
+    match e {
+        conveyor_admin::Error::Store(conveyor_worker::Error::InvalidInput { field, message }) => {
+            Problem::invalid(field.replace("delay", "delay_seconds"), message)
         }
-        if self.tags.len() > MAX_TAGS {
-            return Err(invalid("tags", format!("at most {MAX_TAGS} tags")));
-        }
-        for (i, tag) in self.tags.iter().enumerate() {
-            if tag.is_empty() || tag.chars().count() > 128 || tag.chars().any(char::is_control) {
-                return Err(invalid(
-                    &format!("tags[{i}]"),
-                    "must be 1-128 characters without control characters".into(),
-                ));
-            }
-        }
-        job = job.tags(self.tags);
-        if let Some(meta) = self.metadata {
-            job = job.metadata(meta);
-        }
-        // Also refuses the platform's reserved kinds and queues (`webhook.deliver`, `webhooks`).
-        conveyor_jobs::check_client_job(&job, webhook_queue).map_err(|e| match e {
-            conveyor_worker::Error::InvalidInput { field, message } => {
-                Problem::invalid(format!("{prefix}{field}"), message)
-            }
-            other => other.into(),
-        })?;
-        Ok(job)
+        other => other.into(),
     }
 }
 
@@ -193,13 +128,6 @@ fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
             Problem::invalid("Idempotency-Key", "must be visible ASCII (1-255 bytes)")
         }),
     }
-}
-
-fn count_enqueued(queue: &str, kind: &str) {
-    conveyor_worker::metrics::global()
-        .enqueued
-        .get(&[queue, kind])
-        .inc();
 }
 
 /// Enqueue one job.
@@ -221,18 +149,13 @@ async fn enqueue(
     headers: HeaderMap,
     Body(req): Body<EnqueueRequest>,
 ) -> Result<Response, Problem> {
-    let job = req.into_job(
-        "",
-        idempotency_header(&headers)?,
-        state.config.args_limit,
-        &state.webhooks.config().queue,
-        Utc::now(),
-    )?;
-    let (queue, kind) = (job.queue.clone(), job.kind.clone());
-    let enqueued = state.store.enqueue(job).await?;
-    if !enqueued.duplicate {
-        count_enqueued(&queue, &kind);
-    }
+    let request = req.into_request(idempotency_header(&headers)?)?;
+    let outcome = state
+        .admin()
+        .enqueue(&_auth.actor(), request)
+        .await
+        .map_err(api_fields)?;
+    let enqueued = outcome.enqueued;
     let stored = state
         .store
         .get(enqueued.id)
@@ -241,6 +164,7 @@ async fn enqueue(
     let body = EnqueueResponse {
         duplicate: enqueued.duplicate,
         job: stored.into(),
+        warnings: outcome.warnings,
     };
     let location = format!("/v1/jobs/{}", enqueued.id);
     let mut response = if enqueued.duplicate {
@@ -277,43 +201,26 @@ async fn enqueue_batch(
     headers: HeaderMap,
     Body(req): Body<BatchRequest>,
 ) -> Result<Response, Problem> {
-    let limit = state.config.batch_limit;
-    if req.jobs.is_empty() || req.jobs.len() > limit {
-        return Err(Problem::invalid(
-            "jobs",
-            format!(
-                "send 1 to {limit} jobs per batch (api.batch_limit), got {}",
-                req.jobs.len()
-            ),
-        ));
-    }
     let header_key = idempotency_header(&headers)?;
-    let now = Utc::now();
-    let mut jobs = Vec::with_capacity(req.jobs.len());
-    for (i, r) in req.jobs.into_iter().enumerate() {
-        let own = r.idempotency_key.is_some();
-        let key = header_key
-            .as_ref()
-            .filter(|_| !own)
-            .map(|k| format!("{k}:{i}"));
-        jobs.push(r.into_job(
-            &format!("jobs[{i}]."),
-            key,
-            state.config.args_limit,
-            &state.webhooks.config().queue,
-            now,
-        )?);
-    }
-    let names: Vec<(String, String)> = jobs
-        .iter()
-        .map(|j| (j.queue.clone(), j.kind.clone()))
-        .collect();
-    let answers = state.store.enqueue_many(jobs).await?;
-    for ((queue, kind), a) in names.iter().zip(&answers) {
-        if !a.duplicate {
-            count_enqueued(queue, kind);
-        }
-    }
+    let requests = req
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let own = r.idempotency_key.is_some();
+            let key = header_key
+                .as_ref()
+                .filter(|_| !own)
+                .map(|k| format!("{k}:{i}"));
+            r.into_request(key)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let outcome = state
+        .admin()
+        .enqueue_many(&_auth.actor(), requests)
+        .await
+        .map_err(api_fields)?;
+    let answers = outcome.jobs;
     let duplicates = answers.iter().filter(|a| a.duplicate).count();
     let body = BatchResponse {
         inserted: answers.len() - duplicates,
@@ -326,6 +233,7 @@ async fn enqueue_batch(
                 duplicate: a.duplicate,
             })
             .collect(),
+        warnings: outcome.warnings,
     };
     let status = if body.inserted > 0 {
         StatusCode::CREATED
@@ -446,14 +354,7 @@ async fn retry(
     auth: Auth<scope::Operate>,
     JobPath(id): JobPath,
 ) -> Result<axum::Json<JobView>, Problem> {
-    let job = state.store.retry(id).await?;
-    audit::record(
-        state.store.as_ref(),
-        AuditEntry::new(auth.actor(), "job.retry")
-            .target(json!({ "ids": [id] }))
-            .affected(1),
-    )
-    .await?;
+    let job = state.admin().retry(&auth.actor(), id).await?;
     Ok(axum::Json(job.into()))
 }
 
@@ -469,21 +370,10 @@ async fn cancel(
     auth: Auth<scope::Operate>,
     JobPath(id): JobPath,
 ) -> Result<axum::Json<CancelResponse>, Problem> {
-    let result = state.store.cancel(id).await?;
-    let result = match result {
-        CancelResult::Cancelled => "cancelled",
-        CancelResult::Requested => "requested",
-    };
-    audit::record(
-        state.store.as_ref(),
-        AuditEntry::new(auth.actor(), "job.cancel")
-            .target(json!({ "ids": [id], "result": result }))
-            .affected(1),
-    )
-    .await?;
+    let result = state.admin().cancel(&auth.actor(), id).await?;
     Ok(axum::Json(CancelResponse {
         id: id.to_string(),
-        result: result.into(),
+        result: cancel_name(result).into(),
     }))
 }
 
@@ -499,14 +389,7 @@ async fn discard(
     auth: Auth<scope::Operate>,
     JobPath(id): JobPath,
 ) -> Result<axum::Json<DiscardResponse>, Problem> {
-    state.store.discard(id).await?;
-    audit::record(
-        state.store.as_ref(),
-        AuditEntry::new(auth.actor(), "job.discard")
-            .target(json!({ "ids": [id] }))
-            .affected(1),
-    )
-    .await?;
+    state.admin().discard(&auth.actor(), id).await?;
     Ok(axum::Json(DiscardResponse {
         id: id.to_string(),
         discarded: true,
@@ -567,26 +450,13 @@ pub enum BulkAction {
     Discard,
 }
 
-impl BulkAction {
-    fn name(self) -> &'static str {
-        match self {
-            BulkAction::Retry => "retry",
-            BulkAction::Cancel => "cancel",
-            BulkAction::Discard => "discard",
+impl From<BulkAction> for conveyor_admin::job::BulkAction {
+    fn from(a: BulkAction) -> Self {
+        match a {
+            BulkAction::Retry => Self::Retry,
+            BulkAction::Cancel => Self::Cancel,
+            BulkAction::Discard => Self::Discard,
         }
-    }
-
-    /// The store action it applies to each job, and so the states it selects.
-    fn operator_action(self) -> OperatorAction {
-        match self {
-            BulkAction::Retry => OperatorAction::Retry,
-            BulkAction::Cancel => OperatorAction::Cancel,
-            BulkAction::Discard => OperatorAction::Purge,
-        }
-    }
-
-    fn states(self) -> Vec<JobState> {
-        self.operator_action().from_states().to_vec()
     }
 }
 
@@ -615,112 +485,29 @@ async fn bulk(
         }
     };
     let f = req.filter;
-    let empty = f.states.is_empty()
-        && f.queue.is_none()
-        && f.kind.is_none()
-        && f.tag.is_none()
-        && f.created_after.is_none()
-        && f.created_before.is_none()
-        && f.error_contains.is_none()
-        && f.ids.is_empty();
-    if empty && !req.all {
-        return Err(Problem::invalid(
-            "filter",
-            "give at least one filter field, or `all: true` to select every job",
-        ));
-    }
-    if f.ids.len() > 1000 {
-        return Err(Problem::invalid("filter.ids", "at most 1000 ids"));
-    }
-    let allowed = action.states();
-    let states: Vec<JobState> = if f.states.is_empty() {
-        allowed
-    } else {
-        f.states
-            .into_iter()
-            .filter(|s| allowed.contains(s))
-            .collect()
-    };
-    let target = json!({
-        "filter": {
-            "states": states, "queue": f.queue, "kind": f.kind, "tag": f.tag,
-            "created_after": f.created_after, "created_before": f.created_before,
-            "error_contains": f.error_contains, "ids": f.ids,
-        }
-    });
-    let filter = JobFilter {
-        states,
-        queue: f.queue,
-        kind: f.kind,
-        tag: f.tag,
-        created_after: f.created_after,
-        created_before: f.created_before,
-        error_contains: f.error_contains,
-        ids: f.ids,
-    };
-    let mut answer = BulkResponse {
-        action: action.name().into(),
+    let request = conveyor_admin::job::BulkRequest {
+        filter: JobFilter {
+            states: f.states,
+            queue: f.queue,
+            kind: f.kind,
+            tag: f.tag,
+            created_after: f.created_after,
+            created_before: f.created_before,
+            error_contains: f.error_contains,
+            ids: f.ids,
+        },
+        all: req.all,
         dry_run: req.dry_run,
-        matched: 0,
-        affected: 0,
-        more: false,
     };
-    // An action that applies to none of the requested states selects nothing (an empty state
-    // list would mean "all states" to the store).
-    if filter.states.is_empty() {
-        return Ok(axum::Json(answer));
-    }
-    answer.matched = state.store.count(&filter).await?;
-    if req.dry_run {
-        return Ok(axum::Json(answer));
-    }
-    answer.affected = match action {
-        BulkAction::Retry => state.store.retry_matching(&filter).await?,
-        BulkAction::Discard => state.store.purge(&filter).await?,
-        BulkAction::Cancel => {
-            let (n, more) = cancel_matching(&state, &filter).await?;
-            answer.more = more;
-            n
-        }
-    };
-    audit::record(
-        state.store.as_ref(),
-        AuditEntry::new(auth.actor(), &format!("jobs.{}", action.name()))
-            .target(target)
-            .affected(answer.affected),
-    )
-    .await?;
-    Ok(axum::Json(answer))
-}
-
-/// Cancels matching jobs page by page, up to `api.bulk_cancel_limit`. Returns how many and
-/// whether matching jobs remain.
-async fn cancel_matching(state: &AppState, filter: &JobFilter) -> Result<(u64, bool), Problem> {
-    let cap = state.config.bulk_cancel_limit as u64;
-    let mut done = 0u64;
-    let mut before = None;
-    loop {
-        let page = state
-            .store
-            .list(filter, Page { before, limit: 500 })
-            .await?;
-        let full = page.len() == 500;
-        before = page.last().map(|j| j.id);
-        for job in page {
-            if done >= cap {
-                return Ok((done, true));
-            }
-            match state.store.cancel(job.id).await {
-                Ok(_) => done += 1,
-                // Finished or deleted meanwhile: nothing to cancel.
-                Err(
-                    conveyor_worker::Error::WrongState { .. } | conveyor_worker::Error::NotFound(_),
-                ) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if !full {
-            return Ok((done, false));
-        }
-    }
+    let done = state
+        .admin()
+        .bulk(&auth.actor(), action.into(), request)
+        .await?;
+    Ok(axum::Json(BulkResponse {
+        action: done.action.into(),
+        dry_run: done.dry_run,
+        matched: done.matched,
+        affected: done.affected,
+        more: done.more,
+    }))
 }

@@ -1,19 +1,12 @@
 //! `/v1/queues`: counts, age and throughput per queue; pause and resume.
 
-use std::collections::{BTreeMap, HashMap};
-
 use axum::extract::{Path, State};
-use chrono::Utc;
-use conveyor_worker::job::check_name;
-use conveyor_worker::runtime::pause::{self, QueueSettings};
-use conveyor_worker::runtime::registration::{self, WorkerRegistration};
-use serde_json::json;
+use conveyor_worker::runtime::pause::QueueSettings;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::audit::{self, AuditEntry};
 use crate::auth::{Auth, scope};
-use crate::meta::{Put, list_all};
+use crate::meta::list_all;
 use crate::problem::Problem;
 use crate::state::AppState;
 use crate::view::QueueView;
@@ -45,7 +38,8 @@ pub(crate) async fn all_records<T: serde::de::DeserializeOwned>(
 }
 
 /// Every queue that has jobs or settings, with counts by state, the oldest ready job's age,
-/// whether it is paused, and throughput over live workers.
+/// whether it is paused, throughput over live workers, and whether jobs wait in it that no
+/// live worker serves (`unserved`).
 #[utoipa::path(
     get, path = "/v1/queues", tag = "queues", operation_id = "list_queues",
     responses((status = 200, body = Vec<QueueView>), (status = 401, body = Problem), (status = 403, body = Problem)),
@@ -55,74 +49,21 @@ async fn list(
     State(state): State<AppState>,
     _auth: Auth<scope::Read>,
 ) -> Result<axum::Json<Vec<QueueView>>, Problem> {
-    let stats = state.store.queue_stats().await?;
-    let settings: HashMap<String, QueueSettings> = all_records(&state, pause::COLLECTION)
+    let views = state
+        .admin()
+        .queues()
         .await?
         .into_iter()
+        .map(|q| QueueView {
+            name: q.stats.queue,
+            counts: q.stats.counts,
+            oldest_available_age_seconds: q.stats.oldest_available_age.map(|d| d.as_secs_f64()),
+            paused: q.paused,
+            throughput_per_second: q.throughput_per_second,
+            unserved: q.unserved,
+        })
         .collect();
-    let workers: Vec<(String, WorkerRegistration)> =
-        all_records(&state, registration::COLLECTION).await?;
-    let mut throughput: HashMap<&str, f64> = HashMap::new();
-    for (_, w) in &workers {
-        for q in &w.queues {
-            *throughput.entry(q.name.as_str()).or_default() += q.finished_per_second;
-        }
-    }
-    let mut views: BTreeMap<String, QueueView> = BTreeMap::new();
-    for s in stats {
-        views.insert(
-            s.queue.clone(),
-            QueueView {
-                paused: settings.get(&s.queue).is_some_and(|q| q.paused),
-                throughput_per_second: throughput.get(s.queue.as_str()).copied().unwrap_or(0.0),
-                name: s.queue,
-                counts: s.counts,
-                oldest_available_age_seconds: s.oldest_available_age.map(|d| d.as_secs_f64()),
-            },
-        );
-    }
-    for (name, s) in &settings {
-        views.entry(name.clone()).or_insert_with(|| QueueView {
-            name: name.clone(),
-            counts: BTreeMap::new(),
-            oldest_available_age_seconds: None,
-            paused: s.paused,
-            throughput_per_second: throughput.get(name.as_str()).copied().unwrap_or(0.0),
-        });
-    }
-    Ok(axum::Json(views.into_values().collect()))
-}
-
-async fn set_paused(
-    state: &AppState,
-    actor: crate::audit::Actor,
-    name: &str,
-    paused: bool,
-) -> Result<axum::Json<QueueSettings>, Problem> {
-    check_name("queue", name)?;
-    let settings = QueueSettings {
-        paused,
-        changed_at: Some(Utc::now()),
-        changed_by: Some(actor.name.clone()),
-    };
-    let value = serde_json::to_value(&settings).map_err(conveyor_worker::Error::from)?;
-    state
-        .store
-        .meta_put(Put::new(pause::COLLECTION, name, &value))
-        .await?;
-    let action = if paused {
-        "queue.pause"
-    } else {
-        "queue.resume"
-    };
-    audit::record(
-        state.store.as_ref(),
-        AuditEntry::new(actor, action)
-            .target(json!({ "queue": name }))
-            .affected(1),
-    )
-    .await?;
-    Ok(axum::Json(settings))
+    Ok(axum::Json(views))
 }
 
 /// Pause a queue: it keeps accepting jobs, workers fetch none (within a second). Audited.
@@ -137,7 +78,12 @@ async fn pause_queue(
     auth: Auth<scope::Operate>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<QueueSettings>, Problem> {
-    set_paused(&state, auth.actor(), &name, true).await
+    Ok(axum::Json(
+        state
+            .admin()
+            .set_queue_paused(&auth.actor(), &name, true)
+            .await?,
+    ))
 }
 
 /// Resume a paused queue. Audited.
@@ -152,5 +98,10 @@ async fn resume_queue(
     auth: Auth<scope::Operate>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<QueueSettings>, Problem> {
-    set_paused(&state, auth.actor(), &name, false).await
+    Ok(axum::Json(
+        state
+            .admin()
+            .set_queue_paused(&auth.actor(), &name, false)
+            .await?,
+    ))
 }

@@ -6,17 +6,13 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use conveyor_scheduler::registry::{
-    Origin, SchedulePatch, ScheduleStatus, Schedules, StoredSchedule,
-};
-use conveyor_scheduler::schedule::ScheduleSpec;
+use conveyor_scheduler::registry::{SchedulePatch, ScheduleStatus, Schedules, StoredSchedule};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::audit::{self, AuditEntry};
 use crate::auth::{Auth, scope};
 use crate::extract::{Body, Query};
 use crate::problem::Problem;
@@ -78,13 +74,9 @@ pub struct ScheduleInput {
 }
 
 impl ScheduleInput {
-    /// `base` with the given fields applied; every field checked.
-    fn apply(self, base: &ScheduleSpec) -> Result<ScheduleSpec, Problem> {
-        let mut base = base.clone();
-        if let Some(name) = self.name {
-            base.name = name;
-        }
-        let patch = SchedulePatch {
+    /// The fields to change (the admin layer checks them).
+    fn patch(self) -> SchedulePatch {
+        SchedulePatch {
             cron: self.cron,
             kind: self.kind,
             timezone: self.timezone,
@@ -96,8 +88,7 @@ impl ScheduleInput {
             missed: self.missed,
             backfill_limit: self.backfill_limit,
             overlap: self.overlap,
-        };
-        Ok(patch.apply(&base)?)
+        }
     }
 }
 
@@ -144,34 +135,11 @@ impl From<ScheduleStatus> for ScheduleView {
     }
 }
 
-async fn found(state: &AppState, name: &str) -> Result<StoredSchedule, Problem> {
-    Schedules::new(state.store.clone())
-        .get(name)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("no schedule is named `{name}`")))
-}
-
 async fn view(state: &AppState, s: StoredSchedule) -> Result<ScheduleView, Problem> {
     Ok(Schedules::new(state.store.clone())
         .status(s, Utc::now())
         .await?
         .into())
-}
-
-async fn audited(
-    state: &AppState,
-    auth_actor: crate::audit::Actor,
-    action: &str,
-    name: &str,
-) -> Result<(), Problem> {
-    audit::record(
-        state.store.as_ref(),
-        AuditEntry::new(auth_actor, action)
-            .target(json!({ "schedule": name }))
-            .affected(1),
-    )
-    .await?;
-    Ok(())
 }
 
 /// Every schedule, by name, with last fire, last outcome and next fire.
@@ -205,7 +173,7 @@ async fn show(
     _auth: Auth<scope::Read>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<ScheduleView>, Problem> {
-    let s = found(&state, &name).await?;
+    let s = state.admin().schedule(&name).await?;
     Ok(axum::Json(view(&state, s).await?))
 }
 
@@ -245,13 +213,11 @@ async fn create(
         }
         return Err(p);
     };
-    let spec = input.apply(&ScheduleSpec::new(name, cron, kind))?;
-    not_reserved(&state, &spec)?;
-    let stored = Schedules::new(state.store.clone())
-        .create(spec, Origin::Api)
+    let stored = state
+        .admin()
+        .create_schedule(&auth.actor(), name, cron, kind, input.patch())
         .await?;
     let name = stored.spec.name.clone();
-    audited(&state, auth.actor(), "schedule.create", &name).await?;
     let body = view(&state, stored).await?;
     Ok((
         StatusCode::CREATED,
@@ -282,7 +248,6 @@ async fn update(
     headers: axum::http::HeaderMap,
     Body(input): Body<ScheduleInput>,
 ) -> Result<axum::Json<ScheduleView>, Problem> {
-    let current = found(&state, &name).await?;
     if input.name.as_deref().is_some_and(|n| n != name) {
         return Err(Problem::invalid(
             "name",
@@ -290,7 +255,7 @@ async fn update(
         ));
     }
     let expect = match headers.get(header::IF_MATCH) {
-        None => current.version,
+        None => None,
         Some(v) => v
             .to_str()
             .ok()
@@ -298,14 +263,13 @@ async fn update(
             .and_then(|s| s.parse::<i64>().ok())
             .ok_or_else(|| {
                 Problem::bad_request("If-Match must be a schedule version number, e.g. `3`")
-            })?,
+            })
+            .map(Some)?,
     };
-    let spec = input.apply(&current.spec)?;
-    not_reserved(&state, &spec)?;
-    let stored = Schedules::new(state.store.clone())
-        .update(&name, spec, Some(expect))
+    let (stored, _) = state
+        .admin()
+        .update_schedule(&auth.actor(), &name, input.patch(), expect)
         .await?;
-    audited(&state, auth.actor(), "schedule.update", &name).await?;
     Ok(axum::Json(view(&state, stored).await?))
 }
 
@@ -321,9 +285,7 @@ async fn delete(
     auth: Auth<scope::Operate>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    found(&state, &name).await?;
-    Schedules::new(state.store.clone()).delete(&name).await?;
-    audited(&state, auth.actor(), "schedule.delete", &name).await?;
+    state.admin().delete_schedule(&auth.actor(), &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -333,16 +295,10 @@ async fn set_enabled(
     name: &str,
     enabled: bool,
 ) -> Result<axum::Json<ScheduleView>, Problem> {
-    found(state, name).await?;
-    let stored = Schedules::new(state.store.clone())
-        .set_enabled(name, enabled)
+    let stored = state
+        .admin()
+        .set_schedule_enabled(&actor, name, enabled)
         .await?;
-    let action = if enabled {
-        "schedule.resume"
-    } else {
-        "schedule.pause"
-    };
-    audited(state, actor, action, name).await?;
     Ok(axum::Json(view(state, stored).await?))
 }
 
@@ -395,9 +351,7 @@ async fn trigger(
     auth: Auth<scope::Operate>,
     Path(name): Path<String>,
 ) -> Result<Response, Problem> {
-    found(&state, &name).await?;
-    let enqueued = Schedules::new(state.store.clone()).trigger(&name).await?;
-    audited(&state, auth.actor(), "schedule.trigger", &name).await?;
+    let enqueued = state.admin().trigger_schedule(&auth.actor(), &name).await?;
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/jobs/{}", enqueued.id))],
@@ -440,7 +394,7 @@ async fn next(
             format!("must be between 1 and 1000, got {count}"),
         ));
     }
-    let s = found(&state, &name).await?;
+    let s = state.admin().schedule(&name).await?;
     let schedule = s
         .spec
         .compile()
@@ -452,10 +406,4 @@ async fn next(
             .map(|t| t.to_rfc3339())
             .collect(),
     ))
-}
-
-/// A schedule's jobs follow the enqueue rule: no reserved kind or queue.
-fn not_reserved(state: &AppState, spec: &ScheduleSpec) -> Result<(), Problem> {
-    conveyor_jobs::check_reserved_names(&spec.kind, &spec.queue, &state.webhooks.config().queue)
-        .map_err(|r| Problem::invalid(r.field, r.message))
 }

@@ -19,7 +19,6 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::audit::{self, Actor, AuditEntry};
 use crate::auth::{Auth, scope};
 use crate::extract::{Body, Query};
 use crate::problem::Problem;
@@ -56,20 +55,6 @@ fn json_of<T: serde::Serialize>(v: &T) -> Result<axum::Json<Value>, Problem> {
     serde_json::to_value(v)
         .map(axum::Json)
         .map_err(|_| Problem::internal())
-}
-
-async fn audited(
-    state: &AppState,
-    actor: Actor,
-    action: &str,
-    target: Value,
-) -> Result<(), Problem> {
-    audit::record(
-        state.store.as_ref(),
-        AuditEntry::new(actor, action).target(target).affected(1),
-    )
-    .await?;
-    Ok(())
 }
 
 /// Custom header values (often the receiver's credentials) are shown to `admin` keys only.
@@ -126,14 +111,7 @@ async fn create_endpoint(
     auth: Auth<scope::Operate>,
     Body(new): Body<NewEndpoint>,
 ) -> Result<Response, Problem> {
-    let ep = state.webhooks.create_endpoint(new).await?;
-    audited(
-        &state,
-        auth.actor(),
-        "webhook.endpoint.create",
-        json!({"webhook_endpoint": ep.id, "url": ep.url}),
-    )
-    .await?;
+    let ep = state.admin().create_endpoint(&auth.actor(), new).await?;
     Ok((
         StatusCode::CREATED,
         [(
@@ -184,14 +162,10 @@ async fn update_endpoint(
     Path(id): Path<String>,
     Body(patch): Body<EndpointPatch>,
 ) -> Result<axum::Json<Value>, Problem> {
-    let ep = state.webhooks.update_endpoint(&id, patch).await?;
-    audited(
-        &state,
-        auth.actor(),
-        "webhook.endpoint.update",
-        json!({"webhook_endpoint": id}),
-    )
-    .await?;
+    let ep = state
+        .admin()
+        .update_endpoint(&auth.actor(), &id, patch)
+        .await?;
     json_of(&ep.redacted_for(shows_headers(&auth)))
 }
 
@@ -207,18 +181,11 @@ async fn delete_endpoint(
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    state.webhooks.delete_endpoint(&id).await?;
-    audited(
-        &state,
-        auth.actor(),
-        "webhook.endpoint.delete",
-        json!({"webhook_endpoint": id}),
-    )
-    .await?;
+    state.admin().delete_endpoint(&auth.actor(), &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The endpoint's signing secrets in clear.
+/// The endpoint's signing secrets in clear. Audited (`webhook.endpoint.show_secret`).
 #[utoipa::path(
     get, path = "/v1/webhooks/endpoints/{endpoint}/secret", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id")),
@@ -230,7 +197,7 @@ async fn endpoint_secret(
     _auth: Auth<scope::Admin>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, Problem> {
-    json_of(&state.webhooks.endpoint(&id).await?.secrets)
+    json_of(&state.admin().endpoint_secrets(&_auth.actor(), &id).await?)
 }
 
 /// Rotation request.
@@ -268,16 +235,9 @@ async fn rotate_secret(
         })
         .transpose()?;
     let ep = state
-        .webhooks
-        .rotate_secret(&id, req.secret, overlap)
+        .admin()
+        .rotate_endpoint_secret(&auth.actor(), &id, req.secret, overlap)
         .await?;
-    audited(
-        &state,
-        auth.actor(),
-        "webhook.endpoint.rotate_secret",
-        json!({"webhook_endpoint": id}),
-    )
-    .await?;
     json_of(&ep)
 }
 
@@ -293,14 +253,10 @@ async fn enable_endpoint(
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, Problem> {
-    let ep = state.webhooks.set_enabled(&id, true).await?;
-    audited(
-        &state,
-        auth.actor(),
-        "webhook.endpoint.enable",
-        json!({"webhook_endpoint": id}),
-    )
-    .await?;
+    let ep = state
+        .admin()
+        .set_endpoint_enabled(&auth.actor(), &id, true)
+        .await?;
     json_of(&ep.redacted_for(shows_headers(&auth)))
 }
 
@@ -316,14 +272,10 @@ async fn disable_endpoint(
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, Problem> {
-    let ep = state.webhooks.set_enabled(&id, false).await?;
-    audited(
-        &state,
-        auth.actor(),
-        "webhook.endpoint.disable",
-        json!({"webhook_endpoint": id}),
-    )
-    .await?;
+    let ep = state
+        .admin()
+        .set_endpoint_enabled(&auth.actor(), &id, false)
+        .await?;
     json_of(&ep.redacted_for(shows_headers(&auth)))
 }
 
@@ -405,14 +357,10 @@ async fn replay_endpoint(
     Path(id): Path<String>,
     Body(req): Body<ReplaySince>,
 ) -> Result<axum::Json<Value>, Problem> {
-    let out = state.webhooks.replay_failed(&id, req.since).await?;
-    audit::record(
-        state.store.as_ref(),
-        AuditEntry::new(auth.actor(), "webhook.replay")
-            .target(json!({"webhook_endpoint": id, "since": req.since}))
-            .affected(out.queued),
-    )
-    .await?;
+    let out = state
+        .admin()
+        .replay_endpoint(&auth.actor(), &id, req.since)
+        .await?;
     json_of(&out)
 }
 
@@ -428,14 +376,7 @@ async fn replay_delivery(
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, Problem> {
-    let job = state.webhooks.replay_delivery(&id).await?;
-    audited(
-        &state,
-        auth.actor(),
-        "webhook.replay",
-        json!({"delivery": id}),
-    )
-    .await?;
+    let job = state.admin().replay_delivery(&auth.actor(), &id).await?;
     Ok(axum::Json(
         json!({"queued": 1, "delivery": job.id.to_string(), "state": job.state}),
     ))
@@ -465,8 +406,8 @@ async fn send_message(
     Body(req): Body<MessageRequest>,
 ) -> Result<Response, Problem> {
     let event = state
-        .webhooks
-        .send_to_url(&req.url, &req.event_type, req.payload)
+        .admin()
+        .send_to_url(&_auth.actor(), &req.url, &req.event_type, req.payload)
         .await?;
     Ok((StatusCode::CREATED, json_of(&event)?).into_response())
 }
@@ -506,12 +447,15 @@ async fn send_event(
 ) -> Result<Response, Problem> {
     let key = req.idempotency_key.or(idempotency_header(&headers)?);
     let sent = state
-        .webhooks
-        .send_event(SendEvent {
-            event_type: req.event_type,
-            payload: req.payload,
-            idempotency_key: key,
-        })
+        .admin()
+        .send_event(
+            &_auth.actor(),
+            SendEvent {
+                event_type: req.event_type,
+                payload: req.payload,
+                idempotency_key: key,
+            },
+        )
         .await?;
     let location = format!("/v1/events/{}", sent.event.id);
     let status = if sent.duplicate {
@@ -571,13 +515,6 @@ async fn replay_event(
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, Problem> {
-    let out = state.webhooks.replay_event(&id).await?;
-    audit::record(
-        state.store.as_ref(),
-        AuditEntry::new(auth.actor(), "webhook.replay")
-            .target(json!({"event": id}))
-            .affected(out.queued),
-    )
-    .await?;
+    let out = state.admin().replay_event(&auth.actor(), &id).await?;
     json_of(&out)
 }

@@ -44,7 +44,7 @@ pub struct AttemptPage {
 }
 
 /// The audit record of an automatic disable, in the API's audit shape
-/// (`conveyor_api::audit::AuditEntry`) so the audit log lists it beside operator actions.
+/// (`conveyor_admin::audit::AuditEntry`) so the audit log lists it beside operator actions.
 pub fn auto_disable_audit(
     id: &str,
     ep: &Endpoint,

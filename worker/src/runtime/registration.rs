@@ -23,6 +23,26 @@ pub struct WorkerRegistration {
     pub last_heartbeat: DateTime<Utc>,
     /// The queues it runs.
     pub queues: Vec<QueueLoad>,
+    /// The kinds it has handlers for, sorted (on every one of its queues). `None` in a
+    /// record written by a version that did not say: any kind may be served.
+    #[serde(default)]
+    pub kinds: Option<Vec<String>>,
+}
+
+impl WorkerRegistration {
+    /// Whether this worker runs jobs of `kind` on `queue`.
+    pub fn serves(&self, queue: &str, kind: &str) -> bool {
+        self.serves_queue(queue)
+            && self
+                .kinds
+                .as_ref()
+                .is_none_or(|k| k.iter().any(|k| k == kind))
+    }
+
+    /// Whether this worker fetches from `queue`.
+    pub fn serves_queue(&self, queue: &str) -> bool {
+        self.queues.iter().any(|q| q.name == queue)
+    }
 }
 
 /// One queue of a worker.
@@ -94,6 +114,14 @@ pub(crate) async fn write(shared: &super::Shared, previous: &mut Previous) {
         started_at: shared.started_at,
         last_heartbeat: shared.clock.now(),
         queues,
+        kinds: Some(
+            shared
+                .registry
+                .kinds()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+        ),
     };
     let value = match serde_json::to_value(&record) {
         Ok(v) => v,

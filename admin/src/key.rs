@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use crate::audit::{self, Actor, AuditEntry};
-use crate::meta::{Expect, Put, list_all};
+use conveyor_worker::store::meta::{Expect, Put, list_all};
 
 /// The collection keys live in.
 pub const COLLECTION: &str = "api_keys";
@@ -232,6 +232,28 @@ pub async fn revoke(store: &Arc<dyn Store>, id: &str, actor: Actor) -> Result<Op
         )
         .await?;
         return Ok(Some(key.public()));
+    }
+}
+
+impl crate::Admin {
+    /// Creates a key; returns it and the token to show once. Audited as `key.create`.
+    pub async fn create_key(
+        &self,
+        actor: &Actor,
+        name: &str,
+        scope: Scope,
+    ) -> crate::Result<(ApiKey, String)> {
+        Ok(create(&self.store, name, scope, actor.clone()).await?)
+    }
+
+    /// Revokes a key (idempotent). Audited as `key.revoke`; [`crate::Error::NotFound`] if
+    /// there is no such key.
+    pub async fn revoke_key(&self, actor: &Actor, id: &str) -> crate::Result<ApiKey> {
+        revoke(&self.store, id, actor.clone())
+            .await?
+            .ok_or_else(|| {
+                crate::Error::NotFound(format!("no key with id `{id}`; see `conveyor keys list`"))
+            })
     }
 }
 

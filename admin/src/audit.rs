@@ -1,6 +1,7 @@
-//! The audit log: one record per operator action (retry, cancel, discard, bulk actions,
-//! pause/resume, key creation and revocation) in the store's `audit` collection, keyed by a
-//! UUIDv7 so a descending listing is newest first. Nothing in the API deletes or edits them.
+//! The audit log: one record per operator action (every change [`crate::Admin`] makes, from
+//! the API or the CLI alike, and the webhook service's automatic endpoint disabling) in the
+//! store's `audit` collection, keyed by a UUIDv7 so a descending listing is newest first.
+//! Nothing deletes or edits them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::meta::{Expect, MetaQuery, Put};
+use conveyor_worker::store::meta::{Expect, MetaQuery, Put};
 
 /// The collection audit records live in.
 pub const COLLECTION: &str = "audit";
@@ -60,7 +61,10 @@ pub struct AuditEntry {
     /// Who.
     pub actor: Actor,
     /// What: `job.retry`, `job.cancel`, `job.discard`, `jobs.retry`, `jobs.cancel`,
-    /// `jobs.discard`, `queue.pause`, `queue.resume`, `key.create`, `key.revoke`.
+    /// `jobs.discard`, `queue.pause`, `queue.resume`, `schedule.create`, `.update`, `.delete`,
+    /// `.pause`, `.resume`, `.trigger`, `webhook.endpoint.create`, `.update`, `.delete`,
+    /// `.enable`, `.disable`, `.rotate_secret`, `.show_secret`, `webhook.replay`,
+    /// `key.create`, `key.revoke`.
     pub action: String,
     /// The ids, filter, queue or key acted on.
     #[schema(value_type = Object)]
