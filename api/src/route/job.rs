@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 
 use crate::audit::{self, AuditEntry};
 use crate::auth::{Auth, scope};
-use crate::extract::{Body, JobPath, Query};
+use crate::extract::{Body, JobIdParam, JobPath, Query};
 use crate::problem::Problem;
 use crate::state::AppState;
 use crate::view::{
@@ -43,32 +43,40 @@ const MAX_TAGS: usize = 32;
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnqueueRequest {
-    /// The kind (selects the handler): 1-128 ASCII letters, digits, `.`, `_`, `-`, `:`.
+    /// The kind (selects the handler): 1-128 ASCII letters, digits, `.`, `_`, `-`, `:`;
+    /// `webhook.deliver` is reserved.
+    #[schema(pattern = r"^(?!webhook\.deliver$)[A-Za-z0-9._:-]{1,128}$")]
     pub kind: String,
-    /// The queue (same rules as `kind`). Default `default`.
+    /// The queue (same rules as `kind`). Default `default`; the webhook queue
+    /// (`webhooks.queue`, default `webhooks`) is reserved.
     #[serde(default)]
+    #[schema(pattern = r"^(?!webhooks$)[A-Za-z0-9._:-]{1,128}$")]
     pub queue: Option<String>,
     /// Handler arguments (any JSON; at most `api.args_limit` bytes serialized). Default `{}`.
     #[serde(default)]
-    #[schema(value_type = Object)]
     pub args: Option<Value>,
-    /// Smaller runs first (-32768..=32767). Default 0.
+    /// Smaller runs first. Default 0.
     #[serde(default)]
     pub priority: i16,
-    /// Attempts before the job goes dead (1..=1000). Default 20.
+    /// Attempts before the job goes dead. Default 20.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_attempts: Option<i32>,
     /// Run no earlier than this (RFC 3339; from a day ago to five years ahead).
     #[serde(default)]
     pub run_at: Option<DateTime<Utc>>,
     /// Run after this many seconds (instead of `run_at`; at most five years).
     #[serde(default)]
+    #[schema(maximum = 158_112_000)]
     pub delay_seconds: Option<u32>,
-    /// Deduplication key (1-255 bytes); the `Idempotency-Key` header does the same.
+    /// Deduplication key (1-255 printable ASCII characters); the `Idempotency-Key` header
+    /// does the same.
     #[serde(default)]
+    #[schema(pattern = r"^[ -~]{1,255}$")]
     pub idempotency_key: Option<String>,
-    /// Labels (at most 32, each 1-128 characters).
+    /// Labels (at most 32, each 1-128 characters without control characters).
     #[serde(default)]
+    #[schema(max_items = 32, value_type = Vec<Tag>)]
     pub tags: Vec<String>,
     /// Application metadata (a JSON object).
     #[serde(default)]
@@ -76,11 +84,18 @@ pub struct EnqueueRequest {
     pub metadata: Option<Value>,
 }
 
+/// A job's label: 1-128 characters, none of them a control character.
+#[derive(ToSchema)]
+#[schema(pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$")]
+#[allow(dead_code)]
+struct Tag(String);
+
 /// A batch to enqueue.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     /// 1 to `api.batch_limit` (default 1,000) jobs.
+    #[schema(min_items = 1, max_items = 1000)]
     pub jobs: Vec<EnqueueRequest>,
 }
 
@@ -158,6 +173,12 @@ impl EnqueueRequest {
             (a, b) => a.or(b),
         };
         if let Some(key) = key {
+            if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+                return Err(invalid(
+                    "idempotency_key",
+                    "must be 1-255 printable ASCII characters".into(),
+                ));
+            }
             job = job.idempotency_key(key);
         }
         if self.tags.len() > MAX_TAGS {
@@ -338,7 +359,7 @@ async fn enqueue_batch(
 /// One job with its attempt history.
 #[utoipa::path(
     get, path = "/v1/jobs/{id}", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobIdParam),
     responses((status = 200, body = JobView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
@@ -373,6 +394,7 @@ pub struct ListParams {
     /// Some attempt's error contains this text (case-insensitive).
     pub error: Option<String>,
     /// Page size, 1-1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -437,7 +459,7 @@ async fn list(
 /// Make a job available now with a fresh attempt budget (history kept). Audited.
 #[utoipa::path(
     post, path = "/v1/jobs/{id}/retry", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobIdParam),
     responses((status = 200, body = JobView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, description = "The job is running", body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -460,7 +482,7 @@ async fn retry(
 /// Cancel a waiting job, or ask the worker running it to stop. Audited.
 #[utoipa::path(
     post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobIdParam),
     responses((status = 200, body = CancelResponse), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, description = "The job is finished", body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -490,7 +512,7 @@ async fn cancel(
 /// Delete a job that is not running. Audited.
 #[utoipa::path(
     post, path = "/v1/jobs/{id}/discard", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobIdParam),
     responses((status = 200, body = DiscardResponse), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, description = "The job is running", body = Problem)),
     security(("bearer" = ["operate"]))
 )]

@@ -196,7 +196,7 @@ async fn list(
 /// One schedule with its status.
 #[utoipa::path(
     get, path = "/v1/schedules/{name}", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 200, body = ScheduleView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
@@ -268,7 +268,7 @@ async fn create(
 #[utoipa::path(
     patch, path = "/v1/schedules/{name}", tag = "schedules",
     request_body = ScheduleInput,
-    params(("name" = String, Path, description = "Schedule name"), ("If-Match" = Option<i64>, Header, description = "The version read")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$"), ("If-Match" = Option<i64>, Header, description = "The version read")),
     responses(
         (status = 200, body = ScheduleView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem),
@@ -312,7 +312,7 @@ async fn update(
 /// Delete a schedule (its jobs stay). Audited.
 #[utoipa::path(
     delete, path = "/v1/schedules/{name}", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 204, description = "Deleted"), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -349,7 +349,7 @@ async fn set_enabled(
 /// Stop firing (ticks while paused are not fired later). Audited.
 #[utoipa::path(
     post, path = "/v1/schedules/{name}/pause", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 200, body = ScheduleView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -364,7 +364,7 @@ async fn pause(
 /// Fire again from the next tick. Audited.
 #[utoipa::path(
     post, path = "/v1/schedules/{name}/resume", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 200, body = ScheduleView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -386,7 +386,7 @@ pub struct TriggerResponse {
 /// Enqueue one job of the schedule now, outside its ticks (also when paused). Audited.
 #[utoipa::path(
     post, path = "/v1/schedules/{name}/trigger", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 201, body = TriggerResponse), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -414,6 +414,7 @@ async fn trigger(
 pub struct NextParams {
     /// How many fire times (1-1000, default 5).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
     pub count: Option<u32>,
     /// Start after this instant (RFC 3339; default now).
     #[serde(default)]
@@ -423,7 +424,7 @@ pub struct NextParams {
 /// The next fire times, in the schedule's zone (RFC 3339 with its offset).
 #[utoipa::path(
     get, path = "/v1/schedules/{name}/next", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name"), NextParams),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$"), NextParams),
     responses((status = 200, body = Vec<String>), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["read"]))
 )]

@@ -12,8 +12,12 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use conveyor_jobs::webhook::delivery::AttemptQuery;
 use conveyor_jobs::webhook::endpoint::{EndpointPatch, NewEndpoint};
-use conveyor_jobs::webhook::event::SendEvent;
-use serde::Deserialize;
+use conveyor_jobs::webhook::event::{SendEvent, Sent};
+use conveyor_jobs::webhook::health::Health;
+use conveyor_jobs::webhook::delivery::AttemptPage;
+use conveyor_jobs::webhook::model::{Attempt, Endpoint, Event, Secret, WebhookUrl};
+use conveyor_jobs::webhook::replay::Replayed;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -21,7 +25,7 @@ use utoipa_axum::routes;
 
 use crate::audit::{self, Actor, AuditEntry};
 use crate::auth::{Auth, scope};
-use crate::extract::{Body, Query};
+use crate::extract::{Body, DeliveryIdParam, Query};
 use crate::problem::Problem;
 use crate::state::AppState;
 
@@ -43,19 +47,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show_event))
         .routes(routes!(event_attempts))
         .routes(routes!(replay_event))
-}
-
-/// A webhook document: an endpoint, event, attempt page, health or replay report (the
-/// fields are described in `docs/webhooks.md`).
-#[derive(ToSchema)]
-#[schema(value_type = Object)]
-#[allow(dead_code)]
-struct WebhookDoc(Value);
-
-fn json_of<T: serde::Serialize>(v: &T) -> Result<axum::Json<Value>, Problem> {
-    serde_json::to_value(v)
-        .map(axum::Json)
-        .map_err(|_| Problem::internal())
 }
 
 async fn audited(
@@ -91,13 +82,13 @@ fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 /// Every endpoint (secrets redacted).
 #[utoipa::path(
     get, path = "/v1/webhooks/endpoints", tag = "webhooks",
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem)),
+    responses((status = 200, body = [Endpoint]), (status = 401, body = Problem), (status = 403, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn list_endpoints(
     State(state): State<AppState>,
     auth: Auth<scope::Read>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Vec<Endpoint>>, Problem> {
     let all: Vec<_> = state
         .webhooks
         .endpoints()
@@ -105,7 +96,7 @@ async fn list_endpoints(
         .iter()
         .map(|e| e.redacted_for(shows_headers(&auth)))
         .collect();
-    json_of(&all)
+    Ok(axum::Json(all))
 }
 
 /// Create an endpoint: `url` required; `description`, `event_types`, `headers`,
@@ -113,9 +104,9 @@ async fn list_endpoints(
 /// `disabled` optional. The answer shows the signing secret once. Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/endpoints", tag = "webhooks",
-    request_body = WebhookDoc,
+    request_body = NewEndpoint,
     responses(
-        (status = 201, description = "Created; `Location` names it; the secret is in clear", body = WebhookDoc),
+        (status = 201, description = "Created; `Location` names it; the secret is in clear", body = Endpoint),
         (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 415, body = Problem), (status = 422, body = Problem),
     ),
@@ -140,7 +131,7 @@ async fn create_endpoint(
             header::LOCATION,
             format!("/v1/webhooks/endpoints/{}", ep.id),
         )],
-        json_of(&ep)?,
+        axum::Json(ep),
     )
         .into_response())
 }
@@ -149,31 +140,31 @@ async fn create_endpoint(
 #[utoipa::path(
     get, path = "/v1/webhooks/endpoints/{endpoint}", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id (ep_…)")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Endpoint), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn show_endpoint(
     State(state): State<AppState>,
     auth: Auth<scope::Read>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
-    json_of(
-        &state
+) -> Result<axum::Json<Endpoint>, Problem> {
+    Ok(axum::Json(
+        state
             .webhooks
             .endpoint(&id)
             .await?
             .redacted_for(shows_headers(&auth)),
-    )
+    ))
 }
 
 /// Change fields of an endpoint; fields left out keep their value, `null` clears an
 /// optional one. Audited.
 #[utoipa::path(
     patch, path = "/v1/webhooks/endpoints/{endpoint}", tag = "webhooks",
-    request_body = WebhookDoc,
+    request_body = EndpointPatch,
     params(("endpoint" = String, Path, description = "Endpoint id")),
     responses(
-        (status = 200, body = WebhookDoc), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 200, body = Endpoint), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem),
     ),
     security(("bearer" = ["operate"]))
@@ -183,7 +174,7 @@ async fn update_endpoint(
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
     Body(patch): Body<EndpointPatch>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Endpoint>, Problem> {
     let ep = state.webhooks.update_endpoint(&id, patch).await?;
     audited(
         &state,
@@ -192,7 +183,7 @@ async fn update_endpoint(
         json!({"webhook_endpoint": id}),
     )
     .await?;
-    json_of(&ep.redacted_for(shows_headers(&auth)))
+    Ok(axum::Json(ep.redacted_for(shows_headers(&auth))))
 }
 
 /// Delete an endpoint; its queued deliveries end `cancelled`. Audited.
@@ -222,24 +213,27 @@ async fn delete_endpoint(
 #[utoipa::path(
     get, path = "/v1/webhooks/endpoints/{endpoint}/secret", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = [Secret]), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["admin"]))
 )]
 async fn endpoint_secret(
     State(state): State<AppState>,
     _auth: Auth<scope::Admin>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
-    json_of(&state.webhooks.endpoint(&id).await?.secrets)
+) -> Result<axum::Json<Vec<Secret>>, Problem> {
+    Ok(axum::Json(state.webhooks.endpoint(&id).await?.secrets))
 }
 
 /// Rotation request.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(default, deny_unknown_fields)]
 struct RotateRequest {
-    /// A secret to use (`whsec_…`) instead of a generated one.
+    /// A secret to use instead of a generated one: padded base64 of the key, optionally
+    /// prefixed `whsec_`.
+    #[schema(pattern = r"^(whsec_)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$")]
     secret: Option<String>,
-    /// How long the old secret keeps signing, e.g. `24h`.
+    /// How long the old secret keeps signing, e.g. `24h` or `90s` (a humantime duration).
+    #[schema(pattern = r"^\s*[0-9]+\s*(ns|us|ms|s|sec|secs|m|min|mins|h|hr|hrs|d|days|w|weeks)(\s*[0-9]+\s*(ns|us|ms|s|sec|secs|m|min|mins|h|hr|hrs|d|days|w|weeks))*\s*$")]
     overlap: Option<String>,
 }
 
@@ -247,9 +241,9 @@ struct RotateRequest {
 /// shows the secrets in clear. Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/endpoints/{endpoint}/rotate-secret", tag = "webhooks",
-    request_body = WebhookDoc,
+    request_body = RotateRequest,
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
+    responses((status = 200, body = Endpoint), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["admin"]))
 )]
 async fn rotate_secret(
@@ -257,7 +251,7 @@ async fn rotate_secret(
     auth: Auth<scope::Admin>,
     Path(id): Path<String>,
     Body(req): Body<RotateRequest>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Endpoint>, Problem> {
     let overlap = req
         .overlap
         .as_deref()
@@ -278,21 +272,21 @@ async fn rotate_secret(
         json!({"webhook_endpoint": id}),
     )
     .await?;
-    json_of(&ep)
+    Ok(axum::Json(ep))
 }
 
 /// Enable an endpoint (nothing is replayed by itself). Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/endpoints/{endpoint}/enable", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Endpoint), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn enable_endpoint(
     State(state): State<AppState>,
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Endpoint>, Problem> {
     let ep = state.webhooks.set_enabled(&id, true).await?;
     audited(
         &state,
@@ -301,21 +295,21 @@ async fn enable_endpoint(
         json!({"webhook_endpoint": id}),
     )
     .await?;
-    json_of(&ep.redacted_for(shows_headers(&auth)))
+    Ok(axum::Json(ep.redacted_for(shows_headers(&auth))))
 }
 
 /// Disable an endpoint. Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/endpoints/{endpoint}/disable", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Endpoint), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn disable_endpoint(
     State(state): State<AppState>,
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Endpoint>, Problem> {
     let ep = state.webhooks.set_enabled(&id, false).await?;
     audited(
         &state,
@@ -324,7 +318,7 @@ async fn disable_endpoint(
         json!({"webhook_endpoint": id}),
     )
     .await?;
-    json_of(&ep.redacted_for(shows_headers(&auth)))
+    Ok(axum::Json(ep.redacted_for(shows_headers(&auth))))
 }
 
 /// Paging of the attempt log.
@@ -332,6 +326,7 @@ async fn disable_endpoint(
 #[serde(default, deny_unknown_fields)]
 struct AttemptParams {
     /// Page size, 1-1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// The `next` of the previous page.
     after: Option<String>,
@@ -341,7 +336,7 @@ struct AttemptParams {
 #[utoipa::path(
     get, path = "/v1/webhooks/endpoints/{endpoint}/attempts", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id, or `direct` for one-off deliveries"), AttemptParams),
-    responses((status = 200, body = WebhookDoc), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem)),
+    responses((status = 200, body = AttemptPage), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn endpoint_attempts(
@@ -349,7 +344,7 @@ async fn endpoint_attempts(
     _auth: Auth<scope::Read>,
     Path(id): Path<String>,
     Query(p): Query<AttemptParams>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<AttemptPage>, Problem> {
     let limit = p.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(Problem::invalid("limit", "must be between 1 and 1000"));
@@ -364,26 +359,26 @@ async fn endpoint_attempts(
             },
         )
         .await?;
-    json_of(&page)
+    Ok(axum::Json(page))
 }
 
 /// Success rate and latency over the last hour and day, and the circuit state.
 #[utoipa::path(
     get, path = "/v1/webhooks/endpoints/{endpoint}/health", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Health), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn endpoint_health(
     State(state): State<AppState>,
     _auth: Auth<scope::Read>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
-    json_of(&state.webhooks.health(&id).await?)
+) -> Result<axum::Json<Health>, Problem> {
+    Ok(axum::Json(state.webhooks.health(&id).await?))
 }
 
 /// What to replay for an endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReplaySince {
     /// Deliveries created at or after this instant (RFC 3339).
@@ -394,9 +389,9 @@ struct ReplaySince {
 /// `{queued, skipped}`. Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/endpoints/{endpoint}/replay", tag = "webhooks",
-    request_body = WebhookDoc,
+    request_body = ReplaySince,
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
+    responses((status = 200, body = Replayed), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn replay_endpoint(
@@ -404,7 +399,7 @@ async fn replay_endpoint(
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
     Body(req): Body<ReplaySince>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Replayed>, Problem> {
     let out = state.webhooks.replay_failed(&id, req.since).await?;
     audit::record(
         state.store.as_ref(),
@@ -413,21 +408,21 @@ async fn replay_endpoint(
             .affected(out.queued),
     )
     .await?;
-    json_of(&out)
+    Ok(axum::Json(out))
 }
 
 /// Queue one finished delivery again with a fresh attempt budget. Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/deliveries/{delivery}/replay", tag = "webhooks",
-    params(("delivery" = String, Path, description = "The delivery's job id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)),
+    params(DeliveryIdParam),
+    responses((status = 200, body = DeliveryReplayed), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn replay_delivery(
     State(state): State<AppState>,
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<DeliveryReplayed>, Problem> {
     let job = state.webhooks.replay_delivery(&id).await?;
     audited(
         &state,
@@ -436,18 +431,25 @@ async fn replay_delivery(
         json!({"delivery": id}),
     )
     .await?;
-    Ok(axum::Json(
-        json!({"queued": 1, "delivery": job.id.to_string(), "state": job.state}),
-    ))
+    Ok(axum::Json(DeliveryReplayed {
+        queued: 1,
+        delivery: job.id.to_string(),
+        state: job.state,
+    }))
 }
 
 /// A one-off delivery.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MessageRequest {
+    /// Where to POST (http or https).
+    #[schema(value_type = WebhookUrl)]
     url: String,
+    /// The event type: 1 to 200 letters, digits, `.`, `_`, `-` or `:`; `webhook.*` is reserved.
     #[serde(rename = "type")]
+    #[schema(pattern = r"^(?!webhook\.)[A-Za-z0-9._:-]{1,200}$")]
     event_type: String,
+    /// The application's data (the body's `data`). Default `null`.
     #[serde(default)]
     payload: Value,
 }
@@ -455,8 +457,8 @@ struct MessageRequest {
 /// Deliver one event straight to a URL (no endpoint): `{url, type, payload}`.
 #[utoipa::path(
     post, path = "/v1/webhooks/messages", tag = "webhooks",
-    request_body = WebhookDoc,
-    responses((status = 201, body = WebhookDoc), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
+    request_body = MessageRequest,
+    responses((status = 201, body = Event), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["enqueue"]))
 )]
 async fn send_message(
@@ -468,19 +470,35 @@ async fn send_message(
         .webhooks
         .send_to_url(&req.url, &req.event_type, req.payload)
         .await?;
-    Ok((StatusCode::CREATED, json_of(&event)?).into_response())
+    Ok((StatusCode::CREATED, axum::Json(event)).into_response())
 }
 
 /// An event to send.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EventRequest {
+    /// The event type: 1 to 200 letters, digits, `.`, `_`, `-` or `:`; `webhook.*` is reserved.
     #[serde(rename = "type")]
+    #[schema(pattern = r"^(?!webhook\.)[A-Za-z0-9._:-]{1,200}$")]
     event_type: String,
+    /// The application's data (the body's `data`). Default `null`.
     #[serde(default)]
     payload: Value,
+    /// Deduplication key (also accepted as the `Idempotency-Key` header).
     #[serde(default)]
     idempotency_key: Option<String>,
+}
+
+/// The answer to a delivery replay.
+#[derive(Debug, Serialize, ToSchema)]
+struct DeliveryReplayed {
+    /// Always 1.
+    queued: u64,
+    /// The delivery's job id.
+    delivery: String,
+    /// Its state now.
+    #[schema(value_type = String, example = "available")]
+    state: conveyor_worker::JobState,
 }
 
 /// Send an event (`{type, payload, idempotency_key?}`; the key may also come as the
@@ -488,11 +506,11 @@ struct EventRequest {
 /// `{event, duplicate: false}`, or 200 with `duplicate: true` and the first event.
 #[utoipa::path(
     post, path = "/v1/events", tag = "webhooks",
-    request_body = WebhookDoc,
+    request_body = EventRequest,
     params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key")),
     responses(
-        (status = 201, description = "Sent; one delivery per subscribed endpoint", body = WebhookDoc),
-        (status = 200, description = "Duplicate key: the first event, nothing new queued (`Idempotent-Replayed: true`)", body = WebhookDoc),
+        (status = 201, description = "Sent; one delivery per subscribed endpoint", body = Sent),
+        (status = 200, description = "Duplicate key: the first event, nothing new queued (`Idempotent-Replayed: true`)", body = Sent),
         (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 409, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem),
     ),
@@ -519,8 +537,9 @@ async fn send_event(
     } else {
         StatusCode::CREATED
     };
-    let mut response = (status, [(header::LOCATION, location)], json_of(&sent)?).into_response();
-    if sent.duplicate {
+    let duplicate = sent.duplicate;
+    let mut response = (status, [(header::LOCATION, location)], axum::Json(sent)).into_response();
+    if duplicate {
         response.headers_mut().insert(
             "idempotent-replayed",
             axum::http::HeaderValue::from_static("true"),
@@ -533,44 +552,44 @@ async fn send_event(
 #[utoipa::path(
     get, path = "/v1/events/{event}", tag = "webhooks",
     params(("event" = String, Path, description = "Event id (evt_…)")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Event), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn show_event(
     State(state): State<AppState>,
     _auth: Auth<scope::Read>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
-    json_of(&state.webhooks.event(&id).await?)
+) -> Result<axum::Json<Event>, Problem> {
+    Ok(axum::Json(state.webhooks.event(&id).await?))
 }
 
 /// The event's attempt log across its endpoints, newest first.
 #[utoipa::path(
     get, path = "/v1/events/{event}/attempts", tag = "webhooks",
     params(("event" = String, Path, description = "Event id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = [Attempt]), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn event_attempts(
     State(state): State<AppState>,
     _auth: Auth<scope::Read>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
-    json_of(&state.webhooks.attempts_for_event(&id).await?)
+) -> Result<axum::Json<Vec<Attempt>>, Problem> {
+    Ok(axum::Json(state.webhooks.attempts_for_event(&id).await?))
 }
 
 /// Send the event again to every endpoint it went to: `{queued, skipped}`. Audited.
 #[utoipa::path(
     post, path = "/v1/events/{event}/replay", tag = "webhooks",
     params(("event" = String, Path, description = "Event id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Replayed), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn replay_event(
     State(state): State<AppState>,
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Replayed>, Problem> {
     let out = state.webhooks.replay_event(&id).await?;
     audit::record(
         state.store.as_ref(),
@@ -579,5 +598,5 @@ async fn replay_event(
             .affected(out.queued),
     )
     .await?;
-    json_of(&out)
+    Ok(axum::Json(out))
 }

@@ -35,7 +35,7 @@ pub struct AttemptQuery {
 }
 
 /// One page of the attempt log.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttemptPage {
     /// Entries, newest event first, newest attempt first within an event.
     pub attempts: Vec<Attempt>,

@@ -13,10 +13,11 @@ use super::model::{ENDPOINTS, Endpoint, Secret};
 use super::{Result, WebhookError, Webhooks, new_id, signature};
 
 /// What creating an endpoint takes. Absent fields take the defaults.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct NewEndpoint {
     /// Where to POST (http or https).
+    #[schema(required = true, value_type = super::model::WebhookUrl)]
     pub url: String,
     /// Free text.
     pub description: String,
@@ -25,24 +26,30 @@ pub struct NewEndpoint {
     /// Extra headers.
     pub headers: BTreeMap<String, String>,
     /// Deliveries per second across all workers.
+    #[schema(exclusive_minimum = 0.0)]
     pub rate_limit: Option<f64>,
     /// Request timeout in milliseconds.
+    #[schema(minimum = 1)]
     pub timeout_ms: Option<u64>,
-    /// Waits before each attempt, in milliseconds.
+    /// Waits before each attempt, in milliseconds (1 to 50 of them).
+    #[schema(min_items = 1, max_items = 50)]
     pub retry_schedule_ms: Option<Vec<u64>>,
     /// Follow redirects.
     pub follow_redirects: Option<bool>,
-    /// A secret to use instead of a generated one (`whsec_…`).
+    /// A secret to use instead of a generated one: padded base64 of the key, optionally
+    /// prefixed `whsec_`.
+    #[schema(pattern = r"^(whsec_)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$")]
     pub secret: Option<String>,
     /// Start disabled.
     pub disabled: bool,
 }
 
 /// A partial update: only the fields given change. `Some(None)` clears an optional field.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct EndpointPatch {
     /// New URL.
+    #[schema(value_type = Option<super::model::WebhookUrl>)]
     pub url: Option<String>,
     /// New description.
     pub description: Option<String>,
@@ -51,10 +58,13 @@ pub struct EndpointPatch {
     /// New headers (replacing all).
     pub headers: Option<BTreeMap<String, String>>,
     /// New rate limit.
+    #[schema(exclusive_minimum = 0.0)]
     pub rate_limit: Option<Option<f64>>,
     /// New timeout.
+    #[schema(minimum = 1)]
     pub timeout_ms: Option<Option<u64>>,
     /// New schedule.
+    #[schema(min_items = 1, max_items = 50)]
     pub retry_schedule_ms: Option<Option<Vec<u64>>>,
     /// New redirect setting.
     pub follow_redirects: Option<Option<bool>>,

@@ -26,7 +26,7 @@ pub struct SendEvent {
 }
 
 /// The answer of a send.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Sent {
     /// The event (the first one, for a duplicate).
     pub event: Event,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Collection of endpoints, keyed by [`Endpoint::id`].
 pub const ENDPOINTS: &str = "webhook_endpoints";
@@ -36,7 +37,7 @@ pub const EVENT_ENDPOINT_DISABLED: &str = "webhook.endpoint.disabled";
 pub const SYSTEM_EVENT_PREFIX: &str = "webhook.";
 
 /// A receiver of events.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Endpoint {
     /// `ep_` and a UUIDv7 in hex.
     pub id: String,
@@ -76,8 +77,19 @@ pub struct Endpoint {
     pub disabled_reason: Option<String>,
 }
 
+/// A receiver's URL as the OpenAPI document describes it (the type is `String`; this names
+/// the rule [`Webhooks`](super::Webhooks) checks: `http` or `https`, a host name whose last
+/// label starts with a letter or an IPv4 address, an optional port and path).
+#[derive(ToSchema)]
+#[schema(
+    pattern = r"^https?://((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?|(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(?:/[A-Za-z0-9._~!$&'()*+,;=:@/-]*)?$",
+    example = "https://example.com/webhooks"
+)]
+#[allow(dead_code)]
+pub struct WebhookUrl(String);
+
 /// One signing secret.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Secret {
     /// `whsec_…`.
     pub secret: String,
@@ -161,7 +173,7 @@ pub fn is_secret_header(name: &str) -> bool {
 }
 
 /// A sent event: what was fanned out, and to whom.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Event {
     /// `evt_` and a UUIDv7 in hex; also the `webhook-id` of its deliveries.
     pub id: String,
@@ -179,7 +191,7 @@ pub struct Event {
 }
 
 /// One delivery job of an event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DeliveryRef {
     /// The endpoint (`None` for a one-off delivery to a URL).
     pub endpoint_id: Option<String>,
@@ -208,7 +220,7 @@ pub struct DeliverArgs {
 }
 
 /// One line of the attempt log.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Attempt {
     /// `att_` and a UUIDv7.
     pub id: String,
@@ -254,7 +266,7 @@ pub struct Circuit {
 }
 
 /// The circuit as shown to users.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CircuitState {
     /// Sending.
