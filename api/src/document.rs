@@ -72,6 +72,9 @@ fn add_to(op: &mut Operation) {
     if has_query || has_path {
         add(400, "A malformed query string or path");
     }
+    if has_query {
+        add(422, "A query parameter out of range; `errors` names it");
+    }
     if has_path {
         add(404, "Not found");
     }

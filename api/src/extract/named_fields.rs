@@ -6,6 +6,10 @@
 //! every deserializer, visitor, seed and access it hands out, so each `deserialize_struct`
 //! below the top sees the wrapper too; only a struct's sequence form is refused. Arrays
 //! where the type wants a list (`tags`, `jobs`) or any JSON (`args`) pass unchanged.
+//!
+//! Integers are read as the document describes them (JSON Schema's `integer`, utoipa's
+//! `int32`/`int64` formats): `25.0` is the integer 25, and an unsigned field takes no more
+//! than its format holds (`u32` up to 2^31-1, `u64` up to 2^63-1).
 
 use std::fmt;
 
@@ -33,10 +37,42 @@ macro_rules! forward_deserialize {
 impl<'de, D: Deserializer<'de>> Deserializer<'de> for NamedFields<D> {
     type Error = D::Error;
 
+    fn deserialize_i8<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_i8(Integer(visitor, u64::MAX))
+    }
+
+    fn deserialize_i16<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_i16(Integer(visitor, u64::MAX))
+    }
+
+    fn deserialize_i32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_i32(Integer(visitor, u64::MAX))
+    }
+
+    fn deserialize_i64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_i64(Integer(visitor, u64::MAX))
+    }
+
+    fn deserialize_u8<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_u8(Integer(visitor, u64::MAX))
+    }
+
+    fn deserialize_u16<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_u16(Integer(visitor, u64::MAX))
+    }
+
+    fn deserialize_u32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        self.0
+            .deserialize_u32(Integer(visitor, i32::MAX.unsigned_abs().into()))
+    }
+
+    fn deserialize_u64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        self.0
+            .deserialize_u64(Integer(visitor, i64::MAX.unsigned_abs()))
+    }
+
     forward_deserialize! {
-        deserialize_any deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32
-        deserialize_i64 deserialize_i128 deserialize_u8 deserialize_u16 deserialize_u32
-        deserialize_u64 deserialize_u128 deserialize_f32 deserialize_f64 deserialize_char
+        deserialize_any deserialize_bool deserialize_i128 deserialize_u128 deserialize_f32 deserialize_f64 deserialize_char
         deserialize_str deserialize_string deserialize_bytes deserialize_byte_buf
         deserialize_option deserialize_unit deserialize_seq deserialize_map
         deserialize_identifier deserialize_ignored_any
@@ -169,6 +205,41 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for StructVisitor<V> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<Self::Value, A::Error> {
         Err(de::Error::custom(NOT_AN_ARRAY))
+    }
+}
+
+/// The visitor of an integer field: takes an integral float as the integer it is, and no
+/// unsigned value above the second field (what the document's format holds).
+struct Integer<V>(V, u64);
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for Integer<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        self.0.expecting(f)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        match u64::try_from(v) {
+            Ok(u) => self.visit_u64(u),
+            Err(_) => self.0.visit_i64(v),
+        }
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        if v > self.1 {
+            return Err(E::custom(format!("{v} is out of range: at most {}", self.1)));
+        }
+        self.0.visit_u64(v)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        // 2^63 is the first float past i64; integral floats below it convert exactly.
+        if v.fract() == 0.0 && v >= -9.223_372_036_854_776e18 && v < 9.223_372_036_854_776e18 {
+            self.visit_i64(v as i64)
+        } else {
+            self.0.visit_f64(v)
+        }
     }
 }
 

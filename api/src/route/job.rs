@@ -20,7 +20,7 @@ use crate::extract::{Body, JobIdParam, JobPath, Query};
 use crate::problem::Problem;
 use crate::state::AppState;
 use crate::view::{
-    BatchItem, BatchResponse, BulkResponse, CancelResponse, DiscardResponse, EnqueueResponse,
+    JobStateName, BatchItem, BatchResponse, BulkResponse, CancelResponse, DiscardResponse, EnqueueResponse,
     JobPage, JobView,
 };
 
@@ -57,6 +57,7 @@ pub struct EnqueueRequest {
     pub args: Option<Value>,
     /// Smaller runs first. Default 0.
     #[serde(default)]
+    #[schema(minimum = -32768, maximum = 32767)]
     pub priority: i16,
     /// Attempts before the job goes dead. Default 20.
     #[serde(default)]
@@ -397,6 +398,7 @@ pub struct ListParams {
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
+    #[param(format = Uuid)]
     pub cursor: Option<String>,
 }
 
@@ -542,7 +544,7 @@ async fn discard(
 pub struct FilterBody {
     /// Any of these states.
     #[serde(default)]
-    #[schema(value_type = Vec<String>)]
+    #[schema(value_type = Vec<JobStateName>)]
     pub states: Vec<JobState>,
     /// Exactly this queue.
     pub queue: Option<String>,
@@ -558,7 +560,7 @@ pub struct FilterBody {
     pub error_contains: Option<String>,
     /// Only these job ids (at most 1,000).
     #[serde(default)]
-    #[schema(value_type = Vec<String>)]
+    #[schema(value_type = Vec<uuid::Uuid>, max_items = 1000)]
     pub ids: Vec<JobId>,
 }
 

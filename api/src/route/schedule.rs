@@ -59,6 +59,7 @@ pub struct ScheduleInput {
     pub args: Option<Value>,
     /// Priority of the jobs (smaller runs first).
     #[serde(default)]
+    #[schema(minimum = -32768, maximum = 32767)]
     pub priority: Option<i16>,
     /// Attempt budget of each job.
     #[serde(default)]

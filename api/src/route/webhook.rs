@@ -484,8 +484,10 @@ struct EventRequest {
     /// The application's data (the body's `data`). Default `null`.
     #[serde(default)]
     payload: Value,
-    /// Deduplication key (also accepted as the `Idempotency-Key` header).
+    /// Deduplication key, 1 to 400 printable ASCII characters (also accepted as the
+    /// `Idempotency-Key` header).
     #[serde(default)]
+    #[schema(pattern = r"^[ -~]{1,400}$")]
     idempotency_key: Option<String>,
 }
 
@@ -497,7 +499,7 @@ struct DeliveryReplayed {
     /// The delivery's job id.
     delivery: String,
     /// Its state now.
-    #[schema(value_type = String, example = "available")]
+    #[schema(value_type = crate::view::JobStateName)]
     state: conveyor_worker::JobState,
 }
 

@@ -79,6 +79,7 @@ const RESERVED_HEADERS: [&str; 5] = [
 ];
 
 fn check(ep: &Endpoint) -> Result<()> {
+    super::model::check_url("url", &ep.url)?;
     let url = reqwest::Url::parse(&ep.url)
         .map_err(|e| WebhookError::invalid("url", format!("`{}` is not a URL: {e}", ep.url)))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {

@@ -77,16 +77,52 @@ pub struct Endpoint {
     pub disabled_reason: Option<String>,
 }
 
-/// A receiver's URL as the OpenAPI document describes it (the type is `String`; this names
-/// the rule [`Webhooks`](super::Webhooks) checks: `http` or `https`, a host name whose last
-/// label starts with a letter or an IPv4 address, an optional port and path).
-#[derive(ToSchema)]
-#[schema(
-    pattern = r"^https?://((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?|(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(?:/[A-Za-z0-9._~!$&'()*+,;=:@/-]*)?$",
-    example = "https://example.com/webhooks"
-)]
-#[allow(dead_code)]
-pub struct WebhookUrl(String);
+/// What a receiver's URL must look like: `http` or `https`; a host name (labels of letters,
+/// digits and `-`, the last starting with a letter) or an IPv4 address; an optional port; a
+/// path and query of URL characters and `%XX` escapes; no fragment, user info or spaces.
+/// The server checks it ([`check_url`]) and the OpenAPI document states it ([`WebhookUrl`]).
+pub const URL_PATTERN: &str = concat!(
+    r"^https?://",
+    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?",
+    r"|(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))",
+    r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?",
+    r"(?:/(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*)?",
+    r"(?:\?(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$",
+);
+
+/// Refuses a URL that does not match [`URL_PATTERN`], naming `field`.
+pub fn check_url(field: &'static str, url: &str) -> Result<(), crate::webhook::WebhookError> {
+    static RULE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(URL_PATTERN).expect("URL_PATTERN is a valid regex")
+    });
+    if RULE.is_match(url) {
+        Ok(())
+    } else {
+        Err(crate::webhook::WebhookError::invalid(
+            field,
+            format!(
+                "`{url}` must be an http:// or https:// URL with a host name or IPv4 address, \
+                 e.g. https://example.com/webhooks (no fragment, user info or spaces)"
+            ),
+        ))
+    }
+}
+
+/// A receiver's URL in the OpenAPI document: a string matching [`URL_PATTERN`].
+pub struct WebhookUrl;
+
+impl utoipa::PartialSchema for WebhookUrl {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .pattern(Some(URL_PATTERN))
+            .examples(["https://example.com/webhooks"])
+            .description(Some("An http:// or https:// URL (see URL_PATTERN)"))
+            .into()
+    }
+}
+
+impl ToSchema for WebhookUrl {}
 
 /// One signing secret.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
