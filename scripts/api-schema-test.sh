@@ -67,7 +67,7 @@ PYTHONPATH="$PWD/scripts" SCHEMATHESIS_HOOKS=schemathesis_hooks "$st" run "$base
   --max-examples "${ST_MAX_EXAMPLES:-25}" \
   --max-time "${ST_MAX_TIME:-150}" \
   --request-timeout 10 \
-  --workers 2 \
+  --workers 1 \
   --seed "${ST_SEED:-$RANDOM}" \
   --no-color \
   ||

@@ -3,8 +3,9 @@
 The OpenAPI document carries every rule a schema can express. A few cannot be: a cron
 expression's grammar, an IANA time zone name, a `run_at` within a day ago and five years
 ahead (relative to now), `run_at` and `delay_seconds` not both, a schedule's `name`, `cron`
-and `kind` required on create only (one body type serves create and update), and a bulk
-action's "at least one filter field, or `all: true`". A schema-valid request that breaks one
+and `kind` required on create only (one body type serves create and update), a bulk
+action's "at least one filter field, or `all: true`", and an enqueue's `idempotency_key`
+equal to its `Idempotency-Key` header when both are sent. A schema-valid request that breaks one
 of them gets a 422 naming the field; this hook accepts exactly that refusal and nothing else.
 """
 
@@ -14,7 +15,8 @@ import schemathesis
 
 # (method, path template) -> fields whose 422 is a rule the schema cannot state.
 UNSTATED = {
-    ("POST", "/v1/jobs"): {"run_at", "delay_seconds"},
+    # The body's key must equal the `Idempotency-Key` header when both are sent.
+    ("POST", "/v1/jobs"): {"run_at", "delay_seconds", "idempotency_key"},
     ("POST", "/v1/jobs/batch"): {"run_at", "delay_seconds"},
     ("POST", "/v1/jobs/bulk/{action}"): {"filter"},
     ("POST", "/v1/schedules"): {"name", "cron", "kind", "timezone", "missed", "overlap"},

@@ -381,6 +381,7 @@ async fn get_job(
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Comma-separated states, e.g. `dead,retryable`.
+    #[param(pattern = r"^ *$|^ *(scheduled|available|running|retryable|completed|cancelled|dead) *(, *(scheduled|available|running|retryable|completed|cancelled|dead) *)*$")]
     pub state: Option<String>,
     /// Exactly this queue.
     pub queue: Option<String>,
@@ -403,11 +404,23 @@ pub struct ListParams {
 }
 
 fn parse_states(text: Option<&str>) -> Result<Vec<JobState>, Problem> {
-    let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
+    let Some(text) = text.filter(|t| !t.trim_matches(' ').is_empty()) else {
         return Ok(Vec::new());
     };
     text.split(',')
-        .map(|s| s.trim().parse::<JobState>().map_err(Problem::from))
+        .map(|s| {
+            let s = s.trim_matches(' ');
+            // Exactly the names the document lists (the CLI also takes other cases).
+            JobState::ALL
+                .into_iter()
+                .find(|st| st.as_str() == s)
+                .ok_or_else(|| {
+                    Problem::invalid(
+                        "state",
+                        format!("unknown state `{s}`; use one of: {}", JobState::ALL.map(|st| st.as_str()).join(", ")),
+                    )
+                })
+        })
         .collect()
 }
 

@@ -228,9 +228,8 @@ async fn endpoint_secret(
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(default, deny_unknown_fields)]
 struct RotateRequest {
-    /// A secret to use instead of a generated one: padded base64 of the key, optionally
-    /// prefixed `whsec_`.
-    #[schema(pattern = r"^(whsec_)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$")]
+    /// A secret to use instead of a generated one (`whsec_` and padded base64).
+    #[schema(value_type = Option<conveyor_jobs::webhook::signature::SecretSchema>)]
     secret: Option<String>,
     /// How long the old secret keeps signing, e.g. `24h` or `90s` (a humantime duration).
     #[schema(pattern = r"^\s*[0-9]+\s*(ns|us|ms|s|sec|secs|m|min|mins|h|hr|hrs|d|days|w|weeks)(\s*[0-9]+\s*(ns|us|ms|s|sec|secs|m|min|mins|h|hr|hrs|d|days|w|weeks))*\s*$")]

@@ -24,6 +24,7 @@ pub struct NewEndpoint {
     /// Event types; empty: all.
     pub event_types: Vec<String>,
     /// Extra headers.
+    #[schema(value_type = HeadersSchema)]
     pub headers: BTreeMap<String, String>,
     /// Deliveries per second across all workers.
     #[schema(exclusive_minimum = 0.0)]
@@ -36,9 +37,8 @@ pub struct NewEndpoint {
     pub retry_schedule_ms: Option<Vec<u64>>,
     /// Follow redirects.
     pub follow_redirects: Option<bool>,
-    /// A secret to use instead of a generated one: padded base64 of the key, optionally
-    /// prefixed `whsec_`.
-    #[schema(pattern = r"^(whsec_)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$")]
+    /// A secret to use instead of a generated one (see `signature::SECRET_PATTERN`).
+    #[schema(value_type = Option<super::signature::SecretSchema>)]
     pub secret: Option<String>,
     /// Start disabled.
     pub disabled: bool,
@@ -56,6 +56,7 @@ pub struct EndpointPatch {
     /// New event types.
     pub event_types: Option<Vec<String>>,
     /// New headers (replacing all).
+    #[schema(value_type = Option<HeadersSchema>)]
     pub headers: Option<BTreeMap<String, String>>,
     /// New rate limit.
     #[schema(exclusive_minimum = 0.0)]
@@ -69,6 +70,37 @@ pub struct EndpointPatch {
     /// New redirect setting.
     pub follow_redirects: Option<Option<bool>>,
 }
+
+/// What a custom header's name must be: an HTTP token, and none of [`RESERVED_HEADERS`]
+/// (in any case). [`check`] enforces it; the OpenAPI document states it ([`HeadersSchema`]).
+pub const HEADER_NAME_PATTERN: &str = concat!(
+    r"^(?!",
+    r"[Ww][Ee][Bb][Hh][Oo][Oo][Kk]-(?:[Ii][Dd]|[Tt][Ii][Mm][Ee][Ss][Tt][Aa][Mm][Pp]|[Ss][Ii][Gg][Nn][Aa][Tt][Uu][Rr][Ee])$",
+    r"|[Cc][Oo][Nn][Tt][Ee][Nn][Tt]-[Tt][Yy][Pp][Ee]$|[Hh][Oo][Ss][Tt]$",
+    r")[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+);
+
+/// Custom headers in the OpenAPI document: names matching [`HEADER_NAME_PATTERN`], string values.
+pub struct HeadersSchema;
+
+impl utoipa::PartialSchema for HeadersSchema {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::{ObjectBuilder, Type, schema::AdditionalProperties};
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property_names(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(HEADER_NAME_PATTERN)),
+            ))
+            .additional_properties(Some(AdditionalProperties::RefOr(
+                ObjectBuilder::new().schema_type(Type::String).into(),
+            )))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for HeadersSchema {}
 
 const RESERVED_HEADERS: [&str; 5] = [
     signature::HEADER_ID,
