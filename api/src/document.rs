@@ -60,7 +60,10 @@ fn add_to(op: &mut Operation) {
     if has_key {
         add(401, "No valid API key (`WWW-Authenticate: Bearer`)");
         add(403, "The key lacks the scope");
-        add(429, "The key's rate limit is used up; retry after `Retry-After` seconds");
+        add(
+            429,
+            "The key's rate limit is used up; retry after `Retry-After` seconds",
+        );
         add(503, "The store did not answer");
     }
     if has_body {
@@ -90,7 +93,11 @@ fn add_to(op: &mut Operation) {
                 .entry("Retry-After".into())
                 .or_insert_with(|| {
                     HeaderBuilder::new()
-                        .schema(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1)))
+                        .schema(
+                            ObjectBuilder::new()
+                                .schema_type(Type::Integer)
+                                .minimum(Some(1)),
+                        )
                         .description(Some("Seconds until a retry may succeed"))
                         .build()
                 });
@@ -116,9 +123,7 @@ fn problem_response(status: u16, why: &str) -> Response {
 
 /// A response whose body is a `Problem` is `application/problem+json`, not `application/json`.
 fn as_problem_json(response: &mut Response) {
-    let is_problem = |c: &utoipa::openapi::Content| {
-        matches!(&c.schema, Some(RefOr::Ref(r)) if r.ref_location.ends_with("/Problem"))
-    };
+    let is_problem = |c: &utoipa::openapi::Content| matches!(&c.schema, Some(RefOr::Ref(r)) if r.ref_location.ends_with("/Problem"));
     if let Some(content) = response.content.shift_remove("application/json") {
         let key = if is_problem(&content) {
             PROBLEM_JSON

@@ -47,7 +47,11 @@ pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_data() {
-            let field = if path == "." { "body".to_string() } else { path };
+            let field = if path == "." {
+                "body".to_string()
+            } else {
+                path
+            };
             let message = without_position(&inner.to_string());
             Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -152,7 +156,9 @@ where
 #[into_params(parameter_in = Path)]
 pub struct JobIdParam {
     /// Job id: a UUID (hyphenated or 32 hex digits), bare or `job_`-prefixed.
-    #[param(pattern = r"^(job_)?([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|[0-9A-Fa-f]{32})$")]
+    #[param(
+        pattern = r"^(job_)?([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|[0-9A-Fa-f]{32})$"
+    )]
     pub id: String,
 }
 
@@ -161,7 +167,9 @@ pub struct JobIdParam {
 #[into_params(parameter_in = Path)]
 pub struct DeliveryIdParam {
     /// The delivery's job id: a UUID (hyphenated or 32 hex digits), bare or `job_`-prefixed.
-    #[param(pattern = r"^(job_)?([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|[0-9A-Fa-f]{32})$")]
+    #[param(
+        pattern = r"^(job_)?([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|[0-9A-Fa-f]{32})$"
+    )]
     pub delivery: String,
 }
 

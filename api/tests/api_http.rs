@@ -98,7 +98,11 @@ async fn a_refusal_before_the_body_keeps_the_connection_usable() {
 
     // Use up the limited key's burst, so its next request is a 429.
     for _ in 0..2 {
-        let (status, p) = send(s.req(Method::POST, "/v1/jobs", Some(&limited)).json(&json!({"kind": "demo.echo"}))).await;
+        let (status, p) = send(
+            s.req(Method::POST, "/v1/jobs", Some(&limited))
+                .json(&json!({"kind": "demo.echo"})),
+        )
+        .await;
         assert_eq!(status, 201, "{p}");
     }
     let cases = [
@@ -122,9 +126,9 @@ async fn a_refusal_before_the_body_keeps_the_connection_usable() {
         conn.write_all(b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n")
             .await
             .unwrap();
-        let second = read_answer(&mut conn, &mut buf).await.unwrap_or_else(|| {
-            panic!("the connection was closed after a {expected}: {first:?}")
-        });
+        let second = read_answer(&mut conn, &mut buf)
+            .await
+            .unwrap_or_else(|| panic!("the connection was closed after a {expected}: {first:?}"));
         assert_eq!((second.status, second.body.as_str()), (200, "ok\n"));
     }
     // Nothing was enqueued by the refused requests.
@@ -145,8 +149,9 @@ async fn a_body_too_large_to_drain_closes_the_connection_and_says_so() {
     let s = Server::start(t.store.clone(), config).await;
     let key = s.key(Scope::Enqueue).await;
     let addr = s.base.trim_start_matches("http://").to_string();
-    let big = serde_json::to_vec(&json!({"kind": "demo.echo", "args": {"pad": "x".repeat(200_000)}}))
-        .unwrap();
+    let big =
+        serde_json::to_vec(&json!({"kind": "demo.echo", "args": {"pad": "x".repeat(200_000)}}))
+            .unwrap();
     let mut conn = TcpStream::connect(&addr).await.unwrap();
     let mut buf = Vec::new();
     send_slowly(&mut conn, "POST", "/v1/jobs", &key, &big).await;
@@ -158,8 +163,9 @@ async fn a_body_too_large_to_drain_closes_the_connection_and_says_so() {
         "{answer:?}"
     );
     // A small body over the limit is read and dropped: the connection lives.
-    let small = serde_json::to_vec(&json!({"kind": "demo.echo", "args": {"pad": "x".repeat(2000)}}))
-        .unwrap();
+    let small =
+        serde_json::to_vec(&json!({"kind": "demo.echo", "args": {"pad": "x".repeat(2000)}}))
+            .unwrap();
     let mut conn = TcpStream::connect(&addr).await.unwrap();
     let mut buf = Vec::new();
     send_slowly(&mut conn, "POST", "/v1/jobs", &key, &small).await;
@@ -182,13 +188,21 @@ async fn nested_positional_arrays_are_refused_naming_the_field() {
     let s = Server::default(t.store.clone()).await;
     let key = s.key(Scope::Admin).await;
     let cases = [
-        ("/v1/jobs/batch", json!({"jobs": [["demo.echo", {"msg": "hi"}]]}), "jobs[0]"),
+        (
+            "/v1/jobs/batch",
+            json!({"jobs": [["demo.echo", {"msg": "hi"}]]}),
+            "jobs[0]",
+        ),
         (
             "/v1/jobs/batch",
             json!({"jobs": [{"kind": "demo.echo"}, ["demo.echo"]]}),
             "jobs[1]",
         ),
-        ("/v1/jobs/bulk/retry", json!({"filter": [["dead"]], "all": false}), "filter"),
+        (
+            "/v1/jobs/bulk/retry",
+            json!({"filter": [["dead"]], "all": false}),
+            "filter",
+        ),
         ("/v1/jobs", json!(["demo.echo"]), "body"),
     ];
     for (path, body, field) in cases {
@@ -279,8 +293,14 @@ async fn the_openapi_document_declares_every_refusal_and_shape() {
         ("/v1/schedules", ""),
         ("/v1/workers", ""),
         ("/v1/queues", ""),
-        ("/v1/webhooks/endpoints/{endpoint}/secret", "#/components/schemas/Secret"),
-        ("/v1/events/{event}/attempts", "#/components/schemas/Attempt"),
+        (
+            "/v1/webhooks/endpoints/{endpoint}/secret",
+            "#/components/schemas/Secret",
+        ),
+        (
+            "/v1/events/{event}/attempts",
+            "#/components/schemas/Attempt",
+        ),
     ] {
         let schema = ok_schema("get", path, "200");
         assert_eq!(schema["type"], "array", "GET {path}: {schema}");
@@ -290,9 +310,24 @@ async fn the_openapi_document_declares_every_refusal_and_shape() {
     }
     for (method, path, status, name) in [
         ("post", "/v1/webhooks/endpoints", "201", "Endpoint"),
-        ("get", "/v1/webhooks/endpoints/{endpoint}", "200", "Endpoint"),
-        ("get", "/v1/webhooks/endpoints/{endpoint}/attempts", "200", "AttemptPage"),
-        ("get", "/v1/webhooks/endpoints/{endpoint}/health", "200", "Health"),
+        (
+            "get",
+            "/v1/webhooks/endpoints/{endpoint}",
+            "200",
+            "Endpoint",
+        ),
+        (
+            "get",
+            "/v1/webhooks/endpoints/{endpoint}/attempts",
+            "200",
+            "AttemptPage",
+        ),
+        (
+            "get",
+            "/v1/webhooks/endpoints/{endpoint}/health",
+            "200",
+            "Health",
+        ),
         ("post", "/v1/events", "201", "Sent"),
         ("get", "/v1/events/{event}", "200", "Event"),
         ("post", "/v1/events/{event}/replay", "200", "Replayed"),

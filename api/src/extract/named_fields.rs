@@ -91,7 +91,8 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for NamedFields<D> {
         name: &'static str,
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        self.0.deserialize_newtype_struct(name, NamedFields(visitor))
+        self.0
+            .deserialize_newtype_struct(name, NamedFields(visitor))
     }
 
     fn deserialize_tuple<V: Visitor<'de>>(
@@ -171,10 +172,7 @@ macro_rules! visitor_body {
             self.0.visit_some(NamedFields(d))
         }
 
-        fn visit_newtype_struct<D: Deserializer<'de>>(
-            self,
-            d: D,
-        ) -> Result<Self::Value, D::Error> {
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
             self.0.visit_newtype_struct(NamedFields(d))
         }
 
@@ -228,7 +226,10 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Integer<V> {
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
         if v > self.1 {
-            return Err(E::custom(format!("{v} is out of range: at most {}", self.1)));
+            return Err(E::custom(format!(
+                "{v} is out of range: at most {}",
+                self.1
+            )));
         }
         self.0.visit_u64(v)
     }

@@ -20,8 +20,8 @@ use crate::extract::{Body, JobIdParam, JobPath, Query};
 use crate::problem::Problem;
 use crate::state::AppState;
 use crate::view::{
-    JobStateName, BatchItem, BatchResponse, BulkResponse, CancelResponse, DiscardResponse, EnqueueResponse,
-    JobPage, JobView,
+    BatchItem, BatchResponse, BulkResponse, CancelResponse, DiscardResponse, EnqueueResponse,
+    JobPage, JobStateName, JobView,
 };
 
 /// The route group.
@@ -174,7 +174,8 @@ impl EnqueueRequest {
             (a, b) => a.or(b),
         };
         if let Some(key) = key {
-            if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (b' '..=b'~').contains(&b))
+            {
                 return Err(invalid(
                     "idempotency_key",
                     "must be 1-255 printable ASCII characters".into(),
@@ -228,7 +229,7 @@ fn count_enqueued(queue: &str, kind: &str) {
 #[utoipa::path(
     post, path = "/v1/jobs", tag = "jobs",
     request_body = EnqueueRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key (same as the `idempotency_key` field)")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key (same as the `idempotency_key` field)", pattern = r"^[!-~]([ -~]{0,253}[!-~])?$")),
     responses(
         (status = 201, description = "Enqueued; `Location` names the job", body = EnqueueResponse),
         (status = 200, description = "Duplicate: an existing job holds the idempotency key (`Idempotent-Replayed: true`)", body = EnqueueResponse),
@@ -284,7 +285,7 @@ async fn enqueue(
 #[utoipa::path(
     post, path = "/v1/jobs/batch", tag = "jobs",
     request_body = BatchRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes job i's key `<key>:<i>` for jobs without their own key")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes job i's key `<key>:<i>` for jobs without their own key", pattern = r"^[!-~]([ -~]{0,253}[!-~])?$")),
     responses(
         (status = 201, description = "At least one job was inserted", body = BatchResponse),
         (status = 200, description = "Every job was a duplicate", body = BatchResponse),
@@ -381,7 +382,9 @@ async fn get_job(
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Comma-separated states, e.g. `dead,retryable`.
-    #[param(pattern = r"^ *$|^ *(scheduled|available|running|retryable|completed|cancelled|dead) *(, *(scheduled|available|running|retryable|completed|cancelled|dead) *)*$")]
+    #[param(
+        pattern = r"^ *$|^ *(scheduled|available|running|retryable|completed|cancelled|dead) *(, *(scheduled|available|running|retryable|completed|cancelled|dead) *)*$"
+    )]
     pub state: Option<String>,
     /// Exactly this queue.
     pub queue: Option<String>,
@@ -417,7 +420,10 @@ fn parse_states(text: Option<&str>) -> Result<Vec<JobState>, Problem> {
                 .ok_or_else(|| {
                     Problem::invalid(
                         "state",
-                        format!("unknown state `{s}`; use one of: {}", JobState::ALL.map(|st| st.as_str()).join(", ")),
+                        format!(
+                            "unknown state `{s}`; use one of: {}",
+                            JobState::ALL.map(|st| st.as_str()).join(", ")
+                        ),
                     )
                 })
         })

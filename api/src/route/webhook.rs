@@ -10,11 +10,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use conveyor_jobs::webhook::delivery::AttemptPage;
 use conveyor_jobs::webhook::delivery::AttemptQuery;
 use conveyor_jobs::webhook::endpoint::{EndpointPatch, NewEndpoint};
 use conveyor_jobs::webhook::event::{SendEvent, Sent};
 use conveyor_jobs::webhook::health::Health;
-use conveyor_jobs::webhook::delivery::AttemptPage;
 use conveyor_jobs::webhook::model::{Attempt, Endpoint, Event, Secret, WebhookUrl};
 use conveyor_jobs::webhook::replay::Replayed;
 use serde::{Deserialize, Serialize};
@@ -231,8 +231,11 @@ struct RotateRequest {
     /// A secret to use instead of a generated one (`whsec_` and padded base64).
     #[schema(value_type = Option<conveyor_jobs::webhook::signature::SecretSchema>)]
     secret: Option<String>,
-    /// How long the old secret keeps signing, e.g. `24h` or `90s` (a humantime duration).
-    #[schema(pattern = r"^\s*[0-9]+\s*(ns|us|ms|s|sec|secs|m|min|mins|h|hr|hrs|d|days|w|weeks)(\s*[0-9]+\s*(ns|us|ms|s|sec|secs|m|min|mins|h|hr|hrs|d|days|w|weeks))*\s*$")]
+    /// How long the old secret keeps signing: terms of 1-4 digits and a unit, e.g. `24h` or
+    /// `1h 30m`.
+    #[schema(
+        pattern = r"^[0-9]{1,4}(ns|us|ms|s|sec|secs|m|min|mins|h|hr|hrs|d|days|w|weeks)( [0-9]{1,4}(ns|us|ms|s|sec|secs|m|min|mins|h|hr|hrs|d|days|w|weeks))*$"
+    )]
     overlap: Option<String>,
 }
 
@@ -508,7 +511,7 @@ struct DeliveryReplayed {
 #[utoipa::path(
     post, path = "/v1/events", tag = "webhooks",
     request_body = EventRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key (1-400 printable ASCII characters)", pattern = r"^[!-~]([ -~]{0,398}[!-~])?$")),
     responses(
         (status = 201, description = "Sent; one delivery per subscribed endpoint", body = Sent),
         (status = 200, description = "Duplicate key: the first event, nothing new queued (`Idempotent-Replayed: true`)", body = Sent),

@@ -317,6 +317,8 @@ impl Webhooks {
         endpoint_id: &str,
         query: &AttemptQuery,
     ) -> Result<AttemptPage> {
+        // A deleted (or never created) endpoint is not found, not an empty log.
+        self.endpoint(endpoint_id).await?;
         self.attempt_page(format!("{endpoint_id}:"), query).await
     }
 

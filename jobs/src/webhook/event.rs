@@ -87,7 +87,8 @@ impl Webhooks {
         let now = Utc::now();
         let id = new_id("evt_");
         if let Some(key) = &send.idempotency_key {
-            if key.is_empty() || key.len() > 400 || !key.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            if key.is_empty() || key.len() > 400 || !key.bytes().all(|b| (b' '..=b'~').contains(&b))
+            {
                 return Err(WebhookError::invalid(
                     "idempotency_key",
                     "must be 1 to 400 printable ASCII characters",
