@@ -236,7 +236,7 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Integer<V> {
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
         // 2^63 is the first float past i64; integral floats below it convert exactly.
-        if v.fract() == 0.0 && v >= -9.223_372_036_854_776e18 && v < 9.223_372_036_854_776e18 {
+        if v.fract() == 0.0 && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&v) {
             self.visit_i64(v as i64)
         } else {
             self.0.visit_f64(v)
