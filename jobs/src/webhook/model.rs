@@ -78,13 +78,15 @@ pub struct Endpoint {
 }
 
 /// What a receiver's URL must look like: `http` or `https`; a host name (labels of letters,
-/// digits and `-`, the last starting with a letter) or an IPv4 address; an optional port; a
+/// digits and `-`, the last starting with a letter), an IPv4 address or a bracketed IPv6
+/// address (whose exact grammar the URL parser checks after this); an optional port; a
 /// path and query of URL characters and `%XX` escapes; no fragment, user info or spaces.
 /// The server checks it ([`check_url`]) and the OpenAPI document states it ([`WebhookUrl`]).
 pub const URL_PATTERN: &str = concat!(
     r"^https?://",
     r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?",
-    r"|(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))",
+    r"|(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])",
+    r"|\[[0-9A-Fa-f:.]{2,45}\])",
     r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?",
     r"(?:/(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*)?",
     r"(?:\?(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$",
