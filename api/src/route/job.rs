@@ -212,9 +212,14 @@ impl EnqueueRequest {
 fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     match headers.get("idempotency-key") {
         None => Ok(None),
-        Some(v) => v.to_str().map(|s| Some(s.to_string())).map_err(|_| {
-            Problem::invalid("Idempotency-Key", "must be visible ASCII (1-255 bytes)")
-        }),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .filter(|s| !s.is_empty() && s.len() <= 255)
+            .map(|s| Some(s.to_string()))
+            .ok_or_else(|| {
+                Problem::invalid("Idempotency-Key", "must be visible ASCII (1-255 bytes)")
+            }),
     }
 }
 

@@ -73,8 +73,15 @@ fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
         .get("idempotency-key")
         .map(|v| {
             v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 400)
                 .map(str::to_string)
-                .map_err(|_| Problem::bad_request("Idempotency-Key must be visible ASCII"))
+                .ok_or_else(|| {
+                    Problem::invalid(
+                        "Idempotency-Key",
+                        "must be 1-400 printable ASCII characters",
+                    )
+                })
         })
         .transpose()
 }
