@@ -63,6 +63,7 @@ pub struct ScheduleInput {
     pub priority: Option<i16>,
     /// Attempt budget of each job.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_attempts: Option<i32>,
     /// `false` stores it paused.
     #[serde(default)]
