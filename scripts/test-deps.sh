@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Installs what the production-condition tests drive besides PostgreSQL and Redis, from
 # Debian's packages: pgbouncer (a real connection pooler in both pool modes), faketime (a
-# worker process whose clock is shifted), openssl (certificates for the TLS tests). Quick on
-# a second run: nothing is fetched when every tool is already there.
+# worker process whose clock is shifted), openssl (certificates for the TLS tests); and
+# schemathesis from PyPI into .venv (scripts/api-schema-test.sh). Quick on a second run:
+# nothing is fetched when every tool is already there.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 need=()
 command -v pgbouncer >/dev/null 2>&1 || need+=(pgbouncer)
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+# `python3 -m venv` needs ensurepip (Debian's python3-venv) unless the Python brings it.
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=(python3-venv); fi
 if [ "${#need[@]}" -gt 0 ]; then
   echo "installing test tools: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -17,3 +22,12 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 # Debian starts a pgbouncer service on install; the tests start their own.
 if pgrep -x pgbouncer >/dev/null 2>&1 && [ -x /etc/init.d/pgbouncer ]; then /etc/init.d/pgbouncer stop >/dev/null 2>&1 || true; fi
+
+# schemathesis, pinned to a major version, in the project's own venv.
+SCHEMATHESIS='schemathesis>=4.32,<5'
+if ! .venv/bin/python -c 'import schemathesis' >/dev/null 2>&1; then
+  echo "installing $SCHEMATHESIS into .venv"
+  rm -rf .venv
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "$SCHEMATHESIS"
+fi

@@ -1,9 +1,9 @@
 //! Extractors whose rejections are problem documents: a JSON body ([`Body`]), a query string
 //! ([`Query`]) and a job id in the path ([`JobPath`]). axum's own rejections are plain text;
 //! these map each to the status the API documents (400 syntax, 413 size, 415 content type,
-//! 422 a field's type or an unknown field).
+//! 422 a field's type, an unknown field, or an object sent as an array).
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
@@ -11,6 +11,10 @@ use conveyor_worker::JobId;
 use serde::de::DeserializeOwned;
 
 use crate::problem::Problem;
+
+mod named_fields;
+
+use named_fields::NamedFields;
 
 /// A JSON request body as `T` (whose serde settings reject unknown fields).
 #[derive(Debug)]
@@ -30,18 +34,46 @@ where
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| unreadable(e.status(), &e.body_text()))?;
-        // Every body is an object, but serde also fills a struct from a sequence of its
-        // fields in order (`["demo.echo", {}]`), which no client means and the schema forbids.
-        if bytes.trim_ascii_start().first() == Some(&b'[') {
-            return Err(Problem::invalid(
-                "body",
-                "must be a JSON object with named fields, not an array",
-            ));
+        from_json(&bytes).map(Body)
+    }
+}
+
+/// `bytes` as `T`: a syntax error is `400`; a field of the wrong type, an unknown field, or
+/// an object written as an array (at any depth, see [`named_fields`]) is `422` naming the
+/// field's path (`jobs[0].queue`, `body` for the whole document).
+pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(NamedFields(&mut de)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_data() {
+            let field = if path == "." {
+                "body".to_string()
+            } else {
+                path
+            };
+            let message = without_position(&inner.to_string());
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-input",
+                "The request has invalid fields",
+                format!("{field}: {message}"),
+            )
+            .field(field, message)
+        } else {
+            Problem::bad_request(format!("the body is not valid JSON: {inner}"))
         }
-        match axum::Json::<T>::from_bytes(&bytes) {
-            Ok(axum::Json(v)) => Ok(Body(v)),
-            Err(rejection) => Err(json_problem(rejection)),
-        }
+    })?;
+    de.end()
+        .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))?;
+    Ok(value)
+}
+
+/// serde_json's "… at line 1 column 12" is noise next to the field's path.
+fn without_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) if message[i..].contains(" column ") => message[..i].to_string(),
+        _ => message.to_string(),
     }
 }
 
@@ -83,34 +115,6 @@ fn unreadable(status: StatusCode, text: &str) -> Problem {
     }
 }
 
-fn json_problem(rejection: JsonRejection) -> Problem {
-    match rejection {
-        JsonRejection::JsonDataError(e) => {
-            // "Failed to deserialize the JSON body into the target type: jobs[0].queue: invalid
-            // type …": keep the part after the prefix, and name the path as the field.
-            let text = std::error::Error::source(&e)
-                .map(ToString::to_string)
-                .unwrap_or_else(|| e.body_text());
-            let (field, message) = split_path(&text);
-            Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid-input",
-                "The request has invalid fields",
-                text.clone(),
-            )
-            .field(field, message)
-        }
-        JsonRejection::JsonSyntaxError(e) => {
-            let text = std::error::Error::source(&e)
-                .map(ToString::to_string)
-                .unwrap_or_else(|| e.body_text());
-            Problem::bad_request(format!("the body is not valid JSON: {text}"))
-        }
-        JsonRejection::MissingJsonContentType(_) => unsupported_media_type(),
-        other => unreadable(other.status(), &other.body_text()),
-    }
-}
-
 /// `path.to.field: message` (serde_path_to_error style) → (`path.to.field`, `message`).
 fn split_path(text: &str) -> (String, String) {
     match text.split_once(": ") {
@@ -145,6 +149,28 @@ where
             Err(other) => Err(Problem::bad_request(other.body_text())),
         }
     }
+}
+
+/// The `{id}` of a job route in the OpenAPI document: what [`JobPath`] accepts.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct JobIdParam {
+    /// Job id: a UUID (hyphenated or 32 hex digits), bare or `job_`-prefixed.
+    #[param(
+        pattern = r"^(job_)?([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|[0-9A-Fa-f]{32})$"
+    )]
+    pub id: String,
+}
+
+/// The `{delivery}` of a webhook delivery route: a job id, as [`JobIdParam`].
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct DeliveryIdParam {
+    /// The delivery's job id: a UUID (hyphenated or 32 hex digits), bare or `job_`-prefixed.
+    #[param(
+        pattern = r"^(job_)?([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|[0-9A-Fa-f]{32})$"
+    )]
+    pub delivery: String,
 }
 
 /// A job id from the path (`{id}`), bare or `job_`-prefixed.

@@ -3,7 +3,8 @@
 //! Where to start reading:
 //! - [`router`] composes the route groups in [`route`] (`job`, `queue`, `worker`, `schedule`,
 //!   `audit`, `system`, `webhook`) into one axum `Router` and one OpenAPI document, then wraps them in the
-//!   shared layers (body limit, security headers, CORS, HTTP metrics, panic catcher).
+//!   shared layers (body limit, security headers, CORS, HTTP metrics, panic catcher, and
+//!   `keep_alive`, which reads what a refused request left unread so the connection lives).
 //! - [`serve`] runs it on a bound listener until a shutdown future resolves.
 //! - [`auth`]: the `Auth<scope::…>` extractor every route takes — key check, rate limit,
 //!   scope check. [`key`] makes, verifies and revokes keys; [`audit`] records operator actions
@@ -23,7 +24,9 @@
 
 pub mod auth;
 pub mod config;
+pub mod document;
 pub mod extract;
+mod keep_alive;
 pub mod meta;
 pub mod problem;
 pub mod route;
@@ -91,7 +94,7 @@ impl Modify for BearerAuth {
 
 /// The route groups and the OpenAPI document they describe.
 pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(route::job::routes())
         .merge(route::queue::routes())
         .merge(route::worker::routes())
@@ -99,7 +102,10 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(route::audit::routes())
         .merge(route::system::routes())
         .merge(route::webhook::routes())
-        .split_for_parts()
+        .split_for_parts();
+    let mut doc = doc;
+    document::add_shared_refusals(&mut doc);
+    (router, doc)
 }
 
 /// The OpenAPI document (as served at `/v1/openapi.json`).
@@ -131,6 +137,7 @@ pub fn router(state: AppState) -> axum::Router {
         })
         .with_state(state)
         .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(middleware::from_fn(keep_alive::drain_unread_body))
         .layer(middleware::from_fn(record_http));
     if !config.cors_origins.is_empty() {
         let origins: Vec<HeaderValue> = config

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use conveyor_jobs::webhook::{WebhookConfig, Webhooks};
 use conveyor_worker::Store;
 use conveyor_worker::clock::StoreClock;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::ApiConfig;
 
@@ -20,6 +21,9 @@ pub struct AppState {
     /// The store's clock as this server measures it: the rate limits are shared with API
     /// servers on other machines, whose clocks may disagree with this one.
     pub clock: Arc<StoreClock>,
+    /// Cancelled when the process starts shutting down: `/readyz` answers `503` from then
+    /// on, while the listener stays up until the workers have finished their jobs.
+    pub draining: CancellationToken,
 }
 
 impl AppState {
@@ -33,12 +37,19 @@ impl AppState {
             config: Arc::new(config),
             webhooks: Arc::new(webhooks),
             clock: Arc::default(),
+            draining: CancellationToken::new(),
         }
     }
 
     /// The operator operations over this state's store, webhook service and limits.
     pub fn admin(&self) -> conveyor_admin::Admin {
         conveyor_admin::Admin::new(self.webhooks.clone(), self.config.limits())
+    }
+
+    /// With the process's shutdown signal (see [`AppState::draining`]).
+    pub fn with_draining(mut self, draining: CancellationToken) -> Self {
+        self.draining = draining;
+        self
     }
 
     /// With the process's webhook service (configured by `[webhooks]`).

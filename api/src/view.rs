@@ -8,6 +8,21 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+/// A job state's name, as the OpenAPI document lists them: the values of [`JobState::ALL`].
+pub struct JobStateName;
+
+impl utoipa::PartialSchema for JobStateName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .enum_values(Some(JobState::ALL.iter().map(ToString::to_string)))
+            .description(Some("A job state (see docs/lifecycle.md)"))
+            .into()
+    }
+}
+
+impl ToSchema for JobStateName {}
+
 /// A job with its attempt history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobView {
@@ -17,13 +32,12 @@ pub struct JobView {
     pub queue: String,
     /// Kind.
     pub kind: String,
-    /// Handler arguments.
-    #[schema(value_type = Object)]
+    /// Handler arguments (any JSON).
     pub args: Value,
     /// Smaller runs first.
     pub priority: i16,
     /// Lifecycle state.
-    #[schema(value_type = String, example = "available")]
+    #[schema(value_type = JobStateName)]
     pub state: JobState,
     /// Attempts so far.
     pub attempt: i32,
@@ -137,7 +151,7 @@ pub struct BatchItem {
     /// The job's id (new, or the duplicate's holder).
     pub id: String,
     /// Its state right after the enqueue.
-    #[schema(value_type = String)]
+    #[schema(value_type = JobStateName)]
     pub state: JobState,
     /// An existing job already held the idempotency key.
     pub duplicate: bool,

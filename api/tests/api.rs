@@ -1207,7 +1207,10 @@ async fn openapi_document_matches_the_routes() {
     let (status, doc) = send(s.req(Method::GET, "/v1/openapi.json", None)).await;
     assert_eq!(status, 200);
     assert_eq!(doc["openapi"], "3.1.0");
-    let _: utoipa::openapi::OpenApi = serde_json::from_value(doc.clone()).expect("reads back");
+    // The paths read back as utoipa's model. (The component schemas are not read back:
+    // utoipa cannot parse its own any-value schema `{}`, which `args` and `payload` are.)
+    let _: utoipa::openapi::Paths =
+        serde_json::from_value(doc["paths"].clone()).expect("reads back");
     assert_eq!(doc, serde_json::to_value(conveyor_api::openapi()).unwrap());
 
     let mut refs = Vec::new();

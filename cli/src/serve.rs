@@ -5,9 +5,12 @@
 //! - `worker`: the worker runtime over the configured queues.
 //! - `scheduler`: promoter, rescuer, pruner and the cron schedules (safe on every replica).
 //!
-//! SIGINT or SIGTERM starts a graceful shutdown: the listener stops accepting, workers stop
-//! fetching and let running jobs finish within `worker.shutdown_grace`, unfinished jobs go
-//! back to the queue, and the process exits 0.
+//! SIGINT or SIGTERM starts a graceful shutdown (drain): workers stop fetching and let
+//! running jobs finish within `worker.shutdown_grace`, unfinished jobs go back to the queue,
+//! the maintenance services stop. Meanwhile the HTTP listener keeps serving, with `/readyz`
+//! answering `503 not ready: shutting down` so a load balancer sends new traffic elsewhere;
+//! once every other role has stopped, the listener finishes its open requests and closes,
+//! and the process exits 0.
 
 use std::sync::Arc;
 
@@ -25,7 +28,11 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
     let roles = &config.serve.roles;
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
+    // Fired once the roles below have stopped after `shutdown`: only then do the listeners close.
+    let roles_stopped = CancellationToken::new();
 
+    // The listeners, and the roles (worker, scheduler) they outlive on shutdown.
+    let mut listeners = tokio::task::JoinSet::new();
     let mut tasks = tokio::task::JoinSet::new();
     // One webhook service per process: the API sends events through it, the worker delivers.
     let webhooks = std::sync::Arc::new(conveyor_jobs::webhook::Webhooks::new(
@@ -44,10 +51,11 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "listening on http://{addr}");
         let state = conveyor_api::AppState::new(store.clone(), config.api.clone())
-            .with_webhooks(webhooks.clone());
+            .with_webhooks(webhooks.clone())
+            .with_draining(shutdown.clone());
         let app = conveyor_api::router(state.clone());
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
+        let stop = roles_stopped.clone();
+        listeners.spawn(async move {
             conveyor_api::serve(listener, app, async move { stop.cancelled().await })
                 .await
                 .context("HTTP server failed")
@@ -58,8 +66,8 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
             })?;
             tracing::info!(%addr, "metrics on http://{addr}/metrics");
             let app = conveyor_api::metrics_router(state);
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
+            let stop = roles_stopped.clone();
+            listeners.spawn(async move {
                 conveyor_api::serve(listener, app, async move { stop.cancelled().await })
                     .await
                     .context("metrics server failed")
@@ -115,7 +123,18 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
     );
 
     let mut result = Ok(());
-    while let Some(joined) = tasks.join_next().await {
+    loop {
+        if tasks.is_empty() && shutdown.is_cancelled() && !roles_stopped.is_cancelled() {
+            tracing::info!("roles stopped; closing the HTTP listener");
+            roles_stopped.cancel();
+        }
+        let joined = tokio::select! {
+            Some(joined) = tasks.join_next() => joined,
+            Some(joined) = listeners.join_next() => joined,
+            // Without roles (`--roles api`), the listener closes as soon as shutdown starts.
+            _ = shutdown.cancelled(), if tasks.is_empty() && !roles_stopped.is_cancelled() => continue,
+            else => break,
+        };
         let outcome = joined.map_err(anyhow::Error::from).and_then(|r| r);
         if let Err(e) = outcome {
             tracing::error!(error = %format!("{e:#}"), "a role failed; shutting down");

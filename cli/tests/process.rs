@@ -62,7 +62,7 @@ async fn serve_answers_health_checks_and_finishes_running_jobs_on_sigterm(
             "--kind",
             "demo.sleep",
             "--args",
-            r#"{"ms":1500}"#,
+            r#"{"ms":3000}"#,
         ],
     );
     let id: JobId = job["id"].as_str().unwrap().parse().unwrap();
@@ -73,16 +73,31 @@ async fn serve_answers_health_checks_and_finishes_running_jobs_on_sigterm(
     })
     .await;
 
-    // SIGTERM while the job sleeps: it finishes within the grace period, then the process exits 0.
+    // SIGTERM while the job sleeps: while it finishes, the listener stays up and says it is
+    // draining (`/readyz` 503, `/livez` 200); then the process exits 0.
+    serve.signal(Signal::SIGTERM);
+    serve.wait_for_line("shutdown requested", 10);
+    let (status, body) = tokio::task::block_in_place(|| http_get(addr, "/readyz"));
     assert_eq!(
-        serve.stop(Signal::SIGTERM, 30),
-        Some(0),
+        (status, body.trim()),
+        (503, "not ready: shutting down"),
         "{}",
         serve.seen.join("\n")
     );
+    let (status, _) = tokio::task::block_in_place(|| http_get(addr, "/livez"));
+    assert_eq!(status, 200, "alive while draining");
+    let running = store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        running.state,
+        JobState::Running,
+        "the answers above came while the job ran"
+    );
+    assert_eq!(serve.wait_exit(30), Some(0), "{}", serve.seen.join("\n"));
     let job = store.get(id).await.unwrap().unwrap();
     assert_eq!(job.state, JobState::Completed, "{job:?}");
     assert!(serve.seen.iter().any(|l| l.contains("shut down cleanly")));
+    // The listener is closed once the process is gone.
+    assert!(std::net::TcpStream::connect(addr).is_err());
 }
 
 async fn a_job_that_kills_its_workers_ends_dead(url: String, store: Arc<dyn Store>) {

@@ -474,11 +474,13 @@ impl NewJob {
             ));
         }
         if let Some(key) = &self.idempotency_key
-            && (key.is_empty() || key.len() > 255)
+            && (key.is_empty()
+                || key.len() > 255
+                || !key.bytes().all(|b| (b' '..=b'~').contains(&b)))
         {
             return Err(Error::invalid(
                 "idempotency_key",
-                "must be 1 to 255 bytes long",
+                "must be 1-255 printable ASCII characters",
             ));
         }
         Ok(())

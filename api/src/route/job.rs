@@ -16,12 +16,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{Auth, scope};
-use crate::extract::{Body, JobPath, Query};
+use crate::extract::{Body, JobIdParam, JobPath, Query};
 use crate::problem::Problem;
 use crate::state::AppState;
 use crate::view::{
     BatchItem, BatchResponse, BulkResponse, CancelResponse, DiscardResponse, EnqueueResponse,
-    JobPage, JobView,
+    JobPage, JobStateName, JobView,
 };
 
 /// The route group.
@@ -40,32 +40,41 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnqueueRequest {
-    /// The kind (selects the handler): 1-128 ASCII letters, digits, `.`, `_`, `-`, `:`.
+    /// The kind (selects the handler): 1-128 ASCII letters, digits, `.`, `_`, `-`, `:`;
+    /// `webhook.deliver` is reserved.
+    #[schema(pattern = r"^(?!webhook\.deliver$)[A-Za-z0-9._:-]{1,128}$")]
     pub kind: String,
-    /// The queue (same rules as `kind`). Default `default`.
+    /// The queue (same rules as `kind`). Default `default`; the webhook queue
+    /// (`webhooks.queue`, default `webhooks`) is reserved.
     #[serde(default)]
+    #[schema(pattern = r"^(?!webhooks$)[A-Za-z0-9._:-]{1,128}$")]
     pub queue: Option<String>,
     /// Handler arguments (any JSON; at most `api.args_limit` bytes serialized). Default `{}`.
     #[serde(default)]
-    #[schema(value_type = Object)]
     pub args: Option<Value>,
-    /// Smaller runs first (-32768..=32767). Default 0.
+    /// Smaller runs first. Default 0.
     #[serde(default)]
+    #[schema(minimum = -32768, maximum = 32767)]
     pub priority: i16,
-    /// Attempts before the job goes dead (1..=1000). Default 20.
+    /// Attempts before the job goes dead. Default 20.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_attempts: Option<i32>,
     /// Run no earlier than this (RFC 3339; from a day ago to five years ahead).
     #[serde(default)]
     pub run_at: Option<DateTime<Utc>>,
     /// Run after this many seconds (instead of `run_at`; at most five years).
     #[serde(default)]
+    #[schema(maximum = 158_112_000)]
     pub delay_seconds: Option<u32>,
-    /// Deduplication key (1-255 bytes); the `Idempotency-Key` header does the same.
+    /// Deduplication key (1-255 printable ASCII characters); the `Idempotency-Key` header
+    /// does the same.
     #[serde(default)]
+    #[schema(pattern = r"^[ -~]{1,255}$")]
     pub idempotency_key: Option<String>,
-    /// Labels (at most 32, each 1-128 characters).
+    /// Labels (at most 32, each 1-128 characters without control characters).
     #[serde(default)]
+    #[schema(max_items = 32, value_type = Vec<Tag>)]
     pub tags: Vec<String>,
     /// Application metadata (a JSON object).
     #[serde(default)]
@@ -73,11 +82,18 @@ pub struct EnqueueRequest {
     pub metadata: Option<Value>,
 }
 
+/// A job's label: 1-128 characters, none of them a control character.
+#[derive(ToSchema)]
+#[schema(pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$")]
+#[allow(dead_code)]
+struct Tag(String);
+
 /// A batch to enqueue.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     /// 1 to `api.batch_limit` (default 1,000) jobs.
+    #[schema(min_items = 1, max_items = 1000)]
     pub jobs: Vec<EnqueueRequest>,
 }
 
@@ -124,9 +140,14 @@ fn api_fields(e: conveyor_admin::Error) -> Problem {
 fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     match headers.get("idempotency-key") {
         None => Ok(None),
-        Some(v) => v.to_str().map(|s| Some(s.to_string())).map_err(|_| {
-            Problem::invalid("Idempotency-Key", "must be visible ASCII (1-255 bytes)")
-        }),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .filter(|s| !s.is_empty() && s.len() <= 255)
+            .map(|s| Some(s.to_string()))
+            .ok_or_else(|| {
+                Problem::invalid("Idempotency-Key", "must be visible ASCII (1-255 bytes)")
+            }),
     }
 }
 
@@ -134,7 +155,7 @@ fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 #[utoipa::path(
     post, path = "/v1/jobs", tag = "jobs",
     request_body = EnqueueRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key (same as the `idempotency_key` field)")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key (same as the `idempotency_key` field)", pattern = r"^[!-~]([ -~]{0,253}[!-~])?$")),
     responses(
         (status = 201, description = "Enqueued; `Location` names the job", body = EnqueueResponse),
         (status = 200, description = "Duplicate: an existing job holds the idempotency key (`Idempotent-Replayed: true`)", body = EnqueueResponse),
@@ -186,7 +207,7 @@ async fn enqueue(
 #[utoipa::path(
     post, path = "/v1/jobs/batch", tag = "jobs",
     request_body = BatchRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes job i's key `<key>:<i>` for jobs without their own key")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes job i's key `<key>:<i>` for jobs without their own key", pattern = r"^[!-~]([ -~]{0,253}[!-~])?$")),
     responses(
         (status = 201, description = "At least one job was inserted", body = BatchResponse),
         (status = 200, description = "Every job was a duplicate", body = BatchResponse),
@@ -246,7 +267,7 @@ async fn enqueue_batch(
 /// One job with its attempt history.
 #[utoipa::path(
     get, path = "/v1/jobs/{id}", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobIdParam),
     responses((status = 200, body = JobView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
@@ -267,6 +288,9 @@ async fn get_job(
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Comma-separated states, e.g. `dead,retryable`.
+    #[param(
+        pattern = r"^ *$|^ *(scheduled|available|running|retryable|completed|cancelled|dead) *(, *(scheduled|available|running|retryable|completed|cancelled|dead) *)*$"
+    )]
     pub state: Option<String>,
     /// Exactly this queue.
     pub queue: Option<String>,
@@ -281,17 +305,34 @@ pub struct ListParams {
     /// Some attempt's error contains this text (case-insensitive).
     pub error: Option<String>,
     /// Page size, 1-1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
+    #[param(format = Uuid)]
     pub cursor: Option<String>,
 }
 
 fn parse_states(text: Option<&str>) -> Result<Vec<JobState>, Problem> {
-    let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
+    let Some(text) = text.filter(|t| !t.trim_matches(' ').is_empty()) else {
         return Ok(Vec::new());
     };
     text.split(',')
-        .map(|s| s.trim().parse::<JobState>().map_err(Problem::from))
+        .map(|s| {
+            let s = s.trim_matches(' ');
+            // Exactly the names the document lists (the CLI also takes other cases).
+            JobState::ALL
+                .into_iter()
+                .find(|st| st.as_str() == s)
+                .ok_or_else(|| {
+                    Problem::invalid(
+                        "state",
+                        format!(
+                            "unknown state `{s}`; use one of: {}",
+                            JobState::ALL.map(|st| st.as_str()).join(", ")
+                        ),
+                    )
+                })
+        })
         .collect()
 }
 
@@ -345,7 +386,7 @@ async fn list(
 /// Make a job available now with a fresh attempt budget (history kept). Audited.
 #[utoipa::path(
     post, path = "/v1/jobs/{id}/retry", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobIdParam),
     responses((status = 200, body = JobView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, description = "The job is running", body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -361,7 +402,7 @@ async fn retry(
 /// Cancel a waiting job, or ask the worker running it to stop. Audited.
 #[utoipa::path(
     post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobIdParam),
     responses((status = 200, body = CancelResponse), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, description = "The job is finished", body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -380,7 +421,7 @@ async fn cancel(
 /// Delete a job that is not running. Audited.
 #[utoipa::path(
     post, path = "/v1/jobs/{id}/discard", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobIdParam),
     responses((status = 200, body = DiscardResponse), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, description = "The job is running", body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -403,7 +444,7 @@ async fn discard(
 pub struct FilterBody {
     /// Any of these states.
     #[serde(default)]
-    #[schema(value_type = Vec<String>)]
+    #[schema(value_type = Vec<JobStateName>)]
     pub states: Vec<JobState>,
     /// Exactly this queue.
     pub queue: Option<String>,
@@ -419,7 +460,7 @@ pub struct FilterBody {
     pub error_contains: Option<String>,
     /// Only these job ids (at most 1,000).
     #[serde(default)]
-    #[schema(value_type = Vec<String>)]
+    #[schema(value_type = Vec<uuid::Uuid>, max_items = 1000)]
     pub ids: Vec<JobId>,
 }
 

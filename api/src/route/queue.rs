@@ -69,7 +69,7 @@ async fn list(
 /// Pause a queue: it keeps accepting jobs, workers fetch none (within a second). Audited.
 #[utoipa::path(
     post, path = "/v1/queues/{name}/pause", tag = "queues",
-    params(("name" = String, Path, description = "Queue name")),
+    params(("name" = String, Path, description = "Queue name (1-128 ASCII letters, digits, `.`, `_`, `-`, `:`)", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 200, description = "The queue's settings"), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -89,7 +89,7 @@ async fn pause_queue(
 /// Resume a paused queue. Audited.
 #[utoipa::path(
     post, path = "/v1/queues/{name}/resume", tag = "queues",
-    params(("name" = String, Path, description = "Queue name")),
+    params(("name" = String, Path, description = "Queue name (1-128 ASCII letters, digits, `.`, `_`, `-`, `:`)", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 200, description = "The queue's settings"), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["operate"]))
 )]

@@ -55,9 +55,11 @@ pub struct ScheduleInput {
     pub args: Option<Value>,
     /// Priority of the jobs (smaller runs first).
     #[serde(default)]
+    #[schema(minimum = -32768, maximum = 32767)]
     pub priority: Option<i16>,
     /// Attempt budget of each job.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_attempts: Option<i32>,
     /// `false` stores it paused.
     #[serde(default)]
@@ -164,7 +166,7 @@ async fn list(
 /// One schedule with its status.
 #[utoipa::path(
     get, path = "/v1/schedules/{name}", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 200, body = ScheduleView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
@@ -234,7 +236,7 @@ async fn create(
 #[utoipa::path(
     patch, path = "/v1/schedules/{name}", tag = "schedules",
     request_body = ScheduleInput,
-    params(("name" = String, Path, description = "Schedule name"), ("If-Match" = Option<i64>, Header, description = "The version read")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$"), ("If-Match" = Option<i64>, Header, description = "The version read")),
     responses(
         (status = 200, body = ScheduleView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem),
@@ -276,7 +278,7 @@ async fn update(
 /// Delete a schedule (its jobs stay). Audited.
 #[utoipa::path(
     delete, path = "/v1/schedules/{name}", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 204, description = "Deleted"), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -305,7 +307,7 @@ async fn set_enabled(
 /// Stop firing (ticks while paused are not fired later). Audited.
 #[utoipa::path(
     post, path = "/v1/schedules/{name}/pause", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 200, body = ScheduleView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -320,7 +322,7 @@ async fn pause(
 /// Fire again from the next tick. Audited.
 #[utoipa::path(
     post, path = "/v1/schedules/{name}/resume", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 200, body = ScheduleView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -342,7 +344,7 @@ pub struct TriggerResponse {
 /// Enqueue one job of the schedule now, outside its ticks (also when paused). Audited.
 #[utoipa::path(
     post, path = "/v1/schedules/{name}/trigger", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 201, body = TriggerResponse), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
@@ -368,6 +370,7 @@ async fn trigger(
 pub struct NextParams {
     /// How many fire times (1-1000, default 5).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
     pub count: Option<u32>,
     /// Start after this instant (RFC 3339; default now).
     #[serde(default)]
@@ -377,7 +380,7 @@ pub struct NextParams {
 /// The next fire times, in the schedule's zone (RFC 3339 with its offset).
 #[utoipa::path(
     get, path = "/v1/schedules/{name}/next", tag = "schedules",
-    params(("name" = String, Path, description = "Schedule name"), NextParams),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$"), NextParams),
     responses((status = 200, body = Vec<String>), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["read"]))
 )]

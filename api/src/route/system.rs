@@ -32,12 +32,19 @@ async fn livez() -> &'static str {
     "ok\n"
 }
 
-/// The store answers and its migrations are current; `503` with the reason otherwise.
+/// The store answers and its migrations are current; `503` with the reason otherwise, and
+/// from the moment the process starts shutting down (while it finishes its running jobs).
 #[utoipa::path(get, path = "/readyz", tag = "system", responses(
     (status = 200, description = "`ready`", content_type = "text/plain", body = String),
     (status = 503, description = "`not ready: <reason>`", content_type = "text/plain", body = String),
 ))]
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.draining.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n".to_string(),
+        );
+    }
     match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n".to_string()),
         Ok(Err(e)) => (

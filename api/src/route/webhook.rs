@@ -10,17 +10,21 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use conveyor_jobs::webhook::delivery::AttemptPage;
 use conveyor_jobs::webhook::delivery::AttemptQuery;
 use conveyor_jobs::webhook::endpoint::{EndpointPatch, NewEndpoint};
-use conveyor_jobs::webhook::event::SendEvent;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use conveyor_jobs::webhook::event::{SendEvent, Sent};
+use conveyor_jobs::webhook::health::Health;
+use conveyor_jobs::webhook::model::{Attempt, Endpoint, Event, Secret, WebhookUrl};
+use conveyor_jobs::webhook::replay::Replayed;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{Auth, scope};
-use crate::extract::{Body, Query};
+use crate::extract::{Body, DeliveryIdParam, Query};
 use crate::problem::Problem;
 use crate::state::AppState;
 
@@ -44,19 +48,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(replay_event))
 }
 
-/// A webhook document: an endpoint, event, attempt page, health or replay report (the
-/// fields are described in `docs/webhooks.md`).
-#[derive(ToSchema)]
-#[schema(value_type = Object)]
-#[allow(dead_code)]
-struct WebhookDoc(Value);
-
-fn json_of<T: serde::Serialize>(v: &T) -> Result<axum::Json<Value>, Problem> {
-    serde_json::to_value(v)
-        .map(axum::Json)
-        .map_err(|_| Problem::internal())
-}
-
 /// Custom header values (often the receiver's credentials) are shown to `admin` keys only.
 fn shows_headers<S>(auth: &Auth<S>) -> bool {
     auth.key.scope == crate::key::Scope::Admin
@@ -67,8 +58,15 @@ fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
         .get("idempotency-key")
         .map(|v| {
             v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 400)
                 .map(str::to_string)
-                .map_err(|_| Problem::bad_request("Idempotency-Key must be visible ASCII"))
+                .ok_or_else(|| {
+                    Problem::invalid(
+                        "Idempotency-Key",
+                        "must be 1-400 printable ASCII characters",
+                    )
+                })
         })
         .transpose()
 }
@@ -76,13 +74,13 @@ fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 /// Every endpoint (secrets redacted).
 #[utoipa::path(
     get, path = "/v1/webhooks/endpoints", tag = "webhooks",
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem)),
+    responses((status = 200, body = [Endpoint]), (status = 401, body = Problem), (status = 403, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn list_endpoints(
     State(state): State<AppState>,
     auth: Auth<scope::Read>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Vec<Endpoint>>, Problem> {
     let all: Vec<_> = state
         .webhooks
         .endpoints()
@@ -90,7 +88,7 @@ async fn list_endpoints(
         .iter()
         .map(|e| e.redacted_for(shows_headers(&auth)))
         .collect();
-    json_of(&all)
+    Ok(axum::Json(all))
 }
 
 /// Create an endpoint: `url` required; `description`, `event_types`, `headers`,
@@ -98,9 +96,9 @@ async fn list_endpoints(
 /// `disabled` optional. The answer shows the signing secret once. Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/endpoints", tag = "webhooks",
-    request_body = WebhookDoc,
+    request_body = NewEndpoint,
     responses(
-        (status = 201, description = "Created; `Location` names it; the secret is in clear", body = WebhookDoc),
+        (status = 201, description = "Created; `Location` names it; the secret is in clear", body = Endpoint),
         (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 415, body = Problem), (status = 422, body = Problem),
     ),
@@ -118,7 +116,7 @@ async fn create_endpoint(
             header::LOCATION,
             format!("/v1/webhooks/endpoints/{}", ep.id),
         )],
-        json_of(&ep)?,
+        axum::Json(ep),
     )
         .into_response())
 }
@@ -127,31 +125,31 @@ async fn create_endpoint(
 #[utoipa::path(
     get, path = "/v1/webhooks/endpoints/{endpoint}", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id (ep_…)")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Endpoint), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn show_endpoint(
     State(state): State<AppState>,
     auth: Auth<scope::Read>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
-    json_of(
-        &state
+) -> Result<axum::Json<Endpoint>, Problem> {
+    Ok(axum::Json(
+        state
             .webhooks
             .endpoint(&id)
             .await?
             .redacted_for(shows_headers(&auth)),
-    )
+    ))
 }
 
 /// Change fields of an endpoint; fields left out keep their value, `null` clears an
 /// optional one. Audited.
 #[utoipa::path(
     patch, path = "/v1/webhooks/endpoints/{endpoint}", tag = "webhooks",
-    request_body = WebhookDoc,
+    request_body = EndpointPatch,
     params(("endpoint" = String, Path, description = "Endpoint id")),
     responses(
-        (status = 200, body = WebhookDoc), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 200, body = Endpoint), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem),
     ),
     security(("bearer" = ["operate"]))
@@ -161,12 +159,12 @@ async fn update_endpoint(
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
     Body(patch): Body<EndpointPatch>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Endpoint>, Problem> {
     let ep = state
         .admin()
         .update_endpoint(&auth.actor(), &id, patch)
         .await?;
-    json_of(&ep.redacted_for(shows_headers(&auth)))
+    Ok(axum::Json(ep.redacted_for(shows_headers(&auth))))
 }
 
 /// Delete an endpoint; its queued deliveries end `cancelled`. Audited.
@@ -189,24 +187,31 @@ async fn delete_endpoint(
 #[utoipa::path(
     get, path = "/v1/webhooks/endpoints/{endpoint}/secret", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = [Secret]), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["admin"]))
 )]
 async fn endpoint_secret(
     State(state): State<AppState>,
     _auth: Auth<scope::Admin>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
-    json_of(&state.admin().endpoint_secrets(&_auth.actor(), &id).await?)
+) -> Result<axum::Json<Vec<Secret>>, Problem> {
+    Ok(axum::Json(
+        state.admin().endpoint_secrets(&_auth.actor(), &id).await?,
+    ))
 }
 
 /// Rotation request.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(default, deny_unknown_fields)]
 struct RotateRequest {
-    /// A secret to use (`whsec_…`) instead of a generated one.
+    /// A secret to use instead of a generated one (`whsec_` and padded base64).
+    #[schema(value_type = Option<conveyor_jobs::webhook::signature::SecretSchema>)]
     secret: Option<String>,
-    /// How long the old secret keeps signing, e.g. `24h`.
+    /// How long the old secret keeps signing: terms of 1-4 digits and a unit, e.g. `24h` or
+    /// `1h 30m`.
+    #[schema(
+        pattern = r"^[0-9]{1,4}(ns|us|ms|s|sec|secs|m|min|mins|h|hr|hrs|d|days|w|weeks)( [0-9]{1,4}(ns|us|ms|s|sec|secs|m|min|mins|h|hr|hrs|d|days|w|weeks))*$"
+    )]
     overlap: Option<String>,
 }
 
@@ -214,9 +219,9 @@ struct RotateRequest {
 /// shows the secrets in clear. Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/endpoints/{endpoint}/rotate-secret", tag = "webhooks",
-    request_body = WebhookDoc,
+    request_body = RotateRequest,
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
+    responses((status = 200, body = Endpoint), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["admin"]))
 )]
 async fn rotate_secret(
@@ -224,7 +229,7 @@ async fn rotate_secret(
     auth: Auth<scope::Admin>,
     Path(id): Path<String>,
     Body(req): Body<RotateRequest>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Endpoint>, Problem> {
     let overlap = req
         .overlap
         .as_deref()
@@ -238,45 +243,45 @@ async fn rotate_secret(
         .admin()
         .rotate_endpoint_secret(&auth.actor(), &id, req.secret, overlap)
         .await?;
-    json_of(&ep)
+    Ok(axum::Json(ep))
 }
 
 /// Enable an endpoint (nothing is replayed by itself). Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/endpoints/{endpoint}/enable", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Endpoint), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn enable_endpoint(
     State(state): State<AppState>,
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Endpoint>, Problem> {
     let ep = state
         .admin()
         .set_endpoint_enabled(&auth.actor(), &id, true)
         .await?;
-    json_of(&ep.redacted_for(shows_headers(&auth)))
+    Ok(axum::Json(ep.redacted_for(shows_headers(&auth))))
 }
 
 /// Disable an endpoint. Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/endpoints/{endpoint}/disable", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Endpoint), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn disable_endpoint(
     State(state): State<AppState>,
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Endpoint>, Problem> {
     let ep = state
         .admin()
         .set_endpoint_enabled(&auth.actor(), &id, false)
         .await?;
-    json_of(&ep.redacted_for(shows_headers(&auth)))
+    Ok(axum::Json(ep.redacted_for(shows_headers(&auth))))
 }
 
 /// Paging of the attempt log.
@@ -284,6 +289,7 @@ async fn disable_endpoint(
 #[serde(default, deny_unknown_fields)]
 struct AttemptParams {
     /// Page size, 1-1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// The `next` of the previous page.
     after: Option<String>,
@@ -293,7 +299,7 @@ struct AttemptParams {
 #[utoipa::path(
     get, path = "/v1/webhooks/endpoints/{endpoint}/attempts", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id, or `direct` for one-off deliveries"), AttemptParams),
-    responses((status = 200, body = WebhookDoc), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem)),
+    responses((status = 200, body = AttemptPage), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn endpoint_attempts(
@@ -301,7 +307,7 @@ async fn endpoint_attempts(
     _auth: Auth<scope::Read>,
     Path(id): Path<String>,
     Query(p): Query<AttemptParams>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<AttemptPage>, Problem> {
     let limit = p.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(Problem::invalid("limit", "must be between 1 and 1000"));
@@ -316,26 +322,26 @@ async fn endpoint_attempts(
             },
         )
         .await?;
-    json_of(&page)
+    Ok(axum::Json(page))
 }
 
 /// Success rate and latency over the last hour and day, and the circuit state.
 #[utoipa::path(
     get, path = "/v1/webhooks/endpoints/{endpoint}/health", tag = "webhooks",
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Health), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn endpoint_health(
     State(state): State<AppState>,
     _auth: Auth<scope::Read>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
-    json_of(&state.webhooks.health(&id).await?)
+) -> Result<axum::Json<Health>, Problem> {
+    Ok(axum::Json(state.webhooks.health(&id).await?))
 }
 
 /// What to replay for an endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReplaySince {
     /// Deliveries created at or after this instant (RFC 3339).
@@ -346,9 +352,9 @@ struct ReplaySince {
 /// `{queued, skipped}`. Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/endpoints/{endpoint}/replay", tag = "webhooks",
-    request_body = WebhookDoc,
+    request_body = ReplaySince,
     params(("endpoint" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = WebhookDoc), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
+    responses((status = 200, body = Replayed), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn replay_endpoint(
@@ -356,39 +362,46 @@ async fn replay_endpoint(
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
     Body(req): Body<ReplaySince>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Replayed>, Problem> {
     let out = state
         .admin()
         .replay_endpoint(&auth.actor(), &id, req.since)
         .await?;
-    json_of(&out)
+    Ok(axum::Json(out))
 }
 
 /// Queue one finished delivery again with a fresh attempt budget. Audited.
 #[utoipa::path(
     post, path = "/v1/webhooks/deliveries/{delivery}/replay", tag = "webhooks",
-    params(("delivery" = String, Path, description = "The delivery's job id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)),
+    params(DeliveryIdParam),
+    responses((status = 200, body = DeliveryReplayed), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn replay_delivery(
     State(state): State<AppState>,
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<DeliveryReplayed>, Problem> {
     let job = state.admin().replay_delivery(&auth.actor(), &id).await?;
-    Ok(axum::Json(
-        json!({"queued": 1, "delivery": job.id.to_string(), "state": job.state}),
-    ))
+    Ok(axum::Json(DeliveryReplayed {
+        queued: 1,
+        delivery: job.id.to_string(),
+        state: job.state,
+    }))
 }
 
 /// A one-off delivery.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MessageRequest {
+    /// Where to POST (http or https).
+    #[schema(value_type = WebhookUrl)]
     url: String,
+    /// The event type: 1 to 200 letters, digits, `.`, `_`, `-` or `:`; `webhook.*` is reserved.
     #[serde(rename = "type")]
+    #[schema(pattern = r"^(?!webhook\.)[A-Za-z0-9._:-]{1,200}$")]
     event_type: String,
+    /// The application's data (the body's `data`). Default `null`.
     #[serde(default)]
     payload: Value,
 }
@@ -396,8 +409,8 @@ struct MessageRequest {
 /// Deliver one event straight to a URL (no endpoint): `{url, type, payload}`.
 #[utoipa::path(
     post, path = "/v1/webhooks/messages", tag = "webhooks",
-    request_body = WebhookDoc,
-    responses((status = 201, body = WebhookDoc), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
+    request_body = MessageRequest,
+    responses((status = 201, body = Event), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["enqueue"]))
 )]
 async fn send_message(
@@ -409,19 +422,37 @@ async fn send_message(
         .admin()
         .send_to_url(&_auth.actor(), &req.url, &req.event_type, req.payload)
         .await?;
-    Ok((StatusCode::CREATED, json_of(&event)?).into_response())
+    Ok((StatusCode::CREATED, axum::Json(event)).into_response())
 }
 
 /// An event to send.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EventRequest {
+    /// The event type: 1 to 200 letters, digits, `.`, `_`, `-` or `:`; `webhook.*` is reserved.
     #[serde(rename = "type")]
+    #[schema(pattern = r"^(?!webhook\.)[A-Za-z0-9._:-]{1,200}$")]
     event_type: String,
+    /// The application's data (the body's `data`). Default `null`.
     #[serde(default)]
     payload: Value,
+    /// Deduplication key, 1 to 400 printable ASCII characters (also accepted as the
+    /// `Idempotency-Key` header).
     #[serde(default)]
+    #[schema(pattern = r"^[ -~]{1,400}$")]
     idempotency_key: Option<String>,
+}
+
+/// The answer to a delivery replay.
+#[derive(Debug, Serialize, ToSchema)]
+struct DeliveryReplayed {
+    /// Always 1.
+    queued: u64,
+    /// The delivery's job id.
+    delivery: String,
+    /// Its state now.
+    #[schema(value_type = crate::view::JobStateName)]
+    state: conveyor_worker::JobState,
 }
 
 /// Send an event (`{type, payload, idempotency_key?}`; the key may also come as the
@@ -429,11 +460,11 @@ struct EventRequest {
 /// `{event, duplicate: false}`, or 200 with `duplicate: true` and the first event.
 #[utoipa::path(
     post, path = "/v1/events", tag = "webhooks",
-    request_body = WebhookDoc,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key")),
+    request_body = EventRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key (1-400 printable ASCII characters)", pattern = r"^[!-~]([ -~]{0,398}[!-~])?$")),
     responses(
-        (status = 201, description = "Sent; one delivery per subscribed endpoint", body = WebhookDoc),
-        (status = 200, description = "Duplicate key: the first event, nothing new queued (`Idempotent-Replayed: true`)", body = WebhookDoc),
+        (status = 201, description = "Sent; one delivery per subscribed endpoint", body = Sent),
+        (status = 200, description = "Duplicate key: the first event, nothing new queued (`Idempotent-Replayed: true`)", body = Sent),
         (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 409, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem),
     ),
@@ -463,8 +494,9 @@ async fn send_event(
     } else {
         StatusCode::CREATED
     };
-    let mut response = (status, [(header::LOCATION, location)], json_of(&sent)?).into_response();
-    if sent.duplicate {
+    let duplicate = sent.duplicate;
+    let mut response = (status, [(header::LOCATION, location)], axum::Json(sent)).into_response();
+    if duplicate {
         response.headers_mut().insert(
             "idempotent-replayed",
             axum::http::HeaderValue::from_static("true"),
@@ -477,44 +509,44 @@ async fn send_event(
 #[utoipa::path(
     get, path = "/v1/events/{event}", tag = "webhooks",
     params(("event" = String, Path, description = "Event id (evt_…)")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Event), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn show_event(
     State(state): State<AppState>,
     _auth: Auth<scope::Read>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
-    json_of(&state.webhooks.event(&id).await?)
+) -> Result<axum::Json<Event>, Problem> {
+    Ok(axum::Json(state.webhooks.event(&id).await?))
 }
 
 /// The event's attempt log across its endpoints, newest first.
 #[utoipa::path(
     get, path = "/v1/events/{event}/attempts", tag = "webhooks",
     params(("event" = String, Path, description = "Event id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = [Attempt]), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn event_attempts(
     State(state): State<AppState>,
     _auth: Auth<scope::Read>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
-    json_of(&state.webhooks.attempts_for_event(&id).await?)
+) -> Result<axum::Json<Vec<Attempt>>, Problem> {
+    Ok(axum::Json(state.webhooks.attempts_for_event(&id).await?))
 }
 
 /// Send the event again to every endpoint it went to: `{queued, skipped}`. Audited.
 #[utoipa::path(
     post, path = "/v1/events/{event}/replay", tag = "webhooks",
     params(("event" = String, Path, description = "Event id")),
-    responses((status = 200, body = WebhookDoc), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    responses((status = 200, body = Replayed), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn replay_event(
     State(state): State<AppState>,
     auth: Auth<scope::Operate>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Replayed>, Problem> {
     let out = state.admin().replay_event(&auth.actor(), &id).await?;
-    json_of(&out)
+    Ok(axum::Json(out))
 }

@@ -98,10 +98,14 @@ impl Process {
         }
     }
 
-    /// Sends `signal` and waits for the exit code (failing after `secs`).
-    pub fn stop(&mut self, signal: nix::sys::signal::Signal, secs: u64) -> Option<i32> {
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, signal).expect("signal delivered");
+    }
+
+    /// Waits for the exit code (failing after `secs`).
+    pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
         let deadline = std::time::Instant::now() + Duration::from_secs(secs);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait works") {
@@ -112,10 +116,16 @@ impl Process {
             }
             if std::time::Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("process did not exit within {secs}s after {signal:?}");
+                panic!("process did not exit within {secs}s");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends `signal` and waits for the exit code (failing after `secs`).
+    pub fn stop(&mut self, signal: nix::sys::signal::Signal, secs: u64) -> Option<i32> {
+        self.signal(signal);
+        self.wait_exit(secs)
     }
 }
 

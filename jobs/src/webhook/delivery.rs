@@ -35,7 +35,7 @@ pub struct AttemptQuery {
 }
 
 /// One page of the attempt log.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttemptPage {
     /// Entries, newest event first, newest attempt first within an event.
     pub attempts: Vec<Attempt>,
@@ -317,6 +317,8 @@ impl Webhooks {
         endpoint_id: &str,
         query: &AttemptQuery,
     ) -> Result<AttemptPage> {
+        // A deleted (or never created) endpoint is not found, not an empty log.
+        self.endpoint(endpoint_id).await?;
         self.attempt_page(format!("{endpoint_id}:"), query).await
     }
 

@@ -13,52 +13,94 @@ use super::model::{ENDPOINTS, Endpoint, Secret};
 use super::{Result, WebhookError, Webhooks, new_id, signature};
 
 /// What creating an endpoint takes. Absent fields take the defaults.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct NewEndpoint {
     /// Where to POST (http or https).
+    #[schema(required = true, value_type = super::model::WebhookUrl)]
     pub url: String,
     /// Free text.
     pub description: String,
     /// Event types; empty: all.
     pub event_types: Vec<String>,
     /// Extra headers.
+    #[schema(value_type = HeadersSchema)]
     pub headers: BTreeMap<String, String>,
     /// Deliveries per second across all workers.
+    #[schema(exclusive_minimum = 0.0)]
     pub rate_limit: Option<f64>,
     /// Request timeout in milliseconds.
+    #[schema(minimum = 1)]
     pub timeout_ms: Option<u64>,
-    /// Waits before each attempt, in milliseconds.
+    /// Waits before each attempt, in milliseconds (1 to 50 of them).
+    #[schema(min_items = 1, max_items = 50)]
     pub retry_schedule_ms: Option<Vec<u64>>,
     /// Follow redirects.
     pub follow_redirects: Option<bool>,
-    /// A secret to use instead of a generated one (`whsec_…`).
+    /// A secret to use instead of a generated one (see `signature::SECRET_PATTERN`).
+    #[schema(value_type = Option<super::signature::SecretSchema>)]
     pub secret: Option<String>,
     /// Start disabled.
     pub disabled: bool,
 }
 
 /// A partial update: only the fields given change. `Some(None)` clears an optional field.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct EndpointPatch {
     /// New URL.
+    #[schema(value_type = Option<super::model::WebhookUrl>)]
     pub url: Option<String>,
     /// New description.
     pub description: Option<String>,
     /// New event types.
     pub event_types: Option<Vec<String>>,
     /// New headers (replacing all).
+    #[schema(value_type = Option<HeadersSchema>)]
     pub headers: Option<BTreeMap<String, String>>,
     /// New rate limit.
+    #[schema(exclusive_minimum = 0.0)]
     pub rate_limit: Option<Option<f64>>,
     /// New timeout.
+    #[schema(minimum = 1)]
     pub timeout_ms: Option<Option<u64>>,
     /// New schedule.
+    #[schema(min_items = 1, max_items = 50)]
     pub retry_schedule_ms: Option<Option<Vec<u64>>>,
     /// New redirect setting.
     pub follow_redirects: Option<Option<bool>>,
 }
+
+/// What a custom header's name must be: an HTTP token, and none of [`RESERVED_HEADERS`]
+/// (in any case). [`check`] enforces it; the OpenAPI document states it ([`HeadersSchema`]).
+pub const HEADER_NAME_PATTERN: &str = concat!(
+    r"^(?!",
+    r"[Ww][Ee][Bb][Hh][Oo][Oo][Kk]-(?:[Ii][Dd]|[Tt][Ii][Mm][Ee][Ss][Tt][Aa][Mm][Pp]|[Ss][Ii][Gg][Nn][Aa][Tt][Uu][Rr][Ee])$",
+    r"|[Cc][Oo][Nn][Tt][Ee][Nn][Tt]-[Tt][Yy][Pp][Ee]$|[Hh][Oo][Ss][Tt]$",
+    r")[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+);
+
+/// Custom headers in the OpenAPI document: names matching [`HEADER_NAME_PATTERN`], string values.
+pub struct HeadersSchema;
+
+impl utoipa::PartialSchema for HeadersSchema {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::{ObjectBuilder, Type, schema::AdditionalProperties};
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property_names(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(HEADER_NAME_PATTERN)),
+            ))
+            .additional_properties(Some(AdditionalProperties::RefOr(
+                ObjectBuilder::new().schema_type(Type::String).into(),
+            )))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for HeadersSchema {}
 
 const RESERVED_HEADERS: [&str; 5] = [
     signature::HEADER_ID,
@@ -167,6 +209,7 @@ fn check_sizes(ep: &Endpoint) -> Result<()> {
 
 fn check(ep: &Endpoint) -> Result<()> {
     check_sizes(ep)?;
+    super::model::check_url("url", &ep.url)?;
     let url = reqwest::Url::parse(&ep.url)
         .map_err(|e| WebhookError::invalid("url", format!("`{}` is not a URL: {e}", ep.url)))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {

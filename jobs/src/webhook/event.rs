@@ -26,7 +26,7 @@ pub struct SendEvent {
 }
 
 /// The answer of a send.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Sent {
     /// The event (the first one, for a duplicate).
     pub event: Event,
@@ -87,10 +87,11 @@ impl Webhooks {
         let now = Utc::now();
         let id = new_id("evt_");
         if let Some(key) = &send.idempotency_key {
-            if key.is_empty() || key.len() > 400 {
+            if key.is_empty() || key.len() > 400 || !key.bytes().all(|b| (b' '..=b'~').contains(&b))
+            {
                 return Err(WebhookError::invalid(
                     "idempotency_key",
-                    "must be 1 to 400 bytes",
+                    "must be 1 to 400 printable ASCII characters",
                 ));
             }
             let value = serde_json::Value::String(id.clone());
@@ -227,6 +228,7 @@ impl Webhooks {
         payload: serde_json::Value,
     ) -> Result<Event> {
         check_client_type(event_type)?;
+        super::model::check_url("url", url)?;
         let parsed = reqwest::Url::parse(url)
             .map_err(|e| WebhookError::invalid("url", format!("`{url}` is not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {

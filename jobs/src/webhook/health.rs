@@ -126,7 +126,7 @@ impl Recorder {
 }
 
 /// Health over one window.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Window {
     /// Attempts in the window.
     pub attempts: u64,
@@ -156,7 +156,7 @@ impl From<&MinuteStats> for Window {
 }
 
 /// An endpoint's health.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
     /// The endpoint.
     pub endpoint_id: String,

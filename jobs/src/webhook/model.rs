@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Collection of endpoints, keyed by [`Endpoint::id`].
 pub const ENDPOINTS: &str = "webhook_endpoints";
@@ -36,7 +37,7 @@ pub const EVENT_ENDPOINT_DISABLED: &str = "webhook.endpoint.disabled";
 pub const SYSTEM_EVENT_PREFIX: &str = "webhook.";
 
 /// A receiver of events.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Endpoint {
     /// `ep_` and a UUIDv7 in hex.
     pub id: String,
@@ -76,8 +77,57 @@ pub struct Endpoint {
     pub disabled_reason: Option<String>,
 }
 
+/// What a receiver's URL must look like: `http` or `https`; a host name (labels of letters,
+/// digits and `-`, the last starting with a letter), an IPv4 address or a bracketed IPv6
+/// address (whose exact grammar the URL parser checks after this); an optional port; a
+/// path and query of URL characters and `%XX` escapes; no fragment, user info or spaces.
+/// The server checks it ([`check_url`]) and the OpenAPI document states it ([`WebhookUrl`]).
+pub const URL_PATTERN: &str = concat!(
+    r"^https?://",
+    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?",
+    r"|(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])",
+    r"|\[[0-9A-Fa-f:.]{2,45}\])",
+    r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?",
+    r"(?:/(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*)?",
+    r"(?:\?(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$",
+);
+
+/// Refuses a URL that does not match [`URL_PATTERN`], naming `field`.
+pub fn check_url(field: &'static str, url: &str) -> Result<(), crate::webhook::WebhookError> {
+    static RULE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(URL_PATTERN).expect("URL_PATTERN is a valid regex")
+    });
+    if RULE.is_match(url) {
+        Ok(())
+    } else {
+        Err(crate::webhook::WebhookError::invalid(
+            field,
+            format!(
+                "`{url}` must be an http:// or https:// URL with a host name or IPv4 address, \
+                 e.g. https://example.com/webhooks (no fragment, user info or spaces)"
+            ),
+        ))
+    }
+}
+
+/// A receiver's URL in the OpenAPI document: a string matching [`URL_PATTERN`].
+pub struct WebhookUrl;
+
+impl utoipa::PartialSchema for WebhookUrl {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .pattern(Some(URL_PATTERN))
+            .examples(["https://example.com/webhooks"])
+            .description(Some("An http:// or https:// URL (see URL_PATTERN)"))
+            .into()
+    }
+}
+
+impl ToSchema for WebhookUrl {}
+
 /// One signing secret.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Secret {
     /// `whsec_…`.
     pub secret: String,
@@ -161,7 +211,7 @@ pub fn is_secret_header(name: &str) -> bool {
 }
 
 /// A sent event: what was fanned out, and to whom.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Event {
     /// `evt_` and a UUIDv7 in hex; also the `webhook-id` of its deliveries.
     pub id: String,
@@ -179,7 +229,7 @@ pub struct Event {
 }
 
 /// One delivery job of an event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DeliveryRef {
     /// The endpoint (`None` for a one-off delivery to a URL).
     pub endpoint_id: Option<String>,
@@ -208,7 +258,7 @@ pub struct DeliverArgs {
 }
 
 /// One line of the attempt log.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Attempt {
     /// `att_` and a UUIDv7.
     pub id: String,
@@ -254,7 +304,7 @@ pub struct Circuit {
 }
 
 /// The circuit as shown to users.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CircuitState {
     /// Sending.

@@ -10,7 +10,7 @@ use super::model::{DeliverArgs, KIND};
 use super::{Result, WebhookError, Webhooks};
 
 /// What a replay did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Replayed {
     /// Deliveries queued again.
     pub queued: u64,

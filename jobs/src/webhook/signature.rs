@@ -18,6 +18,28 @@ use sha2::Sha256;
 /// The prefix of every signing secret.
 pub const SECRET_PREFIX: &str = "whsec_";
 
+/// What [`secret_key`] accepts: optionally [`SECRET_PREFIX`], then standard padded base64 of
+/// at least one byte, its last symbol canonical (no stray bits).
+pub const SECRET_PATTERN: &str = concat!(
+    r"^(whsec_)?(?:[A-Za-z0-9+/]{4})*",
+    r"(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=|[A-Za-z0-9+/]{4})$",
+);
+
+/// A signing secret in the OpenAPI document: a string matching [`SECRET_PATTERN`].
+pub struct SecretSchema;
+
+impl utoipa::PartialSchema for SecretSchema {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .pattern(Some(SECRET_PATTERN))
+            .description(Some("`whsec_` and standard padded base64 of the key"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for SecretSchema {}
+
 /// Header names, as the specification spells them.
 pub const HEADER_ID: &str = "webhook-id";
 /// See [`HEADER_ID`].
