@@ -12,8 +12,7 @@ use comfy_table::{ContentArrangement, Table};
 use conveyor_jobs::webhook::delivery::AttemptQuery;
 use conveyor_jobs::webhook::endpoint::{EndpointPatch, NewEndpoint};
 use conveyor_jobs::webhook::event::SendEvent;
-use conveyor_jobs::webhook::{Endpoint, WebhookConfig, Webhooks};
-use conveyor_worker::Store;
+use conveyor_jobs::webhook::{Endpoint, Webhooks};
 
 use crate::output;
 
@@ -326,12 +325,7 @@ fn print_endpoint(ep: &Endpoint, json: bool) -> anyhow::Result<()> {
 }
 
 /// Runs one `webhooks` command.
-pub async fn run(
-    store: Arc<dyn Store>,
-    config: WebhookConfig,
-    cmd: WebhooksCommand,
-) -> anyhow::Result<()> {
-    let hooks = Webhooks::new(store, config)?;
+pub async fn run(hooks: Webhooks, cmd: WebhooksCommand) -> anyhow::Result<()> {
     match cmd {
         WebhooksCommand::Endpoints(cmd) => endpoints(&hooks, cmd).await,
         WebhooksCommand::Send {
