@@ -85,7 +85,9 @@ fn key_list<'de, D: serde::Deserializer<'de>>(
         Many(Vec<String>),
     }
     let texts = match Keys::deserialize(d).map_err(|_| {
-        serde::de::Error::custom("expected a list of keys, or one string of keys separated by commas")
+        serde::de::Error::custom(
+            "expected a list of keys, or one string of keys separated by commas",
+        )
     })? {
         Keys::One(s) => s.split(',').map(str::to_string).collect(),
         Keys::Many(v) => v,
@@ -717,16 +719,15 @@ mod tests {
         assert_eq!(config.secrets.keys, vec![a.clone(), b.clone()]);
         let config = load(None, env(&[("CONVEYOR_SECRETS__KEYS", a64.as_str())])).unwrap();
         assert_eq!(config.secrets.keys, vec![a.clone()]);
-        assert!(!format!("{config:?}").contains(a64.as_str()), "Debug hides keys");
+        assert!(
+            !format!("{config:?}").contains(a64.as_str()),
+            "Debug hides keys"
+        );
 
         let dir = std::env::temp_dir().join(format!("conveyor-config-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(
-            &file,
-            format!("[secrets]\nkeys = [\"{}\"]\n", b64.as_str()),
-        )
-        .unwrap();
+        std::fs::write(&file, format!("[secrets]\nkeys = [\"{}\"]\n", b64.as_str())).unwrap();
         assert_eq!(load(Some(&file), env(&[])).unwrap().secrets.keys, vec![b]);
         std::fs::remove_dir_all(dir).unwrap();
 

@@ -82,9 +82,11 @@ fn read_key_file(path: &Path, what: &str) -> Result<Vec<Key>, ConfigError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        keys.push(Key::parse(line).map_err(|e| {
-            ConfigError(format!("{what} {} line {}: {e}", path.display(), n + 1))
-        })?);
+        keys.push(
+            Key::parse(line).map_err(|e| {
+                ConfigError(format!("{what} {} line {}: {e}", path.display(), n + 1))
+            })?,
+        );
     }
     if keys.is_empty() {
         return Err(ConfigError(format!(
@@ -172,10 +174,12 @@ pub async fn run(webhooks: Option<Webhooks>, cmd: SecretsCommand) -> anyhow::Res
         SecretsCommand::Reencrypt(out) => {
             let hooks = webhooks.expect("the store is opened for reencrypt");
             if hooks.keyring().is_empty() {
-                return Err(conveyor_jobs::webhook::WebhookError::Secrets(KeyError::NoKey {
-                    what: "`secrets reencrypt` encrypts with the first configured key".into(),
-                })
-                .into());
+                return Err(
+                    conveyor_jobs::webhook::WebhookError::Secrets(KeyError::NoKey {
+                        what: "`secrets reencrypt` encrypts with the first configured key".into(),
+                    })
+                    .into(),
+                );
             }
             let report = hooks.seal_secrets(SealPass::Reencrypt).await?;
             print(hooks.keyring(), &report, out.json, true)

@@ -107,33 +107,43 @@ async fn raw_store(t: &TestStore) -> String {
         return format!("{rows:?}");
     }
     let (server, prefix) = t.url.split_once("?prefix=").unwrap();
-    let client = redis::Client::open(server).unwrap();
+    let client = ::redis::Client::open(server).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut out = String::new();
     for key in keys_with_prefix(&mut conn, prefix).await.unwrap() {
-        let kind: String = redis::cmd("TYPE")
+        let kind: String = ::redis::cmd("TYPE")
             .arg(&key)
             .query_async(&mut conn)
             .await
             .unwrap();
         let value: Vec<String> = match kind.as_str() {
-            "hash" => redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await,
-            "string" => redis::cmd("GET")
+            "hash" => {
+                ::redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+            }
+            "string" => ::redis::cmd("GET")
                 .arg(&key)
                 .query_async::<String>(&mut conn)
                 .await
                 .map(|v| vec![v]),
             "zset" => {
-                redis::cmd("ZRANGE")
+                ::redis::cmd("ZRANGE")
                     .arg(&key)
                     .arg(0)
                     .arg(-1)
                     .query_async(&mut conn)
                     .await
             }
-            "set" => redis::cmd("SMEMBERS").arg(&key).query_async(&mut conn).await,
+            "set" => {
+                ::redis::cmd("SMEMBERS")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+            }
             "list" => {
-                redis::cmd("LRANGE")
+                ::redis::cmd("LRANGE")
                     .arg(&key)
                     .arg(0)
                     .arg(-1)
@@ -271,10 +281,19 @@ async fn secrets_never_reach_the_raw_store_and_deliveries_verify(t: &TestStore) 
     assert_eq!(rotated.secrets.len(), 2);
 
     let raw = raw_store(t).await;
-    assert!(!reveals(&raw, &first), "the rotated-out secret is in the store: {raw}");
-    assert!(!reveals(&raw, &second), "the current secret is in the store: {raw}");
+    assert!(
+        !reveals(&raw, &first),
+        "the rotated-out secret is in the store: {raw}"
+    );
+    assert!(
+        !reveals(&raw, &second),
+        "the current secret is in the store: {raw}"
+    );
     assert!(raw.contains(&format!("cv1:{}:", key.id())), "{raw}");
-    assert!(!raw.contains(key.to_base64().as_str()), "the key is in the store");
+    assert!(
+        !raw.contains(key.to_base64().as_str()),
+        "the key is in the store"
+    );
 
     // Read back in clear, by another process's service with the same key.
     let other = hooks(&t.store, &[&key]);
@@ -291,7 +310,10 @@ async fn plaintext_secrets_of_an_older_store_are_encrypted_at_start(t: &TestStor
     let legacy = legacy_endpoint(rx.url("/old"));
     put_legacy(&t.store, &legacy).await;
     let raw = raw_store(t).await;
-    assert!(reveals(&raw, &legacy.secrets[0].secret), "the test wrote it in clear");
+    assert!(
+        reveals(&raw, &legacy.secrets[0].secret),
+        "the test wrote it in clear"
+    );
 
     // With no key, the start refuses to leave them in clear, and says what to set.
     let err = hooks(&t.store, &[])
@@ -346,7 +368,13 @@ async fn the_encryption_key_rotates_with_reencrypt(t: &TestStore) {
     let status = both.seal_secrets(SealPass::Check).await.unwrap();
     assert_eq!(status.by_key.get(old.id()), Some(&1));
     // The start's pass leaves them under the old key; only reencrypt moves them.
-    assert_eq!(both.seal_secrets(SealPass::Plaintext).await.unwrap().reencrypted, 0);
+    assert_eq!(
+        both.seal_secrets(SealPass::Plaintext)
+            .await
+            .unwrap()
+            .reencrypted,
+        0
+    );
     let report = both.seal_secrets(SealPass::Reencrypt).await.unwrap();
     assert_eq!(report.reencrypted, 1);
     assert_eq!(
@@ -387,7 +415,10 @@ async fn missing_and_wrong_keys_are_clear_errors(t: &TestStore) {
             && !text.contains(wrong.to_base64().as_str())
     };
 
-    let err = hooks(&t.store, &[&wrong]).endpoint(&ep.id).await.unwrap_err();
+    let err = hooks(&t.store, &[&wrong])
+        .endpoint(&ep.id)
+        .await
+        .unwrap_err();
     let text = err.to_string();
     assert!(
         matches!(err, WebhookError::Secrets(KeyError::UnknownKey { .. }))
@@ -435,8 +466,14 @@ async fn a_sealed_secret_copied_to_another_endpoint_does_not_open(t: &TestStore)
         url: url.into(),
         ..NewEndpoint::default()
     };
-    let a = h.create_endpoint(new("https://example.com/a")).await.unwrap();
-    let b = h.create_endpoint(new("https://example.com/b")).await.unwrap();
+    let a = h
+        .create_endpoint(new("https://example.com/a"))
+        .await
+        .unwrap();
+    let b = h
+        .create_endpoint(new("https://example.com/b"))
+        .await
+        .unwrap();
     // Someone with write access to the store gives b the sealed secret of a.
     let a_raw = t.store.meta_get(ENDPOINTS, &a.id).await.unwrap().unwrap();
     let b_raw = t.store.meta_get(ENDPOINTS, &b.id).await.unwrap().unwrap();

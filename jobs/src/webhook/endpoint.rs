@@ -447,7 +447,12 @@ impl Webhooks {
                 let secret = match (s.sealed, s.secret) {
                     (Some(sealed), _) => self.keys.open(&sealed, &context)?,
                     (None, Some(clear)) => clear,
-                    (None, None) => return Err(KeyError::Format { context: context.clone() }.into()),
+                    (None, None) => {
+                        return Err(KeyError::Format {
+                            context: context.clone(),
+                        }
+                        .into());
+                    }
                 };
                 Ok(Secret {
                     secret,
@@ -477,7 +482,10 @@ impl Webhooks {
             });
         }
         for record in &records {
-            for sealed in stored_secrets(record)?.iter().filter_map(|s| s.sealed.as_ref()) {
+            for sealed in stored_secrets(record)?
+                .iter()
+                .filter_map(|s| s.sealed.as_ref())
+            {
                 if sealed.key_id().is_none_or(|id| !self.keys.has(id)) {
                     // Opening it says which key is missing, and how to add it.
                     self.keys.open(sealed, &secret_context(&record.key))?;
