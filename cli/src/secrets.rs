@@ -206,7 +206,7 @@ fn print(keys: &Keyring, report: &SealReport, json: bool, reencrypt: bool) -> an
     }
     let ids = keys.ids();
     match ids.split_first() {
-        Some((current, older)) if older.is_empty() => outln!("keys: {current} (current)"),
+        Some((current, [])) => outln!("keys: {current} (current)"),
         Some((current, older)) => outln!("keys: {current} (current), {}", older.join(", ")),
         None => outln!("keys: none configured"),
     }

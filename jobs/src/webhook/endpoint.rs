@@ -337,8 +337,9 @@ impl Webhooks {
     }
 }
 
-/// One secret as the store keeps it.
-#[derive(Debug, Serialize, Deserialize)]
+/// One secret as the store keeps it (no `Debug`: a record from before sealing holds it in
+/// clear).
+#[derive(Serialize, Deserialize)]
 struct StoredSecret {
     /// The secret, sealed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
