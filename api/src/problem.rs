@@ -268,6 +268,11 @@ impl From<conveyor_jobs::webhook::WebhookError> for Problem {
                 tracing::error!(error = %e, "webhook client error while serving a request");
                 Problem::internal()
             }
+            // The server's keys are wrong or missing: the operator fixes it, not the caller.
+            E::Secrets(e) => {
+                tracing::error!(error = %e, "cannot seal or open a webhook signing secret");
+                Problem::internal()
+            }
         }
     }
 }

@@ -28,7 +28,8 @@ pub struct AppState {
 
 impl AppState {
     /// State over `store` with `config`.
-    /// Webhooks use their default settings until [`AppState::with_webhooks`].
+    /// Webhooks use their default settings and no secrets key (so creating an endpoint fails)
+    /// until [`AppState::with_webhooks`].
     pub fn new(store: Arc<dyn Store>, config: ApiConfig) -> Self {
         let webhooks = Webhooks::new(store.clone(), WebhookConfig::default())
             .expect("the default webhook settings are valid and the HTTP client builds");

@@ -582,7 +582,8 @@ async fn scope_matrix(store: Arc<dyn Store>) {
                 store.clone(),
                 conveyor_jobs::webhook::WebhookConfig::default(),
             )
-            .unwrap();
+            .unwrap()
+            .with_keyring(conveyor_tests::test_keyring());
             let endpoint = hooks
                 .create_endpoint(conveyor_jobs::webhook::endpoint::NewEndpoint {
                     url: "https://example.com/matrix".into(),

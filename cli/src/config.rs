@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::Role;
 
 /// The sections a config file (and `CONVEYOR_<SECTION>__…`) may set.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "database",
     "serve",
     "api",
@@ -31,6 +31,7 @@ const SECTIONS: [&str; 7] = [
     "maintenance",
     "log",
     "webhooks",
+    "secrets",
 ];
 
 /// Everything `conveyor` reads from its config.
@@ -53,6 +54,53 @@ pub struct Config {
     pub schedules: Vec<ScheduleSpec>,
     /// Webhook delivery: queue, SSRF allow-list, retries, timeouts, circuit breaker.
     pub webhooks: conveyor_jobs::webhook::WebhookConfig,
+    /// The keys that encrypt credentials kept in the store (webhook signing secrets).
+    pub secrets: SecretsConfig,
+}
+
+/// `[secrets]`: the keys credentials kept in the store are encrypted with. The first key
+/// (of `keys`, then of `key_file`) encrypts; every key decrypts. With neither set, a SQLite
+/// store uses (and on first use creates) the key file beside its database file; Postgres and
+/// Redis need one set before a webhook endpoint can be created. See docs/operations.md,
+/// Secrets at rest.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// Keys, 32 random bytes in base64 each (`conveyor secrets generate-key`), current first.
+    /// From the environment: `CONVEYOR_SECRETS__KEYS=key1,key2`.
+    #[serde(deserialize_with = "key_list")]
+    pub keys: Vec<conveyor_worker::keyring::Key>,
+    /// A file with one key per line, current first (`#` starts a comment); read after `keys`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// A list of keys, or one string of comma-separated keys (as an environment variable gives).
+fn key_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<conveyor_worker::keyring::Key>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Keys {
+        One(String),
+        Many(Vec<String>),
+    }
+    let texts = match Keys::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "expected a list of keys, or one string of keys separated by commas",
+        )
+    })? {
+        Keys::One(s) => s.split(',').map(str::to_string).collect(),
+        Keys::Many(v) => v,
+    };
+    texts
+        .iter()
+        .filter(|t| !t.trim().is_empty())
+        .enumerate()
+        .map(|(i, t)| {
+            conveyor_worker::keyring::Key::parse(t)
+                .map_err(|e| serde::de::Error::custom(format!("key {}: {e}", i + 1)))
+        })
+        .collect()
 }
 
 /// `[database]`
@@ -241,7 +289,11 @@ fn is_config_variable(rest: &str, known: &[Vec<String>]) -> bool {
 }
 
 /// The config keys whose default is `None`.
-const OPTIONAL_KEYS: [&str; 2] = ["database.listen_url", "api.metrics.listen"];
+const OPTIONAL_KEYS: [&str; 3] = [
+    "database.listen_url",
+    "api.metrics.listen",
+    "secrets.key_file",
+];
 
 /// Every key path the config has (`["worker", "fetch_batch"]`), leaves and sections alike.
 fn known_keys() -> Vec<Vec<String>> {
@@ -584,11 +636,13 @@ mod tests {
                 ("CONVEYOR_DATABASE__URL", "postgres://u@h/db"),
                 ("CONVEYOR_DATABASE__LISTEN_URL", "postgres://u@direct/db"),
                 ("CONVEYOR_API__METRICS__LISTEN", "127.0.0.1:9090"),
+                ("CONVEYOR_SECRETS__KEY_FILE", "/etc/conveyor/keys"),
             ]),
         )
         .unwrap();
         assert!(config.database.listen_url.is_some() && config.api.metrics.listen.is_some());
-        assert_eq!(OPTIONAL_KEYS.len(), 2, "test each optional key above");
+        assert!(config.secrets.key_file.is_some());
+        assert_eq!(OPTIONAL_KEYS.len(), 3, "test each optional key above");
     }
 
     #[test]
@@ -651,6 +705,43 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("database.listen_url"), "{err}");
+    }
+
+    #[test]
+    fn secrets_keys_from_env_and_file_are_checked_and_never_echoed() {
+        let (a, b) = (
+            conveyor_worker::keyring::Key::generate(),
+            conveyor_worker::keyring::Key::generate(),
+        );
+        let (a64, b64) = (a.to_base64(), b.to_base64());
+        let one = format!("{},{}", a64.as_str(), b64.as_str());
+        let config = load(None, env(&[("CONVEYOR_SECRETS__KEYS", &one)])).unwrap();
+        assert_eq!(config.secrets.keys, vec![a.clone(), b.clone()]);
+        let config = load(None, env(&[("CONVEYOR_SECRETS__KEYS", a64.as_str())])).unwrap();
+        assert_eq!(config.secrets.keys, vec![a.clone()]);
+        assert!(
+            !format!("{config:?}").contains(a64.as_str()),
+            "Debug hides keys"
+        );
+
+        let dir = std::env::temp_dir().join(format!("conveyor-config-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, format!("[secrets]\nkeys = [\"{}\"]\n", b64.as_str())).unwrap();
+        assert_eq!(load(Some(&file), env(&[])).unwrap().secrets.keys, vec![b]);
+        std::fs::remove_dir_all(dir).unwrap();
+
+        let short = "c2hvcnQ=";
+        let err = load(None, env(&[("CONVEYOR_SECRETS__KEYS", short)]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("secrets.keys")
+                && err.contains("CONVEYOR_SECRETS__KEYS")
+                && err.contains("openssl rand -base64 32")
+                && !err.contains(short),
+            "{err}"
+        );
     }
 
     #[test]

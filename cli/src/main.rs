@@ -10,6 +10,7 @@ mod config;
 mod input;
 mod output;
 mod schedules;
+mod secrets;
 mod serve;
 mod webhooks;
 
@@ -17,6 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use conveyor_jobs::webhook::endpoint::SealPass;
 use conveyor_worker::Store;
 use conveyor_worker::store::{self, StoreOptions};
 use tracing_subscriber::EnvFilter;
@@ -83,6 +85,7 @@ fn report(e: &anyhow::Error) -> String {
 /// kind, queue or event type); 1 when the operation itself failed.
 fn exit_status(e: &anyhow::Error) -> u8 {
     use conveyor_jobs::webhook::WebhookError;
+    use conveyor_worker::keyring::KeyError;
     let bad_input = e.chain().any(|cause| {
         cause.is::<ConfigError>()
             || cause.is::<input::UsageError>()
@@ -100,7 +103,16 @@ fn exit_status(e: &anyhow::Error) -> u8 {
             )
             || matches!(
                 cause.downcast_ref::<WebhookError>(),
-                Some(WebhookError::Invalid { .. } | WebhookError::Reserved(_))
+                Some(
+                    WebhookError::Invalid { .. }
+                        | WebhookError::Reserved(_)
+                        // The configured keys are wrong: fix the config and run again.
+                        | WebhookError::Secrets(
+                            KeyError::NoKey { .. }
+                                | KeyError::UnknownKey { .. }
+                                | KeyError::Malformed { .. }
+                        )
+                )
             )
     });
     if bad_input { 2 } else { 1 }
@@ -139,7 +151,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             config.validate()?;
             let store = open_store(&config).await?;
-            serve::run(config, store).await
+            let keys = secrets::keyring(&config, true)?;
+            serve::run(config, store, keys).await
         }
         Command::Worker(args) => {
             config.serve.roles = vec![Role::Worker, Role::Scheduler];
@@ -147,20 +160,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.set_queues(queues)?;
             }
             let store = open_store(&config).await?;
-            serve::run(config, store).await
+            let keys = secrets::keyring(&config, true)?;
+            serve::run(config, store, keys).await
         }
         Command::Migrate(out) => {
             let store = open_store(&config).await?;
             let backend = store.backend_name().await?;
             let url = store::redact_url(&config.database.url);
+            let sealed = webhooks(&config, store, true)?
+                .seal_secrets(SealPass::Plaintext)
+                .await?
+                .sealed;
             if out.json {
                 return output::json(&serde_json::json!({
                     "migrated": true,
                     "backend": backend,
                     "url": url,
+                    "secrets_encrypted": sealed,
                 }));
             }
             outln!("migrations applied: {backend} at {url}");
+            if sealed > 0 {
+                outln!("webhook signing secrets stored in clear, now encrypted: {sealed}");
+            }
             Ok(())
         }
         Command::Enqueue(args) => commands::enqueue(&open_admin(&config).await?, args).await,
@@ -176,20 +198,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keys(cmd) => commands::keys(&open_admin(&config).await?, cmd).await,
         Command::Audit(cmd) => commands::audit(open_store(&config).await?, cmd).await,
-        Command::Webhooks(cmd) => webhooks::run(&open_admin(&config).await?, cmd).await,
+        Command::Webhooks(cmd) => webhooks::run(&open_admin_with(&config, true).await?, cmd).await,
+        Command::Secrets(cmd @ secrets::SecretsCommand::GenerateKey(_)) => {
+            secrets::run(None, cmd).await
+        }
+        Command::Secrets(cmd) => {
+            let hooks = webhooks(&config, open_store(&config).await?, false)?;
+            secrets::run(Some(hooks), cmd).await
+        }
         Command::Bench(_) => unreachable!("handled above"),
     }
 }
 
-/// The operator operations over the configured store, with the config's webhook settings
-/// and `api.*` limits: the same rules the API applies.
+/// The operator operations over the configured store, with the config's webhook settings,
+/// secrets keys and `api.*` limits: the same rules the API applies.
 async fn open_admin(config: &Config) -> anyhow::Result<conveyor_admin::Admin> {
-    let store = open_store(config).await?;
-    let webhooks = conveyor_jobs::webhook::Webhooks::new(store, config.webhooks.clone())?;
+    open_admin_with(config, false).await
+}
+
+/// [`open_admin`]; `create_key`: make a SQLite store's key file if it has none (for the
+/// commands that write secrets).
+async fn open_admin_with(
+    config: &Config,
+    create_key: bool,
+) -> anyhow::Result<conveyor_admin::Admin> {
+    let hooks = webhooks(config, open_store(config).await?, create_key)?;
     Ok(conveyor_admin::Admin::new(
-        Arc::new(webhooks),
+        Arc::new(hooks),
         config.api.limits(),
     ))
+}
+
+/// The webhook service over `store` with the configured keys (`create`: make a SQLite
+/// store's key file if it has none).
+fn webhooks(
+    config: &Config,
+    store: Arc<dyn Store>,
+    create: bool,
+) -> anyhow::Result<conveyor_jobs::webhook::Webhooks> {
+    let keys = secrets::keyring(config, create)?;
+    Ok(conveyor_jobs::webhook::Webhooks::new(store, config.webhooks.clone())?.with_keyring(keys))
 }
 
 /// Opens (and migrates) the configured store, with an error that says how to fix it.

@@ -24,7 +24,13 @@ use crate::cli::Role;
 use crate::config::Config;
 
 /// Runs the configured roles until a shutdown signal.
-pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
+/// `keys` seal webhook signing secrets; secrets still in clear (a store from before they were
+/// sealed) are sealed before anything else starts.
+pub async fn run(
+    config: Config,
+    store: Arc<dyn Store>,
+    keys: conveyor_worker::keyring::Keyring,
+) -> anyhow::Result<()> {
     let roles = &config.serve.roles;
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
@@ -35,10 +41,20 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
     let mut listeners = tokio::task::JoinSet::new();
     let mut tasks = tokio::task::JoinSet::new();
     // One webhook service per process: the API sends events through it, the worker delivers.
-    let webhooks = std::sync::Arc::new(conveyor_jobs::webhook::Webhooks::new(
-        store.clone(),
-        config.webhooks.clone(),
-    )?);
+    let webhooks = Arc::new(
+        conveyor_jobs::webhook::Webhooks::new(store.clone(), config.webhooks.clone())?
+            .with_keyring(keys),
+    );
+    let report = webhooks
+        .seal_secrets(conveyor_jobs::webhook::endpoint::SealPass::Plaintext)
+        .await
+        .context("cannot start with the configured secrets keys")?;
+    if report.sealed > 0 {
+        tracing::info!(
+            secrets = report.sealed,
+            "webhook signing secrets stored in clear are now encrypted"
+        );
+    }
     if roles.contains(&Role::Api) {
         let listener = tokio::net::TcpListener::bind(config.serve.listen)
             .await

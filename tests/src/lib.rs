@@ -444,6 +444,15 @@ where
     }
 }
 
+/// The keyring every webhook service of this test process seals secrets with: one key,
+/// generated once per process, so two services on one store read each other's endpoints.
+pub fn test_keyring() -> conveyor_worker::keyring::Keyring {
+    static KEY: std::sync::OnceLock<conveyor_worker::keyring::Key> = std::sync::OnceLock::new();
+    conveyor_worker::keyring::Keyring::new([KEY
+        .get_or_init(conveyor_worker::keyring::Key::generate)
+        .clone()])
+}
+
 /// What [`TestStore::postgres_strict`] sets on its database.
 pub const STRICT_DATABASE_SETTINGS: &[&str] = &[
     "default_transaction_isolation = 'serializable'",

@@ -43,7 +43,11 @@ struct Running {
 
 impl Running {
     fn start(store: &Arc<dyn Store>, config: WebhookConfig) -> Running {
-        let webhooks = Arc::new(Webhooks::new(store.clone(), config.clone()).unwrap());
+        let webhooks = Arc::new(
+            Webhooks::new(store.clone(), config.clone())
+                .unwrap()
+                .with_keyring(conveyor_tests::test_keyring()),
+        );
         let mut registry = Registry::new();
         webhook::register(&mut registry, webhooks.clone());
         let worker = Worker::new(

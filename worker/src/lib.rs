@@ -10,12 +10,14 @@
 //!   in batches by the completer; a heartbeat renews leases and delivers cancel requests.
 //! - [`retry_policy`]: backoff between attempts.
 //! - [`clock`]: the store's clock, which every process times leases and due jobs on.
+//! - [`keyring`]: credentials kept in the store, encrypted (sealed) with the configured keys.
 //! - [`metrics`]: process-local counters and histograms, rendered by the API's `/metrics`.
 
 pub mod clock;
 pub mod error;
 pub mod handler;
 pub mod job;
+pub mod keyring;
 pub mod metrics;
 pub mod retry_policy;
 pub mod runtime;

@@ -31,7 +31,15 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let app = conveyor_api::router(AppState::new(store.clone(), config));
+        let webhooks = conveyor_jobs::webhook::Webhooks::new(
+            store.clone(),
+            conveyor_jobs::webhook::WebhookConfig::default(),
+        )
+        .unwrap()
+        .with_keyring(conveyor_tests::test_keyring());
+        let app = conveyor_api::router(
+            AppState::new(store.clone(), config).with_webhooks(Arc::new(webhooks)),
+        );
         let s = stop.clone();
         tokio::spawn(async move {
             conveyor_api::serve(listener, app, async move { s.cancelled().await })

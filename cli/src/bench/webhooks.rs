@@ -69,7 +69,9 @@ pub async fn run(args: &BenchArgs, store: Arc<dyn Store>) -> anyhow::Result<()> 
         attempt_log: std::env::var("CONVEYOR_BENCH_ATTEMPT_LOG").map_or(true, |v| v != "false"),
         ..WebhookConfig::default()
     };
-    let hooks = Arc::new(Webhooks::new(store.clone(), config.clone())?);
+    // The benchmark's endpoint is its own: a key for this run seals its secret.
+    let keys = conveyor_worker::keyring::Keyring::new([conveyor_worker::keyring::Key::generate()]);
+    let hooks = Arc::new(Webhooks::new(store.clone(), config.clone())?.with_keyring(keys));
     let ep = hooks
         .create_endpoint(NewEndpoint {
             url: format!("http://{addr}/hook"),

@@ -21,7 +21,23 @@ pub fn conveyor(url: &str, args: &[&str]) -> Command {
             cmd.env_remove(k);
         }
     }
+    // A SQLite store makes its own key file; the others need a key configured, one per test
+    // process so every command of a test reads what the one before wrote.
+    if !url.starts_with("sqlite:") {
+        cmd.env("CONVEYOR_SECRETS__KEYS", test_key());
+    }
     cmd
+}
+
+/// The secrets key this test process gives `conveyor` on Postgres and Redis.
+pub fn test_key() -> String {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        conveyor_worker::keyring::Key::generate()
+            .to_base64()
+            .to_string()
+    })
+    .clone()
 }
 
 /// Runs to the end; returns (status code, stdout, stderr).

@@ -1,13 +1,20 @@
 //! Endpoint CRUD and secret rotation. Endpoints are records in `webhook_endpoints`; every
 //! change is a versioned write, so two admins editing at once do not lose each other's edits.
+//!
+//! Signing secrets are stored sealed with the service's [`Keyring`] (see
+//! `conveyor_worker::keyring`), bound to their endpoint's record: the store never holds one in
+//! clear. Records written before secrets were sealed hold them in clear (`secret` instead of
+//! `sealed`); they read as before, and [`Webhooks::seal_secrets`] (run at start) seals them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use conveyor_worker::keyring::{KeyError, Keyring, Sealed};
 use conveyor_worker::store::meta::{Expect, Put, Record, list_all};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::model::{ENDPOINTS, Endpoint, Secret};
 use super::{Result, WebhookError, Webhooks, new_id, signature};
@@ -286,7 +293,7 @@ impl Webhooks {
             disabled_reason: None,
         };
         check(&ep)?;
-        let value = serde_json::to_value(&ep)?;
+        let value = self.stored(&ep)?;
         self.store
             .meta_put(Put::new(ENDPOINTS, &ep.id, &value).expect(Expect::Absent))
             .await?;
@@ -304,7 +311,7 @@ impl Webhooks {
             .meta_get(ENDPOINTS, id)
             .await?
             .ok_or_else(|| WebhookError::not_found("endpoint", id))?;
-        let ep = record.decode()?;
+        let ep = self.opened(&record)?;
         Ok((record, ep))
     }
 
@@ -313,7 +320,7 @@ impl Webhooks {
         list_all(self.store.as_ref(), ENDPOINTS)
             .await?
             .iter()
-            .map(|r| Ok(r.decode()?))
+            .map(|r| self.opened(r))
             .collect()
     }
 
@@ -328,7 +335,7 @@ impl Webhooks {
             change(&mut ep)?;
             ep.updated_at = Utc::now();
             check(&ep)?;
-            let value = serde_json::to_value(&ep)?;
+            let value = self.stored(&ep)?;
             match self
                 .store
                 .meta_put(Put::new(ENDPOINTS, id, &value).expect(Expect::Version(record.version)))
@@ -453,7 +460,7 @@ impl Webhooks {
             return Ok(ep.clone());
         }
         let ep = match self.store.meta_get(ENDPOINTS, id).await? {
-            Some(r) => Some(Arc::new(r.decode::<Endpoint>()?)),
+            Some(r) => Some(Arc::new(self.opened(&r)?)),
             None => None,
         };
         if !ttl.is_zero() {
@@ -468,5 +475,230 @@ impl Webhooks {
     fn forget_endpoint(&self, id: &str) {
         self.endpoints.lock().expect("not poisoned").remove(id);
         self.closed.lock().expect("not poisoned").remove(id);
+    }
+}
+
+/// One secret as the store keeps it (no `Debug`: a record from before sealing holds it in
+/// clear).
+#[derive(Serialize, Deserialize)]
+struct StoredSecret {
+    /// The secret, sealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sealed: Option<Sealed>,
+    /// The secret in clear: only in records written before secrets were sealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
+}
+
+/// What an endpoint's secrets are bound to: its record. A sealed secret copied into another
+/// endpoint's record does not open there.
+fn secret_context(id: &str) -> String {
+    format!("{ENDPOINTS}/{id}")
+}
+
+/// The stored secrets of an endpoint record.
+fn stored_secrets(record: &Record) -> Result<Vec<StoredSecret>> {
+    let secrets = record
+        .value
+        .get("secrets")
+        .cloned()
+        .unwrap_or(Value::Array(Vec::new()));
+    Ok(serde_json::from_value(secrets)?)
+}
+
+/// The stored secrets of `records` by the id of the key they are sealed with ([`PLAINTEXT`]
+/// for those in clear).
+fn count_by_key(records: &[Record]) -> Result<BTreeMap<String, usize>> {
+    let mut out = BTreeMap::new();
+    for record in records {
+        for s in stored_secrets(record)? {
+            let id = match &s.sealed {
+                Some(sealed) => sealed.key_id().unwrap_or("malformed").to_string(),
+                None => PLAINTEXT.to_string(),
+            };
+            *out.entry(id).or_default() += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Which pass [`Webhooks::seal_secrets`] makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SealPass {
+    /// Count only; write nothing and refuse nothing.
+    Check,
+    /// Seal secrets still in clear (records from before secrets were sealed); run at start.
+    Plaintext,
+    /// That, and re-seal every secret sealed with an older key under the current one, after
+    /// which the older keys can be removed (`conveyor secrets reencrypt`).
+    Reencrypt,
+}
+
+/// What [`Webhooks::seal_secrets`] found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SealReport {
+    /// Endpoints looked at.
+    pub endpoints: usize,
+    /// Their secrets (current and rotated-out ones still signing) after the pass, by the id
+    /// of the key they are sealed with; `plaintext` counts those still in clear.
+    pub by_key: BTreeMap<String, usize>,
+    /// Secrets this pass found in clear and sealed.
+    pub sealed: usize,
+    /// Secrets this pass moved from an older key to the current one.
+    pub reencrypted: usize,
+}
+
+/// How `by_key` counts secrets still in clear.
+pub const PLAINTEXT: &str = "plaintext";
+
+impl Webhooks {
+    /// The keys secrets are sealed and opened with.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keys
+    }
+
+    /// The endpoint as the store keeps it: every secret sealed with the current key.
+    fn stored(&self, ep: &Endpoint) -> Result<Value> {
+        let context = secret_context(&ep.id);
+        let secrets = ep
+            .secrets
+            .iter()
+            .map(|s| {
+                Ok(StoredSecret {
+                    sealed: Some(self.keys.seal(&s.secret, &context)?),
+                    secret: None,
+                    expires_at: s.expires_at,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut value = serde_json::to_value(ep)?;
+        if let Some(fields) = value.as_object_mut() {
+            fields.insert("secrets".into(), serde_json::to_value(secrets)?);
+        }
+        Ok(value)
+    }
+
+    /// An endpoint record read back, its secrets opened.
+    fn opened(&self, record: &Record) -> Result<Endpoint> {
+        let context = secret_context(&record.key);
+        let secrets = stored_secrets(record)?
+            .into_iter()
+            .map(|s| {
+                let secret = match (s.sealed, s.secret) {
+                    (Some(sealed), _) => self.keys.open(&sealed, &context)?,
+                    (None, Some(clear)) => clear,
+                    (None, None) => {
+                        return Err(KeyError::Format {
+                            context: context.clone(),
+                        }
+                        .into());
+                    }
+                };
+                Ok(Secret {
+                    secret,
+                    expires_at: s.expires_at,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut value = record.value.clone();
+        if let Some(fields) = value.as_object_mut() {
+            fields.insert("secrets".into(), serde_json::to_value(secrets)?);
+        }
+        Ok(serde_json::from_value(value)?)
+    }
+
+    /// Goes over every endpoint's stored secrets: counts them by key and, as `pass` says,
+    /// seals those in clear and re-seals those under older keys. Before writing anything it
+    /// refuses (naming the key ids) when a secret is sealed with a key that is not configured,
+    /// or when secrets in clear must be sealed and no key is configured.
+    pub async fn seal_secrets(&self, pass: SealPass) -> Result<SealReport> {
+        let records = list_all(self.store.as_ref(), ENDPOINTS).await?;
+        let by_key = count_by_key(&records)?;
+        if pass == SealPass::Check {
+            return Ok(SealReport {
+                endpoints: records.len(),
+                by_key,
+                ..SealReport::default()
+            });
+        }
+        for record in &records {
+            for sealed in stored_secrets(record)?
+                .iter()
+                .filter_map(|s| s.sealed.as_ref())
+            {
+                if sealed.key_id().is_none_or(|id| !self.keys.has(id)) {
+                    // Opening it says which key is missing, and how to add it.
+                    self.keys.open(sealed, &secret_context(&record.key))?;
+                }
+            }
+        }
+        if let Some(&clear) = by_key.get(PLAINTEXT)
+            && self.keys.is_empty()
+        {
+            return Err(KeyError::NoKey {
+                what: format!(
+                    "{clear} webhook signing secret(s) are stored in clear and must be encrypted"
+                ),
+            }
+            .into());
+        }
+        let (mut sealed, mut reencrypted) = (0, 0);
+        for record in &records {
+            let (s, r) = self.reseal(&record.key, pass).await?;
+            sealed += s;
+            reencrypted += r;
+        }
+        let records = if sealed + reencrypted > 0 {
+            list_all(self.store.as_ref(), ENDPOINTS).await?
+        } else {
+            records
+        };
+        Ok(SealReport {
+            endpoints: records.len(),
+            by_key: count_by_key(&records)?,
+            sealed,
+            reencrypted,
+        })
+    }
+
+    /// Rewrites one endpoint with its secrets sealed under the current key if `pass` says it
+    /// needs it; returns how many were sealed from clear and how many re-sealed.
+    async fn reseal(&self, id: &str, pass: SealPass) -> Result<(usize, usize)> {
+        for _ in 0..5 {
+            let Some(record) = self.store.meta_get(ENDPOINTS, id).await? else {
+                return Ok((0, 0));
+            };
+            let stored = stored_secrets(&record)?;
+            let clear = stored.iter().filter(|s| s.sealed.is_none()).count();
+            let old = match pass {
+                SealPass::Reencrypt => stored
+                    .iter()
+                    .filter(|s| s.sealed.as_ref().is_some_and(|x| !self.keys.is_current(x)))
+                    .count(),
+                _ => 0,
+            };
+            if clear + old == 0 {
+                return Ok((0, 0));
+            }
+            let ep = self.opened(&record)?;
+            let value = self.stored(&ep)?;
+            match self
+                .store
+                .meta_put(Put::new(ENDPOINTS, id, &value).expect(Expect::Version(record.version)))
+                .await
+            {
+                Ok(_) => {
+                    self.forget_endpoint(id);
+                    return Ok((clear, old));
+                }
+                Err(conveyor_worker::Error::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(WebhookError::Conflict(format!(
+            "endpoint {id} kept changing while its secrets were being encrypted; try again"
+        )))
     }
 }

@@ -3,7 +3,8 @@
 //! Where to start reading:
 //! - [`Webhooks`]: the service every caller (CLI, HTTP API, the job handler) goes through.
 //!   Its methods are spread over the modules that do the work:
-//!   - [`endpoint`]: endpoint CRUD and secret rotation;
+//!   - [`endpoint`]: endpoint CRUD and secret rotation, secrets sealed at rest
+//!     ([`Webhooks::seal_secrets`] seals old plain-text ones and re-keys);
 //!   - [`event`]: sending an event (fan-out, idempotency) and one-off deliveries to a URL;
 //!   - [`delivery`]: the `webhook.deliver` job handler — circuit check, shared rate limit,
 //!     signing, the POST, classification, attempt log;
@@ -36,6 +37,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use conveyor_worker::keyring::Keyring;
 use conveyor_worker::{JobContext, KindOptions, Registry, Store};
 
 pub use model::{
@@ -73,6 +75,9 @@ pub enum WebhookError {
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    /// A signing secret cannot be sealed or opened: no key, a missing key, a damaged value.
+    #[error(transparent)]
+    Secrets(#[from] conveyor_worker::keyring::KeyError),
 }
 
 impl WebhookError {
@@ -103,11 +108,12 @@ pub type Result<T, E = WebhookError> = std::result::Result<T, E>;
 /// An endpoint as read at an instant (`None`: it did not exist).
 type CachedEndpoint = (Instant, Option<Arc<Endpoint>>);
 
-/// The webhook service: the store, the config, the HTTP client and small per-process caches.
-/// Cheap to share (`Arc`); one per process.
+/// The webhook service: the store, the config, the keys that seal signing secrets, the HTTP
+/// client and small per-process caches. Cheap to share (`Arc`); one per process.
 pub struct Webhooks {
     store: Arc<dyn Store>,
     config: WebhookConfig,
+    keys: Keyring,
     client: client::Client,
     endpoints: Mutex<HashMap<String, CachedEndpoint>>,
     closed: Mutex<HashMap<String, Instant>>,
@@ -119,12 +125,15 @@ impl std::fmt::Debug for Webhooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Webhooks")
             .field("config", &self.config)
+            .field("keys", &self.keys.ids())
             .finish_non_exhaustive()
     }
 }
 
 impl Webhooks {
-    /// The service over `store`.
+    /// The service over `store`, with no key to seal signing secrets until
+    /// [`Webhooks::with_keyring`]: until then creating an endpoint or rotating a secret fails
+    /// with [`WebhookError::Secrets`].
     pub fn new(store: Arc<dyn Store>, config: WebhookConfig) -> Result<Self> {
         config
             .validate()
@@ -134,12 +143,19 @@ impl Webhooks {
         Ok(Self {
             store,
             config,
+            keys: Keyring::default(),
             client,
             endpoints: Mutex::new(HashMap::new()),
             closed: Mutex::new(HashMap::new()),
             health: health::Recorder::default(),
             attempt_log: attempt_log::AttemptLog::default(),
         })
+    }
+
+    /// With `keys` to seal signing secrets (the first) and open them (any).
+    pub fn with_keyring(mut self, keys: Keyring) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// The settings.
