@@ -5,7 +5,8 @@ expression's grammar, an IANA time zone name, a `run_at` within a day ago and fi
 ahead (relative to now), `run_at` and `delay_seconds` not both, a schedule's `name`, `cron`
 and `kind` required on create only (one body type serves create and update), a bulk
 action's "at least one filter field, or `all: true`", and an enqueue's `idempotency_key`
-equal to its `Idempotency-Key` header when both are sent, and the grammar of an IPv6 address
+equal to its `Idempotency-Key` header when both are sent, the total size of an endpoint's
+custom headers, and the grammar of an IPv6 address
 in a webhook URL (the URL parser checks it). A schema-valid request that breaks one
 of them gets a 422 naming the field; this hook accepts exactly that refusal and nothing else.
 """
@@ -23,6 +24,10 @@ UNSTATED = {
     ("POST", "/v1/jobs/bulk/{action}"): {"filter"},
     ("POST", "/v1/schedules"): {"name", "cron", "kind", "timezone", "missed", "overlap"},
     ("PATCH", "/v1/schedules/{name}"): {"cron", "timezone", "missed", "overlap"},
+    # Custom headers: at most 16 KiB of names and values together (each is bounded in the
+    # schema, their sum cannot be).
+    ("POST", "/v1/webhooks/endpoints"): {"headers"},
+    ("PATCH", "/v1/webhooks/endpoints/{endpoint}"): {"headers"},
 }
 
 

@@ -85,7 +85,10 @@ fn report(e: &anyhow::Error) -> String {
 /// kind, queue or event type); 1 when the operation itself failed.
 fn exit_status(e: &anyhow::Error) -> u8 {
     use conveyor_jobs::webhook::WebhookError;
-    use conveyor_worker::keyring::KeyError;
+    // Wrong configured secrets keys: fix the config and run again.
+    let webhook_input = |e: &WebhookError| {
+        matches!(e, WebhookError::Invalid { .. } | WebhookError::Reserved(_)) || e.is_key_config()
+    };
     let bad_input = e.chain().any(|cause| {
         cause.is::<ConfigError>()
             || cause.is::<input::UsageError>()
@@ -93,7 +96,10 @@ fn exit_status(e: &anyhow::Error) -> u8 {
             || cause.is::<conveyor_jobs::Reserved>()
             || cause
                 .downcast_ref::<conveyor_admin::Error>()
-                .is_some_and(conveyor_admin::Error::is_bad_input)
+                .is_some_and(|e| match e {
+                    conveyor_admin::Error::Webhook(w) => webhook_input(w),
+                    other => other.is_bad_input(),
+                })
             || matches!(
                 cause.downcast_ref::<conveyor_worker::Error>(),
                 Some(
@@ -101,19 +107,9 @@ fn exit_status(e: &anyhow::Error) -> u8 {
                         | conveyor_worker::Error::BadUrl { .. }
                 )
             )
-            || matches!(
-                cause.downcast_ref::<WebhookError>(),
-                Some(
-                    WebhookError::Invalid { .. }
-                        | WebhookError::Reserved(_)
-                        // The configured keys are wrong: fix the config and run again.
-                        | WebhookError::Secrets(
-                            KeyError::NoKey { .. }
-                                | KeyError::UnknownKey { .. }
-                                | KeyError::Malformed { .. }
-                        )
-                )
-            )
+            || cause
+                .downcast_ref::<WebhookError>()
+                .is_some_and(webhook_input)
     });
     if bad_input { 2 } else { 1 }
 }

@@ -87,13 +87,14 @@ fn without_comment(command: &str) -> String {
     command.to_string()
 }
 
-/// The command as run here: the binary under test, this run's addresses and ids, and curl
-/// failing on an HTTP error instead of printing it.
-fn localize(command: &str) -> String {
+/// The command as run here: the binary under test, this run's addresses (written in, since
+/// some stand inside quoted JSON) and ids, and curl failing on an HTTP error instead of
+/// printing it.
+fn localize(command: &str, addr: &str, rx: &str) -> String {
     command
         .replace("cargo run --release --", "\"$CONVEYOR\"")
-        .replace("localhost:8080", "$ADDR")
-        .replace("127.0.0.1:9000", "$RX")
+        .replace("localhost:8080", addr)
+        .replace("127.0.0.1:9000", rx)
         .replace("curl -s ", "curl -sS --fail-with-body ")
         .replace("<ID>", "$ID")
         .replace("<EP_ID>", "$EP_ID")
@@ -102,7 +103,7 @@ fn localize(command: &str) -> String {
 
 /// A bash script that runs each command, prints it and its output, stops at the first
 /// failure, and remembers the last ids printed.
-fn script(commands: &[String]) -> String {
+fn script(commands: &[String], addr: &str, rx: &str) -> String {
     let mut s = String::from("set -u\nID=none EP_ID=none EVT_ID=none\n");
     s.push_str(
         "capture() {\n\
@@ -115,7 +116,7 @@ fn script(commands: &[String]) -> String {
     );
     for command in commands {
         let shown = command.replace('\'', "'\\''");
-        let local = localize(command);
+        let local = localize(command, addr, rx);
         // A person reads each answer before typing the next command; the jobs they started
         // meanwhile run.
         s.push_str("sleep 1\n");
@@ -203,10 +204,8 @@ fn the_readme_tour_works_top_to_bottom_against_one_serve() {
 
     let out = clean(Command::new("bash"), &dir)
         .arg("-c")
-        .arg(script(&commands))
+        .arg(script(&commands, &addr, &rx_addr))
         .env("CONVEYOR", env!("CARGO_BIN_EXE_conveyor"))
-        .env("ADDR", &addr)
-        .env("RX", &rx_addr)
         .output()
         .expect("bash runs");
     let transcript = format!(

@@ -27,8 +27,10 @@ pub struct NewEndpoint {
     #[schema(required = true, value_type = super::model::WebhookUrl)]
     pub url: String,
     /// Free text.
+    #[schema(max_length = 1024)]
     pub description: String,
     /// Event types; empty: all.
+    #[schema(max_items = 256)]
     pub event_types: Vec<String>,
     /// Extra headers.
     #[schema(value_type = HeadersSchema)]
@@ -59,8 +61,10 @@ pub struct EndpointPatch {
     #[schema(value_type = Option<super::model::WebhookUrl>)]
     pub url: Option<String>,
     /// New description.
+    #[schema(max_length = 1024)]
     pub description: Option<String>,
     /// New event types.
+    #[schema(max_items = 256)]
     pub event_types: Option<Vec<String>>,
     /// New headers (replacing all).
     #[schema(value_type = Option<HeadersSchema>)]
@@ -87,6 +91,10 @@ pub const HEADER_NAME_PATTERN: &str = concat!(
     r")[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
 );
 
+/// What a custom header's value must be: visible ASCII, spaces and tabs (no line breaks), as
+/// HTTP sends it. [`check`] enforces it through the HTTP client's own rule.
+pub const HEADER_VALUE_PATTERN: &str = r"^[\t\x20-\x7e]*$";
+
 /// Custom headers in the OpenAPI document: names matching [`HEADER_NAME_PATTERN`], string values.
 pub struct HeadersSchema;
 
@@ -95,14 +103,23 @@ impl utoipa::PartialSchema for HeadersSchema {
         use utoipa::openapi::{ObjectBuilder, Type, schema::AdditionalProperties};
         ObjectBuilder::new()
             .schema_type(Type::Object)
+            .max_properties(Some(limits::HEADERS))
             .property_names(Some(
                 ObjectBuilder::new()
                     .schema_type(Type::String)
+                    .max_length(Some(limits::HEADER_NAME))
                     .pattern(Some(HEADER_NAME_PATTERN)),
             ))
             .additional_properties(Some(AdditionalProperties::RefOr(
-                ObjectBuilder::new().schema_type(Type::String).into(),
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .max_length(Some(limits::HEADER_VALUE))
+                    .pattern(Some(HEADER_VALUE_PATTERN))
+                    .into(),
             )))
+            .description(Some(
+                "At most 32 headers, 16 KiB of names and values together (a limit the server checks)",
+            ))
             .into()
     }
 }
@@ -120,7 +137,7 @@ const RESERVED_HEADERS: [&str; 5] = [
 /// Bounds on what an endpoint keeps: each delivery sends its headers and the attempt log keeps
 /// them, so nothing an admin sets may grow without limit.
 pub mod limits {
-    /// Longest endpoint URL, in bytes.
+    /// Longest endpoint URL, in bytes (checked with the URL's form, `model::check_url`).
     pub const URL: usize = 2_048;
     /// Longest description, in bytes.
     pub const DESCRIPTION: usize = 1_024;
@@ -144,9 +161,6 @@ fn too_long(field: &'static str, what: &str, len: usize, max: usize) -> WebhookE
 }
 
 fn check_sizes(ep: &Endpoint) -> Result<()> {
-    if ep.url.len() > limits::URL {
-        return Err(too_long("url", "the URL", ep.url.len(), limits::URL));
-    }
     if ep.description.len() > limits::DESCRIPTION {
         return Err(too_long(
             "description",

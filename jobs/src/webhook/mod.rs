@@ -81,6 +81,18 @@ pub enum WebhookError {
 }
 
 impl WebhookError {
+    /// The configured secrets keys are missing, wrong or malformed: the operator fixes the
+    /// configuration (a CLI exits 2; over HTTP it is the server's fault, not the caller's).
+    pub fn is_key_config(&self) -> bool {
+        use conveyor_worker::keyring::KeyError;
+        matches!(
+            self,
+            WebhookError::Secrets(
+                KeyError::NoKey { .. } | KeyError::UnknownKey { .. } | KeyError::Malformed { .. }
+            )
+        )
+    }
+
     fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         WebhookError::Invalid {
             field,

@@ -97,6 +97,16 @@ pub fn check_url(field: &'static str, url: &str) -> Result<(), crate::webhook::W
     static RULE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
         regex::Regex::new(URL_PATTERN).expect("URL_PATTERN is a valid regex")
     });
+    let max = super::endpoint::limits::URL;
+    if url.len() > max {
+        return Err(crate::webhook::WebhookError::invalid(
+            field,
+            format!(
+                "the URL is {} bytes long; at most {max} are accepted",
+                url.len()
+            ),
+        ));
+    }
     if RULE.is_match(url) {
         Ok(())
     } else {
@@ -117,6 +127,7 @@ impl utoipa::PartialSchema for WebhookUrl {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         utoipa::openapi::ObjectBuilder::new()
             .schema_type(utoipa::openapi::Type::String)
+            .max_length(Some(super::endpoint::limits::URL))
             .pattern(Some(URL_PATTERN))
             .examples(["https://example.com/webhooks"])
             .description(Some("An http:// or https:// URL (see URL_PATTERN)"))
