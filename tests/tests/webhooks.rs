@@ -803,7 +803,9 @@ mod two_connections {
 async fn endpoint_sizes_are_bounded_and_header_values_must_be_sendable() {
     use conveyor_jobs::webhook::WebhookError;
     let t = conveyor_tests::TestStore::sqlite().await;
-    let hooks = Webhooks::new(t.store.clone(), test_config()).unwrap();
+    let hooks = Webhooks::new(t.store.clone(), test_config())
+        .unwrap()
+        .with_keyring(conveyor_tests::test_keyring());
     let base = || endpoint("https://hooks.example.com/in".into());
     let refused = |e: WebhookError, field: &str, text: &str| match e {
         WebhookError::Invalid { field: f, message } => {
