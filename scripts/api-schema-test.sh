@@ -45,7 +45,7 @@ key=$("$OLDPWD/$bin" keys create --database-url "$url" --scope admin --name sche
 # The key's rate limit is raised so the run exercises the routes, not the bucket; 429 is
 # still documented on every route that can answer it.
 CONVEYOR_API__RATE_LIMIT__PER_SECOND=100000 CONVEYOR_API__RATE_LIMIT__BURST=100000 \
-  "$OLDPWD/$bin" serve --roles api --database-url "$url" --listen 127.0.0.1:0 --log-level warn,conveyor=info,conveyor_api::audit=warn,conveyor_worker=warn \
+  "$OLDPWD/$bin" serve --roles api --database-url "$url" --listen 127.0.0.1:0 --log-level warn,conveyor=info,conveyor_admin::audit=warn,conveyor_worker=warn \
   2>"$dir/serve.log" &
 server=$!
 cd "$OLDPWD"

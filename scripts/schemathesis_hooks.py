@@ -23,7 +23,9 @@ UNSTATED = {
     ("POST", "/v1/jobs/batch"): {"run_at", "delay_seconds", "idempotency_key"},
     ("POST", "/v1/jobs/bulk/{action}"): {"filter"},
     ("POST", "/v1/schedules"): {"name", "cron", "kind", "timezone", "missed", "overlap"},
-    ("PATCH", "/v1/schedules/{name}"): {"cron", "timezone", "missed", "overlap"},
+    # A PATCH may not rename (`name`, when given, is the path's), and `backfill_limit` 0 is
+    # refused when the schedule's `missed` is `all`.
+    ("PATCH", "/v1/schedules/{name}"): {"cron", "timezone", "missed", "overlap", "name", "backfill_limit"},
     # Custom headers: at most 16 KiB of names and values together (each is bounded in the
     # schema, their sum cannot be).
     ("POST", "/v1/webhooks/endpoints"): {"headers"},

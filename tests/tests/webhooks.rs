@@ -867,6 +867,13 @@ async fn endpoint_sizes_are_bounded_and_header_values_must_be_sendable() {
         "headers",
         "not a valid header value",
     );
+    let mut ep = base();
+    ep.headers.insert("x-latin".into(), "caf\u{e9}".into());
+    refused(
+        hooks.create_endpoint(ep).await.unwrap_err(),
+        "headers",
+        "not a valid header value",
+    );
 
     // The same limits hold for an update.
     let ok = hooks.create_endpoint(base()).await.unwrap();

@@ -207,7 +207,11 @@ fn check_sizes(ep: &Endpoint) -> Result<()> {
                 limits::HEADER_VALUE,
             ));
         }
-        if reqwest::header::HeaderValue::from_str(value).is_err() {
+        // As HEADER_VALUE_PATTERN states: visible ASCII, spaces and tabs.
+        if !value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+        {
             return Err(WebhookError::invalid(
                 "headers",
                 format!(
