@@ -114,7 +114,12 @@ fn create_key_file(path: &Path) -> anyhow::Result<Key> {
             return Ok(read_key_file(path, "the store's key file")?
                 .into_iter()
                 .next()
-                .expect("read_key_file returns at least one key"));
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "the store's key file {} holds no key yet; run again",
+                        path.display()
+                    ))
+                })?);
         }
         Err(e) => {
             return Err(ConfigError(format!(
@@ -167,12 +172,14 @@ pub async fn run(webhooks: Option<Webhooks>, cmd: SecretsCommand) -> anyhow::Res
             Ok(())
         }
         SecretsCommand::Status(out) => {
-            let hooks = webhooks.expect("the store is opened for status");
+            let hooks =
+                webhooks.ok_or_else(|| anyhow::anyhow!("`secrets status` needs the store"))?;
             let report = hooks.seal_secrets(SealPass::Check).await?;
             print(hooks.keyring(), &report, out.json, false)
         }
         SecretsCommand::Reencrypt(out) => {
-            let hooks = webhooks.expect("the store is opened for reencrypt");
+            let hooks =
+                webhooks.ok_or_else(|| anyhow::anyhow!("`secrets reencrypt` needs the store"))?;
             if hooks.keyring().is_empty() {
                 return Err(
                     conveyor_jobs::webhook::WebhookError::Secrets(KeyError::NoKey {
