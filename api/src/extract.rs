@@ -190,3 +190,34 @@ impl<S: Send + Sync> FromRequestParts<S> for JobPath {
             .map_err(|e| Problem::bad_request(e.to_string()).field("id", "not a job id (a UUID)"))
     }
 }
+
+/// The idempotency key of a request that may carry it in its body, as the
+/// `Idempotency-Key` header, or both (then they must be equal): checked by the one rule of
+/// every key (`conveyor_worker::job::check_idempotency_key`), each naming where it came from.
+pub fn idempotency_key(
+    body: Option<String>,
+    headers: &axum::http::HeaderMap,
+    max: usize,
+) -> Result<Option<String>, Problem> {
+    const HEADER: &str = "Idempotency-Key";
+    let header = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let text = v
+                .to_str()
+                .map_err(|_| Problem::invalid(HEADER, "must be printable ASCII characters"))?;
+            conveyor_worker::job::check_idempotency_key(HEADER, text, max)?;
+            Some(text.to_string())
+        }
+    };
+    if let Some(key) = &body {
+        conveyor_worker::job::check_idempotency_key("idempotency_key", key, max)?;
+    }
+    match (body, header) {
+        (Some(a), Some(b)) if a != b => Err(Problem::invalid(
+            "idempotency_key",
+            "differs from the Idempotency-Key header; send one of them",
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}

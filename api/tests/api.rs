@@ -133,7 +133,28 @@ async fn schedules_over_http(store: Arc<dyn Store>) {
     assert_eq!(status, 200);
     assert_eq!(
         next,
-        json!(["2027-03-28T03:00:00+02:00", "2027-03-29T03:00:00+02:00"])
+        json!({
+            "times": ["2027-03-28T03:00:00+02:00", "2027-03-29T03:00:00+02:00"],
+            "exhausted": false,
+            "note": null
+        })
+    );
+    // Past the end of the supported range (the year 2100) fewer times remain than asked,
+    // and the answer says so rather than leave a short list unexplained.
+    let (status, next) = send(s.req(
+        Method::GET,
+        "/v1/schedules/nightly/next?count=10&after=2100-12-28T12:00:00Z",
+        Some(&op),
+    ))
+    .await;
+    assert_eq!(status, 200);
+    let times = next["times"].as_array().expect("times").len();
+    assert!(times < 10, "{next}");
+    assert_eq!(next["exhausted"], json!(true), "{next}");
+    let note = next["note"].as_str().expect("a note");
+    assert!(
+        note.contains(&format!("`nightly` fires only {times} time(s)")),
+        "{note}"
     );
 
     // Pause, trigger (runs even when paused), resume, delete; 404 for unknown names.
@@ -352,8 +373,8 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
         Some([false, false, true, true]),
     ),
     (
-        "POST",
-        "/v1/jobs/{id}/discard",
+        "DELETE",
+        "/v1/jobs/{id}",
         None,
         Some([false, false, true, true]),
     ),
@@ -666,12 +687,12 @@ async fn audit_trail(store: Arc<dyn Store>) {
         .await
         .unwrap()
         .id;
-    for path in [
-        format!("/v1/jobs/{a}/cancel"),
-        format!("/v1/jobs/{a}/retry"),
-        format!("/v1/jobs/{b}/discard"),
+    for (method, path) in [
+        (Method::POST, format!("/v1/jobs/{a}/cancel")),
+        (Method::POST, format!("/v1/jobs/{a}/retry")),
+        (Method::DELETE, format!("/v1/jobs/{b}")),
     ] {
-        let (status, body) = send(s.req(Method::POST, &path, Some(&op))).await;
+        let (status, body) = send(s.req(method, &path, Some(&op))).await;
         assert_eq!(status, 200, "{path}: {body}");
     }
     let (status, _) = send(s.req(Method::POST, "/v1/queues/default/pause", Some(&op))).await;
@@ -1008,6 +1029,18 @@ async fn bad_input_gets_a_problem(store: Arc<dyn Store>) {
             Some("colour"),
         ),
         ("missing kind", post(r#"{"queue":"a"}"#), 422, None),
+        (
+            "a key ending in a space (a header could not carry it)",
+            post(r#"{"kind":"a","idempotency_key":"k "}"#),
+            422,
+            Some("idempotency_key"),
+        ),
+        (
+            "a tab in the Idempotency-Key header",
+            post(r#"{"kind":"a"}"#).header("idempotency-key", "k\t1"),
+            422,
+            Some("Idempotency-Key"),
+        ),
         (
             "unicode in the kind",
             post(r#"{"kind":"défaut"}"#),

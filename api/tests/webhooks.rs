@@ -78,6 +78,32 @@ async fn endpoints_and_events(store: Arc<dyn Store>) {
     assert_eq!(status, 200);
     assert_eq!(again["duplicate"], true);
     assert_eq!(again["event"]["id"], first["event"]["id"]);
+
+    // The key follows the rule of every idempotency key (and of the documented pattern),
+    // wherever it comes from, and a body key and header that differ are refused, as for jobs.
+    for (header, body_key, field) in [
+        (Some("inv\t1"), None, "Idempotency-Key"),
+        (None, Some(" inv-1"), "idempotency_key"),
+        (None, Some("inv-1 "), "idempotency_key"),
+        (Some("inv-1"), Some("inv-2"), "idempotency_key"),
+    ] {
+        let mut body = body.clone();
+        if let Some(key) = body_key {
+            body["idempotency_key"] = json!(key);
+        }
+        let mut req = s
+            .req(Method::POST, "/v1/events", Some(&enqueue))
+            .json(&body);
+        if let Some(key) = header {
+            req = req.header("idempotency-key", key);
+        }
+        let (status, bad) = send(req).await;
+        assert_eq!(
+            (status, bad["errors"][0]["field"].as_str()),
+            (422, Some(field)),
+            "{header:?} {body_key:?}: {bad}"
+        );
+    }
     let evt = first["event"]["id"].as_str().unwrap();
     let (status, shown) =
         send(s.req(Method::GET, &format!("/v1/events/{evt}"), Some(&operate))).await;

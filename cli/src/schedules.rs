@@ -45,21 +45,11 @@ fn print_next(
     json: bool,
 ) -> anyhow::Result<()> {
     let from = after.map_or_else(Utc::now, |t| t.with_timezone(&Utc));
-    let times = schedule.next(from, usize::from(count));
-    if times.len() < usize::from(count) {
-        // Fewer than asked: the expression has no more (a year field, or the year 2100 when
-        // the cron crate's range ends). Say so, rather than leave a short list unexplained.
-        let name = &schedule.spec().name;
-        match times.last() {
-            None => errln!("note: `{name}` never fires after {}", from.to_rfc3339()),
-            Some(last) => errln!(
-                "note: `{name}` fires only {} time(s) after {}; none after {}",
-                times.len(),
-                from.to_rfc3339(),
-                last.to_rfc3339()
-            ),
-        }
+    let upcoming = schedule.upcoming(from, usize::from(count));
+    if let Some(note) = &upcoming.note {
+        errln!("note: {note}");
     }
+    let times = upcoming.times;
     if json {
         let times: Vec<String> = times.iter().map(|t| t.to_rfc3339()).collect();
         return output::json(&times);

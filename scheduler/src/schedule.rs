@@ -381,6 +381,16 @@ fn day_of_week_names(field: &str) -> Result<String, String> {
         .join(","))
 }
 
+/// The next fire times of a schedule, as [`Schedule::upcoming`] answers them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Upcoming {
+    /// The fire instants, in the schedule's zone, soonest first.
+    pub times: Vec<DateTime<Tz>>,
+    /// Set when the schedule fires fewer times than asked: what it does instead, to say
+    /// beside a short (or empty) list rather than leave it unexplained.
+    pub note: Option<String>,
+}
+
 /// A validated schedule.
 #[derive(Clone, Debug)]
 pub struct Schedule {
@@ -617,6 +627,25 @@ impl Schedule {
             .take(n)
             .map(|t| t.with_timezone(&self.tz))
             .collect()
+    }
+
+    /// The next `n` fire instants after `after`, and whether the expression stops firing
+    /// before `n` (a year field, or the end of the cron crate's range in the year 2100).
+    pub fn upcoming(&self, after: DateTime<Utc>, n: usize) -> Upcoming {
+        let times = self.next(after, n);
+        let note = (times.len() < n).then(|| {
+            let name = &self.spec.name;
+            match times.last() {
+                None => format!("`{name}` never fires after {}", after.to_rfc3339()),
+                Some(last) => format!(
+                    "`{name}` fires only {} time(s) after {}; none after {}",
+                    times.len(),
+                    after.to_rfc3339(),
+                    last.to_rfc3339()
+                ),
+            }
+        });
+        Upcoming { times, note }
     }
 
     /// The ticks to enqueue at `now`, given the last tick already handled (`None`: the

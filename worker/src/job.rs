@@ -473,17 +473,36 @@ impl NewJob {
                 "must be a JSON object, e.g. {\"team\":\"billing\"}",
             ));
         }
-        if let Some(key) = &self.idempotency_key
-            && (key.is_empty()
-                || key.len() > 255
-                || !key.bytes().all(|b| (b' '..=b'~').contains(&b)))
-        {
-            return Err(Error::invalid(
-                "idempotency_key",
-                "must be 1-255 printable ASCII characters",
-            ));
+        if let Some(key) = &self.idempotency_key {
+            check_idempotency_key("idempotency_key", key, MAX_JOB_KEY_LEN)?;
         }
         Ok(())
+    }
+}
+
+/// The longest idempotency key a job may hold, in bytes.
+pub const MAX_JOB_KEY_LEN: usize = 255;
+
+/// The idempotency-key rule of every API that takes one (jobs, events): 1 to `max` bytes of
+/// printable ASCII, not starting or ending with a space (HTTP drops those from a header
+/// value, so such a key could not be sent the same way as a header and in a body). The
+/// OpenAPI pattern `^[!-~]([ -~]{0,N}[!-~])?$` states the same.
+pub fn check_idempotency_key(field: &str, key: &str, max: usize) -> Result<(), Error> {
+    let bytes = key.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= max
+        && bytes.iter().all(|b| (b' '..=b'~').contains(b))
+        && bytes[0] != b' '
+        && bytes[bytes.len() - 1] != b' ';
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "must be 1-{max} printable ASCII characters, not starting or ending with a space"
+            ),
+        ))
     }
 }
 

@@ -16,23 +16,23 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{Auth, scope};
-use crate::extract::{Body, JobIdParam, JobPath, Query};
+use crate::extract::{Body, JobIdParam, JobPath, Query, idempotency_key};
 use crate::problem::Problem;
 use crate::state::AppState;
 use crate::view::{
     BatchItem, BatchResponse, BulkResponse, CancelResponse, DiscardResponse, EnqueueResponse,
     JobPage, JobStateName, JobView,
 };
+use conveyor_worker::job::MAX_JOB_KEY_LEN;
 
 /// The route group.
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(enqueue, list))
         .routes(routes!(enqueue_batch))
-        .routes(routes!(get_job))
+        .routes(routes!(get_job, discard))
         .routes(routes!(retry))
         .routes(routes!(cancel))
-        .routes(routes!(discard))
         .routes(routes!(bulk))
 }
 
@@ -98,18 +98,9 @@ pub struct BatchRequest {
 }
 
 impl EnqueueRequest {
-    /// The job as the admin layer takes it (which checks every field); the key may come
-    /// from the `Idempotency-Key` header instead.
-    fn into_request(self, header_key: Option<String>) -> Result<JobRequest, Problem> {
-        let idempotency_key = match (self.idempotency_key, header_key) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(Problem::invalid(
-                    "idempotency_key",
-                    "differs from the Idempotency-Key header; send one of them",
-                ));
-            }
-            (a, b) => a.or(b),
-        };
+    /// The job as the admin layer takes it (which checks every field), with its key (from
+    /// the body, the `Idempotency-Key` header, or a batch's derived key).
+    fn into_request(self, idempotency_key: Option<String>) -> Result<JobRequest, Problem> {
         Ok(JobRequest {
             kind: self.kind,
             queue: self.queue,
@@ -137,25 +128,11 @@ fn api_fields(e: conveyor_admin::Error) -> Problem {
     }
 }
 
-fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    match headers.get("idempotency-key") {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .filter(|s| !s.is_empty() && s.len() <= 255)
-            .map(|s| Some(s.to_string()))
-            .ok_or_else(|| {
-                Problem::invalid("Idempotency-Key", "must be visible ASCII (1-255 bytes)")
-            }),
-    }
-}
-
 /// Enqueue one job.
 #[utoipa::path(
     post, path = "/v1/jobs", tag = "jobs",
     request_body = EnqueueRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key (same as the `idempotency_key` field)", pattern = r"^[!-~]([ -~]{0,253}[!-~])?$")),
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Deduplication key (same as the `idempotency_key` field)", pattern = r"^[!-~]([ -~]{0,253}[!-~])?$")),
     responses(
         (status = 201, description = "Enqueued; `Location` names the job", body = EnqueueResponse),
         (status = 200, description = "Duplicate: an existing job holds the idempotency key (`Idempotent-Replayed: true`)", body = EnqueueResponse),
@@ -170,7 +147,9 @@ async fn enqueue(
     headers: HeaderMap,
     Body(req): Body<EnqueueRequest>,
 ) -> Result<Response, Problem> {
-    let request = req.into_request(idempotency_header(&headers)?)?;
+    let mut req = req;
+    let key = idempotency_key(req.idempotency_key.take(), &headers, MAX_JOB_KEY_LEN)?;
+    let request = req.into_request(key)?;
     let outcome = state
         .admin()
         .enqueue(&_auth.actor(), request)
@@ -207,7 +186,7 @@ async fn enqueue(
 #[utoipa::path(
     post, path = "/v1/jobs/batch", tag = "jobs",
     request_body = BatchRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes job i's key `<key>:<i>` for jobs without their own key", pattern = r"^[!-~]([ -~]{0,253}[!-~])?$")),
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes job i's key `<key>:<i>` for jobs without their own key", pattern = r"^[!-~]([ -~]{0,253}[!-~])?$")),
     responses(
         (status = 201, description = "At least one job was inserted", body = BatchResponse),
         (status = 200, description = "Every job was a duplicate", body = BatchResponse),
@@ -222,17 +201,16 @@ async fn enqueue_batch(
     headers: HeaderMap,
     Body(req): Body<BatchRequest>,
 ) -> Result<Response, Problem> {
-    let header_key = idempotency_header(&headers)?;
+    let header_key = idempotency_key(None, &headers, MAX_JOB_KEY_LEN)?;
     let requests = req
         .jobs
         .into_iter()
         .enumerate()
-        .map(|(i, r)| {
-            let own = r.idempotency_key.is_some();
-            let key = header_key
-                .as_ref()
-                .filter(|_| !own)
-                .map(|k| format!("{k}:{i}"));
+        .map(|(i, mut r)| {
+            let key = match r.idempotency_key.take() {
+                Some(own) => Some(own),
+                None => header_key.as_ref().map(|k| format!("{k}:{i}")),
+            };
             r.into_request(key)
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -418,9 +396,9 @@ async fn cancel(
     }))
 }
 
-/// Delete a job that is not running. Audited.
+/// Delete (discard) a job that is not running. Audited as `job.discard`.
 #[utoipa::path(
-    post, path = "/v1/jobs/{id}/discard", tag = "jobs",
+    delete, path = "/v1/jobs/{id}", tag = "jobs",
     params(JobIdParam),
     responses((status = 200, body = DiscardResponse), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, description = "The job is running", body = Problem)),
     security(("bearer" = ["operate"]))

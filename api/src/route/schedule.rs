@@ -236,7 +236,7 @@ async fn create(
 #[utoipa::path(
     patch, path = "/v1/schedules/{name}", tag = "schedules",
     request_body = ScheduleInput,
-    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$"), ("If-Match" = Option<i64>, Header, description = "The version read")),
+    params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$"), ("If-Match" = Option<i64>, Header, nullable = false, minimum = 0, description = "The version read")),
     responses(
         (status = 200, body = ScheduleView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem),
@@ -377,11 +377,24 @@ pub struct NextParams {
     pub after: Option<DateTime<Utc>>,
 }
 
-/// The next fire times, in the schedule's zone (RFC 3339 with its offset).
+/// The answer of `next`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct NextFires {
+    /// The fire times, soonest first, in the schedule's zone (RFC 3339 with its offset).
+    pub times: Vec<String>,
+    /// True when the schedule fires fewer times than `count` asked (a year field, or the
+    /// end of the supported range, the year 2100): no fire follows the last time listed.
+    pub exhausted: bool,
+    /// When `exhausted`: what the schedule does instead, in words.
+    pub note: Option<String>,
+}
+
+/// The next fire times, in the schedule's zone, and whether the schedule stops firing
+/// before `count` of them.
 #[utoipa::path(
     get, path = "/v1/schedules/{name}/next", tag = "schedules",
     params(("name" = String, Path, description = "Schedule name", pattern = r"^[A-Za-z0-9._:-]{1,128}$"), NextParams),
-    responses((status = 200, body = Vec<String>), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
+    responses((status = 200, body = NextFires), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn next(
@@ -389,7 +402,7 @@ async fn next(
     _auth: Auth<scope::Read>,
     Path(name): Path<String>,
     Query(p): Query<NextParams>,
-) -> Result<axum::Json<Vec<String>>, Problem> {
+) -> Result<axum::Json<NextFires>, Problem> {
     let count = p.count.unwrap_or(5);
     if !(1..=1000).contains(&count) {
         return Err(Problem::invalid(
@@ -402,11 +415,10 @@ async fn next(
         .spec
         .compile()
         .map_err(|e| Problem::invalid(e.field, e.to_string()))?;
-    Ok(axum::Json(
-        schedule
-            .next(p.after.unwrap_or_else(Utc::now), count as usize)
-            .iter()
-            .map(|t| t.to_rfc3339())
-            .collect(),
-    ))
+    let upcoming = schedule.upcoming(p.after.unwrap_or_else(Utc::now), count as usize);
+    Ok(axum::Json(NextFires {
+        times: upcoming.times.iter().map(|t| t.to_rfc3339()).collect(),
+        exhausted: upcoming.note.is_some(),
+        note: upcoming.note,
+    }))
 }

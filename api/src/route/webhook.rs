@@ -24,7 +24,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{Auth, scope};
-use crate::extract::{Body, DeliveryIdParam, Query};
+use crate::extract::{Body, DeliveryIdParam, Query, idempotency_key};
 use crate::problem::Problem;
 use crate::state::AppState;
 
@@ -51,24 +51,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// Custom header values (often the receiver's credentials) are shown to `admin` keys only.
 fn shows_headers<S>(auth: &Auth<S>) -> bool {
     auth.key.scope == crate::key::Scope::Admin
-}
-
-fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    headers
-        .get("idempotency-key")
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 400)
-                .map(str::to_string)
-                .ok_or_else(|| {
-                    Problem::invalid(
-                        "Idempotency-Key",
-                        "must be 1-400 printable ASCII characters",
-                    )
-                })
-        })
-        .transpose()
 }
 
 /// Every endpoint (secrets redacted).
@@ -461,7 +443,7 @@ struct DeliveryReplayed {
 #[utoipa::path(
     post, path = "/v1/events", tag = "webhooks",
     request_body = EventRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Deduplication key (1-400 printable ASCII characters)", pattern = r"^[!-~]([ -~]{0,398}[!-~])?$")),
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Deduplication key (1-400 printable ASCII characters)", pattern = r"^[!-~]([ -~]{0,398}[!-~])?$")),
     responses(
         (status = 201, description = "Sent; one delivery per subscribed endpoint", body = Sent),
         (status = 200, description = "Duplicate key: the first event, nothing new queued (`Idempotent-Replayed: true`)", body = Sent),
@@ -476,7 +458,11 @@ async fn send_event(
     headers: HeaderMap,
     Body(req): Body<EventRequest>,
 ) -> Result<Response, Problem> {
-    let key = req.idempotency_key.or(idempotency_header(&headers)?);
+    let key = idempotency_key(
+        req.idempotency_key,
+        &headers,
+        conveyor_jobs::webhook::event::MAX_EVENT_KEY_LEN,
+    )?;
     let sent = state
         .admin()
         .send_event(

@@ -11,6 +11,9 @@ use super::model::{
 };
 use super::{Result, WebhookError, Webhooks, new_id};
 
+/// The longest idempotency key an event may hold, in bytes.
+pub const MAX_EVENT_KEY_LEN: usize = 400;
+
 /// What sending an event takes.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,12 +90,14 @@ impl Webhooks {
         let now = Utc::now();
         let id = new_id("evt_");
         if let Some(key) = &send.idempotency_key {
-            if key.is_empty() || key.len() > 400 || !key.bytes().all(|b| (b' '..=b'~').contains(&b))
-            {
-                return Err(WebhookError::invalid(
+            if let Err(conveyor_worker::Error::InvalidInput { message, .. }) =
+                conveyor_worker::job::check_idempotency_key(
                     "idempotency_key",
-                    "must be 1 to 400 printable ASCII characters",
-                ));
+                    key,
+                    MAX_EVENT_KEY_LEN,
+                )
+            {
+                return Err(WebhookError::invalid("idempotency_key", message));
             }
             let value = serde_json::Value::String(id.clone());
             let reserved = self
