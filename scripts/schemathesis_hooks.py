@@ -4,8 +4,8 @@ The OpenAPI document carries every rule a schema can express. A few cannot be: a
 expression's grammar, an IANA time zone name, a `run_at` within a day ago and five years
 ahead (relative to now), `run_at` and `delay_seconds` not both, a schedule's `name`, `cron`
 and `kind` required on create only (one body type serves create and update), a bulk
-action's "at least one filter field, or `all: true`", and an enqueue's `idempotency_key`
-equal to its `Idempotency-Key` header when both are sent, the total size of an endpoint's
+action's "at least one filter field, or `all: true`", and an enqueue's or event's
+`idempotency_key` equal to its `Idempotency-Key` header when both are sent, the total size of an endpoint's
 custom headers, and the grammar of an IPv6 address
 in a webhook URL (the URL parser checks it). A schema-valid request that breaks one
 of them gets a 422 naming the field; this hook accepts exactly that refusal and nothing else.
@@ -22,6 +22,8 @@ UNSTATED = {
     # Job i's key is `<Idempotency-Key>:<i>`, which must fit in 255 characters.
     ("POST", "/v1/jobs/batch"): {"run_at", "delay_seconds", "idempotency_key"},
     ("POST", "/v1/jobs/bulk/{action}"): {"filter"},
+    # As for jobs: the body's key must equal the `Idempotency-Key` header when both are sent.
+    ("POST", "/v1/events"): {"idempotency_key"},
     ("POST", "/v1/schedules"): {"name", "cron", "kind", "timezone", "missed", "overlap"},
     # A PATCH may not rename (`name`, when given, is the path's), and `backfill_limit` 0 is
     # refused when the schedule's `missed` is `all`.

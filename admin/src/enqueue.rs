@@ -10,7 +10,6 @@ use conveyor_worker::{Enqueued, Error as StoreError, NewJob};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::serving::Serving;
 use crate::{Actor, Admin, Error, Result};
 
 /// Most tags on one job.
@@ -181,7 +180,9 @@ impl Admin {
         if !enqueued.duplicate {
             count_enqueued(&queue, &kind);
         }
-        let warnings = Serving::read(self.store.as_ref())
+        let warnings = self
+            .serving
+            .get(self.store.as_ref())
             .await?
             .warnings([(queue.as_str(), kind.as_str())]);
         Ok(EnqueueOutcome { enqueued, warnings })
@@ -224,7 +225,9 @@ impl Admin {
                 count_enqueued(queue, kind);
             }
         }
-        let warnings = Serving::read(self.store.as_ref())
+        let warnings = self
+            .serving
+            .get(self.store.as_ref())
             .await?
             .warnings(names.iter().map(|(q, k)| (q.as_str(), k.as_str())));
         Ok(BatchOutcome {

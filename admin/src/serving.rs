@@ -3,6 +3,8 @@
 //! a worker for it, which an enqueue warns about and the queue overview shows.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use conveyor_worker::Store;
 use conveyor_worker::runtime::registration::{self, WorkerRegistration};
@@ -63,5 +65,39 @@ impl Serving {
             .filter(|pair| seen.insert(*pair))
             .filter_map(|(queue, kind)| self.warning(queue, kind))
             .collect()
+    }
+}
+
+/// The registrations as read at most once per [`ServingCache::TTL`]: every enqueue's answer
+/// warns about queues and kinds no live worker serves, and reading the whole collection on
+/// each enqueue would put a scan on the hottest path. Registrations change at heartbeat pace
+/// (seconds), so a second-old view warns exactly as a fresh one would in all but the second
+/// a worker starts or stops.
+#[derive(Debug, Default)]
+pub struct ServingCache {
+    last: Mutex<Option<(Instant, Arc<Serving>)>>,
+}
+
+impl ServingCache {
+    /// How long a read is used.
+    pub const TTL: Duration = Duration::from_secs(1);
+
+    /// The registrations, read again when the last read is older than [`Self::TTL`].
+    pub async fn get(&self, store: &dyn Store) -> Result<Arc<Serving>> {
+        if let Some((at, serving)) = &*self.lock()
+            && at.elapsed() < Self::TTL
+        {
+            return Ok(serving.clone());
+        }
+        let fresh = Arc::new(Serving::read(store).await?);
+        *self.lock() = Some((Instant::now(), fresh.clone()));
+        Ok(fresh)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Arc<Serving>)>> {
+        // A panic while holding the lock cannot leave a half-written value: recover it.
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

@@ -442,9 +442,17 @@ async fn an_unserved_enqueue_warns_and_the_queue_shows_it(url: String, store: Ar
         !err.contains("warning"),
         "a served kind does not warn: {err}"
     );
-    let (status, answer) = api.post("/v1/jobs", json!({"kind": "demo.echo"})).await;
-    assert_eq!(status, 201);
-    assert_eq!(answer["warnings"], json!([]), "{answer}");
+    // The API process reads registrations at most once a second (they are on every
+    // enqueue's path): a worker that just started is seen within that.
+    eventually(10, "the API sees the new worker", || {
+        let api = &api;
+        async move {
+            let (status, answer) = api.post("/v1/jobs", json!({"kind": "demo.echo"})).await;
+            assert_eq!(status, 201);
+            (answer["warnings"] == json!([])).then_some(())
+        }
+    })
+    .await;
 
     // A kind no worker has a handler for, on a served queue: warned about by name.
     let (_, _, err) = run(&url, &["enqueue", "--kind", "email.sendd"]);

@@ -247,3 +247,67 @@ fn given_back(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::handler::Registry;
+    use crate::job::NewJob;
+    use crate::runtime::{Worker, WorkerConfig};
+    use crate::store::{self, FetchRequest, StoreOptions};
+
+    /// A claimed job run to its end with the completer open or gone: whether it is still in
+    /// `held` afterwards (whose leases the heartbeat renews), and whether the worker counts a
+    /// failing write.
+    async fn held_after_run(completer_gone: bool) -> (bool, bool) {
+        let store = store::connect("sqlite::memory:", StoreOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let mut registry = Registry::new();
+        registry.register("t.ok", |_: serde_json::Value, _| async {
+            Ok(Outcome::Done)
+        });
+        let worker = Worker::new(store.clone(), registry, WorkerConfig::default()).unwrap();
+        let shared = worker.shared.clone();
+        store
+            .enqueue(NewJob::new("t.ok", serde_json::json!({})))
+            .await
+            .unwrap();
+        let job = store
+            .fetch(FetchRequest {
+                queue: "default",
+                limit: 1,
+                worker: &shared.worker_id,
+                lease: Duration::from_secs(30),
+            })
+            .await
+            .unwrap()
+            .pop()
+            .expect("a job");
+        let id = job.id;
+        shared.held().insert(id);
+        let (done, completions) = mpsc::channel(1);
+        if completer_gone {
+            drop(completions);
+        } else {
+            // Kept open (and unread) past the run: the outcome is handed over.
+            std::mem::forget(completions);
+        }
+        let queue = shared.queues["default"].clone();
+        run(shared.clone(), job, None, done, Arc::default(), queue).await;
+        let held = shared.held().contains(&id);
+        (held, shared.write_failing_for().is_some())
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_outcome_cannot_be_handed_over_leaves_held() {
+        // Handed over: the completer takes it out of `held` once the outcome is written.
+        assert_eq!(held_after_run(false).await, (true, false));
+        // Nobody can write the outcome: the heartbeat must stop renewing its lease, so the
+        // rescuer gives it to another worker instead of it staying `running` here.
+        assert_eq!(held_after_run(true).await, (false, true));
+    }
+}

@@ -60,17 +60,13 @@ impl RunningQueues {
 }
 
 impl RedisStore {
-    /// Applies outcomes queue by queue; returns the ids applied. With `guard`, an outcome
-    /// applies only if the job's lease expired before it (the rescuer's condition).
-    pub(super) async fn apply(
-        &self,
-        outcomes: &[Finish],
-        guard: Option<DateTime<Utc>>,
-    ) -> Result<Vec<JobId>> {
-        let ids: Vec<JobId> = outcomes.iter().map(|f| f.id).collect();
+    /// The queue of each job (in order; `None` for a job that no longer exists): from
+    /// [`RunningQueues`] for the jobs this store claimed, from the id index for the rest,
+    /// which one round trip answers.
+    async fn queues_of_leased(&self, ids: &[JobId]) -> Result<Vec<Option<String>>> {
         let mut queues: Vec<Option<String>> = self
             .running
-            .lookup(&ids)
+            .lookup(ids)
             .into_iter()
             .map(|q| q.map(|q| q.to_string()))
             .collect();
@@ -86,6 +82,18 @@ impl RedisStore {
                 *q = found.next().flatten();
             }
         }
+        Ok(queues)
+    }
+
+    /// Applies outcomes queue by queue; returns the ids applied. With `guard`, an outcome
+    /// applies only if the job's lease expired before it (the rescuer's condition).
+    pub(super) async fn apply(
+        &self,
+        outcomes: &[Finish],
+        guard: Option<DateTime<Utc>>,
+    ) -> Result<Vec<JobId>> {
+        let ids: Vec<JobId> = outcomes.iter().map(|f| f.id).collect();
+        let queues = self.queues_of_leased(&ids).await?;
         let mut by_queue: BTreeMap<String, Vec<&Finish>> = BTreeMap::new();
         for (f, q) in outcomes.iter().zip(queues) {
             if let Some(q) = q {
@@ -198,24 +206,7 @@ impl RedisStore {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        let mut queues: Vec<Option<String>> = self
-            .running
-            .lookup(held)
-            .into_iter()
-            .map(|q| q.map(|q| q.to_string()))
-            .collect();
-        let unknown: Vec<JobId> = held
-            .iter()
-            .zip(&queues)
-            .filter(|(_, q)| q.is_none())
-            .map(|(id, _)| *id)
-            .collect();
-        if !unknown.is_empty() {
-            let mut found = self.queues_of(&unknown).await?.into_iter();
-            for q in queues.iter_mut().filter(|q| q.is_none()) {
-                *q = found.next().flatten();
-            }
-        }
+        let queues = self.queues_of_leased(held).await?;
         let mut by_queue: BTreeMap<String, Vec<JobId>> = BTreeMap::new();
         for (id, q) in held.iter().zip(queues) {
             if let Some(q) = q {
