@@ -126,7 +126,7 @@ pub struct Admin {
     store: Arc<dyn Store>,
     webhooks: Arc<Webhooks>,
     limits: Limits,
-    serving: serving::ServingCache,
+    serving: Arc<serving::ServingCache>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -144,7 +144,7 @@ impl Admin {
             store: webhooks.store().clone(),
             webhooks,
             limits,
-            serving: serving::ServingCache::default(),
+            serving: Arc::default(),
         }
     }
 

@@ -84,10 +84,13 @@ impl ServingCache {
 
     /// The registrations, read again when the last read is older than [`Self::TTL`].
     pub async fn get(&self, store: &dyn Store) -> Result<Arc<Serving>> {
-        if let Some((at, serving)) = &*self.lock()
-            && at.elapsed() < Self::TTL
-        {
-            return Ok(serving.clone());
+        let cached = self
+            .lock()
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < Self::TTL)
+            .map(|(_, serving)| serving.clone());
+        if let Some(serving) = cached {
+            return Ok(serving);
         }
         let fresh = Arc::new(Serving::read(store).await?);
         *self.lock() = Some((Instant::now(), fresh.clone()));
