@@ -827,14 +827,20 @@ mod tests {
 
         let err = load(
             Some(&file),
-            env(&[("CONVEYOR_HTTP_TARGETS__BILLING__BASE_URL", "ftp://x.example/")]),
+            env(&[(
+                "CONVEYOR_HTTP_TARGETS__BILLING__BASE_URL",
+                "ftp://x.example/",
+            )]),
         )
         .unwrap_err()
         .to_string();
         assert!(err.contains("http_targets.billing.base_url"), "{err}");
         let err = load(
             Some(&file),
-            env(&[("CONVEYOR_HTTP_TARGETS__BILLING__SIGNING_SECRET", "not-base64!")]),
+            env(&[(
+                "CONVEYOR_HTTP_TARGETS__BILLING__SIGNING_SECRET",
+                "not-base64!",
+            )]),
         )
         .unwrap_err()
         .to_string();
@@ -848,7 +854,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("CONVEYOR_HTTP_TARGETS__BILLING__TIMOUT"), "{err}");
+        assert!(
+            err.contains("CONVEYOR_HTTP_TARGETS__BILLING__TIMOUT"),
+            "{err}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

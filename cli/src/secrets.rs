@@ -200,15 +200,15 @@ pub async fn run(webhooks: Option<Webhooks>, cmd: SecretsCommand) -> anyhow::Res
             print(hooks.keyring(), &report, out.json, true)
         }
         SecretsCommand::Seal { target } => {
-            let hooks =
-                webhooks.ok_or_else(|| anyhow::anyhow!("`secrets seal` needs the keys"))?;
+            let hooks = webhooks.ok_or_else(|| anyhow::anyhow!("`secrets seal` needs the keys"))?;
             let mut secret = String::new();
-            std::io::stdin()
-                .read_line(&mut secret)
-                .map_err(|e| {
-                    crate::input::usage(format!("cannot read the secret from stdin: {e}"))
-                })?;
-            outln!("{}", seal_config_secret(hooks.keyring(), &target, secret.trim())?);
+            std::io::stdin().read_line(&mut secret).map_err(|e| {
+                crate::input::usage(format!("cannot read the secret from stdin: {e}"))
+            })?;
+            outln!(
+                "{}",
+                seal_config_secret(hooks.keyring(), &target, secret.trim())?
+            );
             Ok(())
         }
     }

@@ -2,7 +2,8 @@
 //! sealed with `conveyor secrets seal`, a target configured through the environment, a real
 //! `conveyor serve` that refuses a job aimed outside the target over HTTP (422 naming
 //! `args.url`), `conveyor enqueue` refusing the same (exit 2), and a job that reaches a real
-//! receiver signed with the secret (checked with an independent HMAC) and completes.
+//! receiver signed with the secret (checked with an independent HMAC) and completes, its
+//! attempt log readable over the API without the target's credentials.
 
 mod common;
 
@@ -33,7 +34,10 @@ fn with_target(url: &str, args: &[&str], rx: &Receiver, sealed: &str) -> Command
     cmd.env("CONVEYOR_SECRETS__KEYS", test_key())
         .env("CONVEYOR_HTTP_TARGETS__APP__BASE_URL", rx.url("/tasks/"))
         .env("CONVEYOR_HTTP_TARGETS__APP__SIGNING_SECRET", sealed)
-        .env("CONVEYOR_HTTP_TARGETS__APP__ALLOW_CIDRS", r#"["127.0.0.0/8"]"#)
+        .env(
+            "CONVEYOR_HTTP_TARGETS__APP__ALLOW_CIDRS",
+            r#"["127.0.0.0/8"]"#,
+        )
         .env(
             "CONVEYOR_HTTP_TARGETS__APP__HEADERS__AUTHORIZATION",
             "Bearer app-token",
@@ -81,13 +85,19 @@ async fn a_target_from_config_through_serve_and_the_cli(url: String, store: Arc<
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "secrets seal failed: {stderr}");
     let sealed = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(sealed.starts_with("cv1:") && !sealed.contains(SECRET), "{sealed}");
+    assert!(
+        sealed.starts_with("cv1:") && !sealed.contains(SECRET),
+        "{sealed}"
+    );
 
     // The same value under another target does not open: a config error, exit 2.
     let mut other = conveyor(&url, &["enqueue", "--kind", "demo.echo"]);
     other
         .env("CONVEYOR_SECRETS__KEYS", test_key())
-        .env("CONVEYOR_HTTP_TARGETS__OTHER__BASE_URL", "https://o.example/")
+        .env(
+            "CONVEYOR_HTTP_TARGETS__OTHER__BASE_URL",
+            "https://o.example/",
+        )
         .env("CONVEYOR_HTTP_TARGETS__OTHER__SIGNING_SECRET", &sealed);
     let (code, _, err) = output(other);
     assert_eq!(code, 2, "{err}");
@@ -129,7 +139,7 @@ async fn a_target_from_config_through_serve_and_the_cli(url: String, store: Arc<
         .unwrap()
         .trim_end_matches(|c: char| !c.is_ascii_digit())
         .to_string();
-    let (_, api_key) = key::create(&store, "app", Scope::Enqueue, Actor::cli())
+    let (_, api_key) = key::create(&store, "app", Scope::Admin, Actor::cli())
         .await
         .unwrap();
     let http = reqwest::Client::new();
@@ -166,14 +176,17 @@ async fn a_target_from_config_through_serve_and_the_cli(url: String, store: Arc<
     }))
     .await;
     assert_eq!(status, 201, "{answer}");
-    let id: JobId = answer["id"].as_str().unwrap().parse().unwrap();
+    let id: JobId = answer["job"]["id"].as_str().unwrap().parse().unwrap();
     let got = eventually(30, "the request", || async {
         let got = rx.received("/tasks/invoices/7/send");
         (!got.is_empty()).then_some(got)
     })
     .await;
     assert!(signed_by(SECRET, &got[0]), "{:?}", got[0].headers);
-    assert_eq!(got[0].header("conveyor-job-id"), Some(id.to_string().as_str()));
+    assert_eq!(
+        got[0].header("conveyor-job-id"),
+        Some(id.to_string().as_str())
+    );
     assert_eq!(got[0].header("authorization"), Some("Bearer app-token"));
     eventually(30, "the job to complete", || {
         let store = store.clone();
@@ -183,6 +196,21 @@ async fn a_target_from_config_through_serve_and_the_cli(url: String, store: Arc<
         }
     })
     .await;
+    // Its attempt log over the API: the status, the answer, the credential hidden.
+    let log: Value = http
+        .get(format!("http://{addr}/v1/jobs/{id}/http-attempts"))
+        .bearer_auth(&api_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(log[0]["status"], 200, "{log}");
+    assert_eq!(log[0]["result"], "done", "{log}");
+    assert_eq!(log[0]["target"], "app", "{log}");
+    assert_eq!(log[0]["request_headers"]["authorization"], "***", "{log}");
+    assert!(!log.to_string().contains("app-token"), "{log}");
     assert_eq!(serve.stop(Signal::SIGTERM, 30), Some(0));
     let logged = serve.seen.join("\n");
     assert!(

@@ -4,7 +4,8 @@
 //! `Retry-After` is honoured; 429 retries; 404 is dead at once; a timeout retries; the SSRF
 //! guard refuses raw URLs to private addresses; a job that escapes its target is refused at
 //! enqueue by the kind's check, and at run time if it got into the store another way; the
-//! shared rate limit spaces a target's requests.
+//! shared rate limit spaces a target's requests; the Python and Node verification snippets of
+//! docs/http-targets.md accept a real request and refuse it altered.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -144,7 +145,7 @@ macro_rules! sqlite_and_postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let t = TestStore::sqlite().await;
+                    let t = conveyor_tests::TestStore::sqlite().await;
                     super::$name(t.store.clone()).await;
                     t.cleanup().await;
                 }
@@ -154,7 +155,7 @@ macro_rules! sqlite_and_postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let Some(t) = TestStore::postgres().await else { return };
+                    let Some(t) = conveyor_tests::TestStore::postgres().await else { return };
                     super::$name(t.store.clone()).await;
                     t.cleanup().await;
                 }
@@ -189,7 +190,11 @@ async fn two_xx_completes_signed_with_the_job_headers(store: Arc<dyn Store>) {
     assert_eq!(job.attempt, 1);
     let got = arrivals(&rx, "/tasks/invoices/42/send", 1).await;
     let r = &got[0];
-    assert!(signed_by(SECRET, r), "the signature verifies: {:?}", r.headers);
+    assert!(
+        signed_by(SECRET, r),
+        "the signature verifies: {:?}",
+        r.headers
+    );
     assert!(!signed_by("whsec_c29tZSBvdGhlciBzZWNyZXQ=", r));
     assert_eq!(r.header("webhook-id"), Some(id.to_string().as_str()));
     assert_eq!(r.header("conveyor-job-id"), Some(id.to_string().as_str()));
@@ -273,20 +278,31 @@ async fn retry_after_429_404_and_timeouts(store: Arc<dyn Store>) {
     );
     let log = running.targets.attempts(&busy.to_string()).await.unwrap();
     assert_eq!(
-        log.iter().map(|a| (a.status, a.result.as_str())).collect::<Vec<_>>(),
+        log.iter()
+            .map(|a| (a.status, a.result.as_str()))
+            .collect::<Vec<_>>(),
         vec![(Some(503), "retry"), (Some(200), "done")]
     );
 
     // 429 without Retry-After retries after the kind's backoff.
     let job = job_in(&store, throttled, &[JobState::Completed]).await;
     assert_eq!(job.attempt, 2);
-    assert!(job.attempts[0].error.as_deref().unwrap().contains("HTTP 429"));
+    assert!(
+        job.attempts[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("HTTP 429")
+    );
 
     // 404 is final: dead after one attempt, the answer quoted in the error.
     let job = job_in(&store, gone, &[JobState::Dead]).await;
     assert_eq!(job.attempt, 1);
     let error = job.last_error().unwrap();
-    assert!(error.contains("HTTP 404") && error.contains("answer 404"), "{error}");
+    assert!(
+        error.contains("HTTP 404") && error.contains("answer 404"),
+        "{error}"
+    );
     assert_eq!(rx.received("/tasks/gone").len(), 1);
     let log = running.targets.attempts(&gone.to_string()).await.unwrap();
     assert_eq!(log[0].result, "failed");
@@ -426,6 +442,94 @@ async fn the_rate_limit_spaces_a_targets_requests(store: Arc<dyn Store>) {
     let got = arrivals(&rx, "/limited", 6).await;
     // 2 per second with a burst of 2: six requests take at least two seconds.
     let span = got[5].at - got[0].at;
-    assert!(span >= Duration::from_millis(1500), "six requests in {span:?}");
+    assert!(
+        span >= Duration::from_millis(1500),
+        "six requests in {span:?}"
+    );
     running.stop().await;
+}
+
+/// The code block of `lang` in docs/http-targets.md.
+fn doc_snippet(lang: &str) -> String {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/http-targets.md"
+    ))
+    .unwrap();
+    let start = doc
+        .find(&format!("```{lang}\n"))
+        .unwrap_or_else(|| panic!("docs/http-targets.md has a {lang} block"))
+        + lang.len()
+        + 4;
+    let end = start + doc[start..].find("```").unwrap();
+    doc[start..end].to_string()
+}
+
+/// Runs `program` on `script` with the request's headers and body as files; its stdout.
+fn run_snippet(program: &str, script: &str, dir: &std::path::Path) -> Option<String> {
+    let path = dir.join(format!("verify-{program}"));
+    std::fs::write(&path, script).unwrap();
+    match std::process::Command::new(program).arg(&path).output() {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "{program}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        }
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("skipping the {program} snippet: {program} cannot run ({e})");
+            None
+        }
+        Err(e) => panic!("{program} is needed under CI=true: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_python_and_node_checks_verify_a_real_request() {
+    let t = TestStore::sqlite().await;
+    let store = t.store.clone();
+    let rx = Receiver::start().await;
+    let running = Running::start(&store, config(&rx));
+    let id = running
+        .enqueue(
+            &store,
+            json!({"target": "app", "url": "doc", "body": {"invoice": 42, "note": "é"}}),
+        )
+        .await;
+    job_in(&store, id, &[JobState::Completed]).await;
+    let r = arrivals(&rx, "/tasks/doc", 1).await.remove(0);
+    running.stop().await;
+
+    let dir = std::env::temp_dir().join(format!("conveyor-doc-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let headers = serde_json::to_string(&r.headers).unwrap();
+    std::fs::write(dir.join("headers.json"), &headers).unwrap();
+    std::fs::write(dir.join("body"), &r.body).unwrap();
+    let mut altered = r.body.to_vec();
+    altered[1] ^= 1;
+    std::fs::write(dir.join("altered"), &altered).unwrap();
+    let d = dir.display();
+
+    let python = format!(
+        "{}\nimport json\nh = json.load(open('{d}/headers.json'))\n\
+         print(verify('{SECRET}', h, open('{d}/body', 'rb').read()),\n\
+               verify('{SECRET}', h, open('{d}/altered', 'rb').read()))\n",
+        doc_snippet("python")
+    );
+    if let Some(out) = run_snippet("python3", &python, &dir) {
+        assert_eq!(out, "True False");
+    }
+    let node = format!(
+        "{}\nconst fs = require('fs');\nconst h = JSON.parse(fs.readFileSync('{d}/headers.json'));\n\
+         console.log(verify('{SECRET}', h, fs.readFileSync('{d}/body')), \
+         verify('{SECRET}', h, fs.readFileSync('{d}/altered')));\n",
+        doc_snippet("js")
+    );
+    if let Some(out) = run_snippet("node", &node, &dir) {
+        assert_eq!(out, "true false");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    t.cleanup().await;
 }

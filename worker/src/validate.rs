@@ -70,9 +70,9 @@ impl ArgsValidators {
     pub fn register_type<A: DeserializeOwned + 'static>(&mut self, kind: &str) -> &mut Self {
         let name = kind.to_string();
         self.register(kind, move |args| {
-            <A as serde::Deserialize>::deserialize(args).map(drop).map_err(|e| {
-                Error::invalid("", format!("does not match kind `{name}`: {e}"))
-            })
+            <A as serde::Deserialize>::deserialize(args)
+                .map(drop)
+                .map_err(|e| Error::invalid("", format!("does not match kind `{name}`: {e}")))
         })
     }
 

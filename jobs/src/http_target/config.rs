@@ -336,7 +336,12 @@ mod tests {
         t.retry_statuses = Some(StatusSet::default());
         t.permanent_statuses = Some(StatusSet::default());
         let value = serde_json::to_value(&t).unwrap();
-        let mut keys: Vec<&str> = value.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut keys: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
         keys.sort_unstable();
         let mut fields = HttpTarget::FIELDS.to_vec();
         fields.sort_unstable();

@@ -150,11 +150,7 @@ pub fn secret_context(config_key: &str) -> String {
 
 /// Opens a configured signing secret (`whsec_…` as is, a sealed `cv1:…` with `keys`) into its
 /// HMAC key.
-fn open_secret(
-    key: &str,
-    value: &SecretText,
-    keys: &Keyring,
-) -> Result<Vec<u8>, HttpTargetError> {
+fn open_secret(key: &str, value: &SecretText, keys: &Keyring) -> Result<Vec<u8>, HttpTargetError> {
     let secret = if value.is_sealed() {
         keys.open(&Sealed::from_stored(value.0.as_str()), &secret_context(key))
             .map_err(|source| HttpTargetError::Secret {
@@ -176,7 +172,8 @@ impl HttpTargets {
     ) -> Result<Self, HttpTargetError> {
         config.validate().map_err(HttpTargetError::Config)?;
         let HttpConfig { requests, targets } = config;
-        let raw_guard = Guard::new(requests.allow_cidrs.clone()).naming("http_requests.allow_cidrs");
+        let raw_guard =
+            Guard::new(requests.allow_cidrs.clone()).naming("http_requests.allow_cidrs");
         let raw_client = Client::new(raw_guard.clone(), requests.connect_timeout)?;
         let raw_keys = match &requests.signing_secret {
             Some(s) => vec![open_secret("http_requests.signing_secret", s, keys)?],
@@ -390,7 +387,11 @@ pub(crate) fn check_header(name: &str, value: &str) -> Result<(), String> {
             "`{name}` is set by Conveyor or the HTTP client; leave it out"
         ));
     }
-    if value.len() > 8192 || value.bytes().any(|b| !(b == b'\t' || (0x20..0x7f).contains(&b))) {
+    if value.len() > 8192
+        || value
+            .bytes()
+            .any(|b| !(b == b'\t' || (0x20..0x7f).contains(&b)))
+    {
         return Err(
             "the value must be at most 8192 visible ASCII characters, spaces or tabs".into(),
         );
@@ -407,12 +408,8 @@ pub fn register(registry: &mut Registry, targets: Arc<HttpTargets>) {
         ),
         ..KindOptions::default()
     };
-    registry.register_with(
-        KIND,
-        options,
-        move |args: RequestArgs, ctx: JobContext| {
-            let targets = targets.clone();
-            async move { targets.run(args, ctx).await }
-        },
-    );
+    registry.register_with(KIND, options, move |args: RequestArgs, ctx: JobContext| {
+        let targets = targets.clone();
+        async move { targets.run(args, ctx).await }
+    });
 }

@@ -186,7 +186,10 @@ impl HttpTargets {
         };
         let error_text = match (&response.error, response.status) {
             (Some(e), _) if response.timed_out => {
-                format!("{e} (no answer within {})", humantime::format_duration(timeout))
+                format!(
+                    "{e} (no answer within {})",
+                    humantime::format_duration(timeout)
+                )
             }
             (Some(e), _) => e.clone(),
             (None, Some(s)) => {
@@ -216,8 +219,7 @@ impl HttpTargets {
         if self.config.attempt_log {
             let mut logged = headers;
             for (name, value) in logged.iter_mut() {
-                if !name.eq_ignore_ascii_case(signature::HEADER_SIGNATURE)
-                    && is_secret_header(name)
+                if !name.eq_ignore_ascii_case(signature::HEADER_SIGNATURE) && is_secret_header(name)
                 {
                     *value = REDACTED.to_string();
                 }
@@ -245,7 +247,13 @@ impl HttpTargets {
             let key = format!("{job_id}:{}", entry.id);
             let value = serde_json::to_value(&entry)?;
             self.attempt_log
-                .write(&self.store, ATTEMPTS, key, value, self.config.attempt_log_ttl)
+                .write(
+                    &self.store,
+                    ATTEMPTS,
+                    key,
+                    value,
+                    self.config.attempt_log_ttl,
+                )
                 .await?;
         }
         Ok(outcome)

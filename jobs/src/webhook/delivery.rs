@@ -243,7 +243,13 @@ impl Webhooks {
             let value = serde_json::to_value(&entry)?;
             let key = attempt_key(target, &args.event_id, &entry.id);
             self.attempt_log
-                .write(&self.store, ATTEMPTS, key, value, self.config.attempt_log_ttl)
+                .write(
+                    &self.store,
+                    ATTEMPTS,
+                    key,
+                    value,
+                    self.config.attempt_log_ttl,
+                )
                 .await?;
         }
 
