@@ -160,6 +160,19 @@ async fn a_target_from_config_through_serve_and_the_cli(url: String, store: Arc<
     .await;
     assert_eq!(status, 422, "{problem}");
     assert_eq!(problem["errors"][0]["field"], "args.url", "{problem}");
+    let batch = http
+        .post(format!("http://{addr}/v1/jobs/batch"))
+        .bearer_auth(&api_key)
+        .json(&json!({"jobs": [
+            {"kind": "http.request", "args": {"target": "app", "url": "fine"}},
+            {"kind": "http.request", "args": {"target": "app", "url": "https://evil.example/"}},
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(batch.status().as_u16(), 422);
+    let problem: Value = batch.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "jobs[1].args.url", "{problem}");
     assert!(
         store
             .list(&Default::default(), Default::default())

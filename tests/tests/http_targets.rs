@@ -1,11 +1,11 @@
 //! `http.request` end to end against a real HTTP receiver (an axum server on 127.0.0.1:0), on
 //! SQLite and Postgres (the store is where the shared rate limit and the attempt log live):
 //! a 2xx completes with a signature checked by an independent HMAC and Conveyor's headers;
-//! `Retry-After` is honoured; 429 retries; 404 is dead at once; a timeout retries; the SSRF
-//! guard refuses raw URLs to private addresses; a job that escapes its target is refused at
-//! enqueue by the kind's check, and at run time if it got into the store another way; the
-//! shared rate limit spaces a target's requests; the Python and Node verification snippets of
-//! docs/http-targets.md accept a real request and refuse it altered.
+//! `Retry-After` is honoured; 429 retries; 404 is dead at once; a redirect is not followed;
+//! a timeout retries; the SSRF guard refuses raw URLs to private addresses; a job that escapes
+//! its target is refused at enqueue by the kind's check, and at run time if it got into the
+//! store another way; the shared rate limit spaces a target's requests; the Python and Node
+//! verification snippets of docs/http-targets.md accept a real request and refuse it altered.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -248,6 +248,7 @@ async fn retry_after_429_404_and_timeouts(store: Arc<dyn Store>) {
     rx.script("/tasks/throttled", [Answer::Status(429)]);
     rx.default_answer("/tasks/gone", Answer::Status(404));
     rx.script("/tasks/slow", [Answer::Slow(Duration::from_secs(3))]);
+    rx.script("/tasks/moved", [Answer::Redirect(rx.url("/tasks/elsewhere"))]);
     let busy = running
         .enqueue(&store, json!({"target": "app", "url": "busy"}))
         .await;
@@ -259,6 +260,9 @@ async fn retry_after_429_404_and_timeouts(store: Arc<dyn Store>) {
         .await;
     let slow = running
         .enqueue(&store, json!({"target": "app", "url": "slow"}))
+        .await;
+    let moved = running
+        .enqueue(&store, json!({"target": "app", "url": "moved"}))
         .await;
 
     // 503 with Retry-After: 2 waits about two seconds, then completes.
@@ -306,6 +310,11 @@ async fn retry_after_429_404_and_timeouts(store: Arc<dyn Store>) {
     assert_eq!(rx.received("/tasks/gone").len(), 1);
     let log = running.targets.attempts(&gone.to_string()).await.unwrap();
     assert_eq!(log[0].result, "failed");
+
+    // A redirect is not followed, and (3xx not being retried) it is final.
+    let job = job_in(&store, moved, &[JobState::Dead]).await;
+    assert!(job.last_error().unwrap().contains("HTTP 307"));
+    assert!(rx.received("/tasks/elsewhere").is_empty(), "not followed");
 
     // No answer within the target's 1 s timeout: retried, then done.
     let job = job_in(&store, slow, &[JobState::Completed]).await;
