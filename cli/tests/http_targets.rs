@@ -172,7 +172,10 @@ async fn a_target_from_config_through_serve_and_the_cli(url: String, store: Arc<
         .unwrap();
     assert_eq!(batch.status().as_u16(), 422);
     let problem: Value = batch.json().await.unwrap();
-    assert_eq!(problem["errors"][0]["field"], "jobs[1].args.url", "{problem}");
+    assert_eq!(
+        problem["errors"][0]["field"], "jobs[1].args.url",
+        "{problem}"
+    );
     assert!(
         store
             .list(&Default::default(), Default::default())

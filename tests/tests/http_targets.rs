@@ -248,7 +248,10 @@ async fn retry_after_429_404_and_timeouts(store: Arc<dyn Store>) {
     rx.script("/tasks/throttled", [Answer::Status(429)]);
     rx.default_answer("/tasks/gone", Answer::Status(404));
     rx.script("/tasks/slow", [Answer::Slow(Duration::from_secs(3))]);
-    rx.script("/tasks/moved", [Answer::Redirect(rx.url("/tasks/elsewhere"))]);
+    rx.script(
+        "/tasks/moved",
+        [Answer::Redirect(rx.url("/tasks/elsewhere"))],
+    );
     let busy = running
         .enqueue(&store, json!({"target": "app", "url": "busy"}))
         .await;
