@@ -1,5 +1,6 @@
 //! Enqueue, one job or a batch: the checks a client's job must pass (whether it came over
-//! HTTP or from `conveyor enqueue`), then the insert, then the warning when no live worker
+//! HTTP or from `conveyor enqueue`), its kind's args check ([`crate::Admin::with_validators`]),
+//! then the insert, then the warning when no live worker
 //! serves the job's queue or kind.
 
 use std::time::Duration;
@@ -175,6 +176,7 @@ impl Admin {
             &self.webhooks.config().queue,
             Utc::now(),
         )?;
+        self.validators.check(&job.kind, &job.args)?;
         let (queue, kind) = (job.queue.clone(), job.kind.clone());
         let enqueued = self.store.enqueue(job).await?;
         if !enqueued.duplicate {
@@ -212,6 +214,10 @@ impl Admin {
             .enumerate()
             .map(|(i, r)| {
                 r.into_job(self.limits.args_limit, webhook_queue, now)
+                    .and_then(|job| {
+                        self.validators.check(&job.kind, &job.args)?;
+                        Ok(job)
+                    })
                     .map_err(|e| e.prefixed(&format!("jobs[{i}].")))
             })
             .collect::<Result<Vec<_>>>()?;

@@ -9,8 +9,9 @@
 //!
 //! Where to start reading:
 //! - [`Admin`]: the store, the webhook service and the [`Limits`] every caller shares.
-//! - [`enqueue`]: the checks a client's job must pass, and the warning when no live worker
-//!   serves its queue or kind ([`serving`]).
+//! - [`enqueue`]: the checks a client's job must pass (including its kind's args check, see
+//!   [`Admin::with_validators`]), and the warning when no live worker serves its queue or
+//!   kind ([`serving`]).
 //! - [`job`]: retry, cancel, discard, one job or in bulk ([`job::BulkAction`]).
 //! - [`queue`]: the queue overview and pause/resume.
 //! - [`schedule`], [`webhook`]: thin audited wrappers over `conveyor_scheduler::registry`
@@ -33,6 +34,7 @@ use std::sync::Arc;
 
 use conveyor_jobs::webhook::{WebhookError, Webhooks};
 use conveyor_worker::Store;
+use conveyor_worker::validate::ArgsValidators;
 
 pub use audit::{Actor, AuditEntry};
 
@@ -127,6 +129,7 @@ pub struct Admin {
     webhooks: Arc<Webhooks>,
     limits: Limits,
     serving: Arc<serving::ServingCache>,
+    validators: Arc<ArgsValidators>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -145,7 +148,21 @@ impl Admin {
             webhooks,
             limits,
             serving: Arc::default(),
+            validators: Arc::default(),
         }
+    }
+
+    /// With the per-kind checks of args that enqueues (and schedules) must pass
+    /// ([`conveyor_worker::validate`]); without them, args are checked by their handler at
+    /// run time only.
+    pub fn with_validators(mut self, validators: Arc<ArgsValidators>) -> Self {
+        self.validators = validators;
+        self
+    }
+
+    /// The per-kind checks of args.
+    pub fn validators(&self) -> &ArgsValidators {
+        &self.validators
     }
 
     /// The store.

@@ -29,10 +29,13 @@ impl Admin {
         }
     }
 
-    /// A schedule's jobs follow the enqueue rule: no reserved kind or queue.
+    /// A schedule's jobs follow the enqueue rules: no reserved kind or queue, and args its
+    /// kind's check accepts.
     fn check_schedule(&self, spec: &ScheduleSpec) -> Result<()> {
         conveyor_jobs::check_reserved_names(&spec.kind, &spec.queue, &self.webhooks.config().queue)
-            .map_err(|r| conveyor_worker::Error::invalid(r.field, r.message).into())
+            .map_err(|r| conveyor_worker::Error::invalid(r.field, r.message))?;
+        self.validators.check(&spec.kind, &spec.args)?;
+        Ok(())
     }
 
     async fn audit_schedule(&self, actor: &Actor, action: &str, name: &str) -> Result<()> {

@@ -102,6 +102,7 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(route::audit::routes())
         .merge(route::system::routes())
         .merge(route::webhook::routes())
+        .merge(route::http_target::routes())
         .split_for_parts();
     let mut doc = doc;
     document::add_shared_refusals(&mut doc);

@@ -21,6 +21,9 @@ pub struct AppState {
     /// The store's clock as this server measures it: the rate limits are shared with API
     /// servers on other machines, whose clocks may disagree with this one.
     pub clock: Arc<StoreClock>,
+    /// The per-kind checks of args every enqueue and schedule passes (e.g. `http.request`'s
+    /// target rule); empty until [`AppState::with_validators`].
+    pub validators: Arc<conveyor_worker::validate::ArgsValidators>,
     /// Cancelled when the process starts shutting down: `/readyz` answers `503` from then
     /// on, while the listener stays up until the workers have finished their jobs.
     pub draining: CancellationToken,
@@ -38,6 +41,7 @@ impl AppState {
             config: Arc::new(config),
             webhooks: Arc::new(webhooks),
             clock: Arc::default(),
+            validators: Arc::default(),
             draining: CancellationToken::new(),
         }
     }
@@ -45,6 +49,16 @@ impl AppState {
     /// The operator operations over this state's store, webhook service and limits.
     pub fn admin(&self) -> conveyor_admin::Admin {
         conveyor_admin::Admin::new(self.webhooks.clone(), self.config.limits())
+            .with_validators(self.validators.clone())
+    }
+
+    /// With the per-kind checks of args (see [`AppState::validators`]).
+    pub fn with_validators(
+        mut self,
+        validators: Arc<conveyor_worker::validate::ArgsValidators>,
+    ) -> Self {
+        self.validators = validators;
+        self
     }
 
     /// With the process's shutdown signal (see [`AppState::draining`]).

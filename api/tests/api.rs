@@ -361,6 +361,12 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
         Some([false, true, true, true]),
     ),
     (
+        "GET",
+        "/v1/jobs/{id}/http-attempts",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
         "POST",
         "/v1/jobs/{id}/retry",
         None,

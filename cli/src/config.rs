@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::Role;
 
 /// The sections a config file (and `CONVEYOR_<SECTION>__…`) may set.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 10] = [
     "database",
     "serve",
     "api",
@@ -32,6 +32,8 @@ const SECTIONS: [&str; 8] = [
     "log",
     "webhooks",
     "secrets",
+    "http_requests",
+    "http_targets",
 ];
 
 /// Everything `conveyor` reads from its config.
@@ -56,6 +58,10 @@ pub struct Config {
     pub webhooks: conveyor_jobs::webhook::WebhookConfig,
     /// The keys that encrypt credentials kept in the store (webhook signing secrets).
     pub secrets: SecretsConfig,
+    /// `http.request` jobs: raw URLs allowed or not, SSRF allow-list, timeouts, statuses.
+    pub http_requests: conveyor_jobs::http_target::HttpRequestsConfig,
+    /// The named targets `http.request` jobs may call (`[http_targets.<name>]`).
+    pub http_targets: std::collections::BTreeMap<String, conveyor_jobs::http_target::HttpTarget>,
 }
 
 /// `[secrets]`: the keys credentials kept in the store are encrypted with. The first key
@@ -289,11 +295,26 @@ fn is_config_variable(rest: &str, known: &[Vec<String>]) -> bool {
 }
 
 /// The config keys whose default is `None`.
-const OPTIONAL_KEYS: [&str; 3] = [
+const OPTIONAL_KEYS: [&str; 4] = [
     "database.listen_url",
     "api.metrics.listen",
     "secrets.key_file",
+    "http_requests.signing_secret",
 ];
+
+/// Whether `path` is a key of a named HTTP target (`http_targets.<name>.<key>`, or a header
+/// `http_targets.<name>.headers.<header>`): target names are the operator's, so these keys
+/// are not among the defaults.
+fn is_target_key(path: &[String]) -> bool {
+    match path {
+        [section, _, key] => {
+            section == "http_targets"
+                && conveyor_jobs::http_target::HttpTarget::FIELDS.contains(&key.as_str())
+        }
+        [section, _, headers, _] => section == "http_targets" && headers == "headers",
+        _ => false,
+    }
+}
 
 /// Every key path the config has (`["worker", "fetch_batch"]`), leaves and sections alike.
 fn known_keys() -> Vec<Vec<String>> {
@@ -339,7 +360,7 @@ fn env_provider(env: impl IntoIterator<Item = (String, String)>) -> Result<EnvVa
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-        if path.len() < 2 || !known.contains(&path) {
+        if path.len() < 2 || !(known.contains(&path) || is_target_key(&path)) {
             unknown.push(unknown_variable(&name, rest, &known));
             continue;
         }
@@ -472,7 +493,16 @@ impl Config {
         self.api.validate().map_err(ConfigError)?;
         self.compiled_schedules()?;
         self.webhooks.validate().map_err(ConfigError)?;
+        self.http().validate().map_err(ConfigError)?;
         Ok(())
+    }
+
+    /// The settings of `http.request`: `[http_requests]` and `[http_targets.*]`.
+    pub fn http(&self) -> conveyor_jobs::http_target::HttpConfig {
+        conveyor_jobs::http_target::HttpConfig {
+            requests: self.http_requests.clone(),
+            targets: self.http_targets.clone(),
+        }
     }
 
     /// The `[[schedules]]`, validated: every field, and names unique.
@@ -637,12 +667,17 @@ mod tests {
                 ("CONVEYOR_DATABASE__LISTEN_URL", "postgres://u@direct/db"),
                 ("CONVEYOR_API__METRICS__LISTEN", "127.0.0.1:9090"),
                 ("CONVEYOR_SECRETS__KEY_FILE", "/etc/conveyor/keys"),
+                (
+                    "CONVEYOR_HTTP_REQUESTS__SIGNING_SECRET",
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                ),
             ]),
         )
         .unwrap();
         assert!(config.database.listen_url.is_some() && config.api.metrics.listen.is_some());
         assert!(config.secrets.key_file.is_some());
-        assert_eq!(OPTIONAL_KEYS.len(), 3, "test each optional key above");
+        assert!(config.http_requests.signing_secret.is_some());
+        assert_eq!(OPTIONAL_KEYS.len(), 4, "test each optional key above");
     }
 
     #[test]
@@ -742,6 +777,88 @@ mod tests {
                 && !err.contains(short),
             "{err}"
         );
+    }
+
+    #[test]
+    fn http_targets_from_a_file_and_the_environment() {
+        let dir = std::env::temp_dir().join(format!("conveyor-config-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[http_requests]\nallow_raw_urls = true\nretry_statuses = [429, \"5xx\"]\n\
+             [http_targets.billing]\nbase_url = \"https://billing.example.com/tasks/\"\n\
+             timeout = \"10s\"\nrate_limit = 20\n",
+        )
+        .unwrap();
+        let config = load(
+            Some(&file),
+            env(&[
+                (
+                    "CONVEYOR_HTTP_TARGETS__BILLING__SIGNING_SECRET",
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                ),
+                (
+                    "CONVEYOR_HTTP_TARGETS__BILLING__HEADERS__AUTHORIZATION",
+                    "Bearer t0ken",
+                ),
+                (
+                    "CONVEYOR_HTTP_TARGETS__MAIL__BASE_URL",
+                    "http://mail.internal:8000/jobs",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert!(config.http_requests.allow_raw_urls);
+        assert!(config.http_requests.retry_statuses.contains(503));
+        assert!(!config.http_requests.retry_statuses.contains(408));
+        let billing = &config.http_targets["billing"];
+        assert_eq!(billing.timeout, Some(std::time::Duration::from_secs(10)));
+        assert_eq!(billing.headers["authorization"], "Bearer t0ken");
+        assert!(billing.signing_secret.is_some());
+        assert_eq!(
+            config.http_targets["mail"].base_url,
+            "http://mail.internal:8000/jobs"
+        );
+        assert!(
+            !format!("{config:?}").contains("t0ken") && !format!("{config:?}").contains("MfKQ9"),
+            "Debug hides target credentials"
+        );
+
+        let err = load(
+            Some(&file),
+            env(&[(
+                "CONVEYOR_HTTP_TARGETS__BILLING__BASE_URL",
+                "ftp://x.example/",
+            )]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("http_targets.billing.base_url"), "{err}");
+        let err = load(
+            Some(&file),
+            env(&[(
+                "CONVEYOR_HTTP_TARGETS__BILLING__SIGNING_SECRET",
+                "not-base64!",
+            )]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("http_targets.billing.signing_secret") && !err.contains("not-base64!"),
+            "{err}"
+        );
+        let err = load(
+            Some(&file),
+            env(&[("CONVEYOR_HTTP_TARGETS__BILLING__TIMOUT", "1s")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("CONVEYOR_HTTP_TARGETS__BILLING__TIMOUT"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod commands;
 mod config;
+mod http_targets;
 mod input;
 mod output;
 mod schedules;
@@ -218,11 +219,13 @@ async fn open_admin_with(
     config: &Config,
     create_key: bool,
 ) -> anyhow::Result<conveyor_admin::Admin> {
-    let hooks = webhooks(config, open_store(config).await?, create_key)?;
-    Ok(conveyor_admin::Admin::new(
-        Arc::new(hooks),
-        config.api.limits(),
-    ))
+    let store = open_store(config).await?;
+    let hooks = webhooks(config, store.clone(), create_key)?;
+    let http = http_targets::service(config, store, &secrets::keyring(config, false)?)?;
+    Ok(
+        conveyor_admin::Admin::new(Arc::new(hooks), config.api.limits())
+            .with_validators(http_targets::validators(&http)),
+    )
 }
 
 /// The webhook service over `store` with the configured keys (`create`: make a SQLite

@@ -1,5 +1,5 @@
 //! `[secrets]`: the keyring that encrypts credentials kept in the store, and the `conveyor
-//! secrets` commands (generate-key, status, reencrypt).
+//! secrets` commands (generate-key, status, reencrypt, seal).
 //!
 //! Where the keys come from, first found wins: `secrets.keys` and `secrets.key_file` (both
 //! read, `keys` first); else, for a SQLite file store, the key file beside the database
@@ -28,6 +28,14 @@ pub enum SecretsCommand {
     /// Re-encrypt every stored secret with the current (first) key; after it, the other keys
     /// can be removed from the config.
     Reencrypt(OutputArgs),
+    /// Encrypt a signing secret (read from stdin) for the config file: the printed `cv1:…`
+    /// value goes in `http_targets.<name>.signing_secret` (or `http_requests.signing_secret`)
+    /// and opens only there, with the configured keys.
+    Seal {
+        /// Where the value goes: `http_targets.<name>` or `http_requests`.
+        #[arg(long = "for", value_name = "SECTION")]
+        target: String,
+    },
 }
 
 /// The default key file of a store, if it has one: beside a SQLite database file.
@@ -191,7 +199,44 @@ pub async fn run(webhooks: Option<Webhooks>, cmd: SecretsCommand) -> anyhow::Res
             let report = hooks.seal_secrets(SealPass::Reencrypt).await?;
             print(hooks.keyring(), &report, out.json, true)
         }
+        SecretsCommand::Seal { target } => {
+            let hooks = webhooks.ok_or_else(|| anyhow::anyhow!("`secrets seal` needs the keys"))?;
+            let mut secret = String::new();
+            std::io::stdin().read_line(&mut secret).map_err(|e| {
+                crate::input::usage(format!("cannot read the secret from stdin: {e}"))
+            })?;
+            outln!(
+                "{}",
+                seal_config_secret(hooks.keyring(), &target, secret.trim())?
+            );
+            Ok(())
+        }
     }
+}
+
+/// Seals `secret` (`whsec_…`) for the signing secret of `section` (`http_targets.<name>` or
+/// `http_requests`), bound to that config key.
+pub fn seal_config_secret(keys: &Keyring, section: &str, secret: &str) -> anyhow::Result<String> {
+    let valid = section == "http_requests"
+        || section
+            .strip_prefix("http_targets.")
+            .is_some_and(|name| conveyor_worker::job::check_name("target", name).is_ok());
+    if !valid {
+        return Err(crate::input::usage(format!(
+            "--for `{section}`: name `http_targets.<name>` or `http_requests`"
+        )));
+    }
+    if conveyor_jobs::webhook::signature::secret_key(secret).is_err() {
+        return Err(crate::input::usage(
+            "the secret on stdin must be `whsec_` followed by base64 \
+             (e.g. whsec_ and the output of `openssl rand -base64 24`)",
+        ));
+    }
+    let key = format!("{section}.signing_secret");
+    let sealed = keys
+        .seal(secret, &conveyor_jobs::http_target::secret_context(&key))
+        .map_err(|e| ConfigError(format!("`secrets seal`: {e}")))?;
+    Ok(sealed.as_str().to_string())
 }
 
 fn print(keys: &Keyring, report: &SealReport, json: bool, reencrypt: bool) -> anyhow::Result<()> {

@@ -41,6 +41,8 @@ pub async fn run(
     let mut listeners = tokio::task::JoinSet::new();
     let mut tasks = tokio::task::JoinSet::new();
     // One webhook service per process: the API sends events through it, the worker delivers.
+    // `http.request`: run by the worker, its args checked by the API at enqueue.
+    let http = crate::http_targets::service(&config, store.clone(), &keys)?;
     let webhooks = Arc::new(
         conveyor_jobs::webhook::Webhooks::new(store.clone(), config.webhooks.clone())?
             .with_keyring(keys),
@@ -68,6 +70,7 @@ pub async fn run(
         tracing::info!(%addr, "listening on http://{addr}");
         let state = conveyor_api::AppState::new(store.clone(), config.api.clone())
             .with_webhooks(webhooks.clone())
+            .with_validators(crate::http_targets::validators(&http))
             .with_draining(shutdown.clone());
         let app = conveyor_api::router(state.clone());
         let stop = roles_stopped.clone();
@@ -126,6 +129,7 @@ pub async fn run(
     if roles.contains(&Role::Worker) {
         let mut registry = Registry::new();
         conveyor_jobs::register_builtin(&mut registry);
+        conveyor_jobs::http_target::register(&mut registry, http.clone());
         let mut worker_config = config.worker.clone();
         crate::webhooks::register(&mut registry, &mut worker_config, webhooks.clone());
         let worker = Worker::new(store.clone(), registry, worker_config)?;

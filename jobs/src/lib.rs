@@ -8,9 +8,14 @@
 //! - `webhook.deliver`: one signed webhook delivery; see [`webhook`] (the service behind
 //!   the CLI's and the API's webhook commands) and `webhook::register`. It needs the store
 //!   and settings, so it is registered apart from [`register_builtin`].
+//! - `http.request`: calls the application's own endpoint, by a named target configured
+//!   server-side or (when allowed) a raw URL; see [`http_target`] and `http_target::register`.
+//!   It needs the store and settings too, and its args are checked at enqueue
+//!   ([`http_target::HttpTargets::validators`]).
 //!
 //! Email, analytics and backup kinds land here as their own modules.
 
+pub mod http_target;
 pub mod webhook;
 
 use std::time::Duration;

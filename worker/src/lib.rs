@@ -12,6 +12,7 @@
 //! - [`clock`]: the store's clock, which every process times leases and due jobs on.
 //! - [`keyring`]: credentials kept in the store, encrypted (sealed) with the configured keys.
 //! - [`metrics`]: process-local counters and histograms, rendered by the API's `/metrics`.
+//! - [`validate`]: per-kind checks of a job's args, run at enqueue.
 
 pub mod clock;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod retry_policy;
 pub mod runtime;
 pub mod store;
+pub mod validate;
 
 pub use error::{Error, Result};
 pub use handler::{JobArgs, JobContext, JobError, KindOptions, Outcome, Registry};

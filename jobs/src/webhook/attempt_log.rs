@@ -1,4 +1,4 @@
-//! Group commit for the attempt log: each delivery waits until its record is written (so a
+//! Group commit for the attempt logs (webhook deliveries', HTTP-target requests'): each delivery waits until its record is written (so a
 //! finished delivery's attempt is always listable), but the records of deliveries that finish
 //! at about the same time are written together with one [`MetaStore::meta_put_many`] — one
 //! statement on Postgres instead of one per delivery. The writer task starts with the first
@@ -13,12 +13,11 @@ use conveyor_worker::store::meta::Put;
 use conveyor_worker::{Error, Store};
 use tokio::sync::{mpsc, oneshot};
 
-use super::model::ATTEMPTS;
-
 /// Most records per write.
 const BATCH: usize = 500;
 
 struct Pending {
+    collection: &'static str,
     key: String,
     value: serde_json::Value,
     ttl: Duration,
@@ -32,11 +31,12 @@ pub(crate) struct AttemptLog {
 }
 
 impl AttemptLog {
-    /// Writes one record (with the others waiting at the same moment) and returns once it
-    /// is stored.
+    /// Writes one record into `collection` (with the others waiting at the same moment) and
+    /// returns once it is stored.
     pub(crate) async fn write(
         &self,
         store: &Arc<dyn Store>,
+        collection: &'static str,
         key: String,
         value: serde_json::Value,
         ttl: Duration,
@@ -48,6 +48,7 @@ impl AttemptLog {
         });
         let (done, answer) = oneshot::channel();
         let pending = Pending {
+            collection,
             key,
             value,
             ttl,
@@ -67,7 +68,7 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let puts: Vec<Put<'_>> = batch
             .iter()
-            .map(|p| Put::new(ATTEMPTS, &p.key, &p.value).ttl(p.ttl))
+            .map(|p| Put::new(p.collection, &p.key, &p.value).ttl(p.ttl))
             .collect();
         let result = store
             .meta_put_many(&puts)

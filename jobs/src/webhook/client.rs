@@ -13,15 +13,19 @@ pub const BODY_PREFIX: usize = 4096;
 /// Most redirect hops followed when an endpoint allows redirects.
 const MAX_REDIRECTS: usize = 5;
 
-/// One POST to send.
+/// One request to send (webhook deliveries are POSTs of JSON).
 #[derive(Debug)]
 pub struct Request<'a> {
+    /// The method.
+    pub method: reqwest::Method,
     /// Where.
     pub url: &'a str,
     /// Every header (signature included).
     pub headers: &'a [(String, String)],
-    /// The JSON body.
+    /// The body.
     pub body: Vec<u8>,
+    /// The body's `Content-Type` unless `headers` name one (`None`: no body, no type).
+    pub content_type: Option<&'static str>,
     /// Whole-request limit (connect, send, first response bytes, body prefix).
     pub timeout: Duration,
     /// Follow 3xx (each hop guarded).
@@ -105,10 +109,12 @@ impl Client {
             return out;
         }
         let mut headers = HeaderMap::with_capacity(req.headers.len() + 1);
-        headers.insert(
-            reqwest::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        if let Some(content_type) = req.content_type {
+            headers.insert(
+                reqwest::header::CONTENT_TYPE,
+                HeaderValue::from_static(content_type),
+            );
+        }
         for (name, value) in req.headers {
             if let (Ok(n), Ok(v)) = (
                 HeaderName::from_bytes(name.as_bytes()),
@@ -123,7 +129,7 @@ impl Client {
             &self.plain
         };
         let sent = client
-            .post(url)
+            .request(req.method, url)
             .headers(headers)
             .timeout(req.timeout)
             .body(req.body)

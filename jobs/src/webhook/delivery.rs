@@ -166,7 +166,15 @@ impl Webhooks {
             .and_then(|e| e.follow_redirects)
             .unwrap_or(self.config.follow_redirects);
         let response = tokio::select! {
-            r = self.client.send(Request { url: &url, headers: &headers, body, timeout, follow_redirects: follow }) => r,
+            r = self.client.send(Request {
+                method: reqwest::Method::POST,
+                url: &url,
+                headers: &headers,
+                body,
+                content_type: Some("application/json"),
+                timeout,
+                follow_redirects: follow,
+            }) => r,
             _ = ctx.cancelled() => return Ok(Outcome::retry("delivery interrupted (cancelled, timed out or shutting down)")),
         };
 
@@ -235,7 +243,13 @@ impl Webhooks {
             let value = serde_json::to_value(&entry)?;
             let key = attempt_key(target, &args.event_id, &entry.id);
             self.attempt_log
-                .write(&self.store, key, value, self.config.attempt_log_ttl)
+                .write(
+                    &self.store,
+                    ATTEMPTS,
+                    key,
+                    value,
+                    self.config.attempt_log_ttl,
+                )
                 .await?;
         }
 

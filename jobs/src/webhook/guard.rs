@@ -19,15 +19,23 @@ use ipnet::IpNet;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 /// The addresses deliveries may go to.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Guard {
     allow: Arc<Vec<IpNet>>,
+    /// The setting that re-opens a range, named in refusals.
+    setting: &'static str,
+}
+
+impl Default for Guard {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 /// A refused destination.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "refused by the SSRF guard: {host} resolves to {ip}, a {class} address; allow it with webhooks.allow_cidrs if this receiver is trusted"
+    "refused by the SSRF guard: {host} resolves to {ip}, a {class} address; allow it with {setting} if this receiver is trusted"
 )]
 pub struct Blocked {
     /// The host as written in the URL.
@@ -36,6 +44,8 @@ pub struct Blocked {
     pub ip: IpAddr,
     /// Why (loopback, private, …).
     pub class: &'static str,
+    /// The setting that would let it through (`webhooks.allow_cidrs`).
+    pub setting: &'static str,
 }
 
 impl Guard {
@@ -43,7 +53,15 @@ impl Guard {
     pub fn new(allow: Vec<IpNet>) -> Self {
         Self {
             allow: Arc::new(allow),
+            setting: "webhooks.allow_cidrs",
         }
+    }
+
+    /// Names `setting` (e.g. `http_requests.allow_cidrs`) in refusals as the way to allow a
+    /// range.
+    pub fn naming(mut self, setting: &'static str) -> Self {
+        self.setting = setting;
+        self
     }
 
     /// `Ok` if `ip` may be reached.
@@ -57,6 +75,7 @@ impl Guard {
                 host: host.to_string(),
                 ip,
                 class,
+                setting: self.setting,
             }),
         }
     }

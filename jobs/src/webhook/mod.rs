@@ -20,7 +20,7 @@
 //! endpoints, events and their idempotency keys, circuit states, attempt log, health counters;
 //! the per-endpoint rate limit is the store's token bucket.
 
-mod attempt_log;
+pub(crate) mod attempt_log;
 pub mod circuit;
 pub mod client;
 pub mod delivery;
