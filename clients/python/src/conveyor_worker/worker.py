@@ -125,7 +125,7 @@ class Worker:
         self._lock = threading.Condition()
         self._running: Dict[str, Job] = {}  # handler still running
         self._held: Dict[str, Job] = {}  # leased: running or outcome not yet recorded
-        self._outcomes: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
+        self._outcomes: "queue.Queue[Dict[str, Any]]" = queue.Queue()
         self._stopping = threading.Event()
         self._hurry = threading.Event()
         self._closed = threading.Event()
@@ -177,6 +177,7 @@ class Worker:
         ]
         for t in threads:
             t.start()
+        self._claimer = threads[0]
         log.info("worker %s started on queues %s (concurrency %d)", self.worker_id, self.queues, self.concurrency)
         try:
             while not self._stopping.wait(0.2):
@@ -207,11 +208,13 @@ class Worker:
                 self._lock.wait(min(left, 0.2))
             unfinished = list(self._running.values())
             self._running.clear()
+        if not self._hurry.is_set():
+            # A long poll under way at the stop hands back what it claims; wait for it.
+            self._claimer.join(self.wait_seconds + self.client.timeout)
         for job in unfinished:
             log.warning("job %s (%s) still running at shutdown: handing it back", job.id, job.kind)
             self._outcomes.put({"id": job.id, "attempt": job.attempt, "outcome": "snooze", "seconds": 0})
         # Wait for the outcomes to be recorded (the heartbeat keeps their leases meanwhile).
-        self._outcomes.put(None)
         flush_deadline = time.monotonic() + max(5.0, self.heartbeat_seconds)
         with self._lock:
             while self._held and time.monotonic() < flush_deadline:
@@ -252,6 +255,13 @@ class Worker:
                 continue
             for raw in raw_jobs:
                 job = Job.from_api(raw)
+                if self._stopping.is_set():
+                    # Claimed by a long poll that was under way when the stop came: handed
+                    # back at once, without running and without using an attempt.
+                    with self._lock:
+                        self._held[job.id] = job
+                    self._outcomes.put({"id": job.id, "attempt": job.attempt, "outcome": "snooze", "seconds": 0})
+                    continue
                 with self._lock:
                     self._running[job.id] = job
                     self._held[job.id] = job
@@ -282,8 +292,10 @@ class Worker:
         with self._lock:
             still_ours = self._running.pop(job.id, None) is not None
             self._lock.notify_all()
-        if job.lease_lost.is_set() or not still_ours:
-            # Rescued meanwhile, or handed back at shutdown: the outcome would be refused.
+        if not still_ours:
+            return  # handed back at shutdown after the grace period
+        if job.lease_lost.is_set():
+            # Rescued meanwhile (perhaps running elsewhere now): the outcome would be refused.
             log.warning("job %s finished after its lease was lost; outcome dropped", job.id)
             with self._lock:
                 self._held.pop(job.id, None)
@@ -294,24 +306,17 @@ class Worker:
     # -- outcomes ------------------------------------------------------------------------
 
     def _finish_loop(self) -> None:
-        done = False
-        while not done:
-            first = self._outcomes.get()
-            if first is None:
-                done = True
-                batch: List[Dict[str, Any]] = []
-            else:
-                batch = [first]
+        while not self._closed.is_set():
+            try:
+                batch = [self._outcomes.get(timeout=0.1)]
+            except queue.Empty:
+                continue
             deadline = time.monotonic() + self.finish_interval
             while len(batch) < self.finish_batch:
                 try:
-                    nxt = self._outcomes.get(timeout=max(0.0, deadline - time.monotonic()))
+                    batch.append(self._outcomes.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-                if nxt is None:
-                    done = True
-                    continue
-                batch.append(nxt)
             with self._lock:
                 batch = [i for i in batch if i["id"] in self._held and not self._held[i["id"]].lease_lost.is_set()]
             if batch:
