@@ -1,23 +1,23 @@
 // What a handler can throw (or return) to say how its job ends, other than success or a plain
 // error (a retryable failure with the error's message and stack).
 
-// Longest message and traceback sent for one failure; longer ones are cut (the stack keeps
-// its start, where the throwing frame is).
-const MAX_MESSAGE = 4096;
-const MAX_TRACEBACK = 32 * 1024;
-const MAX_CAUSES = 16;
+// Longest message (characters) and traceback (UTF-8 bytes) sent for one failure, within the
+// server's limits; longer ones are cut (the stack keeps its start, where the throwing frame is).
+const MAX_MESSAGE = 10_000;
+const MAX_TRACEBACK = 60 * 1024;
+const MAX_CAUSES = 32;
 
-function wholeSeconds(seconds, what) {
-  if (typeof seconds !== 'number' || Number.isNaN(seconds) || seconds < 0) {
+function checkSeconds(seconds, what) {
+  if (typeof seconds !== 'number' || !Number.isFinite(seconds) || seconds < 0) {
     throw new RangeError(`${what}: ${seconds} is not a number of seconds >= 0`);
   }
-  return Math.ceil(seconds);
+  return seconds;
 }
 
 /** Run the job again after `seconds` without using an attempt. */
 export class Snooze extends Error {
   constructor(seconds) {
-    const s = wholeSeconds(seconds, 'Snooze seconds');
+    const s = checkSeconds(seconds, 'Snooze seconds');
     super(`snooze for ${s}s`);
     this.name = 'Snooze';
     this.seconds = s;
@@ -29,7 +29,7 @@ export class RetryAfter extends Error {
   constructor(seconds, message = 'retry requested', options) {
     super(message, options);
     this.name = 'RetryAfter';
-    this.seconds = wholeSeconds(seconds, 'RetryAfter seconds');
+    this.seconds = checkSeconds(seconds, 'RetryAfter seconds');
   }
 }
 
@@ -72,7 +72,8 @@ export function describeError(err) {
     for (let c = err.cause, n = 0; c instanceof Error && n < MAX_CAUSES && typeof c.stack === 'string'; c = c.cause, n++) {
       tb += `\nCaused by: ${c.stack}`;
     }
-    error.traceback = tb.length > MAX_TRACEBACK ? `${tb.slice(0, MAX_TRACEBACK)}\n…` : tb;
+    const bytes = Buffer.from(tb, 'utf8');
+    error.traceback = bytes.length > MAX_TRACEBACK ? `${bytes.subarray(0, MAX_TRACEBACK).toString('utf8')}\n…` : tb;
   }
   return error;
 }

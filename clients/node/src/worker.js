@@ -25,8 +25,11 @@ export const NO_HANDLER_SNOOZE = 60;
  * @property {Record<string, any>} metadata
  * @property {string} [createdAt]
  * @property {string} [leaseExpiresAt]
- * @property {AbortSignal} signal aborted when the lease is lost (the job was rescued) or the
- *   worker stops without waiting; a long handler may watch it and stop early
+ * @property {AbortSignal} signal aborted when the lease is lost (the job was rescued), when
+ *   someone asks to cancel the job (`cancelRequested` is then true: throw, and the failure
+ *   ends the job `cancelled`), or when the worker stops without waiting; a long handler may
+ *   watch it and stop early
+ * @property {boolean} cancelRequested
  */
 
 /**
@@ -262,6 +265,7 @@ export class Worker {
           createdAt: r.created_at,
           leaseExpiresAt: r.lease_expires_at,
           signal: controller.signal,
+          cancelRequested: false,
         };
         const entry = { job, controller };
         this.held.set(job.id, entry);
@@ -369,22 +373,34 @@ export class Worker {
       while (!this.closed && Date.now() < next) await this.#changed(next - Date.now());
       if (this.closed) return;
       const ids = [...this.held.keys()];
-      if (ids.length === 0) continue;
-      let answer;
-      try {
-        answer = await this.client.heartbeat(this.workerId, ids, this.leaseSeconds);
-      } catch (e) {
-        this.log.warn(`heartbeat failed: ${e.message}`);
-        continue;
-      }
-      const lost = (answer?.lost ?? []).map(String);
-      if (lost.length > 0) this.log.warn(`leases lost (jobs rescued): ${lost.join(', ')}`);
-      for (const id of lost) {
-        const entry = this.held.get(id);
-        this.held.delete(id);
-        entry?.controller.abort(new Error('lease lost: the job was rescued'));
-      }
-      if (lost.length > 0) this.#wake();
+      // The route takes at most 1000 ids a call.
+      for (let i = 0; i < ids.length; i += 1000) await this.#heartbeat(ids.slice(i, i + 1000));
     }
+  }
+
+  async #heartbeat(ids) {
+    let answer;
+    try {
+      answer = await this.client.heartbeat(this.workerId, ids, this.leaseSeconds);
+    } catch (e) {
+      this.log.warn(`heartbeat failed: ${e.message}`);
+      return;
+    }
+    const lost = (answer?.lost ?? []).map(String);
+    if (lost.length > 0) this.log.warn(`leases lost (jobs rescued): ${lost.join(', ')}`);
+    for (const id of lost) {
+      const entry = this.held.get(id);
+      this.held.delete(id);
+      entry?.controller.abort(new Error('lease lost: the job was rescued'));
+    }
+    for (const id of (answer?.cancel_requested ?? []).map(String)) {
+      const entry = this.held.get(id);
+      if (entry && !entry.controller.signal.aborted) {
+        this.log.info(`job ${id}: cancel requested`);
+        entry.job.cancelRequested = true;
+        entry.controller.abort(new Error('cancel requested'));
+      }
+    }
+    if (lost.length > 0) this.#wake();
   }
 }

@@ -9,25 +9,26 @@ from typing import Any, Dict, List, Optional
 
 __all__ = ["Snooze", "RetryAfter", "PermanentFailure", "describe_error"]
 
-# Longest message and traceback sent for one failure; longer ones are cut (the traceback keeps
-# its end, where the raising frame is).
-MAX_MESSAGE = 4096
-MAX_TRACEBACK = 32 * 1024
-MAX_CAUSES = 16
+# Longest message (characters) and traceback (UTF-8 bytes) sent for one failure, within the
+# server's limits; longer ones are cut (the traceback keeps its end, where the raising frame
+# is).
+MAX_MESSAGE = 10_000
+MAX_TRACEBACK = 60 * 1024
+MAX_CAUSES = 32
 
 
-def _whole_seconds(seconds: float, what: str) -> int:
-    if not isinstance(seconds, (int, float)) or math.isnan(seconds) or seconds < 0:
+def _seconds(seconds: float, what: str) -> float:
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{what}: {seconds!r} is not a number of seconds >= 0")
-    return int(math.ceil(seconds))
+    return float(seconds)
 
 
 class Snooze(Exception):
     """Run the job again after ``seconds`` without using an attempt (``snooze``)."""
 
     def __init__(self, seconds: float) -> None:
-        self.seconds = _whole_seconds(seconds, "Snooze seconds")
-        super().__init__(f"snooze for {self.seconds}s")
+        self.seconds = _seconds(seconds, "Snooze seconds")
+        super().__init__(f"snooze for {self.seconds:g}s")
 
 
 class RetryAfter(Exception):
@@ -35,7 +36,7 @@ class RetryAfter(Exception):
     The message (and the cause, when raised ``from`` another exception) is recorded."""
 
     def __init__(self, seconds: float, message: str = "retry requested") -> None:
-        self.seconds = _whole_seconds(seconds, "RetryAfter seconds")
+        self.seconds = _seconds(seconds, "RetryAfter seconds")
         super().__init__(message)
 
 
@@ -64,8 +65,9 @@ def describe_error(exc: BaseException) -> Dict[str, Any]:
         causes.append(_line(nxt)[:MAX_MESSAGE])
         cur = nxt
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    if len(tb) > MAX_TRACEBACK:
-        tb = "…\n" + tb[-MAX_TRACEBACK:]
+    raw = tb.encode("utf-8", "replace")
+    if len(raw) > MAX_TRACEBACK:
+        tb = "…\n" + raw[-MAX_TRACEBACK:].decode("utf-8", "ignore")
     error: Dict[str, Any] = {"message": _line(exc)[:MAX_MESSAGE], "traceback": tb}
     if causes:
         error["causes"] = causes

@@ -46,6 +46,9 @@ class Job:
     lease_lost: threading.Event = field(default_factory=threading.Event, repr=False)
     """Set when the server says this worker no longer holds the lease (the job was rescued):
     a long handler may check it and stop early; its outcome is dropped either way."""
+    cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+    """Set when someone asked to cancel the job: the handler should stop and raise; the
+    failure then ends the job ``cancelled``."""
 
     @classmethod
     def from_api(cls, raw: Mapping[str, Any]) -> "Job":
@@ -358,22 +361,30 @@ class Worker:
         while not self._closed.wait(self.heartbeat_seconds):
             with self._lock:
                 ids = list(self._held)
-            if not ids:
-                continue
-            try:
-                answer = self.client.heartbeat(self.worker_id, ids, self.lease_seconds)
-            except (ApiError, OSError, ValueError) as e:
-                log.warning("heartbeat failed: %s", e)
-                continue
-            lost = [str(i) for i in answer.get("lost", [])]
-            if lost:
-                log.warning("leases lost (jobs rescued): %s", lost)
-            with self._lock:
-                for job_id in lost:
-                    job = self._held.pop(job_id, None)
-                    if job is not None:
-                        job.lease_lost.set()
-                self._lock.notify_all()
+            # The route takes at most 1000 ids a call.
+            for start in range(0, len(ids), 1000):
+                self._heartbeat(ids[start : start + 1000])
+
+    def _heartbeat(self, ids: List[str]) -> None:
+        try:
+            answer = self.client.heartbeat(self.worker_id, ids, self.lease_seconds)
+        except (ApiError, OSError, ValueError) as e:
+            log.warning("heartbeat failed: %s", e)
+            return
+        lost = [str(i) for i in answer.get("lost", [])]
+        if lost:
+            log.warning("leases lost (jobs rescued): %s", lost)
+        with self._lock:
+            for job_id in lost:
+                job = self._held.pop(job_id, None)
+                if job is not None:
+                    job.lease_lost.set()
+            for job_id in answer.get("cancel_requested", []):
+                job = self._held.get(str(job_id))
+                if job is not None and not job.cancel_requested.is_set():
+                    log.info("job %s: cancel requested", job_id)
+                    job.cancel_requested.set()
+            self._lock.notify_all()
 
 
 async def _await(value: Any) -> Any:
