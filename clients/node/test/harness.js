@@ -120,7 +120,7 @@ export class Server {
     if (this.proc.exitCode === null) {
       const exited = new Promise((r) => this.proc.once('exit', r));
       this.proc.kill('SIGTERM');
-      await Promise.race([exited, sleep(20_000)]);
+      await Promise.race([exited, sleep(20_000, undefined, { ref: false })]);
       if (this.proc.exitCode === null) this.proc.kill('SIGKILL');
     }
     rmSync(this.dir, { recursive: true, force: true });

@@ -14,7 +14,8 @@ import { ApiError, PermanentFailure, RetryAfter, Snooze, Worker } from '../src/i
 import { Server, skipReason, waitUntil } from './harness.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
-const quiet = { info() {}, warn() {}, error: console.error };
+// The tests check outcomes through the API; the workers' log shows with CONVEYOR_TEST_LOG=1.
+const quiet = process.env.CONVEYOR_TEST_LOG === '1' ? console : { info() {}, warn() {}, error() {} };
 const skip = skipReason();
 if (skip) console.log(`skipped: ${skip}`);
 
@@ -206,9 +207,12 @@ describe('worker against conveyor serve', { skip }, () => {
     const id = await s.enqueue('test.sleep', { seconds: 30 });
     const proc = s.spawn(10, 0.5);
     await waitUntil(() => existsSync(marker('started', id, proc.pid)), 20_000, 'the worker starts the job');
+    const stopped = Date.now();
     proc.kill('SIGTERM');
     const { code } = await proc.exited;
     assert.equal(code, 0, proc.stderrText);
+    // The grace (0.5 s) and a last long poll (1 s), not the handler's 30 s.
+    assert.ok(Date.now() - stopped < 10_000, `exited after ${Date.now() - stopped} ms`);
     const job = await server.job(id);
     assert.ok(['available', 'scheduled'].includes(job.state), JSON.stringify(job));
     assert.deepEqual(job.attempts.map((a) => a.outcome), ['snoozed'], 'handed back, no attempt used');

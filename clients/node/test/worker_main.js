@@ -3,7 +3,8 @@
 //   node worker_main.js URL KEY QUEUE LEASE_SECONDS SHUTDOWN_GRACE MARKER_DIR
 //
 // Kind `test.sleep` writes MARKER_DIR/started-<job id>-<pid>, sleeps `args.seconds`, then
-// writes MARKER_DIR/done-<job id>-<pid> and completes.
+// writes MARKER_DIR/done-<job id>-<pid> and completes. The sleep ends early when `job.signal`
+// aborts (the job handed back at shutdown, its lease lost).
 
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -25,7 +26,7 @@ const worker = new Worker({
 });
 worker.handle('test.sleep', async (args, job) => {
   writeFileSync(join(markers, `started-${job.id}-${process.pid}`), '');
-  await sleep(args.seconds * 1000);
+  await sleep(args.seconds * 1000, undefined, { signal: job.signal });
   writeFileSync(join(markers, `done-${job.id}-${process.pid}`), '');
 });
 await worker.run();

@@ -7,6 +7,7 @@ unless `CI=true`, where a missing binary fails them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,12 @@ if SRC not in sys.path:
     sys.path.insert(0, SRC)
 
 from conveyor_worker import Client  # noqa: E402
+
+# The tests check outcomes through the API; the worker's own log stays quiet unless asked for
+# (CONVEYOR_TEST_LOG=1).
+logging.getLogger("conveyor_worker").addHandler(logging.NullHandler())
+if os.environ.get("CONVEYOR_TEST_LOG") == "1":
+    logging.basicConfig(level=logging.INFO)
 
 # Short leases and a fast rescuer, so a killed worker's job is back within seconds.
 SERVER_ENV = {
@@ -129,6 +136,7 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        self.admin.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

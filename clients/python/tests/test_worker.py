@@ -218,8 +218,11 @@ class WorkerTests(unittest.TestCase):
         job_id = self.enqueue("test.sleep", {"seconds": 30})
         proc = self.spawn(lease=10, grace=0.5, markers=markers)
         wait_until(lambda: glob.glob(f"{markers}/started-{job_id}-{proc.pid}"), 20, "the worker starts the job")
+        stopped = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.wait(30), 0, proc.stderr.read().decode() if proc.stderr else "")
+        # The grace (0.5 s) and a last long poll (1 s), not the handler's 30 s.
+        self.assertLess(time.monotonic() - stopped, 10)
         job = self.server.job(job_id)
         self.assertIn(job["state"], ("available", "scheduled"), job)
         self.assertEqual([a["outcome"] for a in job["attempts"]], ["snoozed"], "handed back, no attempt used")

@@ -174,9 +174,9 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self._on_signal)
         threads = [
-            threading.Thread(target=self._claim_loop, name="conveyor-claim", daemon=True),
-            threading.Thread(target=self._heartbeat_loop, name="conveyor-heartbeat", daemon=True),
-            threading.Thread(target=self._finish_loop, name="conveyor-finish", daemon=True),
+            threading.Thread(target=self._closing(self._claim_loop), name="conveyor-claim", daemon=True),
+            threading.Thread(target=self._closing(self._heartbeat_loop), name="conveyor-heartbeat", daemon=True),
+            threading.Thread(target=self._closing(self._finish_loop), name="conveyor-finish", daemon=True),
         ]
         for t in threads:
             t.start()
@@ -191,6 +191,15 @@ class Worker:
                 signal.signal(sig, handler)
         if self._fatal is not None:
             raise self._fatal
+
+    def _closing(self, loop: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                loop()
+            finally:
+                self.client.close()  # this thread's connection
+
+        return run
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
