@@ -26,9 +26,8 @@ export const NO_HANDLER_SNOOZE = 60;
  * @property {string} [createdAt]
  * @property {string} [leaseExpiresAt]
  * @property {AbortSignal} signal aborted when the lease is lost (the job was rescued), when
- *   someone asks to cancel the job (`cancelRequested` is then true: throw, and the failure
- *   ends the job `cancelled`), or when the worker stops without waiting; a long handler may
- *   watch it and stop early
+ *   someone asks to cancel the job (`cancelRequested` is then true: stop early and throw),
+ *   or when the worker stops without waiting; a long handler may watch it and stop early
  * @property {boolean} cancelRequested
  */
 

@@ -191,7 +191,8 @@ describe('worker against conveyor serve', { skip }, () => {
     const proc = s.spawn(10, 20);
     await waitUntil(() => existsSync(marker('started', id, proc.pid)), 20_000, 'the worker starts the job');
     proc.kill('SIGTERM');
-    // Enqueued after SIGTERM: the stopping worker must not run it.
+    await waitUntil(() => proc.stderrText.includes('SIGTERM: claiming no more jobs'), 10_000, 'the worker takes the signal');
+    // Enqueued once the worker has taken SIGTERM: it must not run it.
     const later = await s.enqueue('test.sleep', { seconds: 0 });
     const { code } = await proc.exited;
     assert.equal(code, 0, proc.stderrText);
@@ -217,6 +218,57 @@ describe('worker against conveyor serve', { skip }, () => {
     assert.ok(['available', 'scheduled'].includes(job.state), JSON.stringify(job));
     assert.deepEqual(job.attempts.map((a) => a.outcome), ['snoozed'], 'handed back, no attempt used');
     assert.equal(job.attempt, 0);
+  });
+
+  test('outcomes are sent in batches', async (t) => {
+    const s = setup(t);
+    const w = s.worker({ concurrency: 40, finishIntervalMs: 200 });
+    const sizes = [];
+    const send = w.client.finish.bind(w.client);
+    w.client.finish = (workerId, items) => {
+      sizes.push(items.length);
+      return send(workerId, items);
+    };
+    w.handle('test.quick', () => {});
+    const ids = [];
+    for (let n = 0; n < 40; n++) ids.push(await s.enqueue('test.quick', { n }));
+    s.start(w);
+    for (const id of ids) await server.waitJob(id, (j) => j.state === 'completed');
+    assert.equal(sizes.reduce((a, b) => a + b, 0), 40, 'one outcome per job');
+    assert.ok(sizes.length < 40, `batched, not one call per job: ${sizes}`);
+  });
+
+  test('a cancel request reaches the running handler', async (t) => {
+    const s = setup(t);
+    const w = s.worker({ leaseSeconds: 2, heartbeatSeconds: 0.3 });
+    let started = false;
+    let seen = false;
+    w.handle('test.long', async (args, job) => {
+      if (job.attempt > 1) return;
+      started = true;
+      await new Promise((resolve) => job.signal.addEventListener('abort', resolve, { once: true }));
+      seen = job.cancelRequested;
+      throw new Error('stopped: cancel requested');
+    });
+    const id = await s.enqueue('test.long', {});
+    s.start(w);
+    await waitUntil(() => started, 20_000, 'the handler starts');
+    const answer = await server.admin.request('POST', `/v1/jobs/${id}/cancel`, {});
+    assert.equal(answer.result, 'requested');
+    // The next heartbeat (every 0.3 s) carries the request to the handler.
+    await waitUntil(() => seen, 5000, 'job.signal aborted with cancelRequested');
+    const job = await server.waitJob(id, (j) => j.attempts.length >= 1, 10_000);
+    assert.equal(job.attempts[0].error, 'Error: stopped: cancel requested');
+  });
+
+  test('a key restricted to other queues is refused', async (t) => {
+    const s = setup(t);
+    const key = JSON.parse(
+      server.cli('keys', 'create', '--scope', 'worker', '--name', `other-${s.queue}`, '--queue', 'elsewhere', '--json'),
+    ).key;
+    const w = new Worker({ url: server.url, key, queues: [s.queue], waitSeconds: 0, logger: quiet });
+    w.handle('test.sleep', () => {});
+    await assert.rejects(w.run({ signals: false }), (e) => e instanceof ApiError && e.status === 403);
   });
 
   test('a key without the worker scope is refused', async (t) => {

@@ -37,6 +37,7 @@ class WorkerTests(unittest.TestCase):
         self.threads: List[threading.Thread] = []
         self.workers: List[Worker] = []
         self.procs: List[subprocess.Popen] = []
+        self.logs: Dict[int, str] = {}
 
     def tearDown(self) -> None:
         for w in self.workers:
@@ -47,8 +48,6 @@ class WorkerTests(unittest.TestCase):
             if p.poll() is None:
                 p.kill()
             p.wait()
-            if p.stderr:
-                p.stderr.close()
 
     def worker(self, **kw: Any) -> Worker:
         kw.setdefault("queues", [self.queue])
@@ -67,6 +66,8 @@ class WorkerTests(unittest.TestCase):
         return str(answer["job"]["id"])
 
     def spawn(self, lease: int, grace: float, markers: str) -> subprocess.Popen:
+        log_path = os.path.join(markers, f"worker-{self.queue}-{len(self.procs)}.log")
+        log = open(log_path, "wb")
         p = subprocess.Popen(
             [
                 sys.executable,
@@ -78,10 +79,16 @@ class WorkerTests(unittest.TestCase):
                 str(grace),
                 markers,
             ],
-            stderr=subprocess.PIPE,
+            stderr=log,
         )
+        log.close()
         self.procs.append(p)
+        self.logs[p.pid] = log_path
         return p
+
+    def log_of(self, p: subprocess.Popen) -> str:
+        with open(self.logs[p.pid], encoding="utf-8", errors="replace") as f:
+            return f.read()
 
     # -- tests ---------------------------------------------------------------------------
 
@@ -204,9 +211,10 @@ class WorkerTests(unittest.TestCase):
         proc = self.spawn(lease=10, grace=20, markers=markers)
         wait_until(lambda: glob.glob(f"{markers}/started-{job_id}-{proc.pid}"), 20, "the worker starts the job")
         proc.send_signal(signal.SIGTERM)
-        # Enqueued after SIGTERM: the stopping worker must not claim it.
+        wait_until(lambda: "SIGTERM: claiming no more jobs" in self.log_of(proc), 10, "the worker takes the signal")
+        # Enqueued once the worker has taken SIGTERM: it must not run it.
         later = self.enqueue("test.sleep", {"seconds": 0})
-        self.assertEqual(proc.wait(30), 0, proc.stderr.read().decode() if proc.stderr else "")
+        self.assertEqual(proc.wait(30), 0, self.log_of(proc))
         self.assertTrue(glob.glob(f"{markers}/done-{job_id}-{proc.pid}"))
         self.assertEqual(self.server.job(job_id)["state"], "completed")
         after = self.server.job(later)
@@ -220,13 +228,63 @@ class WorkerTests(unittest.TestCase):
         wait_until(lambda: glob.glob(f"{markers}/started-{job_id}-{proc.pid}"), 20, "the worker starts the job")
         stopped = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        self.assertEqual(proc.wait(30), 0, proc.stderr.read().decode() if proc.stderr else "")
+        self.assertEqual(proc.wait(30), 0, self.log_of(proc))
         # The grace (0.5 s) and a last long poll (1 s), not the handler's 30 s.
         self.assertLess(time.monotonic() - stopped, 10)
         job = self.server.job(job_id)
         self.assertIn(job["state"], ("available", "scheduled"), job)
         self.assertEqual([a["outcome"] for a in job["attempts"]], ["snoozed"], "handed back, no attempt used")
         self.assertEqual(job["attempt"], 0)
+
+    def test_outcomes_are_sent_in_batches(self) -> None:
+        w = self.worker(concurrency=40, finish_interval=0.2)
+        sizes: List[int] = []
+        send = w.client.finish
+
+        def counting(worker_id: str, items: Any) -> Any:
+            sizes.append(len(items))
+            return send(worker_id, items)
+
+        w.client.finish = counting  # type: ignore[method-assign]
+        w.register("test.quick", lambda args, job: None)
+        ids = [self.enqueue("test.quick", {"n": n}) for n in range(40)]
+        self.start(w)
+        for i in ids:
+            self.server.wait_job(i, lambda j: j["state"] == "completed")
+        self.assertEqual(sum(sizes), 40, "one outcome per job")
+        self.assertLess(len(sizes), 40, f"batched, not one call per job: {sizes}")
+
+    def test_a_cancel_request_reaches_the_running_handler(self) -> None:
+        w = self.worker(lease_seconds=2, heartbeat_seconds=0.3)
+        started = threading.Event()
+        seen = threading.Event()
+
+        @w.handler("test.long")
+        def long(args: Any, job: Job) -> None:
+            if job.attempt > 1:
+                return
+            started.set()
+            if job.cancel_requested.wait(20):
+                seen.set()
+                raise RuntimeError("stopped: cancel requested")
+
+        job_id = self.enqueue("test.long", {})
+        self.start(w)
+        self.assertTrue(started.wait(20))
+        answer = self.server.admin.request("POST", f"/v1/jobs/{job_id}/cancel", {})
+        self.assertEqual(answer["result"], "requested")
+        # The next heartbeat (every 0.3 s) carries the request to the handler.
+        self.assertTrue(seen.wait(5), "job.cancel_requested was set")
+        job = self.server.wait_job(job_id, lambda j: len(j["attempts"]) >= 1, timeout=10)
+        self.assertEqual(job["attempts"][0]["error"], "RuntimeError: stopped: cancel requested")
+
+    def test_a_key_restricted_to_other_queues_is_refused(self) -> None:
+        key = self.server.create_key("worker", f"other-{self.queue}", queues=["elsewhere"])
+        w = Worker(self.server.url, key, queues=[self.queue], wait_seconds=0)
+        w.register("test.sleep", lambda args, job: None)
+        with self.assertRaises(ApiError) as caught:
+            w.run(install_signal_handlers=False)
+        self.assertEqual(caught.exception.status, 403)
 
     def test_a_key_without_the_worker_scope_is_refused(self) -> None:
         read_key = self.server.create_key("read", f"read-{self.queue}")

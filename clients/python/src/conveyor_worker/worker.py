@@ -47,8 +47,8 @@ class Job:
     """Set when the server says this worker no longer holds the lease (the job was rescued):
     a long handler may check it and stop early; its outcome is dropped either way."""
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
-    """Set when someone asked to cancel the job: the handler should stop and raise; the
-    failure then ends the job ``cancelled``."""
+    """Set when someone asked to cancel the job (carried by the next heartbeat): the handler
+    should stop early and raise."""
 
     @classmethod
     def from_api(cls, raw: Mapping[str, Any]) -> "Job":
