@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import unittest
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from harness import HERE, Server, wait_until
 
@@ -36,7 +36,7 @@ class WorkerTests(unittest.TestCase):
         self.queue = f"py-{self._testMethodName[5:]}"[:100]
         self.threads: List[threading.Thread] = []
         self.workers: List[Worker] = []
-        self.procs: List[subprocess.Popen] = []
+        self.procs: List["subprocess.Popen[bytes]"] = []
         self.logs: Dict[int, str] = {}
 
     def tearDown(self) -> None:
@@ -65,7 +65,7 @@ class WorkerTests(unittest.TestCase):
         answer = self.server.admin.enqueue(kind, args, queue=self.queue, **kw)
         return str(answer["job"]["id"])
 
-    def spawn(self, lease: int, grace: float, markers: str) -> subprocess.Popen:
+    def spawn(self, lease: int, grace: float, markers: str) -> "subprocess.Popen[bytes]":
         log_path = os.path.join(markers, f"worker-{self.queue}-{len(self.procs)}.log")
         log = open(log_path, "wb")
         p = subprocess.Popen(
@@ -86,7 +86,7 @@ class WorkerTests(unittest.TestCase):
         self.logs[p.pid] = log_path
         return p
 
-    def log_of(self, p: subprocess.Popen) -> str:
+    def log_of(self, p: "subprocess.Popen[bytes]") -> str:
         with open(self.logs[p.pid], encoding="utf-8", errors="replace") as f:
             return f.read()
 
@@ -295,13 +295,14 @@ class WorkerTests(unittest.TestCase):
         self.assertEqual(caught.exception.status, 403)
 
     def test_bad_settings_are_refused_with_the_setting_named(self) -> None:
-        for kw, word in [
+        cases: List[Tuple[Dict[str, Any], str]] = [
             ({"concurrency": 0}, "concurrency"),
             ({"lease_seconds": 0}, "lease_seconds"),
             ({"wait_seconds": 31}, "wait_seconds"),
             ({"lease_seconds": 10, "heartbeat_seconds": 6}, "heartbeat_seconds"),
             ({"queues": []}, "queues"),
-        ]:
+        ]
+        for kw, word in cases:
             with self.assertRaises(ValueError) as caught:
                 Worker(self.server.url, self.server.worker_key, **kw)
             self.assertIn(word, str(caught.exception))

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any, Dict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
@@ -31,7 +32,7 @@ def main() -> None:
     )
 
     @worker.handler("test.sleep")
-    def sleep(args: dict, job: Job) -> None:
+    def sleep(args: Dict[str, Any], job: Job) -> None:
         open(os.path.join(markers, f"started-{job.id}-{os.getpid()}"), "w").close()
         time.sleep(float(args["seconds"]))
         open(os.path.join(markers, f"done-{job.id}-{os.getpid()}"), "w").close()

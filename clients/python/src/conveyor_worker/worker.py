@@ -187,8 +187,8 @@ class Worker:
                 pass
             self._drain()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            for signum, before in previous.items():
+                signal.signal(signum, before)
         if self._fatal is not None:
             raise self._fatal
 
