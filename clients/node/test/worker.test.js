@@ -165,6 +165,49 @@ describe('worker against conveyor serve', { skip }, () => {
     assert.deepEqual(job.attempts.map((a) => a.outcome), ['completed'], 'never rescued');
   });
 
+  test('an outcome after the lease was lost changes nothing', async (t) => {
+    // Worker A's heartbeats fail (as in a network partition: the calls reject before they
+    // reach the server), so its lease runs out while its handler still runs; worker B gets
+    // the job and completes it. A's late outcome is refused (409 for its item) and dropped,
+    // and A goes on working.
+    const s = setup(t);
+    // Concurrency 1: busy with its handler, A cannot claim the rescued job again itself.
+    const a = s.worker({ concurrency: 1, leaseSeconds: 1, heartbeatSeconds: 0.3, workerId: `a-${s.queue}` });
+    a.client.heartbeat = async () => {
+      throw new Error('network unreachable (test)');
+    };
+    const runs = [];
+    a.handle('test.slow', async (args, job) => {
+      runs.push(`a:${job.id}`);
+      await sleep(args.seconds * 1000);
+    });
+    const id = await s.enqueue('test.slow', { seconds: 4 });
+    s.start(a);
+    await waitUntil(() => runs.length === 1, 20_000, 'A starts the job');
+    const b = s.worker({ workerId: `b-${s.queue}` });
+    b.handle('test.slow', (args, job) => {
+      runs.push(`b:${job.id}`);
+    });
+    const bRun = s.start(b);
+    await server.waitJob(id, (j) => j.state === 'completed', 20_000);
+    b.stop();
+    await bRun;
+    await sleep(4000); // A's handler ends and its outcome is refused
+    const job = await server.job(id);
+    assert.deepEqual(
+      job.attempts.map((x) => [x.outcome, x.worker]),
+      [
+        ['lease_expired', a.workerId],
+        ['completed', b.workerId],
+      ],
+    );
+    assert.deepEqual(runs, [`a:${id}`, `b:${id}`]);
+    // A is not wedged: it runs the next job.
+    const next = await s.enqueue('test.slow', { seconds: 0 });
+    await server.waitJob(next, (j) => j.state === 'completed', 20_000);
+    assert.equal(runs.at(-1), `a:${next}`);
+  });
+
   test('a worker killed mid-job loses it to another worker', async (t) => {
     const s = setup(t);
     const id = await s.enqueue('test.sleep', { seconds: 2 });

@@ -191,6 +191,47 @@ class WorkerTests(unittest.TestCase):
         job = self.server.wait_job(job_id, lambda j: j["state"] == "completed", timeout=20)
         self.assertEqual([a["outcome"] for a in job["attempts"]], ["completed"], "never rescued")
 
+    def test_an_outcome_after_the_lease_was_lost_changes_nothing(self) -> None:
+        # Worker A's heartbeats fail (as in a network partition: the calls raise before they
+        # reach the server), so its lease runs out while its handler still runs; worker B
+        # gets the job and completes it. A's late outcome is refused (409 for its item) and
+        # dropped, and A goes on working.
+        # Concurrency 1: busy with its handler, A cannot claim the rescued job again itself.
+        a = self.worker(concurrency=1, lease_seconds=1, heartbeat_seconds=0.3, worker_id=f"a-{self.queue}")
+
+        def partitioned(*args: Any, **kw: Any) -> Any:
+            raise OSError("network unreachable (test)")
+
+        a.client.heartbeat = partitioned  # type: ignore[method-assign]
+        a_started = threading.Event()
+        runs: List[str] = []
+
+        @a.handler("test.slow")
+        def slow_a(args: Dict[str, Any], job: Job) -> None:
+            runs.append(f"a:{job.id}")
+            a_started.set()
+            time.sleep(args["seconds"])
+
+        job_id = self.enqueue("test.slow", {"seconds": 4})
+        self.start(a)
+        self.assertTrue(a_started.wait(20))
+        b = self.worker(worker_id=f"b-{self.queue}")
+        b.register("test.slow", lambda args, job: runs.append(f"b:{job.id}"))
+        self.start(b)
+        job = self.server.wait_job(job_id, lambda j: j["state"] == "completed", timeout=20)
+        b.stop()
+        time.sleep(4)  # A's handler ends and its outcome is refused
+        job = self.server.job(job_id)
+        self.assertEqual(
+            [(x["outcome"], x["worker"]) for x in job["attempts"]],
+            [("lease_expired", a.worker_id), ("completed", b.worker_id)],
+        )
+        self.assertEqual(runs, [f"a:{job_id}", f"b:{job_id}"])
+        # A is not wedged: it runs the next job.
+        next_id = self.enqueue("test.slow", {"seconds": 0})
+        self.server.wait_job(next_id, lambda j: j["state"] == "completed", timeout=20)
+        self.assertEqual(runs[-1], f"a:{next_id}")
+
     def test_a_worker_killed_mid_job_loses_it_to_another_worker(self) -> None:
         markers = self.server.dir
         job_id = self.enqueue("test.sleep", {"seconds": 2})
