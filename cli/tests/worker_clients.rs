@@ -1,10 +1,10 @@
 //! The Python and Node worker libraries (`clients/python`, `clients/node`) against this
 //! build's `conveyor serve`: each library's own suite runs with `CONVEYOR_BIN` set to this
 //! binary. Each suite starts its own server (SQLite in a temporary folder, a free port) and
-//! covers claiming, concurrency, retries with the error and traceback in the attempt
-//! history, permanent failure, snooze, heartbeats, a worker killed with SIGKILL mid-job (its
-//! job rescued and completed by another worker) and SIGTERM (the running job finishes, the
-//! process exits 0).
+//! covers claiming, concurrency, batched outcomes, retries with the error and traceback in
+//! the attempt history, permanent failure, snooze, heartbeats, cancel requests, a late outcome
+//! after a lost lease, a worker killed with SIGKILL mid-job (its job rescued and completed by
+//! another worker) and SIGTERM (the running job finishes, the process exits 0).
 //!
 //! Without `python3` or a Node of version 20.3 or later the suite is skipped with the reason
 //! printed; under `CI=true` it fails instead.
