@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import signal
@@ -144,6 +145,22 @@ class WorkerTests(unittest.TestCase):
         self.assertIn("ValueError: card declined for 42", tb)
         self.assertEqual(second["outcome"], "completed")
         self.assertEqual(first["worker"], w.worker_id)
+
+    def test_an_async_handler_runs_and_its_failure_is_recorded(self) -> None:
+        w = self.worker()
+
+        @w.handler("test.async")
+        async def run(args: Dict[str, Any], job: Job) -> None:
+            await asyncio.sleep(0.05)
+            if job.attempt == 1:
+                raise KeyError(args["missing"])
+
+        job_id = self.enqueue("test.async", {"missing": "field"}, max_attempts=2)
+        self.start(w)
+        job = self.server.wait_job(job_id, lambda j: j["state"] == "completed")
+        self.assertEqual([a["outcome"] for a in job["attempts"]], ["failed", "completed"])
+        self.assertEqual(job["attempts"][0]["error"], "KeyError: 'field'")
+        self.assertIn("in run", job["attempts"][0].get("traceback") or "")
 
     def test_permanent_failure_makes_the_job_dead_at_once(self) -> None:
         w = self.worker()
