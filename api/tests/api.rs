@@ -1296,6 +1296,25 @@ async fn openapi_document_matches_the_routes() {
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), count, "duplicate operationId in {ids:?}");
+    // Every success answer with a body states its schema (a client generator needs one);
+    // the probes and the docs page answer text or HTML, and 204 has no body.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if ["/livez", "/readyz", "/v1/docs", "/metrics"].contains(&path.as_str()) {
+                continue;
+            }
+            for (status, answer) in op["responses"].as_object().unwrap() {
+                if status.starts_with('2') && status != "204" {
+                    assert!(
+                        answer["content"]
+                            .as_object()
+                            .is_some_and(|c| c.values().all(|media| media.get("schema").is_some())),
+                        "{method} {path} {status} has no body schema: {answer}"
+                    );
+                }
+            }
+        }
+    }
     // Every documented operation with a scope declares it as bearer security.
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {

@@ -38,7 +38,7 @@ use conveyor_worker::NewJob;
 use serde::{Deserialize, Serialize};
 
 /// What to do about ticks that passed while no scheduler was running.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MissedPolicy {
     /// Fire none of them; wait for the next tick.
@@ -51,7 +51,7 @@ pub enum MissedPolicy {
 }
 
 /// What to do when a tick comes while the previous tick's job has not finished.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OverlapPolicy {
     /// Enqueue anyway.
@@ -62,7 +62,7 @@ pub enum OverlapPolicy {
 }
 
 /// A schedule as users write it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {
     /// Unique name.

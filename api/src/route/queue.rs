@@ -11,6 +11,27 @@ use crate::problem::Problem;
 use crate::state::AppState;
 use crate::view::QueueView;
 
+/// A queue's settings after a pause or resume.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct QueueSettingsView {
+    /// Workers fetch nothing from the queue while true.
+    pub paused: bool,
+    /// When `paused` last changed.
+    pub changed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Who changed it (an API key's name, or `cli:<user>`).
+    pub changed_by: Option<String>,
+}
+
+impl From<QueueSettings> for QueueSettingsView {
+    fn from(s: QueueSettings) -> Self {
+        Self {
+            paused: s.paused,
+            changed_at: s.changed_at,
+            changed_by: s.changed_by,
+        }
+    }
+}
+
 /// The route group.
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -70,19 +91,20 @@ async fn list(
 #[utoipa::path(
     post, path = "/v1/queues/{name}/pause", tag = "queues",
     params(("name" = String, Path, description = "Queue name (1-128 ASCII letters, digits, `.`, `_`, `-`, `:`)", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
-    responses((status = 200, description = "The queue's settings"), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)),
+    responses((status = 200, description = "The queue's settings", body = QueueSettingsView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn pause_queue(
     State(state): State<AppState>,
     auth: Auth<scope::Operate>,
     Path(name): Path<String>,
-) -> Result<axum::Json<QueueSettings>, Problem> {
+) -> Result<axum::Json<QueueSettingsView>, Problem> {
     Ok(axum::Json(
         state
             .admin()
             .set_queue_paused(&auth.actor(), &name, true)
-            .await?,
+            .await?
+            .into(),
     ))
 }
 
@@ -90,18 +112,19 @@ async fn pause_queue(
 #[utoipa::path(
     post, path = "/v1/queues/{name}/resume", tag = "queues",
     params(("name" = String, Path, description = "Queue name (1-128 ASCII letters, digits, `.`, `_`, `-`, `:`)", pattern = r"^[A-Za-z0-9._:-]{1,128}$")),
-    responses((status = 200, description = "The queue's settings"), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)),
+    responses((status = 200, description = "The queue's settings", body = QueueSettingsView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = ["operate"]))
 )]
 async fn resume_queue(
     State(state): State<AppState>,
     auth: Auth<scope::Operate>,
     Path(name): Path<String>,
-) -> Result<axum::Json<QueueSettings>, Problem> {
+) -> Result<axum::Json<QueueSettingsView>, Problem> {
     Ok(axum::Json(
         state
             .admin()
             .set_queue_paused(&auth.actor(), &name, false)
-            .await?,
+            .await?
+            .into(),
     ))
 }

@@ -7,6 +7,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use conveyor_scheduler::registry::{SchedulePatch, ScheduleStatus, Schedules, StoredSchedule};
+use conveyor_scheduler::schedule::ScheduleSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
@@ -98,8 +99,7 @@ impl ScheduleInput {
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ScheduleView {
     /// The schedule's fields.
-    #[schema(value_type = Object)]
-    pub spec: Value,
+    pub spec: ScheduleSpec,
     /// `config`, `api` or `builtin`.
     pub origin: String,
     /// Why the system disabled it, if it did.
@@ -121,7 +121,7 @@ pub struct ScheduleView {
 impl From<ScheduleStatus> for ScheduleView {
     fn from(s: ScheduleStatus) -> Self {
         Self {
-            spec: serde_json::to_value(&s.schedule.spec).unwrap_or_default(),
+            spec: s.schedule.spec,
             origin: serde_json::to_value(s.schedule.origin)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
