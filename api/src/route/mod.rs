@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod job;
 pub mod queue;
+pub mod remote;
 pub mod schedule;
 pub mod system;
 pub mod webhook;
