@@ -296,8 +296,8 @@ pub struct FinishResult {
     /// Job id.
     #[schema(value_type = String, format = Uuid)]
     pub id: JobId,
-    /// 200 applied; 404 no such job; 409 the attempt is not this worker's lease any more
-    /// (nothing changed).
+    /// 200 applied; 403 the job's queue is outside the key's queues; 404 no such job; 409 the
+    /// attempt is not this worker's lease any more (nothing changed).
     pub status: u16,
     /// The job's new state, when applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -790,8 +790,13 @@ impl RemoteWorkers {
     }
 
     /// Renews the leases of `job_ids` that `worker_id` holds; says which it no longer holds
-    /// and which were asked to cancel.
-    pub async fn heartbeat(&self, request: &HeartbeatRequest) -> Result<HeartbeatResponse> {
+    /// and which were asked to cancel. `allowed`: the caller's key's queues (`None`: any); a
+    /// job on another queue is not renewed and comes back `lost`.
+    pub async fn heartbeat(
+        &self,
+        request: &HeartbeatRequest,
+        allowed: Option<&[String]>,
+    ) -> Result<HeartbeatResponse> {
         check_worker_id(&request.worker_id)?;
         if request.job_ids.len() > MAX_BATCH {
             return Err(StoreError::invalid(
@@ -812,9 +817,23 @@ impl RemoteWorkers {
             self.touch(worker).await;
             return Ok(HeartbeatResponse::default());
         }
-        let cancel = self.store.heartbeat(worker, &ids, lease).await?;
+        let beat: Vec<JobId> = match allowed {
+            None => ids.clone(),
+            Some(allowed) => self
+                .jobs(&ids)
+                .await?
+                .into_values()
+                .filter(|j| allowed.contains(&j.queue))
+                .map(|j| j.id)
+                .collect(),
+        };
+        let cancel = if beat.is_empty() {
+            Vec::new()
+        } else {
+            self.store.heartbeat(worker, &beat, lease).await?
+        };
         let held: HashSet<JobId> = self
-            .jobs(&ids)
+            .jobs(&beat)
             .await?
             .into_values()
             .filter(|j| j.state == JobState::Running && j.lease_owner.as_deref() == Some(worker))
@@ -849,32 +868,39 @@ impl RemoteWorkers {
     }
 
     /// Reports one attempt's outcome: the job's new state, [`StoreError::NotFound`] if there
-    /// is no such job, [`StoreError::Conflict`] if the attempt is not `worker_id`'s lease any
-    /// more.
+    /// is no such job, [`Error::Forbidden`] if it is on a queue outside `allowed` (the
+    /// caller's key's queues; `None`: any), [`StoreError::Conflict`] if the attempt is not
+    /// `worker_id`'s lease any more.
     pub async fn report(
         &self,
         worker_id: &str,
         id: JobId,
         attempt: i32,
         report: Report,
+        allowed: Option<&[String]>,
     ) -> Result<JobState> {
         let result = self
-            .finish(worker_id, vec![(id, attempt, report)])
+            .finish(worker_id, vec![(id, attempt, report)], allowed)
             .await?
             .pop()
             .ok_or_else(|| StoreError::Unsupported("finish returned no answer".into()))?;
         match (result.status, result.state) {
             (200, Some(state)) => Ok(state),
             (404, _) => Err(StoreError::NotFound(id).into()),
+            (403, _) => Err(Error::Forbidden(result.error.unwrap_or_default())),
             _ => Err(StoreError::Conflict(result.error.unwrap_or_default()).into()),
         }
     }
 
-    /// Reports many outcomes in one write; each gets its own answer, in input order.
+    /// Reports many outcomes in one write; each gets its own answer, in input order: 200
+    /// applied, 404 no such job, 403 a job on a queue outside `allowed` (the caller's key's
+    /// queues; `None`: any), 409 not `worker_id`'s lease any more. Only the 200s change
+    /// anything.
     pub async fn finish(
         &self,
         worker_id: &str,
         items: Vec<(JobId, i32, Report)>,
+        allowed: Option<&[String]>,
     ) -> Result<Vec<FinishResult>> {
         check_worker_id(worker_id)?;
         let ids: Vec<JobId> = items.iter().map(|(id, _, _)| *id).collect();
@@ -895,6 +921,21 @@ impl RemoteWorkers {
                 });
                 continue;
             };
+            if let Some(allowed) = allowed
+                && !allowed.contains(&job.queue)
+            {
+                results.push(FinishResult {
+                    id,
+                    status: 403,
+                    state: None,
+                    error: Some(format!(
+                        "job {id} is on the queue `{}`; this key may report on the queues {} only",
+                        job.queue,
+                        allowed.join(", ")
+                    )),
+                });
+                continue;
+            }
             if let Some(why) = not_leased(job, worker_id, attempt) {
                 results.push(FinishResult {
                     id,

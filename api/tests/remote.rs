@@ -468,6 +468,48 @@ async fn a_worker_key_claims_only_from_its_queues(store: Arc<dyn Store>) {
             .len(),
         1
     );
+    // The emails key can neither report on nor renew the billing job, even naming its
+    // holder and attempt.
+    let leased = store.get(other).await.unwrap().unwrap();
+    let (status, p) = post(
+        &s,
+        &key,
+        &format!("/v1/workers/jobs/{other}/complete"),
+        json!({"worker_id": "w", "attempt": 1}),
+    )
+    .await;
+    assert_eq!(status, 403, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("`billing`"), "{p}");
+    let (status, answer) = post(
+        &s,
+        &key,
+        "/v1/workers/finish",
+        json!({"worker_id": "w", "items": [{"id": other, "attempt": 1, "outcome": "complete"}]}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["items"][0]["status"].as_u64()),
+        (200, Some(403)),
+        "{answer}"
+    );
+    let (status, beat) = post(
+        &s,
+        &key,
+        "/v1/workers/heartbeat",
+        json!({"worker_id": "w", "job_ids": [other], "lease_seconds": 3600}),
+    )
+    .await;
+    assert_eq!((status, beat["lost"].clone()), (200, json!([other])), "{beat}");
+    assert_eq!(store.get(other).await.unwrap().unwrap(), leased, "nothing changed");
+    // The admin key's worker can.
+    let (status, _) = post(
+        &s,
+        &admin,
+        &format!("/v1/workers/jobs/{other}/complete"),
+        json!({"worker_id": "w", "attempt": 1}),
+    )
+    .await;
+    assert_eq!(status, 200);
     // Queues are for worker keys only.
     let e = key::create_for_queues(&store, "r", Scope::Read, &["emails".into()], Actor::cli())
         .await

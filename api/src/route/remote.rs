@@ -89,20 +89,29 @@ async fn claim(
 )]
 async fn heartbeat(
     State(state): State<AppState>,
-    _auth: Auth<scope::Worker>,
+    auth: Auth<scope::Worker>,
     Body(request): Body<HeartbeatRequest>,
 ) -> Result<axum::Json<HeartbeatResponse>, Problem> {
-    Ok(axum::Json(state.remote.heartbeat(&request).await?))
+    Ok(axum::Json(
+        state
+            .remote
+            .heartbeat(&request, auth.key.queues.as_deref())
+            .await?,
+    ))
 }
 
 async fn report(
     state: &AppState,
+    auth: &Auth<scope::Worker>,
     worker_id: &str,
     id: JobId,
     attempt: i32,
     report: Report,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
-    let state = state.remote.report(worker_id, id, attempt, report).await?;
+    let state = state
+        .remote
+        .report(worker_id, id, attempt, report, auth.key.queues.as_deref())
+        .await?;
     Ok(axum::Json(ReportResponse {
         id: id.to_string(),
         state,
@@ -115,17 +124,17 @@ async fn report(
     post, path = "/v1/workers/jobs/{id}/complete", tag = "remote-workers", operation_id = "complete_job",
     params(JobIdParam),
     request_body = CompleteRequest,
-    responses((status = 200, body = ReportResponse), (status = 409, body = Problem)),
+    responses((status = 200, body = ReportResponse), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
     security(("bearer" = ["worker"]))
 )]
 async fn complete(
     State(state): State<AppState>,
-    _auth: Auth<scope::Worker>,
+    auth: Auth<scope::Worker>,
     JobPath(id): JobPath,
     Body(request): Body<CompleteRequest>,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
     let checked = request.check()?;
-    report(&state, &request.worker_id, id, request.attempt, checked).await
+    report(&state, &auth, &request.worker_id, id, request.attempt, checked).await
 }
 
 /// The attempt failed: `retryable` after the backoff (or `retry_after_seconds`), or `dead`
@@ -135,17 +144,17 @@ async fn complete(
     post, path = "/v1/workers/jobs/{id}/fail", tag = "remote-workers", operation_id = "fail_job",
     params(JobIdParam),
     request_body = FailRequest,
-    responses((status = 200, body = ReportResponse), (status = 409, body = Problem)),
+    responses((status = 200, body = ReportResponse), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
     security(("bearer" = ["worker"]))
 )]
 async fn fail(
     State(state): State<AppState>,
-    _auth: Auth<scope::Worker>,
+    auth: Auth<scope::Worker>,
     JobPath(id): JobPath,
     Body(request): Body<FailRequest>,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
     let checked = request.check()?;
-    report(&state, &request.worker_id, id, request.attempt, checked).await
+    report(&state, &auth, &request.worker_id, id, request.attempt, checked).await
 }
 
 /// Run the job again after `seconds` without using an attempt (`scheduled`). `409` as for
@@ -154,21 +163,22 @@ async fn fail(
     post, path = "/v1/workers/jobs/{id}/snooze", tag = "remote-workers", operation_id = "snooze_job",
     params(JobIdParam),
     request_body = SnoozeRequest,
-    responses((status = 200, body = ReportResponse), (status = 409, body = Problem)),
+    responses((status = 200, body = ReportResponse), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
     security(("bearer" = ["worker"]))
 )]
 async fn snooze(
     State(state): State<AppState>,
-    _auth: Auth<scope::Worker>,
+    auth: Auth<scope::Worker>,
     JobPath(id): JobPath,
     Body(request): Body<SnoozeRequest>,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
     let checked = request.check()?;
-    report(&state, &request.worker_id, id, request.attempt, checked).await
+    report(&state, &auth, &request.worker_id, id, request.attempt, checked).await
 }
 
-/// Many outcomes in one write. Each item gets its own status: 200 applied, 404 no such job,
-/// 409 not this worker's lease any more (nothing changed for it).
+/// Many outcomes in one write. Each item gets its own status: 200 applied, 403 a job on a
+/// queue outside the key's queues, 404 no such job, 409 not this worker's lease any more
+/// (nothing changed for it).
 #[utoipa::path(
     post, path = "/v1/workers/finish", tag = "remote-workers", operation_id = "finish_jobs",
     request_body = FinishRequest,
@@ -177,10 +187,13 @@ async fn snooze(
 )]
 async fn finish(
     State(state): State<AppState>,
-    _auth: Auth<scope::Worker>,
+    auth: Auth<scope::Worker>,
     Body(request): Body<FinishRequest>,
 ) -> Result<axum::Json<FinishResponse>, Problem> {
     let items = request.check()?;
-    let items = state.remote.finish(&request.worker_id, items).await?;
+    let items = state
+        .remote
+        .finish(&request.worker_id, items, auth.key.queues.as_deref())
+        .await?;
     Ok(axum::Json(FinishResponse { items }))
 }
