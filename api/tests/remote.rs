@@ -499,8 +499,16 @@ async fn a_worker_key_claims_only_from_its_queues(store: Arc<dyn Store>) {
         json!({"worker_id": "w", "job_ids": [other], "lease_seconds": 3600}),
     )
     .await;
-    assert_eq!((status, beat["lost"].clone()), (200, json!([other])), "{beat}");
-    assert_eq!(store.get(other).await.unwrap().unwrap(), leased, "nothing changed");
+    assert_eq!(
+        (status, beat["lost"].clone()),
+        (200, json!([other])),
+        "{beat}"
+    );
+    assert_eq!(
+        store.get(other).await.unwrap().unwrap(),
+        leased,
+        "nothing changed"
+    );
     // The admin key's worker can.
     let (status, _) = post(
         &s,

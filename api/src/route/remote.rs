@@ -134,7 +134,15 @@ async fn complete(
     Body(request): Body<CompleteRequest>,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
     let checked = request.check()?;
-    report(&state, &auth, &request.worker_id, id, request.attempt, checked).await
+    report(
+        &state,
+        &auth,
+        &request.worker_id,
+        id,
+        request.attempt,
+        checked,
+    )
+    .await
 }
 
 /// The attempt failed: `retryable` after the backoff (or `retry_after_seconds`), or `dead`
@@ -154,7 +162,15 @@ async fn fail(
     Body(request): Body<FailRequest>,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
     let checked = request.check()?;
-    report(&state, &auth, &request.worker_id, id, request.attempt, checked).await
+    report(
+        &state,
+        &auth,
+        &request.worker_id,
+        id,
+        request.attempt,
+        checked,
+    )
+    .await
 }
 
 /// Run the job again after `seconds` without using an attempt (`scheduled`). `409` as for
@@ -173,7 +189,15 @@ async fn snooze(
     Body(request): Body<SnoozeRequest>,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
     let checked = request.check()?;
-    report(&state, &auth, &request.worker_id, id, request.attempt, checked).await
+    report(
+        &state,
+        &auth,
+        &request.worker_id,
+        id,
+        request.attempt,
+        checked,
+    )
+    .await
 }
 
 /// Many outcomes in one write. Each item gets its own status: 200 applied, 403 a job on a
