@@ -23,7 +23,9 @@ use conveyor_worker::store::meta::{Expect, Put, list_all};
 pub const COLLECTION: &str = "api_keys";
 
 /// What a key may do. `admin` ⊇ `operate` ⊇ `read`; `enqueue` is separate (an application's
-/// key that adds jobs and reads nothing), and `admin` includes it too.
+/// key that adds jobs and reads nothing), and so is `worker` (a remote worker's key: it claims
+/// jobs and reports their outcomes, nothing else, optionally only on some queues); `admin`
+/// includes both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
@@ -33,13 +35,22 @@ pub enum Scope {
     Read,
     /// `read`, plus retry, cancel, discard (one or in bulk) and pause/resume queues.
     Operate,
-    /// Everything: `operate`, `enqueue`, and the audit log.
+    /// Everything: `operate`, `enqueue`, `worker`, and the audit log.
     Admin,
+    /// The remote-worker routes (`/v1/workers/claim`, heartbeat, complete, fail, snooze,
+    /// finish). Nothing else.
+    Worker,
 }
 
 impl Scope {
     /// Every scope.
-    pub const ALL: [Scope; 4] = [Scope::Enqueue, Scope::Read, Scope::Operate, Scope::Admin];
+    pub const ALL: [Scope; 5] = [
+        Scope::Enqueue,
+        Scope::Read,
+        Scope::Operate,
+        Scope::Admin,
+        Scope::Worker,
+    ];
 
     /// Whether a key with this scope may do what needs `needed`.
     pub fn grants(self, needed: Scope) -> bool {
@@ -48,6 +59,7 @@ impl Scope {
             Scope::Operate => matches!(needed, Scope::Operate | Scope::Read),
             Scope::Read => needed == Scope::Read,
             Scope::Enqueue => needed == Scope::Enqueue,
+            Scope::Worker => needed == Scope::Worker,
         }
     }
 
@@ -58,6 +70,7 @@ impl Scope {
             Scope::Read => "read",
             Scope::Operate => "operate",
             Scope::Admin => "admin",
+            Scope::Worker => "worker",
         }
     }
 }
@@ -78,7 +91,7 @@ impl FromStr for Scope {
             .ok_or_else(|| {
                 Error::invalid(
                     "scope",
-                    format!("unknown scope `{s}`; use enqueue, read, operate or admin"),
+                    format!("unknown scope `{s}`; use enqueue, read, operate, admin or worker"),
                 )
             })
     }
@@ -101,9 +114,21 @@ pub struct ApiKey {
     pub created_at: DateTime<Utc>,
     /// When it was revoked; a revoked key is refused with 401.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// A `worker` key's queues: it may claim from these only (absent: from any queue).
+    /// Records written before keys had it read as absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<Vec<String>>,
 }
 
 impl ApiKey {
+    /// Whether this key may claim jobs from `queue` (a `worker` key restricted to queues);
+    /// other keys' scope decides alone.
+    pub fn may_claim(&self, queue: &str) -> bool {
+        self.queues
+            .as_ref()
+            .is_none_or(|qs| qs.iter().any(|q| q == queue))
+    }
+
     /// The key without its hash, for listings.
     pub fn public(mut self) -> Self {
         self.hash.clear();
@@ -170,6 +195,49 @@ pub async fn create(
     scope: Scope,
     actor: Actor,
 ) -> Result<(ApiKey, String)> {
+    create_for_queues(store, name, scope, &[], actor).await
+}
+
+/// Most queues one `worker` key may be restricted to.
+pub const MAX_KEY_QUEUES: usize = 32;
+
+/// Checks a key's queue restriction: only a `worker` key has one, each name a valid queue
+/// name, at most [`MAX_KEY_QUEUES`]. Returns the sorted, deduplicated list (`None`: none given).
+pub fn check_queues(scope: Scope, queues: &[String]) -> Result<Option<Vec<String>>> {
+    if queues.is_empty() {
+        return Ok(None);
+    }
+    if scope != Scope::Worker {
+        return Err(Error::invalid(
+            "queues",
+            format!("only a `worker` key is restricted to queues; this key's scope is `{scope}`"),
+        ));
+    }
+    for (i, q) in queues.iter().enumerate() {
+        conveyor_worker::job::check_name(&format!("queues[{i}]"), q)?;
+    }
+    let mut list = queues.to_vec();
+    list.sort();
+    list.dedup();
+    if list.len() > MAX_KEY_QUEUES {
+        return Err(Error::invalid(
+            "queues",
+            format!("at most {MAX_KEY_QUEUES} queues, got {}", list.len()),
+        ));
+    }
+    Ok(Some(list))
+}
+
+/// [`create`] with a `worker` key's queues (empty: any queue). Audited as `key.create` with
+/// the queues.
+pub async fn create_for_queues(
+    store: &Arc<dyn Store>,
+    name: &str,
+    scope: Scope,
+    queues: &[String],
+    actor: Actor,
+) -> Result<(ApiKey, String)> {
+    let queues = check_queues(scope, queues)?;
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
         return Err(Error::invalid(
@@ -186,15 +254,20 @@ pub async fn create(
         hash: hash(&secret),
         created_at: Utc::now(),
         revoked_at: None,
+        queues,
     };
     let value = serde_json::to_value(&key)?;
     store
         .meta_put(Put::new(COLLECTION, &id, &value).expect(Expect::Absent))
         .await?;
+    let mut target = serde_json::json!({ "key_id": id, "name": name, "scope": scope });
+    if let Some(queues) = &key.queues {
+        target["queues"] = serde_json::json!(queues);
+    }
     audit::record(
         store.as_ref(),
         AuditEntry::new(actor, "key.create")
-            .target(serde_json::json!({ "key_id": id, "name": name, "scope": scope }))
+            .target(target)
             .affected(1),
     )
     .await?;
@@ -246,6 +319,18 @@ impl crate::Admin {
         Ok(create(&self.store, name, scope, actor.clone()).await?)
     }
 
+    /// [`Admin::create_key`] for a `worker` key that may claim from `queues` only (empty:
+    /// any queue); queues on another scope are refused. Audited as `key.create`.
+    pub async fn create_key_for_queues(
+        &self,
+        actor: &Actor,
+        name: &str,
+        scope: Scope,
+        queues: &[String],
+    ) -> crate::Result<(ApiKey, String)> {
+        Ok(create_for_queues(&self.store, name, scope, queues, actor.clone()).await?)
+    }
+
     /// Revokes a key (idempotent). Audited as `key.revoke`; [`crate::Error::NotFound`] if
     /// there is no such key.
     pub async fn revoke_key(&self, actor: &Actor, id: &str) -> crate::Result<ApiKey> {
@@ -274,16 +359,40 @@ mod tests {
     fn scope_hierarchy() {
         use Scope::*;
         let expect = [
-            (Enqueue, [true, false, false, false]),
-            (Read, [false, true, false, false]),
-            (Operate, [false, true, true, false]),
-            (Admin, [true, true, true, true]),
+            (Enqueue, [true, false, false, false, false]),
+            (Read, [false, true, false, false, false]),
+            (Operate, [false, true, true, false, false]),
+            (Admin, [true, true, true, true, true]),
+            (Worker, [false, false, false, false, true]),
         ];
         for (have, row) in expect {
             for (needed, ok) in Scope::ALL.into_iter().zip(row) {
                 assert_eq!(have.grants(needed), ok, "{have} for {needed}");
             }
         }
+    }
+
+    #[test]
+    fn only_worker_keys_take_queues() {
+        assert_eq!(check_queues(Scope::Read, &[]).unwrap(), None);
+        let e = check_queues(Scope::Read, &["a".into()]).unwrap_err();
+        assert!(e.to_string().contains("only a `worker` key"), "{e}");
+        let e = check_queues(Scope::Worker, &["ok".into(), "bad name".into()]).unwrap_err();
+        assert!(e.to_string().contains("queues[1]"), "{e}");
+        assert_eq!(
+            check_queues(Scope::Worker, &["b".into(), "a".into(), "b".into()]).unwrap(),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+        let key: ApiKey = serde_json::from_value(serde_json::json!({
+            "id": "0123456789abcdef", "name": "old", "scope": "read",
+            "hash": "", "created_at": "2026-01-01T00:00:00Z", "revoked_at": null
+        }))
+        .unwrap();
+        assert_eq!(
+            key.queues, None,
+            "records from before queues read as unrestricted"
+        );
+        assert!(key.may_claim("anything"));
     }
 
     #[test]

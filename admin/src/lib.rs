@@ -26,6 +26,7 @@ pub mod enqueue;
 pub mod job;
 pub mod key;
 pub mod queue;
+pub mod remote;
 pub mod schedule;
 pub mod serving;
 pub mod webhook;
@@ -62,6 +63,10 @@ pub enum Error {
     /// on the command line, like an unknown job state. The message lists the names that exist.
     #[error("{0}")]
     UnknownName(String),
+    /// The caller's key does not cover what it asked for (a `worker` key claiming from a
+    /// queue outside its list).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl Error {
@@ -73,7 +78,7 @@ impl Error {
             Error::Webhook(e) => {
                 matches!(e, WebhookError::Invalid { .. } | WebhookError::Reserved(_))
             }
-            Error::TooLarge { .. } | Error::UnknownName(_) => true,
+            Error::TooLarge { .. } | Error::UnknownName(_) | Error::Forbidden(_) => true,
             Error::NotFound(_) => false,
         }
     }

@@ -39,6 +39,9 @@ pub mod scope {
     /// Needs `admin`.
     #[derive(Debug)]
     pub struct Admin;
+    /// Needs `worker` (or `admin`).
+    #[derive(Debug)]
+    pub struct Worker;
 
     impl Needed for Enqueue {
         const SCOPE: Scope = Scope::Enqueue;
@@ -51,6 +54,9 @@ pub mod scope {
     }
     impl Needed for Admin {
         const SCOPE: Scope = Scope::Admin;
+    }
+    impl Needed for Worker {
+        const SCOPE: Scope = Scope::Worker;
     }
 }
 

@@ -67,6 +67,7 @@ pub use state::AppState;
         (name = "jobs", description = "Enqueue, inspect, retry, cancel, discard"),
         (name = "queues", description = "Counts, pause, resume"),
         (name = "workers", description = "Live worker processes"),
+        (name = "remote-workers", description = "Workers in any language: claim jobs, heartbeat, report outcomes"),
         (name = "schedules", description = "Cron schedules: status, create, update, pause, resume, trigger"),
         (name = "audit", description = "Operator actions"),
         (name = "webhooks", description = "Webhook endpoints, events, the attempt log, replay, health"),
@@ -98,6 +99,7 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(route::job::routes())
         .merge(route::queue::routes())
         .merge(route::worker::routes())
+        .merge(route::remote::routes())
         .merge(route::schedule::routes())
         .merge(route::audit::routes())
         .merge(route::system::routes())

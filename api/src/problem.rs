@@ -236,6 +236,7 @@ impl From<conveyor_admin::Error> for Problem {
                 Problem::too_large(format!("{field} is {message}")).field(field, message)
             }
             E::NotFound(message) | E::UnknownName(message) => Problem::not_found(message),
+            E::Forbidden(message) => Problem::forbidden(message),
         }
     }
 }

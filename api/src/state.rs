@@ -27,6 +27,9 @@ pub struct AppState {
     /// Cancelled when the process starts shutting down: `/readyz` answers `503` from then
     /// on, while the listener stays up until the workers have finished their jobs.
     pub draining: CancellationToken,
+    /// The remote-worker operations (`/v1/workers/claim` …), with what this server remembers
+    /// of the remote workers between requests.
+    pub remote: Arc<conveyor_admin::remote::RemoteWorkers>,
 }
 
 impl AppState {
@@ -37,6 +40,7 @@ impl AppState {
         let webhooks = Webhooks::new(store.clone(), WebhookConfig::default())
             .expect("the default webhook settings are valid and the HTTP client builds");
         Self {
+            remote: Arc::new(conveyor_admin::remote::RemoteWorkers::new(store.clone())),
             store,
             config: Arc::new(config),
             webhooks: Arc::new(webhooks),

@@ -88,6 +88,9 @@ pub struct AttemptView {
     pub causes: Vec<String>,
     /// Wall time.
     pub duration_ms: i64,
+    /// The stack trace a remote worker reported with the error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceback: Option<String>,
 }
 
 impl From<AttemptRecord> for AttemptView {
@@ -101,6 +104,7 @@ impl From<AttemptRecord> for AttemptView {
             error: a.error,
             causes: a.causes,
             duration_ms: a.duration_ms,
+            traceback: a.traceback,
         }
     }
 }

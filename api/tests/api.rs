@@ -405,6 +405,44 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
     ),
     ("GET", "/v1/workers", None, Some([false, true, true, true])),
     (
+        "POST",
+        "/v1/workers/claim",
+        Some(r#"{"worker_id":"m","queues":["matrix"]}"#),
+        Some([false, false, false, true]),
+    ),
+    (
+        "POST",
+        "/v1/workers/heartbeat",
+        Some(r#"{"worker_id":"m","job_ids":[]}"#),
+        Some([false, false, false, true]),
+    ),
+    (
+        "POST",
+        "/v1/workers/finish",
+        Some(
+            r#"{"worker_id":"m","items":[{"id":"0193f5a2-7c1e-7b44-9a4e-2f1d3c4b5a69","attempt":1,"outcome":"complete"}]}"#,
+        ),
+        Some([false, false, false, true]),
+    ),
+    (
+        "POST",
+        "/v1/workers/jobs/{id}/complete",
+        Some(r#"{"worker_id":"m","attempt":1}"#),
+        Some([false, false, false, true]),
+    ),
+    (
+        "POST",
+        "/v1/workers/jobs/{id}/fail",
+        Some(r#"{"worker_id":"m","attempt":1,"error":{"message":"x"}}"#),
+        Some([false, false, false, true]),
+    ),
+    (
+        "POST",
+        "/v1/workers/jobs/{id}/snooze",
+        Some(r#"{"worker_id":"m","attempt":1,"seconds":1}"#),
+        Some([false, false, false, true]),
+    ),
+    (
         "GET",
         "/v1/schedules",
         None,
@@ -574,17 +612,27 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
     ),
 ];
 
+/// The scopes of MATRIX's columns, then `worker`, whose key may call the remote-worker
+/// routes (`POST /v1/workers/…`) and nothing else.
+const MATRIX_SCOPES: [Scope; 5] = [
+    Scope::Enqueue,
+    Scope::Read,
+    Scope::Operate,
+    Scope::Admin,
+    Scope::Worker,
+];
+
 async fn scope_matrix(store: Arc<dyn Store>) {
     let s = Server::default(store.clone()).await;
     let mut keys = Vec::new();
-    for scope in Scope::ALL {
+    for scope in MATRIX_SCOPES {
         keys.push(s.key(scope).await);
     }
     let schedules = conveyor_scheduler::Schedules::new(store.clone());
     let mut n = 0;
     for (method, template, body, allowed) in MATRIX {
         let method: Method = method.parse().unwrap();
-        for who in 0..=Scope::ALL.len() {
+        for who in 0..=MATRIX_SCOPES.len() {
             let key = keys.get(who).map(String::as_str);
             if schedules.get("matrix").await.unwrap().is_none() {
                 schedules
@@ -639,17 +687,21 @@ async fn scope_matrix(store: Arc<dyn Store>) {
                     .body(b.replace("{n}", &n.to_string()));
             }
             let (status, problem) = send(r).await;
-            let who_name = Scope::ALL
+            let who_name = MATRIX_SCOPES
                 .get(who)
                 .map_or("no key".into(), |s| s.to_string());
+            let remote = method == Method::POST && template.starts_with("/v1/workers/");
             let expected = match (allowed, key) {
                 (None, _) => "ok",
                 (Some(_), None) => "401",
-                (Some(row), Some(_)) if row[who] => "ok",
+                (Some(_), Some(_)) if who == 4 && remote => "ok",
+                (Some(row), Some(_)) if who < 4 && row[who] => "ok",
                 (Some(_), Some(_)) => "403",
             };
             let got = match status {
                 200..=299 => "ok",
+                // Past the key check: the job was never claimed, so its outcome is refused.
+                409 if template.starts_with("/v1/workers/jobs/") => "ok",
                 401 => "401",
                 403 => "403",
                 other => panic!("{method} {path} as {who_name}: unexpected {other}: {problem}"),

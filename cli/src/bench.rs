@@ -27,6 +27,7 @@ use conveyor_worker::{JobContext, JobState, NewJob, Outcome, Registry, Store};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+mod remote;
 mod statistics;
 mod webhooks;
 
@@ -38,6 +39,9 @@ pub enum Workload {
     Jobs,
     /// Signed webhook deliveries to a local receiver, attempt log on (see docs/webhooks.md).
     Webhooks,
+    /// No-op jobs run by remote workers over HTTP: batched claim and finish through the API
+    /// in this process (see docs/api.md, Remote workers).
+    Remote,
 }
 
 /// Which store the benchmark runs on (must match the URL).
@@ -90,6 +94,12 @@ pub struct BenchArgs {
     /// autovacuum would after such an insert.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub preload_finished: u64,
+    /// `--workload remote`: HTTP worker loops.
+    #[arg(long, default_value_t = 4)]
+    pub remote_workers: u32,
+    /// `--workload remote`: jobs per claim (and per finish call), 1 to 1000.
+    #[arg(long, default_value_t = 1000)]
+    pub remote_batch: u32,
 }
 
 /// The result line.
@@ -134,14 +144,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             format!("{:?}", args.backend).to_lowercase()
         );
     }
-    if args.workload == Workload::Webhooks && (args.analyze || args.preload_finished > 0) {
+    if args.workload != Workload::Jobs && (args.analyze || args.preload_finished > 0) {
         bail!("--analyze and --preload-finished apply to --workload jobs only");
     }
 
     // Deliveries write an attempt-log record each, concurrently with fetch and completion:
     // they get a larger pool (CONVEYOR_BENCH_POOL overrides, for A/B runs).
     let pool = match args.workload {
-        Workload::Jobs => 8,
+        Workload::Jobs | Workload::Remote => 8,
         Workload::Webhooks => std::env::var("CONVEYOR_BENCH_POOL")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -158,6 +168,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .with_context(|| format!("opening {}", store::redact_url(&args.url)))?;
     if args.workload == Workload::Webhooks {
         return webhooks::run(&args, store).await;
+    }
+    if args.workload == Workload::Remote {
+        return remote::run(&args, store).await;
     }
     let backend = store.backend_name().await?;
     let queue = format!("bench_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);

@@ -69,12 +69,16 @@ pub enum Command {
 pub enum KeysCommand {
     /// Create a key and print it once (only its hash is stored).
     Create {
-        /// What it may do: enqueue, read, operate (read + actions) or admin (everything).
+        /// What it may do: enqueue, read, operate (read + actions), admin (everything) or
+        /// worker (a remote worker: claim jobs and report their outcomes).
         #[arg(long)]
         scope: String,
         /// Who or what it is for, e.g. billing-app.
         #[arg(long)]
         name: String,
+        /// A worker key may claim from this queue only (repeat for more; none: any queue).
+        #[arg(long = "queue", value_name = "QUEUE")]
+        queues: Vec<String>,
         #[command(flatten)]
         out: OutputArgs,
     },

@@ -375,15 +375,29 @@ pub async fn queues(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
 pub async fn keys(admin: &Admin, cmd: KeysCommand) -> anyhow::Result<()> {
     use conveyor_admin::key::{self, Scope};
     match cmd {
-        KeysCommand::Create { scope, name, out } => {
+        KeysCommand::Create {
+            scope,
+            name,
+            queues,
+            out,
+        } => {
             let scope: Scope = scope.parse()?;
-            let (k, token) = admin.create_key(&Actor::cli(), &name, scope).await?;
+            let (k, token) = admin
+                .create_key_for_queues(&Actor::cli(), &name, scope, &queues)
+                .await?;
             if out.json {
-                output::json(&json!({ "key": token, "id": k.id, "name": k.name, "scope": k.scope }))
+                output::json(
+                    &json!({ "key": token, "id": k.id, "name": k.name, "scope": k.scope, "queues": k.queues }),
+                )
             } else {
                 outln!("{token}");
+                let only = k
+                    .queues
+                    .as_ref()
+                    .map(|q| format!(" on queues {}", q.join(", ")))
+                    .unwrap_or_default();
                 errln!(
-                    "created key {} `{}` with scope `{}`. This is the only time the key is shown: store it now. Send it as `Authorization: Bearer <key>`.",
+                    "created key {} `{}` with scope `{}`{only}. This is the only time the key is shown: store it now. Send it as `Authorization: Bearer <key>`.",
                     k.id,
                     k.name,
                     k.scope

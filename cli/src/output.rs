@@ -154,6 +154,11 @@ pub fn job_detail(job: &Job) {
         ]);
     }
     outln!("{t}");
+    for a in &job.attempts {
+        if let Some(tb) = &a.traceback {
+            outln!("\ntraceback of attempt {}:\n{}", a.attempt, tb.trim_end());
+        }
+    }
 }
 
 /// Queue counts.
@@ -248,7 +253,10 @@ pub fn keys_table(keys: &[conveyor_admin::key::ApiKey]) {
         t.add_row(vec![
             k.id.clone(),
             k.name.clone(),
-            k.scope.to_string(),
+            match &k.queues {
+                Some(q) => format!("{} ({})", k.scope, q.join(", ")),
+                None => k.scope.to_string(),
+            },
             time(k.created_at),
             opt_time(k.revoked_at),
         ]);

@@ -38,6 +38,10 @@ async fn keys_and_the_audit_log(url: String, store: Arc<dyn Store>) {
     let listed = listed.as_array().unwrap();
     assert_eq!(listed.len(), 2);
     assert!(
+        listed.iter().all(|k| k.get("queues").is_none()),
+        "{listed:?}"
+    );
+    assert!(
         listed.iter().all(|k| k.get("hash").is_none()),
         "hashes are never shown"
     );
@@ -53,7 +57,43 @@ async fn keys_and_the_audit_log(url: String, store: Arc<dyn Store>) {
     assert!(err.contains("no key"), "{err}");
     let (code, _, err) = run(&url, &["keys", "create", "--scope", "root", "--name", "x"]);
     assert_eq!(code, 2, "a usage error");
-    assert!(err.contains("enqueue, read, operate or admin"), "{err}");
+    assert!(
+        err.contains("enqueue, read, operate, admin or worker"),
+        "{err}"
+    );
+    // A worker key limited to queues; queues on another scope are bad input.
+    let worker = run_json(
+        &url,
+        &[
+            "keys", "create", "--scope", "worker", "--name", "py", "--queue", "emails", "--queue",
+            "billing",
+        ],
+    );
+    assert_eq!(worker["scope"], "worker");
+    assert_eq!(worker["queues"], serde_json::json!(["billing", "emails"]));
+    let (code, _, err) = run(
+        &url,
+        &[
+            "keys", "create", "--scope", "read", "--name", "x", "--queue", "emails",
+        ],
+    );
+    assert_eq!(code, 2, "a usage error: {err}");
+    assert!(err.contains("only a `worker` key"), "{err}");
+    let (code, _, err) = run(
+        &url,
+        &[
+            "keys",
+            "create",
+            "--scope",
+            "worker",
+            "--name",
+            "x",
+            "--queue",
+            "no spaces",
+        ],
+    );
+    assert_eq!(code, 2, "a usage error: {err}");
+    assert!(err.contains("queues[0]"), "{err}");
 
     let job = store
         .enqueue(conveyor_worker::NewJob::new(
@@ -72,7 +112,18 @@ async fn keys_and_the_audit_log(url: String, store: Arc<dyn Store>) {
         .collect();
     assert_eq!(
         actions,
-        ["job.cancel", "key.revoke", "key.create", "key.create"]
+        [
+            "job.cancel",
+            "key.create",
+            "key.revoke",
+            "key.create",
+            "key.create"
+        ]
+    );
+    assert_eq!(
+        audit[1]["target"]["queues"],
+        serde_json::json!(["billing", "emails"]),
+        "the worker key's queues are audited"
     );
     assert!(
         audit[0]["actor"]["name"]

@@ -209,6 +209,7 @@ async fn one_in_every_state(s: &Arc<dyn Store>, queue: &str) -> Vec<(JobState, J
                     error: Some("failed".into()),
                     causes: Vec::new(),
                     duration_ms: 1,
+                    traceback: None,
                 },
             }])
             .await

@@ -372,6 +372,7 @@ async fn jobs_list_shows_the_root_cause_of_the_last_error() {
                     "connection refused".into(),
                 ],
                 duration_ms: 3,
+                traceback: None,
             },
         }])
         .await

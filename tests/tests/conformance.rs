@@ -82,6 +82,7 @@ fn finish(
                 .then(|| format!("attempt {} went {outcome:?}", j.attempt)),
             causes: vec!["root cause: disk full".into()],
             duration_ms: 3,
+            traceback: None,
         },
     }
 }

@@ -371,6 +371,7 @@ fn finish_done(id: Uuid) -> conveyor_worker::store::Finish {
             causes: Vec::new(),
             worker: Some(WORKER.into()),
             duration_ms: 0,
+            traceback: None,
         },
     }
 }

@@ -77,6 +77,7 @@ async fn queue_keys_share_their_queues_hash_tag() {
                 error: Some("no".into()),
                 causes: vec![],
                 duration_ms: 0,
+                traceback: None,
             },
         }])
         .await
@@ -160,6 +161,7 @@ async fn deleting_jobs_leaves_no_keys_behind() {
                     error: None,
                     causes: vec![],
                     duration_ms: 0,
+                    traceback: None,
                 },
             })
             .collect(),
@@ -200,6 +202,7 @@ fn record(attempt: i32, outcome: AttemptOutcome, error: Option<&str>) -> Attempt
         error: error.map(Into::into),
         causes: vec![],
         duration_ms: 0,
+        traceback: None,
     }
 }
 

@@ -55,6 +55,7 @@ async fn round_trip(store: &Arc<dyn Store>) {
                 causes: vec![],
                 worker: Some("w1".into()),
                 duration_ms: 0,
+                traceback: None,
             },
         }])
         .await
@@ -376,6 +377,7 @@ fn completed(
             error: None,
             causes: vec![],
             duration_ms: 0,
+            traceback: None,
         },
     }
 }

@@ -277,6 +277,10 @@ pub struct AttemptRecord {
     pub causes: Vec<String>,
     /// Wall time of the attempt in milliseconds.
     pub duration_ms: i64,
+    /// Where the error happened, as the worker reported it (a remote worker's stack trace).
+    /// Records written before this field read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceback: Option<String>,
 }
 
 /// A job row as stored.

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod http_target;
 pub mod job;
 pub mod queue;
+pub mod remote;
 pub mod schedule;
 pub mod system;
 pub mod webhook;

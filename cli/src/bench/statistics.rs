@@ -78,6 +78,7 @@ pub async fn preload_finished(url: &str, n: u64, queue: &str) -> anyhow::Result<
         error: None,
         causes: Vec::new(),
         duration_ms: 0,
+        traceback: None,
     }])?;
     sqlx::query(
         "INSERT INTO conveyor.jobs (id, queue, kind, args, state, attempt, max_attempts, run_at, \

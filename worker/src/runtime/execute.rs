@@ -244,6 +244,7 @@ fn given_back(
             error: Some(error),
             causes: Vec::new(),
             duration_ms: (now - started_at).num_milliseconds().max(0),
+            traceback: None,
         },
     }
 }

@@ -49,7 +49,7 @@ use crate::handler::Registry;
 use crate::job::{JobId, check_name};
 use crate::store::{Finish, Store, StoreEvent};
 
-pub use transition::transition;
+pub use transition::{Ended, transition};
 
 /// How long shutdown waits for outcomes to be written beyond `shutdown_grace`.
 pub const FLUSH_BOUND: Duration = Duration::from_secs(5);

@@ -195,6 +195,7 @@ pub fn transition(
             error,
             causes,
             duration_ms: (now - started_at).num_milliseconds().max(0),
+            traceback: None,
         },
     }
 }

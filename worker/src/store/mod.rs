@@ -502,6 +502,7 @@ pub fn rescue_finish(
             error: Some(error),
             causes: Vec::new(),
             duration_ms: (now - started_at).num_milliseconds().max(0),
+            traceback: None,
         },
     }
 }
