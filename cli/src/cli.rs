@@ -43,8 +43,8 @@ pub enum Command {
     /// The dead-letter queue: jobs whose attempts ran out or that failed permanently.
     #[command(subcommand)]
     Dead(DeadCommand),
-    /// Counts by state and the oldest ready job's age, per queue.
-    Queues(OutputArgs),
+    /// Counts by state and the oldest ready job's age, per queue; pause and resume a queue.
+    Queues(QueuesArgs),
     /// Cron schedules: list, show, create, update, delete, pause, resume, trigger, next.
     #[command(subcommand)]
     Schedules(SchedulesCommand),
@@ -143,6 +143,37 @@ pub struct WorkerArgs {
     /// Queues and their concurrency, e.g. `default=10,emails=4`.
     #[arg(long, value_delimiter = ',', value_name = "QUEUE=N")]
     pub queues: Option<Vec<String>>,
+}
+
+/// `queues [pause NAME | resume NAME]`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct QueuesArgs {
+    /// Without one: every queue's counts.
+    #[command(subcommand)]
+    pub action: Option<QueuesAction>,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// `queues pause|resume`.
+#[derive(Debug, Subcommand)]
+pub enum QueuesAction {
+    /// Stop workers fetching from a queue (within a second); it keeps accepting jobs, and
+    /// running jobs finish. Audited as `queue.pause`.
+    Pause {
+        /// The queue's name.
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Let workers fetch from a paused queue again. Audited as `queue.resume`.
+    Resume {
+        /// The queue's name.
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 /// `--json` alone.

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::cli::{
     AuditCommand, DeadCommand, EnqueueArgs, FilterArgs, JobsCommand, KeysCommand, PageArgs,
+    QueuesAction, QueuesArgs,
 };
 use crate::output;
 
@@ -361,14 +362,32 @@ async fn bulk(
 }
 
 /// `conveyor queues`
-pub async fn queues(admin: &Admin, as_json: bool) -> anyhow::Result<()> {
-    let queues = admin.queues().await?;
-    if as_json {
-        output::json(&queues)
-    } else {
-        output::queues_table(&queues);
-        Ok(())
+pub async fn queues(admin: &Admin, args: QueuesArgs) -> anyhow::Result<()> {
+    let (name, paused, out) = match args.action {
+        None => {
+            let queues = admin.queues().await?;
+            return if args.out.json {
+                output::json(&queues)
+            } else {
+                output::queues_table(&queues);
+                Ok(())
+            };
+        }
+        Some(QueuesAction::Pause { name, out }) => (name, true, out),
+        Some(QueuesAction::Resume { name, out }) => (name, false, out),
+    };
+    let settings = admin.set_queue_paused(&Actor::cli(), &name, paused).await?;
+    if out.json {
+        return output::json(&settings);
     }
+    if paused {
+        outln!(
+            "paused queue `{name}`: workers fetch nothing from it (within a second); it keeps accepting jobs"
+        );
+    } else {
+        outln!("resumed queue `{name}`");
+    }
+    Ok(())
 }
 
 /// `conveyor keys …`

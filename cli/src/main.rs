@@ -185,7 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enqueue(args) => commands::enqueue(&open_admin(&config).await?, args).await,
         Command::Jobs(cmd) => commands::jobs(&open_admin(&config).await?, cmd).await,
         Command::Dead(cmd) => commands::dead(&open_admin(&config).await?, cmd).await,
-        Command::Queues(out) => commands::queues(&open_admin(&config).await?, out.json).await,
+        Command::Queues(args) => commands::queues(&open_admin(&config).await?, args).await,
         Command::Schedules(cmd) if schedules::from_config_only(&config, &cmd) => {
             schedules::next_from_config(&config, cmd)
         }
