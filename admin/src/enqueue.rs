@@ -167,6 +167,15 @@ fn count_enqueued(queue: &str, kind: &str) {
 }
 
 impl Admin {
+    /// Refuses args that do not deserialize into the args type of a kind this process
+    /// registers ([`Admin::with_kinds`]).
+    fn check_args(&self, job: &NewJob) -> Result<()> {
+        match &self.kinds {
+            Some(kinds) => Ok(kinds.check_args(&job.kind, &job.args)?),
+            None => Ok(()),
+        }
+    }
+
     /// Checks and enqueues one job; warns if no live worker serves it. Enqueues are not
     /// audited (they are the application's traffic, not operator actions); `_actor` is
     /// taken so every operation has the same shape.
@@ -176,6 +185,7 @@ impl Admin {
             &self.webhooks.config().queue,
             Utc::now(),
         )?;
+        self.check_args(&job)?;
         let (queue, kind) = (job.queue.clone(), job.kind.clone());
         let enqueued = self.store.enqueue(job).await?;
         if !enqueued.duplicate {
@@ -211,6 +221,7 @@ impl Admin {
             .enumerate()
             .map(|(i, r)| {
                 r.into_job(self.limits.args_limit, webhook_queue, now)
+                    .and_then(|job| self.check_args(&job).map(|()| job))
                     .map_err(|e| e.prefixed(&format!("jobs[{i}].")))
             })
             .collect::<Result<Vec<_>>>()?;

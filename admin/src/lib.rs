@@ -126,6 +126,8 @@ pub struct Admin {
     store: Arc<dyn Store>,
     webhooks: Arc<Webhooks>,
     limits: Limits,
+    /// The kinds this process has the args types of; their jobs' args are checked at enqueue.
+    kinds: Option<Arc<conveyor_worker::Registry>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -143,7 +145,16 @@ impl Admin {
             store: webhooks.store().clone(),
             webhooks,
             limits,
+            kinds: None,
         }
+    }
+
+    /// With the kinds this process registers: an enqueue of one of them whose args do not
+    /// deserialize into its args type is refused (invalid `args`), instead of the job going
+    /// `dead` when a worker first runs it. Kinds not in `kinds` are not checked.
+    pub fn with_kinds(mut self, kinds: Arc<conveyor_worker::Registry>) -> Self {
+        self.kinds = Some(kinds);
+        self
     }
 
     /// The store.

@@ -24,6 +24,9 @@ pub struct AppState {
     /// Cancelled when the process starts shutting down: `/readyz` answers `503` from then
     /// on, while the listener stays up until the workers have finished their jobs.
     pub draining: CancellationToken,
+    /// The kinds this process has the args types of: enqueues of them with args that do not
+    /// fit the type are refused (`conveyor_admin::Admin::with_kinds`).
+    pub kinds: Option<Arc<conveyor_worker::Registry>>,
 }
 
 impl AppState {
@@ -39,12 +42,23 @@ impl AppState {
             webhooks: Arc::new(webhooks),
             clock: Arc::default(),
             draining: CancellationToken::new(),
+            kinds: None,
         }
     }
 
     /// The operator operations over this state's store, webhook service and limits.
     pub fn admin(&self) -> conveyor_admin::Admin {
-        conveyor_admin::Admin::new(self.webhooks.clone(), self.config.limits())
+        let admin = conveyor_admin::Admin::new(self.webhooks.clone(), self.config.limits());
+        match &self.kinds {
+            Some(kinds) => admin.with_kinds(kinds.clone()),
+            None => admin,
+        }
+    }
+
+    /// With the kinds this process registers (see [`AppState::kinds`]).
+    pub fn with_kinds(mut self, kinds: Arc<conveyor_worker::Registry>) -> Self {
+        self.kinds = Some(kinds);
+        self
     }
 
     /// With the process's shutdown signal (see [`AppState::draining`]).

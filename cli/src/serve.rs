@@ -25,11 +25,14 @@ use crate::config::Config;
 
 /// Runs the configured roles until a shutdown signal.
 /// `keys` seal webhook signing secrets; secrets still in clear (a store from before they were
-/// sealed) are sealed before anything else starts.
+/// sealed) are sealed before anything else starts. `kinds`: the kinds the worker runs (the
+/// built-in ones and the application's; `webhook.deliver` is added here), whose args the
+/// API checks at enqueue.
 pub async fn run(
     config: Config,
     store: Arc<dyn Store>,
     keys: conveyor_worker::keyring::Keyring,
+    kinds: Arc<Registry>,
 ) -> anyhow::Result<()> {
     let roles = &config.serve.roles;
     let shutdown = CancellationToken::new();
@@ -68,7 +71,8 @@ pub async fn run(
         tracing::info!(%addr, "listening on http://{addr}");
         let state = conveyor_api::AppState::new(store.clone(), config.api.clone())
             .with_webhooks(webhooks.clone())
-            .with_draining(shutdown.clone());
+            .with_draining(shutdown.clone())
+            .with_kinds(kinds.clone());
         let app = conveyor_api::router(state.clone());
         let stop = roles_stopped.clone();
         listeners.spawn(async move {
@@ -124,8 +128,7 @@ pub async fn run(
         });
     }
     if roles.contains(&Role::Worker) {
-        let mut registry = Registry::new();
-        conveyor_jobs::register_builtin(&mut registry);
+        let mut registry = Registry::clone(&kinds);
         let mut worker_config = config.worker.clone();
         crate::webhooks::register(&mut registry, &mut worker_config, webhooks.clone());
         let worker = Worker::new(store.clone(), registry, worker_config)?;

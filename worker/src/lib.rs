@@ -12,6 +12,7 @@
 //! - [`clock`]: the store's clock, which every process times leases and due jobs on.
 //! - [`keyring`]: credentials kept in the store, encrypted (sealed) with the configured keys.
 //! - [`metrics`]: process-local counters and histograms, rendered by the API's `/metrics`.
+//! - [`testing`]: runs one job of a kind inline, for the kind's own tests.
 
 pub mod clock;
 pub mod error;
@@ -22,9 +23,10 @@ pub mod metrics;
 pub mod retry_policy;
 pub mod runtime;
 pub mod store;
+pub mod testing;
 
 pub use error::{Error, Result};
-pub use handler::{JobArgs, JobContext, JobError, KindOptions, Outcome, Registry};
+pub use handler::{Handler, JobArgs, JobContext, JobError, KindOptions, Outcome, Registry};
 pub use job::{
     AttemptOutcome, AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction,
 };
