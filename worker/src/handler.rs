@@ -450,3 +450,119 @@ impl Registry {
         k
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chrono::{TimeZone, Utc};
+    use serde::{Deserialize, Serialize};
+    use serde_json::json;
+
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    struct Charge {
+        order: u64,
+        note: String,
+    }
+
+    impl JobArgs for Charge {
+        const KIND: &'static str = "card.charge";
+        const QUEUE: &'static str = "billing";
+        const PRIORITY: i16 = -2;
+        const MAX_ATTEMPTS: i32 = 4;
+        const TIMEOUT: Option<Duration> = Some(Duration::from_secs(9));
+        const UNIQUE_FOR: Option<Duration> = Some(Duration::from_secs(3600));
+
+        fn retry_policy() -> RetryPolicy {
+            RetryPolicy {
+                base: Duration::from_secs(7),
+                ..RetryPolicy::default()
+            }
+        }
+    }
+
+    impl Handler for Charge {
+        async fn run(self, _ctx: JobContext) -> anyhow::Result<Outcome> {
+            Ok(Outcome::Done)
+        }
+    }
+
+    fn at(h: u32, m: u32) -> chrono::DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 1, h, m, 0).unwrap()
+    }
+
+    #[test]
+    fn a_job_takes_its_types_defaults() {
+        let charge = Charge {
+            order: 7,
+            note: "x".into(),
+        };
+        let job = charge.to_job_at(at(10, 5)).unwrap();
+        assert_eq!(job.kind, "card.charge");
+        assert_eq!(job.queue, "billing");
+        assert_eq!(job.priority, -2);
+        assert_eq!(job.max_attempts, 4);
+        assert_eq!(job.args, json!({"order": 7, "note": "x"}));
+        let key = job.idempotency_key.unwrap();
+        assert!(key.starts_with("unique:card.charge:"), "{key}");
+        // Same args, same hour: the same key. The next hour, or other args: another.
+        assert_eq!(charge.to_job_at(at(10, 59)).unwrap().idempotency_key, Some(key.clone()));
+        assert_ne!(charge.to_job_at(at(11, 0)).unwrap().idempotency_key, Some(key.clone()));
+        let other = Charge {
+            order: 8,
+            note: "x".into(),
+        };
+        assert_ne!(other.to_job_at(at(10, 5)).unwrap().idempotency_key, Some(key));
+        let options = Charge::kind_options();
+        assert_eq!(options.timeout, Some(Duration::from_secs(9)));
+        assert_eq!(options.retry.base, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn a_unique_key_ignores_field_order_and_fits_the_key_rules() {
+        let now = at(0, 0);
+        let window = Duration::from_secs(60);
+        let a = unique_key("k", &json!({"a": 1, "b": [1, 2]}), window, now);
+        let b = unique_key("k", &serde_json::from_str(r#"{"b":[1,2],"a":1}"#).unwrap(), window, now);
+        assert_eq!(a, b);
+        let long_kind = "k".repeat(120);
+        let job = NewJob::new(long_kind.as_str(), json!({}))
+            .idempotency_key(unique_key(&long_kind, &json!({}), window, now));
+        job.validate().expect("a derived key is a valid key");
+    }
+
+    #[test]
+    fn registered_kinds_check_args_and_name_where_they_differ() {
+        let mut registry = Registry::new();
+        registry.kind::<Charge>();
+        let registered = registry.get("card.charge").unwrap();
+        assert_eq!(registered.options.timeout, Some(Duration::from_secs(9)));
+        registry
+            .check_args("card.charge", &json!({"order": 1, "note": ""}))
+            .unwrap();
+        let err = registry
+            .check_args("card.charge", &json!({"order": "1", "note": ""}))
+            .unwrap_err();
+        match err {
+            crate::Error::InvalidInput { field, message } => {
+                assert_eq!(field, "args");
+                assert!(
+                    message.starts_with("do not match kind `card.charge`: order: invalid type: string \"1\""),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = registry
+            .check_args("card.charge", &json!({"order": 1}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `note`"), "{err}");
+        // A kind this registry does not have is another process's business.
+        registry
+            .check_args("email.send", &json!("anything"))
+            .unwrap();
+    }
+}

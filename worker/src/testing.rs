@@ -212,3 +212,112 @@ async fn run_job(
         finish,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Serialize};
+    use serde_json::json;
+
+    use super::*;
+    use crate::handler::JobArgs;
+    use crate::job::AttemptOutcome;
+
+    /// What the handler does, chosen by the test.
+    #[derive(Serialize, Deserialize)]
+    enum Act {
+        Done,
+        Err,
+        Panic,
+        Sleep(u64),
+        SleepIgnoringCancel(u64),
+        Snooze,
+    }
+
+    impl JobArgs for Act {
+        const KIND: &'static str = "act";
+        const MAX_ATTEMPTS: i32 = 2;
+        const TIMEOUT: Option<Duration> = Some(Duration::from_millis(200));
+    }
+
+    impl Handler for Act {
+        async fn run(self, ctx: JobContext) -> anyhow::Result<Outcome> {
+            match self {
+                Act::Done => Ok(Outcome::Done),
+                Act::Err => Err(anyhow::anyhow!("disk on fire").context("cannot write")),
+                Act::Panic => panic!("boom"),
+                Act::Sleep(ms) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(Outcome::Done),
+                        _ = ctx.cancelled() => Ok(Outcome::cancel("stopped")),
+                    }
+                }
+                Act::SleepIgnoringCancel(ms) => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok(Outcome::Done)
+                }
+                Act::Snooze => Ok(Outcome::Snooze(Duration::from_secs(60))),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn inline_runs_follow_the_runtimes_rules() {
+        let done = run_inline(Act::Done).await;
+        assert_eq!(done.state(), JobState::Completed);
+        assert_eq!(done.outcome, Some(Outcome::Done));
+        assert_eq!(done.finish.record.worker.as_deref(), Some(INLINE_WORKER));
+
+        let failed = run_inline(Act::Err).await;
+        assert_eq!(failed.state(), JobState::Retryable);
+        assert_eq!(failed.error(), Some("cannot write"));
+        assert_eq!(failed.causes(), ["disk on fire"]);
+        assert!(failed.run_at().is_some());
+        let last = Inline::new(Act::Err).attempt(2).run().await;
+        assert_eq!(last.state(), JobState::Dead, "the type's MAX_ATTEMPTS is 2");
+
+        let panicked = run_inline(Act::Panic).await;
+        assert_eq!(panicked.state(), JobState::Retryable);
+        assert_eq!(panicked.error(), Some("handler panicked: boom"));
+
+        // The type's timeout (200 ms) applies.
+        let slow = run_inline(Act::SleepIgnoringCancel(5_000)).await;
+        assert_eq!(slow.state(), JobState::Retryable);
+        assert!(slow.error().unwrap().starts_with("timed out after"), "{slow:?}");
+
+        let cancelled = Inline::new(Act::Sleep(150))
+            .cancel_after(Duration::from_millis(10))
+            .run()
+            .await;
+        assert_eq!(cancelled.state(), JobState::Cancelled);
+        assert_eq!(cancelled.error(), Some("cancelled while running"));
+
+        let snoozed = run_inline(Act::Snooze).await;
+        assert_eq!(snoozed.state(), JobState::Scheduled);
+        assert_eq!(snoozed.finish.attempt_delta, -1);
+        assert_eq!(snoozed.finish.record.outcome, AttemptOutcome::Snoozed);
+    }
+
+    #[tokio::test]
+    async fn closures_and_unknown_kinds_run_in_a_registry() {
+        let mut registry = Registry::new();
+        registry.register("typed", |args: u32, _ctx: JobContext| async move {
+            Ok(if args > 1 {
+                Outcome::Done
+            } else {
+                Outcome::fail("too small")
+            })
+        });
+        let ok = run_in(&registry, NewJob::new("typed", json!(2))).await;
+        assert_eq!(ok.state(), JobState::Completed);
+        let small = run_in(&registry, NewJob::new("typed", json!(1))).await;
+        assert_eq!(small.state(), JobState::Dead);
+        let mismatched = run_in(&registry, NewJob::new("typed", json!("x"))).await;
+        assert_eq!(mismatched.state(), JobState::Dead);
+        assert!(mismatched.error().unwrap().contains("args do not match kind `typed`"));
+        let unknown = run_in(&registry, NewJob::new("other", json!({}))).await;
+        assert_eq!(unknown.state(), JobState::Scheduled);
+        assert!(unknown.error().unwrap().starts_with("no handler for kind `other`"));
+    }
+}
