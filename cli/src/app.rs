@@ -366,10 +366,14 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Enqueue(args) => commands::enqueue(&open_admin(&config, &kinds).await?, args).await,
+        Command::Enqueue(args) => {
+            commands::enqueue(&open_admin(&config, &kinds).await?, args).await
+        }
         Command::Jobs(cmd) => commands::jobs(&open_admin(&config, &kinds).await?, cmd).await,
         Command::Dead(cmd) => commands::dead(&open_admin(&config, &kinds).await?, cmd).await,
-        Command::Queues(out) => commands::queues(&open_admin(&config, &kinds).await?, out.json).await,
+        Command::Queues(out) => {
+            commands::queues(&open_admin(&config, &kinds).await?, out.json).await
+        }
         Command::Schedules(cmd) if schedules::from_config_only(&config, &cmd) => {
             schedules::next_from_config(&config, cmd)
         }
@@ -379,7 +383,9 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
         }
         Command::Keys(cmd) => commands::keys(&open_admin(&config, &kinds).await?, cmd).await,
         Command::Audit(cmd) => commands::audit(open_store(&config).await?, cmd).await,
-        Command::Webhooks(cmd) => webhooks::run(&open_admin_with(&config, &kinds, true).await?, cmd).await,
+        Command::Webhooks(cmd) => {
+            webhooks::run(&open_admin_with(&config, &kinds, true).await?, cmd).await
+        }
         Command::Secrets(cmd @ secrets::SecretsCommand::GenerateKey(_)) => {
             secrets::run(None, cmd).await
         }
@@ -405,8 +411,10 @@ async fn open_admin_with(
     create_key: bool,
 ) -> anyhow::Result<conveyor_admin::Admin> {
     let hooks = webhooks(config, open_store(config).await?, create_key)?;
-    Ok(conveyor_admin::Admin::new(Arc::new(hooks), config.api.limits())
-        .with_kinds(kinds.registry.clone()))
+    Ok(
+        conveyor_admin::Admin::new(Arc::new(hooks), config.api.limits())
+            .with_kinds(kinds.registry.clone()),
+    )
 }
 
 /// The webhook service over `store` with the configured keys (`create`: make a SQLite
@@ -478,7 +486,57 @@ fn init_logging(flag: Option<&str>, fallback: &str, format: LogFormat) {
 
 #[cfg(test)]
 mod tests {
-    use super::log_filter;
+    use conveyor_worker::{Handler, JobArgs, JobContext, KindOptions, Outcome};
+
+    use super::{App, log_filter};
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Greet {
+        name: String,
+    }
+
+    impl JobArgs for Greet {
+        const KIND: &'static str = "greet";
+        const QUEUE: &'static str = "people";
+    }
+
+    impl Handler for Greet {
+        async fn run(self, _ctx: JobContext) -> anyhow::Result<Outcome> {
+            Ok(Outcome::Done)
+        }
+    }
+
+    #[test]
+    fn an_app_has_the_builtin_kinds_and_its_own() {
+        let app = App::new().kind::<Greet>();
+        assert!(app.errors.is_empty(), "{:?}", app.errors);
+        let kinds = app.registry().kinds();
+        for kind in ["demo.echo", "demo.sleep", "demo.fail", "noop", "greet"] {
+            assert!(kinds.contains(&kind), "{kinds:?}");
+        }
+        assert_eq!(app.queues, [("greet".to_string(), "people".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn registration_mistakes_stop_the_app_with_status_2() {
+        let done = |_: serde_json::Value, _: JobContext| async { Ok(Outcome::Done) };
+        let app = App::new()
+            .kind::<Greet>()
+            .handle(|_: Greet, _: JobContext| async { Ok(Outcome::Done) })
+            .register("demo.echo", KindOptions::default(), done)
+            .register("webhook.deliver", KindOptions::default(), done)
+            .register("bad kind!", KindOptions::default(), done);
+        assert_eq!(app.errors.len(), 4, "{:?}", app.errors);
+        assert!(app.errors[0].contains("kind `greet` is registered twice"));
+        assert!(app.errors[1].contains("kind `demo.echo` is registered twice"));
+        assert!(app.errors[2].contains("`webhook.deliver` is the platform's own"));
+        assert!(app.errors[3].contains("kind"), "{}", app.errors[3]);
+        // Whatever the command: it does not run.
+        let status = app
+            .run_with(["app", "queues", "--database-url", "sqlite::memory:"])
+            .await;
+        assert_eq!(status, std::process::ExitCode::from(2));
+    }
 
     #[test]
     fn log_level_flag_beats_rust_log_which_beats_config() {

@@ -508,13 +508,22 @@ mod tests {
         let key = job.idempotency_key.unwrap();
         assert!(key.starts_with("unique:card.charge:"), "{key}");
         // Same args, same hour: the same key. The next hour, or other args: another.
-        assert_eq!(charge.to_job_at(at(10, 59)).unwrap().idempotency_key, Some(key.clone()));
-        assert_ne!(charge.to_job_at(at(11, 0)).unwrap().idempotency_key, Some(key.clone()));
+        assert_eq!(
+            charge.to_job_at(at(10, 59)).unwrap().idempotency_key,
+            Some(key.clone())
+        );
+        assert_ne!(
+            charge.to_job_at(at(11, 0)).unwrap().idempotency_key,
+            Some(key.clone())
+        );
         let other = Charge {
             order: 8,
             note: "x".into(),
         };
-        assert_ne!(other.to_job_at(at(10, 5)).unwrap().idempotency_key, Some(key));
+        assert_ne!(
+            other.to_job_at(at(10, 5)).unwrap().idempotency_key,
+            Some(key)
+        );
         let options = Charge::kind_options();
         assert_eq!(options.timeout, Some(Duration::from_secs(9)));
         assert_eq!(options.retry.base, Duration::from_secs(7));
@@ -525,11 +534,20 @@ mod tests {
         let now = at(0, 0);
         let window = Duration::from_secs(60);
         let a = unique_key("k", &json!({"a": 1, "b": [1, 2]}), window, now);
-        let b = unique_key("k", &serde_json::from_str(r#"{"b":[1,2],"a":1}"#).unwrap(), window, now);
+        let b = unique_key(
+            "k",
+            &serde_json::from_str(r#"{"b":[1,2],"a":1}"#).unwrap(),
+            window,
+            now,
+        );
         assert_eq!(a, b);
         let long_kind = "k".repeat(120);
-        let job = NewJob::new(long_kind.as_str(), json!({}))
-            .idempotency_key(unique_key(&long_kind, &json!({}), window, now));
+        let job = NewJob::new(long_kind.as_str(), json!({})).idempotency_key(unique_key(
+            &long_kind,
+            &json!({}),
+            window,
+            now,
+        ));
         job.validate().expect("a derived key is a valid key");
     }
 
@@ -549,7 +567,9 @@ mod tests {
             crate::Error::InvalidInput { field, message } => {
                 assert_eq!(field, "args");
                 assert!(
-                    message.starts_with("do not match kind `card.charge`: order: invalid type: string \"1\""),
+                    message.starts_with(
+                        "do not match kind `card.charge`: order: invalid type: string \"1\""
+                    ),
                     "{message}"
                 );
             }

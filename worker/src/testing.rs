@@ -284,7 +284,10 @@ mod tests {
         // The type's timeout (200 ms) applies.
         let slow = run_inline(Act::SleepIgnoringCancel(5_000)).await;
         assert_eq!(slow.state(), JobState::Retryable);
-        assert!(slow.error().unwrap().starts_with("timed out after"), "{slow:?}");
+        assert!(
+            slow.error().unwrap().starts_with("timed out after"),
+            "{slow:?}"
+        );
 
         let cancelled = Inline::new(Act::Sleep(150))
             .cancel_after(Duration::from_millis(10))
@@ -315,9 +318,19 @@ mod tests {
         assert_eq!(small.state(), JobState::Dead);
         let mismatched = run_in(&registry, NewJob::new("typed", json!("x"))).await;
         assert_eq!(mismatched.state(), JobState::Dead);
-        assert!(mismatched.error().unwrap().contains("args do not match kind `typed`"));
+        assert!(
+            mismatched
+                .error()
+                .unwrap()
+                .contains("args do not match kind `typed`")
+        );
         let unknown = run_in(&registry, NewJob::new("other", json!({}))).await;
         assert_eq!(unknown.state(), JobState::Scheduled);
-        assert!(unknown.error().unwrap().starts_with("no handler for kind `other`"));
+        assert!(
+            unknown
+                .error()
+                .unwrap()
+                .starts_with("no handler for kind `other`")
+        );
     }
 }

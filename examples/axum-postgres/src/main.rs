@@ -53,13 +53,17 @@ async fn send_receipt(pool: PgPool, args: SendReceipt, ctx: JobContext) -> anyho
     .await?
     .rows_affected();
     if sent == 0 {
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM shop_orders WHERE id = $1)")
-            .bind(args.order)
-            .fetch_one(&pool)
-            .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM shop_orders WHERE id = $1)")
+                .bind(args.order)
+                .fetch_one(&pool)
+                .await?;
         if !exists {
             // The job commits with its order, so this is a bug, not a race: do not retry.
-            return Ok(Outcome::fail(format!("order {} does not exist", args.order)));
+            return Ok(Outcome::fail(format!(
+                "order {} does not exist",
+                args.order
+            )));
         }
     }
     tracing::info!(order = args.order, "receipt sent");

@@ -83,7 +83,11 @@ async fn an_order_commits_with_its_job_and_a_rolled_back_order_leaves_none() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(sent.as_deref(), Some(job_id.as_str()), "run by the job enqueued with the order");
+    assert_eq!(
+        sent.as_deref(),
+        Some(job_id.as_str()),
+        "run by the job enqueued with the order"
+    );
     let mut listed = Vec::new();
     for _ in 0..100 {
         listed = jobs(&url, &key);
@@ -95,7 +99,10 @@ async fn an_order_commits_with_its_job_and_a_rolled_back_order_leaves_none() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["id"], job_id.as_str());
     assert_eq!(listed[0]["state"], "completed", "{listed:?}");
-    assert_eq!(listed[0]["max_attempts"], 5, "the type's default: {listed:?}");
+    assert_eq!(
+        listed[0]["max_attempts"], 5,
+        "the type's default: {listed:?}"
+    );
     assert!(
         listed[0]["idempotency_key"]
             .as_str()
@@ -118,7 +125,11 @@ async fn an_order_commits_with_its_job_and_a_rolled_back_order_leaves_none() {
         .unwrap();
     assert_eq!(orders, 1);
     let listed = jobs(&url, &key);
-    assert_eq!(listed.len(), 1, "the rolled-back job is not there: {listed:?}");
+    assert_eq!(
+        listed.len(),
+        1,
+        "the rolled-back job is not there: {listed:?}"
+    );
     pool.close().await;
     drop(web);
     drop(serve);

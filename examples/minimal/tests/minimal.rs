@@ -70,7 +70,10 @@ async fn the_minimal_app_runs_its_own_kind_and_refuses_args_that_do_not_fit() {
     assert!(line.contains(&id), "the handler logs its job: {line}");
     let job = wait_state(&url, &id, "completed");
     assert_eq!(job["attempt"], 1, "{job}");
-    assert_eq!(job["max_attempts"], 20, "the CLI's enqueue keeps its own default: {job}");
+    assert_eq!(
+        job["max_attempts"], 20,
+        "the CLI's enqueue keeps its own default: {job}"
+    );
 
     // Args that do not deserialize into `Greet` are refused at enqueue, naming `args`.
     let (code, _, err) = run(
@@ -88,8 +91,14 @@ async fn the_minimal_app_runs_its_own_kind_and_refuses_args_that_do_not_fit() {
     assert!(err.contains("missing field `msg`"), "{err}");
 
     // Over the API of the same process: 422 naming `args`; good args run.
-    let key = run_json(&url, &["keys", "create", "--scope", "enqueue", "--name", "test"]);
-    let key = key["key"].as_str().expect("the key is shown once").to_string();
+    let key = run_json(
+        &url,
+        &["keys", "create", "--scope", "enqueue", "--name", "test"],
+    );
+    let key = key["key"]
+        .as_str()
+        .expect("the key is shown once")
+        .to_string();
     let http = reqwest::Client::new();
     let bad = http
         .post(format!("http://{addr}/v1/jobs"))
