@@ -25,7 +25,13 @@ pub fn service(
 }
 
 /// The enqueue-time checks of every kind the binary knows (see
-/// `conveyor_worker::validate`): today `http.request`'s.
-pub fn validators(targets: &Arc<HttpTargets>) -> Arc<conveyor_worker::validate::ArgsValidators> {
-    Arc::new(targets.validators())
+/// `conveyor_worker::validate`): `http.request`'s rules, and that the args of every kind
+/// `kinds` has a handler for fit its args type.
+pub fn validators(
+    targets: &Arc<HttpTargets>,
+    kinds: &conveyor_worker::Registry,
+) -> Arc<conveyor_worker::validate::ArgsValidators> {
+    let mut validators = targets.validators();
+    validators.check_types_of(kinds);
+    Arc::new(validators)
 }

@@ -25,11 +25,14 @@ use crate::config::Config;
 
 /// Runs the configured roles until a shutdown signal.
 /// `keys` seal webhook signing secrets; secrets still in clear (a store from before they were
-/// sealed) are sealed before anything else starts.
+/// sealed) are sealed before anything else starts. `kinds`: the kinds the worker runs (the
+/// built-in ones and the application's; `webhook.deliver` is added here), whose args the
+/// API checks at enqueue.
 pub async fn run(
     config: Config,
     store: Arc<dyn Store>,
     keys: conveyor_worker::keyring::Keyring,
+    kinds: Arc<Registry>,
 ) -> anyhow::Result<()> {
     let roles = &config.serve.roles;
     let shutdown = CancellationToken::new();
@@ -43,6 +46,9 @@ pub async fn run(
     // One webhook service per process: the API sends events through it, the worker delivers.
     // `http.request`: run by the worker, its args checked by the API at enqueue.
     let http = crate::http_targets::service(&config, store.clone(), &keys)?;
+    // The args checks of enqueues through this process's API: the targets' rules, and the
+    // registered kinds' args types.
+    let validators = crate::http_targets::validators(&http, &kinds);
     let webhooks = Arc::new(
         conveyor_jobs::webhook::Webhooks::new(store.clone(), config.webhooks.clone())?
             .with_keyring(keys),
@@ -70,7 +76,7 @@ pub async fn run(
         tracing::info!(%addr, "listening on http://{addr}");
         let state = conveyor_api::AppState::new(store.clone(), config.api.clone())
             .with_webhooks(webhooks.clone())
-            .with_validators(crate::http_targets::validators(&http))
+            .with_validators(validators.clone())
             .with_draining(shutdown.clone());
         let app = conveyor_api::router(state.clone());
         let stop = roles_stopped.clone();
@@ -127,8 +133,7 @@ pub async fn run(
         });
     }
     if roles.contains(&Role::Worker) {
-        let mut registry = Registry::new();
-        conveyor_jobs::register_builtin(&mut registry);
+        let mut registry = Registry::clone(&kinds);
         conveyor_jobs::http_target::register(&mut registry, http.clone());
         let mut worker_config = config.worker.clone();
         crate::webhooks::register(&mut registry, &mut worker_config, webhooks.clone());

@@ -412,7 +412,16 @@ async fn an_unserved_enqueue_warns_and_the_queue_shows_it(url: String, store: Ar
     assert_eq!(status, 201, "{answer}");
     let warning = answer["warnings"][0].as_str().unwrap().to_string();
     assert!(warning.contains("queue `default`"), "{warning}");
-    let (code, out, err) = run(&url, &["enqueue", "--kind", "demo.echo"]);
+    let (code, out, err) = run(
+        &url,
+        &[
+            "enqueue",
+            "--kind",
+            "demo.echo",
+            "--args",
+            r#"{"msg":"hi"}"#,
+        ],
+    );
     assert_eq!(code, 0, "a warning does not fail the enqueue: {err}");
     assert!(out.contains("enqueued"), "{out}");
     assert!(err.contains(&format!("warning: {warning}")), "{err}");
@@ -438,7 +447,16 @@ async fn an_unserved_enqueue_warns_and_the_queue_shows_it(url: String, store: Ar
         }
     })
     .await;
-    let (code, _, err) = run(&url, &["enqueue", "--kind", "demo.echo"]);
+    let (code, _, err) = run(
+        &url,
+        &[
+            "enqueue",
+            "--kind",
+            "demo.echo",
+            "--args",
+            r#"{"msg":"hi"}"#,
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(
         !err.contains("warning"),

@@ -13,6 +13,7 @@
 //! backend, so the same suite runs everywhere.
 
 pub mod pgbouncer;
+pub mod process;
 pub mod receiver;
 pub mod redis_server;
 pub mod tls;

@@ -13,6 +13,7 @@
 //! - [`keyring`]: credentials kept in the store, encrypted (sealed) with the configured keys.
 //! - [`metrics`]: process-local counters and histograms, rendered by the API's `/metrics`.
 //! - [`validate`]: per-kind checks of a job's args, run at enqueue.
+//! - [`testing`]: runs one job of a kind inline, for the kind's own tests.
 
 pub mod clock;
 pub mod error;
@@ -24,9 +25,10 @@ pub mod retry_policy;
 pub mod runtime;
 pub mod store;
 pub mod validate;
+pub mod testing;
 
 pub use error::{Error, Result};
-pub use handler::{JobArgs, JobContext, JobError, KindOptions, Outcome, Registry};
+pub use handler::{Handler, JobArgs, JobContext, JobError, KindOptions, Outcome, Registry};
 pub use job::{
     AttemptOutcome, AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction,
 };

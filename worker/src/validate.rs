@@ -32,6 +32,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
+use crate::handler::Registry;
 
 /// One kind's check: `Ok` accepts the args; [`Error::InvalidInput`] names a field inside them.
 pub type ArgsCheck = dyn Fn(&serde_json::Value) -> Result<()> + Send + Sync;
@@ -74,6 +75,27 @@ impl ArgsValidators {
                 .map(drop)
                 .map_err(|e| Error::invalid("", format!("does not match kind `{name}`: {e}")))
         })
+    }
+
+    /// Also checks, for every kind `registry` has a handler for, that its args deserialize
+    /// into the handler's args type ([`Registry::check_args`]), before that kind's own check
+    /// if it has one: the enqueuing process has the types, so a mismatch is refused at
+    /// enqueue rather than found by the worker that runs the job.
+    pub fn check_types_of(&mut self, registry: &Registry) -> &mut Self {
+        let registry = Arc::new(registry.clone());
+        for kind in registry.kinds() {
+            let own = self.checks.get(kind).cloned();
+            let (name, types) = (kind.to_string(), registry.clone());
+            self.register(kind, move |args| {
+                types.check_args(&name, args).map_err(|e| match e {
+                    // `check` names the field `args` itself.
+                    Error::InvalidInput { message, .. } => Error::invalid("", message),
+                    other => other,
+                })?;
+                own.as_ref().map_or(Ok(()), |check| check(args))
+            });
+        }
+        self
     }
 
     /// Every check of `other` too (`other`'s win for a kind both check).

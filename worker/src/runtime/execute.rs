@@ -59,7 +59,14 @@ pub(crate) async fn run(
                 let ctx = JobContext::new(job.clone(), shared.worker_id.clone(), token.clone())
                     .with_clock(shared.clock.clone());
                 let fut = AssertUnwindSafe(reg.call(job.args.clone(), ctx)).catch_unwind();
-                supervise(fut, reg.options.timeout, &token, &shared).await
+                supervise(
+                    fut,
+                    reg.options.timeout,
+                    &token,
+                    &shared.interrupt,
+                    shared.config.cancel_grace,
+                )
+                .await
             }
         };
 
@@ -158,13 +165,16 @@ fn record(series: &JobSeries, finish: &Finish) {
     }
 }
 
-type Caught = Result<anyhow::Result<Outcome>, Box<dyn Any + Send>>;
+pub(crate) type Caught = Result<anyhow::Result<Outcome>, Box<dyn Any + Send>>;
 
-async fn supervise(
+/// Runs a handler's (panic-catching) future under its timeout, its cancel token (given
+/// `cancel_grace` to stop on its own) and the worker's `interrupt`; how it ended.
+pub(crate) async fn supervise(
     fut: impl Future<Output = Caught>,
     timeout: Option<std::time::Duration>,
     token: &CancellationToken,
-    shared: &Shared,
+    interrupt: &CancellationToken,
+    cancel_grace: std::time::Duration,
 ) -> Ended {
     tokio::pin!(fut);
     let deadline = async {
@@ -180,7 +190,7 @@ async fn supervise(
             token.cancel();
             return Ended::TimedOut(timeout.unwrap_or_default());
         }
-        _ = shared.interrupt.cancelled() => {
+        _ = interrupt.cancelled() => {
             token.cancel();
             return Ended::Interrupted;
         }
@@ -188,7 +198,7 @@ async fn supervise(
     }
     // A cancel was requested: the handler may finish or stop on its own within the grace
     // period; after that it is dropped. Work it completed still counts as completed.
-    match tokio::time::timeout(shared.config.cancel_grace, &mut fut).await {
+    match tokio::time::timeout(cancel_grace, &mut fut).await {
         Ok(Ok(Ok(Outcome::Done))) => Ended::Returned(Outcome::Done),
         _ => Ended::Cancelled,
     }

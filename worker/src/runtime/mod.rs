@@ -27,12 +27,12 @@
 //! them), so a store that cannot be written never keeps a worker from stopping.
 
 mod completer;
-mod execute;
+pub(crate) mod execute;
 mod fetch;
 mod heartbeat;
 pub mod pause;
 pub mod registration;
-mod transition;
+pub(crate) mod transition;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

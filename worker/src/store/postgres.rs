@@ -878,7 +878,7 @@ impl Store for PgStore {
     }
 
     async fn migrate(&self) -> Result<()> {
-        let migrator = sqlx::migrate!("../migrations/postgres");
+        let migrator = sqlx::migrate!("migrations/postgres");
         let current = self
             .migrations_current(&migrator)
             .await
@@ -898,7 +898,7 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        let latest = sqlx::migrate!("../migrations/postgres")
+        let latest = sqlx::migrate!("migrations/postgres")
             .iter()
             .map(|m| m.version)
             .max()

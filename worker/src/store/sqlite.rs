@@ -545,14 +545,14 @@ impl Store for SqliteStore {
     }
 
     async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("../migrations/sqlite")
+        sqlx::migrate!("migrations/sqlite")
             .run(&self.writer)
             .await?;
         Ok(())
     }
 
     async fn ping(&self) -> Result<()> {
-        let latest = sqlx::migrate!("../migrations/sqlite")
+        let latest = sqlx::migrate!("migrations/sqlite")
             .iter()
             .map(|m| m.version)
             .max()
