@@ -848,8 +848,12 @@ impl RemoteWorkers {
         })
     }
 
-    /// The jobs among `ids` that exist, by id (one listing).
+    /// The jobs among `ids` that exist, by id (one listing; none for no ids, where the
+    /// filter's empty id list would match every job).
     async fn jobs(&self, ids: &[JobId]) -> Result<HashMap<JobId, Job>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
         let filter = JobFilter {
             ids: ids.to_vec(),
             ..JobFilter::default()
