@@ -167,7 +167,6 @@ fn count_enqueued(queue: &str, kind: &str) {
 }
 
 impl Admin {
-
     /// Checks and enqueues one job; warns if no live worker serves it. Enqueues are not
     /// audited (they are the application's traffic, not operator actions); `_actor` is
     /// taken so every operation has the same shape.

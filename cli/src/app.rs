@@ -374,9 +374,7 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
         }
         Command::Jobs(cmd) => commands::jobs(&open_admin(&config, &kinds).await?, cmd).await,
         Command::Dead(cmd) => commands::dead(&open_admin(&config, &kinds).await?, cmd).await,
-        Command::Queues(args) => {
-            commands::queues(&open_admin(&config, &kinds).await?, args).await
-        }
+        Command::Queues(args) => commands::queues(&open_admin(&config, &kinds).await?, args).await,
         Command::Schedules(cmd) if schedules::from_config_only(&config, &cmd) => {
             schedules::next_from_config(&config, cmd)
         }

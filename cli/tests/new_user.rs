@@ -103,7 +103,7 @@ async fn every_command_answers_json(url: String, _store: Arc<dyn Store>) {
             "--cron",
             "0 8 * * *",
             "--kind",
-            "demo.echo",
+            "noop",
         ],
     );
     let paused = run_json(&url, &["schedules", "pause", "digest"]);
@@ -150,17 +150,14 @@ async fn args_come_from_a_file_or_stdin(url: String, store: Arc<dyn Store>) {
     std::fs::write(&file, serde_json::json!({ "blob": big }).to_string()).unwrap();
     let at_file = format!("@{}", file.display());
 
-    let job = run_json(
-        &url,
-        &["enqueue", "--kind", "demo.echo", "--args", &at_file],
-    );
+    let job = run_json(&url, &["enqueue", "--kind", "noop", "--args", &at_file]);
     let id: conveyor_worker::JobId = job["id"].as_str().unwrap().parse().unwrap();
     let stored = store.get(id).await.unwrap().unwrap();
     assert_eq!(stored.args["blob"].as_str().map(str::len), Some(200_000));
 
     let mut child = common::conveyor(
         &url,
-        &["enqueue", "--kind", "demo.echo", "--args", "@-", "--json"],
+        &["enqueue", "--kind", "noop", "--args", "@-", "--json"],
     )
     .stdin(std::process::Stdio::piped())
     .stdout(std::process::Stdio::piped())
@@ -192,7 +189,7 @@ async fn args_come_from_a_file_or_stdin(url: String, store: Arc<dyn Store>) {
             "--cron",
             "0 8 * * *",
             "--kind",
-            "demo.echo",
+            "noop",
             "--args",
             &at_file,
         ],
@@ -208,7 +205,7 @@ async fn args_come_from_a_file_or_stdin(url: String, store: Arc<dyn Store>) {
     for path in [&missing, &bad] {
         let arg = format!("@{}", path.display());
         for cmd in [
-            vec!["enqueue", "--kind", "demo.echo", "--args", &arg],
+            vec!["enqueue", "--kind", "noop", "--args", &arg],
             vec!["schedules", "update", "big", "--args", &arg],
             vec!["webhooks", "send", "--type", "t.x", "--payload", &arg],
         ] {

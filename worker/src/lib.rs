@@ -24,8 +24,8 @@ pub mod metrics;
 pub mod retry_policy;
 pub mod runtime;
 pub mod store;
-pub mod validate;
 pub mod testing;
+pub mod validate;
 
 pub use error::{Error, Result};
 pub use handler::{Handler, JobArgs, JobContext, JobError, KindOptions, Outcome, Registry};

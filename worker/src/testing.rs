@@ -294,7 +294,8 @@ mod tests {
             .run()
             .await;
         assert_eq!(cancelled.state(), JobState::Cancelled);
-        assert_eq!(cancelled.error(), Some("cancelled while running"));
+        // The handler saw the cancel and returned its own: its reason is kept.
+        assert_eq!(cancelled.error(), Some("stopped"));
 
         let snoozed = run_inline(Act::Snooze).await;
         assert_eq!(snoozed.state(), JobState::Scheduled);

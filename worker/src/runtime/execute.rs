@@ -185,6 +185,9 @@ pub(crate) async fn supervise(
     };
     tokio::pin!(deadline);
     tokio::select! {
+        // A handler that has returned is heard first: when it stops because of a cancel it
+        // saw, its own outcome (and reason) is what happened, whichever woke this first.
+        biased;
         r = &mut fut => return ended_from(r),
         _ = &mut deadline => {
             token.cancel();
@@ -198,8 +201,9 @@ pub(crate) async fn supervise(
     }
     // A cancel was requested: the handler may finish or stop on its own within the grace
     // period; after that it is dropped. Work it completed still counts as completed.
+    // A handler that stops by returning a cancel of its own keeps its reason.
     match tokio::time::timeout(cancel_grace, &mut fut).await {
-        Ok(Ok(Ok(Outcome::Done))) => Ended::Returned(Outcome::Done),
+        Ok(Ok(Ok(outcome @ (Outcome::Done | Outcome::Cancel { .. })))) => Ended::Returned(outcome),
         _ => Ended::Cancelled,
     }
 }
