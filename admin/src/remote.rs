@@ -75,16 +75,26 @@ fn default_true() -> bool {
     true
 }
 
+/// A queue's name: 1-128 ASCII letters, digits, `.`, `_`, `-`, `:`.
+#[derive(ToSchema)]
+#[schema(pattern = r"^[A-Za-z0-9._:-]{1,128}$")]
+#[allow(dead_code)]
+struct QueueName(String);
+
 /// A claim: up to `limit` due jobs from `queues`, leased to `worker_id` for `lease_seconds`.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimRequest {
     /// The claiming worker (its lease owner name; 1-128 characters without control
     /// characters). Unique per worker process.
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
+    )]
     pub worker_id: String,
     /// Queues to claim from, in order (1-32 queue names).
-    #[schema(min_items = 1, max_items = 32)]
+    #[schema(min_items = 1, max_items = 32, value_type = Vec<QueueName>)]
     pub queues: Vec<String>,
     /// At most this many jobs (1-1000, default 1).
     #[serde(default = "default_limit")]
@@ -151,10 +161,14 @@ impl From<Job> for ClaimedJob {
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     /// The worker.
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
+    )]
     pub worker_id: String,
     /// The jobs it runs now (at most 1000).
-    #[schema(value_type = Vec<String>, max_items = 1000)]
+    #[schema(value_type = Vec<uuid::Uuid>, max_items = 1000)]
     pub job_ids: Vec<JobId>,
     /// New lease length in seconds (1-3600, default 30).
     #[serde(default)]
@@ -198,9 +212,14 @@ pub struct RemoteError {
 #[serde(deny_unknown_fields)]
 pub struct CompleteRequest {
     /// The worker that holds the lease.
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
+    )]
     pub worker_id: String,
     /// The attempt the claim gave.
+    #[schema(minimum = 1)]
     pub attempt: i32,
 }
 
@@ -209,9 +228,14 @@ pub struct CompleteRequest {
 #[serde(deny_unknown_fields)]
 pub struct FailRequest {
     /// The worker that holds the lease.
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
+    )]
     pub worker_id: String,
     /// The attempt the claim gave.
+    #[schema(minimum = 1)]
     pub attempt: i32,
     /// What went wrong.
     pub error: RemoteError,
@@ -230,9 +254,14 @@ pub struct FailRequest {
 #[serde(deny_unknown_fields)]
 pub struct SnoozeRequest {
     /// The worker that holds the lease.
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
+    )]
     pub worker_id: String,
     /// The attempt the claim gave.
+    #[schema(minimum = 1)]
     pub attempt: i32,
     /// Run again after this many seconds.
     #[schema(minimum = 0, maximum = 158_112_000)]
@@ -259,6 +288,7 @@ pub struct FinishItem {
     #[schema(value_type = String, format = Uuid)]
     pub id: JobId,
     /// The attempt the claim gave.
+    #[schema(minimum = 1)]
     pub attempt: i32,
     /// How it ended.
     pub outcome: FinishOutcome,
@@ -283,7 +313,11 @@ pub struct FinishItem {
 #[serde(deny_unknown_fields)]
 pub struct FinishRequest {
     /// The worker that holds the leases.
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
+    )]
     pub worker_id: String,
     /// 1-1000 outcomes, at most one per job.
     #[schema(min_items = 1, max_items = 1000)]

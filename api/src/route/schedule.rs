@@ -37,6 +37,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 pub struct ScheduleInput {
     /// Unique name (1-128 ASCII letters, digits, `.`, `_`, `-`, `:`). Create only.
     #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,128}$")]
     pub name: Option<String>,
     /// Cron expression: 5 fields, or 6-7 with seconds first.
     #[serde(default)]
@@ -46,9 +47,11 @@ pub struct ScheduleInput {
     pub timezone: Option<String>,
     /// Queue of the jobs (default `default`).
     #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,128}$")]
     pub queue: Option<String>,
     /// Kind of the jobs.
     #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,128}$")]
     pub kind: Option<String>,
     /// Arguments of the jobs (default `{}`).
     #[serde(default)]
