@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use conveyor_jobs::webhook::{WebhookConfig, Webhooks};
 use conveyor_worker::Store;
+use conveyor_worker::store::feed::ChangeFeed;
 use conveyor_worker::clock::StoreClock;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +25,8 @@ pub struct AppState {
     /// Cancelled when the process starts shutting down: `/readyz` answers `503` from then
     /// on, while the listener stays up until the workers have finished their jobs.
     pub draining: CancellationToken,
+    /// Job state changes for `/v1/jobs/events`, with their replay buffer.
+    pub job_events: Arc<ChangeFeed>,
 }
 
 impl AppState {
@@ -34,6 +37,7 @@ impl AppState {
         let webhooks = Webhooks::new(store.clone(), WebhookConfig::default())
             .expect("the default webhook settings are valid and the HTTP client builds");
         Self {
+            job_events: Arc::new(ChangeFeed::new(store.clone())),
             store,
             config: Arc::new(config),
             webhooks: Arc::new(webhooks),

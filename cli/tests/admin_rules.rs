@@ -210,6 +210,7 @@ async fn one_in_every_state(s: &Arc<dyn Store>, queue: &str) -> Vec<(JobState, J
                     causes: Vec::new(),
                     duration_ms: 1,
                 },
+                result: None,
             }])
             .await
             .unwrap();

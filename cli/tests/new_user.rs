@@ -373,6 +373,7 @@ async fn jobs_list_shows_the_root_cause_of_the_last_error() {
                 ],
                 duration_ms: 3,
             },
+            result: None,
         }])
         .await
         .unwrap();

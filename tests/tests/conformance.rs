@@ -83,6 +83,7 @@ fn finish(
             causes: vec!["root cause: disk full".into()],
             duration_ms: 3,
         },
+        result: None,
     }
 }
 

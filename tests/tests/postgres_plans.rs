@@ -372,6 +372,7 @@ fn finish_done(id: Uuid) -> conveyor_worker::store::Finish {
             worker: Some(WORKER.into()),
             duration_ms: 0,
         },
+        result: None,
     }
 }
 

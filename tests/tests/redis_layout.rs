@@ -78,6 +78,7 @@ async fn queue_keys_share_their_queues_hash_tag() {
                 causes: vec![],
                 duration_ms: 0,
             },
+            result: None,
         }])
         .await
         .unwrap();
@@ -161,6 +162,7 @@ async fn deleting_jobs_leaves_no_keys_behind() {
                     causes: vec![],
                     duration_ms: 0,
                 },
+                result: None,
             })
             .collect(),
     )
@@ -281,6 +283,7 @@ async fn a_layout_1_store_is_migrated_in_place() {
         run_at: None,
         attempt_delta: 0,
         record: now_done.clone(),
+        result: None,
     }])
     .await
     .unwrap();

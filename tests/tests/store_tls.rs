@@ -56,6 +56,7 @@ async fn round_trip(store: &Arc<dyn Store>) {
                 worker: Some("w1".into()),
                 duration_ms: 0,
             },
+            result: None,
         }])
         .await
         .expect("finish works");
@@ -377,6 +378,7 @@ fn completed(
             causes: vec![],
             duration_ms: 0,
         },
+        result: None,
     }
 }
 

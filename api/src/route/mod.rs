@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod job;
+pub mod job_events;
 pub mod queue;
 pub mod schedule;
 pub mod system;

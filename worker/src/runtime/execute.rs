@@ -57,9 +57,11 @@ pub(crate) async fn run(
             None => Ended::NoHandler,
             Some(reg) => {
                 let ctx = JobContext::new(job.clone(), shared.worker_id.clone(), token.clone())
-                    .with_clock(shared.clock.clone());
+                    .with_clock(shared.clock.clone())
+                    .with_progress(shared.store.clone());
                 let fut = AssertUnwindSafe(reg.call(job.args.clone(), ctx)).catch_unwind();
-                supervise(fut, reg.options.timeout, &token, &shared).await
+                let ended = supervise(fut, reg.options.timeout, &token, &shared).await;
+                check_result_size(ended, shared.config.max_result_bytes)
             }
         };
 
@@ -69,7 +71,7 @@ pub(crate) async fn run(
             .unwrap_or_else(|e| e.into_inner())
             .remove(&job.id);
         match &ended {
-            Ended::Returned(Outcome::Done) => tracing::debug!("job completed"),
+            Ended::Returned(o) if o.is_done() => tracing::debug!("job completed"),
             other => tracing::info!(ended = ?other, "job attempt ended"),
         }
         let finished_at = shared.clock.now();
@@ -189,8 +191,21 @@ async fn supervise(
     // A cancel was requested: the handler may finish or stop on its own within the grace
     // period; after that it is dropped. Work it completed still counts as completed.
     match tokio::time::timeout(shared.config.cancel_grace, &mut fut).await {
-        Ok(Ok(Ok(Outcome::Done))) => Ended::Returned(Outcome::Done),
+        Ok(Ok(Ok(done))) if done.is_done() => Ended::Returned(done),
         _ => Ended::Cancelled,
+    }
+}
+
+/// A result over the limit fails the attempt, saying why ([`crate::job::check_result`]).
+fn check_result_size(ended: Ended, limit: usize) -> Ended {
+    match ended {
+        Ended::Returned(Outcome::DoneWith(value)) => {
+            match crate::job::check_result(&value, limit) {
+                Ok(()) => Ended::Returned(Outcome::DoneWith(value)),
+                Err(e) => Ended::Failed(JobError::new(e.to_string())),
+            }
+        }
+        other => other,
     }
 }
 
@@ -245,5 +260,6 @@ fn given_back(
             causes: Vec::new(),
             duration_ms: (now - started_at).num_milliseconds().max(0),
         },
+        result: None,
     }
 }

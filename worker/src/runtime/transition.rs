@@ -96,7 +96,7 @@ fn no_handler(
 ///
 /// | ended | next state |
 /// |---|---|
-/// | `Done` | completed |
+/// | `Done`, `DoneWith` (its value kept as the result) | completed |
 /// | `Retry`, `Err`, panic, timeout | retryable after the delay, or dead when attempts are used up |
 /// | `Snooze(d)` | scheduled after `d`; the attempt does not count |
 /// | `Cancel`, cancel requested | cancelled |
@@ -129,7 +129,18 @@ pub fn transition(
             )
         }
     };
+    let mut result = None;
     let (state, run_at, attempt_delta, outcome, error) = match ended {
+        Ended::Returned(Outcome::DoneWith(value)) => {
+            result = Some(value);
+            (
+                JobState::Completed,
+                None,
+                0,
+                AttemptOutcome::Completed,
+                None,
+            )
+        }
         Ended::Returned(Outcome::Done) => (
             JobState::Completed,
             None,
@@ -196,6 +207,7 @@ pub fn transition(
             causes,
             duration_ms: (now - started_at).num_milliseconds().max(0),
         },
+        result,
     }
 }
 
@@ -227,6 +239,8 @@ mod tests {
             tags: vec![],
             metadata: serde_json::json!({}),
             attempts: vec![],
+            result: None,
+            progress: None,
         }
     }
 
@@ -245,6 +259,18 @@ mod tests {
         assert_eq!(f.state, JobState::Completed);
         assert_eq!(f.record.outcome, AttemptOutcome::Completed);
         assert_eq!(f.record.worker.as_deref(), Some("w1"));
+    }
+
+    #[test]
+    fn done_with_keeps_the_result_and_nothing_else_does() {
+        let f = run(
+            &job(1, 3),
+            Ended::Returned(Outcome::DoneWith(serde_json::json!({"n": 1}))),
+        );
+        assert_eq!(f.state, JobState::Completed);
+        assert_eq!(f.result, Some(serde_json::json!({"n": 1})));
+        assert_eq!(run(&job(1, 3), Ended::Returned(Outcome::Done)).result, None);
+        assert_eq!(run(&job(1, 3), Ended::Cancelled).result, None);
     }
 
     #[test]

@@ -33,11 +33,14 @@ use uuid::Uuid;
 use super::PgSessionSettings;
 use super::{
     CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
-    Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish, sql_from_states,
+    JobChange, Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish,
+    sql_from_states,
 };
 use crate::clock::StoreClock;
 use crate::error::{Error, Result};
-use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction};
+use crate::job::{
+    AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress,
+};
 use crate::retry_policy::RetryPolicy;
 
 /// Rows per bulk INSERT statement on the caller's connection.
@@ -52,6 +55,8 @@ const PARALLEL_INSERTS: usize = 4;
 const CLOCK_MAX_AGE: Duration = Duration::from_secs(10);
 const JOBS_CHANNEL: &str = "conveyor_jobs";
 const CANCEL_CHANNEL: &str = "conveyor_cancel";
+/// Job state changes, from the triggers of `migrations/postgres/0004_results.sql`.
+const EVENTS_CHANNEL: &str = "conveyor_events";
 
 /// The Postgres store. Cheap to clone; clones share the pool and the listener.
 #[derive(Clone)]
@@ -242,6 +247,17 @@ impl PgStore {
             }
         }
         Ok(())
+    }
+
+    /// Without a LISTEN connection (transaction pooling without `listen_url`) the triggers'
+    /// change notifications reach no one here: this process's own changes are announced in
+    /// process instead (other processes' are not seen; set `database.listen_url`).
+    fn announce_local(&self, changes: Vec<JobChange>) {
+        if self.polling && !changes.is_empty() && self.events.receiver_count() > 0 {
+            let _ = self.events.send(StoreEvent::JobsChanged {
+                changes: changes.into(),
+            });
+        }
     }
 
     /// Why an operation on `id` changed nothing: it is missing, or in the wrong state.
@@ -452,7 +468,10 @@ async fn listen(pool: PgPool, events: broadcast::Sender<StoreEvent>, stop: Cance
                 continue;
             }
         };
-        if let Err(e) = listener.listen_all([JOBS_CHANNEL, CANCEL_CHANNEL]).await {
+        if let Err(e) = listener
+            .listen_all([JOBS_CHANNEL, CANCEL_CHANNEL, EVENTS_CHANNEL])
+            .await
+        {
             tracing::warn!(error = %e, "LISTEN failed; retrying");
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -472,6 +491,14 @@ async fn listen(pool: PgPool, events: broadcast::Sender<StoreEvent>, stop: Cance
                         match n.payload().parse::<Uuid>() {
                             Ok(id) => StoreEvent::CancelRequested { id: JobId(id) },
                             Err(_) => continue,
+                        }
+                    } else if n.channel() == EVENTS_CHANNEL {
+                        // Nobody listens in a process that only runs workers: skip the parse.
+                        if events.receiver_count() == 0 {
+                            continue;
+                        }
+                        StoreEvent::JobsChanged {
+                            changes: JobChange::decode(n.payload()).into(),
                         }
                     } else {
                         StoreEvent::JobsAvailable {
@@ -512,6 +539,10 @@ fn job_from_row(row: &PgRow) -> Result<Job> {
         tags: row.try_get("tags")?,
         metadata: row.try_get("metadata")?,
         attempts: attempts.0,
+        result: row.try_get("result")?,
+        progress: row
+            .try_get::<Option<sqlx::types::Json<Progress>>, _>("progress")?
+            .map(|p| p.0),
     })
 }
 
@@ -823,7 +854,10 @@ async fn insert_chunk(conn: &mut Conn<'_>, chunk: &[NewJob]) -> Result<Vec<Enque
 }
 
 /// Applies outcomes in one statement; returns (applied, queues with a job ready now).
-async fn apply_finishes(conn: &mut Conn<'_>, outcomes: &[Finish]) -> Result<(u64, Vec<String>)> {
+async fn apply_finishes(
+    conn: &mut Conn<'_>,
+    outcomes: &[Finish],
+) -> Result<(u64, Vec<String>, Vec<JobChange>)> {
     // A consistent row order keeps two concurrent batches from deadlocking.
     let mut sorted: Vec<&Finish> = outcomes.iter().collect();
     sorted.sort_by_key(|f| f.id);
@@ -849,23 +883,44 @@ async fn apply_finishes(conn: &mut Conn<'_>, outcomes: &[Finish]) -> Result<(u64
         .iter()
         .map(|f| serde_json::to_string(&f.record))
         .collect::<Result<_, _>>()?;
-    let rows = sqlx::query(queries::FINISH)
-        .bind(ids)
-        .bind(attempts)
-        .bind(states)
-        .bind(run_ats)
-        .bind(finalized)
-        .bind(deltas)
-        .bind(records)
-        .fetch_all(&mut *conn)
-        .await?;
+    let query = if sorted.iter().any(|f| f.result.is_some()) {
+        let results: Vec<Option<String>> = sorted
+            .iter()
+            .map(|f| f.result.as_ref().map(serde_json::to_string).transpose())
+            .collect::<Result<_, _>>()?;
+        sqlx::query(queries::FINISH_WITH_RESULTS)
+            .bind(ids)
+            .bind(attempts)
+            .bind(states)
+            .bind(run_ats)
+            .bind(finalized)
+            .bind(deltas)
+            .bind(records)
+            .bind(results)
+    } else {
+        sqlx::query(queries::FINISH)
+            .bind(ids)
+            .bind(attempts)
+            .bind(states)
+            .bind(run_ats)
+            .bind(finalized)
+            .bind(deltas)
+            .bind(records)
+    };
+    let rows = query.fetch_all(&mut *conn).await?;
     let mut ready = Vec::new();
+    let mut changes = Vec::with_capacity(rows.len());
     for row in &rows {
-        if row.try_get::<&str, _>("state")? == "available" {
+        let state: JobState = row.try_get::<&str, _>("state")?.parse()?;
+        if state == JobState::Available {
             ready.push(row.try_get("queue")?);
         }
+        changes.push(JobChange {
+            id: JobId(row.try_get("id")?),
+            state,
+        });
     }
-    Ok((rows.len() as u64, ready))
+    Ok((rows.len() as u64, ready, changes))
 }
 
 #[async_trait]
@@ -948,6 +1003,18 @@ impl Store for PgStore {
                 queue: queue.to_string(),
             });
         }
+        if self.polling {
+            self.announce_local(
+                answers
+                    .iter()
+                    .filter(|a| !a.duplicate)
+                    .map(|a| JobChange {
+                        id: a.id,
+                        state: a.state,
+                    })
+                    .collect(),
+            );
+        }
         Ok(answers)
     }
 
@@ -968,6 +1035,16 @@ impl Store for PgStore {
         .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
         jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
+        if self.polling {
+            self.announce_local(
+                jobs.iter()
+                    .map(|j| JobChange {
+                        id: j.id,
+                        state: JobState::Running,
+                    })
+                    .collect(),
+            );
+        }
         Ok(jobs)
     }
 
@@ -976,7 +1053,7 @@ impl Store for PgStore {
             return Ok(0);
         }
         let outcomes = &outcomes;
-        let (applied, ready) = retry_conflicts("finish", || async move {
+        let (applied, ready, changes) = retry_conflicts("finish", || async move {
             let mut conn = self.pool.acquire().await?;
             let done = apply_finishes(&mut conn, outcomes).await?;
             conn.commit().await?;
@@ -984,7 +1061,18 @@ impl Store for PgStore {
         })
         .await?;
         self.notify_queues(ready).await?;
+        self.announce_local(changes);
         Ok(applied)
+    }
+
+    async fn report_progress(&self, id: JobId, progress: &Progress) -> Result<bool> {
+        let done = sqlx::query(queries::REPORT_PROGRESS)
+            .bind(id.0)
+            .bind(serde_json::to_string(progress)?)
+            .bind(progress.attempt)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn heartbeat(&self, worker: &str, held: &[JobId], lease: Duration) -> Result<Vec<JobId>> {
@@ -1045,7 +1133,8 @@ impl Store for PgStore {
         let sql = format!(
             "UPDATE conveyor.jobs SET state = 'available', attempt = 0, run_at = now(), \
              finalized_at = NULL, lease_owner = NULL, lease_expires_at = NULL, \
-             cancel_requested_at = NULL WHERE id = $1 AND {} RETURNING *",
+             cancel_requested_at = NULL, result = NULL, progress = NULL \
+             WHERE id = $1 AND {} RETURNING *",
             sql_from_states(OperatorAction::Retry)
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -1056,6 +1145,10 @@ impl Store for PgStore {
             Some(row) => {
                 let job = job_from_row(&row)?;
                 self.notify_queues([job.queue.clone()]).await?;
+                self.announce_local(vec![JobChange {
+                    id: job.id,
+                    state: job.state,
+                }]);
                 Ok(job)
             }
             None => Err(self.refusal(id, OperatorAction::Retry).await),
@@ -1066,7 +1159,7 @@ impl Store for PgStore {
         let mut qb = QueryBuilder::<Postgres>::new(format!(
             "UPDATE conveyor.jobs SET state = 'available', attempt = 0, finalized_at = NULL, \
              lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL, \
-             run_at = now() WHERE {}",
+             result = NULL, progress = NULL, run_at = now() WHERE {}",
             sql_from_states(OperatorAction::Retry)
         ));
         push_filter(&mut qb, filter);
@@ -1120,6 +1213,12 @@ impl Store for PgStore {
         tx.commit().await?;
         if self.polling && result == CancelResult::Requested {
             let _ = self.events.send(StoreEvent::CancelRequested { id });
+        }
+        if result == CancelResult::Cancelled {
+            self.announce_local(vec![JobChange {
+                id,
+                state: JobState::Cancelled,
+            }]);
         }
         Ok(result)
     }
@@ -1258,6 +1357,7 @@ async fn rescue_once(
         finishes.push(f);
     }
     if !finishes.is_empty() {
+        // Every process learns of these changes from the update trigger's notification.
         apply_finishes(&mut tx, &finishes).await?;
     }
     tx.commit().await?;

@@ -60,7 +60,30 @@ FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::timestamptz[], $5::timestamp
 WHERE j.id = ANY(ARRAY(SELECT unnest($1::uuid[])))
   AND j.id = u.id
   AND CASE WHEN j.state = 'running' THEN j.attempt END = u.attempt
-RETURNING j.queue, j.state";
+RETURNING j.id, j.queue, j.state";
+
+/// Completion with results: [`FINISH`] for a batch in which some outcome carries a result,
+/// with `$8` the results (JSON text; NULL keeps the column). Batches without one use
+/// [`FINISH`], so a job without a result costs the completion nothing more.
+pub const FINISH_WITH_RESULTS: &str = "\
+UPDATE conveyor.jobs j
+SET state = u.state, run_at = coalesce(u.run_at, j.run_at), finalized_at = u.finalized_at,
+    attempt = j.attempt + u.delta, attempts = j.attempts || u.record::jsonb,
+    lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL,
+    result = coalesce(u.result::jsonb, j.result)
+FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+            $6::int4[], $7::text[], $8::text[])
+    AS u(id, attempt, state, run_at, finalized_at, delta, record, result)
+WHERE j.id = ANY(ARRAY(SELECT unnest($1::uuid[])))
+  AND j.id = u.id
+  AND CASE WHEN j.state = 'running' THEN j.attempt END = u.attempt
+RETURNING j.id, j.queue, j.state";
+
+/// Progress: the latest report `$2` (JSON text) of job `$1`, only while it runs attempt `$3`.
+/// By primary key, with the same state test as [`FINISH`].
+pub const REPORT_PROGRESS: &str = "\
+UPDATE conveyor.jobs SET progress = $2::jsonb
+WHERE id = $1 AND CASE WHEN state = 'running' THEN attempt END = $3";
 
 /// Heartbeat: extends by `$1` (an interval, from the store's `now()`) the lease of each job
 /// of `$3` (the ids the worker's runtime holds) that worker `$2` runs, and returns which of
