@@ -185,8 +185,8 @@ async fn changes_until(
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Err(_) => panic!("timed out; changes seen: {seen:?}"),
             Ok(Ok(StoreEvent::JobsChanged { changes })) => seen.extend(changes.iter().copied()),
-            Ok(_) => {}
             Ok(Err(e)) => panic!("events failed: {e:?}"),
+            Ok(Ok(_)) => {}
         }
     }
 }
