@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use conveyor_jobs::webhook::{WebhookConfig, Webhooks};
 use conveyor_worker::Store;
-use conveyor_worker::store::feed::ChangeFeed;
 use conveyor_worker::clock::StoreClock;
+use conveyor_worker::store::feed::ChangeFeed;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ApiConfig;

@@ -15,7 +15,9 @@ use common::{Server, send};
 use conveyor_api::key::Scope;
 use conveyor_client::{Client, ClientEvent, EventFilter, Events, JobEvent};
 use conveyor_worker::store::{FetchRequest, Finish};
-use conveyor_worker::{AttemptOutcome, AttemptRecord, Job, JobArgs, JobState, NewJob, Progress, Store};
+use conveyor_worker::{
+    AttemptOutcome, AttemptRecord, Job, JobArgs, JobState, NewJob, Progress, Store,
+};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -170,7 +172,10 @@ async fn wait_answers_when_the_job_finishes_or_at_the_deadline(store: Arc<dyn St
     .await;
     assert_eq!((status, job["state"].as_str()), (200, Some("available")));
     assert!(started.elapsed() >= Duration::from_secs(1));
-    let job = client.wait(waiting, Duration::from_millis(1500)).await.unwrap();
+    let job = client
+        .wait(waiting, Duration::from_millis(1500))
+        .await
+        .unwrap();
     assert_eq!(job.state, JobState::Available);
 
     // Bad waits name the field.
@@ -244,7 +249,10 @@ async fn the_event_stream_filters_and_resumes(store: Arc<dyn Store>) {
         next_job(&mut events).await,
     ];
     for e in &got {
-        assert_eq!((e.id, e.queue.as_str(), e.kind.as_str()), (wanted, "stream-a", "k1"));
+        assert_eq!(
+            (e.id, e.queue.as_str(), e.kind.as_str()),
+            (wanted, "stream-a", "k1")
+        );
     }
     assert_eq!(
         got.iter().map(|e| e.state).collect::<Vec<_>>(),
@@ -287,7 +295,10 @@ async fn the_event_stream_filters_and_resumes(store: Arc<dyn Store>) {
         Some(&read),
     ))
     .await;
-    assert_eq!((status, p["errors"][0]["field"].as_str()), (422, Some("queue")));
+    assert_eq!(
+        (status, p["errors"][0]["field"].as_str()),
+        (422, Some("queue"))
+    );
     let enqueue = s.key(Scope::Enqueue).await;
     let err = Client::new(&s.base, &enqueue)
         .unwrap()

@@ -275,9 +275,10 @@ impl Client {
         }
         let response = request.send().await?;
         if !response.status().is_success() {
-            return Err(answer::<serde_json::Value>(response).await.err().unwrap_or_else(|| {
-                Error::Events("the server refused the stream".into())
-            }));
+            return Err(answer::<serde_json::Value>(response)
+                .await
+                .err()
+                .unwrap_or_else(|| Error::Events("the server refused the stream".into())));
         }
         let bytes = futures::stream::unfold(response, |mut response| async move {
             match response.chunk().await {
@@ -441,7 +442,10 @@ pub enum ClientEvent {
 type EventBytes = std::pin::Pin<
     Box<
         dyn futures::Stream<
-                Item = Result<eventsource_stream::Event, eventsource_stream::EventStreamError<reqwest::Error>>,
+                Item = Result<
+                    eventsource_stream::Event,
+                    eventsource_stream::EventStreamError<reqwest::Error>,
+                >,
             > + Send,
     >,
 >;

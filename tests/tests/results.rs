@@ -235,11 +235,7 @@ async fn every_state_change_is_announced(s: Arc<dyn Store>) {
     })
     .await;
     // Each job's changes arrive in the order they were made.
-    let order: Vec<JobState> = seen
-        .iter()
-        .filter(|c| c.id == a)
-        .map(|c| c.state)
-        .collect();
+    let order: Vec<JobState> = seen.iter().filter(|c| c.id == a).map(|c| c.state).collect();
     assert_eq!(
         order,
         [JobState::Available, JobState::Running, JobState::Completed]
@@ -378,7 +374,10 @@ async fn the_feed_filters_and_resumes(s: Arc<dyn Store>) {
         got.iter().map(|e| e.state).collect::<Vec<_>>(),
         [JobState::Available, JobState::Running, JobState::Completed]
     );
-    assert_eq!((got[0].queue.as_str(), got[0].kind.as_str()), ("feed-a", "k1"));
+    assert_eq!(
+        (got[0].queue.as_str(), got[0].kind.as_str()),
+        ("feed-a", "k1")
+    );
     let mut vip = Vec::new();
     while vip.len() < 3 {
         match next_change(&mut by_tag).await {
@@ -449,16 +448,22 @@ async fn wait_for_state(s: &Arc<dyn Store>, id: JobId, state: JobState) -> Job {
 
 async fn a_handlers_result_is_kept_and_one_over_the_limit_fails_the_attempt(s: Arc<dyn Store>) {
     let mut registry = Registry::new();
-    registry.register("sum", |args: serde_json::Value, _ctx: JobContext| async move {
-        let total: i64 = args["n"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_i64()).sum())
-            .unwrap_or(0);
-        Ok(Outcome::done_with(&json!({"total": total}))?)
-    });
-    registry.register("huge", |_: serde_json::Value, _ctx: JobContext| async move {
-        Ok(Outcome::done_with(&"x".repeat(500))?)
-    });
+    registry.register(
+        "sum",
+        |args: serde_json::Value, _ctx: JobContext| async move {
+            let total: i64 = args["n"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_i64()).sum())
+                .unwrap_or(0);
+            Ok(Outcome::done_with(&json!({"total": total}))?)
+        },
+    );
+    registry.register(
+        "huge",
+        |_: serde_json::Value, _ctx: JobContext| async move {
+            Ok(Outcome::done_with(&"x".repeat(500))?)
+        },
+    );
     let worker = Worker::new(s.clone(), registry, worker_config("res", 256)).unwrap();
     let stop = CancellationToken::new();
     let handle = tokio::spawn(worker.run(stop.clone()));

@@ -355,7 +355,9 @@ pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024;
 /// every way a result reaches the store (a native handler, a remote worker, an HTTP target):
 /// a result over the limit is an error that fails the attempt, never cut short.
 pub fn check_result(value: &serde_json::Value, limit: usize) -> Result<(), Error> {
-    let size = serde_json::to_vec(value).map(|v| v.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(value)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     if size > limit {
         return Err(Error::invalid(
             "result",

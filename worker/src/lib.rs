@@ -26,8 +26,7 @@ pub mod store;
 pub use error::{Error, Result};
 pub use handler::{JobArgs, JobContext, JobError, KindOptions, Outcome, Registry};
 pub use job::{
-    AttemptOutcome, AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction,
-    Progress,
+    AttemptOutcome, AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress,
 };
 pub use retry_policy::RetryPolicy;
 pub use store::{Store, StoreOptions};

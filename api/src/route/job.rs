@@ -273,7 +273,10 @@ pub struct WaitParams {
     /// answering: a duration such as `30s`, `1m` or `500ms`, or bare seconds (`30`); at most
     /// 60s. The answer comes as soon as the job finishes, or when the wait runs out with the
     /// job as it is then (still `200`: check `state`). Absent or `0`: answer at once.
-    #[param(pattern = r"^([0-9]+|([0-9]+ *(ms|s|m|sec|secs|min|mins) *)+)$", example = "30s")]
+    #[param(
+        pattern = r"^([0-9]+|([0-9]+ *(ms|s|m|sec|secs|min|mins) *)+)$",
+        example = "30s"
+    )]
     pub wait: Option<String>,
 }
 

@@ -107,8 +107,9 @@ async fn job_events(
     let last = headers
         .get("last-event-id")
         .map(|v| {
-            v.to_str()
-                .map_err(|_| Problem::invalid("Last-Event-ID", "must be an event id this stream sent"))
+            v.to_str().map_err(|_| {
+                Problem::invalid("Last-Event-ID", "must be an event id this stream sent")
+            })
         })
         .transpose()?;
     let mut subscription = state.job_events.subscribe(filter, last);
@@ -135,9 +136,9 @@ async fn job_events(
                         tags: e.tags.clone(),
                         at: e.at,
                     }),
-                Some(FeedItem::Reset { reason }) => {
-                    Event::default().event("reset").json_data(ResetView { reason })
-                }
+                Some(FeedItem::Reset { reason }) => Event::default()
+                    .event("reset")
+                    .json_data(ResetView { reason }),
             };
             let Ok(event) = event else { continue };
             if tx.send(Ok(event)).await.is_err() {

@@ -267,7 +267,10 @@ async fn read_changes(
             Ok(StoreEvent::JobsChanged { changes }) if !changes.is_empty() => changes,
             Ok(_) => continue,
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "the job change feed fell behind the store's events");
+                tracing::warn!(
+                    missed = n,
+                    "the job change feed fell behind the store's events"
+                );
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
@@ -295,7 +298,9 @@ async fn read_changes(
                         known.insert(j.id, (j.queue, j.kind, j.tags));
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "reading changed jobs for the change feed failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading changed jobs for the change feed failed")
+                }
             }
         }
         let at = Utc::now();

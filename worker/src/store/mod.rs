@@ -28,9 +28,7 @@ use tokio::sync::broadcast;
 pub use self::meta::MetaStore;
 pub use self::postgres::Pooler;
 use crate::error::{Error, Result};
-use crate::job::{
-    AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress,
-};
+use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress};
 use crate::retry_policy::RetryPolicy;
 
 /// Connection settings shared by the backends.
@@ -706,10 +704,7 @@ mod tests {
         ];
         let text = JobChange::encode(&changes);
         assert_eq!(JobChange::decode(&text), changes);
-        assert_eq!(
-            JobChange::decode(&format!("{text},nonsense,x y")),
-            changes
-        );
+        assert_eq!(JobChange::decode(&format!("{text},nonsense,x y")), changes);
     }
 
     #[test]

@@ -32,15 +32,13 @@ use uuid::Uuid;
 
 use super::PgSessionSettings;
 use super::{
-    CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
-    JobChange, Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish,
+    CancelResult, FetchRequest, Finish, JobChange, JobFilter, Page, QueueStats, RescueReport,
+    RetentionPolicy, Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish,
     sql_from_states,
 };
 use crate::clock::StoreClock;
 use crate::error::{Error, Result};
-use crate::job::{
-    AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress,
-};
+use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress};
 use crate::retry_policy::RetryPolicy;
 
 /// Rows per bulk INSERT statement on the caller's connection.

@@ -30,8 +30,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
 use super::{
-    CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
-    JobChange, Store, StoreEvent, StoreOptions, check_migrations, check_page, sql_from_states,
+    CancelResult, FetchRequest, Finish, JobChange, JobFilter, Page, QueueStats, RescueReport,
+    RetentionPolicy, Store, StoreEvent, StoreOptions, check_migrations, check_page,
+    sql_from_states,
 };
 use crate::error::{Error, Result};
 use crate::job::{Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress};

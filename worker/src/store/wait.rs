@@ -55,9 +55,7 @@ pub async fn wait_for_end(store: &dyn Store, id: JobId, wait: Duration) -> Resul
             match event {
                 Ok(StoreEvent::JobsChanged { changes }) => {
                     if changes.is_empty()
-                        || changes
-                            .iter()
-                            .any(|c| c.id == id && c.state.is_terminal())
+                        || changes.iter().any(|c| c.id == id && c.state.is_terminal())
                     {
                         break;
                     }

@@ -125,8 +125,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
-    JobChange, Store, StoreEvent, StoreOptions, check_page, redact_url,
+    CancelResult, FetchRequest, Finish, JobChange, JobFilter, Page, QueueStats, RescueReport,
+    RetentionPolicy, Store, StoreEvent, StoreOptions, check_page, redact_url,
 };
 use crate::clock::StoreClock;
 use crate::error::{Error, Result};
