@@ -5,8 +5,10 @@
 //! - Enqueue, finish and rescue write whole batches with one `unnest` statement each.
 //! - Wake-up: a statement-level trigger NOTIFYs `conveyor_jobs` with the queue name when
 //!   ready jobs are inserted (by any client, including the SQL function `conveyor.enqueue`);
-//!   cancel requests NOTIFY `conveyor_cancel`. One LISTEN connection per store forwards them
-//!   to [`Store::subscribe`]; the runtime also polls, so a lost notification only costs a poll.
+//!   cancel requests NOTIFY `conveyor_cancel`; job state changes NOTIFY `conveyor_events`
+//!   from statement-level triggers (`0004_results.sql`). One LISTEN connection per store
+//!   forwards them to [`Store::subscribe`]; the runtime also polls, so a lost notification
+//!   only costs a poll.
 //! - Transactional enqueue: [`enqueue_in`] and [`enqueue_many_in`] take the application's own
 //!   connection or transaction, so the job exists iff that transaction commits.
 

@@ -12,7 +12,7 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `{P:Q}:job:<id>` | hash: the job (args, tags and metadata as JSON strings; times as microseconds). The id and queue are in the key; empty tags and `{}` metadata are left out |
+//! | `{P:Q}:job:<id>` | hash: the job (args, tags and metadata as JSON strings; times as microseconds; `result` and `progress` as JSON once written). The id and queue are in the key; empty tags and `{}` metadata are left out |
 //! | `{P:Q}:hist:<id>` | string: the job's attempt history, one JSON record per line (`APPEND`ed as attempts end; absent until the first ends). Apart from the hash so that the hash's values stay short and Redis keeps it in its compact listpack encoding |
 //! | `{P:Q}:ready` | zset of `available` jobs, score `priority · 10¹³ + run_at_ms`: fetch pops the head |
 //! | `{P:Q}:delayed` | zset of `scheduled` and `retryable` jobs by `run_at` (µs) |
@@ -74,7 +74,10 @@
 //! # Wake-up
 //!
 //! Scripts `PUBLISH` the queue name on `P:jobs` when jobs become ready and the job id on
-//! `P:cancel` when a running job's cancel is requested. One subscriber connection per store
+//! `P:cancel` when a running job's cancel is requested. Job state changes (enqueue, claim,
+//! outcomes, rescue, retry, cancel) are published on `P:events` as `<id> <state>` entries by
+//! one publisher task per store, in the order they were made, without the step waiting for
+//! it (`events::publish_loop`). One subscriber connection per store
 //! forwards them to [`Store::subscribe`]; the store also wakes its own process directly, and
 //! the runtime polls, so a lost message only costs a poll.
 //!
