@@ -19,9 +19,9 @@ pub fn check_wait(field: &str, wait: Duration) -> Result<()> {
         return Err(Error::invalid(
             field,
             format!(
-                "{} is longer than the longest wait, {}s; wait at most 60s and ask again if the job has not finished",
+                "{} is longer than the longest wait, {max}s; wait at most {max}s and ask again if the job has not finished",
                 humantime_serde::re::humantime::format_duration(wait),
-                MAX_WAIT.as_secs()
+                max = MAX_WAIT.as_secs()
             ),
         ));
     }
