@@ -81,17 +81,19 @@ fn default_true() -> bool {
 #[allow(dead_code)]
 struct QueueName(String);
 
+/// A remote worker's id: 1-128 characters, none of them a control character.
+#[derive(ToSchema)]
+#[schema(pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$")]
+#[allow(dead_code)]
+struct WorkerIdText(String);
+
 /// A claim: up to `limit` due jobs from `queues`, leased to `worker_id` for `lease_seconds`.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimRequest {
     /// The claiming worker (its lease owner name; 1-128 characters without control
     /// characters). Unique per worker process.
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
-    )]
+    #[schema(value_type = WorkerIdText)]
     pub worker_id: String,
     /// Queues to claim from, in order (1-32 queue names).
     #[schema(min_items = 1, max_items = 32, value_type = Vec<QueueName>)]
@@ -161,11 +163,7 @@ impl From<Job> for ClaimedJob {
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     /// The worker.
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
-    )]
+    #[schema(value_type = WorkerIdText)]
     pub worker_id: String,
     /// The jobs it runs now (at most 1000).
     #[schema(value_type = Vec<uuid::Uuid>, max_items = 1000)]
@@ -212,11 +210,7 @@ pub struct RemoteError {
 #[serde(deny_unknown_fields)]
 pub struct CompleteRequest {
     /// The worker that holds the lease.
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
-    )]
+    #[schema(value_type = WorkerIdText)]
     pub worker_id: String,
     /// The attempt the claim gave.
     #[schema(minimum = 1)]
@@ -228,11 +222,7 @@ pub struct CompleteRequest {
 #[serde(deny_unknown_fields)]
 pub struct FailRequest {
     /// The worker that holds the lease.
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
-    )]
+    #[schema(value_type = WorkerIdText)]
     pub worker_id: String,
     /// The attempt the claim gave.
     #[schema(minimum = 1)]
@@ -254,11 +244,7 @@ pub struct FailRequest {
 #[serde(deny_unknown_fields)]
 pub struct SnoozeRequest {
     /// The worker that holds the lease.
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
-    )]
+    #[schema(value_type = WorkerIdText)]
     pub worker_id: String,
     /// The attempt the claim gave.
     #[schema(minimum = 1)]
@@ -313,11 +299,7 @@ pub struct FinishItem {
 #[serde(deny_unknown_fields)]
 pub struct FinishRequest {
     /// The worker that holds the leases.
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
-    )]
+    #[schema(value_type = WorkerIdText)]
     pub worker_id: String,
     /// 1-1000 outcomes, at most one per job.
     #[schema(min_items = 1, max_items = 1000)]
@@ -445,20 +427,44 @@ fn check_attempt(field: &str, attempt: i32) -> Result<()> {
     Ok(())
 }
 
-impl CompleteRequest {
-    /// Checks it.
-    pub fn check(&self) -> Result<Report> {
-        check_worker_id(&self.worker_id)?;
-        check_attempt("attempt", self.attempt)?;
+/// The body of a single-job outcome route (complete, fail, snooze): whose lease, which
+/// attempt, and the outcome it reports.
+pub trait ReportRequest {
+    /// The worker that holds the lease.
+    fn worker_id(&self) -> &str;
+    /// The attempt the claim gave.
+    fn attempt(&self) -> i32;
+    /// The outcome, its own fields checked.
+    fn outcome(&self) -> Result<Report>;
+
+    /// Checks every field (the lease's, then the outcome's) and answers the outcome.
+    fn check(&self) -> Result<Report> {
+        check_worker_id(self.worker_id())?;
+        check_attempt("attempt", self.attempt())?;
+        self.outcome()
+    }
+}
+
+impl ReportRequest for CompleteRequest {
+    fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+    fn attempt(&self) -> i32 {
+        self.attempt
+    }
+    fn outcome(&self) -> Result<Report> {
         Ok(Report::Complete)
     }
 }
 
-impl FailRequest {
-    /// Checks it.
-    pub fn check(&self) -> Result<Report> {
-        check_worker_id(&self.worker_id)?;
-        check_attempt("attempt", self.attempt)?;
+impl ReportRequest for FailRequest {
+    fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+    fn attempt(&self) -> i32 {
+        self.attempt
+    }
+    fn outcome(&self) -> Result<Report> {
         check_error("error", &self.error)?;
         let retry_after = self
             .retry_after_seconds
@@ -472,11 +478,14 @@ impl FailRequest {
     }
 }
 
-impl SnoozeRequest {
-    /// Checks it.
-    pub fn check(&self) -> Result<Report> {
-        check_worker_id(&self.worker_id)?;
-        check_attempt("attempt", self.attempt)?;
+impl ReportRequest for SnoozeRequest {
+    fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+    fn attempt(&self) -> i32 {
+        self.attempt
+    }
+    fn outcome(&self) -> Result<Report> {
         Ok(Report::Snooze(check_seconds("seconds", self.seconds)?))
     }
 }

@@ -242,32 +242,51 @@ async fn last_audit(s: &Arc<dyn Store>, queue: &str) -> (String, Value, u64) {
     (e.action, serde_json::from_str(&target).unwrap(), e.affected)
 }
 
-async fn bulk_actions_touch_the_same_jobs(url: String, store: Arc<dyn Store>) {
-    let api = Api::start(store.clone()).await;
-
-    // Retry a queue's dead jobs: the API's bulk retry and `conveyor dead retry`.
-    let by_api = one_in_every_state(&store, "retry-api").await;
-    let by_cli = one_in_every_state(&store, "retry-cli").await;
+/// One bulk action on dead jobs through both doors, each on its own queue with one job in
+/// every state: the API's `POST /v1/jobs/bulk/<action>` on `<name>-api`, and
+/// `conveyor dead <name>` on `<name>-cli`. Both must match one job and write the same audit
+/// record. Answers the API side's jobs, and the states after of the API's and the CLI's jobs.
+async fn through_both_doors(
+    api: &Api,
+    url: &str,
+    store: &Arc<dyn Store>,
+    name: &str,
+    action: &str,
+) -> (
+    Vec<(JobState, JobId)>,
+    Vec<Option<JobState>>,
+    Vec<Option<JobState>>,
+) {
+    let (api_queue, cli_queue) = (format!("{name}-api"), format!("{name}-cli"));
+    let by_api = one_in_every_state(store, &api_queue).await;
+    let by_cli = one_in_every_state(store, &cli_queue).await;
     let (status, answer) = api
         .post(
-            "/v1/jobs/bulk/retry",
-            json!({"filter": {"queue": "retry-api", "states": ["dead"]}}),
+            &format!("/v1/jobs/bulk/{action}"),
+            json!({"filter": {"queue": api_queue, "states": ["dead"]}}),
         )
         .await;
     assert_eq!(status, 200, "{answer}");
-    let api_audit = last_audit(&store, "retry-api").await;
-    let cli = run_json(&url, &["dead", "retry", "--queue", "retry-cli"]);
-    let cli_audit = last_audit(&store, "retry-cli").await;
+    let api_audit = last_audit(store, &api_queue).await;
+    let cli = run_json(url, &["dead", name, "--queue", &cli_queue]);
+    let cli_audit = last_audit(store, &cli_queue).await;
     assert_eq!(
         (answer["affected"].clone(), cli["matched"].clone()),
         (json!(1), json!(1))
     );
-    let after = states_now(&store, &by_api).await;
-    assert_eq!(
-        after,
-        states_now(&store, &by_cli).await,
-        "the same jobs moved"
-    );
+    assert_eq!(api_audit, cli_audit, "the same audit record");
+    let after = states_now(store, &by_api).await;
+    let cli_after = states_now(store, &by_cli).await;
+    (by_api, after, cli_after)
+}
+
+async fn bulk_actions_touch_the_same_jobs(url: String, store: Arc<dyn Store>) {
+    let api = Api::start(store.clone()).await;
+
+    // Retry a queue's dead jobs: the API's bulk retry and `conveyor dead retry`.
+    let (by_api, after, by_cli_after) =
+        through_both_doors(&api, &url, &store, "retry", "retry").await;
+    assert_eq!(after, by_cli_after, "the same jobs moved");
     let expected: Vec<Option<JobState>> = by_api
         .iter()
         .map(|(s, _)| {
@@ -279,33 +298,11 @@ async fn bulk_actions_touch_the_same_jobs(url: String, store: Arc<dyn Store>) {
         })
         .collect();
     assert_eq!(after, expected, "only the dead job, back to available");
-    assert_eq!(api_audit, cli_audit, "the same audit record");
 
     // Delete a queue's dead jobs: the API's bulk discard and `conveyor dead purge`.
-    let by_api = one_in_every_state(&store, "purge-api").await;
-    let by_cli = one_in_every_state(&store, "purge-cli").await;
-    let (status, answer) = api
-        .post(
-            "/v1/jobs/bulk/discard",
-            json!({"filter": {"queue": "purge-api", "states": ["dead"]}}),
-        )
-        .await;
-    assert_eq!(status, 200, "{answer}");
-    let api_audit = last_audit(&store, "purge-api").await;
-    let cli = run_json(&url, &["dead", "purge", "--queue", "purge-cli"]);
-    let cli_audit = last_audit(&store, "purge-cli").await;
-    assert_eq!(
-        (answer["affected"].clone(), cli["matched"].clone()),
-        (json!(1), json!(1))
-    );
-    let after = states_now(&store, &by_api).await;
-    assert_eq!(
-        after,
-        states_now(&store, &by_cli).await,
-        "the same jobs deleted"
-    );
+    let (_, after, by_cli_after) = through_both_doors(&api, &url, &store, "purge", "discard").await;
+    assert_eq!(after, by_cli_after, "the same jobs deleted");
     assert_eq!(after.iter().filter(|s| s.is_none()).count(), 1);
-    assert_eq!(api_audit, cli_audit, "the same audit record");
 
     // More ids than one call may name: refused alike, with the same message.
     let ids: Vec<String> = (0..1001).map(|_| JobId::new().to_string()).collect();

@@ -6,7 +6,7 @@
 use axum::extract::State;
 use conveyor_admin::remote::{
     ClaimRequest, ClaimedJob, CompleteRequest, FailRequest, FinishRequest, FinishResult,
-    HeartbeatRequest, HeartbeatResponse, Report, SnoozeRequest,
+    HeartbeatRequest, HeartbeatResponse, ReportRequest, SnoozeRequest,
 };
 use conveyor_worker::JobId;
 use serde::Serialize;
@@ -103,14 +103,19 @@ async fn heartbeat(
 async fn report(
     state: &AppState,
     auth: &Auth<scope::Worker>,
-    worker_id: &str,
     id: JobId,
-    attempt: i32,
-    report: Report,
+    request: &impl ReportRequest,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
+    let report = request.check()?;
     let state = state
         .remote
-        .report(worker_id, id, attempt, report, auth.key.queues.as_deref())
+        .report(
+            request.worker_id(),
+            id,
+            request.attempt(),
+            report,
+            auth.key.queues.as_deref(),
+        )
         .await?;
     Ok(axum::Json(ReportResponse {
         id: id.to_string(),
@@ -133,16 +138,7 @@ async fn complete(
     JobPath(id): JobPath,
     Body(request): Body<CompleteRequest>,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
-    let checked = request.check()?;
-    report(
-        &state,
-        &auth,
-        &request.worker_id,
-        id,
-        request.attempt,
-        checked,
-    )
-    .await
+    report(&state, &auth, id, &request).await
 }
 
 /// The attempt failed: `retryable` after the backoff (or `retry_after_seconds`), or `dead`
@@ -161,16 +157,7 @@ async fn fail(
     JobPath(id): JobPath,
     Body(request): Body<FailRequest>,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
-    let checked = request.check()?;
-    report(
-        &state,
-        &auth,
-        &request.worker_id,
-        id,
-        request.attempt,
-        checked,
-    )
-    .await
+    report(&state, &auth, id, &request).await
 }
 
 /// Run the job again after `seconds` without using an attempt (`scheduled`). `409` as for
@@ -188,16 +175,7 @@ async fn snooze(
     JobPath(id): JobPath,
     Body(request): Body<SnoozeRequest>,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
-    let checked = request.check()?;
-    report(
-        &state,
-        &auth,
-        &request.worker_id,
-        id,
-        request.attempt,
-        checked,
-    )
-    .await
+    report(&state, &auth, id, &request).await
 }
 
 /// Many outcomes in one write. Each item gets its own status: 200 applied, 403 a job on a
