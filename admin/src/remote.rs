@@ -729,6 +729,10 @@ impl RemoteWorkers {
             )));
         }
         let worker = request.worker_id.as_str();
+        // Registered before the wait, not after it: a worker that has just started and is
+        // long-polling an empty queue serves it, and an enqueue meanwhile must not warn that
+        // nobody does.
+        self.saw(worker, host, &claim, &[]).await;
         let mut events = self.store.subscribe();
         let deadline = tokio::time::Instant::now() + claim.wait;
         let jobs = loop {
@@ -755,7 +759,9 @@ impl RemoteWorkers {
                 }
             }
         };
-        self.saw(worker, host, &claim, &jobs).await;
+        if !jobs.is_empty() {
+            self.saw(worker, host, &claim, &jobs).await;
+        }
         Ok(jobs.into_iter().map(ClaimedJob::from).collect())
     }
 
@@ -1055,6 +1061,11 @@ impl RemoteWorkers {
             entry.last_request = Instant::now();
             entry.host = host.to_string();
             for q in &claim.queues {
+                if !entry.queues.contains_key(q) {
+                    // A queue the registration does not name yet: written now, not at the
+                    // next due write, so nobody is told the queue has no worker.
+                    entry.written = None;
+                }
                 entry.queues.entry(q.clone()).or_default().limit = claim.limit;
             }
             for j in jobs {

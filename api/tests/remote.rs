@@ -584,6 +584,18 @@ async fn a_waiting_claim_wakes_on_enqueue(store: Arc<dyn Store>) {
     let started = Instant::now();
     let waiting = tokio::spawn(async move { send(request).await });
     tokio::time::sleep(Duration::from_millis(1300)).await;
+    // While it waits, the worker is registered as serving both queues (an enqueue now does
+    // not warn that nobody serves them).
+    let serving = conveyor_admin::serving::Serving::read(store.as_ref())
+        .await
+        .unwrap();
+    for queue in ["other", "wake"] {
+        assert!(
+            serving.serves_queue(queue),
+            "a waiting claim's worker does not serve `{queue}`: {:?}",
+            serving.workers
+        );
+    }
     let enqueued_at = Instant::now();
     let id = enqueue(&store, "wake", 3).await;
     let (status, answer) = waiting.await.unwrap();
