@@ -16,8 +16,8 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::{Cli, Command, Role};
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::{
-    bench, commands, config, console, http_targets, input, output, schedules, secrets, serve,
-    webhooks,
+    backups, bench, commands, config, console, http_targets, input, output, schedules, secrets,
+    serve, webhooks,
 };
 
 /// The Conveyor platform with the application's kinds: `conveyor` itself is
@@ -296,6 +296,10 @@ fn exit_status(e: &anyhow::Error) -> u8 {
             || cause
                 .downcast_ref::<WebhookError>()
                 .is_some_and(webhook_input)
+            || matches!(
+                cause.downcast_ref::<conveyor_backup::Error>(),
+                Some(conveyor_backup::Error::Config(_))
+            )
     });
     if bad_input { 2 } else { 1 }
 }
@@ -394,6 +398,7 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
             let hooks = webhooks(&config, open_store(&config).await?, false)?;
             secrets::run(Some(hooks), cmd).await
         }
+        Command::Backup(cmd) => backups::run(&config, cmd).await,
         Command::Bench(_) => unreachable!("handled above"),
     }
 }

@@ -62,6 +62,9 @@ pub enum Command {
     /// The keys that encrypt credentials kept in the store: generate-key, status, reencrypt.
     #[command(subcommand)]
     Secrets(crate::secrets::SecretsCommand),
+    /// Backups of the store and the application's databases: create, list, show, verify.
+    #[command(subcommand)]
+    Backup(crate::backups::BackupCommand),
 }
 
 /// `keys …`

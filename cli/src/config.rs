@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::Role;
 
 /// The sections a config file (and `CONVEYOR_<SECTION>__…`) may set.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "database",
     "serve",
     "api",
@@ -34,6 +34,7 @@ const SECTIONS: [&str; 10] = [
     "secrets",
     "http_requests",
     "http_targets",
+    "backup",
 ];
 
 /// Everything `conveyor` reads from its config.
@@ -62,6 +63,8 @@ pub struct Config {
     pub http_requests: conveyor_jobs::http_target::HttpRequestsConfig,
     /// The named targets `http.request` jobs may call (`[http_targets.<name>]`).
     pub http_targets: std::collections::BTreeMap<String, conveyor_jobs::http_target::HttpTarget>,
+    /// Backups: destinations, the application's databases, compression, part size.
+    pub backup: conveyor_backup::BackupConfig,
 }
 
 /// `[secrets]`: the keys credentials kept in the store are encrypted with. The first key
@@ -295,25 +298,33 @@ fn is_config_variable(rest: &str, known: &[Vec<String>]) -> bool {
 }
 
 /// The config keys whose default is `None`.
-const OPTIONAL_KEYS: [&str; 4] = [
+const OPTIONAL_KEYS: [&str; 5] = [
     "database.listen_url",
+    "backup.scratch_dir",
     "api.metrics.listen",
     "secrets.key_file",
     "http_requests.signing_secret",
 ];
 
 /// Whether `path` is a key of a named HTTP target (`http_targets.<name>.<key>`, or a header
-/// `http_targets.<name>.headers.<header>`): target names are the operator's, so these keys
-/// are not among the defaults.
+/// `http_targets.<name>.headers.<header>`) or of a backup destination or source: their names
+/// are the operator's, so these keys are not among the defaults.
 fn is_target_key(path: &[String]) -> bool {
     match path {
         [section, _, key] => {
             section == "http_targets"
                 && conveyor_jobs::http_target::HttpTarget::FIELDS.contains(&key.as_str())
         }
+        [section, map, _, _] if section == "backup" => is_backup_map(map),
         [section, _, headers, _] => section == "http_targets" && headers == "headers",
         _ => false,
     }
+}
+
+/// `backup.destinations.<name>.<key>` and `backup.sources.<name>.<key>` name the operator's
+/// destinations and sources; their keys are checked when the section is read.
+fn is_backup_map(path_part: &str) -> bool {
+    matches!(path_part, "destinations" | "sources")
 }
 
 /// Every key path the config has (`["worker", "fetch_batch"]`), leaves and sections alike.
@@ -494,6 +505,9 @@ impl Config {
         self.compiled_schedules()?;
         self.webhooks.validate().map_err(ConfigError)?;
         self.http().validate().map_err(ConfigError)?;
+        self.backup
+            .validate()
+            .map_err(|e| ConfigError(e.to_string()))?;
         Ok(())
     }
 
@@ -671,13 +685,68 @@ mod tests {
                     "CONVEYOR_HTTP_REQUESTS__SIGNING_SECRET",
                     "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
                 ),
+                ("CONVEYOR_BACKUP__SCRATCH_DIR", "/var/tmp"),
             ]),
         )
         .unwrap();
         assert!(config.database.listen_url.is_some() && config.api.metrics.listen.is_some());
         assert!(config.secrets.key_file.is_some());
         assert!(config.http_requests.signing_secret.is_some());
-        assert_eq!(OPTIONAL_KEYS.len(), 4, "test each optional key above");
+        assert_eq!(
+            config.backup.scratch_dir.as_deref(),
+            Some(Path::new("/var/tmp"))
+        );
+        assert_eq!(OPTIONAL_KEYS.len(), 5, "test each optional key above");
+    }
+
+    #[test]
+    fn backup_destinations_and_sources_from_a_file_and_the_environment() {
+        let dir = std::env::temp_dir().join(format!("conveyor-config-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[backup]\ndestination = \"offsite\"\n\
+             [backup.destinations.offsite]\ntype = \"s3\"\nbucket = \"b\"\n\
+             [backup.sources.shop]\ntype = \"postgres\"\nurl = \"postgres://u@h/shop\"\n",
+        )
+        .unwrap();
+        let config = load(
+            Some(&file),
+            env(&[(
+                "CONVEYOR_BACKUP__DESTINATIONS__OFFSITE__SECRET_ACCESS_KEY",
+                "s3cr3t",
+            )]),
+        )
+        .unwrap();
+        match &config.backup.destinations["offsite"] {
+            conveyor_backup::DestinationConfig::S3 {
+                bucket,
+                secret_access_key,
+                ..
+            } => {
+                assert_eq!(bucket, "b");
+                assert_eq!(secret_access_key.as_ref().unwrap().0, "s3cr3t");
+                // Never shown by Debug (logs, error reports).
+                assert!(!format!("{:?}", config.backup).contains("s3cr3t"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A default destination that names nothing, and a misspelt key, are errors naming them.
+        std::fs::write(&file, "[backup]\ndestination = \"nowhere\"\n").unwrap();
+        let err = load(Some(&file), env(&[])).unwrap_err().to_string();
+        assert!(
+            err.contains("backup.destination") && err.contains("nowhere"),
+            "{err}"
+        );
+        std::fs::write(
+            &file,
+            "[backup.destinations.d]\ntype = \"dir\"\npth = \"/x\"\n",
+        )
+        .unwrap();
+        let err = load(Some(&file), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("pth"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

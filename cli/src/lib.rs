@@ -13,6 +13,7 @@
 mod console;
 
 mod app;
+mod backups;
 mod bench;
 mod cli;
 mod commands;

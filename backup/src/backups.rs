@@ -1,0 +1,244 @@
+//! The operations: create, list, show and verify a backup. The CLI, the API and the
+//! `backup.run` job all call these.
+
+use std::path::PathBuf;
+
+use async_compression::Level;
+use async_compression::tokio::bufread::{ZstdDecoder, ZstdEncoder};
+use chrono::Utc;
+use tokio::io::{AsyncReadExt, BufReader};
+use tokio_util::io::StreamReader;
+
+use crate::config::{BackupConfig, STORE_SOURCE};
+use crate::destination::Destination;
+use crate::error::{Error, Result};
+use crate::hashing::Hashing;
+use crate::manifest::{FORMAT, Manifest, ObjectEntry, new_id};
+use crate::source::Source;
+
+/// The object a source's dump is stored as.
+pub const DATA_OBJECT: &str = "data.zst";
+
+/// Backups as configured, for the store at `store_url`.
+#[derive(Clone, Debug)]
+pub struct Backups {
+    config: BackupConfig,
+    store_url: String,
+}
+
+/// What `verify` found: every object's checksums matched.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Verified {
+    /// The backup.
+    pub id: String,
+    /// Its source.
+    pub source: String,
+    /// Objects checked.
+    pub objects: usize,
+    /// Stored bytes read.
+    pub stored_bytes: u64,
+    /// Raw bytes after decoding.
+    pub raw_bytes: u64,
+}
+
+impl Backups {
+    /// Checks `config` (the error names the key).
+    pub fn new(config: BackupConfig, store_url: impl Into<String>) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            store_url: store_url.into(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BackupConfig {
+        &self.config
+    }
+
+    /// Destination `name`, or the default one.
+    pub fn destination(&self, name: Option<&str>) -> Result<Destination> {
+        let name = name.unwrap_or(&self.config.destination);
+        let all = self.config.destinations();
+        let config = all.get(name).ok_or_else(|| {
+            Error::NotFound(format!(
+                "no backup destination `{name}`; configured: {}",
+                all.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        Destination::open(name, config)
+    }
+
+    /// Source `name`: `store` or one of `backup.sources`.
+    pub fn source(&self, name: &str) -> Result<Source> {
+        if name == STORE_SOURCE {
+            return Source::store(&self.store_url);
+        }
+        let config = self.config.sources.get(name).ok_or_else(|| {
+            let mut known = vec![STORE_SOURCE.to_string()];
+            known.extend(self.config.sources.keys().cloned());
+            Error::NotFound(format!(
+                "no backup source `{name}`; configured: {} (add [backup.sources.{name}] to the config)",
+                known.join(", ")
+            ))
+        })?;
+        Ok(Source::configured(name, config))
+    }
+
+    fn scratch(&self) -> PathBuf {
+        self.config
+            .scratch_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir)
+    }
+
+    /// Backs up `source` to `destination` (the default one when `None`): dump, compress,
+    /// upload in parts, then the manifest. On any failure nothing is listed: the parts
+    /// written so far are aborted, and without a manifest the backup does not exist.
+    pub async fn create(&self, source: &str, destination: Option<&str>) -> Result<Manifest> {
+        let source = self.source(source)?;
+        let destination = self.destination(destination)?;
+        let started_at = Utc::now();
+        let id = new_id(started_at);
+        let part_size = self.config.part_size_mib * 1024 * 1024;
+        let mut writer = destination
+            .writer(source.name(), &id, DATA_OBJECT, part_size)
+            .await?;
+        let dump = source.dump(&self.scratch(), &self.config.pg_dump).await;
+        let mut dump = match dump {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
+        };
+        let tables = std::mem::take(&mut dump.tables);
+        let reader = std::mem::replace(&mut dump.reader, Box::new(tokio::io::empty()));
+        let raw = Hashing::new(reader);
+        let mut encoder = ZstdEncoder::with_quality(
+            BufReader::with_capacity(1 << 20, raw),
+            Level::Precise(self.config.compression_level),
+        );
+        let mut stored = sha2::Sha256::default();
+        let mut stored_bytes = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        let copied: Result<()> = async {
+            loop {
+                let n = encoder
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| Error::source(source.name(), e))?;
+                if n == 0 {
+                    break;
+                }
+                sha2::Digest::update(&mut stored, &buf[..n]);
+                stored_bytes += n as u64;
+                writer
+                    .wait_for_capacity(self.config.upload_concurrency)
+                    .await
+                    .map_err(|e| destination.error("uploading", e))?;
+                writer.write(&buf[..n]);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = copied {
+            dump.abandon().await;
+            let _ = writer.abort().await;
+            return Err(e);
+        }
+        // The source must have been read completely (pg_dump exited 0) before the object is
+        // completed.
+        if let Err(e) = dump.finish().await {
+            let _ = writer.abort().await;
+            return Err(e);
+        }
+        writer
+            .finish()
+            .await
+            .map_err(|e| destination.error("completing the upload", e))?;
+        let (raw_bytes, raw_sha256) = encoder.into_inner().into_inner().finish();
+        let manifest = Manifest {
+            format: FORMAT,
+            id,
+            source: source.name().to_string(),
+            source_kind: source.kind(),
+            conveyor_version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at,
+            finished_at: Utc::now(),
+            objects: vec![ObjectEntry {
+                name: DATA_OBJECT.into(),
+                encoding: vec!["zstd".into()],
+                stored_bytes,
+                stored_sha256: hex::encode(sha2::Digest::finalize(stored)),
+                raw_bytes,
+                raw_sha256,
+            }],
+            tables,
+        };
+        destination.put_manifest(&manifest).await?;
+        tracing::info!(
+            backup = %manifest.id,
+            source = %manifest.source,
+            destination = %destination.name(),
+            raw_bytes,
+            stored_bytes,
+            "backup complete"
+        );
+        Ok(manifest)
+    }
+
+    /// Re-reads every object of backup `id` and checks its size and SHA-256, stored and
+    /// decoded. The error names the first object that does not match.
+    pub async fn verify(&self, id: &str, destination: Option<&str>) -> Result<Verified> {
+        let destination = self.destination(destination)?;
+        let manifest = destination.find(id).await?;
+        let mut verified = Verified {
+            id: manifest.id.clone(),
+            source: manifest.source.clone(),
+            objects: 0,
+            stored_bytes: 0,
+            raw_bytes: 0,
+        };
+        for object in &manifest.objects {
+            let damaged = |message: String| Error::Damaged {
+                backup: manifest.id.clone(),
+                message: format!("object {}: {message}", object.name),
+            };
+            if object.encoding != ["zstd"] {
+                return Err(damaged(format!(
+                    "encoding {:?} is not one this version reads",
+                    object.encoding
+                )));
+            }
+            let stream = destination
+                .read(&manifest.source, &manifest.id, &object.name)
+                .await?;
+            let stored = Hashing::new(StreamReader::new(stream));
+            let mut decoder = ZstdDecoder::new(BufReader::with_capacity(1 << 20, stored));
+            let mut raw = Hashing::new(&mut decoder);
+            let read = tokio::io::copy(&mut raw, &mut tokio::io::sink()).await;
+            let (raw_bytes, raw_sha256) = raw.finish();
+            let (stored_bytes, stored_sha256) = decoder.into_inner().into_inner().finish();
+            if stored_bytes != object.stored_bytes || stored_sha256 != object.stored_sha256 {
+                return Err(damaged(format!(
+                    "stored bytes differ from the manifest ({stored_bytes} bytes, sha256 {stored_sha256}; expected {} bytes, sha256 {})",
+                    object.stored_bytes, object.stored_sha256
+                )));
+            }
+            if let Err(e) = read {
+                return Err(damaged(format!("cannot be decoded: {e}")));
+            }
+            if raw_bytes != object.raw_bytes || raw_sha256 != object.raw_sha256 {
+                return Err(damaged(format!(
+                    "decoded content differs from the manifest ({raw_bytes} bytes, sha256 {raw_sha256}; expected {} bytes, sha256 {})",
+                    object.raw_bytes, object.raw_sha256
+                )));
+            }
+            verified.objects += 1;
+            verified.stored_bytes += stored_bytes;
+            verified.raw_bytes += raw_bytes;
+        }
+        Ok(verified)
+    }
+}

@@ -1,0 +1,20 @@
+//! Backups for Conveyor: its own store and the application's databases, each dumped from one
+//! consistent snapshot, compressed with zstd, uploaded in parts (memory stays bounded whatever
+//! the size) to a directory or S3-compatible storage, and described by a manifest with the
+//! SHA-256 of every object and the source's figures at backup time.
+//!
+//! A backup is complete exactly when its manifest exists; `verify` re-reads it and checks
+//! every checksum. See docs/backups.md.
+
+mod backups;
+pub mod config;
+pub mod destination;
+pub mod error;
+mod hashing;
+pub mod manifest;
+pub mod source;
+
+pub use backups::{Backups, DATA_OBJECT, Verified};
+pub use config::{BackupConfig, DestinationConfig, SourceConfig};
+pub use error::{Error, Result};
+pub use manifest::Manifest;

@@ -1,0 +1,150 @@
+//! What is backed up: Conveyor's own store and the application's databases. Each source
+//! gives one consistent dump as a byte stream, and the figures (rows per table, checksums)
+//! of the same snapshot, for `verify --restore` to compare a restored copy with.
+
+mod postgres;
+mod sqlite;
+
+use std::path::{Path, PathBuf};
+
+use tokio::io::AsyncRead;
+
+use crate::config::{STORE_SOURCE, SourceConfig};
+use crate::error::{Error, Result};
+use crate::manifest::{SourceKind, TableFigures};
+
+/// The schema Conveyor's tables live in on Postgres.
+pub const STORE_SCHEMA: &str = "conveyor";
+
+/// A configured source.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    /// A SQLite database file.
+    Sqlite {
+        /// Its name.
+        name: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A Postgres database (some schemas of it, or all).
+    Postgres {
+        /// Its name.
+        name: String,
+        /// Its URL.
+        url: String,
+        /// Only these schemas; empty: all.
+        schemas: Vec<String>,
+    },
+}
+
+impl Source {
+    /// Conveyor's own store at `url`.
+    pub fn store(url: &str) -> Result<Self> {
+        if let Some(rest) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let path = rest.split('?').next().unwrap_or_default();
+            if path.is_empty() || path.contains(":memory:") || url.contains("mode=memory") {
+                return Err(Error::Config(
+                    "the store is an in-memory SQLite database: there is nothing on disk to back up".into(),
+                ));
+            }
+            return Ok(Source::Sqlite {
+                name: STORE_SOURCE.into(),
+                path: PathBuf::from(path),
+            });
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Source::Postgres {
+                name: STORE_SOURCE.into(),
+                url: url.to_string(),
+                schemas: vec![STORE_SCHEMA.into()],
+            });
+        }
+        Err(Error::Config(format!(
+            "backing up a store at `{}` is not supported yet: SQLite and Postgres stores are",
+            url.split("://").next().unwrap_or(url)
+        )))
+    }
+
+    /// An application database as configured under `backup.sources.<name>`.
+    pub fn configured(name: &str, config: &SourceConfig) -> Self {
+        match config {
+            SourceConfig::Postgres { url, schemas } => Source::Postgres {
+                name: name.into(),
+                url: url.clone(),
+                schemas: schemas.clone(),
+            },
+            SourceConfig::Sqlite { path } => Source::Sqlite {
+                name: name.into(),
+                path: path.clone(),
+            },
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        match self {
+            Source::Sqlite { name, .. } | Source::Postgres { name, .. } => name,
+        }
+    }
+
+    /// What its dump is.
+    pub fn kind(&self) -> SourceKind {
+        match self {
+            Source::Sqlite { .. } => SourceKind::Sqlite,
+            Source::Postgres { .. } => SourceKind::PostgresCustom,
+        }
+    }
+
+    /// Starts one consistent dump: a SQLite copy is made in `scratch`, a Postgres dump is
+    /// written by `pg_dump`.
+    pub(crate) async fn dump(&self, scratch: &Path, pg_dump: &Path) -> Result<Dump> {
+        match self {
+            Source::Sqlite { name, path } => sqlite::dump(name, path, scratch).await,
+            Source::Postgres { name, url, schemas } => {
+                postgres::dump(name, url, schemas, pg_dump).await
+            }
+        }
+    }
+}
+
+/// A dump in progress: read `reader` to its end, then [`Dump::finish`].
+pub(crate) struct Dump {
+    pub reader: Box<dyn AsyncRead + Send + Unpin>,
+    pub tables: Vec<TableFigures>,
+    pub(crate) finish: Finish,
+}
+
+pub(crate) enum Finish {
+    /// Delete the scratch copy.
+    RemoveFile(PathBuf),
+    /// Wait for `pg_dump` and end the snapshot's transaction.
+    PgDump(Box<postgres::Running>),
+}
+
+impl Dump {
+    /// Ends the dump: whether the source was read completely.
+    pub async fn finish(self) -> Result<()> {
+        drop(self.reader);
+        match self.finish {
+            Finish::RemoveFile(path) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                Ok(())
+            }
+            Finish::PgDump(running) => running.finish().await,
+        }
+    }
+
+    /// Abandons the dump (the upload failed): stops whatever reads the source.
+    pub async fn abandon(self) {
+        drop(self.reader);
+        match self.finish {
+            Finish::RemoveFile(path) => {
+                let _ = tokio::fs::remove_file(&path).await;
+            }
+            Finish::PgDump(running) => running.abandon().await,
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! `conveyor backup` as a user runs it, on a SQLite store and on Postgres: create, list,
+//! show and verify, a damaged backup named by `verify` (exit 1), and a misconfigured
+//! destination refused before anything is read (exit 2).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use conveyor_tests::TestStore;
+use serde_json::Value;
+
+/// `conveyor backup …` with a destination `here` in `dir`, from the environment.
+fn backup(url: &str, dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = common::conveyor(url, &[]);
+    cmd.arg("backup")
+        .args(args)
+        .env("CONVEYOR_BACKUP__DESTINATION", "here")
+        .env("CONVEYOR_BACKUP__DESTINATIONS__HERE__TYPE", "dir")
+        .env("CONVEYOR_BACKUP__DESTINATIONS__HERE__PATH", dir);
+    let out = tokio::task::block_in_place(|| cmd.output()).expect("the binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn backup_json(url: &str, dir: &Path, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (code, out, err) = backup(url, dir, &all);
+    assert_eq!(code, 0, "backup {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+fn scratch() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "conveyor-backup-cli-{}",
+        uuid::Uuid::now_v7().simple()
+    ))
+}
+
+async fn backs_up_verifies_and_names_damage(t: TestStore) {
+    let url = t.url.clone();
+    for i in 0..20 {
+        common::run_json(
+            &url,
+            &[
+                "enqueue",
+                "--kind",
+                "noop",
+                "--args",
+                &format!("{{\"i\":{i}}}"),
+            ],
+        );
+    }
+    let dir = scratch();
+    let (code, out, _) = backup(&url, &dir, &["list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("no complete backups"), "{out}");
+
+    let manifest = backup_json(&url, &dir, &["create"]);
+    let id = manifest["id"].as_str().unwrap().to_string();
+    let jobs = manifest["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "jobs" || t["table"] == "conveyor.jobs")
+        .cloned()
+        .unwrap_or_else(|| panic!("{manifest}"));
+    assert_eq!(jobs["rows"], 20, "{manifest}");
+
+    let listed = backup_json(&url, &dir, &["list"]);
+    assert_eq!(listed[0]["id"], id.as_str(), "{listed}");
+    assert_eq!(backup_json(&url, &dir, &["show", &id]), manifest);
+    let verified = backup_json(&url, &dir, &["verify", &id]);
+    assert_eq!(verified["objects"], 1, "{verified}");
+
+    // Truncate the stored object: verify exits 1 naming the backup and the object.
+    let object = dir.join("store").join(&id).join("data.zst");
+    let bytes = std::fs::read(&object).unwrap();
+    std::fs::write(&object, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, _, err) = backup(&url, &dir, &["verify", &id]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&id) && err.contains("data.zst"), "{err}");
+
+    // An unknown `--destination` is named with the configured ones; a config whose default
+    // destination names nothing is a config error (exit 2).
+    let (code, _, err) = backup(&url, &dir, &["create", "--destination", "elsewhere"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("elsewhere") && err.contains("here"), "{err}");
+    let mut cmd = common::conveyor(&url, &["backup", "list"]);
+    cmd.env("CONVEYOR_BACKUP__DESTINATION", "nowhere");
+    let out = tokio::task::block_in_place(|| cmd.output()).unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backup.destination"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_store() {
+    backs_up_verifies_and_names_damage(TestStore::sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_store() {
+    if let Some(t) = TestStore::postgres().await {
+        backs_up_verifies_and_names_damage(t).await;
+    }
+}
