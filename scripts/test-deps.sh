@@ -11,6 +11,8 @@ need=()
 command -v pgbouncer >/dev/null 2>&1 || need+=(pgbouncer)
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# pg_dump for the backup tests (the server's major version or newer).
+command -v pg_dump >/dev/null 2>&1 || need+=(postgresql-client-15)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 # `python3 -m venv` needs ensurepip (Debian's python3-venv) unless the Python brings it.
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=(python3-venv); fi
