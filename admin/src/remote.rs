@@ -1021,17 +1021,7 @@ impl RemoteWorkers {
             // record just written.
             let written = self.jobs(&ids).await?;
             for f in &finishes {
-                let landed = written.get(&f.id).is_some_and(|j| {
-                    j.attempts.iter().any(|a| {
-                        a.attempt == f.attempt
-                            && a.outcome == f.record.outcome
-                            && a.worker == f.record.worker
-                            && (a.finished_at - f.record.finished_at)
-                                .num_milliseconds()
-                                .abs()
-                                < 1
-                    })
-                });
+                let landed = written.get(&f.id).is_some_and(|j| f.landed(j));
                 if !landed && let Some(r) = results.iter_mut().find(|r| r.id == f.id) {
                     r.status = 409;
                     r.state = None;

@@ -27,6 +27,7 @@ use conveyor_worker::{JobContext, JobState, NewJob, Outcome, Registry, Store};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+mod apalis;
 mod remote;
 mod statistics;
 mod webhooks;
@@ -42,6 +43,9 @@ pub enum Workload {
     /// No-op jobs run by remote workers over HTTP: batched claim and finish through the API
     /// in this process (see docs/api.md, Remote workers).
     Remote,
+    /// No-op jobs run by an apalis worker (apalis-core's `WorkerBuilder`) on the same store
+    /// through `conveyor_apalis` (see docs/apalis.md).
+    Apalis,
 }
 
 /// Which store the benchmark runs on (must match the URL).
@@ -144,14 +148,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             format!("{:?}", args.backend).to_lowercase()
         );
     }
-    if args.workload != Workload::Jobs && (args.analyze || args.preload_finished > 0) {
-        bail!("--analyze and --preload-finished apply to --workload jobs only");
+    if !matches!(args.workload, Workload::Jobs | Workload::Apalis)
+        && (args.analyze || args.preload_finished > 0)
+    {
+        bail!("--analyze and --preload-finished apply to --workload jobs and apalis only");
     }
 
     // Deliveries write an attempt-log record each, concurrently with fetch and completion:
     // they get a larger pool (CONVEYOR_BENCH_POOL overrides, for A/B runs).
     let pool = match args.workload {
-        Workload::Jobs | Workload::Remote => 8,
+        Workload::Jobs | Workload::Remote | Workload::Apalis => 8,
         Workload::Webhooks => std::env::var("CONVEYOR_BENCH_POOL")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -253,18 +259,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
     );
     let fetch_batch = args.concurrency.min(200);
-    let config = WorkerConfig {
-        queues: vec![QueueConfig {
-            name: queue.clone(),
-            concurrency: args.concurrency,
-        }],
-        fetch_batch,
-        ..WorkerConfig::default()
+    let (worker, runtime) = if args.workload == Workload::Apalis {
+        let (running, describe) =
+            apalis::start(&store, &queue, args.concurrency, fetch_batch, probe.clone());
+        (Running::Apalis(running), describe)
+    } else {
+        let config = WorkerConfig {
+            queues: vec![QueueConfig {
+                name: queue.clone(),
+                concurrency: args.concurrency,
+            }],
+            fetch_batch,
+            ..WorkerConfig::default()
+        };
+        let describe = format!(
+            "1 worker process, concurrency {}, fetch batch {fetch_batch}, completion batch <= {}",
+            args.concurrency, config.completion_batch
+        );
+        let shutdown = CancellationToken::new();
+        let worker = Worker::new(store.clone(), registry, config)?;
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        (Running::Native(shutdown, handle), describe)
     };
-    let completion_batch = config.completion_batch;
-    let shutdown = CancellationToken::new();
-    let worker = Worker::new(store.clone(), registry, config)?;
-    let worker = tokio::spawn(worker.run(shutdown.clone()));
     let mid_run = args.analyze.then(|| {
         tokio::spawn(statistics::analyze_halfway(
             args.url.clone(),
@@ -292,13 +308,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Phase 3: latency, one enqueue every G ms with the single-job API.
     let gap = Duration::from_millis(args.latency_gap_ms);
     let mut next = tokio::time::Instant::now();
+    // The apalis worker runs one kind; its latency jobs are `bench.noop` with a `seq`.
+    let latency_kind = match args.workload {
+        Workload::Apalis => "bench.noop",
+        _ => "bench.latency",
+    };
     for seq in 0..args.latency_jobs as usize {
         tokio::time::sleep_until(next).await;
         next += gap;
         probe.latency_enqueue(seq);
         store
             .enqueue(
-                NewJob::new("bench.latency", serde_json::json!({ "seq": seq }))
+                NewJob::new(latency_kind, serde_json::json!({ "seq": seq }))
                     .queue(queue.clone())
                     .idempotency_key(format!("{queue}-lat-{seq}")),
             )
@@ -307,8 +328,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let all = args.jobs + args.latency_jobs;
     wait_completed(&store, &queue, all, true, Some(&probe.ran)).await?;
     let mut lat = probe.latencies_ms();
-    shutdown.cancel();
-    worker.await??;
+    worker.stop().await?;
     if lat.len() != args.latency_jobs as usize {
         bail!(
             "only {} of {} latency jobs recorded a start",
@@ -324,7 +344,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     ));
 
     let result = BenchResult {
-        system: "conveyor",
+        system: match args.workload {
+            Workload::Apalis => "conveyor-apalis",
+            _ => "conveyor",
+        },
         version: env!("CARGO_PKG_VERSION"),
         backend: short_backend(&backend),
         enqueue_jobs_s: round(enqueue_jobs_s, 1),
@@ -333,8 +356,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         lat_p99_ms: round(p99, 3),
         peak_rss_mb: round(peak_rss_mb(), 1),
         config: format!(
-            "1 worker process, concurrency {}, fetch batch {fetch_batch}, completion batch <= {completion_batch}, enqueue batch {}, idempotency keys on{}{}",
-            args.concurrency,
+            "{runtime}, enqueue batch {}, idempotency keys on{}{}",
             args.enqueue_batch,
             if args.preload_finished > 0 {
                 format!(", {} finished jobs preloaded", args.preload_finished)
@@ -361,6 +383,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The worker the process and latency phases run on.
+enum Running {
+    Native(
+        CancellationToken,
+        tokio::task::JoinHandle<conveyor_worker::Result<()>>,
+    ),
+    Apalis(apalis::Running),
+}
+
+impl Running {
+    async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Running::Native(shutdown, handle) => {
+                shutdown.cancel();
+                handle.await??;
+            }
+            Running::Apalis(running) => running.stop().await?,
+        }
+        Ok(())
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -161,6 +161,24 @@ pub struct Finish {
     pub record: AttemptRecord,
 }
 
+impl Finish {
+    /// Whether `job`, read back after a [`Store::finish`] that applied fewer outcomes than it
+    /// was given, shows this outcome: its history holds this attempt's record, written by
+    /// this worker at this time. A `false` means the lease had ended first (the job was
+    /// rescued, perhaps claimed again, or finished) and the outcome changed nothing.
+    pub fn landed(&self, job: &Job) -> bool {
+        job.attempts.iter().any(|a| {
+            a.attempt == self.attempt
+                && a.outcome == self.record.outcome
+                && a.worker == self.record.worker
+                && (a.finished_at - self.record.finished_at)
+                    .num_milliseconds()
+                    .abs()
+                    < 1
+        })
+    }
+}
+
 /// What a fetch claims.
 #[derive(Clone, Debug)]
 pub struct FetchRequest<'a> {
