@@ -368,6 +368,18 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
     ),
     (
         "POST",
+        "/v1/emails",
+        Some(r#"{"from":"a@example.com","to":["b@example.com"],"subject":"s","text":"t"}"#),
+        Some([true, false, false, true]),
+    ),
+    (
+        "GET",
+        "/v1/emails/{email}",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "POST",
         "/v1/jobs/{id}/retry",
         None,
         Some([false, false, true, true]),
@@ -673,7 +685,16 @@ async fn scope_matrix(store: Arc<dyn Store>) {
                 .unwrap();
             let delivery: conveyor_worker::JobId = event.deliveries[0].job_id.parse().unwrap();
             store.cancel(delivery).await.unwrap();
+            let email = store
+                .enqueue(
+                    NewJob::new(conveyor_jobs::email::KIND, json!({"subject": "matrix"}))
+                        .queue("matrix"),
+                )
+                .await
+                .unwrap()
+                .id;
             let path = template
+                .replace("{email}", &email.to_string())
                 .replace("{endpoint}", &endpoint.id)
                 .replace("{event}", &event.id)
                 .replace("{delivery}", &delivery.to_string())

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::Role;
 
 /// The sections a config file (and `CONVEYOR_<SECTION>__…`) may set.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "database",
     "serve",
     "api",
@@ -34,6 +34,7 @@ const SECTIONS: [&str; 10] = [
     "secrets",
     "http_requests",
     "http_targets",
+    "email",
 ];
 
 /// Everything `conveyor` reads from its config.
@@ -62,6 +63,8 @@ pub struct Config {
     pub http_requests: conveyor_jobs::http_target::HttpRequestsConfig,
     /// The named targets `http.request` jobs may call (`[http_targets.<name>]`).
     pub http_targets: std::collections::BTreeMap<String, conveyor_jobs::http_target::HttpTarget>,
+    /// `email.send`: the SMTP transports (`[email.transports.<name>]`), pools, limits.
+    pub email: conveyor_jobs::email::EmailConfig,
 }
 
 /// `[secrets]`: the keys credentials kept in the store are encrypted with. The first key
@@ -295,23 +298,31 @@ fn is_config_variable(rest: &str, known: &[Vec<String>]) -> bool {
 }
 
 /// The config keys whose default is `None`.
-const OPTIONAL_KEYS: [&str; 4] = [
+const OPTIONAL_KEYS: [&str; 6] = [
     "database.listen_url",
     "api.metrics.listen",
     "secrets.key_file",
     "http_requests.signing_secret",
+    "email.default_transport",
+    "email.message_id_domain",
 ];
 
 /// Whether `path` is a key of a named HTTP target (`http_targets.<name>.<key>`, or a header
-/// `http_targets.<name>.headers.<header>`): target names are the operator's, so these keys
-/// are not among the defaults.
+/// `http_targets.<name>.headers.<header>`) or of a named email transport
+/// (`email.transports.<name>.<key>`): these names are the operator's, so these keys are not
+/// among the defaults.
 fn is_target_key(path: &[String]) -> bool {
     match path {
         [section, _, key] => {
             section == "http_targets"
                 && conveyor_jobs::http_target::HttpTarget::FIELDS.contains(&key.as_str())
         }
-        [section, _, headers, _] => section == "http_targets" && headers == "headers",
+        [section, _, headers, _] if section == "http_targets" => headers == "headers",
+        [section, transports, _, key] => {
+            section == "email"
+                && transports == "transports"
+                && conveyor_jobs::email::Transport::FIELDS.contains(&key.as_str())
+        }
         _ => false,
     }
 }
@@ -494,6 +505,7 @@ impl Config {
         self.compiled_schedules()?;
         self.webhooks.validate().map_err(ConfigError)?;
         self.http().validate().map_err(ConfigError)?;
+        self.email.validate().map_err(ConfigError)?;
         Ok(())
     }
 
@@ -671,13 +683,26 @@ mod tests {
                     "CONVEYOR_HTTP_REQUESTS__SIGNING_SECRET",
                     "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
                 ),
+                ("CONVEYOR_EMAIL__TRANSPORTS__MAIN__HOST", "smtp.example.com"),
+                ("CONVEYOR_EMAIL__TRANSPORTS__MAIN__PORT", "2525"),
+                ("CONVEYOR_EMAIL__TRANSPORTS__MAIN__SECURITY", "none"),
+                ("CONVEYOR_EMAIL__DEFAULT_TRANSPORT", "main"),
+                ("CONVEYOR_EMAIL__MESSAGE_ID_DOMAIN", "mail.example.com"),
             ]),
         )
         .unwrap();
+        let main = &config.email.transports["main"];
+        assert_eq!(
+            (main.host.as_str(), main.port()),
+            ("smtp.example.com", 2525)
+        );
+        assert_eq!(main.security, conveyor_jobs::email::Security::None);
+        assert_eq!(config.email.default_transport.as_deref(), Some("main"));
+        assert!(config.email.message_id_domain.is_some());
         assert!(config.database.listen_url.is_some() && config.api.metrics.listen.is_some());
         assert!(config.secrets.key_file.is_some());
         assert!(config.http_requests.signing_secret.is_some());
-        assert_eq!(OPTIONAL_KEYS.len(), 4, "test each optional key above");
+        assert_eq!(OPTIONAL_KEYS.len(), 6, "test each optional key above");
     }
 
     #[test]
