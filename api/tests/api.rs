@@ -374,7 +374,7 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
     ),
     (
         "GET",
-        "/v1/emails/{email}",
+        "/v1/emails/{id}",
         None,
         Some([false, true, true, true]),
     ),
@@ -693,8 +693,13 @@ async fn scope_matrix(store: Arc<dyn Store>) {
                 .await
                 .unwrap()
                 .id;
+            // An email's id is an `email.send` job's.
+            let id = if template.starts_with("/v1/emails/") {
+                email
+            } else {
+                id
+            };
             let path = template
-                .replace("{email}", &email.to_string())
                 .replace("{endpoint}", &endpoint.id)
                 .replace("{event}", &event.id)
                 .replace("{delivery}", &delivery.to_string())

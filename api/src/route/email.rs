@@ -23,8 +23,8 @@ use crate::state::AppState;
 /// The route group.
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(send))
-        .routes(routes!(show))
+        .routes(routes!(send_email))
+        .routes(routes!(get_email))
 }
 
 /// A message to send. (Unknown fields are refused by the message's own rule: serde cannot
@@ -71,7 +71,7 @@ pub struct SendResponse {
     ),
     security(("bearer" = ["enqueue"]))
 )]
-async fn send(
+async fn send_email(
     State(state): State<AppState>,
     auth: Auth<scope::Enqueue>,
     headers: HeaderMap,
@@ -129,7 +129,7 @@ async fn send(
     responses((status = 200, body = EmailView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = ["read"]))
 )]
-async fn show(
+async fn get_email(
     State(state): State<AppState>,
     _auth: Auth<scope::Read>,
     JobPath(id): JobPath,
