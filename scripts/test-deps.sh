@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the production-condition tests drive besides PostgreSQL and Redis, from
 # Debian's packages: pgbouncer (a real connection pooler in both pool modes), faketime (a
-# worker process whose clock is shifted), openssl (certificates for the TLS tests); and
-# schemathesis from PyPI into .venv (scripts/api-schema-test.sh). Quick on a second run:
+# worker process whose clock is shifted), openssl (certificates for the TLS tests); and from
+# PyPI into .venv: schemathesis (scripts/api-schema-test.sh) and aiosmtpd (the scripted SMTP
+# server of the email tests, tests/smtp/server.py). Quick on a second run:
 # nothing is fetched when every tool is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,4 +33,12 @@ if ! .venv/bin/python -c 'import schemathesis' >/dev/null 2>&1; then
   rm -rf .venv
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check "$SCHEMATHESIS"
+fi
+
+# aiosmtpd, pinned to a major version, beside it (never rebuilding the venv for it).
+AIOSMTPD='aiosmtpd>=1.4,<2'
+if ! .venv/bin/python -c 'import aiosmtpd' >/dev/null 2>&1; then
+  echo "installing $AIOSMTPD into .venv"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "$AIOSMTPD"
 fi

@@ -16,12 +16,14 @@
 //! - [`queue`]: the queue overview and pause/resume.
 //! - [`schedule`], [`webhook`]: thin audited wrappers over `conveyor_scheduler::registry`
 //!   and `conveyor_jobs::webhook`, which keep their own rules.
+//! - [`email`]: sending a message (an `email.send` enqueue) and reading one back.
 //! - [`audit`]: the audit log itself; [`key`]: API keys.
 //!
 //! Which states an action may start from is the store's business: these methods call the
 //! store and let it refuse.
 
 pub mod audit;
+pub mod email;
 pub mod enqueue;
 pub mod job;
 pub mod key;

@@ -71,6 +71,7 @@ pub use state::AppState;
         (name = "schedules", description = "Cron schedules: status, create, update, pause, resume, trigger"),
         (name = "audit", description = "Operator actions"),
         (name = "webhooks", description = "Webhook endpoints, events, the attempt log, replay, health"),
+        (name = "emails", description = "Send transactional email through the configured SMTP transports; per-recipient results"),
         (name = "system", description = "Health, metrics, docs"),
     )
 )]
@@ -105,6 +106,7 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(route::system::routes())
         .merge(route::webhook::routes())
         .merge(route::http_target::routes())
+        .merge(route::email::routes())
         .split_for_parts();
     let mut doc = doc;
     document::add_shared_refusals(&mut doc);

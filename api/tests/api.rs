@@ -368,6 +368,18 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
     ),
     (
         "POST",
+        "/v1/emails",
+        Some(r#"{"from":"a@example.com","to":["b@example.com"],"subject":"s","text":"t"}"#),
+        Some([true, false, false, true]),
+    ),
+    (
+        "GET",
+        "/v1/emails/{id}",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "POST",
         "/v1/jobs/{id}/retry",
         None,
         Some([false, false, true, true]),
@@ -673,6 +685,20 @@ async fn scope_matrix(store: Arc<dyn Store>) {
                 .unwrap();
             let delivery: conveyor_worker::JobId = event.deliveries[0].job_id.parse().unwrap();
             store.cancel(delivery).await.unwrap();
+            let email = store
+                .enqueue(
+                    NewJob::new(conveyor_jobs::email::KIND, json!({"subject": "matrix"}))
+                        .queue("matrix"),
+                )
+                .await
+                .unwrap()
+                .id;
+            // An email's id is an `email.send` job's.
+            let id = if template.starts_with("/v1/emails/") {
+                email
+            } else {
+                id
+            };
             let path = template
                 .replace("{endpoint}", &endpoint.id)
                 .replace("{event}", &event.id)

@@ -16,8 +16,8 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::{Cli, Command, Role};
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::{
-    backups, bench, commands, config, console, http_targets, input, output, schedules, secrets,
-    serve, webhooks,
+    backups, bench, commands, config, console, emails, http_targets, input, output, schedules,
+    secrets, serve, webhooks,
 };
 
 /// The Conveyor platform with the application's kinds: `conveyor` itself is
@@ -391,6 +391,7 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
         Command::Webhooks(cmd) => {
             webhooks::run(&open_admin_with(&config, &kinds, true).await?, cmd).await
         }
+        Command::Email(cmd) => emails::run(&open_admin(&config, &kinds).await?, cmd).await,
         Command::Secrets(cmd @ secrets::SecretsCommand::GenerateKey(_)) => {
             secrets::run(None, cmd).await
         }
@@ -418,10 +419,11 @@ async fn open_admin_with(
 ) -> anyhow::Result<conveyor_admin::Admin> {
     let store = open_store(config).await?;
     let hooks = webhooks(config, store.clone(), create_key)?;
+    let emails = emails::checker(config, store.clone())?;
     let http = http_targets::service(config, store, &secrets::keyring(config, false)?)?;
     Ok(
         conveyor_admin::Admin::new(Arc::new(hooks), config.api.limits())
-            .with_validators(http_targets::validators(&http, &kinds.registry)),
+            .with_validators(emails::validators(&http, &emails, &kinds.registry)),
     )
 }
 

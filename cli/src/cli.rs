@@ -59,6 +59,9 @@ pub enum Command {
     /// Webhooks: endpoints, events, the attempt log, replay, health.
     #[command(subcommand)]
     Webhooks(crate::webhooks::WebhooksCommand),
+    /// Email: send a message through the configured SMTP transports, show one.
+    #[command(subcommand)]
+    Email(crate::emails::EmailCommand),
     /// The keys that encrypt credentials kept in the store: generate-key, status, reencrypt.
     #[command(subcommand)]
     Secrets(crate::secrets::SecretsCommand),

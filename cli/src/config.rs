@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::Role;
 
 /// The sections a config file (and `CONVEYOR_<SECTION>__…`) may set.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "database",
     "serve",
     "api",
@@ -35,6 +35,7 @@ const SECTIONS: [&str; 11] = [
     "http_requests",
     "http_targets",
     "backup",
+    "email",
 ];
 
 /// Everything `conveyor` reads from its config.
@@ -65,6 +66,8 @@ pub struct Config {
     pub http_targets: std::collections::BTreeMap<String, conveyor_jobs::http_target::HttpTarget>,
     /// Backups: destinations, the application's databases, compression, part size.
     pub backup: conveyor_backup::BackupConfig,
+    /// `email.send`: the SMTP transports (`[email.transports.<name>]`), pools, limits.
+    pub email: conveyor_jobs::email::EmailConfig,
 }
 
 /// `[secrets]`: the keys credentials kept in the store are encrypted with. The first key
@@ -298,17 +301,20 @@ fn is_config_variable(rest: &str, known: &[Vec<String>]) -> bool {
 }
 
 /// The config keys whose default is `None`.
-const OPTIONAL_KEYS: [&str; 5] = [
+const OPTIONAL_KEYS: [&str; 7] = [
     "database.listen_url",
     "backup.scratch_dir",
     "api.metrics.listen",
     "secrets.key_file",
     "http_requests.signing_secret",
+    "email.default_transport",
+    "email.message_id_domain",
 ];
 
 /// Whether `path` is a key of a named HTTP target (`http_targets.<name>.<key>`, or a header
-/// `http_targets.<name>.headers.<header>`) or of a backup destination or source: their names
-/// are the operator's, so these keys are not among the defaults.
+/// `http_targets.<name>.headers.<header>`), of a named email transport
+/// (`email.transports.<name>.<key>`), or of a backup destination or source: these names are
+/// the operator's, so these keys are not among the defaults.
 fn is_target_key(path: &[String]) -> bool {
     match path {
         [section, _, key] => {
@@ -316,7 +322,12 @@ fn is_target_key(path: &[String]) -> bool {
                 && conveyor_jobs::http_target::HttpTarget::FIELDS.contains(&key.as_str())
         }
         [section, map, _, _] if section == "backup" => is_backup_map(map),
-        [section, _, headers, _] => section == "http_targets" && headers == "headers",
+        [section, _, headers, _] if section == "http_targets" => headers == "headers",
+        [section, transports, _, key] => {
+            section == "email"
+                && transports == "transports"
+                && conveyor_jobs::email::Transport::FIELDS.contains(&key.as_str())
+        }
         _ => false,
     }
 }
@@ -508,6 +519,7 @@ impl Config {
         self.backup
             .validate()
             .map_err(|e| ConfigError(e.to_string()))?;
+        self.email.validate().map_err(ConfigError)?;
         Ok(())
     }
 
@@ -686,9 +698,22 @@ mod tests {
                     "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
                 ),
                 ("CONVEYOR_BACKUP__SCRATCH_DIR", "/var/tmp"),
+                ("CONVEYOR_EMAIL__TRANSPORTS__MAIN__HOST", "smtp.example.com"),
+                ("CONVEYOR_EMAIL__TRANSPORTS__MAIN__PORT", "2525"),
+                ("CONVEYOR_EMAIL__TRANSPORTS__MAIN__SECURITY", "none"),
+                ("CONVEYOR_EMAIL__DEFAULT_TRANSPORT", "main"),
+                ("CONVEYOR_EMAIL__MESSAGE_ID_DOMAIN", "mail.example.com"),
             ]),
         )
         .unwrap();
+        let main = &config.email.transports["main"];
+        assert_eq!(
+            (main.host.as_str(), main.port()),
+            ("smtp.example.com", 2525)
+        );
+        assert_eq!(main.security, conveyor_jobs::email::Security::None);
+        assert_eq!(config.email.default_transport.as_deref(), Some("main"));
+        assert!(config.email.message_id_domain.is_some());
         assert!(config.database.listen_url.is_some() && config.api.metrics.listen.is_some());
         assert!(config.secrets.key_file.is_some());
         assert!(config.http_requests.signing_secret.is_some());
@@ -696,7 +721,7 @@ mod tests {
             config.backup.scratch_dir.as_deref(),
             Some(Path::new("/var/tmp"))
         );
-        assert_eq!(OPTIONAL_KEYS.len(), 5, "test each optional key above");
+        assert_eq!(OPTIONAL_KEYS.len(), 7, "test each optional key above");
     }
 
     #[test]

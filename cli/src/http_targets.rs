@@ -1,6 +1,7 @@
 //! `http.request` in the binary: the service built from `[http_requests]` and
 //! `[http_targets.*]`, for `serve` (which runs the kind and checks its enqueues) and for the
-//! admin commands (which check enqueues with the same rule).
+//! admin commands (which check enqueues with the same rule; `crate::emails::validators`
+//! gathers every kind's check).
 
 use std::sync::Arc;
 
@@ -22,16 +23,4 @@ pub fn service(
         Err(e) if e.is_config() => Err(ConfigError(e.to_string()).into()),
         Err(e) => Err(e.into()),
     }
-}
-
-/// The enqueue-time checks of every kind the binary knows (see
-/// `conveyor_worker::validate`): `http.request`'s rules, and that the args of every kind
-/// `kinds` has a handler for fit its args type.
-pub fn validators(
-    targets: &Arc<HttpTargets>,
-    kinds: &conveyor_worker::Registry,
-) -> Arc<conveyor_worker::validate::ArgsValidators> {
-    let mut validators = targets.validators();
-    validators.check_types_of(kinds);
-    Arc::new(validators)
 }

@@ -28,11 +28,12 @@ pub enum SecretsCommand {
     /// Re-encrypt every stored secret with the current (first) key; after it, the other keys
     /// can be removed from the config.
     Reencrypt(OutputArgs),
-    /// Encrypt a signing secret (read from stdin) for the config file: the printed `cv1:…`
-    /// value goes in `http_targets.<name>.signing_secret` (or `http_requests.signing_secret`)
-    /// and opens only there, with the configured keys.
+    /// Encrypt a secret (read from stdin) for the config file: the printed `cv1:…` value goes
+    /// in `http_targets.<name>.signing_secret` (or `http_requests.signing_secret`), or in
+    /// `email.transports.<name>.password`, and opens only there, with the configured keys.
     Seal {
-        /// Where the value goes: `http_targets.<name>` or `http_requests`.
+        /// Where the value goes: `http_targets.<name>`, `http_requests` or
+        /// `email.transports.<name>`.
         #[arg(long = "for", value_name = "SECTION")]
         target: String,
     },
@@ -217,13 +218,27 @@ pub async fn run(webhooks: Option<Webhooks>, cmd: SecretsCommand) -> anyhow::Res
 /// Seals `secret` (`whsec_…`) for the signing secret of `section` (`http_targets.<name>` or
 /// `http_requests`), bound to that config key.
 pub fn seal_config_secret(keys: &Keyring, section: &str, secret: &str) -> anyhow::Result<String> {
+    if let Some(name) = section.strip_prefix("email.transports.") {
+        if conveyor_worker::job::check_name("transport", name).is_err() {
+            return Err(crate::input::usage(format!(
+                "--for `{section}`: name `email.transports.<name>` with the transport's name"
+            )));
+        }
+        if secret.is_empty() {
+            return Err(crate::input::usage("the password on stdin is empty"));
+        }
+        let sealed = keys
+            .seal(secret, &conveyor_jobs::email::password_context(name))
+            .map_err(|e| ConfigError(format!("`secrets seal`: {e}")))?;
+        return Ok(sealed.as_str().to_string());
+    }
     let valid = section == "http_requests"
         || section
             .strip_prefix("http_targets.")
             .is_some_and(|name| conveyor_worker::job::check_name("target", name).is_ok());
     if !valid {
         return Err(crate::input::usage(format!(
-            "--for `{section}`: name `http_targets.<name>` or `http_requests`"
+            "--for `{section}`: name `http_targets.<name>`, `http_requests` or `email.transports.<name>`"
         )));
     }
     if conveyor_jobs::webhook::signature::secret_key(secret).is_err() {

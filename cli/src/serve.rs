@@ -46,9 +46,11 @@ pub async fn run(
     // One webhook service per process: the API sends events through it, the worker delivers.
     // `http.request`: run by the worker, its args checked by the API at enqueue.
     let http = crate::http_targets::service(&config, store.clone(), &keys)?;
-    // The args checks of enqueues through this process's API: the targets' rules, and the
-    // registered kinds' args types.
-    let validators = crate::http_targets::validators(&http, &kinds);
+    // `email.send`: the transports (with their connection pools), run by the worker.
+    let emails = crate::emails::service(&config, store.clone(), &keys)?;
+    // The args checks of enqueues through this process's API: the targets' and the email
+    // rules, and the registered kinds' args types.
+    let validators = crate::emails::validators(&http, &emails, &kinds);
     let webhooks = Arc::new(
         conveyor_jobs::webhook::Webhooks::new(store.clone(), config.webhooks.clone())?
             .with_keyring(keys),
@@ -135,6 +137,7 @@ pub async fn run(
     if roles.contains(&Role::Worker) {
         let mut registry = Registry::clone(&kinds);
         conveyor_jobs::http_target::register(&mut registry, http.clone());
+        conveyor_jobs::email::register(&mut registry, emails.clone());
         let mut worker_config = config.worker.clone();
         crate::webhooks::register(&mut registry, &mut worker_config, webhooks.clone());
         let worker = Worker::new(store.clone(), registry, worker_config)?;

@@ -13,8 +13,12 @@
 //!   It needs the store and settings too, and its args are checked at enqueue
 //!   ([`http_target::HttpTargets::validators`]).
 //!
-//! Email, analytics and backup kinds land here as their own modules.
+//! - `email.send`: one message through a configured SMTP transport; see [`email`] and
+//!   `email::register`. Its args are checked at enqueue ([`email::Emails::validators`]).
+//!
+//! Analytics and backup kinds land here as their own modules.
 
+pub mod email;
 pub mod http_target;
 pub mod webhook;
 

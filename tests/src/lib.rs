@@ -16,6 +16,7 @@ pub mod pgbouncer;
 pub mod process;
 pub mod receiver;
 pub mod redis_server;
+pub mod smtp;
 pub mod tls;
 
 use std::path::PathBuf;

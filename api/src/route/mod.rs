@@ -2,6 +2,7 @@
 //! `routes()` merges them.
 
 pub mod audit;
+pub mod email;
 pub mod http_target;
 pub mod job;
 pub mod queue;

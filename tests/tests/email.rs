@@ -1,0 +1,458 @@
+//! `email.send` end to end against a real SMTP server (`tests/smtp/server.py`, aiosmtpd,
+//! scripted per test), on SQLite and Postgres (the store keeps the per-recipient results),
+//! with one Redis smoke test: a full message parsed back by Python's `email` package
+//! (headers, both parts, the attachment, encoded non-ASCII subject and names, Bcc only in
+//! the envelope, the `Message-ID` made from the job id); greylisting retried, with the same
+//! `Message-ID`, and the recipient that had accepted not sent to again; a 5xx that makes the
+//! job dead with the server's reply; a partial refusal, and an operator's retry that sends to
+//! the refused recipient only; a connection dropped mid-DATA retried and stored once;
+//! STARTTLS with a certificate of the test's own CA, AUTH, and a wrong password.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use conveyor_jobs::email::{
+    self, AttachmentArg, EmailArgs, EmailConfig, Emails, MailboxArg, RecipientStatus, Security,
+    Transport,
+};
+use conveyor_tests::eventually;
+use conveyor_tests::smtp::SmtpServer;
+use conveyor_worker::runtime::{QueueConfig, Worker, WorkerConfig};
+use conveyor_worker::{Job, JobId, JobState, NewJob, Registry, RetryPolicy, Store};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// One transport `main` to the server, in plain text (a local relay), retries after 50 ms.
+fn config(server: &SmtpServer) -> EmailConfig {
+    let mut t = Transport::new("127.0.0.1");
+    t.port = Some(server.port);
+    t.security = Security::None;
+    t.timeout = Some(Duration::from_secs(5));
+    let mut c = EmailConfig::default();
+    c.transports.insert("main".into(), t);
+    c.retry = RetryPolicy {
+        base: Duration::from_millis(50),
+        factor: 1.0,
+        max: Duration::from_millis(50),
+        jitter: 0.0,
+    };
+    c
+}
+
+struct Running {
+    emails: Arc<Emails>,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<conveyor_worker::Result<()>>,
+}
+
+impl Running {
+    fn start(store: &Arc<dyn Store>, config: EmailConfig) -> Running {
+        Self::start_with_env(store, config, &|_| None)
+    }
+
+    fn start_with_env(
+        store: &Arc<dyn Store>,
+        config: EmailConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Running {
+        let emails = Arc::new(
+            Emails::with_env(store.clone(), config, &conveyor_tests::test_keyring(), env).unwrap(),
+        );
+        let mut registry = Registry::new();
+        email::register(&mut registry, emails.clone());
+        let worker = Worker::new(
+            store.clone(),
+            registry,
+            WorkerConfig {
+                queues: vec![QueueConfig {
+                    name: "default".into(),
+                    concurrency: 4,
+                }],
+                poll_interval: Duration::from_millis(20),
+                shutdown_grace: Duration::from_secs(5),
+                ..WorkerConfig::default()
+            },
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        Running {
+            emails,
+            shutdown,
+            handle,
+        }
+    }
+
+    /// Enqueues as a client would: the kind's enqueue check first, then the insert.
+    async fn send(&self, store: &Arc<dyn Store>, message: &EmailArgs) -> JobId {
+        let args = serde_json::to_value(message).unwrap();
+        self.emails
+            .validators()
+            .check(email::KIND, &args)
+            .unwrap_or_else(|e| panic!("{args} refused: {e}"));
+        store
+            .enqueue(NewJob::new(email::KIND, args).max_attempts(5))
+            .await
+            .unwrap()
+            .id
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+async fn job_in(store: &Arc<dyn Store>, id: JobId, states: &[JobState]) -> Job {
+    eventually(30, &format!("job {id} to reach {states:?}"), || {
+        let store = store.clone();
+        async move {
+            let j = store.get(id).await.unwrap()?;
+            states.contains(&j.state).then_some(j)
+        }
+    })
+    .await
+}
+
+fn message(to: &[&str]) -> EmailArgs {
+    EmailArgs {
+        from: "Zoë Support <support@example.com>".into(),
+        to: to.iter().map(|a| MailboxArg::from(*a)).collect(),
+        subject: "Your receipt".into(),
+        text: Some("Thanks for your order.".into()),
+        ..EmailArgs::default()
+    }
+}
+
+fn status_of(record: &email::DeliveryRecord, address: &str) -> RecipientStatus {
+    record
+        .recipients
+        .iter()
+        .find(|r| r.address == address)
+        .unwrap_or_else(|| panic!("{address} in {record:?}"))
+        .status
+}
+
+conveyor_tests::store_variant_tests!(
+    sqlite,
+    async { Some(conveyor_tests::TestStore::sqlite().await) },
+    a_full_message_arrives_as_written,
+    greylisting_is_retried_with_the_same_message_id_and_no_resend,
+    a_5xx_makes_the_job_dead_with_the_reply,
+    a_partial_refusal_and_an_operator_retry_send_to_each_recipient_once,
+    a_connection_dropped_mid_data_is_retried_and_stored_once,
+    starttls_with_auth_and_a_wrong_password
+);
+conveyor_tests::store_variant_tests!(
+    postgres,
+    conveyor_tests::TestStore::postgres(),
+    a_full_message_arrives_as_written,
+    greylisting_is_retried_with_the_same_message_id_and_no_resend,
+    a_5xx_makes_the_job_dead_with_the_reply,
+    a_partial_refusal_and_an_operator_retry_send_to_each_recipient_once,
+    a_connection_dropped_mid_data_is_retried_and_stored_once,
+    starttls_with_auth_and_a_wrong_password
+);
+conveyor_tests::store_variant_tests!(
+    redis,
+    conveyor_tests::TestStore::redis(),
+    greylisting_is_retried_with_the_same_message_id_and_no_resend
+);
+
+async fn a_full_message_arrives_as_written(store: Arc<dyn Store>) {
+    let Some(server) = SmtpServer::start(json!({})) else {
+        return;
+    };
+    let run = Running::start(&store, config(&server));
+    let pdf = b"%PDF-1.4 not really a pdf \x00\x01\x02".to_vec();
+    let mut m = message(&["Åsa Öberg <asa@example.org>"]);
+    m.cc = vec![MailboxArg::Parts {
+        email: "cc@example.org".into(),
+        name: Some("Jürgen Groß".into()),
+    }];
+    m.bcc = vec!["hidden@example.net".into()];
+    m.reply_to = Some("help@example.com".into());
+    m.subject = "Grüße — your receipt №42 ✓".into();
+    m.text = None;
+    m.html = Some("<h1>Hello Åsa</h1><p>Your order <b>#42</b> has shipped.</p>".into());
+    m.attachments = vec![AttachmentArg {
+        filename: "receipt-42.pdf".into(),
+        content_type: Some("application/pdf".into()),
+        content: B64.encode(&pdf),
+    }];
+    m.headers.insert("X-Campaign".into(), "receipts".into());
+    let id = run.send(&store, &m).await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.attempts);
+
+    // One transaction per recipient, the same bytes each time.
+    let got = server.received();
+    assert_eq!(got.len(), 3, "{got:?}");
+    let mut rcpts: Vec<&str> = got.iter().map(|r| r.rcpt_tos[0].as_str()).collect();
+    rcpts.sort_unstable();
+    assert_eq!(
+        rcpts,
+        ["asa@example.org", "cc@example.org", "hidden@example.net"]
+    );
+    assert!(
+        got.iter()
+            .all(|r| r.rcpt_tos.len() == 1 && r.raw == got[0].raw)
+    );
+    let r = &got[0];
+    assert_eq!(r.mail_from, "support@example.com");
+    assert!(r.raw.is_ascii(), "{}", r.raw);
+    assert!(
+        !r.raw.contains("Grüße") && r.raw.to_ascii_lowercase().contains("=?utf-8?"),
+        "the subject is encoded: {}",
+        r.raw
+    );
+    assert_eq!(r.parsed["subject"], "Grüße — your receipt №42 ✓");
+    assert_eq!(r.parsed["from"][0]["name"], "Zoë Support");
+    assert_eq!(r.parsed["to"][0]["name"], "Åsa Öberg");
+    assert_eq!(r.parsed["to"][0]["address"], "asa@example.org");
+    assert_eq!(r.parsed["cc"][0]["name"], "Jürgen Groß");
+    assert_eq!(r.header("reply-to"), Some("help@example.com"));
+    assert_eq!(r.header("x-campaign"), Some("receipts"));
+    assert!(r.header("bcc").is_none() && !r.raw.contains("hidden@example.net"));
+    assert_eq!(
+        r.header("message-id"),
+        Some(format!("<{id}@example.com>").as_str())
+    );
+    assert_eq!(r.parsed["content_type"], "multipart/mixed");
+    let html = r.parts("text/html");
+    assert_eq!(html.len(), 1);
+    assert!(html[0]["text"].as_str().unwrap().contains("<b>#42</b>"));
+    let text = r.parts("text/plain");
+    assert_eq!(text.len(), 1, "the text part is derived from the HTML");
+    let text = text[0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("Hello Åsa") && text.contains("#42") && !text.contains("<b>"),
+        "{text}"
+    );
+    let pdfs = r.parts("application/pdf");
+    assert_eq!(pdfs.len(), 1);
+    assert_eq!(pdfs[0]["filename"], "receipt-42.pdf");
+    assert_eq!(pdfs[0]["disposition"], "attachment");
+    assert_eq!(
+        B64.decode(pdfs[0]["base64"].as_str().unwrap()).unwrap(),
+        pdf
+    );
+    let alternative = r.parsed["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["content_type"] == "multipart/alternative");
+    assert!(alternative, "{}", r.parsed);
+
+    let record = run.emails.record(&id.to_string()).await.unwrap().unwrap();
+    assert_eq!(record.message_id, format!("<{id}@example.com>"));
+    assert!(
+        record
+            .recipients
+            .iter()
+            .all(|r| r.status == RecipientStatus::Accepted && r.code == Some(250)),
+        "{record:?}"
+    );
+    assert_eq!(record.attempts.len(), 1);
+    assert_eq!(record.attempts[0].result, "done");
+    run.stop().await;
+}
+
+async fn greylisting_is_retried_with_the_same_message_id_and_no_resend(store: Arc<dyn Store>) {
+    let Some(server) = SmtpServer::start(json!({
+        "rcpt": {"late@example.org": [[450, "4.2.0 Greylisted, try again later"]]},
+    })) else {
+        return;
+    };
+    let run = Running::start(&store, config(&server));
+    let id = run
+        .send(&store, &message(&["early@example.org", "late@example.org"]))
+        .await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.attempts);
+    assert_eq!(job.attempt, 2, "one retry: {:?}", job.attempts);
+    assert!(
+        job.attempts[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("450") && e.contains("Greylisted")),
+        "{:?}",
+        job.attempts
+    );
+    let got = server.received();
+    let to: Vec<&str> = got.iter().map(|r| r.rcpt_tos[0].as_str()).collect();
+    assert_eq!(
+        to,
+        ["early@example.org", "late@example.org"],
+        "the recipient that accepted is not sent to again"
+    );
+    assert_eq!(got[0].header("message-id"), got[1].header("message-id"));
+    assert_eq!(
+        got[0].header("message-id"),
+        Some(format!("<{id}@example.com>").as_str())
+    );
+    let record = run.emails.record(&id.to_string()).await.unwrap().unwrap();
+    let results: Vec<&str> = record.attempts.iter().map(|a| a.result.as_str()).collect();
+    assert_eq!(results, ["retry", "done"]);
+    assert_eq!(record.attempts[1].tried, ["late@example.org"]);
+    assert!(
+        record
+            .recipients
+            .iter()
+            .all(|r| r.status == RecipientStatus::Accepted)
+    );
+    run.stop().await;
+}
+
+async fn a_5xx_makes_the_job_dead_with_the_reply(store: Arc<dyn Store>) {
+    let Some(server) = SmtpServer::start(json!({
+        "data": [[554, "5.7.1 Message rejected as spam"]],
+    })) else {
+        return;
+    };
+    let run = Running::start(&store, config(&server));
+    let id = run.send(&store, &message(&["ada@example.org"])).await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Dead);
+    assert_eq!(job.attempt, 1, "a 5xx is not retried");
+    let error = job.attempts[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("554") && error.contains("Message rejected as spam"),
+        "{error}"
+    );
+    assert!(server.received().is_empty());
+    let record = run.emails.record(&id.to_string()).await.unwrap().unwrap();
+    assert_eq!(
+        status_of(&record, "ada@example.org"),
+        RecipientStatus::Refused
+    );
+    assert_eq!(record.recipients[0].code, Some(554));
+    run.stop().await;
+}
+
+async fn a_partial_refusal_and_an_operator_retry_send_to_each_recipient_once(
+    store: Arc<dyn Store>,
+) {
+    let Some(server) = SmtpServer::start(json!({
+        "rcpt": {"gone@example.org": [[550, "5.1.1 No such user here"]]},
+    })) else {
+        return;
+    };
+    let run = Running::start(&store, config(&server));
+    let id = run
+        .send(&store, &message(&["ada@example.org", "gone@example.org"]))
+        .await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Dead);
+    assert_eq!(job.attempt, 1);
+    let error = job.attempts[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("accepted by 1 of 2")
+            && error.contains("gone@example.org")
+            && error.contains("No such user here"),
+        "{error}"
+    );
+    let record = run.emails.record(&id.to_string()).await.unwrap().unwrap();
+    assert_eq!(
+        status_of(&record, "ada@example.org"),
+        RecipientStatus::Accepted
+    );
+    assert_eq!(
+        status_of(&record, "gone@example.org"),
+        RecipientStatus::Refused
+    );
+    assert_eq!(server.received().len(), 1);
+
+    // The operator retries the dead job (the mailbox was restored): only the refused
+    // recipient is sent to.
+    store.retry(id).await.unwrap();
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.attempts);
+    let to: Vec<String> = server
+        .received()
+        .iter()
+        .map(|r| r.rcpt_tos[0].clone())
+        .collect();
+    assert_eq!(to, ["ada@example.org", "gone@example.org"]);
+    run.stop().await;
+}
+
+async fn a_connection_dropped_mid_data_is_retried_and_stored_once(store: Arc<dyn Store>) {
+    let Some(server) = SmtpServer::start(json!({"data": ["drop"]})) else {
+        return;
+    };
+    let run = Running::start(&store, config(&server));
+    let id = run.send(&store, &message(&["ada@example.org"])).await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.attempts);
+    assert_eq!(job.attempt, 2);
+    let datas = server
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "data")
+        .count();
+    assert_eq!(datas, 2, "the data was sent twice: {:?}", server.events());
+    assert_eq!(
+        server.received().len(),
+        1,
+        "the server never said 250 to the first: one message stored"
+    );
+    let record = run.emails.record(&id.to_string()).await.unwrap().unwrap();
+    assert_eq!(record.attempts[0].result, "retry");
+    assert!(record.attempts[0].error.is_some());
+    run.stop().await;
+}
+
+async fn starttls_with_auth_and_a_wrong_password(store: Arc<dyn Store>) {
+    let Some(certs) = conveyor_tests::tls::Certs::generate() else {
+        return;
+    };
+    let tls = json!({
+        "cert": certs.path("server.pem"),
+        "key": certs.path("server.key"),
+    });
+    let Some(server) = SmtpServer::start(json!({
+        "starttls": tls,
+        "auth": {"user": "app", "password": "s3cret-pw"},
+    })) else {
+        return;
+    };
+    let mut c = config(&server);
+    let mut good = Transport::new("localhost");
+    good.port = Some(server.port);
+    good.security = Security::Starttls;
+    good.ca_file = Some(certs.path("ca.pem"));
+    good.username = Some("app".into());
+    good.password_env = Some("TEST_SMTP_PASSWORD".into());
+    let mut bad = good.clone();
+    bad.password_env = None;
+    bad.password = Some("Wr0ng-Passw0rd".into());
+    c.transports.insert("main".into(), good);
+    c.transports.insert("bad".into(), bad);
+    c.default_transport = Some("main".into());
+    let run = Running::start_with_env(&store, c, &|var| {
+        (var == "TEST_SMTP_PASSWORD").then(|| "s3cret-pw".to_string())
+    });
+    let id = run.send(&store, &message(&["ada@example.org"])).await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.attempts);
+    let got = server.received();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].tls && got[0].authenticated, "{got:?}");
+
+    let mut m = message(&["ada@example.org"]);
+    m.transport = Some("bad".into());
+    let id = run.send(&store, &m).await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Dead, "{:?}", job.attempts);
+    let error = job.attempts[0].error.clone().unwrap_or_default();
+    assert!(error.contains("535"), "{error}");
+    assert!(
+        !error.contains("Wr0ng-Passw0rd"),
+        "the password is never shown: {error}"
+    );
+    assert_eq!(server.received().len(), 1);
+    run.stop().await;
+}
