@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod http_target;
 pub mod job;
+pub mod job_events;
 pub mod queue;
 pub mod remote;
 pub mod schedule;
