@@ -180,7 +180,9 @@ async fn wait_answers_when_the_job_finishes_or_at_the_deadline(store: Arc<dyn St
     assert_eq!(job.state, JobState::Available);
 
     // Bad waits name the field.
-    for bad in ["61s", "2m", "soon", "-1"] {
+    for bad in [
+        "61s", "2m", "soon", "-1", "%205s", "1h", "5us", "1m%201s", "s",
+    ] {
         let (status, p) = send(s.req(
             Method::GET,
             &format!("/v1/jobs/{waiting}?wait={bad}"),

@@ -248,29 +248,54 @@ async fn enqueue_batch(
 #[into_params(parameter_in = Query)]
 pub struct WaitParams {
     /// Wait up to this long for the job to finish (completed, cancelled or dead) before
-    /// answering: a duration such as `30s`, `1m` or `500ms`, or bare seconds (`30`); at most
-    /// 60s. The answer comes as soon as the job finishes, or when the wait runs out with the
-    /// job as it is then (still `200`: check `state`). Absent or `0`: answer at once.
+    /// answering: a duration such as `30s`, `1m`, `500ms` or `1m 30s`, or bare seconds
+    /// (`30`); at most 60s. The answer comes as soon as the job finishes, or when the wait
+    /// runs out with the job as it is then (still `200`: check `state`). Absent, empty or `0`:
+    /// answer at once.
     #[param(
-        pattern = r"^([0-9]+|([0-9]+ *(ms|s|m|sec|secs|min|mins) *)+)$",
+        pattern = r"^([0-9]+|([0-9]+ *(ms|s|m|sec|secs|min|mins) *)*)$",
         example = "30s"
     )]
     pub wait: Option<String>,
 }
 
-/// `?wait=`: a humantime duration or bare seconds, at most [`conveyor_worker::store::wait::MAX_WAIT`].
+/// `?wait=`, exactly as [`WaitParams::wait`]'s pattern states it (bare seconds, or numbers
+/// each with a unit, `ms`, `s`/`sec`/`secs` or `m`/`min`/`mins`, spaces allowed after each),
+/// at most [`conveyor_worker::store::wait::MAX_WAIT`].
 fn parse_wait(text: Option<&str>) -> Result<Option<std::time::Duration>, Problem> {
-    let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else {
+    use std::time::Duration;
+    let Some(text) = text else {
         return Ok(None);
     };
-    let wait = match text.parse::<u64>() {
-        Ok(secs) => std::time::Duration::from_secs(secs),
-        Err(_) => humantime::parse_duration(text).map_err(|e| {
-            Problem::invalid(
-                "wait",
-                format!("`{text}` is not a duration ({e}); use e.g. 30s, 1m or 500ms"),
-            )
-        })?,
+    let bad = || {
+        Problem::invalid(
+            "wait",
+            format!("`{text}` is not a duration; use e.g. 30s, 1m, 500ms or bare seconds (30)"),
+        )
+    };
+    let wait = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(text.parse().map_err(|_| bad())?)
+    } else {
+        let mut total = Duration::ZERO;
+        let mut rest = text;
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                return Err(bad());
+            }
+            let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+            rest = rest[digits..].trim_start_matches(' ');
+            let unit = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+            let step = match &rest[..unit] {
+                "ms" => Duration::from_millis(n),
+                "s" | "sec" | "secs" => Duration::from_secs(n),
+                "m" | "min" | "mins" => Duration::from_secs(n.saturating_mul(60)),
+                _ => return Err(bad()),
+            };
+            total = total.saturating_add(step);
+            rest = rest[unit..].trim_start_matches(' ');
+        }
+        total
     };
     conveyor_worker::store::wait::check_wait("wait", wait)?;
     Ok((!wait.is_zero()).then_some(wait))
