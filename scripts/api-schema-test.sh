@@ -66,6 +66,8 @@ echo "conveyor serve on $base"
 
 status=0
 # Rules JSON Schema cannot state (cron grammar, relative times, ...): see the hooks file.
+# The job event stream is left out: it never ends, so every call would time out
+# (api/tests/results.rs and the scope matrix of api/tests/api.rs cover it).
 PYTHONPATH="$PWD/scripts" SCHEMATHESIS_HOOKS=schemathesis_hooks "$st" run "$base/v1/openapi.json" \
   --checks all \
   --header "Authorization: Bearer $key" \
@@ -74,6 +76,7 @@ PYTHONPATH="$PWD/scripts" SCHEMATHESIS_HOOKS=schemathesis_hooks "$st" run "$base
   --request-timeout 10 \
   --workers 1 \
   --seed "${ST_SEED:-20261201}" \
+  --exclude-path /v1/jobs/events \
   --no-color \
   ||
   status=$?

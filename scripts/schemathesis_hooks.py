@@ -13,6 +13,7 @@ of them gets a 422 naming the field; this hook accepts exactly that refusal and 
 """
 
 import json
+import re
 
 import schemathesis
 
@@ -29,8 +30,9 @@ UNSTATED = {
     # A PATCH may not rename (`name`, when given, is the path's), and `backfill_limit` 0 is
     # refused when the schedule's `missed` is `all`.
     ("PATCH", "/v1/schedules/{name}"): {"cron", "timezone", "missed", "overlap", "name", "backfill_limit"},
-    # A batch item's fields depend on its `outcome` (`error` for fail, `seconds` for snooze).
-    ("POST", "/v1/workers/finish"): {"error", "seconds", "retryable", "retry_after_seconds"},
+    # A batch item's fields depend on its `outcome` (`error` for fail, `seconds` for snooze,
+    # `result` for complete).
+    ("POST", "/v1/workers/finish"): {"error", "seconds", "retryable", "retry_after_seconds", "result"},
     # Custom headers: at most 16 KiB of names and values together (each is bounded in the
     # schema, their sum cannot be).
     ("POST", "/v1/webhooks/endpoints"): {"headers"},
@@ -50,14 +52,23 @@ def _errors(response):
     return problem.get("errors") or [{}]
 
 
+# A `?wait=` the server takes as a wait: bare seconds, or humantime's `<number><unit>` parts.
+WAIT = re.compile(r"\s*(\d+\s*|(\d+\s*[a-zA-Zµ]+\s*)+)")
+
+
 @schemathesis.hook
 def before_call(context, case, **kwargs):
-    """A claim's long-poll (up to 30 s) is cut to 1 s: the run exercises the route, not the
-    wait, and stays within its request timeout."""
+    """A claim's long-poll (up to 30 s) and a job read's `?wait=` (up to 60 s) are cut to
+    1 s: the run exercises the routes, not the waits, and stays within its request
+    timeout."""
     if case.operation.path == "/v1/workers/claim" and isinstance(case.body, dict):
         wait = case.body.get("wait_seconds")
         if isinstance(wait, (int, float)) and not isinstance(wait, bool) and 1 < wait <= 30:
             case.body["wait_seconds"] = type(wait)(1)
+    if case.operation.path == "/v1/jobs/{id}" and isinstance(case.query, dict):
+        wait = case.query.get("wait")
+        if isinstance(wait, str) and WAIT.fullmatch(wait):
+            case.query["wait"] = "1s"
 
 
 def _fields(response):

@@ -8,6 +8,9 @@
 //! holds the attempt's lease: once the lease expired and the job was rescued (and perhaps
 //! claimed again), or the job finished, a late outcome is refused as a conflict and changes
 //! nothing. A remote worker that stops heartbeating loses its leases to the ordinary rescue.
+//! A completion may carry the job's result (size-limited as a native handler's, by
+//! [`within_result_limit`]); a running attempt may report progress, accepted under the same
+//! lease check as an outcome.
 //!
 //! [`RemoteWorkers`] keeps what one API server remembers between requests: the paused queues
 //! (read at most once a second, as native workers do) and each remote worker's registration,
@@ -21,9 +24,10 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use conveyor_worker::clock::StoreClock;
+use conveyor_worker::job::{DEFAULT_MAX_RESULT_BYTES, Progress};
 use conveyor_worker::runtime::pause::{self, QueueSettings};
 use conveyor_worker::runtime::registration::{self, QueueLoad, WorkerRegistration};
-use conveyor_worker::runtime::{Ended, transition};
+use conveyor_worker::runtime::{Ended, transition, within_result_limit};
 use conveyor_worker::store::meta::{MetaQuery, Put};
 use conveyor_worker::store::{FetchRequest, JobFilter, Page, StoreEvent};
 use conveyor_worker::{
@@ -215,6 +219,29 @@ pub struct CompleteRequest {
     /// The attempt the claim gave.
     #[schema(minimum = 1)]
     pub attempt: i32,
+    /// What the job produced, any JSON value, kept with the job (`GET /v1/jobs/{id}` shows
+    /// it). Over 64 KiB serialized the attempt fails instead, saying so.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+}
+
+/// `progress`: how far a running attempt has got.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressRequest {
+    /// The worker that holds the lease.
+    #[schema(value_type = WorkerIdText)]
+    pub worker_id: String,
+    /// The attempt the claim gave.
+    #[schema(minimum = 1)]
+    pub attempt: i32,
+    /// How far, 0 to 100.
+    #[schema(minimum = 0, maximum = 100)]
+    pub percent: f32,
+    /// What it is doing; at most 1024 bytes are kept (a longer message is cut).
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 /// `fail`: the attempt failed.
@@ -292,6 +319,10 @@ pub struct FinishItem {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 158_112_000)]
     pub seconds: Option<f64>,
+    /// `complete` only: the job's result, as in the complete route.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
 }
 
 /// Many outcomes at once (the batched form of complete, fail and snooze).
@@ -327,8 +358,8 @@ pub struct FinishResult {
 /// A checked outcome.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Report {
-    /// Succeeded.
-    Complete,
+    /// Succeeded, with the job's result if it has one.
+    Complete(Option<serde_json::Value>),
     /// Failed.
     Fail {
         /// What went wrong.
@@ -439,9 +470,29 @@ pub trait ReportRequest {
 
     /// Checks every field (the lease's, then the outcome's) and answers the outcome.
     fn check(&self) -> Result<Report> {
-        check_worker_id(self.worker_id())?;
-        check_attempt("attempt", self.attempt())?;
+        check_lease_fields(self.worker_id(), self.attempt())?;
         self.outcome()
+    }
+}
+
+/// The fields that name a lease: every single-job route's (outcomes and progress).
+fn check_lease_fields(worker_id: &str, attempt: i32) -> Result<()> {
+    check_worker_id(worker_id)?;
+    check_attempt("attempt", attempt)
+}
+
+impl ProgressRequest {
+    /// Checks every field: the lease's, and a percent between 0 and 100.
+    pub fn check(&self) -> Result<()> {
+        check_lease_fields(&self.worker_id, self.attempt)?;
+        if !self.percent.is_finite() || !(0.0..=100.0).contains(&self.percent) {
+            return Err(StoreError::invalid(
+                "percent",
+                format!("must be between 0 and 100, got {}", self.percent),
+            )
+            .into());
+        }
+        Ok(())
     }
 }
 
@@ -453,7 +504,7 @@ impl ReportRequest for CompleteRequest {
         self.attempt
     }
     fn outcome(&self) -> Result<Report> {
-        Ok(Report::Complete)
+        Ok(Report::Complete(self.result.clone()))
     }
 }
 
@@ -514,10 +565,11 @@ impl FinishItem {
                     "fail",
                 )?;
                 only("seconds", self.seconds.is_some(), "snooze")?;
-                Ok(Report::Complete)
+                Ok(Report::Complete(self.result.clone()))
             }
             FinishOutcome::Fail => {
                 only("seconds", self.seconds.is_some(), "snooze")?;
+                only("result", self.result.is_some(), "complete")?;
                 let error = self.error.clone().ok_or_else(|| {
                     Error::from(StoreError::invalid(
                         format!("{field}.error"),
@@ -537,6 +589,7 @@ impl FinishItem {
             }
             FinishOutcome::Snooze => {
                 only("error", self.error.is_some(), "fail")?;
+                only("result", self.result.is_some(), "complete")?;
                 only("retryable", self.retryable.is_some(), "fail")?;
                 only(
                     "retry_after_seconds",
@@ -678,6 +731,7 @@ pub struct RemoteWorkers {
     paused: std::sync::Mutex<Option<(Instant, HashSet<String>)>>,
     seen: std::sync::Mutex<HashMap<String, Seen>>,
     rotate: AtomicUsize,
+    max_result_bytes: usize,
 }
 
 impl std::fmt::Debug for RemoteWorkers {
@@ -700,7 +754,15 @@ impl RemoteWorkers {
             paused: std::sync::Mutex::new(None),
             seen: std::sync::Mutex::new(HashMap::new()),
             rotate: AtomicUsize::new(0),
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
         }
+    }
+
+    /// With results limited to `limit` bytes serialized (default
+    /// [`DEFAULT_MAX_RESULT_BYTES`], as `worker.max_result_bytes`).
+    pub fn with_max_result_bytes(mut self, limit: usize) -> Self {
+        self.max_result_bytes = limit;
+        self
     }
 
     /// The store.
@@ -999,6 +1061,7 @@ impl RemoteWorkers {
                 continue;
             }
             let (ended, traceback) = ended(report);
+            let ended = within_result_limit(ended, self.max_result_bytes);
             let started_at = job.attempted_at.unwrap_or(now);
             let mut finish = transition(job, ended, &self.policy, worker_id, started_at, now);
             finish.record.traceback = traceback;
@@ -1034,6 +1097,57 @@ impl RemoteWorkers {
         }
         self.finished(worker_id, &jobs, &results).await;
         Ok(results)
+    }
+
+    /// Records a running attempt's progress ([`Progress::reported`]: the percent clamped, the
+    /// message cut to [`conveyor_worker::job::PROGRESS_MESSAGE_LIMIT`] bytes), under the outcome routes' rules:
+    /// [`StoreError::NotFound`] if there is no such job, [`Error::Forbidden`] if it is on a
+    /// queue outside `allowed`, [`StoreError::Conflict`] if the attempt is not
+    /// `request.worker_id`'s lease (any more).
+    pub async fn progress(
+        &self,
+        id: JobId,
+        request: &ProgressRequest,
+        allowed: Option<&[String]>,
+    ) -> Result<()> {
+        request.check()?;
+        let worker = request.worker_id.as_str();
+        let job = self
+            .jobs(&[id])
+            .await?
+            .remove(&id)
+            .ok_or(StoreError::NotFound(id))?;
+        if let Some(allowed) = allowed
+            && !allowed.contains(&job.queue)
+        {
+            return Err(Error::Forbidden(format!(
+                "job {id} is on the queue `{}`; this key may report on the queues {} only",
+                job.queue,
+                allowed.join(", ")
+            )));
+        }
+        if let Some(why) = not_leased(&job, worker, request.attempt) {
+            return Err(StoreError::Conflict(why.replace("the outcome", "the progress")).into());
+        }
+        let now = self
+            .clock
+            .now_fresh(self.store.as_ref(), Duration::from_secs(10))
+            .await?;
+        let progress = Progress::reported(
+            request.attempt,
+            request.percent,
+            request.message.clone(),
+            now,
+        );
+        if !self.store.report_progress(id, &progress).await? {
+            return Err(StoreError::Conflict(format!(
+                "job {id} attempt {} is no longer running: the progress was not recorded",
+                request.attempt
+            ))
+            .into());
+        }
+        self.touch(worker).await;
+        Ok(())
     }
 
     /// Notes a claim in the worker's registration.
@@ -1173,7 +1287,10 @@ fn not_leased(job: &Job, worker: &str, attempt: i32) -> Option<String> {
 /// The runtime's view of a reported outcome, and the traceback to keep with it.
 fn ended(report: Report) -> (Ended, Option<String>) {
     match report {
-        Report::Complete => (Ended::Returned(Outcome::Done), None),
+        Report::Complete(result) => (
+            Ended::Returned(result.map_or(Outcome::Done, Outcome::DoneWith)),
+            None,
+        ),
         Report::Snooze(d) => (Ended::Returned(Outcome::Snooze(d)), None),
         Report::Fail {
             error,

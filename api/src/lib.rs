@@ -98,6 +98,7 @@ impl Modify for BearerAuth {
 pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(route::job::routes())
+        .merge(route::job_events::routes())
         .merge(route::queue::routes())
         .merge(route::worker::routes())
         .merge(route::remote::routes())

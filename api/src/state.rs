@@ -5,6 +5,7 @@ use std::sync::Arc;
 use conveyor_jobs::webhook::{WebhookConfig, Webhooks};
 use conveyor_worker::Store;
 use conveyor_worker::clock::StoreClock;
+use conveyor_worker::store::feed::ChangeFeed;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ApiConfig;
@@ -30,6 +31,8 @@ pub struct AppState {
     /// The remote-worker operations (`/v1/workers/claim` …), with what this server remembers
     /// of the remote workers between requests.
     pub remote: Arc<conveyor_admin::remote::RemoteWorkers>,
+    /// Job state changes for `/v1/jobs/events`, with their replay buffer.
+    pub job_events: Arc<ChangeFeed>,
 }
 
 impl AppState {
@@ -41,6 +44,7 @@ impl AppState {
             .expect("the default webhook settings are valid and the HTTP client builds");
         Self {
             remote: Arc::new(conveyor_admin::remote::RemoteWorkers::new(store.clone())),
+            job_events: Arc::new(ChangeFeed::new(store.clone())),
             store,
             config: Arc::new(config),
             webhooks: Arc::new(webhooks),

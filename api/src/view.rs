@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use conveyor_worker::{AttemptOutcome, AttemptRecord, Job, JobState};
+use conveyor_worker::{AttemptOutcome, AttemptRecord, Job, JobState, Progress};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -66,6 +66,39 @@ pub struct JobView {
     pub metadata: Value,
     /// Every finished attempt, oldest first.
     pub attempts: Vec<AttemptView>,
+    /// What the handler returned when it completed the job (any JSON, at most
+    /// `worker.max_result_bytes` serialized); absent when it returned nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The latest progress the running attempt reported; absent when none did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressView>,
+}
+
+/// A running attempt's progress report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProgressView {
+    /// The attempt that reported it.
+    pub attempt: i32,
+    /// 0 to 100.
+    #[schema(minimum = 0, maximum = 100)]
+    pub percent: f32,
+    /// What it is doing, if it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When it was reported.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Progress> for ProgressView {
+    fn from(p: Progress) -> Self {
+        Self {
+            attempt: p.attempt,
+            percent: p.percent,
+            message: p.message,
+            updated_at: p.updated_at,
+        }
+    }
 }
 
 /// One attempt.
@@ -131,6 +164,8 @@ impl From<Job> for JobView {
             tags: j.tags,
             metadata: j.metadata,
             attempts: j.attempts.into_iter().map(Into::into).collect(),
+            result: j.result,
+            progress: j.progress.map(Into::into),
         }
     }
 }

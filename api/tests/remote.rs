@@ -1,7 +1,7 @@
 //! Remote workers through a real API server on `127.0.0.1:0`, on every backend: claim and
 //! complete, fail with a traceback, permanent failure, snooze, a lease that expires and is
 //! rescued (the first worker's late outcome refused), the key's queues, the worker scope's
-//! reach, the long-poll's wake-up, and bad input.
+//! reach, the long-poll's wake-up, results and progress, and bad input.
 
 mod common;
 
@@ -25,6 +25,7 @@ api_tests!(
     a_worker_key_claims_only_from_its_queues,
     a_worker_key_reaches_only_the_worker_routes,
     a_waiting_claim_wakes_on_enqueue,
+    results_and_progress_follow_the_lease,
     bad_input_names_the_field,
 );
 
@@ -424,6 +425,152 @@ async fn a_rescued_lease_refuses_the_late_outcome(store: Arc<dyn Store>) {
         outcomes,
         [AttemptOutcome::LeaseExpired, AttemptOutcome::Completed]
     );
+}
+
+async fn results_and_progress_follow_the_lease(store: Arc<dyn Store>) {
+    let s = Server::default(store.clone()).await;
+    let key = s.key(Scope::Worker).await;
+    let read = s.key(Scope::Read).await;
+    let ids = [
+        enqueue(&store, "res", 5).await,
+        enqueue(&store, "res", 5).await,
+        enqueue(&store, "res", 5).await,
+    ];
+    let jobs = claim(
+        &s,
+        &key,
+        json!({"worker_id": "w1", "queues": ["res"], "limit": 10}),
+    )
+    .await;
+    assert_eq!(jobs.len(), 3);
+
+    // Progress: recorded for the lease holder, shown on the job, refused for anyone else.
+    let path = format!("/v1/workers/jobs/{}/progress", ids[0]);
+    let (status, answer) = post(
+        &s,
+        &key,
+        &path,
+        json!({"worker_id": "w1", "attempt": 1, "percent": 40, "message": "halfway-ish"}),
+    )
+    .await;
+    assert_eq!(status, 204, "{answer}");
+    let (_, job) = send(s.req(Method::GET, &format!("/v1/jobs/{}", ids[0]), Some(&read))).await;
+    assert_eq!(job["progress"]["percent"], 40.0, "{job}");
+    assert_eq!(job["progress"]["message"], "halfway-ish", "{job}");
+    assert_eq!(job["progress"]["attempt"], 1, "{job}");
+    let (status, answer) = post(
+        &s,
+        &key,
+        &path,
+        json!({"worker_id": "w2", "attempt": 1, "percent": 90}),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .unwrap()
+            .contains("progress was not recorded"),
+        "{answer}"
+    );
+    let (status, answer) = post(
+        &s,
+        &key,
+        &path,
+        json!({"worker_id": "w1", "attempt": 1, "percent": 101}),
+    )
+    .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], "percent", "{answer}");
+    let (status, _) = post(
+        &s,
+        &key,
+        &format!("/v1/workers/jobs/{}/progress", JobId::new()),
+        json!({"worker_id": "w1", "attempt": 1, "percent": 1}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        store
+            .get(ids[0])
+            .await
+            .unwrap()
+            .unwrap()
+            .progress
+            .unwrap()
+            .percent,
+        40.0,
+        "refused reports changed nothing"
+    );
+
+    // A result with the single-job route, and with the batch.
+    let (status, answer) = post(
+        &s,
+        &key,
+        &format!("/v1/workers/jobs/{}/complete", ids[0]),
+        json!({"worker_id": "w1", "attempt": 1, "result": {"sent": 3, "ids": ["a", "b"]}}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["state"].as_str()),
+        (200, Some("completed")),
+        "{answer}"
+    );
+    let (_, job) = send(s.req(Method::GET, &format!("/v1/jobs/{}", ids[0]), Some(&read))).await;
+    assert_eq!(
+        job["result"],
+        json!({"sent": 3, "ids": ["a", "b"]}),
+        "{job}"
+    );
+    // A late progress report for a finished attempt is refused.
+    let (status, _) = post(
+        &s,
+        &key,
+        &path,
+        json!({"worker_id": "w1", "attempt": 1, "percent": 100}),
+    )
+    .await;
+    assert_eq!(status, 409);
+
+    // The batch: one result within the limit, one over it (the attempt fails, saying why).
+    let big = "x".repeat(70 * 1024);
+    let (status, answer) = post(
+        &s,
+        &key,
+        "/v1/workers/finish",
+        json!({"worker_id": "w1", "items": [
+            {"id": ids[1], "attempt": 1, "outcome": "complete", "result": [1, 2, 3]},
+            {"id": ids[2], "attempt": 1, "outcome": "complete", "result": {"blob": big}},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["items"][0]["state"], "completed", "{answer}");
+    assert_eq!(answer["items"][1]["state"], "retryable", "{answer}");
+    assert_eq!(
+        store.get(ids[1]).await.unwrap().unwrap().result,
+        Some(json!([1, 2, 3]))
+    );
+    let over = store.get(ids[2]).await.unwrap().unwrap();
+    assert_eq!(
+        over.result, None,
+        "an oversized result is not kept, nor cut"
+    );
+    let error = over.attempts[0].error.clone().unwrap_or_default();
+    assert!(error.contains("over the limit"), "{error}");
+
+    // `result` belongs to `complete` only.
+    let (status, answer) = post(
+        &s,
+        &key,
+        "/v1/workers/finish",
+        json!({"worker_id": "w1", "items": [
+            {"id": ids[1], "attempt": 1, "outcome": "snooze", "seconds": 1, "result": 1},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], "items[0].result", "{answer}");
 }
 
 async fn a_worker_key_claims_only_from_its_queues(store: Arc<dyn Store>) {

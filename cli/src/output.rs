@@ -125,6 +125,28 @@ pub fn job_detail(job: &Job) {
             },
         ),
         ("metadata", job.metadata.to_string()),
+        (
+            "progress",
+            match &job.progress {
+                Some(p) => format!(
+                    "{:.0}%{} (attempt {}, {})",
+                    p.percent,
+                    p.message
+                        .as_deref()
+                        .map(|m| format!(" {m}"))
+                        .unwrap_or_default(),
+                    p.attempt,
+                    time(p.updated_at)
+                ),
+                None => "-".into(),
+            },
+        ),
+        (
+            "result",
+            job.result
+                .as_ref()
+                .map_or_else(|| "-".into(), ToString::to_string),
+        ),
     ];
     for (k, v) in rows {
         outln!("{k:>17}  {v}");

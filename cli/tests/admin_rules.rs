@@ -212,6 +212,7 @@ async fn one_in_every_state(s: &Arc<dyn Store>, queue: &str) -> Vec<(JobState, J
                     duration_ms: 1,
                     traceback: None,
                 },
+                result: None,
             }])
             .await
             .unwrap();

@@ -371,6 +371,7 @@ async fn jobs_list_shows_the_root_cause_of_the_last_error() {
                 duration_ms: 3,
                 traceback: None,
             },
+            result: None,
         }])
         .await
         .unwrap();

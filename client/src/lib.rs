@@ -11,12 +11,19 @@
 //! ([`Enqueue`]) sets the queue, run time, priority, idempotency key, tags and metadata. The
 //! store paths reuse the store's own enqueue (`Store::enqueue`,
 //! `store::postgres::enqueue_in`); nothing is duplicated here.
+//!
+//! Waiting for an outcome: [`Client::wait`] (and [`Enqueue::send_and_wait`]) long-poll
+//! `GET /v1/jobs/{id}?wait=` until the job finishes; [`StoreClient::wait`] waits on the
+//! store's change events. [`Client::events`] follows `GET /v1/jobs/events`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use conveyor_worker::store::wait::{MAX_WAIT, wait_for_end};
 use conveyor_worker::{Job, JobId, NewJob, Store};
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 pub use conveyor_worker::{Enqueued, JobArgs, JobState};
@@ -44,6 +51,12 @@ pub enum Error {
     /// The base URL is not usable.
     #[error("bad API URL `{0}`: use e.g. http://127.0.0.1:8080")]
     BadUrl(String),
+    /// The job waited for does not exist (or was deleted while waited for).
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    /// The event stream broke or sent something unreadable.
+    #[error("the event stream failed: {0}")]
+    Events(String),
 }
 
 /// `Result` with this crate's [`Error`].
@@ -207,6 +220,78 @@ impl Client {
         Enqueue::new(self, args)
     }
 
+    /// The job once it has finished (completed, cancelled or dead), or as it is when
+    /// `timeout` runs out (check its `state`). Long-polls `GET /v1/jobs/{id}?wait=` in steps
+    /// of at most 60 s, so any timeout works; the answer comes as soon as the job finishes.
+    /// Needs a key with the `read` scope.
+    pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<Job> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let step = left.min(MAX_WAIT);
+            let response = self
+                .http
+                .get(format!("{}/v1/jobs/{id}", self.base))
+                .query(&[("wait", format!("{}ms", step.as_millis()))])
+                .bearer_auth(&self.key)
+                // The server answers by the end of the wait; allow for the trip.
+                .timeout(step + Duration::from_secs(30))
+                .send()
+                .await?;
+            if response.status() == reqwest::StatusCode::NOT_FOUND {
+                return Err(Error::NotFound(id));
+            }
+            let job: Job = answer(response).await?;
+            if job.state.is_terminal() || tokio::time::Instant::now() >= deadline {
+                return Ok(job);
+            }
+        }
+    }
+
+    /// Follows job state changes (`GET /v1/jobs/events`) matching `filter`, from now on, or
+    /// after `last_event_id` (an [`JobEvent::event_id`] seen before). Needs a `read` key.
+    pub async fn events(&self, filter: EventFilter, last_event_id: Option<&str>) -> Result<Events> {
+        let mut query = Vec::new();
+        for (name, value) in [
+            ("queue", &filter.queue),
+            ("kind", &filter.kind),
+            ("tag", &filter.tag),
+        ] {
+            if let Some(v) = value {
+                query.push((name, v.clone()));
+            }
+        }
+        // The stream has no end: no overall timeout, only the one for connecting.
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            .build()?;
+        let mut request = http
+            .get(format!("{}/v1/jobs/events", self.base))
+            .query(&query)
+            .bearer_auth(&self.key)
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = request.send().await?;
+        if !response.status().is_success() {
+            return Err(answer::<serde_json::Value>(response)
+                .await
+                .err()
+                .unwrap_or_else(|| Error::Events("the server refused the stream".into())));
+        }
+        let bytes = futures::stream::unfold(response, |mut response| async move {
+            match response.chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), response)),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), response)),
+            }
+        });
+        Ok(Events {
+            inner: Box::pin(bytes.eventsource()),
+        })
+    }
+
     /// One job with its attempt history; `None` if there is no such job.
     pub async fn get(&self, id: JobId) -> Result<Option<Job>> {
         let response = self
@@ -278,6 +363,140 @@ impl Enqueue<&Client> {
         let job = self.job?;
         self.target.send_job(&job).await
     }
+
+    /// Sends it, then waits up to `timeout` for it to finish ([`Client::wait`]): the job with
+    /// its `result` once finished, else as it is at the timeout. The key needs `enqueue` and
+    /// `read` (an `admin` key), or the enqueue is sent and the wait refused.
+    pub async fn send_and_wait(self, timeout: Duration) -> Result<Job> {
+        let client = self.target;
+        let enqueued = self.send().await?;
+        client.wait(enqueued.id, timeout).await
+    }
+}
+
+/// Which changes [`Client::events`] follows. Empty fields match every job.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only jobs with this tag.
+    pub tag: Option<String>,
+}
+
+impl EventFilter {
+    /// Only jobs of `queue`.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Only jobs of `kind`.
+    pub fn kind(mut self, kind: impl Into<String>) -> Self {
+        self.kind = Some(kind.into());
+        self
+    }
+
+    /// Only jobs with `tag`.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+}
+
+/// One job's state change from `GET /v1/jobs/events`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// The stream's id for this change: pass it to [`Client::events`] to resume after it.
+    #[serde(default)]
+    pub event_id: String,
+    /// The job.
+    pub id: JobId,
+    /// The state it entered.
+    pub state: JobState,
+    /// Its queue.
+    pub queue: String,
+    /// Its kind.
+    pub kind: String,
+    /// Its tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// When the server received the change.
+    pub at: DateTime<Utc>,
+}
+
+/// What [`Events`] yields.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClientEvent {
+    /// A job changed state.
+    Job(JobEvent),
+    /// Changes were missed (resumed from an id the server no longer has, or fell behind):
+    /// re-read the jobs you follow.
+    Reset {
+        /// The server's explanation.
+        reason: String,
+    },
+}
+
+type EventBytes = std::pin::Pin<
+    Box<
+        dyn futures::Stream<
+                Item = Result<
+                    eventsource_stream::Event,
+                    eventsource_stream::EventStreamError<reqwest::Error>,
+                >,
+            > + Send,
+    >,
+>;
+
+/// An open `GET /v1/jobs/events` stream.
+pub struct Events {
+    inner: EventBytes,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events").finish_non_exhaustive()
+    }
+}
+
+impl Events {
+    /// The next change; `None` when the server ended the stream (it is shutting down:
+    /// reconnect with the last event id).
+    pub async fn next(&mut self) -> Option<Result<ClientEvent>> {
+        loop {
+            let event = match self.inner.next().await? {
+                Ok(e) => e,
+                Err(e) => return Some(Err(Error::Events(e.to_string()))),
+            };
+            match event.event.as_str() {
+                "job" => {
+                    return Some(
+                        serde_json::from_str::<JobEvent>(&event.data)
+                            .map(|mut e| {
+                                e.event_id = event.id;
+                                ClientEvent::Job(e)
+                            })
+                            .map_err(|e| Error::Events(format!("unreadable job event: {e}"))),
+                    );
+                }
+                "reset" => {
+                    #[derive(Deserialize)]
+                    struct Reset {
+                        reason: String,
+                    }
+                    return Some(
+                        serde_json::from_str::<Reset>(&event.data)
+                            .map(|r| ClientEvent::Reset { reason: r.reason })
+                            .map_err(|e| Error::Events(format!("unreadable reset event: {e}"))),
+                    );
+                }
+                // Events this client does not know are skipped.
+                _ => continue,
+            }
+        }
+    }
 }
 
 /// Enqueues straight into a store the application shares with the workers.
@@ -298,11 +517,36 @@ impl StoreClient {
     }
 }
 
+impl StoreClient {
+    /// The job once it has finished (completed, cancelled or dead), or as it is when
+    /// `timeout` runs out; woken by the store's change events
+    /// (`conveyor_worker::store::wait::wait_for_end`, in steps of at most 60 s).
+    pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<Job> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let job = wait_for_end(self.store.as_ref(), id, left.min(MAX_WAIT))
+                .await?
+                .ok_or(Error::NotFound(id))?;
+            if job.state.is_terminal() || tokio::time::Instant::now() >= deadline {
+                return Ok(job);
+            }
+        }
+    }
+}
+
 impl Enqueue<&StoreClient> {
     /// Inserts it (`Store::enqueue`).
     pub async fn send(self) -> Result<Enqueued> {
         let job = self.job?;
         Ok(self.target.store.enqueue(job).await?)
+    }
+
+    /// Inserts it, then waits up to `timeout` for it to finish ([`StoreClient::wait`]).
+    pub async fn send_and_wait(self, timeout: Duration) -> Result<Job> {
+        let client = self.target;
+        let enqueued = self.send().await?;
+        client.wait(enqueued.id, timeout).await
     }
 }
 

@@ -84,6 +84,7 @@ fn finish(
             duration_ms: 3,
             traceback: None,
         },
+        result: None,
     }
 }
 

@@ -9,6 +9,8 @@
 //! 3. ANALYZE mid-run, with a batch running;
 //! 4. ANALYZE after 100,000 finished jobs were added in bulk.
 //!
+//! The completion with results and the progress report are checked like the rest.
+//!
 //! At each, every statement must reach the table only through the index made for it (rows
 //! known by id: the primary key) and never read the table through a sequential scan. Before
 //! these statements were shaped for it, point 2 made the completion read the whole
@@ -51,6 +53,16 @@ const HOT: &[Hot] = &[
     Hot {
         name: "completion",
         sql: queries::FINISH,
+        indexes: &["jobs_pkey"],
+    },
+    Hot {
+        name: "completion with results",
+        sql: queries::FINISH_WITH_RESULTS,
+        indexes: &["jobs_pkey"],
+    },
+    Hot {
+        name: "progress",
+        sql: queries::REPORT_PROGRESS,
         indexes: &["jobs_pkey"],
     },
     Hot {
@@ -104,7 +116,24 @@ fn arguments(name: &str, running: &[Uuid], now: DateTime<Utc>) -> PgArguments {
             a.add(vec![None::<DateTime<Utc>>; n])?;
             a.add(vec![Some(now); n])?;
             a.add(vec![0i32; n])?;
-            a.add(vec!["{}"; n])
+            a.add(vec!["{}"; n])?;
+            a.add("plans-origin")
+        })(),
+        "completion with results" => (|| {
+            a.add(running.to_vec())?;
+            a.add(vec![1i32; n])?;
+            a.add(vec!["completed"; n])?;
+            a.add(vec![None::<DateTime<Utc>>; n])?;
+            a.add(vec![Some(now); n])?;
+            a.add(vec![0i32; n])?;
+            a.add(vec!["{}"; n])?;
+            a.add(vec![Some(r#"{"total":1}"#); n])?;
+            a.add("plans-origin")
+        })(),
+        "progress" => (|| {
+            a.add(running.first().copied().unwrap_or_else(Uuid::now_v7))?;
+            a.add(r#"{"attempt":1,"percent":50.0,"updated_at":"2026-01-01T00:00:00Z"}"#)?;
+            a.add(1i32)
         })(),
         "heartbeat" => (|| {
             a.add(lease)?;
@@ -138,7 +167,8 @@ fn arguments(name: &str, running: &[Uuid], now: DateTime<Utc>) -> PgArguments {
                     .collect::<Vec<_>>(),
             )?;
             a.add(vec!["[]"; k])?;
-            a.add(vec!["{}"; k])
+            a.add(vec!["{}"; k])?;
+            a.add("plans-origin")
         })(),
         other => panic!("no arguments for {other}"),
     };
@@ -373,6 +403,7 @@ fn finish_done(id: Uuid) -> conveyor_worker::store::Finish {
             duration_ms: 0,
             traceback: None,
         },
+        result: None,
     }
 }
 

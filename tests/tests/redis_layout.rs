@@ -79,6 +79,7 @@ async fn queue_keys_share_their_queues_hash_tag() {
                 duration_ms: 0,
                 traceback: None,
             },
+            result: None,
         }])
         .await
         .unwrap();
@@ -163,6 +164,7 @@ async fn deleting_jobs_leaves_no_keys_behind() {
                     duration_ms: 0,
                     traceback: None,
                 },
+                result: None,
             })
             .collect(),
     )
@@ -284,6 +286,7 @@ async fn a_layout_1_store_is_migrated_in_place() {
         run_at: None,
         attempt_delta: 0,
         record: now_done.clone(),
+        result: None,
     }])
     .await
     .unwrap();

@@ -57,6 +57,7 @@ async fn round_trip(store: &Arc<dyn Store>) {
                 duration_ms: 0,
                 traceback: None,
             },
+            result: None,
         }])
         .await
         .expect("finish works");
@@ -379,6 +380,7 @@ fn completed(
             duration_ms: 0,
             traceback: None,
         },
+        result: None,
     }
 }
 

@@ -71,6 +71,10 @@ impl From<anyhow::Error> for JobError {
 pub enum Outcome {
     /// Success: the job is `completed`.
     Done,
+    /// Success with a result value: the job is `completed` and keeps the value (see
+    /// [`Outcome::done_with`]). A value over `worker.max_result_bytes` serialized fails the
+    /// attempt instead, with an error that says so.
+    DoneWith(serde_json::Value),
     /// Try again: after `after` if given (e.g. from a `Retry-After` header), else after the
     /// kind's backoff. Counts as a failed attempt; with attempts exhausted the job is `dead`.
     Retry {
@@ -91,6 +95,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Success with `result`, kept with the job and returned by `GET /v1/jobs/{id}`.
+    pub fn done_with<T: Serialize + ?Sized>(result: &T) -> Result<Self, serde_json::Error> {
+        Ok(Outcome::DoneWith(serde_json::to_value(result)?))
+    }
+
+    /// Whether this is a success ([`Outcome::Done`] or [`Outcome::DoneWith`]).
+    pub fn is_done(&self) -> bool {
+        matches!(self, Outcome::Done | Outcome::DoneWith(_))
+    }
+
     /// A retry after the kind's backoff.
     pub fn retry(error: impl Into<String>) -> Self {
         Outcome::Retry {
@@ -130,6 +144,8 @@ pub struct JobContext {
     cancel: CancellationToken,
     /// The store's clock as the worker measures it; `None`: this machine's clock.
     clock: Option<Arc<crate::clock::StoreClock>>,
+    /// Where progress goes; `None` (a context built by hand): progress is only kept here.
+    progress: Option<Arc<ProgressReporter>>,
 }
 
 impl JobContext {
@@ -140,6 +156,30 @@ impl JobContext {
             worker_id,
             cancel,
             clock: None,
+            progress: None,
+        }
+    }
+
+    /// With progress reports written to `store` (the runtime sets it).
+    pub fn with_progress(mut self, store: Arc<dyn crate::store::Store>) -> Self {
+        self.progress = Some(Arc::new(ProgressReporter {
+            store,
+            id: self.job.id,
+            sender: std::sync::Mutex::new(None),
+        }));
+        self
+    }
+
+    /// Reports how far the attempt has got: `percent` (clamped to 0–100) and an optional
+    /// message (at most [`crate::job::PROGRESS_MESSAGE_LIMIT`] bytes are kept). Returns at
+    /// once; the store is written at most every [`PROGRESS_INTERVAL`] per job, always with
+    /// the latest report, so calling it in a tight loop is cheap. `GET /v1/jobs/{id}` shows
+    /// it while the job runs (and the last one written after it ends).
+    pub fn progress(&self, percent: f32, message: impl Into<Option<String>>) {
+        let progress =
+            crate::job::Progress::reported(self.job.attempt, percent, message.into(), self.now());
+        if let Some(reporter) = &self.progress {
+            reporter.send(progress);
         }
     }
 
@@ -166,6 +206,57 @@ impl JobContext {
     /// Whether [`JobContext::cancelled`] has fired.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+}
+
+/// The shortest time between two progress writes of one job.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Writes one job's progress reports, throttled: the first report starts a writer task that
+/// writes the latest report, waits [`PROGRESS_INTERVAL`], and repeats while reports come; it
+/// ends once the handler's contexts are gone and the last report is written.
+pub(crate) struct ProgressReporter {
+    store: Arc<dyn crate::store::Store>,
+    id: crate::job::JobId,
+    sender: std::sync::Mutex<Option<tokio::sync::watch::Sender<Option<crate::job::Progress>>>>,
+}
+
+impl std::fmt::Debug for ProgressReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProgressReporter")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl ProgressReporter {
+    fn send(&self, progress: crate::job::Progress) {
+        let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = sender.as_ref() {
+            tx.send_replace(Some(progress));
+            return;
+        }
+        // Outside a Tokio runtime (a handler called from a plain test) there is nothing to
+        // write with.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (tx, mut rx) = tokio::sync::watch::channel(Some(progress));
+        rx.mark_changed();
+        let store = self.store.clone();
+        let id = self.id;
+        runtime.spawn(async move {
+            while rx.changed().await.is_ok() {
+                let latest = rx.borrow_and_update().clone();
+                if let Some(p) = latest
+                    && let Err(e) = store.report_progress(id, &p).await
+                {
+                    tracing::debug!(job.id = %id, error = %e, "writing progress failed; the next report tries again");
+                }
+                tokio::time::sleep(PROGRESS_INTERVAL).await;
+            }
+        });
+        *sender = Some(tx);
     }
 }
 

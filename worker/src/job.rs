@@ -324,6 +324,88 @@ pub struct Job {
     pub metadata: serde_json::Value,
     /// Every finished attempt, oldest first.
     pub attempts: Vec<AttemptRecord>,
+    /// What the handler returned when it completed the job ([`crate::Outcome::DoneWith`]),
+    /// at most `worker.max_result_bytes` serialized. Kept until the job is deleted; an
+    /// operator retry clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// The latest progress a handler reported ([`crate::JobContext::progress`]). It names
+    /// the attempt that reported it; an operator retry clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// How far a running attempt has got, as its handler reported it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The attempt that reported it.
+    pub attempt: i32,
+    /// 0 to 100.
+    pub percent: f32,
+    /// What it is doing, if it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When it was reported (on the store's clock as the worker measures it).
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Progress {
+    /// A report as it is kept, whoever made it (a native handler, a remote worker): `percent`
+    /// clamped to 0–100 (NaN is 0), `message` cut to [`PROGRESS_MESSAGE_LIMIT`] bytes at a
+    /// character boundary.
+    pub fn reported(
+        attempt: i32,
+        percent: f32,
+        mut message: Option<String>,
+        at: DateTime<Utc>,
+    ) -> Self {
+        if let Some(m) = message.as_mut()
+            && m.len() > PROGRESS_MESSAGE_LIMIT
+        {
+            let mut cut = PROGRESS_MESSAGE_LIMIT;
+            while !m.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            m.truncate(cut);
+        }
+        let percent = if percent.is_nan() {
+            0.0
+        } else {
+            percent.clamp(0.0, 100.0)
+        };
+        Self {
+            attempt,
+            percent,
+            message,
+            updated_at: at,
+        }
+    }
+}
+
+/// The longest progress message kept, in bytes; a longer one is cut at a character boundary.
+pub const PROGRESS_MESSAGE_LIMIT: usize = 1024;
+
+/// The default for `worker.max_result_bytes`: the most a job's result may take, serialized.
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024;
+
+/// Serializes a handler's result and checks it against `limit` bytes. The one rule for
+/// every way a result reaches the store (a native handler, a remote worker, an HTTP target):
+/// a result over the limit is an error that fails the attempt, never cut short.
+pub fn check_result(value: &serde_json::Value, limit: usize) -> Result<(), Error> {
+    let size = serde_json::to_vec(value)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > limit {
+        return Err(Error::invalid(
+            "result",
+            format!(
+                "the job's result is {size} bytes serialized, over the limit of {limit} bytes \
+                 (worker.max_result_bytes); return a smaller value, or store the data elsewhere \
+                 and return a reference to it"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Job {
@@ -608,6 +690,16 @@ mod tests {
         assert!(a < b);
         assert_eq!(format!("job_{a}").parse::<JobId>().unwrap(), a);
         assert!("nope".parse::<JobId>().is_err());
+    }
+
+    #[test]
+    fn a_result_over_the_limit_is_refused_not_cut() {
+        let value = serde_json::json!({"data": "x".repeat(100)});
+        check_result(&value, 1000).unwrap();
+        let err = check_result(&value, 50).unwrap_err().to_string();
+        assert!(err.contains("result"), "{err}");
+        assert!(err.contains("over the limit of 50 bytes"), "{err}");
+        assert!(err.contains("worker.max_result_bytes"), "{err}");
     }
 
     #[test]

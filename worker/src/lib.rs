@@ -30,7 +30,7 @@ pub mod validate;
 pub use error::{Error, Result};
 pub use handler::{Handler, JobArgs, JobContext, JobError, KindOptions, Outcome, Registry};
 pub use job::{
-    AttemptOutcome, AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction,
+    AttemptOutcome, AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress,
 };
 pub use retry_policy::RetryPolicy;
 pub use store::{Store, StoreOptions};

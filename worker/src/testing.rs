@@ -175,6 +175,8 @@ async fn run_job(
         tags: new.tags,
         metadata: new.metadata,
         attempts: Vec::new(),
+        result: None,
+        progress: None,
     });
     let registered = registry.get(&job.kind).cloned();
     let token = CancellationToken::new();
@@ -192,8 +194,16 @@ async fn run_job(
             let fut = AssertUnwindSafe(reg.call(job.args.clone(), ctx)).catch_unwind();
             // Never interrupted: no shutdown happens inline.
             let interrupt = CancellationToken::new();
-            let grace = WorkerConfig::default().cancel_grace;
-            supervise(fut, reg.options.timeout, &token, &interrupt, grace).await
+            let defaults = WorkerConfig::default();
+            let ended = supervise(
+                fut,
+                reg.options.timeout,
+                &token,
+                &interrupt,
+                defaults.cancel_grace,
+            )
+            .await;
+            crate::runtime::within_result_limit(ended, defaults.max_result_bytes)
         }
     };
     let outcome = match &ended {

@@ -242,19 +242,93 @@ async fn enqueue_batch(
     Ok((status, axum::Json(body)).into_response())
 }
 
-/// One job with its attempt history.
+/// How long `GET /v1/jobs/{id}` may wait for the job to finish.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WaitParams {
+    /// Wait up to this long for the job to finish (completed, cancelled or dead) before
+    /// answering: a duration such as `30s`, `1m`, `500ms` or `1m 30s`, or bare seconds
+    /// (`30`); at most 60s. The answer comes as soon as the job finishes, or when the wait
+    /// runs out with the job as it is then (still `200`: check `state`). Absent, empty or `0`:
+    /// answer at once.
+    #[param(
+        pattern = r"^([0-9]+|([0-9]+ *(ms|s|m|sec|secs|min|mins) *)*)$",
+        example = "30s"
+    )]
+    pub wait: Option<String>,
+}
+
+/// `?wait=`, exactly as [`WaitParams::wait`]'s pattern states it (bare seconds, or numbers
+/// each with a unit, `ms`, `s`/`sec`/`secs` or `m`/`min`/`mins`, spaces allowed after each),
+/// at most [`conveyor_worker::store::wait::MAX_WAIT`].
+fn parse_wait(text: Option<&str>) -> Result<Option<std::time::Duration>, Problem> {
+    use std::time::Duration;
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let bad = || {
+        Problem::invalid(
+            "wait",
+            format!("`{text}` is not a duration; use e.g. 30s, 1m, 500ms or bare seconds (30)"),
+        )
+    };
+    let wait = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(text.parse().map_err(|_| bad())?)
+    } else {
+        let mut total = Duration::ZERO;
+        let mut rest = text;
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                return Err(bad());
+            }
+            let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+            rest = rest[digits..].trim_start_matches(' ');
+            let unit = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+            let step = match &rest[..unit] {
+                "ms" => Duration::from_millis(n),
+                "s" | "sec" | "secs" => Duration::from_secs(n),
+                "m" | "min" | "mins" => Duration::from_secs(n.saturating_mul(60)),
+                _ => return Err(bad()),
+            };
+            total = total.saturating_add(step);
+            rest = rest[unit..].trim_start_matches(' ');
+        }
+        total
+    };
+    conveyor_worker::store::wait::check_wait("wait", wait)?;
+    Ok((!wait.is_zero()).then_some(wait))
+}
+
+/// One job with its attempt history, its result and its progress. With `?wait=30s`, a
+/// long poll: the answer comes when the job finishes or the wait runs out, whichever is
+/// first (woken by the store's change events, not by polling).
 #[utoipa::path(
     get, path = "/v1/jobs/{id}", tag = "jobs",
-    params(JobIdParam),
-    responses((status = 200, body = JobView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)),
+    params(JobIdParam, WaitParams),
+    responses((status = 200, body = JobView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, description = "`wait` is not a duration or is longer than 60s", body = Problem)),
     security(("bearer" = ["read"]))
 )]
 async fn get_job(
     State(state): State<AppState>,
     _auth: Auth<scope::Read>,
     JobPath(id): JobPath,
+    Query(p): Query<WaitParams>,
 ) -> Result<axum::Json<JobView>, Problem> {
-    match state.store.get(id).await? {
+    let job = match parse_wait(p.wait.as_deref())? {
+        None => state.store.get(id).await?,
+        Some(wait) => {
+            let store = state.store.clone();
+            let draining = state.draining.clone();
+            tokio::select! {
+                job = conveyor_worker::store::wait::wait_for_end(store.as_ref(), id, wait) => job?,
+                // A server shutting down answers waiting clients at once with the job as it is.
+                _ = draining.cancelled() => store.get(id).await?,
+            }
+        }
+    };
+    match job {
         Some(job) => Ok(axum::Json(job.into())),
         None => Err(Problem::not_found(format!("job {id} not found"))),
     }

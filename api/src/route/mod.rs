@@ -5,6 +5,7 @@ pub mod audit;
 pub mod email;
 pub mod http_target;
 pub mod job;
+pub mod job_events;
 pub mod queue;
 pub mod remote;
 pub mod schedule;

@@ -1,4 +1,5 @@
-//! `/v1/workers/claim`, `/heartbeat`, `/finish` and `/v1/workers/jobs/{id}/complete|fail|snooze`:
+//! `/v1/workers/claim`, `/heartbeat`, `/finish` and
+//! `/v1/workers/jobs/{id}/complete|fail|snooze|progress`:
 //! workers in any language pull jobs over HTTP. The rules (leases, the attempt check, the
 //! outcome → state transitions, the key's queues) are `conveyor_admin::remote`'s; these
 //! handlers parse, call and answer.
@@ -6,7 +7,7 @@
 use axum::extract::State;
 use conveyor_admin::remote::{
     ClaimRequest, ClaimedJob, CompleteRequest, FailRequest, FinishRequest, FinishResult,
-    HeartbeatRequest, HeartbeatResponse, ReportRequest, SnoozeRequest,
+    HeartbeatRequest, HeartbeatResponse, ProgressRequest, ReportRequest, SnoozeRequest,
 };
 use conveyor_worker::JobId;
 use serde::Serialize;
@@ -28,6 +29,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(complete))
         .routes(routes!(fail))
         .routes(routes!(snooze))
+        .routes(routes!(progress))
         .routes(routes!(finish))
 }
 
@@ -123,8 +125,10 @@ async fn report(
     }))
 }
 
-/// The attempt succeeded: the job is `completed`. `409` (and nothing changes) when the
-/// attempt is not this worker's lease any more (rescued, re-claimed or finished).
+/// The attempt succeeded: the job is `completed`, with `result` (if given) as its result. A
+/// result over the size limit (64 KiB serialized) fails the attempt instead (`retryable` or
+/// `dead`, the error saying so). `409` (and nothing changes) when the attempt is not this
+/// worker's lease any more (rescued, re-claimed or finished).
 #[utoipa::path(
     post, path = "/v1/workers/jobs/{id}/complete", tag = "remote-workers", operation_id = "complete_job",
     params(JobIdParam),
@@ -176,6 +180,30 @@ async fn snooze(
     Body(request): Body<SnoozeRequest>,
 ) -> Result<axum::Json<ReportResponse>, Problem> {
     report(&state, &auth, id, &request).await
+}
+
+/// How far the running attempt has got: `percent` (0-100) and an optional `message`, shown
+/// as the job's `progress` by `GET /v1/jobs/{id}`. Accepted only from the worker holding the
+/// attempt's lease: `409` (nothing recorded) otherwise, `403`/`404` as for complete. Send it
+/// as often as is useful; each report replaces the last (a second apart is plenty).
+#[utoipa::path(
+    post, path = "/v1/workers/jobs/{id}/progress", tag = "remote-workers", operation_id = "report_progress",
+    params(JobIdParam),
+    request_body = ProgressRequest,
+    responses((status = 204, description = "Recorded."), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = ["worker"]))
+)]
+async fn progress(
+    State(state): State<AppState>,
+    auth: Auth<scope::Worker>,
+    JobPath(id): JobPath,
+    Body(request): Body<ProgressRequest>,
+) -> Result<axum::http::StatusCode, Problem> {
+    state
+        .remote
+        .progress(id, &request, auth.key.queues.as_deref())
+        .await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 /// Many outcomes in one write. Each item gets its own status: 200 applied, 403 a job on a

@@ -29,6 +29,12 @@ export class LeaseLost extends ApiError {
   }
 }
 
+/** The states a job ends in: what {@link Client#wait} waits for. */
+export const TERMINAL_STATES = Object.freeze(['completed', 'cancelled', 'dead']);
+
+/** The longest wait one `GET /v1/jobs/{id}?wait=` may ask for (the server refuses longer). */
+const MAX_WAIT_STEP_MS = 60_000;
+
 export class Client {
   /**
    * @param {string} baseUrl the API's address, e.g. `http://127.0.0.1:8080`
@@ -88,7 +94,10 @@ export class Client {
   }
 
   /**
-   * `POST /v1/jobs`: enqueues one job. Resolves to `{duplicate, job, warnings}`.
+   * `POST /v1/jobs`: enqueues one job. Resolves to `{duplicate, job, warnings}` with `id`
+   * (the job's) and `wait(timeoutMs)`, which resolves to the job once it has finished
+   * ({@link Client#wait}; needs the `read` scope too, which an `admin` key has):
+   * `const job = await (await client.enqueue('report.build', args)).wait(30_000)`.
    * @param {string} kind
    * @param {any} [args]
    * @param {{queue?: string, priority?: number, maxAttempts?: number, runAt?: string|Date,
@@ -108,7 +117,36 @@ export class Client {
       metadata: options.metadata,
     };
     for (const [k, v] of Object.entries(fields)) if (v !== undefined) body[k] = v;
-    return this.request('POST', '/v1/jobs', body);
+    return this.request('POST', '/v1/jobs', body).then((answer) =>
+      Object.assign(answer, {
+        id: String(answer.job.id),
+        wait: (timeoutMs) => this.wait(String(answer.job.id), timeoutMs),
+      }),
+    );
+  }
+
+  /**
+   * Resolves to the job once it has finished (`completed`, `cancelled` or `dead`; `result`
+   * is what its handler returned), or as it is when `timeoutMs` has passed (check `state`).
+   * Long-polls `GET /v1/jobs/{id}?wait=` (at most 60 s a request, asking again while the job
+   * runs), so it resolves as soon as the job finishes, without polling. Needs a `read` key;
+   * rejects with {@link ApiError} (404) if the job does not exist.
+   * @param {string} id
+   * @param {number} [timeoutMs] default 60 000
+   */
+  async wait(id, timeoutMs = 60_000) {
+    if (typeof timeoutMs !== 'number' || !(timeoutMs >= 0)) {
+      throw new RangeError(`timeoutMs: ${timeoutMs} is not a number of milliseconds >= 0`);
+    }
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const step = Math.floor(Math.max(0, Math.min(deadline - Date.now(), MAX_WAIT_STEP_MS)));
+      const job = await this.request('GET', `/v1/jobs/${encodeURIComponent(id)}?wait=${step}ms`, undefined, {
+        // The server answers by the end of the wait; allow for the trip.
+        timeoutMs: step + this.timeoutMs,
+      });
+      if (TERMINAL_STATES.includes(job.state) || Date.now() >= deadline) return job;
+    }
   }
 
   /** `GET /v1/jobs/{id}`: the job with its attempt history (needs a `read` key). */
@@ -134,6 +172,14 @@ export class Client {
       job_ids: jobIds,
       lease_seconds: leaseSeconds,
     });
+  }
+
+  /** `POST /v1/workers/jobs/{id}/progress`: a running attempt's progress. Rejects with
+   * {@link LeaseLost} when the attempt is not this worker's lease. */
+  async reportProgress(workerId, id, attempt, percent, message) {
+    const body = { worker_id: workerId, attempt, percent };
+    if (message !== undefined && message !== null) body.message = String(message);
+    await this.request('POST', `/v1/workers/jobs/${encodeURIComponent(id)}/progress`, body);
   }
 
   /** `POST /v1/workers/finish`: many outcomes in one call; resolves to one item per outcome. */

@@ -5,6 +5,6 @@
 //   worker.handle('email.send', async (args, job) => { ... });
 //   await worker.run();
 
-export { ApiError, Client, LeaseLost } from './client.js';
+export { ApiError, Client, LeaseLost, TERMINAL_STATES } from './client.js';
 export { PermanentFailure, RetryAfter, Snooze, describeError } from './outcome.js';
 export { NO_HANDLER_SNOOZE, Worker } from './worker.js';

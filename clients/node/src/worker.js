@@ -265,6 +265,16 @@ export class Worker {
           leaseExpiresAt: r.lease_expires_at,
           signal: controller.signal,
           cancelRequested: false,
+          /**
+           * Reports how far the attempt has got: `percent` (0-100) and an optional message
+           * (at most 1024 bytes are kept), shown as the job's `progress` by
+           * `GET /v1/jobs/{id}`. One request per call: report at most a few times a second.
+           * Resolves to whether the server recorded it (false when the lease was lost or the
+           * server could not be reached; the job carries on either way).
+           * @param {number} percent
+           * @param {string} [message]
+           */
+          progress: (percent, message) => this.#progress(job, percent, message),
         };
         const entry = { job, controller };
         this.held.set(job.id, entry);
@@ -291,6 +301,9 @@ export class Worker {
         const value = await fn(job.args, job);
         if (value instanceof Snooze || value instanceof RetryAfter || value instanceof PermanentFailure) throw value;
         item.outcome = 'complete';
+        // The result travels as JSON: a value that is not (a BigInt, a cycle) is the
+        // handler's error; `undefined` (and what serializes to nothing) is no result.
+        if (value !== undefined && JSON.stringify(value) !== undefined) item.result = value;
       } catch (e) {
         if (this.hurry && controller.signal.aborted) {
           // Stopped without waiting: handed back, the attempt does not count.
@@ -314,6 +327,20 @@ export class Worker {
       return;
     }
     this.#push(item);
+  }
+
+  async #progress(job, percent, message) {
+    if (typeof percent !== 'number' || !(percent >= 0 && percent <= 100)) {
+      throw new RangeError(`percent: ${percent} is not a number from 0 to 100`);
+    }
+    if (!this.held.has(job.id)) return false;
+    try {
+      await this.client.reportProgress(this.workerId, job.id, job.attempt, percent, message);
+      return true;
+    } catch (e) {
+      this.log.warn(`job ${job.id}: progress not recorded: ${e.message}`);
+      return false;
+    }
   }
 
   #push(item) {

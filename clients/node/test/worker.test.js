@@ -94,6 +94,44 @@ describe('worker against conveyor serve', { skip }, () => {
     assert.ok(Date.now() - started < 3500, `took ${Date.now() - started} ms`);
   });
 
+  test('the return value is the result, progress shows, and wait resolves to the outcome', async (t) => {
+    const s = setup(t);
+    const w = s.worker();
+    let reported;
+    const reportedP = new Promise((r) => (reported = r));
+    let goOn;
+    const goOnP = new Promise((r) => (goOn = r));
+    w.handle('test.report', async (args, job) => {
+      assert.equal(await job.progress(40, 'reading rows'), true);
+      reported();
+      await goOnP;
+      return { rows: args.rows, ok: true };
+    });
+    w.handle('test.unencodable', () => ({ n: 1n })); // a BigInt is not JSON: the attempt fails
+    const handle = await server.admin.enqueue('test.report', { rows: 12 }, { queue: s.queue });
+    s.start(w);
+    await reportedP;
+    const running = await server.job(handle.id);
+    assert.equal(running.progress.percent, 40);
+    assert.equal(running.progress.message, 'reading rows');
+    // The wait runs out while the job is still running: the job as it is.
+    const early = await handle.wait(300);
+    assert.equal(early.state, 'running');
+    goOn();
+    const started = Date.now();
+    const done = await handle.wait(30_000);
+    assert.equal(done.state, 'completed');
+    assert.deepEqual(done.result, { rows: 12, ok: true });
+    assert.ok(Date.now() - started < 5000, 'the wait resolves when the job ends');
+    assert.deepEqual((await server.admin.wait(handle.id, 30_000)).result, { rows: 12, ok: true });
+
+    const bad = await server.admin.enqueue('test.unencodable', {}, { queue: s.queue, maxAttempts: 1 });
+    const dead = await bad.wait(30_000);
+    assert.equal(dead.state, 'dead');
+    assert.match(dead.attempts[0].error, /BigInt/);
+    await assert.rejects(server.admin.wait('0193f5a2-0000-7000-8000-000000000000', 1000), (e) => e instanceof ApiError && e.status === 404);
+  });
+
   test('a handler error retries with its message, cause and stack', async (t) => {
     const s = setup(t);
     const w = s.worker();

@@ -117,6 +117,48 @@ class WorkerTests(unittest.TestCase):
         # 7 jobs of 0.6 s, 3 at a time: 3 rounds (1.8 s), far below 7 × 0.6 s one by one.
         self.assertLess(elapsed, 3.5)
 
+    def test_the_return_value_is_the_result_progress_shows_and_wait_returns_the_outcome(self) -> None:
+        w = self.worker()
+        reported = threading.Event()
+        go_on = threading.Event()
+
+        @w.handler("test.report")
+        def report(args: Dict[str, Any], job: Job) -> Dict[str, Any]:
+            self.assertTrue(job.report_progress(40, "reading rows"))
+            reported.set()
+            go_on.wait(10)
+            return {"rows": args["rows"], "ok": True}
+
+        @w.handler("test.unencodable")
+        def unencodable(args: Any, job: Job) -> Any:
+            return {1, 2}  # a set is not JSON: the attempt fails, saying so
+
+        handle = self.server.admin.enqueue("test.report", {"rows": 12}, queue=self.queue)
+        self.start(w)
+        self.assertTrue(reported.wait(10), "the handler ran")
+        running = self.server.job(handle.id)
+        self.assertEqual(running["progress"]["percent"], 40.0, running)
+        self.assertEqual(running["progress"]["message"], "reading rows", running)
+        # The wait runs out while the job is still running: the job as it is.
+        early = handle.wait(0.3)
+        self.assertEqual(early["state"], "running", early)
+        go_on.set()
+        started = time.monotonic()
+        done = handle.wait(30)
+        self.assertEqual(done["state"], "completed", done)
+        self.assertEqual(done["result"], {"rows": 12, "ok": True})
+        self.assertLess(time.monotonic() - started, 5, "the wait answers when the job ends")
+        # A finished job's wait answers at once.
+        self.assertEqual(self.server.admin.wait(handle.id, 30)["result"], {"rows": 12, "ok": True})
+
+        bad = self.server.admin.enqueue("test.unencodable", queue=self.queue, max_attempts=1)
+        dead = bad.wait(30)
+        self.assertEqual(dead["state"], "dead", dead)
+        self.assertIn("JSON serializable", dead["attempts"][0]["error"])
+        with self.assertRaises(ApiError) as missing:
+            self.server.admin.wait("0193f5a2-0000-7000-8000-000000000000", 1)
+        self.assertEqual(missing.exception.status, 404)
+
     def test_a_handler_exception_retries_with_its_message_and_traceback(self) -> None:
         w = self.worker()
 

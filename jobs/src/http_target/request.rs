@@ -6,7 +6,8 @@
 //!    and process); none left means snooze until one refills — no attempt used.
 //! 3. Sign (Standard Webhooks: `webhook-id` is the job id, the same on every attempt) and
 //!    send through the guarded client, redirects not followed.
-//! 4. Verdict: 2xx completes; a status in `permanent_statuses` or not in `retry_statuses`
+//! 4. Verdict: 2xx completes, and a JSON answer (`Content-Type` `application/json` or
+//!    `…+json`) within the result limit becomes the job's result ([`answer_result`]); a status in `permanent_statuses` or not in `retry_statuses`
 //!    fails permanently (the job is dead at once); a retried status waits its `Retry-After`
 //!    (seconds or an HTTP date, clamped to `http_requests.max_retry_after`) or else the
 //!    kind's backoff; timeouts and connection errors retry; the SSRF guard's refusal is final.
@@ -17,6 +18,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use conveyor_worker::job::{DEFAULT_MAX_RESULT_BYTES, check_result};
 use conveyor_worker::store::meta::{MetaQuery, RateLimit};
 use conveyor_worker::{JobContext, Outcome};
 use rand::Rng;
@@ -63,6 +65,37 @@ pub struct HttpAttempt {
     pub error: Option<String>,
     /// `done`, `retry`, `failed` (final).
     pub result: String,
+}
+
+/// The result a 2xx JSON answer gives the job: the parsed body, if it fits the result limit
+/// ([`check_result`], the rule every result passes). An answer over the limit, or not
+/// valid JSON, completes the job without a result (a warning says why) rather than failing
+/// the attempt: the request has taken effect, and a retry would send it again.
+pub fn answer_result(json: Option<&[u8]>, job_id: &str) -> Option<serde_json::Value> {
+    let bytes = json?;
+    if bytes.is_empty() {
+        return None;
+    }
+    let kept = if bytes.len() > DEFAULT_MAX_RESULT_BYTES {
+        Err(format!(
+            "the answer is over {DEFAULT_MAX_RESULT_BYTES} bytes, the result limit"
+        ))
+    } else {
+        serde_json::from_slice::<serde_json::Value>(bytes)
+            .map_err(|e| format!("the answer is not valid JSON: {e}"))
+            .and_then(|v| {
+                check_result(&v, DEFAULT_MAX_RESULT_BYTES)
+                    .map(|()| v)
+                    .map_err(|e| e.to_string())
+            })
+    };
+    match kept {
+        Ok(v) => Some(v),
+        Err(why) => {
+            tracing::warn!(job.id = %job_id, "the job completes without a result: {why}");
+            None
+        }
+    }
 }
 
 /// What an answer means.
@@ -168,6 +201,7 @@ impl HttpTargets {
                 content_type,
                 timeout,
                 follow_redirects: false,
+                read_json: DEFAULT_MAX_RESULT_BYTES,
             }) => r,
             _ = ctx.cancelled() => return Ok(Outcome::retry("request interrupted (cancelled, timed out or shutting down)")),
         };
@@ -204,7 +238,11 @@ impl HttpTargets {
         };
         let last = job.attempt >= job.max_attempts;
         let (outcome, result) = match verdict {
-            Verdict::Done => (Outcome::Done, "done"),
+            Verdict::Done => (
+                answer_result(response.json.as_deref(), &job_id)
+                    .map_or(Outcome::Done, Outcome::DoneWith),
+                "done",
+            ),
             Verdict::Permanent => (Outcome::fail(error_text), "failed"),
             Verdict::Retry(Some(after)) => (
                 Outcome::retry_after(after, error_text),
@@ -324,6 +362,23 @@ pub async fn attempts(
 mod tests {
     use super::super::{HttpConfig, HttpTarget, StatusRule, StatusSet};
     use super::*;
+
+    #[test]
+    fn a_json_answer_within_the_limit_is_the_result() {
+        assert_eq!(
+            answer_result(Some(br#"{"order": 7}"#), "j"),
+            Some(serde_json::json!({"order": 7}))
+        );
+        assert_eq!(answer_result(None, "j"), None, "not JSON: no result");
+        assert_eq!(answer_result(Some(b""), "j"), None, "an empty answer");
+        assert_eq!(answer_result(Some(b"{not json"), "j"), None);
+        let over = format!("\"{}\"", "x".repeat(DEFAULT_MAX_RESULT_BYTES));
+        assert_eq!(
+            answer_result(Some(over.as_bytes()), "j"),
+            None,
+            "over the limit: completed without a result, never cut"
+        );
+    }
 
     #[tokio::test]
     async fn verdicts() {

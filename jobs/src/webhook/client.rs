@@ -30,6 +30,10 @@ pub struct Request<'a> {
     pub timeout: Duration,
     /// Follow 3xx (each hop guarded).
     pub follow_redirects: bool,
+    /// Read a JSON answer (`Content-Type` `application/json` or `…+json`) up to this many
+    /// bytes and one more into [`Response::json`] (one more: so the caller can tell an answer
+    /// that is longer). 0: only the prefix is read.
+    pub read_json: usize,
 }
 
 /// What came back.
@@ -49,6 +53,9 @@ pub struct Response {
     pub blocked: bool,
     /// The failure was a timeout.
     pub timed_out: bool,
+    /// A JSON answer's body, up to [`Request::read_json`] bytes and one more (only when
+    /// asked for and the answer says it is JSON).
+    pub json: Option<Vec<u8>>,
 }
 
 /// The process-wide sender.
@@ -143,10 +150,23 @@ impl Client {
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
+                let is_json = req.read_json > 0
+                    && resp
+                        .headers()
+                        .get(reqwest::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.split(';').next())
+                        .map(|t| t.trim().to_ascii_lowercase())
+                        .is_some_and(|t| t == "application/json" || t.ends_with("+json"));
+                let want = if is_json {
+                    BODY_PREFIX.max(req.read_json.saturating_add(1))
+                } else {
+                    BODY_PREFIX
+                };
                 let mut body = Vec::new();
-                // Only the prefix is kept; the rest is not read (the connection is then
+                // Only what is wanted is kept; the rest is not read (the connection is then
                 // dropped rather than reused, which is fine for oversized answers).
-                while body.len() < BODY_PREFIX {
+                while body.len() < want {
                     match resp.chunk().await {
                         Ok(Some(chunk)) => body.extend_from_slice(&chunk),
                         Ok(None) => break,
@@ -155,6 +175,9 @@ impl Client {
                             break;
                         }
                     }
+                }
+                if is_json && !out.timed_out {
+                    out.json = Some(body[..body.len().min(want)].to_vec());
                 }
                 body.truncate(BODY_PREFIX);
                 out.body = String::from_utf8_lossy(&body).into_owned();

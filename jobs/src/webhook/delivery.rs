@@ -174,6 +174,7 @@ impl Webhooks {
                 content_type: Some("application/json"),
                 timeout,
                 follow_redirects: follow,
+                read_json: 0,
             }) => r,
             _ = ctx.cancelled() => return Ok(Outcome::retry("delivery interrupted (cancelled, timed out or shutting down)")),
         };

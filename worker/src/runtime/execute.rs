@@ -57,16 +57,18 @@ pub(crate) async fn run(
             None => Ended::NoHandler,
             Some(reg) => {
                 let ctx = JobContext::new(job.clone(), shared.worker_id.clone(), token.clone())
-                    .with_clock(shared.clock.clone());
+                    .with_clock(shared.clock.clone())
+                    .with_progress(shared.store.clone());
                 let fut = AssertUnwindSafe(reg.call(job.args.clone(), ctx)).catch_unwind();
-                supervise(
+                let ended = supervise(
                     fut,
                     reg.options.timeout,
                     &token,
                     &shared.interrupt,
                     shared.config.cancel_grace,
                 )
-                .await
+                .await;
+                super::transition::within_result_limit(ended, shared.config.max_result_bytes)
             }
         };
 
@@ -76,7 +78,7 @@ pub(crate) async fn run(
             .unwrap_or_else(|e| e.into_inner())
             .remove(&job.id);
         match &ended {
-            Ended::Returned(Outcome::Done) => tracing::debug!("job completed"),
+            Ended::Returned(o) if o.is_done() => tracing::debug!("job completed"),
             other => tracing::info!(ended = ?other, "job attempt ended"),
         }
         let finished_at = shared.clock.now();
@@ -203,7 +205,9 @@ pub(crate) async fn supervise(
     // period; after that it is dropped. Work it completed still counts as completed.
     // A handler that stops by returning a cancel of its own keeps its reason.
     match tokio::time::timeout(cancel_grace, &mut fut).await {
-        Ok(Ok(Ok(outcome @ (Outcome::Done | Outcome::Cancel { .. })))) => Ended::Returned(outcome),
+        Ok(Ok(Ok(outcome))) if outcome.is_done() || matches!(outcome, Outcome::Cancel { .. }) => {
+            Ended::Returned(outcome)
+        }
         _ => Ended::Cancelled,
     }
 }
@@ -260,6 +264,7 @@ fn given_back(
             duration_ms: (now - started_at).num_milliseconds().max(0),
             traceback: None,
         },
+        result: None,
     }
 }
 

@@ -49,7 +49,7 @@ use crate::handler::Registry;
 use crate::job::{JobId, check_name};
 use crate::store::{Finish, Store, StoreEvent};
 
-pub use transition::{Ended, transition};
+pub use transition::{Ended, transition, within_result_limit};
 
 /// How long shutdown waits for outcomes to be written beyond `shutdown_grace`.
 pub const FLUSH_BOUND: Duration = Duration::from_secs(5);
@@ -101,6 +101,9 @@ pub struct WorkerConfig {
     pub completion_batch: usize,
     /// Outcome batches written at once, each on its own store connection.
     pub completion_writers: usize,
+    /// The most a job's result may take, serialized (default 64 KiB). A handler returning
+    /// more fails its attempt with an error that says so; nothing is cut short.
+    pub max_result_bytes: usize,
 }
 
 impl Default for WorkerConfig {
@@ -119,6 +122,7 @@ impl Default for WorkerConfig {
             cancel_grace: Duration::from_secs(5),
             completion_batch: 1000,
             completion_writers: 3,
+            max_result_bytes: crate::job::DEFAULT_MAX_RESULT_BYTES,
         }
     }
 }
@@ -463,6 +467,7 @@ async fn dispatch_events(
             Ok(StoreEvent::CancelRequested { id }) => {
                 shared.cancel_running(id);
             }
+            Ok(StoreEvent::JobsChanged { .. }) => {}
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                 // Missed events: wake every queue; the heartbeat catches missed cancels.
                 for n in wakers.values() {

@@ -27,6 +27,21 @@ pub enum Ended {
     NoHandler,
 }
 
+/// A result over `limit` bytes fails the attempt, saying why ([`crate::job::check_result`]);
+/// anything else is as it was. Every way a result arrives passes here before [`transition`]:
+/// a native handler's (the executor), a remote worker's and an HTTP target's.
+pub fn within_result_limit(ended: Ended, limit: usize) -> Ended {
+    match ended {
+        Ended::Returned(Outcome::DoneWith(value)) => {
+            match crate::job::check_result(&value, limit) {
+                Ok(()) => Ended::Returned(Outcome::DoneWith(value)),
+                Err(e) => Ended::Failed(JobError::new(e.to_string())),
+            }
+        }
+        other => other,
+    }
+}
+
 /// The start of the error recorded when the claiming worker has no handler for the kind; the
 /// trailing run of such records is how long the job has waited for one.
 pub const NO_HANDLER: &str = "no handler for kind";
@@ -96,7 +111,7 @@ fn no_handler(
 ///
 /// | ended | next state |
 /// |---|---|
-/// | `Done` | completed |
+/// | `Done`, `DoneWith` (its value kept as the result) | completed |
 /// | `Retry`, `Err`, panic, timeout | retryable after the delay, or dead when attempts are used up |
 /// | `Snooze(d)` | scheduled after `d`; the attempt does not count |
 /// | `Cancel`, cancel requested | cancelled |
@@ -129,7 +144,18 @@ pub fn transition(
             )
         }
     };
+    let mut result = None;
     let (state, run_at, attempt_delta, outcome, error) = match ended {
+        Ended::Returned(Outcome::DoneWith(value)) => {
+            result = Some(value);
+            (
+                JobState::Completed,
+                None,
+                0,
+                AttemptOutcome::Completed,
+                None,
+            )
+        }
         Ended::Returned(Outcome::Done) => (
             JobState::Completed,
             None,
@@ -197,6 +223,7 @@ pub fn transition(
             duration_ms: (now - started_at).num_milliseconds().max(0),
             traceback: None,
         },
+        result,
     }
 }
 
@@ -228,6 +255,8 @@ mod tests {
             tags: vec![],
             metadata: serde_json::json!({}),
             attempts: vec![],
+            result: None,
+            progress: None,
         }
     }
 
@@ -246,6 +275,18 @@ mod tests {
         assert_eq!(f.state, JobState::Completed);
         assert_eq!(f.record.outcome, AttemptOutcome::Completed);
         assert_eq!(f.record.worker.as_deref(), Some("w1"));
+    }
+
+    #[test]
+    fn done_with_keeps_the_result_and_nothing_else_does() {
+        let f = run(
+            &job(1, 3),
+            Ended::Returned(Outcome::DoneWith(serde_json::json!({"n": 1}))),
+        );
+        assert_eq!(f.state, JobState::Completed);
+        assert_eq!(f.result, Some(serde_json::json!({"n": 1})));
+        assert_eq!(run(&job(1, 3), Ended::Returned(Outcome::Done)).result, None);
+        assert_eq!(run(&job(1, 3), Ended::Cancelled).result, None);
     }
 
     #[test]

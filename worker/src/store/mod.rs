@@ -9,10 +9,12 @@
 //! The runtime only ever talks to `dyn Store`; [`connect`] picks the backend from a URL.
 //! Every backend passes the conformance suite in `tests/`.
 
+pub mod feed;
 pub mod meta;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;
+pub mod wait;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use tokio::sync::broadcast;
 pub use self::meta::MetaStore;
 pub use self::postgres::Pooler;
 use crate::error::{Error, Result};
-use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction};
+use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress};
 use crate::retry_policy::RetryPolicy;
 
 /// Connection settings shared by the backends.
@@ -159,6 +161,10 @@ pub struct Finish {
     pub attempt_delta: i32,
     /// Appended to the attempt history.
     pub record: AttemptRecord,
+    /// The handler's result, kept with a `completed` job (checked against the size limit
+    /// before it gets here, [`crate::job::check_result`]). `None` writes nothing: a job
+    /// without a result costs the completion nothing.
+    pub result: Option<serde_json::Value>,
 }
 
 impl Finish {
@@ -329,6 +335,55 @@ pub enum StoreEvent {
         /// The job.
         id: JobId,
     },
+    /// Jobs entered new states (enqueued, claimed, finished, retried, cancelled, rescued),
+    /// in any process on the store: Postgres NOTIFYs `conveyor_events` (all but claims,
+    /// which only the claiming process hears of), Redis publishes on `P:events`, SQLite
+    /// announces its own process's changes.
+    /// Empty `changes` means "jobs changed, which is unknown" (SQLite, when another process
+    /// wrote the file): a reader re-reads what it waits for.
+    JobsChanged {
+        /// The changes, in the order the store made them.
+        changes: Arc<[JobChange]>,
+    },
+}
+
+/// One job's new state, as [`StoreEvent::JobsChanged`] carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobChange {
+    /// The job.
+    pub id: JobId,
+    /// The state it entered.
+    pub state: JobState,
+}
+
+impl JobChange {
+    /// `<id> <state>`, entries joined by `,`: how the Postgres and Redis events carry a batch.
+    pub(crate) fn encode(changes: &[JobChange]) -> String {
+        let mut out = String::with_capacity(changes.len() * 48);
+        for (i, c) in changes.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&c.id.to_string());
+            out.push(' ');
+            out.push_str(c.state.as_str());
+        }
+        out
+    }
+
+    /// Reads [`JobChange::encode`]'s form; malformed entries are skipped.
+    pub(crate) fn decode(payload: &str) -> Vec<JobChange> {
+        payload
+            .split(',')
+            .filter_map(|entry| {
+                let (id, state) = entry.split_once(' ')?;
+                Some(JobChange {
+                    id: id.parse().ok()?,
+                    state: state.parse().ok()?,
+                })
+            })
+            .collect()
+    }
 }
 
 /// A job store. All methods are safe to call from many processes at once. Every store also
@@ -426,8 +481,14 @@ pub trait Store: MetaStore + Send + Sync + 'static {
     /// Deletes up to `limit` finished jobs past their retention at `now`; returns how many.
     async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64>;
 
-    /// Wake-ups: new jobs per queue, cancel requests. Lossy by design; the runtime also polls.
+    /// Wake-ups: new jobs per queue, cancel requests, job state changes. Lossy by design;
+    /// the runtime also polls.
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+
+    /// Records a running attempt's progress: applied only while the job is `running` at
+    /// `progress.attempt` (a late report from a rescued attempt changes nothing). Returns
+    /// whether it applied. The runtime throttles the calls ([`crate::JobContext::progress`]).
+    async fn report_progress(&self, id: JobId, progress: &Progress) -> Result<bool>;
 
     /// The `running` jobs of `queue` whose lease `worker` holds. After a failed fetch the
     /// runtime compares them with the jobs it knows it runs: a claim the store applied but
@@ -522,6 +583,7 @@ pub fn rescue_finish(
             duration_ms: (now - started_at).num_milliseconds().max(0),
             traceback: None,
         },
+        result: None,
     }
 }
 
@@ -646,6 +708,23 @@ mod tests {
             after(now, Duration::from_secs(1)),
             now + chrono::Duration::seconds(1)
         );
+    }
+
+    #[test]
+    fn job_changes_round_trip_and_skip_garbage() {
+        let changes = vec![
+            JobChange {
+                id: JobId::new(),
+                state: JobState::Running,
+            },
+            JobChange {
+                id: JobId::new(),
+                state: JobState::Completed,
+            },
+        ];
+        let text = JobChange::encode(&changes);
+        assert_eq!(JobChange::decode(&text), changes);
+        assert_eq!(JobChange::decode(&format!("{text},nonsense,x y")), changes);
     }
 
     #[test]

@@ -7,6 +7,15 @@
 //!   ready jobs are inserted (by any client, including the SQL function `conveyor.enqueue`);
 //!   cancel requests NOTIFY `conveyor_cancel`. One LISTEN connection per store forwards them
 //!   to [`Store::subscribe`]; the runtime also polls, so a lost notification only costs a poll.
+//! - Change events ([`StoreEvent::JobsChanged`]) on `conveyor_events`: inserts from the same
+//!   insert trigger, finished attempts (completion, rescue) from the completion statement
+//!   itself, operator actions and promotion from one more statement after them. Claims and
+//!   heartbeats send nothing: a claim is announced in this process only. So the hot path
+//!   pays one notification per completion batch, not per statement or per job
+//!   (docs/decisions/0006-job-results-and-events.md). A store announces its own changes in
+//!   process as soon as they commit, and marks what it sends with its origin, so its LISTEN
+//!   task skips them when they come back: in process, a job's changes arrive in the order
+//!   they were made, whichever process makes the next one.
 //! - Transactional enqueue: [`enqueue_in`] and [`enqueue_many_in`] take the application's own
 //!   connection or transaction, so the job exists iff that transaction commits.
 
@@ -32,12 +41,13 @@ use uuid::Uuid;
 
 use super::PgSessionSettings;
 use super::{
-    CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
-    Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish, sql_from_states,
+    CancelResult, FetchRequest, Finish, JobChange, JobFilter, Page, QueueStats, RescueReport,
+    RetentionPolicy, Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish,
+    sql_from_states,
 };
 use crate::clock::StoreClock;
 use crate::error::{Error, Result};
-use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction};
+use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress};
 use crate::retry_policy::RetryPolicy;
 
 /// Rows per bulk INSERT statement on the caller's connection.
@@ -52,6 +62,11 @@ const PARALLEL_INSERTS: usize = 4;
 const CLOCK_MAX_AGE: Duration = Duration::from_secs(10);
 const JOBS_CHANNEL: &str = "conveyor_jobs";
 const CANCEL_CHANNEL: &str = "conveyor_cancel";
+/// Job state changes (`migrations/postgres/0004_results.sql` describes the payload).
+const EVENTS_CHANNEL: &str = "conveyor_events";
+/// Changes per `conveyor_events` notification: an entry is at most 47 bytes, so a payload
+/// stays under NOTIFY's 8000-byte limit (the SQL that sends them uses the same number).
+const ANNOUNCE_CHUNK: usize = 100;
 
 /// The Postgres store. Cheap to clone; clones share the pool and the listener.
 #[derive(Clone)]
@@ -63,6 +78,9 @@ pub struct PgStore {
     /// are delivered in process, other processes' are found by polling.
     polling: bool,
     events: broadcast::Sender<StoreEvent>,
+    /// Marks this store's `conveyor_events` notifications (random per store), so its LISTEN
+    /// task skips the changes it already announced in process.
+    origin: std::sync::Arc<str>,
     /// The server's clock as seen from here, for the expiry times of shared records (computed
     /// here, since each statement returns the record it wrote).
     clock: std::sync::Arc<StoreClock>,
@@ -125,14 +143,21 @@ impl PgStore {
             (None, Pooler::None) => Some(pool.clone()),
         };
         let polling = listen_on.is_none();
+        let origin: std::sync::Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
         if let Some(listen_pool) = listen_on {
-            tokio::spawn(listen(listen_pool, events.clone(), stop.clone()));
+            tokio::spawn(listen(
+                listen_pool,
+                events.clone(),
+                stop.clone(),
+                origin.clone(),
+            ));
         }
         Ok(Self {
             pool: Db::new(pool, pooler),
             pooler,
             polling,
             events,
+            origin,
             clock: Default::default(),
             _listener: std::sync::Arc::new(stop.drop_guard()),
         })
@@ -241,6 +266,31 @@ impl PgStore {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Announces this store's committed changes in this process. Those also NOTIFYed carry
+    /// [`PgStore::origin`], so the LISTEN task skips them when they come back; claims are
+    /// announced here only (a notification would cost every fetch).
+    fn announce_here(&self, changes: Vec<JobChange>) {
+        if !changes.is_empty() && self.events.receiver_count() > 0 {
+            let _ = self.events.send(StoreEvent::JobsChanged {
+                changes: changes.into(),
+            });
+        }
+    }
+
+    /// Announces an operator action's or a promotion's changes to every process (one more
+    /// statement: these are not on the hot path) and, without LISTEN, to this one.
+    async fn announce(&self, changes: Vec<JobChange>) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(queries::ANNOUNCE)
+            .bind(payloads(&self.origin, &changes))
+            .execute(&self.pool)
+            .await?;
+        self.announce_here(changes);
         Ok(())
     }
 
@@ -437,7 +487,12 @@ fn no_database_hint(url: &str, message: &str) -> String {
 }
 
 /// Forwards NOTIFYs to subscribers until `stop`, reconnecting after errors.
-async fn listen(pool: PgPool, events: broadcast::Sender<StoreEvent>, stop: CancellationToken) {
+async fn listen(
+    pool: PgPool,
+    events: broadcast::Sender<StoreEvent>,
+    stop: CancellationToken,
+    origin: std::sync::Arc<str>,
+) {
     let mut delay = Duration::from_millis(100);
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
@@ -452,7 +507,10 @@ async fn listen(pool: PgPool, events: broadcast::Sender<StoreEvent>, stop: Cance
                 continue;
             }
         };
-        if let Err(e) = listener.listen_all([JOBS_CHANNEL, CANCEL_CHANNEL]).await {
+        if let Err(e) = listener
+            .listen_all([JOBS_CHANNEL, CANCEL_CHANNEL, EVENTS_CHANNEL])
+            .await
+        {
             tracing::warn!(error = %e, "LISTEN failed; retrying");
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -473,6 +531,15 @@ async fn listen(pool: PgPool, events: broadcast::Sender<StoreEvent>, stop: Cance
                             Ok(id) => StoreEvent::CancelRequested { id: JobId(id) },
                             Err(_) => continue,
                         }
+                    } else if n.channel() == EVENTS_CHANNEL {
+                        // `<origin>|<entries>`; this store's own were announced at commit.
+                        let (from, entries) = n.payload().split_once('|').unwrap_or(("", ""));
+                        if from == &*origin || entries.is_empty() {
+                            continue;
+                        }
+                        StoreEvent::JobsChanged {
+                            changes: JobChange::decode(entries).into(),
+                        }
                     } else {
                         StoreEvent::JobsAvailable {
                             queue: n.payload().to_string(),
@@ -487,6 +554,30 @@ async fn listen(pool: PgPool, events: broadcast::Sender<StoreEvent>, stop: Cance
             }
         }
     }
+}
+
+/// `conveyor_events` payloads for `changes` made by the store `origin`, [`ANNOUNCE_CHUNK`]
+/// changes each: `<origin>|<entries>` (`migrations/postgres/0004_results.sql`).
+fn payloads(origin: &str, changes: &[JobChange]) -> Vec<String> {
+    changes
+        .chunks(ANNOUNCE_CHUNK)
+        .map(|c| format!("{origin}|{}", JobChange::encode(c)))
+        .collect()
+}
+
+/// Jobs made `available` (by id, with their queues): their changes, and the queues to wake.
+fn available(rows: Vec<(Uuid, String)>) -> (Vec<JobChange>, Vec<String>) {
+    rows.into_iter()
+        .map(|(id, queue)| {
+            (
+                JobChange {
+                    id: JobId(id),
+                    state: JobState::Available,
+                },
+                queue,
+            )
+        })
+        .unzip()
 }
 
 fn job_from_row(row: &PgRow) -> Result<Job> {
@@ -512,6 +603,10 @@ fn job_from_row(row: &PgRow) -> Result<Job> {
         tags: row.try_get("tags")?,
         metadata: row.try_get("metadata")?,
         attempts: attempts.0,
+        result: row.try_get("result")?,
+        progress: row
+            .try_get::<Option<sqlx::types::Json<Progress>>, _>("progress")?
+            .map(|p| p.0),
     })
 }
 
@@ -589,7 +684,9 @@ pub async fn enqueue_many_in(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Resu
     let mut answers = Vec::with_capacity(jobs.len());
     let mut conn = Conn::borrowed(conn);
     for chunk in jobs.chunks(INSERT_CHUNK) {
-        answers.extend(insert_chunk(&mut conn, chunk).await?);
+        // No origin: the jobs exist once the caller commits, and every process (this one's
+        // LISTEN task included) hears of them then.
+        answers.extend(insert_chunk(&mut conn, chunk, "").await?);
     }
     Ok(answers)
 }
@@ -615,12 +712,12 @@ fn existing_id(e: sqlx::Error) -> Error {
     e.into()
 }
 
-async fn insert_pooled(pool: &Db, chunk: &[NewJob]) -> Result<Vec<Enqueued>> {
+async fn insert_pooled(pool: &Db, chunk: &[NewJob], origin: &str) -> Result<Vec<Enqueued>> {
     // One transaction, so a serialization failure or deadlock undoes the whole chunk and the
     // chunk can simply be sent again.
     retry_conflicts("enqueue", || async move {
         let mut tx = pool.begin().await?;
-        let answers = insert_chunk(&mut tx, chunk).await?;
+        let answers = insert_chunk(&mut tx, chunk, origin).await?;
         tx.commit().await?;
         Ok(answers)
     })
@@ -670,7 +767,11 @@ fn is_conflict(e: &Error) -> bool {
 /// Inserts one chunk. Due times, `created_at` and scheduled-or-available are decided by the
 /// statement on the store's clock (`now()`: the transaction's start on the caller's
 /// transaction), so a client whose clock is off neither delays nor advances a job.
-async fn insert_chunk(conn: &mut Conn<'_>, chunk: &[NewJob]) -> Result<Vec<Enqueued>> {
+async fn insert_chunk(
+    conn: &mut Conn<'_>,
+    chunk: &[NewJob],
+    origin: &str,
+) -> Result<Vec<Enqueued>> {
     let n = chunk.len();
     let mut ids = Vec::with_capacity(n);
     let mut queues = Vec::with_capacity(n);
@@ -745,6 +846,7 @@ async fn insert_chunk(conn: &mut Conn<'_>, chunk: &[NewJob]) -> Result<Vec<Enque
                     .map(|&i| metadata[i].as_str())
                     .collect::<Vec<_>>(),
             )
+            .bind(origin)
             .fetch_all(&mut *conn)
             .await
             .map_err(existing_id)?
@@ -822,8 +924,13 @@ async fn insert_chunk(conn: &mut Conn<'_>, chunk: &[NewJob]) -> Result<Vec<Enque
         .collect()
 }
 
-/// Applies outcomes in one statement; returns (applied, queues with a job ready now).
-async fn apply_finishes(conn: &mut Conn<'_>, outcomes: &[Finish]) -> Result<(u64, Vec<String>)> {
+/// Applies outcomes in one statement, which also NOTIFYs the changes marked with `origin`;
+/// returns (applied, queues with a job ready now, the changes).
+async fn apply_finishes(
+    conn: &mut Conn<'_>,
+    outcomes: &[Finish],
+    origin: &str,
+) -> Result<(u64, Vec<String>, Vec<JobChange>)> {
     // A consistent row order keeps two concurrent batches from deadlocking.
     let mut sorted: Vec<&Finish> = outcomes.iter().collect();
     sorted.sort_by_key(|f| f.id);
@@ -849,23 +956,46 @@ async fn apply_finishes(conn: &mut Conn<'_>, outcomes: &[Finish]) -> Result<(u64
         .iter()
         .map(|f| serde_json::to_string(&f.record))
         .collect::<Result<_, _>>()?;
-    let rows = sqlx::query(queries::FINISH)
-        .bind(ids)
-        .bind(attempts)
-        .bind(states)
-        .bind(run_ats)
-        .bind(finalized)
-        .bind(deltas)
-        .bind(records)
-        .fetch_all(&mut *conn)
-        .await?;
+    let query = if sorted.iter().any(|f| f.result.is_some()) {
+        let results: Vec<Option<String>> = sorted
+            .iter()
+            .map(|f| f.result.as_ref().map(serde_json::to_string).transpose())
+            .collect::<Result<_, _>>()?;
+        sqlx::query(queries::FINISH_WITH_RESULTS)
+            .bind(ids)
+            .bind(attempts)
+            .bind(states)
+            .bind(run_ats)
+            .bind(finalized)
+            .bind(deltas)
+            .bind(records)
+            .bind(results)
+            .bind(origin)
+    } else {
+        sqlx::query(queries::FINISH)
+            .bind(ids)
+            .bind(attempts)
+            .bind(states)
+            .bind(run_ats)
+            .bind(finalized)
+            .bind(deltas)
+            .bind(records)
+            .bind(origin)
+    };
+    let rows = query.fetch_all(&mut *conn).await?;
     let mut ready = Vec::new();
+    let mut changes = Vec::with_capacity(rows.len());
     for row in &rows {
-        if row.try_get::<&str, _>("state")? == "available" {
+        let state: JobState = row.try_get::<&str, _>("state")?.parse()?;
+        if state == JobState::Available {
             ready.push(row.try_get("queue")?);
         }
+        changes.push(JobChange {
+            id: JobId(row.try_get("id")?),
+            state,
+        });
     }
-    Ok((rows.len() as u64, ready))
+    Ok((rows.len() as u64, ready, changes))
 }
 
 #[async_trait]
@@ -927,13 +1057,25 @@ impl Store for PgStore {
         loop {
             while in_flight.len() < parallel {
                 let Some(chunk) = chunks.next() else { break };
-                in_flight.push_back(insert_pooled(&self.pool, chunk));
+                in_flight.push_back(insert_pooled(&self.pool, chunk, &self.origin));
             }
             match in_flight.next().await {
                 Some(done) => answers.extend(done?),
                 None => break,
             }
         }
+        // Announced before the wake-up below, so a listener hears of a job before this
+        // process's workers can claim it.
+        self.announce_here(
+            answers
+                .iter()
+                .filter(|a| !a.duplicate)
+                .map(|a| JobChange {
+                    id: a.id,
+                    state: a.state,
+                })
+                .collect(),
+        );
         // Wake this process's workers at once for the queues that got a job ready now,
         // without waiting for the NOTIFY the insert trigger sends (that one still reaches
         // every other process).
@@ -968,6 +1110,14 @@ impl Store for PgStore {
         .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
         jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
+        self.announce_here(
+            jobs.iter()
+                .map(|j| JobChange {
+                    id: j.id,
+                    state: JobState::Running,
+                })
+                .collect(),
+        );
         Ok(jobs)
     }
 
@@ -976,15 +1126,26 @@ impl Store for PgStore {
             return Ok(0);
         }
         let outcomes = &outcomes;
-        let (applied, ready) = retry_conflicts("finish", || async move {
+        let (applied, ready, changes) = retry_conflicts("finish", || async move {
             let mut conn = self.pool.acquire().await?;
-            let done = apply_finishes(&mut conn, outcomes).await?;
+            let done = apply_finishes(&mut conn, outcomes, &self.origin).await?;
             conn.commit().await?;
             Ok(done)
         })
         .await?;
         self.notify_queues(ready).await?;
+        self.announce_here(changes);
         Ok(applied)
+    }
+
+    async fn report_progress(&self, id: JobId, progress: &Progress) -> Result<bool> {
+        let done = sqlx::query(queries::REPORT_PROGRESS)
+            .bind(id.0)
+            .bind(serde_json::to_string(progress)?)
+            .bind(progress.attempt)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn heartbeat(&self, worker: &str, held: &[JobId], lease: Duration) -> Result<Vec<JobId>> {
@@ -1045,7 +1206,8 @@ impl Store for PgStore {
         let sql = format!(
             "UPDATE conveyor.jobs SET state = 'available', attempt = 0, run_at = now(), \
              finalized_at = NULL, lease_owner = NULL, lease_expires_at = NULL, \
-             cancel_requested_at = NULL WHERE id = $1 AND {} RETURNING *",
+             cancel_requested_at = NULL, result = NULL, progress = NULL \
+             WHERE id = $1 AND {} RETURNING *",
             sql_from_states(OperatorAction::Retry)
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -1056,6 +1218,11 @@ impl Store for PgStore {
             Some(row) => {
                 let job = job_from_row(&row)?;
                 self.notify_queues([job.queue.clone()]).await?;
+                self.announce(vec![JobChange {
+                    id: job.id,
+                    state: job.state,
+                }])
+                .await?;
                 Ok(job)
             }
             None => Err(self.refusal(id, OperatorAction::Retry).await),
@@ -1066,14 +1233,16 @@ impl Store for PgStore {
         let mut qb = QueryBuilder::<Postgres>::new(format!(
             "UPDATE conveyor.jobs SET state = 'available', attempt = 0, finalized_at = NULL, \
              lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL, \
-             run_at = now() WHERE {}",
+             result = NULL, progress = NULL, run_at = now() WHERE {}",
             sql_from_states(OperatorAction::Retry)
         ));
         push_filter(&mut qb, filter);
-        qb.push(" RETURNING queue");
-        let queues: Vec<String> = qb.build_query_scalar().fetch_all(&self.pool).await?;
-        let n = queues.len() as u64;
+        qb.push(" RETURNING id, queue");
+        let rows: Vec<(Uuid, String)> = qb.build_query_as().fetch_all(&self.pool).await?;
+        let n = rows.len() as u64;
+        let (changes, queues) = available(rows);
         self.notify_queues(queues).await?;
+        self.announce(changes).await?;
         Ok(n)
     }
 
@@ -1095,6 +1264,16 @@ impl Store for PgStore {
             .bind(id.0)
             .execute(&mut tx)
             .await?;
+            sqlx::query(queries::ANNOUNCE)
+                .bind(payloads(
+                    &self.origin,
+                    &[JobChange {
+                        id,
+                        state: JobState::Cancelled,
+                    }],
+                ))
+                .execute(&mut tx)
+                .await?;
             CancelResult::Cancelled
         } else if OperatorAction::CANCEL_BY_REQUEST.contains(&state) {
             sqlx::query(
@@ -1120,6 +1299,12 @@ impl Store for PgStore {
         tx.commit().await?;
         if self.polling && result == CancelResult::Requested {
             let _ = self.events.send(StoreEvent::CancelRequested { id });
+        }
+        if result == CancelResult::Cancelled {
+            self.announce_here(vec![JobChange {
+                id,
+                state: JobState::Cancelled,
+            }]);
         }
         Ok(result)
     }
@@ -1190,13 +1375,15 @@ impl Store for PgStore {
     }
 
     async fn promote_due(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
-        let queues: Vec<String> = sqlx::query_scalar(queries::PROMOTE_DUE)
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(queries::PROMOTE_DUE)
             .bind(now)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-        let n = queues.len() as u64;
+        let n = rows.len() as u64;
+        let (changes, queues) = available(rows);
         self.notify_queues(queues).await?;
+        self.announce(changes).await?;
         Ok(n)
     }
 
@@ -1206,7 +1393,12 @@ impl Store for PgStore {
         policy: &RetryPolicy,
         limit: u32,
     ) -> Result<RescueReport> {
-        retry_conflicts("rescue", || rescue_once(&self.pool, now, policy, limit)).await
+        let (report, changes) = retry_conflicts("rescue", || {
+            rescue_once(&self.pool, now, policy, limit, &self.origin)
+        })
+        .await?;
+        self.announce_here(changes);
+        Ok(report)
     }
 
     async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64> {
@@ -1232,7 +1424,8 @@ async fn rescue_once(
     now: DateTime<Utc>,
     policy: &RetryPolicy,
     limit: u32,
-) -> Result<RescueReport> {
+    origin: &str,
+) -> Result<(RescueReport, Vec<JobChange>)> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(queries::RESCUE_EXPIRED)
         .bind(now)
@@ -1257,11 +1450,13 @@ async fn rescue_once(
         report.count(&f);
         finishes.push(f);
     }
+    let mut changes = Vec::new();
     if !finishes.is_empty() {
-        apply_finishes(&mut tx, &finishes).await?;
+        // The completion statement announces these changes to every process.
+        changes = apply_finishes(&mut tx, &finishes, origin).await?.2;
     }
     tx.commit().await?;
-    Ok(report)
+    Ok((report, changes))
 }
 
 #[cfg(test)]

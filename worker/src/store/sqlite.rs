@@ -30,11 +30,12 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
 use super::{
-    CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
-    Store, StoreEvent, StoreOptions, check_migrations, check_page, sql_from_states,
+    CancelResult, FetchRequest, Finish, JobChange, JobFilter, Page, QueueStats, RescueReport,
+    RetentionPolicy, Store, StoreEvent, StoreOptions, check_migrations, check_page,
+    sql_from_states,
 };
 use crate::error::{Error, Result};
-use crate::job::{Enqueued, Job, JobId, JobState, NewJob, OperatorAction};
+use crate::job::{Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress};
 use crate::retry_policy::RetryPolicy;
 
 /// Rows per multi-row INSERT: 11 parameters a row stays far below SQLite's 32,766 limit.
@@ -45,7 +46,7 @@ const HEARTBEAT_CHUNK: usize = 10_000;
 
 const COLUMNS: &str = "id, queue, kind, args, priority, state, attempt, max_attempts, run_at, \
     created_at, attempted_at, finalized_at, lease_owner, lease_expires_at, cancel_requested_at, \
-    idempotency_key, tags, metadata, attempts";
+    idempotency_key, tags, metadata, attempts, result, progress";
 
 const WAITING: &str = "('scheduled','available','retryable')";
 
@@ -102,6 +103,10 @@ async fn watch_other_writers(
         if !changed || events.receiver_count() == 0 {
             continue;
         }
+        // Which jobs another process changed is unknown: those who wait on a job re-read it.
+        let _ = events.send(StoreEvent::JobsChanged {
+            changes: Arc::from(Vec::new()),
+        });
         // A loose index scan over jobs_fetch: one seek per distinct queue, however long the
         // queues are. Fails harmlessly before the first migration.
         let queues: Vec<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -315,6 +320,14 @@ fn job_from_row(row: &SqliteRow) -> Result<Job> {
         tags: serde_json::from_str(row.try_get::<&str, _>("tags")?)?,
         metadata: serde_json::from_str(row.try_get::<&str, _>("metadata")?)?,
         attempts: serde_json::from_str(row.try_get::<&str, _>("attempts")?)?,
+        result: row
+            .try_get::<Option<&str>, _>("result")?
+            .map(serde_json::from_str)
+            .transpose()?,
+        progress: row
+            .try_get::<Option<&str>, _>("progress")?
+            .map(serde_json::from_str)
+            .transpose()?,
     })
 }
 
@@ -393,7 +406,7 @@ pub(crate) fn escape_like(s: &str) -> String {
 async fn apply_finishes(
     tx: &mut sqlx::SqliteConnection,
     outcomes: &[Finish],
-) -> Result<(u64, Vec<String>)> {
+) -> Result<(u64, Vec<String>, Vec<JobChange>)> {
     // One statement for the whole batch: the outcomes travel as one JSON array and are joined
     // to the jobs by id, so a batch costs one call into SQLite, not one per job. The unary
     // `+` keeps the planner from driving the join from the state index, which would re-read
@@ -402,7 +415,7 @@ async fn apply_finishes(
         .iter()
         .map(|f| {
             let terminal = f.state.is_terminal();
-            serde_json::json!({
+            let mut row = serde_json::json!({
                 "id": f.id.0.simple().to_string(),
                 "attempt": f.attempt,
                 "state": f.state.as_str(),
@@ -410,31 +423,44 @@ async fn apply_finishes(
                 "finalized_at": terminal.then(|| micros(f.record.finished_at)),
                 "delta": f.attempt_delta,
                 "record": f.record,
-            })
+            });
+            // Only an outcome with a result carries the key: `value->'result'` is then its
+            // JSON text (a JSON null included), else SQL NULL, which keeps the column.
+            if let (Some(result), Some(map)) = (&f.result, row.as_object_mut()) {
+                map.insert("result".into(), result.clone());
+            }
+            row
         })
         .collect();
     let applied = sqlx::query(
         "WITH u AS (SELECT unhex(value->>'id') AS id, value->>'attempt' AS attempt, \
            value->>'state' AS state, value->>'run_at' AS run_at, \
            value->>'finalized_at' AS finalized_at, value->>'delta' AS delta, \
-           value->'record' AS record FROM json_each(?1)) \
+           value->'record' AS record, value->'result' AS result FROM json_each(?1)) \
          UPDATE jobs SET state = u.state, run_at = coalesce(u.run_at, jobs.run_at), \
            finalized_at = u.finalized_at, attempt = jobs.attempt + u.delta, \
            attempts = json_insert(jobs.attempts, '$[#]', json(u.record)), \
-           lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL \
+           lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL, \
+           result = coalesce(u.result, jobs.result) \
          FROM u WHERE jobs.id = u.id AND +jobs.state = 'running' AND jobs.attempt = u.attempt \
-         RETURNING jobs.queue, jobs.state",
+         RETURNING jobs.id, jobs.queue, jobs.state",
     )
     .bind(serde_json::to_string(&rows)?)
     .fetch_all(&mut *tx)
     .await?;
     let mut ready = Vec::new();
+    let mut changes = Vec::with_capacity(applied.len());
     for row in &applied {
-        if row.try_get::<&str, _>("state")? == "available" {
+        let state: JobState = row.try_get::<&str, _>("state")?.parse()?;
+        if state == JobState::Available {
             ready.push(row.try_get("queue")?);
         }
+        changes.push(JobChange {
+            id: JobId(row.try_get("id")?),
+            state,
+        });
     }
-    Ok((applied.len() as u64, ready))
+    Ok((applied.len() as u64, ready, changes))
 }
 
 /// Inserts `jobs` in multi-row statements, answering each (new, or the key's holder).
@@ -582,6 +608,7 @@ impl Store for SqliteStore {
             if insert_jobs(&mut conn, &jobs, now, &mut answers, &mut ready).await? {
                 drop(conn);
                 self.wake(ready);
+                self.announce_enqueued(&answers);
                 return Ok(answers);
             }
             answers.clear();
@@ -595,6 +622,7 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         self.wake(ready);
+        self.announce_enqueued(&answers);
         Ok(answers)
     }
 
@@ -616,6 +644,10 @@ impl Store for SqliteStore {
             .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
         jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
+        self.announce(jobs.iter().map(|j| JobChange {
+            id: j.id,
+            state: JobState::Running,
+        }));
         Ok(jobs)
     }
 
@@ -624,10 +656,23 @@ impl Store for SqliteStore {
             return Ok(0);
         }
         let mut tx = self.begin().await?;
-        let (applied, ready) = apply_finishes(&mut tx, &outcomes).await?;
+        let (applied, ready, changes) = apply_finishes(&mut tx, &outcomes).await?;
         tx.commit().await?;
         self.wake(ready);
+        self.announce(changes);
         Ok(applied)
+    }
+
+    async fn report_progress(&self, id: JobId, progress: &Progress) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE jobs SET progress = ?1 WHERE id = ?2 AND state = 'running' AND attempt = ?3",
+        )
+        .bind(serde_json::to_string(progress)?)
+        .bind(id.0)
+        .bind(progress.attempt)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn heartbeat(&self, worker: &str, held: &[JobId], lease: Duration) -> Result<Vec<JobId>> {
@@ -689,7 +734,8 @@ impl Store for SqliteStore {
     async fn retry(&self, id: JobId) -> Result<Job> {
         let sql = format!(
             "UPDATE jobs SET state = 'available', attempt = 0, run_at = ?1, finalized_at = NULL, \
-             lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL \
+             lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL, \
+             result = NULL, progress = NULL \
              WHERE id = ?2 AND {} RETURNING {COLUMNS}",
             sql_from_states(OperatorAction::Retry)
         );
@@ -702,6 +748,10 @@ impl Store for SqliteStore {
             Some(row) => {
                 let job = job_from_row(&row)?;
                 self.wake([job.queue.clone()]);
+                self.announce([JobChange {
+                    id: job.id,
+                    state: job.state,
+                }]);
                 Ok(job)
             }
             None => Err(self.refusal(id, OperatorAction::Retry).await),
@@ -711,19 +761,30 @@ impl Store for SqliteStore {
     async fn retry_matching(&self, filter: &JobFilter) -> Result<u64> {
         let mut qb = QueryBuilder::<Sqlite>::new(
             "UPDATE jobs SET state = 'available', attempt = 0, finalized_at = NULL, \
-             lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL, run_at = ",
+             lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL, \
+             result = NULL, progress = NULL, run_at = ",
         );
         qb.push_bind(micros(Utc::now()))
             .push(format!(" WHERE {}", sql_from_states(OperatorAction::Retry)));
         push_filter(&mut qb, filter);
-        qb.push(" RETURNING queue");
+        qb.push(" RETURNING id, queue");
         let rows = qb.build().fetch_all(&self.writer).await?;
         let queues = rows
             .iter()
             .map(|r| r.try_get::<String, _>("queue"))
             .collect::<Result<Vec<_>, _>>()?;
+        let changes = rows
+            .iter()
+            .map(|r| {
+                Ok(JobChange {
+                    id: JobId(r.try_get("id")?),
+                    state: JobState::Available,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let n = queues.len() as u64;
         self.wake(queues);
+        self.announce(changes);
         Ok(n)
     }
 
@@ -764,6 +825,11 @@ impl Store for SqliteStore {
         tx.commit().await?;
         if result == CancelResult::Requested {
             let _ = self.events.send(StoreEvent::CancelRequested { id });
+        } else {
+            self.announce([JobChange {
+                id,
+                state: JobState::Cancelled,
+            }]);
         }
         Ok(result)
     }
@@ -892,8 +958,9 @@ impl Store for SqliteStore {
             report.count(&f);
             finishes.push(f);
         }
-        apply_finishes(&mut tx, &finishes).await?;
+        let (_, _, changes) = apply_finishes(&mut tx, &finishes).await?;
         tx.commit().await?;
+        self.announce(changes);
         Ok(report)
     }
 
@@ -922,6 +989,25 @@ impl Store for SqliteStore {
 }
 
 impl SqliteStore {
+    /// Tells this process's subscribers which jobs changed state (other processes on the
+    /// file learn that something changed from the watcher).
+    fn announce(&self, changes: impl IntoIterator<Item = JobChange>) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let changes: Arc<[JobChange]> = changes.into_iter().collect();
+        if !changes.is_empty() {
+            let _ = self.events.send(StoreEvent::JobsChanged { changes });
+        }
+    }
+
+    fn announce_enqueued(&self, answers: &[Enqueued]) {
+        self.announce(answers.iter().filter(|a| !a.duplicate).map(|a| JobChange {
+            id: a.id,
+            state: a.state,
+        }));
+    }
+
     /// Why an operation on `id` changed nothing: it is missing, or in the wrong state.
     async fn refusal(&self, id: JobId, action: OperatorAction) -> Error {
         match self.get(id).await {

@@ -11,13 +11,14 @@
     worker.run()
 """
 
-from .client import ApiError, Client, LeaseLost
+from .client import ApiError, Client, EnqueuedJob, LeaseLost
 from .outcome import PermanentFailure, RetryAfter, Snooze, describe_error
 from .worker import Job, Worker
 
 __all__ = [
     "ApiError",
     "Client",
+    "EnqueuedJob",
     "Job",
     "LeaseLost",
     "PermanentFailure",

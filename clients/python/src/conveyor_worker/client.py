@@ -9,10 +9,39 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 import urllib.parse
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["ApiError", "LeaseLost", "Client"]
+__all__ = ["ApiError", "LeaseLost", "Client", "EnqueuedJob", "TERMINAL_STATES"]
+
+# The states a job ends in: what :meth:`EnqueuedJob.wait` waits for.
+TERMINAL_STATES = frozenset({"completed", "cancelled", "dead"})
+
+# The longest wait one ``GET /v1/jobs/{id}?wait=`` may ask for, in seconds (the server refuses
+# longer); a longer wait asks again.
+MAX_WAIT_STEP = 60.0
+
+
+class EnqueuedJob(dict):  # type: ignore[type-arg]
+    """The answer to :meth:`Client.enqueue` (``{"duplicate", "job", "warnings"}``, as a
+    dict), with :attr:`id` and :meth:`wait`."""
+
+    def __init__(self, answer: Mapping[str, Any], client: "Client") -> None:
+        super().__init__(answer)
+        self._client = client
+
+    @property
+    def id(self) -> str:
+        """The job's id."""
+        return str(self["job"]["id"])
+
+    def wait(self, timeout: float = 60.0) -> Dict[str, Any]:
+        """The job once it has finished (``completed``, ``cancelled`` or ``dead``; its
+        ``result`` is what the handler returned), or as it is when ``timeout`` seconds have
+        passed (check ``state``). See :meth:`Client.wait`."""
+        return self._client.wait(self.id, timeout)
+
 
 
 class ApiError(Exception):
@@ -159,9 +188,11 @@ class Client:
         idempotency_key: Optional[str] = None,
         tags: Optional[Sequence[str]] = None,
         metadata: Optional[Mapping[str, Any]] = None,
-    ) -> Dict[str, Any]:
+    ) -> EnqueuedJob:
         """``POST /v1/jobs``: enqueues one job and returns the answer
-        (``{"duplicate": bool, "job": {...}, "warnings": [...]}``)."""
+        (``{"duplicate": bool, "job": {...}, "warnings": [...]}``) as an
+        :class:`EnqueuedJob`: ``client.enqueue("report.build", args).wait(30)`` waits for
+        its outcome (which also needs the ``read`` scope: an ``admin`` key has both)."""
         body: Dict[str, Any] = {"kind": kind}
         optional = {
             "args": args,
@@ -175,13 +206,33 @@ class Client:
             "metadata": dict(metadata) if metadata is not None else None,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
-        answer: Dict[str, Any] = self.request("POST", "/v1/jobs", body)
-        return answer
+        return EnqueuedJob(self.request("POST", "/v1/jobs", body), self)
 
     def get_job(self, job_id: str) -> Dict[str, Any]:
         """``GET /v1/jobs/{id}``: the job with its attempt history (needs a ``read`` key)."""
         answer: Dict[str, Any] = self.request("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}")
         return answer
+
+    def wait(self, job_id: str, timeout: float = 60.0) -> Dict[str, Any]:
+        """The job once it has finished (``completed``, ``cancelled`` or ``dead``), or as it
+        is when ``timeout`` seconds have passed (check ``state``). Long-polls
+        ``GET /v1/jobs/{id}?wait=`` (at most 60 s a request, asking again while the job runs),
+        so the answer comes as soon as the job finishes, without polling. Needs a ``read``
+        key; raises :class:`ApiError` (404) if the job does not exist."""
+        if not isinstance(timeout, (int, float)) or timeout < 0:
+            raise ValueError(f"timeout: {timeout!r} is not a number of seconds >= 0")
+        deadline = time.monotonic() + timeout
+        path = f"/v1/jobs/{urllib.parse.quote(job_id)}"
+        while True:
+            step = max(0.0, min(deadline - time.monotonic(), MAX_WAIT_STEP))
+            job: Dict[str, Any] = self.request(
+                "GET",
+                f"{path}?wait={int(step * 1000)}ms",
+                # The server answers by the end of the wait; allow for the trip.
+                timeout=step + self.timeout,
+            )
+            if job.get("state") in TERMINAL_STATES or time.monotonic() >= deadline:
+                return job
 
     # -- worker routes -------------------------------------------------------------------
 
@@ -218,6 +269,16 @@ class Client:
             {"worker_id": worker_id, "job_ids": list(job_ids), "lease_seconds": lease_seconds},
         )
         return answer
+
+    def report_progress(
+        self, worker_id: str, job_id: str, attempt: int, percent: float, message: Optional[str] = None
+    ) -> None:
+        """``POST /v1/workers/jobs/{id}/progress``: a running attempt's progress. Raises
+        :class:`LeaseLost` when the attempt is not this worker's lease."""
+        body: Dict[str, Any] = {"worker_id": worker_id, "attempt": attempt, "percent": percent}
+        if message is not None:
+            body["message"] = message
+        self.request("POST", f"/v1/workers/jobs/{urllib.parse.quote(job_id)}/progress", body)
 
     def finish(self, worker_id: str, items: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         """``POST /v1/workers/finish``: records many outcomes in one call; answers one item

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import os
 import queue
@@ -49,6 +50,19 @@ class Job:
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
     """Set when someone asked to cancel the job (carried by the next heartbeat): the handler
     should stop early and raise."""
+    _reporter: Optional[Callable[["Job", float, Optional[str]], bool]] = field(default=None, repr=False)
+
+    def report_progress(self, percent: float, message: Optional[str] = None) -> bool:
+        """Reports how far the attempt has got: ``percent`` (0 to 100) and an optional
+        message (at most 1024 bytes are kept), shown as the job's ``progress`` by
+        ``GET /v1/jobs/{id}`` while it runs. One request per call: report at most a few
+        times a second. Returns whether the server recorded it (``False`` when the lease
+        was lost, or the server could not be reached; the job carries on either way)."""
+        if not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
+            raise ValueError(f"percent: {percent!r} is not a number from 0 to 100")
+        if self._reporter is None:
+            return False
+        return self._reporter(self, float(percent), message)
 
     @classmethod
     def from_api(cls, raw: Mapping[str, Any]) -> "Job":
@@ -274,6 +288,7 @@ class Worker:
                         self._held[job.id] = job
                     self._outcomes.put({"id": job.id, "attempt": job.attempt, "outcome": "snooze", "seconds": 0})
                     continue
+                job._reporter = self._report_progress
                 with self._lock:
                     self._running[job.id] = job
                     self._held[job.id] = job
@@ -293,6 +308,10 @@ class Worker:
                 if isinstance(value, (Snooze, RetryAfter, PermanentFailure)):
                     raise value
                 item["outcome"] = "complete"
+                if value is not None:
+                    # The result travels as JSON: a value that is not is the handler's error.
+                    json.dumps(value)
+                    item["result"] = value
             except Snooze as s:
                 item.update(outcome="snooze", seconds=s.seconds)
             except RetryAfter as r:
@@ -314,6 +333,18 @@ class Worker:
                 self._lock.notify_all()
             return
         self._outcomes.put(item)
+
+    def _report_progress(self, job: Job, percent: float, message: Optional[str]) -> bool:
+        if job.lease_lost.is_set():
+            return False
+        try:
+            self.client.report_progress(self.worker_id, job.id, job.attempt, percent, message)
+            return True
+        except ApiError as e:
+            log.warning("job %s: progress not recorded: %s", job.id, e)
+        except (OSError, ValueError) as e:
+            log.warning("job %s: progress not sent: %s", job.id, e)
+        return False
 
     # -- outcomes ------------------------------------------------------------------------
 

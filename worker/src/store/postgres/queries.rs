@@ -21,6 +21,29 @@
 //!   index's order, so the scan stops after `LIMIT` rows; then they are changed by id as
 //!   above. The indexes: `migrations/postgres/0001_jobs.sql` and `0003_plans.sql`.
 
+/// The tail of the completion statements: one `conveyor_events` notification per 100 of the
+/// rows the `finished` CTE changed (`<origin>|<id> <state>,…`, the origin the parameter
+/// named; an entry is at most 47 bytes, so a payload stays under NOTIFY's 8000-byte limit),
+/// delivered at commit to every process that LISTENs (`migrations/postgres/0004_results.sql`
+/// describes the channel). The cross join with the count makes the notifying CTE run (an
+/// unreferenced one would not) without changing the rows returned.
+macro_rules! announced {
+    ($origin:literal) => {
+        concat!(
+            ",
+announced AS (
+    SELECT pg_notify('conveyor_events',
+                     ",
+            $origin,
+            " || '|' || string_agg(c.id::text || ' ' || c.state, ','))
+    FROM (SELECT id, state, (row_number() OVER () - 1) / 100 AS part FROM finished) c
+    GROUP BY c.part)
+SELECT f.id, f.queue, f.state
+FROM finished f CROSS JOIN (SELECT count(*) AS notifications FROM announced) a"
+        )
+    };
+}
+
 /// Fetch: claims up to `$2` due jobs of queue `$1` for worker `$3`, with a lease of `$4` (an
 /// interval). Due-ness, the claim's time and the lease end are on the store's clock
 /// (`now()`), never the worker's. The subquery walks `jobs_fetch` in its order (queue,
@@ -41,8 +64,9 @@ RETURNING j.*";
 
 /// Completion: applies a batch of outcomes, one array element per job: id `$1`, the attempt
 /// it finished `$2`, next state `$3`, next run_at `$4` (NULL keeps it), finalized_at `$5`,
-/// attempt delta `$6`, attempt record `$7` (JSON). Only a job still running the attempt
-/// that finished changes.
+/// attempt delta `$6`, attempt record `$7` (JSON); `$8` is the store's origin for the
+/// notification. Only a job still running the attempt that finished changes. Returns each
+/// changed job's id, queue and new state.
 ///
 /// Plan: the jobs by primary key, hashed against the outcomes. "Still running this attempt"
 /// is one test, `CASE WHEN state = 'running' THEN attempt END = u.attempt` (NULL, so false,
@@ -50,7 +74,12 @@ RETURNING j.*";
 /// a plain state test would let the running-jobs index answer it, and after an ANALYZE that
 /// saw no running job the planner would take it (one row expected) and read the whole index,
 /// or expect one job and re-read the outcomes once per job (quadratic in the batch).
-pub const FINISH: &str = "\
+///
+/// The same statement announces the changes to every process (the `announced` CTE): no second
+/// round trip, and nothing is announced unless the batch commits.
+pub const FINISH: &str = concat!(
+    "\
+WITH finished AS (
 UPDATE conveyor.jobs j
 SET state = u.state, run_at = coalesce(u.run_at, j.run_at), finalized_at = u.finalized_at,
     attempt = j.attempt + u.delta, attempts = j.attempts || u.record::jsonb,
@@ -60,7 +89,42 @@ FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::timestamptz[], $5::timestamp
 WHERE j.id = ANY(ARRAY(SELECT unnest($1::uuid[])))
   AND j.id = u.id
   AND CASE WHEN j.state = 'running' THEN j.attempt END = u.attempt
-RETURNING j.queue, j.state";
+RETURNING j.id, j.queue, j.state)",
+    announced!("$8")
+);
+
+/// Completion with results: [`FINISH`] for a batch in which some outcome carries a result,
+/// with `$8` the results (JSON text; NULL keeps the column) and `$9` the origin. Batches
+/// without one use [`FINISH`], so a job without a result costs the completion nothing more.
+pub const FINISH_WITH_RESULTS: &str = concat!(
+    "\
+WITH finished AS (
+UPDATE conveyor.jobs j
+SET state = u.state, run_at = coalesce(u.run_at, j.run_at), finalized_at = u.finalized_at,
+    attempt = j.attempt + u.delta, attempts = j.attempts || u.record::jsonb,
+    lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL,
+    result = coalesce(u.result::jsonb, j.result)
+FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+            $6::int4[], $7::text[], $8::text[])
+    AS u(id, attempt, state, run_at, finalized_at, delta, record, result)
+WHERE j.id = ANY(ARRAY(SELECT unnest($1::uuid[])))
+  AND j.id = u.id
+  AND CASE WHEN j.state = 'running' THEN j.attempt END = u.attempt
+RETURNING j.id, j.queue, j.state)",
+    announced!("$9")
+);
+
+/// Announces job state changes to every process: one `conveyor_events` notification per
+/// element of `$1` (each `<origin>|` and then `<id> <state>` entries joined by `,`, at most
+/// 100 per element, as the completion sends them). For operator actions and promotion, which
+/// are not hot enough to fold it into their own statements.
+pub const ANNOUNCE: &str = "SELECT pg_notify('conveyor_events', p) FROM unnest($1::text[]) AS p";
+
+/// Progress: the latest report `$2` (JSON text) of job `$1`, only while it runs attempt `$3`.
+/// By primary key, with the same state test as [`FINISH`].
+pub const REPORT_PROGRESS: &str = "\
+UPDATE conveyor.jobs SET progress = $2::jsonb
+WHERE id = $1 AND CASE WHEN state = 'running' THEN attempt END = $3";
 
 /// Heartbeat: extends by `$1` (an interval, from the store's `now()`) the lease of each job
 /// of `$3` (the ids the worker's runtime holds) that worker `$2` runs, and returns which of
@@ -90,7 +154,8 @@ LIMIT $2
 FOR UPDATE SKIP LOCKED";
 
 /// Promotion: makes up to `$2` scheduled or retryable jobs due at `$1` available, the
-/// longest due first, in `jobs_due` order; returns their queues (to wake their workers).
+/// longest due first, in `jobs_due` order; returns their ids and queues (to announce them
+/// and wake their workers).
 pub const PROMOTE_DUE: &str = "\
 UPDATE conveyor.jobs SET state = 'available'
 WHERE id = ANY(ARRAY(
@@ -99,7 +164,7 @@ WHERE id = ANY(ARRAY(
     ORDER BY run_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED))
-RETURNING queue";
+RETURNING id, queue";
 
 /// Prune: deletes up to `$5` finished jobs older than their state's retention (completed
 /// before `$1`, cancelled before `$2`, dead before `$3`); a job with an idempotency key also
@@ -122,7 +187,9 @@ WHERE id = ANY(ARRAY(
 /// Enqueue: inserts a batch, one array element per job: id `$1`, queue `$2`, kind `$3`, args
 /// `$4` (JSON text), priority `$5`, delay `$6` (microseconds, used when run_at is NULL),
 /// max_attempts `$7`, run_at `$8` (NULL: now plus the delay), idempotency key `$9` (NULL:
-/// none), tags `$10` and metadata `$11` (JSON text). Due time, `created_at` and
+/// none), tags `$10` and metadata `$11` (JSON text); `$12` is the enqueuing store's origin,
+/// set for the transaction so the insert trigger marks its `conveyor_events` notification
+/// with it ('' for none: the caller's own transaction). Due time, `created_at` and
 /// scheduled-or-available are decided on the store's clock (`now()`: the transaction's
 /// start on the caller's transaction). Keys first, in the same statement: a keyed job is
 /// inserted only if its key row was, so a key never has two holders. Returns the ids
@@ -130,7 +197,8 @@ WHERE id = ANY(ARRAY(
 /// it the key rows). Reads no table but through unique indexes (`job_keys` on conflict), so
 /// no plan choice depends on statistics.
 pub const ENQUEUE: &str = "\
-WITH u AS (
+WITH o AS (SELECT set_config('conveyor.origin', $12, true) AS origin),
+u AS (
     SELECT u.id, u.queue, u.kind, u.args, u.priority, u.max_attempts,
            coalesce(u.run_at, now() + u.delay_us * interval '1 microsecond') AS run_at,
            u.key, u.tags, u.metadata
@@ -151,7 +219,7 @@ SELECT u.id, u.queue, u.kind, u.args::jsonb, u.priority,
        CASE WHEN u.tags = '[]' THEN '{}'::text[]
             ELSE ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)) END,
        u.metadata::jsonb
-FROM u WHERE u.key IS NULL OR u.id IN (SELECT job_id FROM k)
+FROM u CROSS JOIN o WHERE u.key IS NULL OR u.id IN (SELECT job_id FROM k)
 RETURNING id, state";
 
 /// Enqueue, duplicates: the job holding each idempotency key in `$1` (only after an insert

@@ -123,5 +123,13 @@ pub(super) fn job_from_fields(
             }
             attempts
         },
+        result: map
+            .get("result")
+            .map(|v| serde_json::from_str(v))
+            .transpose()?,
+        progress: map
+            .get("progress")
+            .map(|v| serde_json::from_str(v))
+            .transpose()?,
     })
 }

@@ -14,12 +14,53 @@ use uuid::Uuid;
 use super::RedisStore;
 use super::layout::*;
 use crate::job::JobId;
-use crate::store::StoreEvent;
+use crate::store::{JobChange, StoreEvent};
+
+/// Most entries in one published change message.
+const CHANGES_PER_MESSAGE: usize = 1000;
 
 impl RedisStore {
+    /// Publishes job state changes on `P:events` for every process's subscribers (this
+    /// one's included, through its subscriber). Sent without waiting for the answer, so the
+    /// step that made the changes does not wait for it; a change lost with a dropped
+    /// connection is lost like any wake-up.
+    pub(super) fn publish_changes(&self, changes: Vec<JobChange>) {
+        if !changes.is_empty() {
+            let _ = self.changes.send(changes);
+        }
+    }
+
     pub(super) fn wake(&self, queues: impl IntoIterator<Item = String>) {
         for queue in queues.into_iter().collect::<BTreeSet<_>>() {
             let _ = self.events.send(StoreEvent::JobsAvailable { queue });
+        }
+    }
+}
+
+/// Publishes the changes handed to [`RedisStore::publish_changes`], in the order they were
+/// made, each run of pending ones in one pipeline.
+pub(super) async fn publish_loop(
+    mut conn: ::redis::aio::ConnectionManager,
+    channel: String,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<Vec<JobChange>>,
+) {
+    while let Some(first) = changes.recv().await {
+        let mut batch = first;
+        while batch.len() < CHANGES_PER_MESSAGE * 10 {
+            match changes.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        let mut pipe = ::redis::pipe();
+        for part in batch.chunks(CHANGES_PER_MESSAGE) {
+            pipe.cmd("PUBLISH")
+                .arg(&channel)
+                .arg(JobChange::encode(part))
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            tracing::debug!(error = %e, "publishing job changes failed");
         }
     }
 }
@@ -33,6 +74,7 @@ pub(super) async fn subscribe_loop(
 ) {
     let jobs = keys.jobs_channel();
     let cancel = keys.cancel_channel();
+    let changed = keys.events_channel();
     let mut delay = Duration::from_millis(100);
     loop {
         let connected = tokio::select! {
@@ -51,7 +93,7 @@ pub(super) async fn subscribe_loop(
                 continue;
             }
         };
-        if let Err(e) = pubsub.subscribe(&[&jobs, &cancel]).await {
+        if let Err(e) = pubsub.subscribe(&[&jobs, &cancel, &changed]).await {
             tracing::warn!(error = %e, "SUBSCRIBE failed; retrying");
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -77,6 +119,10 @@ pub(super) async fn subscribe_loop(
                 match payload.parse::<Uuid>() {
                     Ok(id) => StoreEvent::CancelRequested { id: JobId(id) },
                     Err(_) => continue,
+                }
+            } else if msg.get_channel_name() == changed {
+                StoreEvent::JobsChanged {
+                    changes: JobChange::decode(&payload).into(),
                 }
             } else {
                 StoreEvent::JobsAvailable { queue: payload }

@@ -1,6 +1,6 @@
--- Applies attempt outcomes. ARGV: base, jobs channel, queue, guard, then seven per outcome:
+-- Applies attempt outcomes. ARGV: base, jobs channel, queue, guard, then eight per outcome:
 -- id, attempt, state, run_at ('' keeps it), finalized_at ('' clears it), attempt delta,
--- attempt record (JSON). An outcome applies only if the job is running at that attempt, and,
+-- attempt record (JSON), result (JSON; '' keeps the field). An outcome applies only if the job is running at that attempt, and,
 -- when guard is set, only if its lease expired before guard (the rescuer's check).
 -- Returns the ids it applied to.
 local guard = ARGV[4]
@@ -30,7 +30,7 @@ local function key_of(name)
   return k
 end
 local ready = false
-for o = 5, #ARGV, 7 do
+for o = 5, #ARGV, 8 do
   local id, state, run_at, fin, delta, rec =
     ARGV[o], ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
   local k = prefix .. id
@@ -72,6 +72,9 @@ for o = 5, #ARGV, 7 do
         set[#set + 1] = tostring(tonumber(v[2]) + tonumber(delta))
       end
       redis.call('HSET', k, unpack(set))
+    end
+    if ARGV[o + 7] ~= '' then
+      redis.call('HSET', k, 'result', ARGV[o + 7])
     end
     if run_at == '' then
       run_at = v[7]

@@ -46,6 +46,9 @@ impl Keys {
     pub(super) fn cancel_channel(&self) -> String {
         format!("{}:cancel", self.prefix)
     }
+    pub(super) fn events_channel(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
 }
 
 impl RedisStore {

@@ -13,7 +13,7 @@ use super::script::*;
 use super::{CHUNK, RedisStore};
 use crate::error::Result;
 use crate::job::{Job, JobId, JobState};
-use crate::store::{FetchRequest, Finish};
+use crate::store::{FetchRequest, Finish, JobChange};
 
 /// Claims of at most this many jobs come back with the jobs' hashes in the fetch script's
 /// answer (one round trip, for latency); larger ones read the hashes in a second round trip,
@@ -124,7 +124,11 @@ impl RedisStore {
                             String::new()
                         })
                         .arg(f.attempt_delta)
-                        .arg(serde_json::to_string(&f.record)?);
+                        .arg(serde_json::to_string(&f.record)?)
+                        .arg(match &f.result {
+                            Some(r) => serde_json::to_string(r)?,
+                            None => String::new(),
+                        });
                 }
                 invocations.push((queue.clone(), inv));
             }
@@ -143,16 +147,22 @@ impl RedisStore {
         let next: HashMap<JobId, JobState> = outcomes.iter().map(|f| (f.id, f.state)).collect();
         let mut applied = Vec::new();
         let mut woken = Vec::new();
+        let mut changes = Vec::new();
         for ((queue, _), ids) in invocations.iter().zip(answers) {
             for id in ids {
                 let id: JobId = id.parse()?;
-                if next.get(&id) == Some(&JobState::Available) {
+                let state = next.get(&id).copied();
+                if state == Some(JobState::Available) {
                     woken.push(queue.clone());
+                }
+                if let Some(state) = state {
+                    changes.push(JobChange { id, state });
                 }
                 applied.push(id);
             }
         }
         self.wake(woken);
+        self.publish_changes(changes);
         Ok(applied)
     }
 
@@ -191,7 +201,39 @@ impl RedisStore {
         jobs.sort_by_key(|a| (a.priority, a.run_at, a.id));
         self.running
             .remember(request.queue, jobs.iter().map(|j| j.id));
+        self.publish_changes(
+            jobs.iter()
+                .map(|j| JobChange {
+                    id: j.id,
+                    state: JobState::Running,
+                })
+                .collect(),
+        );
         Ok(jobs)
+    }
+
+    /// Records a running attempt's progress (the `progress.lua` script on the job's queue).
+    pub(super) async fn record_progress(
+        &self,
+        id: JobId,
+        progress: &crate::job::Progress,
+    ) -> Result<bool> {
+        let queue = match self.running.lookup(&[id]).pop().flatten() {
+            Some(q) => q.to_string(),
+            None => match self.queues_of(&[id]).await?.pop().flatten() {
+                Some(q) => q,
+                None => return Ok(false),
+            },
+        };
+        let base = self.keys.queue(&queue);
+        let mut inv = PROGRESS.prepare_invoke();
+        inv.key(format!("{base}:ready"))
+            .arg(&base)
+            .arg(id.to_string())
+            .arg(progress.attempt)
+            .arg(serde_json::to_string(progress)?);
+        let applied: i64 = self.eval(&inv).await?;
+        Ok(applied == 1)
     }
 
     /// Renews the leases of the `held` jobs that run under `worker`: one heartbeat script per

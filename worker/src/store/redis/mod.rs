@@ -12,7 +12,7 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `{P:Q}:job:<id>` | hash: the job (args, tags and metadata as JSON strings; times as microseconds). The id and queue are in the key; empty tags and `{}` metadata are left out |
+//! | `{P:Q}:job:<id>` | hash: the job (args, tags and metadata as JSON strings; times as microseconds; `result` and `progress` as JSON once written). The id and queue are in the key; empty tags and `{}` metadata are left out |
 //! | `{P:Q}:hist:<id>` | string: the job's attempt history, one JSON record per line (`APPEND`ed as attempts end; absent until the first ends). Apart from the hash so that the hash's values stay short and Redis keeps it in its compact listpack encoding |
 //! | `{P:Q}:ready` | zset of `available` jobs, score `priority · 10¹³ + run_at_ms`: fetch pops the head |
 //! | `{P:Q}:delayed` | zset of `scheduled` and `retryable` jobs by `run_at` (µs) |
@@ -74,7 +74,10 @@
 //! # Wake-up
 //!
 //! Scripts `PUBLISH` the queue name on `P:jobs` when jobs become ready and the job id on
-//! `P:cancel` when a running job's cancel is requested. One subscriber connection per store
+//! `P:cancel` when a running job's cancel is requested. Job state changes (enqueue, claim,
+//! outcomes, rescue, retry, cancel) are published on `P:events` as `<id> <state>` entries by
+//! one publisher task per store, in the order they were made, without the step waiting for
+//! it (`events::publish_loop`). One subscriber connection per store
 //! forwards them to [`Store::subscribe`]; the store also wakes its own process directly, and
 //! the runtime polls, so a lost message only costs a poll.
 //!
@@ -125,8 +128,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    CancelResult, FetchRequest, Finish, JobFilter, Page, QueueStats, RescueReport, RetentionPolicy,
-    Store, StoreEvent, StoreOptions, check_page, redact_url,
+    CancelResult, FetchRequest, Finish, JobChange, JobFilter, Page, QueueStats, RescueReport,
+    RetentionPolicy, Store, StoreEvent, StoreOptions, check_page, redact_url,
 };
 use crate::clock::StoreClock;
 use crate::error::{Error, Result};
@@ -159,6 +162,9 @@ pub struct RedisStore {
     keys: Arc<Keys>,
     running: Arc<RunningQueues>,
     events: broadcast::Sender<StoreEvent>,
+    /// Job state changes on their way to `P:events` (see `events::publish_loop`); the
+    /// publisher ends when the last clone is dropped.
+    changes: tokio::sync::mpsc::UnboundedSender<Vec<JobChange>>,
     /// The server's clock as seen from here, for the one decision not made in a script: whether
     /// a job being inserted is due (the insert is a plain `MULTI`).
     clock: Arc<StoreClock>,
@@ -193,12 +199,19 @@ impl RedisStore {
             events.clone(),
             stop.clone(),
         ));
+        let (changes, pending) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(events::publish_loop(
+            conn.clone(),
+            keys.events_channel(),
+            pending,
+        ));
         Ok(Self {
             conn,
             warnings: Arc::new(warnings),
             keys,
             running: Arc::default(),
             events,
+            changes,
             clock: Arc::default(),
             _subscriber: Arc::new(stop.drop_guard()),
         })
@@ -334,7 +347,18 @@ impl Store for RedisStore {
     }
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
-        self.insert(jobs).await
+        let answers = self.insert(jobs).await?;
+        self.publish_changes(
+            answers
+                .iter()
+                .filter(|a| !a.duplicate)
+                .map(|a| JobChange {
+                    id: a.id,
+                    state: a.state,
+                })
+                .collect(),
+        );
+        Ok(answers)
     }
 
     async fn fetch(&self, request: FetchRequest<'_>) -> Result<Vec<Job>> {
@@ -350,6 +374,10 @@ impl Store for RedisStore {
 
     async fn heartbeat(&self, worker: &str, held: &[JobId], lease: Duration) -> Result<Vec<JobId>> {
         self.renew(worker, held, lease).await
+    }
+
+    async fn report_progress(&self, id: JobId, progress: &crate::job::Progress) -> Result<bool> {
+        self.record_progress(id, progress).await
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>> {
@@ -370,7 +398,12 @@ impl Store for RedisStore {
     }
 
     async fn retry(&self, id: JobId) -> Result<Job> {
-        self.retry_one(id).await
+        let job = self.retry_one(id).await?;
+        self.publish_changes(vec![JobChange {
+            id: job.id,
+            state: job.state,
+        }]);
+        Ok(job)
     }
 
     async fn retry_matching(&self, filter: &JobFilter) -> Result<u64> {
@@ -378,7 +411,14 @@ impl Store for RedisStore {
     }
 
     async fn cancel(&self, id: JobId) -> Result<CancelResult> {
-        self.cancel_one(id).await
+        let result = self.cancel_one(id).await?;
+        if result == CancelResult::Cancelled {
+            self.publish_changes(vec![JobChange {
+                id,
+                state: JobState::Cancelled,
+            }]);
+        }
+        Ok(result)
     }
 
     async fn discard(&self, id: JobId) -> Result<()> {

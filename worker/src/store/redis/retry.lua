@@ -15,7 +15,8 @@ for i = 4, #ARGV do
     unindex(id, h.state, h)
     local k = jkey(id)
     redis.call('HSET', k, 'state', 'available', 'attempt', '0', 'run_at', now)
-    redis.call('HDEL', k, 'finalized_at', 'lease_owner', 'lease_expires_at', 'cancel_requested_at')
+    redis.call('HDEL', k, 'finalized_at', 'lease_owner', 'lease_expires_at', 'cancel_requested_at',
+      'result', 'progress')
     h.run_at = now
     index(id, 'available', h)
     ready = true

@@ -56,12 +56,13 @@ pub(super) static DELETE: LazyLock<Script> = queue_script!("delete.lua");
 pub(super) static PRUNE: LazyLock<Script> = queue_script!("prune.lua");
 pub(super) static PROMOTE: LazyLock<Script> = queue_script!("promote.lua");
 pub(super) static STATS: LazyLock<Script> = queue_script!("stats.lua");
+pub(super) static PROGRESS: LazyLock<Script> = queue_script!("progress.lua");
 pub(super) static KEY_KEEP: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("key_keep.lua")));
 pub(super) static KEY_FREE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("key_free.lua")));
 
-pub(super) fn all_scripts() -> [&'static Script; 12] {
+pub(super) fn all_scripts() -> [&'static Script; 13] {
     [
         &FETCH,
         &FINISH,
@@ -73,6 +74,7 @@ pub(super) fn all_scripts() -> [&'static Script; 12] {
         &PRUNE,
         &PROMOTE,
         &STATS,
+        &PROGRESS,
         &KEY_KEEP,
         &KEY_FREE,
     ]
