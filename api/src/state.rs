@@ -69,6 +69,16 @@ impl AppState {
         self
     }
 
+    /// With the largest result a remote worker may report (`worker.max_result_bytes`, the
+    /// limit native handlers have).
+    pub fn with_max_result_bytes(mut self, limit: usize) -> Self {
+        self.remote = Arc::new(
+            conveyor_admin::remote::RemoteWorkers::new(self.store.clone())
+                .with_max_result_bytes(limit),
+        );
+        self
+    }
+
     /// With the process's shutdown signal (see [`AppState::draining`]).
     pub fn with_draining(mut self, draining: CancellationToken) -> Self {
         self.draining = draining;

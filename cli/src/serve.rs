@@ -79,6 +79,7 @@ pub async fn run(
         let state = conveyor_api::AppState::new(store.clone(), config.api.clone())
             .with_webhooks(webhooks.clone())
             .with_validators(validators.clone())
+            .with_max_result_bytes(config.worker.max_result_bytes)
             .with_draining(shutdown.clone());
         let app = conveyor_api::router(state.clone());
         let stop = roles_stopped.clone();

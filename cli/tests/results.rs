@@ -203,3 +203,65 @@ async fn a_second_serve_process_sees_changes_made_elsewhere() {
     drop(stream);
     t.cleanup().await;
 }
+
+/// `worker.max_result_bytes` bounds what a remote worker reports too: over it, the attempt
+/// fails with the limit named (and the job retries); within it, the result is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_workers_result_is_held_to_the_configured_limit() {
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let url = t.url.clone();
+    let mut cmd = conveyor(&url, &["serve", "--listen", "127.0.0.1:0"]);
+    cmd.env("CONVEYOR_WORKER__MAX_RESULT_BYTES", "64");
+    let mut p = Process::spawn(cmd);
+    let line = p.wait_for_line("listening on http://", 30);
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("an address in: {line}"));
+    let (code, key, err) = run(
+        &url,
+        &["keys", "create", "--scope", "worker", "--name", "w"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let key = key.trim().to_string();
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let job = run_json(&url, &["enqueue", "--queue", "remote", "--kind", "r.sum"]);
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    let claimed: serde_json::Value = http
+        .post(format!("http://{addr}/v1/workers/claim"))
+        .bearer_auth(&key)
+        .json(&json!({"worker_id": "w1", "queues": ["remote"], "limit": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(claimed["jobs"].as_array().unwrap().len(), 2, "{claimed}");
+    let complete = |id: &str, result: serde_json::Value| {
+        http.post(format!("http://{addr}/v1/workers/jobs/{id}/complete"))
+            .bearer_auth(&key)
+            .json(&json!({"worker_id": "w1", "attempt": 1, "result": result}))
+            .send()
+    };
+    let big = complete(&ids[0], json!({"text": "x".repeat(100)}))
+        .await
+        .unwrap();
+    assert!(big.status().is_success(), "{:?}", big.text().await);
+    let small = complete(&ids[1], json!({"sum": 3})).await.unwrap();
+    assert!(small.status().is_success(), "{:?}", small.text().await);
+
+    let big = run_json(&url, &["jobs", "show", &ids[0]]);
+    assert_eq!(big["state"], "retryable", "{big}");
+    let error = big["attempts"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("worker.max_result_bytes"), "{big}");
+    let small = run_json(&url, &["jobs", "show", &ids[1]]);
+    assert_eq!(small["state"], "completed", "{small}");
+    assert_eq!(small["result"], json!({"sum": 3}), "{small}");
+    drop(p);
+}
