@@ -42,3 +42,11 @@ if ! .venv/bin/python -c 'import aiosmtpd' >/dev/null 2>&1; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check "$AIOSMTPD"
 fi
+
+# moto's S3-compatible server (the backup tests' object storage), pinned to a major version.
+MOTO='moto[server]>=5,<6'
+if ! .venv/bin/python -c 'import moto.server' >/dev/null 2>&1; then
+  echo "installing $MOTO into .venv"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "$MOTO"
+fi

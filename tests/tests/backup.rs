@@ -11,6 +11,7 @@ use conveyor_backup::{BackupConfig, Backups, DATA_OBJECT, Error};
 use conveyor_tests::TestStore;
 use conveyor_worker::NewJob;
 use serde_json::json;
+use sha2::Digest;
 
 fn backups(url: &str, dir: &Path) -> Backups {
     let mut config = BackupConfig {
@@ -193,4 +194,167 @@ mod postgres {
         assert!(left.is_empty(), "left behind: {left:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// moto's S3-compatible server (`.venv/bin/moto_server`, installed by `scripts/test-deps.sh`)
+/// on a free port, killed when dropped.
+struct S3Server {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn s3_server() -> Option<S3Server> {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
+    if !bin.exists() {
+        return conveyor_tests::unavailable(&format!(
+            "{} is missing: run `bash scripts/test-deps.sh`",
+            bin.display()
+        ));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let child = std::process::Command::new(&bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("moto_server starts");
+    let server = S3Server {
+        child,
+        endpoint: format!("http://127.0.0.1:{port}"),
+    };
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Some(server);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("moto_server did not listen on {port} within 10 s");
+}
+
+fn s3_backups(url: &str, endpoint: &str, bucket: &str) -> Backups {
+    let mut config = BackupConfig {
+        destination: "s3".into(),
+        part_size_mib: 5,
+        ..BackupConfig::default()
+    };
+    config.destinations.insert(
+        "s3".into(),
+        DestinationConfig::S3 {
+            bucket: bucket.into(),
+            prefix: "conveyor/test".into(),
+            region: Some("us-east-1".into()),
+            endpoint: Some(endpoint.into()),
+            access_key_id: Some("test".into()),
+            secret_access_key: Some(conveyor_backup::config::Secret("test".into())),
+            allow_http: true,
+        },
+    );
+    Backups::new(config, url).expect("a valid config")
+}
+
+/// A backup larger than one part goes to S3 in several parts and verifies; an object changed
+/// in the bucket is named by `verify`; a bucket that does not exist and an endpoint nobody
+/// listens on fail the backup with the destination named, and list nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_compatible_destination() {
+    let Some(s3) = s3_server().await else {
+        return;
+    };
+    let http = reqwest::Client::new();
+    let made = http
+        .put(format!("{}/backups", s3.endpoint))
+        .send()
+        .await
+        .unwrap();
+    assert!(made.status().is_success(), "creating the bucket: {made:?}");
+
+    let t = TestStore::sqlite().await;
+    // Rows of hex digests (about 2:1 under zstd): more than one 5 MiB part once compressed.
+    for round in 0..6 {
+        let jobs = (0..1000)
+            .map(|i| {
+                let noise: String = (0..32)
+                    .map(|j| {
+                        let digest = sha2::Sha256::digest(format!("{round}-{i}-{j}").as_bytes());
+                        digest
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<String>()
+                    })
+                    .collect();
+                NewJob::new("noop", json!({ "noise": noise }))
+            })
+            .collect();
+        t.store.enqueue_many(jobs).await.unwrap();
+    }
+    let b = s3_backups(&t.url, &s3.endpoint, "backups");
+    let m = b.create("store", None).await.expect("backup to S3");
+    assert!(
+        m.stored_bytes() > 5 * 1024 * 1024,
+        "{} stored bytes: not more than one part",
+        m.stored_bytes()
+    );
+    assert_eq!(jobs_rows(&m), 6000);
+    let listed = b.destination(None).unwrap().list(None).await.unwrap();
+    assert_eq!(listed, std::slice::from_ref(&m));
+    b.verify(&m.id, None).await.expect("verifies");
+
+    // Replace the object in the bucket with other bytes of the same length.
+    let key = format!(
+        "{}/backups/conveyor/test/store/{}/{DATA_OBJECT}",
+        s3.endpoint, m.id
+    );
+    let mut bytes = http
+        .get(&key)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    assert_eq!(bytes.len() as u64, m.stored_bytes());
+    bytes[100] ^= 1;
+    assert!(
+        http.put(&key)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    let err = b.verify(&m.id, None).await.unwrap_err().to_string();
+    assert!(err.contains(&m.id) && err.contains(DATA_OBJECT), "{err}");
+
+    // No such bucket: refused, destination named, nothing listed anywhere.
+    let missing = s3_backups(&t.url, &s3.endpoint, "nobucket");
+    let err = missing.create("store", None).await.unwrap_err().to_string();
+    assert!(err.contains("destination `s3`"), "{err}");
+
+    // Nobody listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let unreachable = s3_backups(&t.url, &dead, "backups");
+    let err = unreachable
+        .create("store", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("destination `s3`"), "{err}");
+    assert_eq!(b.destination(None).unwrap().list(None).await.unwrap(), [m]);
 }
