@@ -33,6 +33,9 @@ pub struct AppState {
     pub remote: Arc<conveyor_admin::remote::RemoteWorkers>,
     /// Job state changes for `/v1/jobs/events`, with their replay buffer.
     pub job_events: Arc<ChangeFeed>,
+    /// The platform history's settings (`[stats]`): how long each resolution is kept, which
+    /// decides the resolution `/v1/stats/jobs` reads.
+    pub stats: Arc<conveyor_analytics::StatsConfig>,
 }
 
 impl AppState {
@@ -51,6 +54,7 @@ impl AppState {
             clock: Arc::default(),
             validators: Arc::default(),
             draining: CancellationToken::new(),
+            stats: Arc::default(),
         }
     }
 
@@ -76,6 +80,12 @@ impl AppState {
             conveyor_admin::remote::RemoteWorkers::new(self.store.clone())
                 .with_max_result_bytes(limit),
         );
+        self
+    }
+
+    /// With the platform history's settings (`[stats]`).
+    pub fn with_stats(mut self, stats: conveyor_analytics::StatsConfig) -> Self {
+        self.stats = Arc::new(stats);
         self
     }
 

@@ -400,6 +400,9 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
             secrets::run(Some(hooks), cmd).await
         }
         Command::Backup(cmd) => backups::run(&config, cmd).await,
+        Command::Stats(args) => {
+            crate::stats::run(open_store(&config).await?, &config.stats, args).await
+        }
         Command::Bench(_) => unreachable!("handled above"),
     }
 }

@@ -68,6 +68,9 @@ pub enum Command {
     /// Backups of the store and the application's databases: create, list, show, verify.
     #[command(subcommand)]
     Backup(crate::backups::BackupCommand),
+    /// The platform history: throughput, failures, run-time and wait percentiles per queue
+    /// and kind over a period, with sparklines (kept after finished jobs are pruned).
+    Stats(crate::stats::StatsArgs),
 }
 
 /// `keys …`

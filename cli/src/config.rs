@@ -68,6 +68,8 @@ pub struct Config {
     pub backup: conveyor_backup::BackupConfig,
     /// `email.send`: the SMTP transports (`[email.transports.<name>]`), pools, limits.
     pub email: conveyor_jobs::email::EmailConfig,
+    /// The platform history (`stats.rollup`): lateness, how long each resolution is kept.
+    pub stats: conveyor_analytics::StatsConfig,
 }
 
 /// `[secrets]`: the keys credentials kept in the store are encrypted with. The first key
@@ -471,6 +473,14 @@ fn describe_figment_error(e: figment::Error) -> String {
 impl Config {
     /// Checks what serde cannot: URL scheme, worker timings, queue names.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let retention = &self.maintenance.pruner.retention;
+        let shortest = retention
+            .completed
+            .min(retention.cancelled)
+            .min(retention.dead);
+        if self.stats.enabled {
+            self.stats.check(shortest).map_err(ConfigError)?;
+        }
         let url = &self.database.url;
         let known = url.starts_with("sqlite:")
             || url.starts_with("postgres://")

@@ -25,6 +25,7 @@ mod output;
 mod schedules;
 mod secrets;
 mod serve;
+mod stats;
 mod webhooks;
 
 pub use app::App;

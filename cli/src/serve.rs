@@ -80,6 +80,7 @@ pub async fn run(
             .with_webhooks(webhooks.clone())
             .with_validators(validators.clone())
             .with_max_result_bytes(config.worker.max_result_bytes)
+            .with_stats(config.stats.clone())
             .with_draining(shutdown.clone());
         let app = conveyor_api::router(state.clone());
         let stop = roles_stopped.clone();
@@ -118,8 +119,12 @@ pub async fn run(
         if !seeded.is_empty() {
             tracing::info!(schedules = ?seeded, "example schedules stored (disabled; `conveyor schedules resume NAME` turns one on)");
         }
+        let mut schedules = config.schedules.clone();
+        if config.stats.enabled {
+            schedules.push(crate::stats::schedule(&config.stats));
+        }
         let report = registry
-            .reconcile(&config.schedules)
+            .reconcile(&schedules)
             .await
             .context("cannot store the config file's schedules")?;
         tracing::info!(
@@ -141,6 +146,14 @@ pub async fn run(
         conveyor_jobs::email::register(&mut registry, emails.clone());
         let mut worker_config = config.worker.clone();
         crate::webhooks::register(&mut registry, &mut worker_config, webhooks.clone());
+        if config.stats.enabled {
+            crate::stats::register(
+                &mut registry,
+                &mut worker_config,
+                store.clone(),
+                &config.stats,
+            );
+        }
         let worker = Worker::new(store.clone(), registry, worker_config)?;
         let stop = shutdown.clone();
         tasks.spawn(async move { worker.run(stop).await.context("worker failed") });

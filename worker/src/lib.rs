@@ -23,6 +23,7 @@ pub mod keyring;
 pub mod metrics;
 pub mod retry_policy;
 pub mod runtime;
+pub mod stats;
 pub mod store;
 pub mod testing;
 pub mod validate;

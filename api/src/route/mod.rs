@@ -9,6 +9,7 @@ pub mod job_events;
 pub mod queue;
 pub mod remote;
 pub mod schedule;
+pub mod stats;
 pub mod system;
 pub mod webhook;
 pub mod worker;

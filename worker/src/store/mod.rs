@@ -481,6 +481,16 @@ pub trait Store: MetaStore + Send + Sync + 'static {
     /// Deletes up to `limit` finished jobs past their retention at `now`; returns how many.
     async fn prune(&self, now: DateTime<Utc>, policy: &RetentionPolicy, limit: u32) -> Result<u64>;
 
+    /// The jobs that finished (`finalized_at`) in `[from, to)`, grouped by queue, kind and
+    /// final state, with their run times and waits in log buckets ([`crate::stats`]). The
+    /// platform history's rollups are built from this; it reads only finished jobs through
+    /// the finalized-time index.
+    async fn finished_groups(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<crate::stats::FinishedGroup>>;
+
     /// Wake-ups: new jobs per queue, cancel requests, job state changes. Lossy by design;
     /// the runtime also polls.
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;

@@ -156,3 +156,73 @@ impl RedisStore {
         Ok(n)
     }
 }
+
+impl RedisStore {
+    /// [`crate::Store::finished_groups`]: each queue's six finished sets read by
+    /// `finished.lua` in chunks of [`CHUNK`] jobs, summarised in the server so only the
+    /// counts cross the network, and no script runs long.
+    pub(super) async fn finished(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<crate::stats::FinishedGroup>> {
+        use crate::job::JobState;
+        use crate::stats::GroupBuilder;
+        let mut groups = GroupBuilder::default();
+        for queue in self.queues().await? {
+            let base = self.keys.queue(&queue);
+            for state in [JobState::Completed, JobState::Cancelled, JobState::Dead] {
+                for set in ["fin", "fink"] {
+                    let set = format!("{set}:{state}");
+                    let (mut at, mut skip) = (micros(from), 0u64);
+                    let micros_from = |us: i64| us.to_string();
+                    loop {
+                        let flat: Vec<String> = self
+                            .eval(
+                                FINISHED
+                                    .key(format!("{base}:ready"))
+                                    .arg(&base)
+                                    .arg(&set)
+                                    .arg(state.to_string())
+                                    .arg(at)
+                                    .arg(micros(to))
+                                    .arg(CHUNK)
+                                    .arg(skip),
+                            )
+                            .await?;
+                        let [read, next_at, next_skip, pairs @ ..] = flat.as_slice() else {
+                            return Err(bad_answer(format!("{} values", flat.len())));
+                        };
+                        for p in pairs.chunks(2) {
+                            let [key, n] = p else { continue };
+                            let mut parts = key.split('\t');
+                            let kind = parts.next().unwrap_or_default();
+                            let bucket = |s: Option<&str>| s.and_then(|s| s.parse::<i32>().ok());
+                            let rb = bucket(parts.next());
+                            let wb = bucket(parts.next());
+                            let n = n.parse().map_err(|_| bad_answer(format!("count {n:?}")))?;
+                            groups.add(&queue, kind, state, rb, wb, n);
+                        }
+                        let number = |s: &String| {
+                            s.parse::<i64>()
+                                .map_err(|_| bad_answer(format!("number {s:?}")))
+                        };
+                        if number(read)? < CHUNK as i64 {
+                            break;
+                        }
+                        at = micros_from(number(next_at)?);
+                        skip = number(next_skip)? as u64;
+                    }
+                }
+            }
+        }
+        Ok(groups.finish())
+    }
+}
+
+/// An answer of `finished.lua` that is not what it writes.
+fn bad_answer(what: String) -> crate::Error {
+    crate::Error::Corrupt(<serde_json::Error as serde::de::Error>::custom(format!(
+        "finished.lua answered an unexpected {what}"
+    )))
+}

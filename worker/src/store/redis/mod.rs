@@ -433,6 +433,14 @@ impl Store for RedisStore {
         self.stats().await
     }
 
+    async fn finished_groups(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<crate::stats::FinishedGroup>> {
+        self.finished(from, to).await
+    }
+
     async fn promote_due(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
         self.promote(now, limit).await
     }

@@ -56,6 +56,7 @@ pub(super) static DELETE: LazyLock<Script> = queue_script!("delete.lua");
 pub(super) static PRUNE: LazyLock<Script> = queue_script!("prune.lua");
 pub(super) static PROMOTE: LazyLock<Script> = queue_script!("promote.lua");
 pub(super) static STATS: LazyLock<Script> = queue_script!("stats.lua");
+pub(super) static FINISHED: LazyLock<Script> = queue_script!("finished.lua");
 pub(super) static PROGRESS: LazyLock<Script> = queue_script!("progress.lua");
 pub(super) static KEY_KEEP: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("key_keep.lua")));
