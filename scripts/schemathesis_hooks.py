@@ -8,7 +8,8 @@ action's "at least one filter field, or `all: true`", and an enqueue's or event'
 `idempotency_key` equal to its `Idempotency-Key` header when both are sent, the total size of an endpoint's
 custom headers, and the grammar of an IPv6 address
 in a webhook URL (the URL parser checks it), a remote worker's batch item's fields by its
-`outcome`, and integers written without a fraction (JSON Schema counts `2.0` as an integer). A schema-valid request that breaks one
+`outcome`, a stats period's grammar and its point limit, an email address's grammar and an
+email's recipients and body, and integers written without a fraction (JSON Schema counts `2.0` as an integer). A schema-valid request that breaks one
 of them gets a 422 naming the field; this hook accepts exactly that refusal and nothing else.
 """
 
@@ -37,6 +38,12 @@ UNSTATED = {
     # schema, their sum cannot be).
     ("POST", "/v1/webhooks/endpoints"): {"headers"},
     ("PATCH", "/v1/webhooks/endpoints/{endpoint}"): {"headers"},
+    # A period's grammar (`15m`, `7d`), `from` and `period` not both, `from` before `to`, and
+    # at most 10,000 points at the resolution.
+    ("GET", "/v1/stats/jobs"): {"period", "from", "resolution"},
+    # An address's grammar (RFC 5322 mailbox), at least one recipient, a body (text or HTML),
+    # base64 attachment content, the headers Conveyor writes itself, the configured transports.
+    ("POST", "/v1/emails"): {"from", "reply_to", "to", "cc", "bcc", "subject", "text", "html", "attachments", "headers", "transport"},
 }
 
 

@@ -262,6 +262,15 @@ pub async fn read(
             })
             .unwrap_or(Resolution::Day),
     };
+    if points(resolution) > MAX_POINTS {
+        return Err(Error::invalid(
+            "from",
+            format!(
+                "the period holds {} {resolution}s, more than the {MAX_POINTS} points one answer holds: start it later",
+                points(resolution)
+            ),
+        ));
+    }
     let start = resolution.floor(from);
     let mut windows: BTreeMap<DateTime<Utc>, Row> = BTreeMap::new();
     let mut groups: BTreeMap<(String, String), Row> = BTreeMap::new();

@@ -104,6 +104,11 @@ pub struct BenchArgs {
     /// `--workload remote`: jobs per claim (and per finish call), 1 to 1000.
     #[arg(long, default_value_t = 1000)]
     pub remote_batch: u32,
+    /// `--workload jobs`: afterwards, summarise the run's minutes into the platform history
+    /// (`stats.rollup`, docs/analytics.md) and print its cost: wall time, this process's CPU
+    /// time, and both per million finished jobs.
+    #[arg(long)]
+    pub rollup: bool,
 }
 
 /// The result line.
@@ -179,6 +184,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return remote::run(&args, store).await;
     }
     let backend = store.backend_name().await?;
+    let bench_started = store.now().await?;
     let queue = format!("bench_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
     let say = |msg: String| {
         if !args.json {
@@ -342,6 +348,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "latency: p50 {p50:.2} ms, p99 {p99:.2} ms over {} jobs",
         lat.len()
     ));
+    if args.rollup {
+        say(rollup_cost(&store, bench_started).await?);
+    }
 
     let result = BenchResult {
         system: match args.workload {
@@ -595,6 +604,65 @@ fn short_backend(name: &str) -> String {
         ),
         None => name.to_string(),
     }
+}
+
+/// Runs the platform history's rollup over every minute since `started` (from a fresh
+/// progress mark, so earlier runs on the same store do not shorten it) and says what it cost.
+/// On Postgres the grouping runs in the database, so the wall time is the figure to read; on
+/// SQLite and Redis this process's CPU (SQLite) or the server's script time (Redis, inside
+/// the wall time) carry it.
+async fn rollup_cost(
+    store: &std::sync::Arc<dyn conveyor_worker::Store>,
+    started: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<String> {
+    use conveyor_analytics::{Rollups, StatsConfig};
+    let now = store.now().await?;
+    let lookback = (now - started).to_std().unwrap_or_default() + Duration::from_secs(120);
+    store
+        .meta_delete(
+            "stats.state",
+            "rollup",
+            conveyor_worker::store::meta::Expect::Any,
+        )
+        .await?;
+    let rollups = Rollups::new(
+        store.clone(),
+        StatsConfig {
+            first_run_lookback: lookback,
+            max_minutes_per_run: 10_080,
+            ..StatsConfig::default()
+        },
+    );
+    let cpu_before = process_cpu_secs();
+    let t = Instant::now();
+    let report = rollups.run_at(now).await?;
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = process_cpu_secs() - cpu_before;
+    let per_million = |x: f64| x * 1e6 / report.jobs.max(1) as f64;
+    Ok(format!(
+        "rollup: {} finished jobs in {} minutes summarised in {wall:.3} s wall, {cpu:.3} s CPU here \
+         ({:.2} s wall and {:.2} CPU-s per million jobs; {} rows written)",
+        report.jobs,
+        report.minutes,
+        per_million(wall),
+        per_million(cpu),
+        report.rows_written
+    ))
+}
+
+/// User + system CPU time of this process so far (Linux `/proc/self/stat`), in seconds.
+fn process_cpu_secs() -> f64 {
+    // /proc counts in USER_HZ, which Linux fixes at 100 for every architecture it exposes.
+    let ticks = 100.0;
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) start at state (3rd).
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .map_or(0.0, |t| t / ticks)
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in MB; 0 where unknown.

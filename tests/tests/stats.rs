@@ -459,5 +459,18 @@ async fn a_period_too_fine_for_one_answer_is_refused() {
         .unwrap();
     assert_eq!(read.resolution, Resolution::Hour);
     assert_eq!(read.points.len(), 30 * 24 + 1);
+    // Centuries are refused at any resolution, naming where the period starts.
+    let q = StatsQuery {
+        from: Some("0422-02-23T21:56:19Z".parse().unwrap()),
+        ..q
+    };
+    let err = query::read(&t.store, &StatsConfig::default(), &q, now)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("from") && err.contains("start it later"),
+        "{err}"
+    );
     t.cleanup().await;
 }
