@@ -43,7 +43,7 @@ UNSTATED = {
     ("GET", "/v1/stats/jobs"): {"period", "from", "resolution"},
     # An address's grammar (RFC 5322 mailbox), at least one recipient, a body (text or HTML),
     # base64 attachment content, the headers Conveyor writes itself, the configured transports.
-    ("POST", "/v1/emails"): {"from", "reply_to", "to", "cc", "bcc", "subject", "text", "html", "attachments", "headers", "transport"},
+    ("POST", "/v1/emails"): {"from", "reply_to", "to", "cc", "bcc", "subject", "text", "html", "attachments", "headers", "transport", "tags"},
 }
 
 
@@ -87,7 +87,8 @@ def _fields(response):
     for error in problem.get("errors") or []:
         field = str(error.get("field", ""))
         # `jobs[3].run_at` is `run_at` of one job of a batch.
-        names.add(field.rsplit(".", 1)[-1])
+        # `tags[0]` is `tags`: the rule is the list's.
+        names.add(re.sub(r"\[\d+\]$", "", field.rsplit(".", 1)[-1]))
     return names
 
 
