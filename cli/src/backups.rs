@@ -1,4 +1,4 @@
-//! `conveyor backup …`: create, list, show and verify backups of the store and of the
+//! `conveyor backup …`: create, list, show, verify and restore backups of the store and of the
 //! application's databases (`[backup]` in the config; docs/backups.md).
 
 use clap::Subcommand;
@@ -46,10 +46,45 @@ pub enum BackupCommand {
         out: OutputArgs,
     },
     /// Re-read every object of a backup and check its size and SHA-256; exits 1 if any
-    /// differs, naming it.
+    /// differs, naming it. With `--restore`, also restore it into a scratch database or
+    /// file and compare rows and checksums per table with the figures recorded at backup
+    /// time.
     Verify {
         /// The backup's id (from `backup list`).
         id: String,
+        /// Also restore into a scratch copy (dropped afterwards) and compare its tables.
+        #[arg(long)]
+        restore: bool,
+        /// A `[backup.destinations.<name>]` (default: `backup.destination`).
+        #[arg(long)]
+        destination: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Delete the backups `[backup.retention]` does not keep (keep_last, keep_daily,
+    /// keep_weekly, keep_monthly, per source); the newest verified backup is always kept.
+    Prune {
+        /// Only say what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// A `[backup.destinations.<name>]` (default: `backup.destination`).
+        #[arg(long)]
+        destination: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Restore a backup into a fresh store or database: a SQLite file, or a postgres:// URL.
+    /// The backup is verified first; the restored copy is checked against its figures. For
+    /// the store, jobs that were running at backup time become retryable again.
+    Restore {
+        /// The backup's id (from `backup list`).
+        id: String,
+        /// Where to: a SQLite file (`sqlite://PATH` or a path) or a `postgres://` URL.
+        #[arg(long)]
+        to: String,
+        /// Replace what the target holds (SQLite: the file; Postgres: the backup's schemas).
+        #[arg(long)]
+        force: bool,
         /// A `[backup.destinations.<name>]` (default: `backup.destination`).
         #[arg(long)]
         destination: Option<String>,
@@ -132,6 +167,94 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
         }
         BackupCommand::Verify {
             id,
+            restore: true,
+            destination,
+            out,
+        } => {
+            let checked = backups.verify_restore(&id, destination.as_deref()).await?;
+            if out.json {
+                return output::json(&checked);
+            }
+            outln!(
+                "backup {} of `{}` verified and restored into a scratch copy: {} table(s) match the figures recorded at backup time ({} decoded, {:.1}s)",
+                checked.id,
+                checked.source,
+                checked.tables.len(),
+                bytes(checked.raw_bytes),
+                checked.duration_ms as f64 / 1000.0
+            );
+            Ok(())
+        }
+        BackupCommand::Prune {
+            dry_run,
+            destination,
+            out,
+        } => {
+            let pruned = backups.prune(destination.as_deref(), dry_run).await?;
+            if out.json {
+                return output::json(&pruned);
+            }
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            for d in &pruned.deleted {
+                outln!("{verb} {} ({})", d.id, d.source);
+            }
+            for k in &pruned.kept {
+                let reasons: Vec<String> = k
+                    .reasons
+                    .iter()
+                    .map(|r| {
+                        serde_json::to_value(r)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                outln!("kept {} ({}): {}", k.id, k.source, reasons.join(", "));
+            }
+            outln!(
+                "{} backup(s) kept, {} {verb} in `{}`",
+                pruned.kept.len(),
+                pruned.deleted.len(),
+                pruned.destination
+            );
+            Ok(())
+        }
+        BackupCommand::Restore {
+            id,
+            to,
+            force,
+            destination,
+            out,
+        } => {
+            let restored = backups
+                .restore(&id, &to, force, destination.as_deref())
+                .await?;
+            if out.json {
+                return output::json(&restored);
+            }
+            outln!(
+                "backup {} of `{}` restored into {}: {} table(s) match the figures recorded at backup time ({} decoded, {:.1}s)",
+                restored.id,
+                restored.source,
+                restored.target,
+                restored.tables.len(),
+                bytes(restored.raw_bytes),
+                restored.duration_ms as f64 / 1000.0
+            );
+            if let Some(jobs) = &restored.jobs {
+                outln!(
+                    "jobs running at backup time: {} available again, {} dead (last attempt), {} cancelled (cancel requested), {} still leased (retried once their lease expires)",
+                    jobs.retried,
+                    jobs.dead,
+                    jobs.cancelled,
+                    jobs.still_leased
+                );
+            }
+            Ok(())
+        }
+        BackupCommand::Verify {
+            id,
+            restore: false,
             destination,
             out,
         } => {

@@ -1,5 +1,6 @@
 //! `conveyor backup` as a user runs it, on a SQLite store and on Postgres: create, list,
-//! show and verify, a damaged backup named by `verify` (exit 1), and a misconfigured
+//! show, verify (also `--restore`) and restore, a damaged backup named by `verify` and refused
+//! by `restore` (exit 1), and a misconfigured
 //! destination refused before anything is read (exit 2).
 
 mod common;
@@ -76,6 +77,33 @@ async fn backs_up_verifies_and_names_damage(t: TestStore) {
     let verified = backup_json(&url, &dir, &["verify", &id]);
     assert_eq!(verified["objects"], 1, "{verified}");
 
+    // verify --restore: a scratch copy matches the recorded figures.
+    let checked = backup_json(&url, &dir, &["verify", &id, "--restore"]);
+    assert_eq!(checked["tables"], manifest["tables"], "{checked}");
+    // Restoring over the live store is refused (exit 1) and says how to force it.
+    let (code, _, err) = backup(&url, &dir, &["restore", &id, "--to", &url]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("not empty") && err.contains("--force"),
+        "{err}"
+    );
+    if url.starts_with("sqlite") {
+        let file = dir.join("restored.db");
+        let restored = backup_json(
+            &url,
+            &dir,
+            &["restore", &id, "--to", &file.display().to_string()],
+        );
+        assert_eq!(restored["tables"], manifest["tables"], "{restored}");
+        assert_eq!(restored["jobs"]["still_leased"], 0, "{restored}");
+        // The restored store lists the jobs.
+        let listed = common::run_json(
+            &format!("sqlite://{}", file.display()),
+            &["jobs", "list", "--limit", "100"],
+        );
+        assert_eq!(listed.as_array().map(Vec::len), Some(20), "{listed}");
+    }
+
     // Truncate the stored object: verify exits 1 naming the backup and the object.
     let object = dir.join("store").join(&id).join("data.zst");
     let bytes = std::fs::read(&object).unwrap();
@@ -83,6 +111,18 @@ async fn backs_up_verifies_and_names_damage(t: TestStore) {
     let (code, _, err) = backup(&url, &dir, &["verify", &id]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&id) && err.contains("data.zst"), "{err}");
+    // ... and restore refuses it, naming the object, writing nothing (the damage is found
+    // before the Postgres target is even looked at).
+    let fresh = dir.join("never.db");
+    let target = if url.starts_with("sqlite") {
+        fresh.display().to_string()
+    } else {
+        url.clone()
+    };
+    let (code, _, err) = backup(&url, &dir, &["restore", &id, "--to", &target]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&id) && err.contains("data.zst"), "{err}");
+    assert!(!fresh.exists());
 
     // An unknown `--destination` is named with the configured ones; a config whose default
     // destination names nothing is a config error (exit 2).
