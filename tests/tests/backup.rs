@@ -759,3 +759,96 @@ async fn prune_keeps_the_newest_and_the_newest_verified() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `backup.run` and `backup.prune` run by a worker (as a cron schedule's ticks are): the
+/// job's result is the backup's summary and the backup is listed; an unknown source fails the
+/// job at once (dead after one attempt, the reason kept); prune's result says what it kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_kinds_run_as_jobs() {
+    let t = TestStore::sqlite().await;
+    fill(&t, 30).await;
+    let dir = scratch_dir();
+    let mut config = backups(&t.url, &dir).config().clone();
+    config.retention.keep_last = 1;
+    let b = Arc::new(Backups::new(config, &t.url).unwrap());
+    let mut registry = Registry::new();
+    conveyor_jobs::backup::register(&mut registry, b.clone());
+    let worker = Worker::new(
+        t.store.clone(),
+        registry,
+        WorkerConfig {
+            queues: vec![QueueConfig {
+                name: "maintenance".into(),
+                concurrency: 1,
+            }],
+            poll_interval: Duration::from_millis(100),
+            ..WorkerConfig::default()
+        },
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(shutdown.clone()));
+    let s = t.store.clone();
+    let wait = |id: JobId, state: JobState| {
+        let s = s.clone();
+        conveyor_tests::eventually(30, "the backup job to finish", move || {
+            let s = s.clone();
+            async move {
+                let j = s.get(id).await.unwrap()?;
+                (j.state == state).then_some(j)
+            }
+        })
+    };
+
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let job = s
+            .enqueue(NewJob::new("backup.run", json!({})).queue("maintenance"))
+            .await
+            .unwrap();
+        let done = wait(job.id, JobState::Completed).await;
+        let result: conveyor_jobs::backup::RunResult =
+            serde_json::from_value(done.result.clone().expect("a result")).unwrap();
+        assert_eq!(
+            (result.source.as_str(), result.destination.as_str()),
+            ("store", "here")
+        );
+        assert!(
+            result.raw_bytes > 0 && result.stored_bytes > 0,
+            "{result:?}"
+        );
+        ids.push(result.id);
+    }
+    let listed: Vec<String> = b
+        .destination(None)
+        .unwrap()
+        .list(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(listed, ids);
+
+    let bad = s
+        .enqueue(NewJob::new("backup.run", json!({ "source": "nope" })).queue("maintenance"))
+        .await
+        .unwrap();
+    let dead = wait(bad.id, JobState::Dead).await;
+    assert_eq!(dead.attempts.len(), 1);
+    let error = dead.attempts[0].error.clone().unwrap_or_default();
+    assert!(error.contains("no backup source `nope`"), "{error}");
+
+    let prune = s
+        .enqueue(NewJob::new("backup.prune", json!({})).queue("maintenance"))
+        .await
+        .unwrap();
+    let done = wait(prune.id, JobState::Completed).await;
+    let result = done.result.unwrap();
+    assert_eq!(result["deleted"][0]["id"], ids[0].as_str(), "{result}");
+    assert_eq!(result["kept"][0]["id"], ids[1].as_str(), "{result}");
+
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
