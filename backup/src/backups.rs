@@ -21,10 +21,21 @@ use crate::source::Source;
 pub const DATA_OBJECT: &str = "data.zst";
 
 /// Backups as configured, for the store at `store_url`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Backups {
     config: BackupConfig,
     store_url: String,
+    /// Where the status records for `/metrics` are written (none: not recorded).
+    status: Option<std::sync::Arc<dyn conveyor_worker::Store>>,
+}
+
+impl std::fmt::Debug for Backups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backups")
+            .field("config", &self.config)
+            .field("records_status", &self.status.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What `prune` kept and deleted.
@@ -76,7 +87,15 @@ impl Backups {
         Ok(Self {
             config,
             store_url: store_url.into(),
+            status: None,
         })
+    }
+
+    /// Records each complete backup and successful verification in `store` (see
+    /// [`crate::status`]), for the backup metrics.
+    pub fn with_status(mut self, store: std::sync::Arc<dyn conveyor_worker::Store>) -> Self {
+        self.status = Some(store);
+        self
     }
 
     /// The configuration.
@@ -213,6 +232,14 @@ impl Backups {
             migrations,
         };
         destination.put_manifest(&manifest).await?;
+        if let Some(store) = &self.status {
+            crate::status::record(
+                store.as_ref(),
+                &manifest.source,
+                crate::status::Event::Success(manifest.finished_at),
+            )
+            .await;
+        }
         tracing::info!(
             backup = %manifest.id,
             source = %manifest.source,
@@ -247,6 +274,14 @@ impl Backups {
             verified_at: Utc::now(),
             restored,
         };
+        if let Some(store) = &self.status {
+            crate::status::record(
+                store.as_ref(),
+                &manifest.source,
+                crate::status::Event::Verified(record.verified_at),
+            )
+            .await;
+        }
         if let Err(e) = dest.put_verification(manifest, &record).await {
             tracing::warn!(backup = %manifest.id, error = %e, "the backup verified, but recording that failed; prune will not count it as verified");
         }

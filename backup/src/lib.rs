@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod restore;
 pub mod retention;
 pub mod source;
+pub mod status;
 
 pub use backups::{Backups, DATA_OBJECT, Pruned, Verified};
 pub use config::{BackupConfig, DestinationConfig, SourceConfig};

@@ -95,7 +95,14 @@ pub enum BackupCommand {
 
 /// Runs `cmd` with the config's backups.
 pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
-    let backups = Backups::new(config.backup.clone(), config.database.url.clone())?;
+    let mut backups = Backups::new(config.backup.clone(), config.database.url.clone())?;
+    if matches!(
+        cmd,
+        BackupCommand::Create { .. } | BackupCommand::Verify { .. }
+    ) && let Some(store) = status_store(config).await
+    {
+        backups = backups.with_status(store);
+    }
     match cmd {
         BackupCommand::Create {
             source,
@@ -271,6 +278,25 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
                 bytes(verified.raw_bytes)
             );
             Ok(())
+        }
+    }
+}
+
+/// The store the backup metrics' records are written to, when it can be opened: never
+/// created for this (a SQLite store whose file is missing is skipped), and a store that
+/// cannot be reached only skips the record, with a warning.
+async fn status_store(config: &Config) -> Option<std::sync::Arc<dyn conveyor_worker::Store>> {
+    if let Ok(conveyor_backup::source::Source::Sqlite { path, .. }) =
+        conveyor_backup::source::Source::store(&config.database.url)
+        && !path.is_file()
+    {
+        return None;
+    }
+    match crate::app::open_store(config).await {
+        Ok(store) => Some(store),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "the backup metrics' record is not written");
+            None
         }
     }
 }

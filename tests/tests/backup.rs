@@ -770,7 +770,11 @@ async fn backup_kinds_run_as_jobs() {
     let dir = scratch_dir();
     let mut config = backups(&t.url, &dir).config().clone();
     config.retention.keep_last = 1;
-    let b = Arc::new(Backups::new(config, &t.url).unwrap());
+    let b = Arc::new(
+        Backups::new(config, &t.url)
+            .unwrap()
+            .with_status(t.store.clone()),
+    );
     let mut registry = Registry::new();
     conveyor_jobs::backup::register(&mut registry, b.clone());
     let worker = Worker::new(
@@ -829,6 +833,28 @@ async fn backup_kinds_run_as_jobs() {
         .map(|m| m.id)
         .collect();
     assert_eq!(listed, ids);
+
+    // The metrics' record: the newest backup's end; verified once `verify` ran.
+    let newest = b.destination(None).unwrap().find(&ids[1]).await.unwrap();
+    let status = conveyor_backup::status::read(t.store.as_ref())
+        .await
+        .unwrap();
+    assert_eq!(status["store"].last_success_at, Some(newest.finished_at));
+    assert_eq!(status["store"].last_verified_at, None);
+    let before = chrono::Utc::now();
+    b.verify(&ids[1], None).await.unwrap();
+    let status = conveyor_backup::status::read(t.store.as_ref())
+        .await
+        .unwrap();
+    assert!(status["store"].last_verified_at.unwrap() >= before);
+    assert_eq!(status["store"].last_success_at, Some(newest.finished_at));
+    let mut text = String::new();
+    conveyor_backup::status::render(&status, &mut text);
+    assert!(
+        text.contains("conveyor_backup_last_success_timestamp_seconds{source=\"store\"} ")
+            && text.contains("conveyor_backup_last_verified_timestamp_seconds{source=\"store\"} "),
+        "{text}"
+    );
 
     let bad = s
         .enqueue(NewJob::new("backup.run", json!({ "source": "nope" })).queue("maintenance"))
