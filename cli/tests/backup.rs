@@ -148,3 +148,89 @@ async fn postgres_store() {
         backs_up_verifies_and_names_damage(t).await;
     }
 }
+
+/// `conveyor backup create` killed with SIGKILL while it uploads (a 64 MiB incompressible
+/// SQLite source): nothing is listed as complete; the next run writes a complete backup that
+/// verifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_mid_upload_lists_nothing_and_the_retry_completes() {
+    use sqlx::Connection;
+    let t = TestStore::sqlite().await;
+    let dir = scratch();
+    std::fs::create_dir_all(&dir).unwrap();
+    let big = dir.join("big.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", big.display()))
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE blobs (b BLOB);
+         WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 64)
+         INSERT INTO blobs SELECT randomblob(1048576) FROM n;",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let dest = dir.join("backups");
+    let create = || {
+        let mut cmd = common::conveyor(&t.url, &["backup", "create", "--source", "big", "--json"]);
+        cmd.env("CONVEYOR_BACKUP__DESTINATION", "here")
+            .env("CONVEYOR_BACKUP__DESTINATIONS__HERE__TYPE", "dir")
+            .env("CONVEYOR_BACKUP__DESTINATIONS__HERE__PATH", &dest)
+            .env("CONVEYOR_BACKUP__SOURCES__BIG__TYPE", "sqlite")
+            .env("CONVEYOR_BACKUP__SOURCES__BIG__PATH", &big)
+            .env("CONVEYOR_BACKUP__SCRATCH_DIR", dir.join("scratch"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let mut child = create().spawn().expect("the binary runs");
+    // Kill it once the upload has stored bytes under the backup's folder (a part written).
+    let started = std::time::Instant::now();
+    loop {
+        let written = std::fs::read_dir(dest.join("big"))
+            .ok()
+            .and_then(|mut ids| ids.next())
+            .and_then(|id| std::fs::read_dir(id.ok()?.path()).ok())
+            .is_some_and(|mut files| {
+                files.any(|f| {
+                    f.ok()
+                        .and_then(|f| f.metadata().ok())
+                        .is_some_and(|m| m.len() > 0)
+                })
+            });
+        if written {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup finished before it could be killed: make the source larger"
+        );
+        assert!(started.elapsed().as_secs() < 60, "no upload started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    let (code, out, err) = backup(&t.url, &dest, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no complete backups"), "{out}");
+
+    let out = tokio::task::block_in_place(|| create().output()).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(manifest["tables"][0]["rows"], 64, "{manifest}");
+    let listed = backup_json(&t.url, &dest, &["list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["id"], manifest["id"]);
+    let verified = backup_json(&t.url, &dest, &["verify", manifest["id"].as_str().unwrap()]);
+    assert_eq!(verified["raw_bytes"], manifest["objects"][0]["raw_bytes"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
