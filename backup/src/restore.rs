@@ -477,6 +477,13 @@ async fn restore_postgres(
     pg_restore: &Path,
 ) -> Result<(u64, Vec<TableFigures>)> {
     let object = data_object(manifest)?;
+    let store = manifest.source == STORE_SOURCE;
+    if store && manifest.migrations.is_empty() {
+        return Err(Error::Refused(format!(
+            "backup {} of the Postgres store records no applied migrations (it was made by an earlier development build): a store restored from it could not be opened; restore it with pg_restore by hand and mark its migrations applied, or restore a newer backup",
+            manifest.id
+        )));
+    }
     let shown = redact(url);
     let target_err = |message: String| Error::Target {
         target: shown.clone(),
@@ -485,7 +492,6 @@ async fn restore_postgres(
     let mut conn = PgConnection::connect(url)
         .await
         .map_err(|e| target_err(format!("connecting: {e}")))?;
-    let store = manifest.source == STORE_SOURCE;
     let result = async {
         let held = occupied(&mut conn, &manifest.schemas, store)
             .await
