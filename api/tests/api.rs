@@ -1067,6 +1067,17 @@ async fn metrics_need_a_key_and_name_everything(store: Arc<dyn Store>) {
     .await;
     let (status, _) = send(s.req(Method::GET, "/metrics", None)).await;
     assert_eq!(status, 401);
+    // A backup of `store` finished at 03:00 UTC (what `backup.run` and `backup create`
+    // record in the store), never verified.
+    let backup_status = json!({"last_success_at": "2026-12-02T03:00:00Z"});
+    store
+        .meta_put(conveyor_worker::store::meta::Put::new(
+            conveyor_backup::status::COLLECTION,
+            "store",
+            &backup_status,
+        ))
+        .await
+        .unwrap();
     let text = s
         .req(Method::GET, "/metrics", Some(&read))
         .send()
@@ -1088,9 +1099,16 @@ async fn metrics_need_a_key_and_name_everything(store: Arc<dyn Store>) {
         "# TYPE conveyor_lease_rescues_total counter",
         "conveyor_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"}",
         "conveyor_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/jobs\",le=\"+Inf\"}",
+        "# TYPE conveyor_backup_last_success_timestamp_seconds gauge",
+        "conveyor_backup_last_success_timestamp_seconds{source=\"store\"} 1796180400.000",
+        "# TYPE conveyor_backup_last_verified_timestamp_seconds gauge",
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }
+    assert!(
+        !text.contains("conveyor_backup_last_verified_timestamp_seconds{"),
+        "{text}"
+    );
 
     // The separate, keyless metrics router.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -14,16 +14,55 @@ use crate::destination::Destination;
 use crate::error::{Error, Result};
 use crate::hashing::Hashing;
 use crate::manifest::{FORMAT, Manifest, ObjectEntry, new_id};
+
 use crate::source::Source;
 
 /// The object a source's dump is stored as.
 pub const DATA_OBJECT: &str = "data.zst";
 
 /// Backups as configured, for the store at `store_url`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Backups {
     config: BackupConfig,
     store_url: String,
+    /// Where the status records for `/metrics` are written (none: not recorded).
+    status: Option<std::sync::Arc<dyn conveyor_worker::Store>>,
+}
+
+impl std::fmt::Debug for Backups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backups")
+            .field("config", &self.config)
+            .field("records_status", &self.status.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `prune` kept and deleted.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Pruned {
+    /// The destination.
+    pub destination: String,
+    /// Nothing was deleted: `deleted` is what would have been.
+    pub dry_run: bool,
+    /// Kept, with the rules that keep each.
+    pub kept: Vec<PrunedEntry>,
+    /// Deleted (or, with `dry_run`, to be deleted), oldest first per source.
+    pub deleted: Vec<PrunedEntry>,
+}
+
+/// One backup in [`Pruned`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PrunedEntry {
+    /// Its id.
+    pub id: String,
+    /// Its source.
+    pub source: String,
+    /// When it started.
+    pub started_at: chrono::DateTime<Utc>,
+    /// Why it is kept (empty when deleted).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<crate::retention::Reason>,
 }
 
 /// What `verify` found: every object's checksums matched.
@@ -48,12 +87,25 @@ impl Backups {
         Ok(Self {
             config,
             store_url: store_url.into(),
+            status: None,
         })
+    }
+
+    /// Records each complete backup and successful verification in `store` (see
+    /// [`crate::status`]), for the backup metrics.
+    pub fn with_status(mut self, store: std::sync::Arc<dyn conveyor_worker::Store>) -> Self {
+        self.status = Some(store);
+        self
     }
 
     /// The configuration.
     pub fn config(&self) -> &BackupConfig {
         &self.config
+    }
+
+    /// The store's URL.
+    pub fn store_url(&self) -> &str {
+        &self.store_url
     }
 
     /// Destination `name`, or the default one.
@@ -85,7 +137,7 @@ impl Backups {
         Ok(Source::configured(name, config))
     }
 
-    fn scratch(&self) -> PathBuf {
+    pub(crate) fn scratch(&self) -> PathBuf {
         self.config
             .scratch_dir
             .clone()
@@ -113,6 +165,7 @@ impl Backups {
             }
         };
         let tables = std::mem::take(&mut dump.tables);
+        let migrations = std::mem::take(&mut dump.migrations);
         let reader = std::mem::replace(&mut dump.reader, Box::new(tokio::io::empty()));
         let raw = Hashing::new(reader);
         let mut encoder = ZstdEncoder::with_quality(
@@ -175,8 +228,18 @@ impl Backups {
                 raw_sha256,
             }],
             tables,
+            schemas: source.schemas().to_vec(),
+            migrations,
         };
         destination.put_manifest(&manifest).await?;
+        if let Some(store) = &self.status {
+            crate::status::record(
+                store.as_ref(),
+                &manifest.source,
+                crate::status::Event::Success(manifest.finished_at),
+            )
+            .await;
+        }
         tracing::info!(
             backup = %manifest.id,
             source = %manifest.source,
@@ -189,10 +252,104 @@ impl Backups {
     }
 
     /// Re-reads every object of backup `id` and checks its size and SHA-256, stored and
-    /// decoded. The error names the first object that does not match.
+    /// decoded. The error names the first object that does not match. A success is
+    /// recorded beside the backup (see [`crate::manifest::VERIFIED`]).
     pub async fn verify(&self, id: &str, destination: Option<&str>) -> Result<Verified> {
-        let destination = self.destination(destination)?;
-        let manifest = destination.find(id).await?;
+        let dest = self.destination(destination)?;
+        let manifest = dest.find(id).await?;
+        let verified = self.check_objects(&dest, &manifest).await?;
+        self.record_verification(&dest, &manifest, false).await;
+        Ok(verified)
+    }
+
+    /// Records a successful verification; a destination that refuses the write is logged,
+    /// not fatal (the backup did verify).
+    pub(crate) async fn record_verification(
+        &self,
+        dest: &Destination,
+        manifest: &Manifest,
+        restored: bool,
+    ) {
+        let record = crate::manifest::Verification {
+            verified_at: Utc::now(),
+            restored,
+        };
+        if let Some(store) = &self.status {
+            crate::status::record(
+                store.as_ref(),
+                &manifest.source,
+                crate::status::Event::Verified(record.verified_at),
+            )
+            .await;
+        }
+        if let Err(e) = dest.put_verification(manifest, &record).await {
+            tracing::warn!(backup = %manifest.id, error = %e, "the backup verified, but recording that failed; prune will not count it as verified");
+        }
+    }
+
+    /// Deletes the backups `[backup.retention]` does not keep, per source, in `destination`
+    /// (or says which it would, with `dry_run`). The newest verified backup of each source is
+    /// always kept.
+    pub async fn prune(&self, destination: Option<&str>, dry_run: bool) -> Result<Pruned> {
+        self.config.retention.check()?;
+        let dest = self.destination(destination)?;
+        let all = dest.list(None).await?;
+        let mut by_source: std::collections::BTreeMap<String, Vec<Manifest>> = Default::default();
+        for m in all {
+            by_source.entry(m.source.clone()).or_default().push(m);
+        }
+        let mut pruned = Pruned {
+            destination: dest.name().to_string(),
+            dry_run,
+            kept: Vec::new(),
+            deleted: Vec::new(),
+        };
+        for manifests in by_source.values() {
+            let mut candidates = Vec::with_capacity(manifests.len());
+            for m in manifests {
+                candidates.push(crate::retention::Candidate {
+                    id: m.id.clone(),
+                    started_at: m.started_at,
+                    verified: dest.verification(m).await?.is_some(),
+                });
+            }
+            let selection = crate::retention::select(&self.config.retention, &candidates);
+            for m in manifests {
+                if let Some(reasons) = selection.keep.get(&m.id) {
+                    pruned.kept.push(PrunedEntry {
+                        id: m.id.clone(),
+                        source: m.source.clone(),
+                        started_at: m.started_at,
+                        reasons: reasons.clone(),
+                    });
+                }
+            }
+            for id in &selection.delete {
+                let m = manifests
+                    .iter()
+                    .find(|m| &m.id == id)
+                    .expect("selected from these");
+                if !dry_run {
+                    dest.delete(m).await?;
+                    tracing::info!(backup = %m.id, source = %m.source, "backup pruned");
+                }
+                pruned.deleted.push(PrunedEntry {
+                    id: m.id.clone(),
+                    source: m.source.clone(),
+                    started_at: m.started_at,
+                    reasons: Vec::new(),
+                });
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// Checks every object of `manifest` against it.
+    pub(crate) async fn check_objects(
+        &self,
+        destination: &Destination,
+        manifest: &Manifest,
+    ) -> Result<Verified> {
         let mut verified = Verified {
             id: manifest.id.clone(),
             source: manifest.source.clone(),

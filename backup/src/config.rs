@@ -37,6 +37,11 @@ pub struct BackupConfig {
     /// The `pg_dump` binary for Postgres sources (default: `pg_dump` on the `PATH`); it must
     /// be as new as the server.
     pub pg_dump: PathBuf,
+    /// The `pg_restore` binary for restoring Postgres backups (default: `pg_restore` on the
+    /// `PATH`).
+    pub pg_restore: PathBuf,
+    /// `[backup.retention]`: what `prune` keeps.
+    pub retention: crate::retention::Retention,
 }
 
 impl Default for BackupConfig {
@@ -50,6 +55,8 @@ impl Default for BackupConfig {
             upload_concurrency: 4,
             scratch_dir: None,
             pg_dump: PathBuf::from("pg_dump"),
+            pg_restore: PathBuf::from("pg_restore"),
+            retention: crate::retention::Retention::default(),
         }
     }
 }

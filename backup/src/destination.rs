@@ -11,7 +11,7 @@ use object_store::{ObjectStore, PutPayload, WriteMultipart};
 
 use crate::config::DestinationConfig;
 use crate::error::{Error, Result};
-use crate::manifest::{MANIFEST, Manifest, is_id};
+use crate::manifest::{MANIFEST, Manifest, VERIFIED, Verification, is_id};
 
 /// An opened destination.
 #[derive(Clone)]
@@ -148,6 +148,66 @@ impl Destination {
             .put(&path, PutPayload::from(body))
             .await
             .map_err(|e| self.error(&format!("writing {path}"), e))?;
+        Ok(())
+    }
+
+    /// Records that backup `manifest` verified (the sidecar object [`VERIFIED`]; the
+    /// manifest itself is never rewritten).
+    pub(crate) async fn put_verification(
+        &self,
+        manifest: &Manifest,
+        record: &Verification,
+    ) -> Result<()> {
+        let path = self.path(&[&manifest.source, &manifest.id, VERIFIED]);
+        let body = serde_json::to_vec_pretty(record).expect("a record serializes");
+        self.store
+            .put(&path, PutPayload::from(body))
+            .await
+            .map_err(|e| self.error(&format!("writing {path}"), e))?;
+        Ok(())
+    }
+
+    /// The latest verification of backup `manifest`, if it was ever verified. An unreadable
+    /// record counts as none.
+    pub async fn verification(&self, manifest: &Manifest) -> Result<Option<Verification>> {
+        let path = self.path(&[&manifest.source, &manifest.id, VERIFIED]);
+        match self.store.get(&path).await {
+            Ok(got) => {
+                let bytes = got
+                    .bytes()
+                    .await
+                    .map_err(|e| self.error(&format!("reading {path}"), e))?;
+                Ok(serde_json::from_slice(&bytes).ok())
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(&format!("reading {path}"), e)),
+        }
+    }
+
+    /// Deletes backup `manifest`: its manifest first (from then on it is not listed as
+    /// complete), then every other object in its folder.
+    pub(crate) async fn delete(&self, manifest: &Manifest) -> Result<()> {
+        let path = self.path(&[&manifest.source, &manifest.id, MANIFEST]);
+        self.store
+            .delete(&path)
+            .await
+            .map_err(|e| self.error(&format!("deleting {path}"), e))?;
+        let folder = self.path(&[&manifest.source, &manifest.id]);
+        let mut rest = Vec::new();
+        let mut listing = self.store.list(Some(&folder));
+        while let Some(meta) = listing.next().await {
+            rest.push(
+                meta.map_err(|e| self.error(&format!("listing {folder}"), e))?
+                    .location,
+            );
+        }
+        drop(listing);
+        for path in rest {
+            match self.store.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.error(&format!("deleting {path}"), e)),
+            }
+        }
         Ok(())
     }
 

@@ -33,6 +33,25 @@ pub enum Error {
         /// Which object and how.
         message: String,
     },
+    /// A restore that would overwrite something, or cannot go where it was asked to.
+    #[error("restore refused: {0}")]
+    Refused(String),
+    /// Writing into the restore's target failed.
+    #[error("restoring into {target} failed: {message}")]
+    Target {
+        /// The target (a file, or a database URL without its password).
+        target: String,
+        /// What happened.
+        message: String,
+    },
+    /// A restored copy does not hold what the manifest recorded at backup time.
+    #[error("backup {backup} did not restore as recorded: {message}")]
+    Mismatch {
+        /// The backup's id.
+        backup: String,
+        /// Which tables differ and how.
+        message: String,
+    },
     /// Reading or writing a local file failed.
     #[error("{context}: {source}")]
     Io {

@@ -12,9 +12,13 @@ pub mod destination;
 pub mod error;
 mod hashing;
 pub mod manifest;
+pub mod restore;
+pub mod retention;
 pub mod source;
+pub mod status;
 
-pub use backups::{Backups, DATA_OBJECT, Verified};
+pub use backups::{Backups, DATA_OBJECT, Pruned, Verified};
 pub use config::{BackupConfig, DestinationConfig, SourceConfig};
 pub use error::{Error, Result};
 pub use manifest::Manifest;
+pub use restore::{RescuedJobs, Restored, Target};

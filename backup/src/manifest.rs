@@ -12,6 +12,21 @@ pub const FORMAT: u32 = 1;
 /// The manifest's object name inside a backup's folder.
 pub const MANIFEST: &str = "manifest.json";
 
+/// The sidecar object recording a backup's latest successful verification. The manifest is
+/// written once and never rewritten: a half-written rewrite could make a complete backup
+/// look incomplete.
+pub const VERIFIED: &str = "verified.json";
+
+/// A backup's latest successful verification (`verified.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    /// When it verified.
+    pub verified_at: DateTime<Utc>,
+    /// Whether it was also restored into a scratch copy and its tables compared
+    /// (`verify --restore`).
+    pub restored: bool,
+}
+
 /// One backup.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -33,6 +48,30 @@ pub struct Manifest {
     pub objects: Vec<ObjectEntry>,
     /// What the source held at backup time, for `verify --restore` to compare with.
     pub tables: Vec<TableFigures>,
+    /// The Postgres schemas dumped (empty: the whole database, or a SQLite file).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schemas: Vec<String>,
+    /// A Postgres store's applied migrations (`_sqlx_migrations`, which lives outside the
+    /// `conveyor` schema), read in the dump's snapshot and written back by a restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrations: Vec<MigrationRecord>,
+}
+
+/// One applied migration of a Postgres store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// Its version.
+    pub version: i64,
+    /// Its description.
+    pub description: String,
+    /// When it was applied.
+    pub installed_on: DateTime<Utc>,
+    /// Whether it succeeded.
+    pub success: bool,
+    /// Its checksum (hex).
+    pub checksum: String,
+    /// How long it ran (ns).
+    pub execution_time: i64,
 }
 
 /// How a source was dumped, which decides how it is restored.

@@ -442,7 +442,7 @@ fn webhooks(
 }
 
 /// Opens (and migrates) the configured store, with an error that says how to fix it.
-async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let url = &config.database.url;
     let options = StoreOptions {
         max_connections: config.database.max_connections,

@@ -1,4 +1,4 @@
-//! `conveyor backup …`: create, list, show and verify backups of the store and of the
+//! `conveyor backup …`: create, list, show, verify and restore backups of the store and of the
 //! application's databases (`[backup]` in the config; docs/backups.md).
 
 use clap::Subcommand;
@@ -46,10 +46,45 @@ pub enum BackupCommand {
         out: OutputArgs,
     },
     /// Re-read every object of a backup and check its size and SHA-256; exits 1 if any
-    /// differs, naming it.
+    /// differs, naming it. With `--restore`, also restore it into a scratch database or
+    /// file and compare rows and checksums per table with the figures recorded at backup
+    /// time.
     Verify {
         /// The backup's id (from `backup list`).
         id: String,
+        /// Also restore into a scratch copy (dropped afterwards) and compare its tables.
+        #[arg(long)]
+        restore: bool,
+        /// A `[backup.destinations.<name>]` (default: `backup.destination`).
+        #[arg(long)]
+        destination: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Delete the backups `[backup.retention]` does not keep (keep_last, keep_daily,
+    /// keep_weekly, keep_monthly, per source); the newest verified backup is always kept.
+    Prune {
+        /// Only say what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// A `[backup.destinations.<name>]` (default: `backup.destination`).
+        #[arg(long)]
+        destination: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Restore a backup into a fresh store or database: a SQLite file, or a postgres:// URL.
+    /// The backup is verified first; the restored copy is checked against its figures. For
+    /// the store, jobs that were running at backup time become retryable again.
+    Restore {
+        /// The backup's id (from `backup list`).
+        id: String,
+        /// Where to: a SQLite file (`sqlite://PATH` or a path) or a `postgres://` URL.
+        #[arg(long)]
+        to: String,
+        /// Replace what the target holds (SQLite: the file; Postgres: the backup's schemas).
+        #[arg(long)]
+        force: bool,
         /// A `[backup.destinations.<name>]` (default: `backup.destination`).
         #[arg(long)]
         destination: Option<String>,
@@ -60,7 +95,14 @@ pub enum BackupCommand {
 
 /// Runs `cmd` with the config's backups.
 pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
-    let backups = Backups::new(config.backup.clone(), config.database.url.clone())?;
+    let mut backups = Backups::new(config.backup.clone(), config.database.url.clone())?;
+    if matches!(
+        cmd,
+        BackupCommand::Create { .. } | BackupCommand::Verify { .. }
+    ) && let Some(store) = status_store(config).await
+    {
+        backups = backups.with_status(store);
+    }
     match cmd {
         BackupCommand::Create {
             source,
@@ -132,6 +174,94 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
         }
         BackupCommand::Verify {
             id,
+            restore: true,
+            destination,
+            out,
+        } => {
+            let checked = backups.verify_restore(&id, destination.as_deref()).await?;
+            if out.json {
+                return output::json(&checked);
+            }
+            outln!(
+                "backup {} of `{}` verified and restored into a scratch copy: {} table(s) match the figures recorded at backup time ({} decoded, {:.1}s)",
+                checked.id,
+                checked.source,
+                checked.tables.len(),
+                bytes(checked.raw_bytes),
+                checked.duration_ms as f64 / 1000.0
+            );
+            Ok(())
+        }
+        BackupCommand::Prune {
+            dry_run,
+            destination,
+            out,
+        } => {
+            let pruned = backups.prune(destination.as_deref(), dry_run).await?;
+            if out.json {
+                return output::json(&pruned);
+            }
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            for d in &pruned.deleted {
+                outln!("{verb} {} ({})", d.id, d.source);
+            }
+            for k in &pruned.kept {
+                let reasons: Vec<String> = k
+                    .reasons
+                    .iter()
+                    .map(|r| {
+                        serde_json::to_value(r)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                outln!("kept {} ({}): {}", k.id, k.source, reasons.join(", "));
+            }
+            outln!(
+                "{} backup(s) kept, {} {verb} in `{}`",
+                pruned.kept.len(),
+                pruned.deleted.len(),
+                pruned.destination
+            );
+            Ok(())
+        }
+        BackupCommand::Restore {
+            id,
+            to,
+            force,
+            destination,
+            out,
+        } => {
+            let restored = backups
+                .restore(&id, &to, force, destination.as_deref())
+                .await?;
+            if out.json {
+                return output::json(&restored);
+            }
+            outln!(
+                "backup {} of `{}` restored into {}: {} table(s) match the figures recorded at backup time ({} decoded, {:.1}s)",
+                restored.id,
+                restored.source,
+                restored.target,
+                restored.tables.len(),
+                bytes(restored.raw_bytes),
+                restored.duration_ms as f64 / 1000.0
+            );
+            if let Some(jobs) = &restored.jobs {
+                outln!(
+                    "jobs running at backup time: {} available again, {} dead (last attempt), {} cancelled (cancel requested), {} still leased (retried once their lease expires)",
+                    jobs.retried,
+                    jobs.dead,
+                    jobs.cancelled,
+                    jobs.still_leased
+                );
+            }
+            Ok(())
+        }
+        BackupCommand::Verify {
+            id,
+            restore: false,
             destination,
             out,
         } => {
@@ -148,6 +278,25 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
                 bytes(verified.raw_bytes)
             );
             Ok(())
+        }
+    }
+}
+
+/// The store the backup metrics' records are written to, when it can be opened: never
+/// created for this (a SQLite store whose file is missing is skipped), and a store that
+/// cannot be reached only skips the record, with a warning.
+async fn status_store(config: &Config) -> Option<std::sync::Arc<dyn conveyor_worker::Store>> {
+    if let Ok(conveyor_backup::source::Source::Sqlite { path, .. }) =
+        conveyor_backup::source::Source::store(&config.database.url)
+        && !path.is_file()
+    {
+        return None;
+    }
+    match crate::app::open_store(config).await {
+        Ok(store) => Some(store),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "the backup metrics' record is not written");
+            None
         }
     }
 }

@@ -144,6 +144,13 @@ pub async fn run(
         let mut registry = Registry::clone(&kinds);
         conveyor_jobs::http_target::register(&mut registry, http.clone());
         conveyor_jobs::email::register(&mut registry, emails.clone());
+        conveyor_jobs::backup::register(
+            &mut registry,
+            std::sync::Arc::new(
+                conveyor_backup::Backups::new(config.backup.clone(), config.database.url.clone())?
+                    .with_status(store.clone()),
+            ),
+        );
         let mut worker_config = config.worker.clone();
         crate::webhooks::register(&mut registry, &mut worker_config, webhooks.clone());
         if config.stats.enabled {

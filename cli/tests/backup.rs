@@ -1,5 +1,6 @@
 //! `conveyor backup` as a user runs it, on a SQLite store and on Postgres: create, list,
-//! show and verify, a damaged backup named by `verify` (exit 1), and a misconfigured
+//! show, verify (also `--restore`) and restore, a damaged backup named by `verify` and refused
+//! by `restore` (exit 1), and a misconfigured
 //! destination refused before anything is read (exit 2).
 
 mod common;
@@ -76,6 +77,33 @@ async fn backs_up_verifies_and_names_damage(t: TestStore) {
     let verified = backup_json(&url, &dir, &["verify", &id]);
     assert_eq!(verified["objects"], 1, "{verified}");
 
+    // verify --restore: a scratch copy matches the recorded figures.
+    let checked = backup_json(&url, &dir, &["verify", &id, "--restore"]);
+    assert_eq!(checked["tables"], manifest["tables"], "{checked}");
+    // Restoring over the live store is refused (exit 1) and says how to force it.
+    let (code, _, err) = backup(&url, &dir, &["restore", &id, "--to", &url]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("not empty") && err.contains("--force"),
+        "{err}"
+    );
+    if url.starts_with("sqlite") {
+        let file = dir.join("restored.db");
+        let restored = backup_json(
+            &url,
+            &dir,
+            &["restore", &id, "--to", &file.display().to_string()],
+        );
+        assert_eq!(restored["tables"], manifest["tables"], "{restored}");
+        assert_eq!(restored["jobs"]["still_leased"], 0, "{restored}");
+        // The restored store lists the jobs.
+        let listed = common::run_json(
+            &format!("sqlite://{}", file.display()),
+            &["jobs", "list", "--limit", "100"],
+        );
+        assert_eq!(listed.as_array().map(Vec::len), Some(20), "{listed}");
+    }
+
     // Truncate the stored object: verify exits 1 naming the backup and the object.
     let object = dir.join("store").join(&id).join("data.zst");
     let bytes = std::fs::read(&object).unwrap();
@@ -83,6 +111,18 @@ async fn backs_up_verifies_and_names_damage(t: TestStore) {
     let (code, _, err) = backup(&url, &dir, &["verify", &id]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&id) && err.contains("data.zst"), "{err}");
+    // ... and restore refuses it, naming the object, writing nothing (the damage is found
+    // before the Postgres target is even looked at).
+    let fresh = dir.join("never.db");
+    let target = if url.starts_with("sqlite") {
+        fresh.display().to_string()
+    } else {
+        url.clone()
+    };
+    let (code, _, err) = backup(&url, &dir, &["restore", &id, "--to", &target]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&id) && err.contains("data.zst"), "{err}");
+    assert!(!fresh.exists());
 
     // An unknown `--destination` is named with the configured ones; a config whose default
     // destination names nothing is a config error (exit 2).
@@ -107,4 +147,90 @@ async fn postgres_store() {
     if let Some(t) = TestStore::postgres().await {
         backs_up_verifies_and_names_damage(t).await;
     }
+}
+
+/// `conveyor backup create` killed with SIGKILL while it uploads (a 64 MiB incompressible
+/// SQLite source): nothing is listed as complete; the next run writes a complete backup that
+/// verifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_mid_upload_lists_nothing_and_the_retry_completes() {
+    use sqlx::Connection;
+    let t = TestStore::sqlite().await;
+    let dir = scratch();
+    std::fs::create_dir_all(&dir).unwrap();
+    let big = dir.join("big.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", big.display()))
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE blobs (b BLOB);
+         WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 64)
+         INSERT INTO blobs SELECT randomblob(1048576) FROM n;",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let dest = dir.join("backups");
+    let create = || {
+        let mut cmd = common::conveyor(&t.url, &["backup", "create", "--source", "big", "--json"]);
+        cmd.env("CONVEYOR_BACKUP__DESTINATION", "here")
+            .env("CONVEYOR_BACKUP__DESTINATIONS__HERE__TYPE", "dir")
+            .env("CONVEYOR_BACKUP__DESTINATIONS__HERE__PATH", &dest)
+            .env("CONVEYOR_BACKUP__SOURCES__BIG__TYPE", "sqlite")
+            .env("CONVEYOR_BACKUP__SOURCES__BIG__PATH", &big)
+            .env("CONVEYOR_BACKUP__SCRATCH_DIR", dir.join("scratch"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let mut child = create().spawn().expect("the binary runs");
+    // Kill it once the upload has stored bytes under the backup's folder (a part written).
+    let started = std::time::Instant::now();
+    loop {
+        let written = std::fs::read_dir(dest.join("big"))
+            .ok()
+            .and_then(|mut ids| ids.next())
+            .and_then(|id| std::fs::read_dir(id.ok()?.path()).ok())
+            .is_some_and(|mut files| {
+                files.any(|f| {
+                    f.ok()
+                        .and_then(|f| f.metadata().ok())
+                        .is_some_and(|m| m.len() > 0)
+                })
+            });
+        if written {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup finished before it could be killed: make the source larger"
+        );
+        assert!(started.elapsed().as_secs() < 60, "no upload started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    let (code, out, err) = backup(&t.url, &dest, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no complete backups"), "{out}");
+
+    let out = tokio::task::block_in_place(|| create().output()).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(manifest["tables"][0]["rows"], 64, "{manifest}");
+    let listed = backup_json(&t.url, &dest, &["list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["id"], manifest["id"]);
+    let verified = backup_json(&t.url, &dest, &["verify", manifest["id"].as_str().unwrap()]);
+    assert_eq!(verified["raw_bytes"], manifest["objects"][0]["raw_bytes"]);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -16,8 +16,12 @@
 //! - `email.send`: one message through a configured SMTP transport; see [`email`] and
 //!   `email::register`. Its args are checked at enqueue ([`email::Emails::validators`]).
 //!
-//! Analytics and backup kinds land here as their own modules.
+//! - `backup.run` and `backup.prune`: a backup (or a retention pass) as configured under
+//!   `[backup]`, for cron schedules; see [`backup`] and `backup::register`.
+//!
+//! Analytics kinds land here as their own module.
 
+pub mod backup;
 pub mod email;
 pub mod http_target;
 pub mod webhook;

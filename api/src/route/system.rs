@@ -121,6 +121,10 @@ async fn render_metrics(state: &AppState) -> Result<Response, Problem> {
             u8::from(s.paused)
         );
     }
+    conveyor_backup::status::render(
+        &conveyor_backup::status::read(state.store.as_ref()).await?,
+        &mut out,
+    );
     let mut response = out.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -2,8 +2,8 @@
 //! gives one consistent dump as a byte stream, and the figures (rows per table, checksums)
 //! of the same snapshot, for `verify --restore` to compare a restored copy with.
 
-mod postgres;
-mod sqlite;
+pub(crate) mod postgres;
+pub(crate) mod sqlite;
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ use tokio::io::AsyncRead;
 
 use crate::config::{STORE_SOURCE, SourceConfig};
 use crate::error::{Error, Result};
-use crate::manifest::{SourceKind, TableFigures};
+use crate::manifest::{MigrationRecord, SourceKind, TableFigures};
 
 /// The schema Conveyor's tables live in on Postgres.
 pub const STORE_SCHEMA: &str = "conveyor";
@@ -90,6 +90,14 @@ impl Source {
         }
     }
 
+    /// The Postgres schemas it dumps (empty: all, or not Postgres).
+    pub fn schemas(&self) -> &[String] {
+        match self {
+            Source::Sqlite { .. } => &[],
+            Source::Postgres { schemas, .. } => schemas,
+        }
+    }
+
     /// What its dump is.
     pub fn kind(&self) -> SourceKind {
         match self {
@@ -114,6 +122,8 @@ impl Source {
 pub(crate) struct Dump {
     pub reader: Box<dyn AsyncRead + Send + Unpin>,
     pub tables: Vec<TableFigures>,
+    /// A Postgres store's applied migrations, read in the dump's snapshot.
+    pub migrations: Vec<MigrationRecord>,
     pub(crate) finish: Finish,
 }
 

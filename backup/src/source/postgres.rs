@@ -12,8 +12,9 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 use super::{Dump, Finish};
+use crate::config::STORE_SOURCE;
 use crate::error::{Error, Result};
-use crate::manifest::TableFigures;
+use crate::manifest::{MigrationRecord, TableFigures};
 
 /// `pg_dump` running, and the transaction whose snapshot it reads.
 pub(crate) struct Running {
@@ -43,6 +44,14 @@ pub(super) async fn dump(
     let tables = figures(&mut conn, schemas)
         .await
         .map_err(|e| Error::source(name, format!("counting rows: {e}")))?;
+    // The store's migration record lives outside its schema; a restore writes it back.
+    let migrations = if name == STORE_SOURCE {
+        migrations(&mut conn)
+            .await
+            .map_err(|e| Error::source(name, format!("reading _sqlx_migrations: {e}")))?
+    } else {
+        Vec::new()
+    };
 
     let mut cmd = Command::new(pg_dump);
     cmd.arg("--format=custom")
@@ -76,6 +85,7 @@ pub(super) async fn dump(
     Ok(Dump {
         reader: Box::new(stdout),
         tables,
+        migrations,
         finish: Finish::PgDump(Box::new(Running {
             name: name.to_string(),
             child,
@@ -150,13 +160,72 @@ pub(crate) async fn figures(
     Ok(tables)
 }
 
-fn quote(ident: &str) -> String {
+/// The applied migrations of the store whose `_sqlx_migrations` is on the search path
+/// (none if it has none).
+async fn migrations(conn: &mut PgConnection) -> Result<Vec<MigrationRecord>, sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT version, description, installed_on, success, checksum, execution_time
+         FROM _sqlx_migrations ORDER BY version",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(MigrationRecord {
+                version: r.try_get(0)?,
+                description: r.try_get(1)?,
+                installed_on: r.try_get(2)?,
+                success: r.try_get(3)?,
+                checksum: hex::encode(r.try_get::<Vec<u8>, _>(4)?),
+                execution_time: r.try_get(5)?,
+            })
+        })
+        .collect()
+}
+
+/// Writes `records` into the target's `_sqlx_migrations` (created as sqlx creates it), so a
+/// restored store is known to be migrated.
+pub(crate) async fn write_migrations(
+    conn: &mut PgConnection,
+    records: &[MigrationRecord],
+) -> Result<(), sqlx::Error> {
+    use sqlx::migrate::Migrate;
+    conn.ensure_migrations_table("_sqlx_migrations")
+        .await
+        .map_err(|e| sqlx::Error::Protocol(format!("creating _sqlx_migrations: {e}")))?;
+    for m in records {
+        let checksum = hex::decode(&m.checksum).map_err(|e| {
+            sqlx::Error::Protocol(format!("migration {}: checksum: {e}", m.version))
+        })?;
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, installed_on, success, checksum, execution_time)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(m.version)
+        .bind(&m.description)
+        .bind(m.installed_on)
+        .bind(m.success)
+        .bind(checksum)
+        .bind(m.execution_time)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+pub(crate) fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 /// The URL as libpq (`pg_dump`) takes it: query parameters only Conveyor's driver knows are
 /// dropped.
-fn libpq_url(url: &str) -> String {
+pub(crate) fn libpq_url(url: &str) -> String {
     let Ok(mut parsed) = url::Url::parse(url) else {
         return url.to_string();
     };

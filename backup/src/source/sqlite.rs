@@ -59,6 +59,7 @@ pub(super) async fn dump(name: &str, path: &Path, scratch: &Path) -> Result<Dump
     Ok(Dump {
         reader: Box::new(file),
         tables,
+        migrations: Vec::new(),
         finish: Finish::RemoveFile(copy),
     })
 }
