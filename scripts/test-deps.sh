@@ -50,3 +50,12 @@ if ! .venv/bin/python -c 'import moto.server' >/dev/null 2>&1; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check "$MOTO"
 fi
+
+# dkimpy (with PyNaCl for ed25519): the independent verifier of the email tests' DKIM
+# signatures (tests/smtp/dkim_verify.py), pinned to a major version.
+DKIMPY='dkimpy[ed25519]>=1.1,<2'
+if ! .venv/bin/python -c 'import dkim, nacl' >/dev/null 2>&1; then
+  echo "installing $DKIMPY into .venv"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "$DKIMPY"
+fi

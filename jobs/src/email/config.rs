@@ -38,6 +38,8 @@ pub struct EmailConfig {
     pub retry: conveyor_worker::RetryPolicy,
     /// The named SMTP transports, by name.
     pub transports: BTreeMap<String, Transport>,
+    /// DKIM signing keys, by name (see [`super::dkim`]).
+    pub dkim: BTreeMap<String, super::dkim::DkimKey>,
 }
 
 impl Default for EmailConfig {
@@ -59,6 +61,7 @@ impl Default for EmailConfig {
                 jitter: 0.2,
             },
             transports: BTreeMap::new(),
+            dkim: BTreeMap::new(),
         }
     }
 }
@@ -138,12 +141,16 @@ pub struct Transport {
     /// Command and connection timeout (`None`: `email.timeout`).
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// The `[email.dkim.<name>]` key that signs every message of this transport. Unset: the
+    /// key of the message's `From` domain, if one is configured.
+    #[serde(default)]
+    pub dkim: Option<String>,
 }
 
 impl Transport {
     /// The keys a transport has (the environment may set them:
     /// `CONVEYOR_EMAIL__TRANSPORTS__<NAME>__<KEY>`).
-    pub const FIELDS: [&'static str; 11] = [
+    pub const FIELDS: [&'static str; 12] = [
         "host",
         "port",
         "security",
@@ -155,6 +162,7 @@ impl Transport {
         "hello_name",
         "pool_size",
         "timeout",
+        "dkim",
     ];
 
     /// A transport to `host` with every other setting at its default.
@@ -171,6 +179,7 @@ impl Transport {
             hello_name: None,
             pool_size: None,
             timeout: None,
+            dkim: None,
         }
     }
 
@@ -195,6 +204,7 @@ impl std::fmt::Debug for Transport {
             .field("hello_name", &self.hello_name)
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
+            .field("dkim", &self.dkim)
             .finish()
     }
 }
@@ -282,7 +292,21 @@ impl EmailConfig {
                     "`{key}.hello_name` = \"{h}\": give a host name such as mail.example.com"
                 ));
             }
+            if let Some(d) = &t.dkim
+                && !self.dkim.contains_key(d)
+            {
+                return Err(format!(
+                    "`{key}.dkim` = \"{d}\" names no `[email.dkim.<name>]` key ({})",
+                    if self.dkim.is_empty() {
+                        "none is configured".to_string()
+                    } else {
+                        let names: Vec<&str> = self.dkim.keys().map(String::as_str).collect();
+                        format!("configured: {}", names.join(", "))
+                    }
+                ));
+            }
         }
+        super::dkim::validate(&self.dkim)?;
         match &self.default_transport {
             Some(name) if !self.transports.contains_key(name) => Err(format!(
                 "`email.default_transport` = \"{name}\" names no transport ({})",
@@ -388,6 +412,7 @@ mod tests {
             t.hello_name = Some("h".into());
             t.pool_size = Some(1);
             t.timeout = Some(Duration::from_secs(1));
+            t.dkim = Some("k".into());
             t
         })
         .unwrap();

@@ -2,6 +2,7 @@
 //!
 //! 1. Build the message again from the args (the same bytes and `Message-ID` on every
 //!    attempt); a message that no longer passes the rules (the config changed) fails for good.
+//!    When a DKIM key applies (see [`super::dkim`]) the message is signed here.
 //! 2. Read the message's [`DeliveryRecord`] (on a job's first attempt there is none): the
 //!    recipients already accepted are never sent to again.
 //! 3. One SMTP transaction per remaining recipient, over the transport's pooled
@@ -165,6 +166,18 @@ impl Emails {
                 "no email transport `{transport_name}`"
             )));
         };
+        // Signed now, after the Message-ID is fixed: every attempt signs the same headers and
+        // body; only the signature's timestamp differs.
+        let mut built = built;
+        let transport_key = self
+            .config
+            .transports
+            .get(&transport_name)
+            .and_then(|t| t.dkim.as_deref());
+        if let Some(signer) = self.dkim.for_message(transport_key, built.from.domain()) {
+            lettre::message::dkim::dkim_sign(&mut built.message, signer);
+            built.raw = built.message.formatted();
+        }
 
         let previous = if job.attempts.is_empty() {
             None
