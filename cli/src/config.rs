@@ -329,6 +329,9 @@ fn is_target_key(path: &[String]) -> bool {
         [section, dkim, _, key] if section == "email" && dkim == "dkim" => {
             conveyor_jobs::email::dkim::DkimKey::FIELDS.contains(&key.as_str())
         }
+        [section, throttles, _, key] if section == "email" && throttles == "throttles" => {
+            conveyor_jobs::email::throttle::Throttle::FIELDS.contains(&key.as_str())
+        }
         _ => false,
     }
 }

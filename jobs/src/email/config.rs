@@ -40,6 +40,8 @@ pub struct EmailConfig {
     pub transports: BTreeMap<String, Transport>,
     /// DKIM signing keys, by name (see [`super::dkim`]).
     pub dkim: BTreeMap<String, super::dkim::DkimKey>,
+    /// Limits per recipient domain, shared by every worker (see [`super::throttle`]).
+    pub throttles: BTreeMap<String, super::throttle::Throttle>,
 }
 
 impl Default for EmailConfig {
@@ -62,6 +64,7 @@ impl Default for EmailConfig {
             },
             transports: BTreeMap::new(),
             dkim: BTreeMap::new(),
+            throttles: BTreeMap::new(),
         }
     }
 }
@@ -145,12 +148,21 @@ pub struct Transport {
     /// key of the message's `From` domain, if one is configured.
     #[serde(default)]
     pub dkim: Option<String>,
+    /// SMTP transactions per second through this transport, across every worker.
+    #[serde(default)]
+    pub rate_per_second: Option<f64>,
+    /// Transactions that may start at once after a quiet spell (default 1).
+    #[serde(default)]
+    pub burst: Option<f64>,
+    /// Transactions in progress at once through this transport, across every worker.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
 }
 
 impl Transport {
     /// The keys a transport has (the environment may set them:
     /// `CONVEYOR_EMAIL__TRANSPORTS__<NAME>__<KEY>`).
-    pub const FIELDS: [&'static str; 12] = [
+    pub const FIELDS: [&'static str; 15] = [
         "host",
         "port",
         "security",
@@ -163,6 +175,9 @@ impl Transport {
         "pool_size",
         "timeout",
         "dkim",
+        "rate_per_second",
+        "burst",
+        "concurrency",
     ];
 
     /// A transport to `host` with every other setting at its default.
@@ -180,12 +195,24 @@ impl Transport {
             pool_size: None,
             timeout: None,
             dkim: None,
+            rate_per_second: None,
+            burst: None,
+            concurrency: None,
         }
     }
 
     /// The port connected to.
     pub fn port(&self) -> u16 {
         self.port.unwrap_or_else(|| self.security.default_port())
+    }
+
+    /// The transport's own limits (`rate_per_second`, `burst`, `concurrency`).
+    pub fn throttle(&self) -> super::throttle::Throttle {
+        super::throttle::Throttle {
+            rate_per_second: self.rate_per_second,
+            burst: self.burst,
+            concurrency: self.concurrency,
+        }
     }
 }
 
@@ -205,6 +232,9 @@ impl std::fmt::Debug for Transport {
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
             .field("dkim", &self.dkim)
+            .field("rate_per_second", &self.rate_per_second)
+            .field("burst", &self.burst)
+            .field("concurrency", &self.concurrency)
             .finish()
     }
 }
@@ -307,6 +337,10 @@ impl EmailConfig {
             }
         }
         super::dkim::validate(&self.dkim)?;
+        for (name, t) in &self.transports {
+            super::throttle::validate_transport(name, &t.throttle())?;
+        }
+        super::throttle::validate(&self.throttles)?;
         match &self.default_transport {
             Some(name) if !self.transports.contains_key(name) => Err(format!(
                 "`email.default_transport` = \"{name}\" names no transport ({})",
@@ -413,6 +447,9 @@ mod tests {
             t.pool_size = Some(1);
             t.timeout = Some(Duration::from_secs(1));
             t.dkim = Some("k".into());
+            t.rate_per_second = Some(1.0);
+            t.burst = Some(1.0);
+            t.concurrency = Some(1);
             t
         })
         .unwrap();

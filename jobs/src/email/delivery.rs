@@ -26,7 +26,7 @@ use lettre::address::Envelope;
 use serde::{Deserialize, Serialize};
 
 use super::message::{EmailArgs, RecipientKind, same_address};
-use super::{DELIVERIES, Emails};
+use super::{DELIVERIES, Emails, throttle};
 
 /// Attempts kept in one record (the oldest are dropped).
 const MAX_ATTEMPTS_KEPT: usize = 50;
@@ -92,7 +92,8 @@ pub struct EmailAttempt {
     /// The first failure, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// `done`, `retry` or `failed` (the job is dead).
+    /// `done`, `retry`, `throttled` (every recipient left was held back by a throttle: the
+    /// job runs again later without using an attempt) or `failed` (the job is dead).
     pub result: String,
 }
 
@@ -232,6 +233,22 @@ impl Emails {
         let (mut accepted, mut deferred, mut refused) = (0u32, 0u32, 0u32);
         let mut first_error: Option<String> = None;
         let mut connection_failed = false;
+        // Recipients held back by a throttle in this attempt, and the shortest wait.
+        let mut throttled: Vec<usize> = Vec::new();
+        let mut throttle_wait: Option<std::time::Duration> = None;
+        let transport_throttle = self
+            .config
+            .transports
+            .get(&transport_name)
+            .map(|t| t.throttle())
+            .unwrap_or_default();
+        let lease = self
+            .config
+            .transports
+            .get(&transport_name)
+            .and_then(|t| t.timeout)
+            .unwrap_or(self.config.timeout)
+            * 10;
         for (i, (address, _)) in built.recipients.iter().enumerate() {
             let r = &mut record.recipients[i];
             if matches!(
@@ -249,12 +266,46 @@ impl Emails {
                 deferred += 1;
                 continue;
             }
+            let domain = address.domain().to_ascii_lowercase();
+            let mut scopes = Vec::new();
+            if let Some(t) = self.config.throttles.get(&domain) {
+                scopes.push(throttle::Scope {
+                    name: format!("domain:{domain}"),
+                    throttle: t,
+                });
+            }
+            if transport_throttle != throttle::Throttle::default() {
+                scopes.push(throttle::Scope {
+                    name: format!("transport:{transport_name}"),
+                    throttle: &transport_throttle,
+                });
+            }
+            let mut held = if scopes.is_empty() {
+                throttle::Held::default()
+            } else {
+                match throttle::acquire(self.store.as_ref(), &scopes, lease, &job_id).await? {
+                    Ok(held) => held,
+                    Err(wait) => {
+                        // Not tried: left for the snoozed run, without using an attempt.
+                        if r.status != RecipientStatus::Pending {
+                            r.status = RecipientStatus::Deferred;
+                        }
+                        r.reply = Some(wait.reason);
+                        throttled.push(i);
+                        deferred += 1;
+                        throttle_wait =
+                            Some(throttle_wait.map_or(wait.after, |w| w.min(wait.after)));
+                        continue;
+                    }
+                }
+            };
             tried.push(address.to_string());
             let envelope = Envelope::new(Some(built.from.clone()), vec![address.clone()])?;
             let sent = tokio::select! {
                 s = smtp.client.send_raw(&envelope, &built.raw) => Some(s),
                 _ = ctx.cancelled() => None,
             };
+            held.release(self.store.as_ref()).await;
             r.attempt = Some(job.attempt);
             r.at = Some(Utc::now());
             let (status, code, reply, failure) = match sent {
@@ -348,7 +399,27 @@ impl Emails {
             failures.join("; ")
         );
         let last = job.attempt >= job.max_attempts;
-        let (outcome, result) = if any_deferred {
+        // Everything still to do was held back by a throttle: run again later without using
+        // an attempt.
+        let only_throttled = !throttled.is_empty()
+            && record.recipients.iter().enumerate().all(|(i, r)| {
+                !matches!(
+                    r.status,
+                    RecipientStatus::Deferred | RecipientStatus::Pending
+                ) || throttled.contains(&i)
+            });
+        if only_throttled && tried.is_empty() {
+            // Nothing happened that the record does not already say.
+            return Ok(Outcome::Snooze(
+                throttle_wait.unwrap_or(throttle::BUSY_WAIT),
+            ));
+        }
+        let (outcome, result) = if only_throttled {
+            (
+                Outcome::Snooze(throttle_wait.unwrap_or(throttle::BUSY_WAIT)),
+                "throttled",
+            )
+        } else if any_deferred {
             (
                 Outcome::retry(summary),
                 if last { "failed" } else { "retry" },

@@ -11,6 +11,7 @@
 //!   ([`DeliveryRecord`]) so a retry never resends to a recipient that was accepted.
 //! - [`config`]: `[email]` and `[email.transports.<name>]`.
 //! - [`dkim`]: `[email.dkim.<name>]`, the keys messages are signed with.
+//! - [`throttle`]: the limits per recipient domain and per transport, kept in the store.
 //!
 //! Passwords come from the config (in clear, or sealed with the secrets keys: `conveyor
 //! secrets seal --for email.transports.<name>`), an environment variable or a file; they are
@@ -20,6 +21,7 @@ pub mod config;
 pub mod delivery;
 pub mod dkim;
 pub mod message;
+pub mod throttle;
 
 use std::collections::HashMap;
 use std::sync::Arc;
