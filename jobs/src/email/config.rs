@@ -42,6 +42,10 @@ pub struct EmailConfig {
     pub dkim: BTreeMap<String, super::dkim::DkimKey>,
     /// Limits per recipient domain, shared by every worker (see [`super::throttle`]).
     pub throttles: BTreeMap<String, super::throttle::Throttle>,
+    /// Recipient domains counted under their own name in the email metrics, besides the
+    /// throttled ones; every other domain is counted as `other` (recipient domains are
+    /// unbounded, a metric's labels must not be).
+    pub metrics_domains: Vec<String>,
 }
 
 impl Default for EmailConfig {
@@ -65,6 +69,7 @@ impl Default for EmailConfig {
             transports: BTreeMap::new(),
             dkim: BTreeMap::new(),
             throttles: BTreeMap::new(),
+            metrics_domains: Vec::new(),
         }
     }
 }
@@ -341,6 +346,13 @@ impl EmailConfig {
             super::throttle::validate_transport(name, &t.throttle())?;
         }
         super::throttle::validate(&self.throttles)?;
+        for d in &self.metrics_domains {
+            if !is_domain(d) || d.chars().any(|c| c.is_ascii_uppercase()) {
+                return Err(format!(
+                    "`email.metrics_domains`: \"{d}\" is not a domain in lower case, such as gmail.com"
+                ));
+            }
+        }
         match &self.default_transport {
             Some(name) if !self.transports.contains_key(name) => Err(format!(
                 "`email.default_transport` = \"{name}\" names no transport ({})",
@@ -357,6 +369,15 @@ impl EmailConfig {
         } else {
             let names: Vec<&str> = self.transports.keys().map(String::as_str).collect();
             format!("configured: {}", names.join(", "))
+        }
+    }
+
+    /// The `domain` label of the email metrics for recipient domain `domain` (lower case).
+    pub fn metrics_domain<'a>(&self, domain: &'a str) -> &'a str {
+        if self.throttles.contains_key(domain) || self.metrics_domains.iter().any(|d| d == domain) {
+            domain
+        } else {
+            "other"
         }
     }
 

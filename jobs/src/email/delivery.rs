@@ -149,6 +149,22 @@ fn error_text(e: &lettre::transport::smtp::Error) -> String {
     excerpt(&text)
 }
 
+/// Whether a refusal's reply carries the enhanced status of a hard bounce (RFC 3463 5.1.x:
+/// bad mailbox, bad domain, ...).
+fn is_hard_bounce(reply: &str) -> bool {
+    reply
+        .split(|c: char| c.is_whitespace() || c == ':' || c == '(' || c == ')')
+        .any(|w| {
+            let mut parts = w.split('.');
+            parts.next() == Some("5")
+                && parts.next() == Some("1")
+                && parts
+                    .next()
+                    .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                && parts.next().is_none()
+        })
+}
+
 impl Emails {
     /// Runs one attempt (the job handler).
     pub async fn run(&self, args: EmailArgs, ctx: JobContext) -> anyhow::Result<Outcome> {
@@ -249,6 +265,11 @@ impl Emails {
             .and_then(|t| t.timeout)
             .unwrap_or(self.config.timeout)
             * 10;
+        let metrics = |transport: &str, domain: &str| {
+            conveyor_worker::metrics::global()
+                .emails
+                .get(&[transport, self.config.metrics_domain(domain)])
+        };
         for (i, (address, _)) in built.recipients.iter().enumerate() {
             let r = &mut record.recipients[i];
             if matches!(
@@ -293,6 +314,7 @@ impl Emails {
                         r.reply = Some(wait.reason);
                         throttled.push(i);
                         deferred += 1;
+                        metrics(&transport_name, &domain).throttled.inc();
                         throttle_wait =
                             Some(throttle_wait.map_or(wait.after, |w| w.min(wait.after)));
                         continue;
@@ -340,12 +362,26 @@ impl Emails {
                     (status, code, error_text(&e), Some(failure))
                 }
             };
+            let series = metrics(&transport_name, &domain);
             match failure {
-                None => accepted += 1,
-                Some(Failure::Permanent) => refused += 1,
-                Some(Failure::Transient) => deferred += 1,
+                None => {
+                    accepted += 1;
+                    series.sent.inc();
+                }
+                Some(Failure::Permanent) => {
+                    refused += 1;
+                    series.failed.inc();
+                    if is_hard_bounce(&reply) {
+                        series.bounced.inc();
+                    }
+                }
+                Some(Failure::Transient) => {
+                    deferred += 1;
+                    series.deferred.inc();
+                }
                 Some(Failure::Connection) => {
                     deferred += 1;
+                    series.deferred.inc();
                     connection_failed = true;
                 }
             }
@@ -474,5 +510,20 @@ pub async fn record(
     match store.meta_get(DELIVERIES, job_id).await? {
         Some(r) => Ok(Some(r.decode()?)),
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hard_bounces_are_5_1_x() {
+        assert!(super::is_hard_bounce(
+            "permanent error (550): 5.1.1 <x@example.org>: user unknown"
+        ));
+        assert!(!super::is_hard_bounce(
+            "permanent error (552): 5.2.2 mailbox full"
+        ));
+        assert!(!super::is_hard_bounce("permanent error (550): 5.1 x"));
+        assert!(!super::is_hard_bounce("15.1.1"));
     }
 }
