@@ -3,7 +3,8 @@
 # Debian's packages: pgbouncer (a real connection pooler in both pool modes), faketime (a
 # worker process whose clock is shifted), openssl (certificates for the TLS tests); and from
 # PyPI into .venv: schemathesis (scripts/api-schema-test.sh) and aiosmtpd (the scripted SMTP
-# server of the email tests, tests/smtp/server.py). Quick on a second run:
+# server of the email tests, tests/smtp/server.py), dkimpy (their DKIM verifier), moto (the
+# backup tests' object storage). Quick on a second run:
 # nothing is fetched when every tool is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
