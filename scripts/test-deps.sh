@@ -3,7 +3,8 @@
 # Debian's packages: pgbouncer (a real connection pooler in both pool modes), faketime (a
 # worker process whose clock is shifted), openssl (certificates for the TLS tests); and from
 # PyPI into .venv: schemathesis (scripts/api-schema-test.sh) and aiosmtpd (the scripted SMTP
-# server of the email tests, tests/smtp/server.py). Quick on a second run:
+# server of the email tests, tests/smtp/server.py), dkimpy (their DKIM verifier), moto (the
+# backup tests' object storage). Quick on a second run:
 # nothing is fetched when every tool is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,4 +50,13 @@ if ! .venv/bin/python -c 'import moto.server' >/dev/null 2>&1; then
   echo "installing $MOTO into .venv"
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check "$MOTO"
+fi
+
+# dkimpy (with PyNaCl for ed25519): the independent verifier of the email tests' DKIM
+# signatures (tests/smtp/dkim_verify.py), pinned to a major version.
+DKIMPY='dkimpy[ed25519]>=1.1,<2'
+if ! .venv/bin/python -c 'import dkim, nacl' >/dev/null 2>&1; then
+  echo "installing $DKIMPY into .venv"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "$DKIMPY"
 fi

@@ -28,6 +28,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 mod apalis;
+mod email;
 mod remote;
 mod statistics;
 mod webhooks;
@@ -46,6 +47,9 @@ pub enum Workload {
     /// No-op jobs run by an apalis worker (apalis-core's `WorkerBuilder`) on the same store
     /// through `conveyor_apalis` (see docs/apalis.md).
     Apalis,
+    /// SMTP sending through lettre's pool beside one connection per message, to a sink in
+    /// this process (see docs/email.md); the store is not used.
+    Email,
 }
 
 /// Which store the benchmark runs on (must match the URL).
@@ -159,10 +163,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--analyze and --preload-finished apply to --workload jobs and apalis only");
     }
 
+    if args.workload == Workload::Email {
+        return email::run(&args).await;
+    }
+
     // Deliveries write an attempt-log record each, concurrently with fetch and completion:
     // they get a larger pool (CONVEYOR_BENCH_POOL overrides, for A/B runs).
     let pool = match args.workload {
-        Workload::Jobs | Workload::Remote | Workload::Apalis => 8,
+        Workload::Jobs | Workload::Remote | Workload::Apalis | Workload::Email => 8,
         Workload::Webhooks => std::env::var("CONVEYOR_BENCH_POOL")
             .ok()
             .and_then(|v| v.parse().ok())

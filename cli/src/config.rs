@@ -315,7 +315,7 @@ const OPTIONAL_KEYS: [&str; 7] = [
 
 /// Whether `path` is a key of a named HTTP target (`http_targets.<name>.<key>`, or a header
 /// `http_targets.<name>.headers.<header>`), of a named email transport
-/// (`email.transports.<name>.<key>`), or of a backup destination or source: these names are
+/// (`email.transports.<name>.<key>`) or DKIM key (`email.dkim.<name>.<key>`), or of a backup destination or source: these names are
 /// the operator's, so these keys are not among the defaults.
 fn is_target_key(path: &[String]) -> bool {
     match path {
@@ -325,10 +325,14 @@ fn is_target_key(path: &[String]) -> bool {
         }
         [section, map, _, _] if section == "backup" => is_backup_map(map),
         [section, _, headers, _] if section == "http_targets" => headers == "headers",
-        [section, transports, _, key] => {
-            section == "email"
-                && transports == "transports"
-                && conveyor_jobs::email::Transport::FIELDS.contains(&key.as_str())
+        [section, transports, _, key] if section == "email" && transports == "transports" => {
+            conveyor_jobs::email::Transport::FIELDS.contains(&key.as_str())
+        }
+        [section, dkim, _, key] if section == "email" && dkim == "dkim" => {
+            conveyor_jobs::email::dkim::DkimKey::FIELDS.contains(&key.as_str())
+        }
+        [section, throttles, _, key] if section == "email" && throttles == "throttles" => {
+            conveyor_jobs::email::throttle::Throttle::FIELDS.contains(&key.as_str())
         }
         _ => false,
     }

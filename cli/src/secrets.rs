@@ -30,10 +30,11 @@ pub enum SecretsCommand {
     Reencrypt(OutputArgs),
     /// Encrypt a secret (read from stdin) for the config file: the printed `cv1:…` value goes
     /// in `http_targets.<name>.signing_secret` (or `http_requests.signing_secret`), or in
-    /// `email.transports.<name>.password`, and opens only there, with the configured keys.
+    /// `email.transports.<name>.password` or `email.dkim.<name>.private_key`, and opens only
+    /// there, with the configured keys.
     Seal {
-        /// Where the value goes: `http_targets.<name>`, `http_requests` or
-        /// `email.transports.<name>`.
+        /// Where the value goes: `http_targets.<name>`, `http_requests`,
+        /// `email.transports.<name>` or `email.dkim.<name>`.
         #[arg(long = "for", value_name = "SECTION")]
         target: String,
     },
@@ -203,7 +204,13 @@ pub async fn run(webhooks: Option<Webhooks>, cmd: SecretsCommand) -> anyhow::Res
         SecretsCommand::Seal { target } => {
             let hooks = webhooks.ok_or_else(|| anyhow::anyhow!("`secrets seal` needs the keys"))?;
             let mut secret = String::new();
-            std::io::stdin().read_line(&mut secret).map_err(|e| {
+            // A PEM key (email.dkim) is several lines; every other secret is one.
+            let read = if target.starts_with("email.dkim.") {
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut secret)
+            } else {
+                std::io::stdin().read_line(&mut secret)
+            };
+            read.map_err(|e| {
                 crate::input::usage(format!("cannot read the secret from stdin: {e}"))
             })?;
             outln!(
@@ -232,13 +239,28 @@ pub fn seal_config_secret(keys: &Keyring, section: &str, secret: &str) -> anyhow
             .map_err(|e| ConfigError(format!("`secrets seal`: {e}")))?;
         return Ok(sealed.as_str().to_string());
     }
+    if let Some(name) = section.strip_prefix("email.dkim.") {
+        // A domain-named entry is `email.dkim.example.com`: all after the prefix is its name.
+        if name.is_empty() {
+            return Err(crate::input::usage(format!(
+                "--for `{section}`: name `email.dkim.<name>` with the key's entry name"
+            )));
+        }
+        if secret.is_empty() {
+            return Err(crate::input::usage("the private key on stdin is empty"));
+        }
+        let sealed = keys
+            .seal(secret, &conveyor_jobs::email::dkim::key_context(name))
+            .map_err(|e| ConfigError(format!("`secrets seal`: {e}")))?;
+        return Ok(sealed.as_str().to_string());
+    }
     let valid = section == "http_requests"
         || section
             .strip_prefix("http_targets.")
             .is_some_and(|name| conveyor_worker::job::check_name("target", name).is_ok());
     if !valid {
         return Err(crate::input::usage(format!(
-            "--for `{section}`: name `http_targets.<name>`, `http_requests` or `email.transports.<name>`"
+            "--for `{section}`: name `http_targets.<name>`, `http_requests`, `email.transports.<name>` or `email.dkim.<name>`"
         )));
     }
     if conveyor_jobs::webhook::signature::secret_key(secret).is_err() {

@@ -48,8 +48,10 @@ fn output(mut cmd: Command) -> (i32, String, String) {
 }
 
 async fn a_transport_from_config_through_serve_and_the_cli(url: String, store: Arc<dyn Store>) {
-    let Some(server) = SmtpServer::start(json!({"auth": {"user": "app", "password": PASSWORD}}))
-    else {
+    let Some(server) = SmtpServer::start(json!({
+        "auth": {"user": "app", "password": PASSWORD},
+        "rcpt": {"gone@example.org": [[550, "5.1.1 no such user"]]},
+    })) else {
         return;
     };
 
@@ -216,6 +218,51 @@ async fn a_transport_from_config_through_serve_and_the_cli(url: String, store: A
     assert_eq!(got.len(), 1, "one email for two sends with one key");
     assert!(got[0].authenticated);
     assert_eq!(got[0].parsed["to"][0]["name"], "Åsa Öberg");
+
+    // A hard bounce; then the metrics count each recipient by transport and domain (a
+    // domain neither throttled nor in `email.metrics_domains` is `other`).
+    let (status, bounced) = post(
+        json!({"from": "shop@example.com", "to": ["gone@example.org"], "subject": "s", "text": "t"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{bounced}");
+    let bounced_id = bounced["id"].as_str().unwrap().to_string();
+    eventually(30, "the bounced email to be dead", || {
+        let req = http
+            .get(format!("http://{addr}/v1/emails/{bounced_id}"))
+            .bearer_auth(&api_key);
+        async move {
+            let v: Value = req.send().await.unwrap().json().await.unwrap();
+            (v["state"] == "dead").then_some(v)
+        }
+    })
+    .await;
+    let metrics = http
+        .get(format!("http://{addr}/metrics"))
+        .bearer_auth(&api_key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (family, n) in [
+        ("sent", 1),
+        ("failed", 1),
+        ("bounced", 1),
+        ("deferred", 0),
+        ("throttled", 0),
+        ("suppressed", 0),
+    ] {
+        let line =
+            format!("conveyor_emails_{family}_total{{transport=\"main\",domain=\"other\"}} {n}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+        assert!(metrics.contains(&format!("# TYPE conveyor_emails_{family}_total counter")));
+    }
 
     // The CLI shows the same email; nothing shows the password.
     let (code, out, err) = output(with_transport(

@@ -13,12 +13,15 @@ client would show. The script (JSON) says how to answer:
       "data": [[451, "4.3.0 try later"], "drop", "ok"],       # per end of data, in turn
       "auth": {"user": "u", "password": "p"},                 # require AUTH PLAIN/LOGIN
       "starttls": {"cert": "cert.pem", "key": "key.pem"},     # offer (and require) STARTTLS
-      "implicit_tls": {"cert": "cert.pem", "key": "key.pem"}  # TLS from the first byte
+      "implicit_tls": {"cert": "cert.pem", "key": "key.pem"}, # TLS from the first byte
+      "data_delay": 0.3                                       # seconds before answering DATA
     }
 
 An answer is "ok", [code, text], or "drop" (close the connection without answering: the
 client never hears 250, and nothing is stored). When a list is used up, the answer is "ok".
-Every RCPT and DATA answered is logged to OUT_DIR/events.jsonl.
+Every RCPT and DATA answered is logged to OUT_DIR/events.jsonl, with its time (`t`) and,
+for an RCPT, the transactions then in progress to that recipient's domain (`inflight`,
+counted from the first accepted RCPT to the end of the DATA), which the throttle tests read.
 """
 
 import asyncio
@@ -30,6 +33,7 @@ import os
 import ssl
 import sys
 import threading
+import time
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
@@ -38,6 +42,11 @@ out = sys.argv[2]
 os.makedirs(out, exist_ok=True)
 lock = threading.Lock()
 counters = {"rcpt": {}, "data": 0, "stored": 0}
+inflight = {}
+
+
+def domain_of(address):
+    return address.rsplit("@", 1)[-1].lower()
 
 
 def log(event):
@@ -90,7 +99,12 @@ class Handler:
             i = counters["rcpt"].get(address, 0)
             counters["rcpt"][address] = i + 1
         answer = next_answer(script.get("rcpt", {}).get(address, []), i)
-        log({"event": "rcpt", "address": address, "answer": answer})
+        n = None
+        if answer == "ok" and not envelope.rcpt_tos:
+            with lock:
+                n = inflight.get(domain_of(address), 0) + 1
+                inflight[domain_of(address)] = n
+        log({"event": "rcpt", "address": address, "answer": answer, "t": time.time(), "inflight": n})
         if answer == "ok":
             envelope.rcpt_tos.append(address)
             return "250 OK"
@@ -100,11 +114,22 @@ class Handler:
         return f"{answer[0]} {answer[1]}"
 
     async def handle_DATA(self, server, session, envelope):
+        try:
+            if script.get("data_delay"):
+                await asyncio.sleep(script["data_delay"])
+            return self.answer_data(server, session, envelope)
+        finally:
+            if envelope.rcpt_tos:
+                with lock:
+                    d = domain_of(envelope.rcpt_tos[0])
+                    inflight[d] = inflight.get(d, 1) - 1
+
+    def answer_data(self, server, session, envelope):
         with lock:
             i = counters["data"]
             counters["data"] = i + 1
         answer = next_answer(script.get("data", []), i)
-        log({"event": "data", "rcpt_tos": envelope.rcpt_tos, "answer": answer})
+        log({"event": "data", "rcpt_tos": envelope.rcpt_tos, "answer": answer, "t": time.time()})
         if answer == "drop":
             server.transport.abort()
             return "421 gone"

@@ -170,3 +170,41 @@ impl Drop for SmtpServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Verifies the DKIM signature of `raw` with dkimpy (`tests/smtp/dkim_verify.py`), the
+/// public keys looked up in `records` (`{"<selector>._domainkey.<domain>": "v=DKIM1; …"}`)
+/// instead of DNS. Returns the verifier's verdict (`ok`, `domain`, `selector`, `algorithm`,
+/// `error`); `None` (skipped, or failed under `CI=true`) without a Python with dkimpy.
+pub fn dkim_verify(records: &Value, raw: &str) -> Option<Value> {
+    let python = workspace().join(".venv/bin/python");
+    let has_dkimpy = Command::new(&python)
+        .args(["-c", "import dkim, nacl"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_dkimpy {
+        return crate::unavailable(
+            "no .venv with dkimpy (run `bash scripts/test-deps.sh` to install it)",
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("conveyor-dkim-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir is writable");
+    std::fs::write(dir.join("records.json"), records.to_string()).expect("temp dir is writable");
+    std::fs::write(dir.join("message.eml"), raw).expect("temp dir is writable");
+    let out = Command::new(python)
+        .arg(workspace().join("tests/smtp/dkim_verify.py"))
+        .arg(dir.join("records.json"))
+        .arg(dir.join("message.eml"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("the verifier runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let verdict: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "the verifier printed {:?}, not its verdict: {e}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    Some(verdict)
+}

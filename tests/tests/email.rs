@@ -456,3 +456,193 @@ async fn starttls_with_auth_and_a_wrong_password(store: Arc<dyn Store>) {
     assert_eq!(server.received().len(), 1);
     run.stop().await;
 }
+
+/// `openssl` with `args`, its stdout.
+fn openssl(args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl runs (scripts/test-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A new private key (PEM, as `openssl genpkey` writes it: PKCS#8) and the DKIM TXT record
+/// of its public half.
+fn dkim_key(dir: &std::path::Path, algorithm: &str) -> (String, String) {
+    let path = dir.join(format!("{algorithm}.pem"));
+    let path_s = path.to_str().unwrap();
+    let mut gen_args = vec!["genpkey", "-algorithm", algorithm, "-out", path_s];
+    if algorithm == "RSA" {
+        gen_args.extend(["-pkeyopt", "rsa_keygen_bits:2048"]);
+    }
+    openssl(&gen_args);
+    let der = openssl(&["pkey", "-in", path_s, "-pubout", "-outform", "DER"]);
+    let record = if algorithm == "RSA" {
+        format!("v=DKIM1; k=rsa; p={}", B64.encode(&der))
+    } else {
+        // RFC 8463: the bare 32-byte public key, after the SubjectPublicKeyInfo's header.
+        format!(
+            "v=DKIM1; k=ed25519; p={}",
+            B64.encode(&der[der.len() - 32..])
+        )
+    };
+    (std::fs::read_to_string(&path).unwrap(), record)
+}
+
+/// DKIM: an RSA key from a file for the `From` domain, and an Ed25519 key from the
+/// environment named by a transport; each message arrives signed, and dkimpy verifies it
+/// against the public key (and refuses it once a signed header is changed). A bad key
+/// stops the service at start with the key named.
+#[tokio::test]
+async fn dkim_signatures_verify_with_an_independent_verifier() {
+    if conveyor_tests::redis_server::find_on_path("openssl").is_none() {
+        conveyor_tests::unavailable::<()>("openssl is not on PATH (scripts/test-deps.sh)");
+        return;
+    }
+    let Some(server) =
+        SmtpServer::start(json!({"rcpt": {"grey@example.org": [[451, "4.7.1 greylisted"]]}}))
+    else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "conveyor-dkim-keys-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (rsa_pem, rsa_txt) = dkim_key(&dir, "RSA");
+    let (ed_pem, ed_txt) = dkim_key(&dir, "ed25519");
+    let records = json!({
+        "s2026._domainkey.example.com": rsa_txt,
+        "ed._domainkey.example.com": ed_txt,
+    });
+
+    let mut c = config(&server);
+    c.dkim.insert(
+        "example.com".into(),
+        email::dkim::DkimKey {
+            selector: "s2026".into(),
+            domain: None,
+            private_key: None,
+            private_key_env: None,
+            private_key_file: Some(dir.join("RSA.pem")),
+        },
+    );
+    c.dkim.insert(
+        "ed".into(),
+        email::dkim::DkimKey {
+            selector: "ed".into(),
+            domain: Some("example.com".into()),
+            private_key: None,
+            private_key_env: Some("DKIM_ED25519".into()),
+            private_key_file: None,
+        },
+    );
+    let mut ed_transport = c.transports["main"].clone();
+    ed_transport.dkim = Some("ed".into());
+    c.transports.insert("ed".into(), ed_transport);
+    c.default_transport = Some("main".into());
+
+    // A bad key file, a missing one, and an unset variable: refused at start, key named.
+    std::fs::write(
+        dir.join("bad.pem"),
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let test_store = conveyor_tests::TestStore::sqlite().await;
+    let store_for_checks = test_store.store.clone();
+    for (file, want) in [
+        ("bad.pem", "`email.dkim.example.com.private_key_file`"),
+        ("missing.pem", "cannot read"),
+    ] {
+        let mut bad = c.clone();
+        bad.dkim.get_mut("example.com").unwrap().private_key_file = Some(dir.join(file));
+        let err = Emails::with_env(
+            store_for_checks.clone(),
+            bad,
+            &conveyor_tests::test_keyring(),
+            &|_| Some(ed_pem.clone()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(want) && !err.contains("BEGIN"), "{err}");
+    }
+    let err = Emails::with_env(
+        store_for_checks.clone(),
+        c.clone(),
+        &conveyor_tests::test_keyring(),
+        &|_| None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("email.dkim.ed.private_key_env") && err.contains("DKIM_ED25519"),
+        "{err}"
+    );
+    assert!(rsa_pem.contains("BEGIN PRIVATE KEY"));
+
+    let store = store_for_checks;
+    let ed_env = ed_pem.clone();
+    let run = Running::start_with_env(&store, c, &move |var| {
+        (var == "DKIM_ED25519").then(|| ed_env.clone())
+    });
+    // Through `main`: signed with the From domain's RSA key; one recipient greylisted first,
+    // so its copy is signed on the retry.
+    let rsa_id = run
+        .send(&store, &message(&["asa@example.org", "grey@example.org"]))
+        .await;
+    let mut through_ed = message(&["bo@example.org"]);
+    through_ed.transport = Some("ed".into());
+    through_ed.subject = "Grüße from the ed25519 transport".into();
+    let ed_id = run.send(&store, &through_ed).await;
+    for id in [rsa_id, ed_id] {
+        let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+        assert_eq!(job.state, JobState::Completed, "{:?}", job.attempts);
+    }
+    run.stop().await;
+
+    let got = server.received();
+    assert_eq!(got.len(), 3, "{got:?}");
+    for r in &got {
+        let Some(verdict) = conveyor_tests::smtp::dkim_verify(&records, &r.raw) else {
+            return;
+        };
+        let want = if r.rcpt_tos[0] == "bo@example.org" {
+            ("ed", "ed25519-sha256")
+        } else {
+            ("s2026", "rsa-sha256")
+        };
+        assert_eq!(verdict["ok"], true, "{verdict} for\n{}", r.raw);
+        assert_eq!(verdict["domain"], "example.com", "{verdict}");
+        assert_eq!(verdict["selector"], want.0, "{verdict}");
+        assert_eq!(verdict["algorithm"], want.1, "{verdict}");
+        // Changing a signed header breaks the signature.
+        let tampered = r.raw.replacen("Subject: ", "Subject: Re: ", 1);
+        assert_ne!(tampered, r.raw);
+        let verdict = conveyor_tests::smtp::dkim_verify(&records, &tampered).unwrap();
+        assert_eq!(verdict["ok"], false, "{verdict}");
+    }
+    // The retried copy carries the same Message-ID and body hash as the first one.
+    let rsa_copies: Vec<&conveyor_tests::smtp::Received> = got
+        .iter()
+        .filter(|r| r.rcpt_tos[0] != "bo@example.org")
+        .collect();
+    let bh = |r: &conveyor_tests::smtp::Received| {
+        let sig = r.header("DKIM-Signature").unwrap().to_string();
+        sig.split(';')
+            .find(|t| t.trim().starts_with("bh="))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(bh(rsa_copies[0]), bh(rsa_copies[1]));
+    assert_eq!(
+        rsa_copies[0].header("Message-ID"),
+        rsa_copies[1].header("Message-ID")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

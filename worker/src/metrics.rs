@@ -143,6 +143,24 @@ pub struct JobSeries {
     pub queue_wait: Histogram,
 }
 
+/// What `email.send` records for one (transport, recipient domain), one count per
+/// recipient per try.
+#[derive(Debug, Default)]
+pub struct EmailSeries {
+    /// Accepted by the server (`250` to the end of the data).
+    pub sent: Counter,
+    /// Refused for good (a 5xx).
+    pub failed: Counter,
+    /// Of the refused, hard bounces (an enhanced status 5.1.x: no such mailbox or domain).
+    pub bounced: Counter,
+    /// Deferred for a later attempt (a 4xx, greylisting, a failed connection).
+    pub deferred: Counter,
+    /// Held back by a throttle (see docs/email.md, Throttles).
+    pub throttled: Counter,
+    /// Skipped because the address is on the suppression list.
+    pub suppressed: Counter,
+}
+
 /// One process's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -156,6 +174,8 @@ pub struct Metrics {
     pub http_requests: Family<Counter>,
     /// HTTP request durations by method and route.
     pub http_duration: Family<Histogram>,
+    /// `email.send` recipients by transport and recipient domain.
+    pub emails: Family<EmailSeries>,
 }
 
 /// The process-wide registry.
@@ -167,6 +187,7 @@ pub fn global() -> &'static Metrics {
         rescues: Family::new(&["outcome"]),
         http_requests: Family::new(&["method", "route", "status"]),
         http_duration: Family::new(&["method", "route"]),
+        emails: Family::new(&["transport", "domain"]),
     })
 }
 
@@ -253,6 +274,51 @@ impl Metrics {
             &self.http_requests,
             |c| c.get(),
         );
+        let emails = self.emails.snapshot();
+        type PickE = fn(&EmailSeries) -> u64;
+        let email_counters: [(&str, &str, PickE); 6] = [
+            (
+                "conveyor_emails_sent_total",
+                "Email recipients accepted by the SMTP server, by transport and recipient domain.",
+                |s| s.sent.get(),
+            ),
+            (
+                "conveyor_emails_failed_total",
+                "Email recipients refused for good (5xx), by transport and recipient domain.",
+                |s| s.failed.get(),
+            ),
+            (
+                "conveyor_emails_bounced_total",
+                "Refused email recipients that were hard bounces (5.1.x).",
+                |s| s.bounced.get(),
+            ),
+            (
+                "conveyor_emails_deferred_total",
+                "Email recipients deferred to a later attempt (4xx, connection failures).",
+                |s| s.deferred.get(),
+            ),
+            (
+                "conveyor_emails_throttled_total",
+                "Email recipients held back by a throttle.",
+                |s| s.throttled.get(),
+            ),
+            (
+                "conveyor_emails_suppressed_total",
+                "Email recipients skipped as suppressed.",
+                |s| s.suppressed.get(),
+            ),
+        ];
+        for (name, help, pick) in email_counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, s) in &emails {
+                let _ = writeln!(
+                    out,
+                    "{name}{{{}}} {}",
+                    self.emails.label_text(labels),
+                    pick(s)
+                );
+            }
+        }
         let name = "conveyor_http_request_duration_seconds";
         let _ = writeln!(
             out,

@@ -38,6 +38,14 @@ pub struct EmailConfig {
     pub retry: conveyor_worker::RetryPolicy,
     /// The named SMTP transports, by name.
     pub transports: BTreeMap<String, Transport>,
+    /// DKIM signing keys, by name (see [`super::dkim`]).
+    pub dkim: BTreeMap<String, super::dkim::DkimKey>,
+    /// Limits per recipient domain, shared by every worker (see [`super::throttle`]).
+    pub throttles: BTreeMap<String, super::throttle::Throttle>,
+    /// Recipient domains counted under their own name in the email metrics, besides the
+    /// throttled ones; every other domain is counted as `other` (recipient domains are
+    /// unbounded, a metric's labels must not be).
+    pub metrics_domains: Vec<String>,
 }
 
 impl Default for EmailConfig {
@@ -59,6 +67,9 @@ impl Default for EmailConfig {
                 jitter: 0.2,
             },
             transports: BTreeMap::new(),
+            dkim: BTreeMap::new(),
+            throttles: BTreeMap::new(),
+            metrics_domains: Vec::new(),
         }
     }
 }
@@ -138,12 +149,25 @@ pub struct Transport {
     /// Command and connection timeout (`None`: `email.timeout`).
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// The `[email.dkim.<name>]` key that signs every message of this transport. Unset: the
+    /// key of the message's `From` domain, if one is configured.
+    #[serde(default)]
+    pub dkim: Option<String>,
+    /// SMTP transactions per second through this transport, across every worker.
+    #[serde(default)]
+    pub rate_per_second: Option<f64>,
+    /// Transactions that may start at once after a quiet spell (default 1).
+    #[serde(default)]
+    pub burst: Option<f64>,
+    /// Transactions in progress at once through this transport, across every worker.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
 }
 
 impl Transport {
     /// The keys a transport has (the environment may set them:
     /// `CONVEYOR_EMAIL__TRANSPORTS__<NAME>__<KEY>`).
-    pub const FIELDS: [&'static str; 11] = [
+    pub const FIELDS: [&'static str; 15] = [
         "host",
         "port",
         "security",
@@ -155,6 +179,10 @@ impl Transport {
         "hello_name",
         "pool_size",
         "timeout",
+        "dkim",
+        "rate_per_second",
+        "burst",
+        "concurrency",
     ];
 
     /// A transport to `host` with every other setting at its default.
@@ -171,12 +199,25 @@ impl Transport {
             hello_name: None,
             pool_size: None,
             timeout: None,
+            dkim: None,
+            rate_per_second: None,
+            burst: None,
+            concurrency: None,
         }
     }
 
     /// The port connected to.
     pub fn port(&self) -> u16 {
         self.port.unwrap_or_else(|| self.security.default_port())
+    }
+
+    /// The transport's own limits (`rate_per_second`, `burst`, `concurrency`).
+    pub fn throttle(&self) -> super::throttle::Throttle {
+        super::throttle::Throttle {
+            rate_per_second: self.rate_per_second,
+            burst: self.burst,
+            concurrency: self.concurrency,
+        }
     }
 }
 
@@ -195,6 +236,10 @@ impl std::fmt::Debug for Transport {
             .field("hello_name", &self.hello_name)
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
+            .field("dkim", &self.dkim)
+            .field("rate_per_second", &self.rate_per_second)
+            .field("burst", &self.burst)
+            .field("concurrency", &self.concurrency)
             .finish()
     }
 }
@@ -282,6 +327,31 @@ impl EmailConfig {
                     "`{key}.hello_name` = \"{h}\": give a host name such as mail.example.com"
                 ));
             }
+            if let Some(d) = &t.dkim
+                && !self.dkim.contains_key(d)
+            {
+                return Err(format!(
+                    "`{key}.dkim` = \"{d}\" names no `[email.dkim.<name>]` key ({})",
+                    if self.dkim.is_empty() {
+                        "none is configured".to_string()
+                    } else {
+                        let names: Vec<&str> = self.dkim.keys().map(String::as_str).collect();
+                        format!("configured: {}", names.join(", "))
+                    }
+                ));
+            }
+        }
+        super::dkim::validate(&self.dkim)?;
+        for (name, t) in &self.transports {
+            super::throttle::validate_transport(name, &t.throttle())?;
+        }
+        super::throttle::validate(&self.throttles)?;
+        for d in &self.metrics_domains {
+            if !is_domain(d) || d.chars().any(|c| c.is_ascii_uppercase()) {
+                return Err(format!(
+                    "`email.metrics_domains`: \"{d}\" is not a domain in lower case, such as gmail.com"
+                ));
+            }
         }
         match &self.default_transport {
             Some(name) if !self.transports.contains_key(name) => Err(format!(
@@ -299,6 +369,15 @@ impl EmailConfig {
         } else {
             let names: Vec<&str> = self.transports.keys().map(String::as_str).collect();
             format!("configured: {}", names.join(", "))
+        }
+    }
+
+    /// The `domain` label of the email metrics for recipient domain `domain` (lower case).
+    pub fn metrics_domain<'a>(&self, domain: &'a str) -> &'a str {
+        if self.throttles.contains_key(domain) || self.metrics_domains.iter().any(|d| d == domain) {
+            domain
+        } else {
+            "other"
         }
     }
 
@@ -388,6 +467,10 @@ mod tests {
             t.hello_name = Some("h".into());
             t.pool_size = Some(1);
             t.timeout = Some(Duration::from_secs(1));
+            t.dkim = Some("k".into());
+            t.rate_per_second = Some(1.0);
+            t.burst = Some(1.0);
+            t.concurrency = Some(1);
             t
         })
         .unwrap();

@@ -2,6 +2,7 @@
 //!
 //! 1. Build the message again from the args (the same bytes and `Message-ID` on every
 //!    attempt); a message that no longer passes the rules (the config changed) fails for good.
+//!    When a DKIM key applies (see [`super::dkim`]) the message is signed here.
 //! 2. Read the message's [`DeliveryRecord`] (on a job's first attempt there is none): the
 //!    recipients already accepted are never sent to again.
 //! 3. One SMTP transaction per remaining recipient, over the transport's pooled
@@ -25,7 +26,7 @@ use lettre::address::Envelope;
 use serde::{Deserialize, Serialize};
 
 use super::message::{EmailArgs, RecipientKind, same_address};
-use super::{DELIVERIES, Emails};
+use super::{DELIVERIES, Emails, throttle};
 
 /// Attempts kept in one record (the oldest are dropped).
 const MAX_ATTEMPTS_KEPT: usize = 50;
@@ -91,7 +92,8 @@ pub struct EmailAttempt {
     /// The first failure, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// `done`, `retry` or `failed` (the job is dead).
+    /// `done`, `retry`, `throttled` (every recipient left was held back by a throttle: the
+    /// job runs again later without using an attempt) or `failed` (the job is dead).
     pub result: String,
 }
 
@@ -147,6 +149,22 @@ fn error_text(e: &lettre::transport::smtp::Error) -> String {
     excerpt(&text)
 }
 
+/// Whether a refusal's reply carries the enhanced status of a hard bounce (RFC 3463 5.1.x:
+/// bad mailbox, bad domain, ...).
+fn is_hard_bounce(reply: &str) -> bool {
+    reply
+        .split(|c: char| c.is_whitespace() || c == ':' || c == '(' || c == ')')
+        .any(|w| {
+            let mut parts = w.split('.');
+            parts.next() == Some("5")
+                && parts.next() == Some("1")
+                && parts
+                    .next()
+                    .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                && parts.next().is_none()
+        })
+}
+
 impl Emails {
     /// Runs one attempt (the job handler).
     pub async fn run(&self, args: EmailArgs, ctx: JobContext) -> anyhow::Result<Outcome> {
@@ -165,6 +183,18 @@ impl Emails {
                 "no email transport `{transport_name}`"
             )));
         };
+        // Signed now, after the Message-ID is fixed: every attempt signs the same headers and
+        // body; only the signature's timestamp differs.
+        let mut built = built;
+        let transport_key = self
+            .config
+            .transports
+            .get(&transport_name)
+            .and_then(|t| t.dkim.as_deref());
+        if let Some(signer) = self.dkim.for_message(transport_key, built.from.domain()) {
+            lettre::message::dkim::dkim_sign(&mut built.message, signer);
+            built.raw = built.message.formatted();
+        }
 
         let previous = if job.attempts.is_empty() {
             None
@@ -219,6 +249,27 @@ impl Emails {
         let (mut accepted, mut deferred, mut refused) = (0u32, 0u32, 0u32);
         let mut first_error: Option<String> = None;
         let mut connection_failed = false;
+        // Recipients held back by a throttle in this attempt, and the shortest wait.
+        let mut throttled: Vec<usize> = Vec::new();
+        let mut throttle_wait: Option<std::time::Duration> = None;
+        let transport_throttle = self
+            .config
+            .transports
+            .get(&transport_name)
+            .map(|t| t.throttle())
+            .unwrap_or_default();
+        let lease = self
+            .config
+            .transports
+            .get(&transport_name)
+            .and_then(|t| t.timeout)
+            .unwrap_or(self.config.timeout)
+            * 10;
+        let metrics = |transport: &str, domain: &str| {
+            conveyor_worker::metrics::global()
+                .emails
+                .get(&[transport, self.config.metrics_domain(domain)])
+        };
         for (i, (address, _)) in built.recipients.iter().enumerate() {
             let r = &mut record.recipients[i];
             if matches!(
@@ -236,12 +287,47 @@ impl Emails {
                 deferred += 1;
                 continue;
             }
+            let domain = address.domain().to_ascii_lowercase();
+            let mut scopes = Vec::new();
+            if let Some(t) = self.config.throttles.get(&domain) {
+                scopes.push(throttle::Scope {
+                    name: format!("domain:{domain}"),
+                    throttle: t,
+                });
+            }
+            if transport_throttle != throttle::Throttle::default() {
+                scopes.push(throttle::Scope {
+                    name: format!("transport:{transport_name}"),
+                    throttle: &transport_throttle,
+                });
+            }
+            let mut held = if scopes.is_empty() {
+                throttle::Held::default()
+            } else {
+                match throttle::acquire(self.store.as_ref(), &scopes, lease, &job_id).await? {
+                    Ok(held) => held,
+                    Err(wait) => {
+                        // Not tried: left for the snoozed run, without using an attempt.
+                        if r.status != RecipientStatus::Pending {
+                            r.status = RecipientStatus::Deferred;
+                        }
+                        r.reply = Some(wait.reason);
+                        throttled.push(i);
+                        deferred += 1;
+                        metrics(&transport_name, &domain).throttled.inc();
+                        throttle_wait =
+                            Some(throttle_wait.map_or(wait.after, |w| w.min(wait.after)));
+                        continue;
+                    }
+                }
+            };
             tried.push(address.to_string());
             let envelope = Envelope::new(Some(built.from.clone()), vec![address.clone()])?;
             let sent = tokio::select! {
                 s = smtp.client.send_raw(&envelope, &built.raw) => Some(s),
                 _ = ctx.cancelled() => None,
             };
+            held.release(self.store.as_ref()).await;
             r.attempt = Some(job.attempt);
             r.at = Some(Utc::now());
             let (status, code, reply, failure) = match sent {
@@ -276,12 +362,26 @@ impl Emails {
                     (status, code, error_text(&e), Some(failure))
                 }
             };
+            let series = metrics(&transport_name, &domain);
             match failure {
-                None => accepted += 1,
-                Some(Failure::Permanent) => refused += 1,
-                Some(Failure::Transient) => deferred += 1,
+                None => {
+                    accepted += 1;
+                    series.sent.inc();
+                }
+                Some(Failure::Permanent) => {
+                    refused += 1;
+                    series.failed.inc();
+                    if is_hard_bounce(&reply) {
+                        series.bounced.inc();
+                    }
+                }
+                Some(Failure::Transient) => {
+                    deferred += 1;
+                    series.deferred.inc();
+                }
                 Some(Failure::Connection) => {
                     deferred += 1;
+                    series.deferred.inc();
                     connection_failed = true;
                 }
             }
@@ -335,7 +435,27 @@ impl Emails {
             failures.join("; ")
         );
         let last = job.attempt >= job.max_attempts;
-        let (outcome, result) = if any_deferred {
+        // Everything still to do was held back by a throttle: run again later without using
+        // an attempt.
+        let only_throttled = !throttled.is_empty()
+            && record.recipients.iter().enumerate().all(|(i, r)| {
+                !matches!(
+                    r.status,
+                    RecipientStatus::Deferred | RecipientStatus::Pending
+                ) || throttled.contains(&i)
+            });
+        if only_throttled && tried.is_empty() {
+            // Nothing happened that the record does not already say.
+            return Ok(Outcome::Snooze(
+                throttle_wait.unwrap_or(throttle::BUSY_WAIT),
+            ));
+        }
+        let (outcome, result) = if only_throttled {
+            (
+                Outcome::Snooze(throttle_wait.unwrap_or(throttle::BUSY_WAIT)),
+                "throttled",
+            )
+        } else if any_deferred {
             (
                 Outcome::retry(summary),
                 if last { "failed" } else { "retry" },
@@ -390,5 +510,20 @@ pub async fn record(
     match store.meta_get(DELIVERIES, job_id).await? {
         Some(r) => Ok(Some(r.decode()?)),
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hard_bounces_are_5_1_x() {
+        assert!(super::is_hard_bounce(
+            "permanent error (550): 5.1.1 <x@example.org>: user unknown"
+        ));
+        assert!(!super::is_hard_bounce(
+            "permanent error (552): 5.2.2 mailbox full"
+        ));
+        assert!(!super::is_hard_bounce("permanent error (550): 5.1 x"));
+        assert!(!super::is_hard_bounce("15.1.1"));
     }
 }

@@ -178,6 +178,9 @@ pub struct Built {
     pub recipients: Vec<(Address, RecipientKind)>,
     /// The formatted message.
     pub raw: Vec<u8>,
+    /// The message before formatting (signed with DKIM, when a key applies, then formatted
+    /// again).
+    pub message: lettre::Message,
     /// The `Message-ID` header's value, `<…>`.
     pub message_id: String,
 }
@@ -380,6 +383,7 @@ impl EmailArgs {
             from: from.email,
             recipients,
             raw: message.formatted(),
+            message,
             message_id,
         })
     }

@@ -10,6 +10,8 @@
 //!   5xx refused for good), the per-recipient results kept in the store
 //!   ([`DeliveryRecord`]) so a retry never resends to a recipient that was accepted.
 //! - [`config`]: `[email]` and `[email.transports.<name>]`.
+//! - [`dkim`]: `[email.dkim.<name>]`, the keys messages are signed with.
+//! - [`throttle`]: the limits per recipient domain and per transport, kept in the store.
 //!
 //! Passwords come from the config (in clear, or sealed with the secrets keys: `conveyor
 //! secrets seal --for email.transports.<name>`), an environment variable or a file; they are
@@ -17,7 +19,9 @@
 
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod message;
+pub mod throttle;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -70,6 +74,7 @@ pub struct Emails {
     store: Arc<dyn Store>,
     config: EmailConfig,
     transports: HashMap<String, Smtp>,
+    dkim: dkim::Signers,
     log: crate::webhook::attempt_log::AttemptLog,
 }
 
@@ -222,10 +227,12 @@ impl Emails {
             let password = open_password(name, t, keys, env)?;
             transports.insert(name.clone(), build_transport(&config, name, t, password)?);
         }
+        let dkim = dkim::Signers::open(&config.dkim, keys, env)?;
         Ok(Self {
             store,
             config,
             transports,
+            dkim,
             log: Default::default(),
         })
     }
@@ -239,6 +246,7 @@ impl Emails {
             store,
             config,
             transports: HashMap::new(),
+            dkim: Default::default(),
             log: Default::default(),
         })
     }
