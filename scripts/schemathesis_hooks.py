@@ -37,6 +37,16 @@ UNSTATED = {
     # schema, their sum cannot be).
     ("POST", "/v1/webhooks/endpoints"): {"headers"},
     ("PATCH", "/v1/webhooks/endpoints/{endpoint}"): {"headers"},
+    # An email address's grammar (RFC 5322), one to 100 recipients in to, cc and bcc
+    # together, a subject and a body or else a template (and not both), a header name's
+    # grammar, base64 content, a transport that is configured.
+    # (A field is matched by its last part: `to[1]` is `to`, `template.data` is `data`.)
+    ("POST", "/v1/emails"): {"from", "reply_to", "to", "cc", "bcc", "subject", "text", "html", "headers", "attachments", "content", "content_type", "transport", "template", "name", "version", "data", "tags"},
+    # A template's grammar (minijinja), and a text or an HTML body.
+    ("POST", "/v1/email-templates"): {"subject", "text", "html"},
+    # A version the template has; data that gives every variable the template uses.
+    ("POST", "/v1/email-templates/{name}/preview"): {"version", "data", "subject", "text", "html"},
+    ("GET", "/v1/email-templates/{name}"): {"version"},
 }
 
 
@@ -80,7 +90,7 @@ def _fields(response):
     for error in problem.get("errors") or []:
         field = str(error.get("field", ""))
         # `jobs[3].run_at` is `run_at` of one job of a batch.
-        names.add(field.rsplit(".", 1)[-1])
+        names.add(re.sub(r"\[\d+\]$", "", field.rsplit(".", 1)[-1]))
     return names
 
 

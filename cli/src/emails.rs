@@ -66,6 +66,9 @@ pub enum EmailCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Stored templates: create (a new version), list, show, preview, delete.
+    #[command(subcommand)]
+    Templates(crate::email_templates::TemplateCommand),
 }
 
 /// `email send`
@@ -114,6 +117,15 @@ pub struct SendArgs {
     /// The transport (`[email.transports.<name>]`); default `email.default_transport`.
     #[arg(long)]
     transport: Option<String>,
+    /// A stored template giving the subject and bodies (instead of --subject, --text, --html).
+    #[arg(long, value_name = "NAME")]
+    template: Option<String>,
+    /// The template's version (default: the latest, pinned now).
+    #[arg(long, value_name = "N", requires = "template")]
+    template_version: Option<u32>,
+    /// The template's variables, a JSON object (`@file.json`).
+    #[arg(long, value_name = "JSON", requires = "template")]
+    data: Option<String>,
     /// A second send with this key returns the first message and sends nothing.
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
@@ -129,7 +141,7 @@ pub struct SendArgs {
 }
 
 /// A body flag's text: `@path` reads the file.
-fn text_flag(flag: &str, value: &str) -> anyhow::Result<String> {
+pub(crate) fn text_flag(flag: &str, value: &str) -> anyhow::Result<String> {
     match value.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|e| usage(format!("{flag} @{path}: cannot read the file: {e}"))),
@@ -201,6 +213,17 @@ impl SendArgs {
         if let Some(t) = &self.transport {
             m.transport = Some(t.clone());
         }
+        if let Some(name) = &self.template {
+            m.template = Some(conveyor_jobs::email::TemplateRef {
+                name: name.clone(),
+                version: self.template_version,
+                data: self
+                    .data
+                    .as_deref()
+                    .map(|d| crate::input::json_flag("--data", d))
+                    .transpose()?,
+            });
+        }
         Ok(m)
     }
 }
@@ -240,6 +263,7 @@ pub async fn run(admin: &Admin, cmd: EmailCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        EmailCommand::Templates(cmd) => crate::email_templates::run(admin, cmd).await,
         EmailCommand::Show { id, json } => {
             let id: conveyor_worker::JobId = id
                 .trim()

@@ -152,6 +152,17 @@ impl Emails {
     pub async fn run(&self, args: EmailArgs, ctx: JobContext) -> anyhow::Result<Outcome> {
         let job = &ctx.job;
         let job_id = job.id.to_string();
+        // A template is rendered on every attempt (the version is pinned at enqueue by
+        // `POST /v1/emails`); a template deleted since, or data it cannot render with, fails
+        // the message for good.
+        let args = match super::template::render_message(self.store.as_ref(), &args).await {
+            Ok(Some((rendered, _))) => rendered,
+            Ok(None) => args,
+            Err(e @ conveyor_worker::Error::InvalidInput { .. }) => {
+                return Ok(Outcome::fail(format!("the message is refused: {e}")));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let built = match args.build(&self.config, &job_id) {
             Ok(b) => b,
             Err(e) => return Ok(Outcome::fail(format!("the message is refused: {e}"))),

@@ -9,6 +9,7 @@
 //!   each reply classified (2xx accepted, 4xx and connection failures deferred and retried,
 //!   5xx refused for good), the per-recipient results kept in the store
 //!   ([`DeliveryRecord`]) so a retry never resends to a recipient that was accepted.
+//! - [`template`]: stored, versioned templates rendered with minijinja.
 //! - [`config`]: `[email]` and `[email.transports.<name>]`.
 //!
 //! Passwords come from the config (in clear, or sealed with the secrets keys: `conveyor
@@ -18,6 +19,7 @@
 pub mod config;
 pub mod delivery;
 pub mod message;
+pub mod template;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,6 +38,7 @@ use serde::Deserialize;
 pub use config::{EmailConfig, Security, Transport};
 pub use delivery::{DeliveryRecord, EmailAttempt, RecipientResult, RecipientStatus};
 pub use message::{AttachmentArg, EmailArgs, MailboxArg, RecipientKind};
+pub use template::{NewTemplate, Rendered, Template, TemplateRef, TemplateSummary};
 
 /// The job kind.
 pub const KIND: &str = "email.send";
@@ -262,7 +265,7 @@ impl Emails {
                 format!(
                     "{e}; `{KIND}` takes {{\"from\", \"to\", \"cc\", \"bcc\", \"reply_to\", \
                      \"subject\", \"text\", \"html\", \"attachments\", \"headers\", \"tags\", \
-                     \"metadata\", \"transport\"}}"
+                     \"metadata\", \"transport\", \"template\"}}"
                 ),
             )
         })?;
