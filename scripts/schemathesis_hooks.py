@@ -41,7 +41,10 @@ UNSTATED = {
     # together, a subject and a body or else a template (and not both), a header name's
     # grammar, base64 content, a transport that is configured.
     # (A field is matched by its last part: `to[1]` is `to`, `template.data` is `data`.)
-    ("POST", "/v1/emails"): {"from", "reply_to", "to", "cc", "bcc", "subject", "text", "html", "headers", "attachments", "content", "content_type", "transport", "template", "name", "version", "data", "tags"},
+    ("POST", "/v1/emails"): {"from", "reply_to", "to", "cc", "bcc", "subject", "text", "html", "headers", "attachments", "content", "content_type", "transport", "template", "name", "version", "data", "tags", "list"},
+    # An email address's grammar.
+    ("POST", "/v1/email-suppressions"): {"address", "list"},
+    ("DELETE", "/v1/email-suppressions/{address}"): {"address"},
     # A template's grammar (minijinja), and a text or an HTML body.
     ("POST", "/v1/email-templates"): {"subject", "text", "html"},
     # A version the template has; data that gives every variable the template uses.

@@ -69,6 +69,9 @@ pub enum EmailCommand {
     /// Stored templates: create (a new version), list, show, preview, delete.
     #[command(subcommand)]
     Templates(crate::email_templates::TemplateCommand),
+    /// The suppression list: add, list, remove.
+    #[command(subcommand)]
+    Suppressions(crate::email_suppressions::SuppressionCommand),
 }
 
 /// `email send`
@@ -117,6 +120,9 @@ pub struct SendArgs {
     /// The transport (`[email.transports.<name>]`); default `email.default_transport`.
     #[arg(long)]
     transport: Option<String>,
+    /// The list/topic the message belongs to (recipients suppressed for it are skipped).
+    #[arg(long)]
+    list: Option<String>,
     /// A stored template giving the subject and bodies (instead of --subject, --text, --html).
     #[arg(long, value_name = "NAME")]
     template: Option<String>,
@@ -213,6 +219,9 @@ impl SendArgs {
         if let Some(t) = &self.transport {
             m.transport = Some(t.clone());
         }
+        if let Some(l) = &self.list {
+            m.list = Some(l.clone());
+        }
         if let Some(name) = &self.template {
             m.template = Some(conveyor_jobs::email::TemplateRef {
                 name: name.clone(),
@@ -264,6 +273,7 @@ pub async fn run(admin: &Admin, cmd: EmailCommand) -> anyhow::Result<()> {
             Ok(())
         }
         EmailCommand::Templates(cmd) => crate::email_templates::run(admin, cmd).await,
+        EmailCommand::Suppressions(cmd) => crate::email_suppressions::run(admin, cmd).await,
         EmailCommand::Show { id, json } => {
             let id: conveyor_worker::JobId = id
                 .trim()
@@ -343,13 +353,14 @@ fn print_view(v: &EmailView) {
         outln!("attempts:");
         for a in &v.attempts {
             outln!(
-                "  #{} {} via {}: {} accepted, {} deferred, {} refused ({} ms) -> {}{}",
+                "  #{} {} via {}: {} accepted, {} deferred, {} refused, {} suppressed ({} ms) -> {}{}",
                 a.attempt,
                 output::time(a.at),
                 a.transport,
                 a.accepted,
                 a.deferred,
                 a.refused,
+                a.suppressed,
                 a.latency_ms,
                 a.result,
                 a.error

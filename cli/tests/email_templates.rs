@@ -2,7 +2,9 @@
 //! serve` and a real SMTP server (`tests/smtp/server.py`): templates created with the CLI and
 //! the API, a syntax error refused with its line and column (exit 2 and 422), versions kept
 //! and pinned, a preview with sample data, a message rendered and parsed back (HTML escaped,
-//! text and subject not), and an unknown template or a missing variable refused at enqueue.
+//! text and subject not), and an unknown template or a missing variable refused at enqueue;
+//! then an address suppressed by hand with `conveyor email suppressions add`, skipped by the
+//! next email (recorded `suppressed`, not delivered), listed and removed.
 
 mod common;
 
@@ -307,5 +309,58 @@ async fn templates_through_the_cli_the_api_and_a_real_server(url: String, store:
     assert_eq!(code, 0, "{err}");
     let (code, _, _) = cli(&["email", "templates", "show", "welcome"]);
     assert_ne!(code, 0);
+
+    // A manual suppression from the CLI: the next email skips the address, never sends it.
+    let (code, _, err) = cli(&["email", "suppressions", "add", "not an address"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("address"), "{err}");
+    let (code, _, err) = cli(&[
+        "email",
+        "suppressions",
+        "add",
+        "Ada@Example.org",
+        "--detail",
+        "asked by phone",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (status, sent) = call(
+        Method::POST,
+        "/v1/emails",
+        Some(json!({"from": "shop@example.com", "to": ["ada@example.org"], "subject": "s", "text": "t"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{sent}");
+    let id = sent["id"].as_str().unwrap().to_string();
+    let view = eventually(30, "the email to finish", || {
+        let req = http
+            .get(format!("http://{addr}/v1/emails/{id}"))
+            .bearer_auth(&api_key);
+        async move {
+            let v: Value = req.send().await.unwrap().json().await.unwrap();
+            (v["state"] == "completed").then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(view["recipients"][0]["status"], "suppressed", "{view}");
+    assert!(
+        view["recipients"][0]["reply"]
+            .as_str()
+            .unwrap()
+            .contains("manual"),
+        "{view}"
+    );
+    assert_eq!(server.received().len(), 2, "nothing more was delivered");
+    let (status, list) = call(Method::GET, "/v1/email-suppressions", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(list[0]["address"], "ada@example.org", "{list}");
+    assert_eq!(list[0]["reason"], "manual");
+    let (code, out, err) = cli(&["email", "suppressions", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), list);
+    let (code, _, err) = cli(&["email", "suppressions", "remove", "ada@example.org"]);
+    assert_eq!(code, 0, "{err}");
+    let (status, list) = call(Method::GET, "/v1/email-suppressions", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(list, json!([]));
     serve.stop(nix::sys::signal::Signal::SIGTERM, 30);
 }

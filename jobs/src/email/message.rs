@@ -77,6 +77,10 @@ pub struct EmailArgs {
     /// `subject`, `text` and `html` must be absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<TemplateRef>,
+    /// The list/topic the message belongs to (`newsletter`): a recipient suppressed for it
+    /// (or for every list) is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<String>,
 }
 
 impl JobArgs for EmailArgs {
@@ -246,6 +250,9 @@ impl EmailArgs {
                     "{count} recipients; at most {MAX_RECIPIENTS} in to, cc and bcc together (send several messages)"
                 ),
             ));
+        }
+        if let Some(l) = &self.list {
+            super::suppression::check_list(l).map_err(|m| invalid("list", m))?;
         }
         if let Some(t) = &self.template {
             check_name(&t.name).map_err(|m| invalid("template.name", m))?;

@@ -9,6 +9,7 @@
 //!   each reply classified (2xx accepted, 4xx and connection failures deferred and retried,
 //!   5xx refused for good), the per-recipient results kept in the store
 //!   ([`DeliveryRecord`]) so a retry never resends to a recipient that was accepted.
+//! - [`suppression`]: the addresses never sent to (hard bounces, unsubscribes, by hand).
 //! - [`template`]: stored, versioned templates rendered with minijinja.
 //! - [`config`]: `[email]` and `[email.transports.<name>]`.
 //!
@@ -19,6 +20,7 @@
 pub mod config;
 pub mod delivery;
 pub mod message;
+pub mod suppression;
 pub mod template;
 
 use std::collections::HashMap;
@@ -265,7 +267,7 @@ impl Emails {
                 format!(
                     "{e}; `{KIND}` takes {{\"from\", \"to\", \"cc\", \"bcc\", \"reply_to\", \
                      \"subject\", \"text\", \"html\", \"attachments\", \"headers\", \"tags\", \
-                     \"metadata\", \"transport\", \"template\"}}"
+                     \"metadata\", \"transport\", \"template\", \"list\"}}"
                 ),
             )
         })?;
