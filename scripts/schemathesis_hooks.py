@@ -41,9 +41,19 @@ UNSTATED = {
     # A period's grammar (`15m`, `7d`), `from` and `period` not both, `from` before `to`, and
     # at most 10,000 points at the resolution.
     ("GET", "/v1/stats/jobs"): {"period", "from", "resolution"},
-    # An address's grammar (RFC 5322 mailbox), at least one recipient, a body (text or HTML),
-    # base64 attachment content, the headers Conveyor writes itself, the configured transports.
-    ("POST", "/v1/emails"): {"from", "reply_to", "to", "cc", "bcc", "subject", "text", "html", "attachments", "headers", "transport", "tags"},
+    # An email address's grammar (RFC 5322), one to 100 recipients in to, cc and bcc
+    # together, a subject and a body or else a template (and not both), a header name's
+    # grammar, base64 content, a transport that is configured.
+    # (A field is matched by its last part: `to[1]` is `to`, `template.data` is `data`.)
+    ("POST", "/v1/emails"): {"from", "reply_to", "to", "cc", "bcc", "subject", "text", "html", "headers", "attachments", "content", "content_type", "transport", "template", "name", "version", "data", "tags", "list"},
+    # An email address's grammar.
+    ("POST", "/v1/email-suppressions"): {"address", "list"},
+    ("DELETE", "/v1/email-suppressions/{address}"): {"address"},
+    # A template's grammar (minijinja), and a text or an HTML body.
+    ("POST", "/v1/email-templates"): {"subject", "text", "html"},
+    # A version the template has; data that gives every variable the template uses.
+    ("POST", "/v1/email-templates/{name}/preview"): {"version", "data", "subject", "text", "html"},
+    ("GET", "/v1/email-templates/{name}"): {"version"},
 }
 
 

@@ -143,7 +143,14 @@ fn summary(m: &EmailArgs) -> MessageSummary {
 impl Admin {
     /// Checks and enqueues one message (see the module docs). Not audited: sends are the
     /// application's traffic, like enqueues.
-    pub async fn send_email(&self, actor: &Actor, send: SendEmail) -> Result<EnqueueOutcome> {
+    pub async fn send_email(&self, actor: &Actor, mut send: SendEmail) -> Result<EnqueueOutcome> {
+        // A template is rendered now, so an unknown template or a missing variable is
+        // refused here, and its latest version is pinned: every attempt renders the same.
+        if send.message.template.is_some() {
+            self.pin_template(&mut send.message)
+                .await
+                .map_err(|e| e.prefixed_args())?;
+        }
         let tags = send.message.tags.clone();
         let metadata = send.message.metadata.clone();
         let args = serde_json::to_value(&send.message).map_err(conveyor_worker::Error::from)?;
@@ -163,6 +170,32 @@ impl Admin {
         )
         .await
         .map_err(|e| e.prefixed_args())
+    }
+
+    /// Renders `message`'s template (after the message's own check), checks the rendered
+    /// message by the kind's rule, and pins the version rendered.
+    async fn pin_template(&self, message: &mut EmailArgs) -> Result<()> {
+        let to_value =
+            |m: &EmailArgs| serde_json::to_value(m).map_err(conveyor_worker::Error::from);
+        self.validators.check(KIND, &to_value(message)?)?;
+        let rendered = conveyor_jobs::email::template::render_message(self.store.as_ref(), message)
+            .await
+            .map_err(|e| match e {
+                conveyor_worker::Error::InvalidInput { field, message } => {
+                    conveyor_worker::Error::InvalidInput {
+                        field: format!("args.{field}"),
+                        message,
+                    }
+                }
+                other => other,
+            })?;
+        if let Some((rendered, version)) = rendered {
+            self.validators.check(KIND, &to_value(&rendered)?)?;
+            if let Some(t) = message.template.as_mut() {
+                t.version = Some(version);
+            }
+        }
+        Ok(())
     }
 
     /// One email by its job id: not found when the job does not exist or is not an email.

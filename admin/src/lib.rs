@@ -24,6 +24,8 @@
 
 pub mod audit;
 pub mod email;
+pub mod email_suppression;
+pub mod email_template;
 pub mod enqueue;
 pub mod job;
 pub mod key;

@@ -110,6 +110,8 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(route::webhook::routes())
         .merge(route::http_target::routes())
         .merge(route::email::routes())
+        .merge(route::email_template::routes())
+        .merge(route::email_suppression::routes())
         .split_for_parts();
     let mut doc = doc;
     document::add_shared_refusals(&mut doc);

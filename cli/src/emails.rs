@@ -66,6 +66,12 @@ pub enum EmailCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Stored templates: create (a new version), list, show, preview, delete.
+    #[command(subcommand)]
+    Templates(crate::email_templates::TemplateCommand),
+    /// The suppression list: add, list, remove.
+    #[command(subcommand)]
+    Suppressions(crate::email_suppressions::SuppressionCommand),
 }
 
 /// `email send`
@@ -114,6 +120,18 @@ pub struct SendArgs {
     /// The transport (`[email.transports.<name>]`); default `email.default_transport`.
     #[arg(long)]
     transport: Option<String>,
+    /// The list/topic the message belongs to (recipients suppressed for it are skipped).
+    #[arg(long)]
+    list: Option<String>,
+    /// A stored template giving the subject and bodies (instead of --subject, --text, --html).
+    #[arg(long, value_name = "NAME")]
+    template: Option<String>,
+    /// The template's version (default: the latest, pinned now).
+    #[arg(long, value_name = "N", requires = "template")]
+    template_version: Option<u32>,
+    /// The template's variables, a JSON object (`@file.json`).
+    #[arg(long, value_name = "JSON", requires = "template")]
+    data: Option<String>,
     /// A second send with this key returns the first message and sends nothing.
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
@@ -129,7 +147,7 @@ pub struct SendArgs {
 }
 
 /// A body flag's text: `@path` reads the file.
-fn text_flag(flag: &str, value: &str) -> anyhow::Result<String> {
+pub(crate) fn text_flag(flag: &str, value: &str) -> anyhow::Result<String> {
     match value.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|e| usage(format!("{flag} @{path}: cannot read the file: {e}"))),
@@ -201,6 +219,20 @@ impl SendArgs {
         if let Some(t) = &self.transport {
             m.transport = Some(t.clone());
         }
+        if let Some(l) = &self.list {
+            m.list = Some(l.clone());
+        }
+        if let Some(name) = &self.template {
+            m.template = Some(conveyor_jobs::email::TemplateRef {
+                name: name.clone(),
+                version: self.template_version,
+                data: self
+                    .data
+                    .as_deref()
+                    .map(|d| crate::input::json_flag("--data", d))
+                    .transpose()?,
+            });
+        }
         Ok(m)
     }
 }
@@ -240,6 +272,8 @@ pub async fn run(admin: &Admin, cmd: EmailCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        EmailCommand::Templates(cmd) => crate::email_templates::run(admin, cmd).await,
+        EmailCommand::Suppressions(cmd) => crate::email_suppressions::run(admin, cmd).await,
         EmailCommand::Show { id, json } => {
             let id: conveyor_worker::JobId = id
                 .trim()
@@ -319,13 +353,14 @@ fn print_view(v: &EmailView) {
         outln!("attempts:");
         for a in &v.attempts {
             outln!(
-                "  #{} {} via {}: {} accepted, {} deferred, {} refused ({} ms) -> {}{}",
+                "  #{} {} via {}: {} accepted, {} deferred, {} refused, {} suppressed ({} ms) -> {}{}",
                 a.attempt,
                 output::time(a.at),
                 a.transport,
                 a.accepted,
                 a.deferred,
                 a.refused,
+                a.suppressed,
                 a.latency_ms,
                 a.result,
                 a.error

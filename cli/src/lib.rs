@@ -18,6 +18,8 @@ mod bench;
 mod cli;
 mod commands;
 mod config;
+mod email_suppressions;
+mod email_templates;
 mod emails;
 mod http_targets;
 mod input;

@@ -143,7 +143,8 @@ conveyor_tests::store_variant_tests!(
     a_5xx_makes_the_job_dead_with_the_reply,
     a_partial_refusal_and_an_operator_retry_send_to_each_recipient_once,
     a_connection_dropped_mid_data_is_retried_and_stored_once,
-    starttls_with_auth_and_a_wrong_password
+    starttls_with_auth_and_a_wrong_password,
+    a_hard_bounce_suppresses_the_address_for_the_next_email
 );
 conveyor_tests::store_variant_tests!(
     postgres,
@@ -153,13 +154,94 @@ conveyor_tests::store_variant_tests!(
     a_5xx_makes_the_job_dead_with_the_reply,
     a_partial_refusal_and_an_operator_retry_send_to_each_recipient_once,
     a_connection_dropped_mid_data_is_retried_and_stored_once,
-    starttls_with_auth_and_a_wrong_password
+    starttls_with_auth_and_a_wrong_password,
+    a_hard_bounce_suppresses_the_address_for_the_next_email
 );
 conveyor_tests::store_variant_tests!(
     redis,
     conveyor_tests::TestStore::redis(),
-    greylisting_is_retried_with_the_same_message_id_and_no_resend
+    greylisting_is_retried_with_the_same_message_id_and_no_resend,
+    a_hard_bounce_suppresses_the_address_for_the_next_email
 );
+
+async fn a_hard_bounce_suppresses_the_address_for_the_next_email(store: Arc<dyn Store>) {
+    let Some(server) = SmtpServer::start(json!({
+        "rcpt": {"gone@example.org": [[550, "5.1.1 No such user here"]]},
+    })) else {
+        return;
+    };
+    let run = Running::start(&store, config(&server));
+    let id = run.send(&store, &message(&["gone@example.org"])).await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Dead);
+    let s = email::suppression::find(store.as_ref(), "Gone@Example.org", None)
+        .await
+        .unwrap()
+        .expect("the hard bounce suppressed the address");
+    assert_eq!(s.reason, email::suppression::Reason::HardBounce);
+    assert!(s.detail.as_deref().unwrap_or("").contains("5.1.1"), "{s:?}");
+    let rcpts_before = server
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "rcpt")
+        .count();
+
+    // The next email to it (and to another address) skips it: recorded, never sent.
+    let id = run
+        .send(&store, &message(&["gone@example.org", "ada@example.org"]))
+        .await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.attempts);
+    let record = run.emails.record(&id.to_string()).await.unwrap().unwrap();
+    assert_eq!(
+        status_of(&record, "gone@example.org"),
+        RecipientStatus::Suppressed
+    );
+    let reply = record.recipients[0].reply.clone().unwrap_or_default();
+    assert!(reply.contains("hard_bounce"), "{reply}");
+    assert_eq!(
+        status_of(&record, "ada@example.org"),
+        RecipientStatus::Accepted
+    );
+    assert_eq!(record.attempts[0].suppressed, 1);
+    let got = server.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_tos, ["ada@example.org"]);
+    let tried_gone = server
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "rcpt" && e["address"] == "gone@example.org")
+        .count();
+    assert_eq!(
+        tried_gone, rcpts_before,
+        "the suppressed address was never offered again"
+    );
+
+    // A suppression for one list stops that list's messages only.
+    email::suppression::add(
+        store.as_ref(),
+        email::suppression::NewSuppression {
+            address: "ada@example.org".into(),
+            list: Some("newsletter".into()),
+            reason: email::suppression::Reason::Unsubscribe,
+            detail: None,
+        },
+    )
+    .await
+    .unwrap();
+    let mut news = message(&["ada@example.org"]);
+    news.list = Some("newsletter".into());
+    let id = run.send(&store, &news).await;
+    job_in(&store, id, &[JobState::Completed]).await;
+    let record = run.emails.record(&id.to_string()).await.unwrap().unwrap();
+    assert_eq!(record.recipients[0].status, RecipientStatus::Suppressed);
+    let id = run.send(&store, &message(&["ada@example.org"])).await;
+    job_in(&store, id, &[JobState::Completed]).await;
+    let record = run.emails.record(&id.to_string()).await.unwrap().unwrap();
+    assert_eq!(record.recipients[0].status, RecipientStatus::Accepted);
+    assert_eq!(server.received().len(), 2);
+    run.stop().await;
+}
 
 async fn a_full_message_arrives_as_written(store: Arc<dyn Store>) {
     let Some(server) = SmtpServer::start(json!({})) else {
@@ -336,7 +418,7 @@ async fn a_partial_refusal_and_an_operator_retry_send_to_each_recipient_once(
     store: Arc<dyn Store>,
 ) {
     let Some(server) = SmtpServer::start(json!({
-        "rcpt": {"gone@example.org": [[550, "5.1.1 No such user here"]]},
+        "rcpt": {"gone@example.org": [[550, "5.2.1 Mailbox disabled for now"]]},
     })) else {
         return;
     };
@@ -351,7 +433,7 @@ async fn a_partial_refusal_and_an_operator_retry_send_to_each_recipient_once(
     assert!(
         error.contains("accepted by 1 of 2")
             && error.contains("gone@example.org")
-            && error.contains("No such user here"),
+            && error.contains("Mailbox disabled"),
         "{error}"
     );
     let record = run.emails.record(&id.to_string()).await.unwrap().unwrap();

@@ -3,6 +3,8 @@
 
 pub mod audit;
 pub mod email;
+pub mod email_suppression;
+pub mod email_template;
 pub mod http_target;
 pub mod job;
 pub mod job_events;

@@ -45,6 +45,8 @@ pub enum RecipientStatus {
     Deferred,
     /// A permanent failure (5xx): not retried automatically.
     Refused,
+    /// On the suppression list: skipped, never sent (the reply says why).
+    Suppressed,
 }
 
 /// One recipient's result.
@@ -87,6 +89,9 @@ pub struct EmailAttempt {
     pub deferred: u32,
     /// Refused for good.
     pub refused: u32,
+    /// Skipped: on the suppression list.
+    #[serde(default)]
+    pub suppressed: u32,
     /// Milliseconds the attempt took.
     pub latency_ms: u64,
     /// The first failure, if any.
@@ -170,6 +175,17 @@ impl Emails {
     pub async fn run(&self, args: EmailArgs, ctx: JobContext) -> anyhow::Result<Outcome> {
         let job = &ctx.job;
         let job_id = job.id.to_string();
+        // A template is rendered on every attempt (the version is pinned at enqueue by
+        // `POST /v1/emails`); a template deleted since, or data it cannot render with, fails
+        // the message for good.
+        let args = match super::template::render_message(self.store.as_ref(), &args).await {
+            Ok(Some((rendered, _))) => rendered,
+            Ok(None) => args,
+            Err(e @ conveyor_worker::Error::InvalidInput { .. }) => {
+                return Ok(Outcome::fail(format!("the message is refused: {e}")));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let built = match args.build(&self.config, &job_id) {
             Ok(b) => b,
             Err(e) => return Ok(Outcome::fail(format!("the message is refused: {e}"))),
@@ -246,7 +262,7 @@ impl Emails {
         let started = Instant::now();
         let at = Utc::now();
         let mut tried = Vec::new();
-        let (mut accepted, mut deferred, mut refused) = (0u32, 0u32, 0u32);
+        let (mut accepted, mut deferred, mut refused, mut suppressed) = (0u32, 0u32, 0u32, 0u32);
         let mut first_error: Option<String> = None;
         let mut connection_failed = false;
         // Recipients held back by a throttle in this attempt, and the shortest wait.
@@ -274,8 +290,27 @@ impl Emails {
             let r = &mut record.recipients[i];
             if matches!(
                 r.status,
-                RecipientStatus::Accepted | RecipientStatus::Refused
+                RecipientStatus::Accepted | RecipientStatus::Refused | RecipientStatus::Suppressed
             ) {
+                continue;
+            }
+            // Checked on every attempt: an address suppressed since the last one is skipped.
+            if let Some(s) = super::suppression::find(
+                self.store.as_ref(),
+                address.as_ref(),
+                args.list.as_deref(),
+            )
+            .await?
+            {
+                r.status = RecipientStatus::Suppressed;
+                r.code = None;
+                r.reply = Some(s.describe());
+                r.attempt = Some(job.attempt);
+                r.at = Some(Utc::now());
+                suppressed += 1;
+                metrics(&transport_name, &address.domain().to_ascii_lowercase())
+                    .suppressed
+                    .inc();
                 continue;
             }
             if connection_failed || ctx.is_cancelled() {
@@ -388,6 +423,22 @@ impl Emails {
             if failure.is_some() && first_error.is_none() {
                 first_error = Some(format!("{address}: {reply}"));
             }
+            // A hard bounce (`5.1.x`: no such mailbox) suppresses the address for every
+            // list: the next message to it is skipped, not sent.
+            if matches!(failure, Some(Failure::Permanent))
+                && super::suppression::is_hard_bounce(&reply)
+            {
+                super::suppression::add(
+                    self.store.as_ref(),
+                    super::suppression::NewSuppression {
+                        address: address.to_string(),
+                        list: None,
+                        reason: super::suppression::Reason::HardBounce,
+                        detail: Some(reply.clone()),
+                    },
+                )
+                .await?;
+            }
             r.status = status;
             r.code = code;
             r.reply = Some(reply);
@@ -474,6 +525,7 @@ impl Emails {
             accepted,
             deferred,
             refused,
+            suppressed,
             latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             error: first_error,
             result: result.to_string(),

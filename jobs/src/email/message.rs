@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::KIND;
 use super::config::{EmailConfig, is_domain};
+use super::template::{TemplateRef, check_name};
 
 /// Most recipients (to, cc and bcc together) of one message.
 pub const MAX_RECIPIENTS: usize = 100;
@@ -47,6 +48,8 @@ pub struct EmailArgs {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bcc: Vec<MailboxArg>,
     /// The subject (any characters but line breaks; encoded as RFC 2047 when not ASCII).
+    /// Absent with `template`: the template's.
+    #[serde(default)]
     pub subject: String,
     /// The plain-text body. Absent with `html` given: derived from the HTML.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -70,6 +73,14 @@ pub struct EmailArgs {
     /// The transport (`[email.transports.<name>]`); absent: `email.default_transport`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
+    /// A stored template that gives the subject and bodies, rendered with its data (then
+    /// `subject`, `text` and `html` must be absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateRef>,
+    /// The list/topic the message belongs to (`newsletter`): a recipient suppressed for it
+    /// (or for every list) is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<String>,
 }
 
 impl JobArgs for EmailArgs {
@@ -243,6 +254,37 @@ impl EmailArgs {
                 ),
             ));
         }
+        if let Some(l) = &self.list {
+            super::suppression::check_list(l).map_err(|m| invalid("list", m))?;
+        }
+        if let Some(t) = &self.template {
+            check_name(&t.name).map_err(|m| invalid("template.name", m))?;
+            if t.version == Some(0) {
+                return Err(invalid("template.version", "versions start at 1"));
+            }
+            if let Some(d) = &t.data
+                && !d.is_object()
+            {
+                return Err(invalid(
+                    "template.data",
+                    "must be a JSON object of the template's variables",
+                ));
+            }
+            for (field, given) in [
+                ("subject", !self.subject.is_empty()),
+                ("text", self.text.is_some()),
+                ("html", self.html.is_some()),
+            ] {
+                if given {
+                    return Err(invalid(
+                        field,
+                        "the template gives the subject and bodies: leave out subject, text and html, or the template",
+                    ));
+                }
+            }
+        } else if self.subject.is_empty() {
+            return Err(invalid("subject", "give the subject (or a template)"));
+        }
         if self.subject.chars().count() > MAX_SUBJECT {
             return Err(invalid(
                 "subject",
@@ -252,7 +294,7 @@ impl EmailArgs {
         if self.subject.contains(['\r', '\n']) {
             return Err(invalid("subject", "must be one line"));
         }
-        if self.text.is_none() && self.html.is_none() {
+        if self.text.is_none() && self.html.is_none() && self.template.is_none() {
             return Err(invalid("text", "give the body: text, html or both"));
         }
         if self.headers.len() > MAX_HEADERS {

@@ -9,6 +9,8 @@
 //!   each reply classified (2xx accepted, 4xx and connection failures deferred and retried,
 //!   5xx refused for good), the per-recipient results kept in the store
 //!   ([`DeliveryRecord`]) so a retry never resends to a recipient that was accepted.
+//! - [`suppression`]: the addresses never sent to (hard bounces, unsubscribes, by hand).
+//! - [`template`]: stored, versioned templates rendered with minijinja.
 //! - [`config`]: `[email]` and `[email.transports.<name>]`.
 //! - [`dkim`]: `[email.dkim.<name>]`, the keys messages are signed with.
 //! - [`throttle`]: the limits per recipient domain and per transport, kept in the store.
@@ -22,6 +24,8 @@ pub mod delivery;
 pub mod dkim;
 pub mod message;
 pub mod throttle;
+pub mod suppression;
+pub mod template;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,6 +44,7 @@ use serde::Deserialize;
 pub use config::{EmailConfig, Security, Transport};
 pub use delivery::{DeliveryRecord, EmailAttempt, RecipientResult, RecipientStatus};
 pub use message::{AttachmentArg, EmailArgs, MailboxArg, RecipientKind};
+pub use template::{NewTemplate, Rendered, Template, TemplateRef, TemplateSummary};
 
 /// The job kind.
 pub const KIND: &str = "email.send";
@@ -270,7 +275,7 @@ impl Emails {
                 format!(
                     "{e}; `{KIND}` takes {{\"from\", \"to\", \"cc\", \"bcc\", \"reply_to\", \
                      \"subject\", \"text\", \"html\", \"attachments\", \"headers\", \"tags\", \
-                     \"metadata\", \"transport\"}}"
+                     \"metadata\", \"transport\", \"template\", \"list\"}}"
                 ),
             )
         })?;
