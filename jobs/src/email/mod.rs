@@ -23,9 +23,9 @@ pub mod config;
 pub mod delivery;
 pub mod dkim;
 pub mod message;
-pub mod throttle;
 pub mod suppression;
 pub mod template;
+pub mod throttle;
 
 use std::collections::HashMap;
 use std::sync::Arc;
