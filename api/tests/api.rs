@@ -386,6 +386,66 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
     ),
     (
         "POST",
+        "/v1/email-templates",
+        Some(r#"{"name":"matrix","subject":"Hi {{ who }}","text":"t"}"#),
+        Some([false, false, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/email-templates",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/email-templates/{name}",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/email-templates/{name}/versions",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/email-templates/{name}/preview",
+        Some(r#"{"data":{"who":"you"}}"#),
+        Some([false, true, true, true]),
+    ),
+    (
+        "DELETE",
+        "/v1/email-templates/{name}",
+        None,
+        Some([false, false, true, true]),
+    ),
+    (
+        "POST",
+        "/v1/email-suppressions",
+        Some(r#"{"address":"matrix@example.com"}"#),
+        Some([false, false, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/email-suppressions",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "DELETE",
+        "/v1/email-suppressions/{address}",
+        None,
+        Some([false, false, true, true]),
+    ),
+    (
+        "GET",
+        "/v1/stats/jobs",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
+        "POST",
         "/v1/jobs/{id}/retry",
         None,
         Some([false, false, true, true]),
@@ -671,6 +731,28 @@ async fn scope_matrix(store: Arc<dyn Store>) {
                     .await
                     .unwrap();
             }
+            // A template and a suppression the reads and deletes find.
+            if conveyor_jobs::email::template::get(store.as_ref(), "matrix", None)
+                .await
+                .unwrap()
+                .is_none()
+            {
+                conveyor_jobs::email::template::create(
+                    store.as_ref(),
+                    serde_json::from_value(
+                        json!({"name": "matrix", "subject": "Hi {{ who }}", "text": "t"}),
+                    )
+                    .unwrap(),
+                )
+                .await
+                .unwrap();
+            }
+            conveyor_jobs::email::suppression::add(
+                store.as_ref(),
+                serde_json::from_value(json!({"address": "matrix@example.com"})).unwrap(),
+            )
+            .await
+            .unwrap();
             n += 1;
             let id = store
                 .enqueue(NewJob::new("m.x", json!({})).queue("matrix"))
@@ -717,6 +799,7 @@ async fn scope_matrix(store: Arc<dyn Store>) {
                 .replace("{delivery}", &delivery.to_string())
                 .replace("{id}", &id.to_string())
                 .replace("{action}", "retry")
+                .replace("{address}", "matrix@example.com")
                 .replace("{name}", "matrix");
             let mut r = s.req(method.clone(), &path, key);
             if let Some(b) = body {
