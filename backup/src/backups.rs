@@ -324,11 +324,12 @@ impl Backups {
                     });
                 }
             }
-            for id in &selection.delete {
-                let m = manifests
-                    .iter()
-                    .find(|m| &m.id == id)
-                    .expect("selected from these");
+            // The selection names only these manifests; in its order.
+            for m in selection
+                .delete
+                .iter()
+                .filter_map(|id| manifests.iter().find(|m| &m.id == id))
+            {
                 if !dry_run {
                     dest.delete(m).await?;
                     tracing::info!(backup = %m.id, source = %m.source, "backup pruned");

@@ -110,6 +110,14 @@ impl Destination {
         path
     }
 
+    /// `value` as the pretty JSON object written at `path`.
+    fn encode(&self, path: &Path, value: &impl serde::Serialize) -> Result<Vec<u8>> {
+        serde_json::to_vec_pretty(value).map_err(|e| Error::Destination {
+            destination: self.name.clone(),
+            message: format!("cannot encode {path}: {e}"),
+        })
+    }
+
     pub(crate) fn error(&self, doing: &str, e: object_store::Error) -> Error {
         match e {
             object_store::Error::NotFound { path, .. } => {
@@ -143,7 +151,7 @@ impl Destination {
     /// Writes the manifest: from now on the backup is complete.
     pub(crate) async fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
         let path = self.path(&[&manifest.source, &manifest.id, MANIFEST]);
-        let body = serde_json::to_vec_pretty(manifest).expect("a manifest serializes");
+        let body = self.encode(&path, manifest)?;
         self.store
             .put(&path, PutPayload::from(body))
             .await
@@ -159,7 +167,7 @@ impl Destination {
         record: &Verification,
     ) -> Result<()> {
         let path = self.path(&[&manifest.source, &manifest.id, VERIFIED]);
-        let body = serde_json::to_vec_pretty(record).expect("a record serializes");
+        let body = self.encode(&path, record)?;
         self.store
             .put(&path, PutPayload::from(body))
             .await

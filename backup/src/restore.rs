@@ -532,8 +532,9 @@ async fn restore_postgres(
                 pg_restore.display()
             ))
         })?;
-        let mut stdin = child.stdin.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
+        let (Some(mut stdin), Some(mut stderr)) = (child.stdin.take(), child.stderr.take()) else {
+            return Err(target_err("pg_restore started without its input pipes".into()));
+        };
         let stderr = tokio::spawn(async move {
             let mut text = String::new();
             let _ = stderr.read_to_string(&mut text).await;

@@ -57,7 +57,13 @@ pub(crate) async fn record(store: &dyn Store, source: &str, event: Event) {
             return;
         }
         *slot.0 = Some(slot.1);
-        let value = serde_json::to_value(&status).expect("a status serializes");
+        let value = match serde_json::to_value(&status) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(source, error = %e, "cannot encode the backup status record");
+                return;
+            }
+        };
         match store
             .meta_put(Put::new(COLLECTION, source, &value).expect(expect))
             .await

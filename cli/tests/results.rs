@@ -10,22 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::{Process, conveyor, run, run_json};
+use common::{Process, conveyor, run, run_json, serve};
 use conveyor_worker::store::{FetchRequest, Finish};
 use conveyor_worker::{AttemptOutcome, AttemptRecord, JobId, JobState, Progress, Store};
 use serde_json::json;
-
-fn serve(url: &str) -> (Process, SocketAddr) {
-    let mut p = Process::spawn(conveyor(url, &["serve", "--listen", "127.0.0.1:0"]));
-    let line = p.wait_for_line("listening on http://", 30);
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("an address in: {line}"));
-    (p, addr)
-}
 
 /// Reads the event stream until `done` holds for the `job` events' data seen so far.
 async fn read_events(

@@ -5,26 +5,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::{Process, conveyor, run, run_json};
+use common::{run, run_json, serve};
 use conveyor_tests::eventually;
 use conveyor_worker::store::JobFilter;
 use conveyor_worker::{JobState, NewJob, Store};
 use serde_json::json;
-
-fn serve(url: &str) -> (Process, SocketAddr) {
-    let mut p = Process::spawn(conveyor(url, &["serve", "--listen", "127.0.0.1:0"]));
-    let line = p.wait_for_line("listening on http://", 30);
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("an address in: {line}"));
-    (p, addr)
-}
 
 async fn count(store: &Arc<dyn Store>, kind: &str, states: &[JobState]) -> u64 {
     store

@@ -75,8 +75,12 @@ pub(super) async fn dump(
             ),
         )
     })?;
-    let stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
+    let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(Error::source(
+            name,
+            "pg_dump started without its output pipes",
+        ));
+    };
     let stderr = tokio::spawn(async move {
         let mut text = String::new();
         let _ = stderr.read_to_string(&mut text).await;

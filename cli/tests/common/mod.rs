@@ -198,3 +198,16 @@ macro_rules! cli_backend_tests {
         }
     };
 }
+
+/// `conveyor serve` on a free loopback port; returns the process and the address it listens on.
+pub fn serve(url: &str) -> (Process, SocketAddr) {
+    let mut p = Process::spawn(conveyor(url, &["serve", "--listen", "127.0.0.1:0"]));
+    let line = p.wait_for_line("listening on http://", 30);
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("an address in: {line}"));
+    (p, addr)
+}
