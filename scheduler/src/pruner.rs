@@ -1,7 +1,8 @@
 //! Deletes finished jobs once their retention has passed (completed after 24 h, cancelled
 //! and dead after 30 days by default; a job holding an idempotency key is kept at least as
 //! long as the key's window). Each pass also deletes expired shared records (worker
-//! registrations and other records written with a TTL) and idle rate buckets.
+//! registrations and other records written with a TTL) and idle rate buckets, and folds the
+//! store's count bookkeeping ([`Store::fold_counts`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +68,7 @@ impl Pruner {
                 break;
             }
         }
+        self.store.fold_counts().await?;
         for _ in 0..10 {
             if self.store.meta_prune(now, self.config.batch).await? < u64::from(self.config.batch) {
                 break;

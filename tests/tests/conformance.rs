@@ -998,6 +998,139 @@ async fn queue_stats_count_by_state(s: Arc<dyn Store>) {
     assert_eq!(m.counts.get(&JobState::Available), Some(&1));
 }
 
+/// The per-queue totals behind `queue_stats` and state-only counts (kept by the store, not
+/// counted from rows) equal a count of the rows after every kind of transition.
+async fn counts_follow_every_transition(s: Arc<dyn Store>) {
+    async fn exact(s: &Arc<dyn Store>, step: &str) {
+        let stats = s.queue_stats().await.unwrap();
+        for queue in ["default", "mail"] {
+            let listed = stats.iter().find(|q| q.queue == queue);
+            for state in JobState::ALL {
+                let quick = JobFilter {
+                    states: vec![state],
+                    queue: Some(queue.into()),
+                    ..JobFilter::default()
+                };
+                // A created-since filter that matches every job makes the store count rows.
+                let scanned = JobFilter {
+                    created_after: Some(DateTime::<Utc>::UNIX_EPOCH),
+                    ..quick.clone()
+                };
+                let rows = s.count(&scanned).await.unwrap();
+                assert_eq!(
+                    s.count(&quick).await.unwrap(),
+                    rows,
+                    "{step}: count of {state:?} in {queue}"
+                );
+                let shown = listed
+                    .and_then(|q| q.counts.get(&state))
+                    .copied()
+                    .unwrap_or(0);
+                assert_eq!(shown as u64, rows, "{step}: queue_stats {state:?} in {queue}");
+            }
+        }
+        let all = s.count(&JobFilter::default()).await.unwrap();
+        let rows = s
+            .count(&JobFilter {
+                created_after: Some(DateTime::<Utc>::UNIX_EPOCH),
+                ..JobFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(all, rows, "{step}: count of every job");
+    }
+
+    exact(&s, "empty").await;
+    s.enqueue_many((0..6).map(|_| job("k").max_attempts(2)).collect())
+        .await
+        .unwrap();
+    s.enqueue_many(
+        (0..3)
+            .map(|_| job("k").queue("mail").run_at(Utc::now() + secs(30)))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    exact(&s, "enqueued").await;
+    let got = fetch(&s, "default", 6).await;
+    exact(&s, "claimed").await;
+    s.heartbeat("w1", &got.iter().map(|j| j.id).collect::<Vec<_>>(), LEASE)
+        .await
+        .unwrap();
+    exact(&s, "heartbeat").await;
+    s.finish(vec![
+        finish(&got[0], JobState::Completed, AttemptOutcome::Completed, None),
+        finish(&got[1], JobState::Dead, AttemptOutcome::Failed, None),
+        finish(
+            &got[2],
+            JobState::Retryable,
+            AttemptOutcome::Failed,
+            Some(Utc::now() - secs(1)),
+        ),
+        finish(&got[3], JobState::Cancelled, AttemptOutcome::Cancelled, None),
+    ])
+    .await
+    .unwrap();
+    exact(&s, "finished").await;
+    s.fold_counts().await.unwrap();
+    exact(&s, "folded").await;
+    // got[4] and got[5] stay running; their leases expire.
+    let r = s
+        .rescue_expired(Utc::now() + secs(3600), &RetryPolicy::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(r.retried, 2);
+    exact(&s, "rescued").await;
+    assert!(s.promote_due(Utc::now() + secs(60), 100).await.unwrap() >= 3);
+    exact(&s, "promoted").await;
+    let running = fetch(&s, "default", 1).await;
+    assert_eq!(s.cancel(running[0].id).await.unwrap(), CancelResult::Requested);
+    let waiting = s.list(&JobFilter::state(JobState::Available), Page::default()).await.unwrap();
+    assert_eq!(s.cancel(waiting[0].id).await.unwrap(), CancelResult::Cancelled);
+    exact(&s, "cancelled").await;
+    s.retry(got[1].id).await.unwrap();
+    assert_eq!(
+        s.retry_matching(&JobFilter::state(JobState::Cancelled)).await.unwrap(),
+        2
+    );
+    exact(&s, "retried").await;
+    s.discard(got[0].id).await.unwrap();
+    exact(&s, "discarded").await;
+    let more = fetch(&s, "default", 3).await;
+    s.finish(
+        more.iter()
+            .map(|j| finish(j, JobState::Dead, AttemptOutcome::Failed, None))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.purge(&JobFilter::state(JobState::Dead)).await.unwrap(),
+        more.len() as u64
+    );
+    exact(&s, "purged").await;
+    s.enqueue_many((0..2).map(|_| job("k")).collect())
+        .await
+        .unwrap();
+    let last = fetch(&s, "default", 10).await;
+    assert!(!last.is_empty());
+    s.finish(
+        last.iter()
+            .map(|j| finish(j, JobState::Completed, AttemptOutcome::Completed, None))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let pruned = s
+        .prune(Utc::now() + secs(25 * 3600), &RetentionPolicy::default(), 1000)
+        .await
+        .unwrap();
+    assert!(pruned > 0);
+    exact(&s, "pruned").await;
+    s.fold_counts().await.unwrap();
+    exact(&s, "folded again").await;
+}
+
 async fn enqueue_wakes_subscribers(s: Arc<dyn Store>) {
     let mut events = s.subscribe();
     s.enqueue(job("k").queue("wake")).await.unwrap();
@@ -1408,6 +1541,7 @@ backend_tests!(
     retention_prunes_by_state,
     listing_filters_and_pages,
     queue_stats_count_by_state,
+    counts_follow_every_transition,
     enqueue_wakes_subscribers,
     backend_reports_its_name_and_health,
 );

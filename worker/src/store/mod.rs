@@ -222,6 +222,17 @@ pub struct JobFilter {
 }
 
 impl JobFilter {
+    /// True when the filter names nothing but states and a queue: a count the per-queue
+    /// totals answer without reading jobs.
+    pub fn counts_by_queue_and_state(&self) -> bool {
+        self.kind.is_none()
+            && self.tag.is_none()
+            && self.created_after.is_none()
+            && self.created_before.is_none()
+            && self.error_contains.is_none()
+            && self.ids.is_empty()
+    }
+
     /// Jobs in one state.
     pub fn state(state: JobState) -> Self {
         Self {
@@ -464,6 +475,14 @@ pub trait Store: MetaStore + Send + Sync + 'static {
 
     /// Counts by state for every queue that has jobs.
     async fn queue_stats(&self) -> Result<Vec<QueueStats>>;
+
+    /// Folds the bookkeeping behind [`Store::queue_stats`] into its totals, if the backend
+    /// keeps any apart (Postgres: the per-statement deltas its triggers append); returns how
+    /// many totals changed. Counts are exact either way; folding keeps reading them cheap.
+    /// The pruner calls it on every pass.
+    async fn fold_counts(&self) -> Result<u64> {
+        Ok(0)
+    }
 
     /// Moves up to `limit` due `scheduled`/`retryable` jobs to `available`; returns how many.
     async fn promote_due(&self, now: DateTime<Utc>, limit: u32) -> Result<u64>;

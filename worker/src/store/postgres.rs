@@ -43,12 +43,17 @@ use super::PgSessionSettings;
 use super::{
     CancelResult, FetchRequest, Finish, JobChange, JobFilter, Page, QueueStats, RescueReport,
     RetentionPolicy, Store, StoreEvent, StoreOptions, check_migrations, check_page, rescue_finish,
-    sql_from_states,
+    sql_from_states, sql_state_in,
 };
 use crate::clock::StoreClock;
 use crate::error::{Error, Result};
 use crate::job::{AttemptRecord, Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress};
 use crate::retry_policy::RetryPolicy;
+
+/// Jobs per queue and state as the count triggers keep them (migration 0005): the folded
+/// totals and the deltas not yet folded, one row each, to be summed.
+const COUNTS: &str = "SELECT queue, state, n FROM conveyor.job_counts \
+     UNION ALL SELECT queue, state, n FROM conveyor.job_count_deltas";
 
 /// Rows per bulk INSERT statement on the caller's connection.
 const INSERT_CHUNK: usize = 5000;
@@ -1196,6 +1201,19 @@ impl Store for PgStore {
     }
 
     async fn count(&self, filter: &JobFilter) -> Result<u64> {
+        if filter.counts_by_queue_and_state() {
+            let mut qb = QueryBuilder::<Postgres>::new(format!(
+                "SELECT coalesce(sum(n), 0)::bigint FROM ({COUNTS}) c WHERE true"
+            ));
+            if !filter.states.is_empty() {
+                qb.push(" AND ").push(sql_state_in(&filter.states));
+            }
+            if let Some(queue) = &filter.queue {
+                qb.push(" AND queue = ").push_bind(queue.clone());
+            }
+            let n: i64 = qb.build_query_scalar().fetch_one(&self.pool).await?;
+            return Ok(n.max(0) as u64);
+        }
         let mut qb = QueryBuilder::<Postgres>::new("SELECT count(*) FROM conveyor.jobs WHERE true");
         push_filter(&mut qb, filter);
         let n: i64 = qb.build_query_scalar().fetch_one(&self.pool).await?;
@@ -1335,11 +1353,21 @@ impl Store for PgStore {
     }
 
     async fn queue_stats(&self) -> Result<Vec<QueueStats>> {
-        let rows = sqlx::query(
-            "SELECT queue, state, count(*) AS n FROM conveyor.jobs GROUP BY queue, state ORDER BY queue",
+        // Fold first unless another reader is folding: many dashboards open at once must not
+        // queue behind each other's folds. The sum below is exact either way.
+        sqlx::query(
+            "SELECT CASE WHEN pg_try_advisory_xact_lock(hashtext('conveyor.fold_job_counts')) \
+             THEN conveyor.fold_job_counts() ELSE 0 END",
         )
-        .fetch_all(&self.pool)
+        .execute(&self.pool)
         .await?;
+        let sql = format!(
+            "SELECT queue, state, sum(n)::bigint AS n FROM ({COUNTS}) c \
+             GROUP BY queue, state HAVING sum(n) > 0 ORDER BY queue"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await?;
         let mut stats: Vec<QueueStats> = Vec::new();
         for row in rows {
             let queue: String = row.try_get("queue")?;
@@ -1372,6 +1400,13 @@ impl Store for PgStore {
             }
         }
         Ok(stats)
+    }
+
+    async fn fold_counts(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT conveyor.fold_job_counts()")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
     }
 
     async fn finished_groups(

@@ -32,7 +32,7 @@ use uuid::Uuid;
 use super::{
     CancelResult, FetchRequest, Finish, JobChange, JobFilter, Page, QueueStats, RescueReport,
     RetentionPolicy, Store, StoreEvent, StoreOptions, check_migrations, check_page,
-    sql_from_states,
+    sql_from_states, sql_state_in,
 };
 use crate::error::{Error, Result};
 use crate::job::{Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress};
@@ -725,6 +725,19 @@ impl Store for SqliteStore {
     }
 
     async fn count(&self, filter: &JobFilter) -> Result<u64> {
+        if filter.counts_by_queue_and_state() {
+            // The totals the count triggers keep (migration 0004).
+            let mut qb =
+                QueryBuilder::<Sqlite>::new("SELECT coalesce(sum(n), 0) FROM job_counts WHERE 1=1");
+            if !filter.states.is_empty() {
+                qb.push(" AND ").push(sql_state_in(&filter.states));
+            }
+            if let Some(queue) = &filter.queue {
+                qb.push(" AND queue = ").push_bind(queue.clone());
+            }
+            let n: i64 = qb.build_query_scalar().fetch_one(&self.reader).await?;
+            return Ok(n.max(0) as u64);
+        }
         let mut qb = QueryBuilder::<Sqlite>::new("SELECT count(*) FROM jobs WHERE 1=1");
         push_filter(&mut qb, filter);
         let n: i64 = qb.build_query_scalar().fetch_one(&self.reader).await?;
@@ -897,8 +910,9 @@ impl Store for SqliteStore {
 
     async fn queue_stats(&self) -> Result<Vec<QueueStats>> {
         let now = micros(Utc::now());
+        // The totals the count triggers keep (migration 0004), not a scan of the jobs.
         let rows = sqlx::query(
-            "SELECT queue, state, count(*) AS n FROM jobs GROUP BY queue, state ORDER BY queue",
+            "SELECT queue, state, n FROM job_counts WHERE n > 0 ORDER BY queue, state",
         )
         .fetch_all(&self.reader)
         .await?;
