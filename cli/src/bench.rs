@@ -27,6 +27,7 @@ use conveyor_worker::{JobContext, JobState, NewJob, Outcome, Registry, Store};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+mod admin;
 mod apalis;
 mod email;
 mod remote;
@@ -50,6 +51,10 @@ pub enum Workload {
     /// SMTP sending through lettre's pool beside one connection per message, to a sink in
     /// this process (see docs/email.md); the store is not used.
     Email,
+    /// The reads an admin's pages make (counts per queue and state, listings, error-text and
+    /// kind filters) on a store filled with `--preload-finished` finished jobs (default
+    /// 1,000,000); SQLite and Postgres.
+    Admin,
 }
 
 /// Which store the benchmark runs on (must match the URL).
@@ -150,6 +155,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.jobs == 0 || args.concurrency == 0 || args.enqueue_batch == 0 {
         bail!("--jobs, --concurrency and --enqueue-batch must be at least 1");
     }
+    if args.workload == Workload::Admin {
+        return admin::run(&args).await;
+    }
     if args.backend != BenchBackend::Postgres && (args.analyze || args.preload_finished > 0) {
         bail!(
             "--analyze and --preload-finished are for --backend postgres (they run ANALYZE \
@@ -170,7 +178,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Deliveries write an attempt-log record each, concurrently with fetch and completion:
     // they get a larger pool (CONVEYOR_BENCH_POOL overrides, for A/B runs).
     let pool = match args.workload {
-        Workload::Jobs | Workload::Remote | Workload::Apalis | Workload::Email => 8,
+        Workload::Jobs
+        | Workload::Remote
+        | Workload::Apalis
+        | Workload::Email
+        | Workload::Admin => 8,
         Workload::Webhooks => std::env::var("CONVEYOR_BENCH_POOL")
             .ok()
             .and_then(|v| v.parse().ok())

@@ -1026,7 +1026,10 @@ async fn counts_follow_every_transition(s: Arc<dyn Store>) {
                     .and_then(|q| q.counts.get(&state))
                     .copied()
                     .unwrap_or(0);
-                assert_eq!(shown as u64, rows, "{step}: queue_stats {state:?} in {queue}");
+                assert_eq!(
+                    shown as u64, rows,
+                    "{step}: queue_stats {state:?} in {queue}"
+                );
             }
         }
         let all = s.count(&JobFilter::default()).await.unwrap();
@@ -1059,7 +1062,12 @@ async fn counts_follow_every_transition(s: Arc<dyn Store>) {
         .unwrap();
     exact(&s, "heartbeat").await;
     s.finish(vec![
-        finish(&got[0], JobState::Completed, AttemptOutcome::Completed, None),
+        finish(
+            &got[0],
+            JobState::Completed,
+            AttemptOutcome::Completed,
+            None,
+        ),
         finish(&got[1], JobState::Dead, AttemptOutcome::Failed, None),
         finish(
             &got[2],
@@ -1067,7 +1075,12 @@ async fn counts_follow_every_transition(s: Arc<dyn Store>) {
             AttemptOutcome::Failed,
             Some(Utc::now() - secs(1)),
         ),
-        finish(&got[3], JobState::Cancelled, AttemptOutcome::Cancelled, None),
+        finish(
+            &got[3],
+            JobState::Cancelled,
+            AttemptOutcome::Cancelled,
+            None,
+        ),
     ])
     .await
     .unwrap();
@@ -1084,13 +1097,24 @@ async fn counts_follow_every_transition(s: Arc<dyn Store>) {
     assert!(s.promote_due(Utc::now() + secs(60), 100).await.unwrap() >= 3);
     exact(&s, "promoted").await;
     let running = fetch(&s, "default", 1).await;
-    assert_eq!(s.cancel(running[0].id).await.unwrap(), CancelResult::Requested);
-    let waiting = s.list(&JobFilter::state(JobState::Available), Page::default()).await.unwrap();
-    assert_eq!(s.cancel(waiting[0].id).await.unwrap(), CancelResult::Cancelled);
+    assert_eq!(
+        s.cancel(running[0].id).await.unwrap(),
+        CancelResult::Requested
+    );
+    let waiting = s
+        .list(&JobFilter::state(JobState::Available), Page::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.cancel(waiting[0].id).await.unwrap(),
+        CancelResult::Cancelled
+    );
     exact(&s, "cancelled").await;
     s.retry(got[1].id).await.unwrap();
     assert_eq!(
-        s.retry_matching(&JobFilter::state(JobState::Cancelled)).await.unwrap(),
+        s.retry_matching(&JobFilter::state(JobState::Cancelled))
+            .await
+            .unwrap(),
         2
     );
     exact(&s, "retried").await;
@@ -1122,7 +1146,11 @@ async fn counts_follow_every_transition(s: Arc<dyn Store>) {
     .await
     .unwrap();
     let pruned = s
-        .prune(Utc::now() + secs(25 * 3600), &RetentionPolicy::default(), 1000)
+        .prune(
+            Utc::now() + secs(25 * 3600),
+            &RetentionPolicy::default(),
+            1000,
+        )
         .await
         .unwrap();
     assert!(pruned > 0);

@@ -911,11 +911,10 @@ impl Store for SqliteStore {
     async fn queue_stats(&self) -> Result<Vec<QueueStats>> {
         let now = micros(Utc::now());
         // The totals the count triggers keep (migration 0004), not a scan of the jobs.
-        let rows = sqlx::query(
-            "SELECT queue, state, n FROM job_counts WHERE n > 0 ORDER BY queue, state",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+        let rows =
+            sqlx::query("SELECT queue, state, n FROM job_counts WHERE n > 0 ORDER BY queue, state")
+                .fetch_all(&self.reader)
+                .await?;
         let mut stats: Vec<QueueStats> = Vec::new();
         for row in rows {
             let queue: String = row.try_get("queue")?;
