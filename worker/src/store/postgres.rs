@@ -658,8 +658,11 @@ fn push_filter(qb: &mut QueryBuilder<Postgres>, filter: &JobFilter) {
     }
     if let Some(text) = &filter.error_contains {
         let pattern = format!("%{}%", super::sqlite::escape_like(text));
+        // The first term is the jobs_errors index's predicate (migration 0006): it lets the
+        // planner read only the jobs that have an error.
         qb.push(
-            " AND EXISTS (SELECT 1 FROM jsonb_array_elements(attempts) a, LATERAL \
+            " AND attempts @? '$[*].error' \
+             AND EXISTS (SELECT 1 FROM jsonb_array_elements(attempts) a, LATERAL \
              (SELECT a->>'error' UNION ALL \
               SELECT jsonb_array_elements_text(coalesce(a->'causes', '[]'::jsonb))) m(msg) \
              WHERE m.msg ILIKE ",

@@ -38,6 +38,10 @@ use crate::error::{Error, Result};
 use crate::job::{Enqueued, Job, JobId, JobState, NewJob, OperatorAction, Progress};
 use crate::retry_policy::RetryPolicy;
 
+/// The jobs whose history holds an error: the `jobs_errors` index's WHERE term, written
+/// exactly as the index has it (migration 0005), so that error-text filters read the index.
+const HAS_ERROR: &str = "instr(attempts, '\"error\":') > 0";
+
 /// Rows per multi-row INSERT: 11 parameters a row stays far below SQLite's 32,766 limit.
 const INSERT_CHUNK: usize = 500;
 /// Ids per heartbeat statement: far below SQLite's 32,766 parameters, and above any
@@ -370,14 +374,16 @@ fn push_filter(qb: &mut QueryBuilder<Sqlite>, filter: &JobFilter) {
     }
     if let Some(text) = &filter.error_contains {
         let pattern = format!("%{}%", escape_like(&text.to_lowercase()));
-        qb.push(
-            " AND EXISTS (SELECT 1 FROM json_each(jobs.attempts) a WHERE \
+        qb.push(" AND ")
+            .push(HAS_ERROR)
+            .push(
+                " AND EXISTS (SELECT 1 FROM json_each(jobs.attempts) a WHERE \
              lower(coalesce(json_extract(a.value, '$.error'), '')) LIKE ",
-        )
-        .push_bind(pattern.clone())
-        .push(" ESCAPE '\\' OR lower(coalesce(json_extract(a.value, '$.causes'), '')) LIKE ")
-        .push_bind(pattern)
-        .push(" ESCAPE '\\')");
+            )
+            .push_bind(pattern.clone())
+            .push(" ESCAPE '\\' OR lower(coalesce(json_extract(a.value, '$.causes'), '')) LIKE ")
+            .push_bind(pattern)
+            .push(" ESCAPE '\\')");
     }
     if !filter.ids.is_empty() {
         qb.push(" AND id IN (");
