@@ -303,7 +303,7 @@ fn is_config_variable(rest: &str, known: &[Vec<String>]) -> bool {
 }
 
 /// The config keys whose default is `None`.
-const OPTIONAL_KEYS: [&str; 7] = [
+const OPTIONAL_KEYS: [&str; 8] = [
     "database.listen_url",
     "backup.scratch_dir",
     "api.metrics.listen",
@@ -311,6 +311,7 @@ const OPTIONAL_KEYS: [&str; 7] = [
     "http_requests.signing_secret",
     "email.default_transport",
     "email.message_id_domain",
+    "email.public_url",
 ];
 
 /// Whether `path` is a key of a named HTTP target (`http_targets.<name>.<key>`, or a header
