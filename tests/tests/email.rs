@@ -6,7 +6,9 @@
 //! `Message-ID`, and the recipient that had accepted not sent to again; a 5xx that makes the
 //! job dead with the server's reply; a partial refusal, and an operator's retry that sends to
 //! the refused recipient only; a connection dropped mid-DATA retried and stored once;
-//! STARTTLS with a certificate of the test's own CA, AUTH, and a wrong password.
+//! STARTTLS with a certificate of the test's own CA, AUTH, and a wrong password; implicit TLS
+//! (SMTPS) to a self-signed certificate trusted through `ca_file`, and refused without it;
+//! one-click unsubscribe links per recipient, signed with DKIM.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,6 +146,7 @@ conveyor_tests::store_variant_tests!(
     a_partial_refusal_and_an_operator_retry_send_to_each_recipient_once,
     a_connection_dropped_mid_data_is_retried_and_stored_once,
     starttls_with_auth_and_a_wrong_password,
+    implicit_tls_with_a_self_signed_certificate,
     a_hard_bounce_suppresses_the_address_for_the_next_email
 );
 conveyor_tests::store_variant_tests!(
@@ -536,6 +539,56 @@ async fn starttls_with_auth_and_a_wrong_password(store: Arc<dyn Store>) {
         "the password is never shown: {error}"
     );
     assert_eq!(server.received().len(), 1);
+    run.stop().await;
+}
+
+/// Implicit TLS (SMTPS, port-465 style: TLS from the first byte) to a server whose
+/// certificate is self-signed, trusted through the transport's `ca_file`; the same server
+/// with a transport that does not trust it is never sent to, the TLS failure recorded.
+async fn implicit_tls_with_a_self_signed_certificate(store: Arc<dyn Store>) {
+    let Some(certs) = conveyor_tests::tls::Certs::generate() else {
+        return;
+    };
+    let Some(server) = SmtpServer::start(json!({
+        "implicit_tls": {"cert": certs.path("self-signed.pem"), "key": certs.path("server.key")},
+    })) else {
+        return;
+    };
+    let mut c = config(&server);
+    let mut smtps = Transport::new("localhost");
+    smtps.port = Some(server.port);
+    smtps.security = Security::Tls;
+    smtps.ca_file = Some(certs.path("self-signed.pem"));
+    smtps.timeout = Some(Duration::from_secs(5));
+    let mut untrusted = smtps.clone();
+    untrusted.ca_file = Some(certs.path("other-ca.pem"));
+    c.transports.insert("main".into(), smtps);
+    c.transports.insert("untrusted".into(), untrusted);
+    c.default_transport = Some("main".into());
+    let run = Running::start(&store, c);
+    let id = run.send(&store, &message(&["ada@example.org"])).await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.attempts);
+    let got = server.received();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].tls, "received over TLS: {got:?}");
+    assert_eq!(got[0].header("Subject"), Some("Your receipt"));
+
+    let mut m = message(&["bo@example.org"]);
+    m.transport = Some("untrusted".into());
+    let id = run.send(&store, &m).await;
+    let job = job_in(&store, id, &[JobState::Retryable, JobState::Dead]).await;
+    let error = job.attempts[0].error.clone().unwrap_or_default();
+    assert!(
+        error.to_lowercase().contains("certificate"),
+        "the TLS failure is named: {error}"
+    );
+    let record = run.emails.record(&id.to_string()).await.unwrap().unwrap();
+    assert_eq!(
+        status_of(&record, "bo@example.org"),
+        RecipientStatus::Deferred
+    );
+    assert_eq!(server.received().len(), 1, "nothing sent without trust");
     run.stop().await;
 }
 
