@@ -9,7 +9,7 @@ action's "at least one filter field, or `all: true`", and an enqueue's or event'
 custom headers, and the grammar of an IPv6 address
 in a webhook URL (the URL parser checks it), a remote worker's batch item's fields by its
 `outcome`, a stats period's grammar and its point limit, an email address's grammar and an
-email's recipients and body, and integers written without a fraction (JSON Schema counts `2.0` as an integer). A schema-valid request that breaks one
+email's recipients and body, an unsubscribe link's signed token, and integers written without a fraction (JSON Schema counts `2.0` as an integer). A schema-valid request that breaks one
 of them gets a 422 naming the field; this hook accepts exactly that refusal and nothing else.
 """
 
@@ -54,6 +54,9 @@ UNSTATED = {
     # A version the template has; data that gives every variable the template uses.
     ("POST", "/v1/email-templates/{name}/preview"): {"version", "data", "subject", "text", "html"},
     ("GET", "/v1/email-templates/{name}"): {"version"},
+    # An unsubscribe link's token is valid only as signed by the server's secrets keys.
+    ("GET", "/v1/unsubscribe/{token}"): {"token"},
+    ("POST", "/v1/unsubscribe/{token}"): {"token"},
 }
 
 

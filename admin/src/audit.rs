@@ -41,6 +41,16 @@ impl Actor {
         }
     }
 
+    /// A recipient following an email's one-click unsubscribe link (no API key: the link's
+    /// signature is the credential).
+    pub fn unsubscribe_link(address: Option<SocketAddr>) -> Self {
+        Self {
+            key_id: None,
+            name: "unsubscribe-link".to_string(),
+            address: address.map(|a| a.ip().to_string()),
+        }
+    }
+
     /// An API key over HTTP.
     pub fn key(id: &str, name: &str, address: Option<SocketAddr>) -> Self {
         Self {

@@ -143,14 +143,9 @@ fn summary(m: &EmailArgs) -> MessageSummary {
 impl Admin {
     /// Checks and enqueues one message (see the module docs). Not audited: sends are the
     /// application's traffic, like enqueues.
-    pub async fn send_email(&self, actor: &Actor, mut send: SendEmail) -> Result<EnqueueOutcome> {
-        // A template is rendered now, so an unknown template or a missing variable is
-        // refused here, and its latest version is pinned: every attempt renders the same.
-        if send.message.template.is_some() {
-            self.pin_template(&mut send.message)
-                .await
-                .map_err(|e| e.prefixed_args())?;
-        }
+    pub async fn send_email(&self, actor: &Actor, send: SendEmail) -> Result<EnqueueOutcome> {
+        // The template is rendered and its version pinned by the enqueue, as for every
+        // `email.send` job (see `Admin::pin_kind_args`).
         let tags = send.message.tags.clone();
         let metadata = send.message.metadata.clone();
         let args = serde_json::to_value(&send.message).map_err(conveyor_worker::Error::from)?;
@@ -170,6 +165,34 @@ impl Admin {
         )
         .await
         .map_err(|e| e.prefixed_args())
+    }
+
+    /// The enqueue-time rule of a job's args that needs the store, for every enqueue path
+    /// (`POST /v1/emails`, `POST /v1/jobs`, a batch, `conveyor enqueue`, `conveyor email
+    /// send`): an `email.send` job that names a template has it rendered now with its data, so
+    /// an unknown template or version, or a variable the data lacks, is refused here (bad
+    /// input, field `args.template.…`), and the version rendered is pinned in the args, so
+    /// every attempt sends the same message. Other jobs pass unchanged. Run after the kind's
+    /// own check ([`crate::Admin::with_validators`]).
+    pub(crate) async fn pin_kind_args(
+        &self,
+        mut job: conveyor_worker::NewJob,
+    ) -> Result<conveyor_worker::NewJob> {
+        if job.kind != KIND || job.args.get("template").is_none_or(|t| t.is_null()) {
+            return Ok(job);
+        }
+        let mut message: EmailArgs = serde_json::from_value(job.args.clone()).map_err(|e| {
+            conveyor_worker::Error::invalid("args", format!("not an `{KIND}` message: {e}"))
+        })?;
+        self.pin_template(&mut message).await?;
+        if let (Some(t), Some(obj)) = (&message.template, job.args.as_object_mut()) {
+            // Only the version is added: the rest of the args stay as the client wrote them.
+            obj.insert(
+                "template".into(),
+                serde_json::to_value(t).map_err(conveyor_worker::Error::from)?,
+            );
+        }
+        Ok(job)
     }
 
     /// Renders `message`'s template (after the message's own check), checks the rendered

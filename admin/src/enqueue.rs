@@ -1,7 +1,8 @@
 //! Enqueue, one job or a batch: the checks a client's job must pass (whether it came over
 //! HTTP or from `conveyor enqueue`), its kind's args check ([`crate::Admin::with_validators`]),
-//! then the insert, then the warning when no live worker
-//! serves the job's queue or kind.
+//! the checks that need the store (an `email.send` job's template is rendered with its data,
+//! and its version pinned: [`crate::email`]), then the insert, then the warning when no live
+//! worker serves the job's queue or kind.
 
 use std::time::Duration;
 
@@ -177,6 +178,7 @@ impl Admin {
             Utc::now(),
         )?;
         self.validators.check(&job.kind, &job.args)?;
+        let job = self.pin_kind_args(job).await?;
         let (queue, kind) = (job.queue.clone(), job.kind.clone());
         let enqueued = self.store.enqueue(job).await?;
         if !enqueued.duplicate {
@@ -221,6 +223,15 @@ impl Admin {
                     .map_err(|e| e.prefixed(&format!("jobs[{i}].")))
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut pinned = Vec::with_capacity(jobs.len());
+        for (i, job) in jobs.into_iter().enumerate() {
+            pinned.push(
+                self.pin_kind_args(job)
+                    .await
+                    .map_err(|e| e.prefixed(&format!("jobs[{i}].")))?,
+            );
+        }
+        let jobs = pinned;
         let names: Vec<(String, String)> = jobs
             .iter()
             .map(|j| (j.queue.clone(), j.kind.clone()))

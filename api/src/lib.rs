@@ -112,6 +112,7 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(route::email::routes())
         .merge(route::email_template::routes())
         .merge(route::email_suppression::routes())
+        .merge(route::unsubscribe::routes())
         .split_for_parts();
     let mut doc = doc;
     document::add_shared_refusals(&mut doc);

@@ -586,6 +586,9 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
     ("GET", "/readyz", None, None),
     ("GET", "/v1/docs", None, None),
     ("GET", "/v1/openapi.json", None, None),
+    // Public: the link in an email (its token signed with the server's keys) needs no key.
+    ("GET", "/v1/unsubscribe/{token}", None, None),
+    ("POST", "/v1/unsubscribe/{token}", None, None),
     (
         "GET",
         "/v1/webhooks/endpoints",
@@ -800,7 +803,16 @@ async fn scope_matrix(store: Arc<dyn Store>) {
                 .replace("{id}", &id.to_string())
                 .replace("{action}", "retry")
                 .replace("{address}", "matrix@example.com")
-                .replace("{name}", "matrix");
+                .replace("{name}", "matrix")
+                .replace(
+                    "{token}",
+                    &conveyor_jobs::email::unsubscribe::token(
+                        &conveyor_tests::test_keyring(),
+                        "matrix@example.com",
+                        "matrix",
+                    )
+                    .unwrap(),
+                );
             let mut r = s.req(method.clone(), &path, key);
             if let Some(b) = body {
                 r = r
@@ -1520,7 +1532,8 @@ async fn openapi_document_matches_the_routes() {
     // Every documented operation with a scope declares it as bearer security.
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
-            let open = ["/livez", "/readyz", "/v1/docs"].contains(&path.as_str());
+            let open = ["/livez", "/readyz", "/v1/docs", "/v1/unsubscribe/{token}"]
+                .contains(&path.as_str());
             assert_eq!(op.get("security").is_none(), open, "{method} {path}");
         }
     }

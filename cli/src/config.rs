@@ -303,7 +303,7 @@ fn is_config_variable(rest: &str, known: &[Vec<String>]) -> bool {
 }
 
 /// The config keys whose default is `None`.
-const OPTIONAL_KEYS: [&str; 7] = [
+const OPTIONAL_KEYS: [&str; 8] = [
     "database.listen_url",
     "backup.scratch_dir",
     "api.metrics.listen",
@@ -311,6 +311,7 @@ const OPTIONAL_KEYS: [&str; 7] = [
     "http_requests.signing_secret",
     "email.default_transport",
     "email.message_id_domain",
+    "email.public_url",
 ];
 
 /// Whether `path` is a key of a named HTTP target (`http_targets.<name>.<key>`, or a header
@@ -717,6 +718,7 @@ mod tests {
                 ("CONVEYOR_EMAIL__TRANSPORTS__MAIN__SECURITY", "none"),
                 ("CONVEYOR_EMAIL__DEFAULT_TRANSPORT", "main"),
                 ("CONVEYOR_EMAIL__MESSAGE_ID_DOMAIN", "mail.example.com"),
+                ("CONVEYOR_EMAIL__PUBLIC_URL", "https://conveyor.example.com"),
             ]),
         )
         .unwrap();
@@ -728,6 +730,10 @@ mod tests {
         assert_eq!(main.security, conveyor_jobs::email::Security::None);
         assert_eq!(config.email.default_transport.as_deref(), Some("main"));
         assert!(config.email.message_id_domain.is_some());
+        assert_eq!(
+            config.email.public_url.as_deref(),
+            Some("https://conveyor.example.com")
+        );
         assert!(config.database.listen_url.is_some() && config.api.metrics.listen.is_some());
         assert!(config.secrets.key_file.is_some());
         assert!(config.http_requests.signing_secret.is_some());
@@ -735,7 +741,7 @@ mod tests {
             config.backup.scratch_dir.as_deref(),
             Some(Path::new("/var/tmp"))
         );
-        assert_eq!(OPTIONAL_KEYS.len(), 7, "test each optional key above");
+        assert_eq!(OPTIONAL_KEYS.len(), 8, "test each optional key above");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! and pinned, a preview with sample data, a message rendered and parsed back (HTML escaped,
 //! text and subject not), and an unknown template or a missing variable refused at enqueue;
 //! then an address suppressed by hand with `conveyor email suppressions add`, skipped by the
-//! next email (recorded `suppressed`, not delivered), listed and removed.
+//! next email (recorded `suppressed`, not delivered), listed and removed. An `email.send`
+//! job enqueued the generic way (`POST /v1/jobs`, `/v1/jobs/batch`, `conveyor enqueue`) is
+//! checked as `POST /v1/emails` checks a message: unknown template, missing variable, bad
+//! address, oversize attachment refused (422, exit 2), the template's version pinned.
 
 mod common;
 
@@ -19,7 +22,10 @@ use conveyor_tests::smtp::SmtpServer;
 use conveyor_worker::Store;
 use serde_json::{Value, json};
 
-cli_backend_tests!(templates_through_the_cli_the_api_and_a_real_server);
+cli_backend_tests!(
+    templates_through_the_cli_the_api_and_a_real_server,
+    email_jobs_get_the_email_checks_on_every_enqueue_path
+);
 
 fn with_transport(url: &str, args: &[&str], port: u16) -> Command {
     let mut cmd = conveyor(url, args);
@@ -362,5 +368,151 @@ async fn templates_through_the_cli_the_api_and_a_real_server(url: String, store:
     let (status, list) = call(Method::GET, "/v1/email-suppressions", None).await;
     assert_eq!(status, 200);
     assert_eq!(list, json!([]));
+    serve.stop(nix::sys::signal::Signal::SIGTERM, 30);
+}
+
+async fn email_jobs_get_the_email_checks_on_every_enqueue_path(url: String, store: Arc<dyn Store>) {
+    let Some(server) = SmtpServer::start(json!({})) else {
+        return;
+    };
+    let with_limit = |args: &[&str]| {
+        let mut cmd = with_transport(&url, args, server.port);
+        cmd.env("CONVEYOR_EMAIL__MAX_ATTACHMENT_BYTES", "16");
+        cmd
+    };
+    let (code, _, err) = output(with_limit(&[
+        "email",
+        "templates",
+        "create",
+        "welcome",
+        "--subject",
+        "Welcome, {{ name }}",
+        "--text",
+        "Hello {{ name }}, your code is {{ code }}.",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let mut serve = Process::spawn(with_limit(&["serve", "--listen", "127.0.0.1:0"]));
+    let line = serve.wait_for_line("listening on http://", 30);
+    let addr = conveyor_tests::process::listening_addr(&line);
+    let (_, api_key) = key::create(&store, "app", Scope::Admin, Actor::cli())
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        let req = http
+            .post(format!("http://{addr}{path}"))
+            .bearer_auth(&api_key)
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let message = |change: Value| {
+        let mut m = json!({
+            "from": "shop@example.com",
+            "to": ["ada@example.org"],
+            "template": {"name": "welcome", "data": {"name": "Ada", "code": "1234"}},
+        });
+        for (k, v) in change.as_object().unwrap() {
+            m[k] = v.clone();
+        }
+        m
+    };
+    use base64::Engine;
+    let big = base64::engine::general_purpose::STANDARD.encode([7u8; 17]);
+    let bad = [
+        (
+            message(json!({"template": {"name": "nope"}})),
+            "args.template.name",
+        ),
+        (
+            message(json!({"template": {"name": "welcome", "version": 9}})),
+            "args.template.version",
+        ),
+        (
+            message(json!({"template": {"name": "welcome", "data": {"name": "Ada"}}})),
+            "args.template.data",
+        ),
+        (message(json!({"to": ["not an address"]})), "args.to[0]"),
+        (
+            message(json!({"attachments": [{"filename": "a.bin", "content": big}]})),
+            "args.attachments[0]",
+        ),
+    ];
+    for (args, field) in &bad {
+        // Over HTTP, one job and in a batch: 422 naming the field inside the args.
+        let (status, problem) = post("/v1/jobs", json!({"kind": "email.send", "args": args})).await;
+        assert_eq!(status, 422, "{args}: {problem}");
+        let got = problem["errors"][0]["field"].as_str().unwrap();
+        assert!(got.starts_with(field), "{args}: {field} in {problem}");
+        if *field == "args.template.data" {
+            assert!(
+                problem["errors"][0]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("`code`"),
+                "{problem}"
+            );
+        }
+        let (status, problem) = post(
+            "/v1/jobs/batch",
+            json!({"jobs": [{"kind": "email.send", "args": message(json!({}))}, {"kind": "email.send", "args": args}]}),
+        )
+        .await;
+        assert_eq!(status, 422, "{args}: {problem}");
+        let got = problem["errors"][0]["field"].as_str().unwrap();
+        assert!(got.starts_with(&format!("jobs[1].{field}")), "{problem}");
+        // The CLI's generic enqueue: exit 2 with the same field.
+        let (code, _, err) = output(with_limit(&[
+            "enqueue",
+            "--kind",
+            "email.send",
+            "--args",
+            &args.to_string(),
+        ]));
+        assert_eq!(code, 2, "{args}: {err}");
+        assert!(err.contains(field), "{field} in {err}");
+    }
+    assert!(
+        store
+            .list(&Default::default(), Default::default())
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing was enqueued"
+    );
+
+    // A good one through POST /v1/jobs: the version rendered is pinned, and it is sent.
+    let (status, job) = post(
+        "/v1/jobs",
+        json!({"kind": "email.send", "args": message(json!({}))}),
+    )
+    .await;
+    assert_eq!(status, 201, "{job}");
+    assert_eq!(job["job"]["args"]["template"]["version"], 1, "{job}");
+    let id: conveyor_worker::JobId = job["job"]["id"].as_str().unwrap().parse().unwrap();
+    let stored = store.get(id).await.unwrap().unwrap();
+    assert_eq!(stored.args["template"]["version"], 1, "{}", stored.args);
+    assert_eq!(stored.args["template"]["data"]["code"], "1234");
+    let (code, _, err) = output(with_limit(&[
+        "enqueue",
+        "--kind",
+        "email.send",
+        "--args",
+        &message(json!({"to": ["bo@example.org"]})).to_string(),
+    ]));
+    assert_eq!(code, 0, "{err}");
+    eventually(30, "both emails to be sent", || {
+        let n = server.received().len();
+        async move { (n == 2).then_some(()) }
+    })
+    .await;
+    let got = server.received();
+    assert!(
+        got.iter()
+            .all(|r| r.header("Subject") == Some("Welcome, Ada")),
+        "{got:?}"
+    );
     serve.stop(nix::sys::signal::Signal::SIGTERM, 30);
 }

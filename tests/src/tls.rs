@@ -2,8 +2,8 @@
 //! private `redis-server` that speaks only TLS.
 //!
 //! Every [`Certs`] is a CA, a server certificate it signed for `localhost` and `127.0.0.1`, a
-//! client certificate it signed, and a second CA that signed nothing (the wrong one). EC keys:
-//! they are made in milliseconds.
+//! client certificate it signed, a second CA that signed nothing (the wrong one), and a
+//! self-signed certificate of the server's key. EC keys: they are made in milliseconds.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -80,11 +80,25 @@ impl Certs {
                 ],
             );
         }
+        // The server's key in a certificate signed by itself (no CA), for `localhost` too.
+        certs.openssl(
+            &["x509", "-req", "-days", "2"],
+            &[
+                "-in",
+                "server.csr",
+                "-signkey",
+                "server.key",
+                "-extfile",
+                "server.ext",
+                "-out",
+                "self-signed.pem",
+            ],
+        );
         Some(certs)
     }
 
     /// A file of the set: `ca.pem`, `other-ca.pem`, `server.pem`, `server.key`, `client.pem`,
-    /// `client.key`.
+    /// `client.key`, and `self-signed.pem` (the server's key, certified by itself).
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }

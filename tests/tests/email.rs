@@ -6,7 +6,9 @@
 //! `Message-ID`, and the recipient that had accepted not sent to again; a 5xx that makes the
 //! job dead with the server's reply; a partial refusal, and an operator's retry that sends to
 //! the refused recipient only; a connection dropped mid-DATA retried and stored once;
-//! STARTTLS with a certificate of the test's own CA, AUTH, and a wrong password.
+//! STARTTLS with a certificate of the test's own CA, AUTH, and a wrong password; implicit TLS
+//! (SMTPS) to a self-signed certificate trusted through `ca_file`, and refused without it;
+//! one-click unsubscribe links per recipient, signed with DKIM.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,6 +146,7 @@ conveyor_tests::store_variant_tests!(
     a_partial_refusal_and_an_operator_retry_send_to_each_recipient_once,
     a_connection_dropped_mid_data_is_retried_and_stored_once,
     starttls_with_auth_and_a_wrong_password,
+    implicit_tls_with_a_self_signed_certificate,
     a_hard_bounce_suppresses_the_address_for_the_next_email
 );
 conveyor_tests::store_variant_tests!(
@@ -539,6 +542,56 @@ async fn starttls_with_auth_and_a_wrong_password(store: Arc<dyn Store>) {
     run.stop().await;
 }
 
+/// Implicit TLS (SMTPS, port-465 style: TLS from the first byte) to a server whose
+/// certificate is self-signed, trusted through the transport's `ca_file`; the same server
+/// with a transport that does not trust it is never sent to, the TLS failure recorded.
+async fn implicit_tls_with_a_self_signed_certificate(store: Arc<dyn Store>) {
+    let Some(certs) = conveyor_tests::tls::Certs::generate() else {
+        return;
+    };
+    let Some(server) = SmtpServer::start(json!({
+        "implicit_tls": {"cert": certs.path("self-signed.pem"), "key": certs.path("server.key")},
+    })) else {
+        return;
+    };
+    let mut c = config(&server);
+    let mut smtps = Transport::new("localhost");
+    smtps.port = Some(server.port);
+    smtps.security = Security::Tls;
+    smtps.ca_file = Some(certs.path("self-signed.pem"));
+    smtps.timeout = Some(Duration::from_secs(5));
+    let mut untrusted = smtps.clone();
+    untrusted.ca_file = Some(certs.path("other-ca.pem"));
+    c.transports.insert("main".into(), smtps);
+    c.transports.insert("untrusted".into(), untrusted);
+    c.default_transport = Some("main".into());
+    let run = Running::start(&store, c);
+    let id = run.send(&store, &message(&["ada@example.org"])).await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.attempts);
+    let got = server.received();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].tls, "received over TLS: {got:?}");
+    assert_eq!(got[0].header("Subject"), Some("Your receipt"));
+
+    let mut m = message(&["bo@example.org"]);
+    m.transport = Some("untrusted".into());
+    let id = run.send(&store, &m).await;
+    let job = job_in(&store, id, &[JobState::Retryable, JobState::Dead]).await;
+    let error = job.attempts[0].error.clone().unwrap_or_default();
+    assert!(
+        error.to_lowercase().contains("certificate"),
+        "the TLS failure is named: {error}"
+    );
+    let record = run.emails.record(&id.to_string()).await.unwrap().unwrap();
+    assert_eq!(
+        status_of(&record, "bo@example.org"),
+        RecipientStatus::Deferred
+    );
+    assert_eq!(server.received().len(), 1, "nothing sent without trust");
+    run.stop().await;
+}
+
 /// `openssl` with `args`, its stdout.
 fn openssl(args: &[&str]) -> Vec<u8> {
     let out = std::process::Command::new("openssl")
@@ -725,6 +778,132 @@ async fn dkim_signatures_verify_with_an_independent_verifier() {
     assert_eq!(
         rsa_copies[0].header("Message-ID"),
         rsa_copies[1].header("Message-ID")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One-click unsubscribe (RFC 8058): with `email.public_url` set, each recipient of a
+/// listed message gets a copy of its own whose `List-Unsubscribe` link carries a token for
+/// its address and the list, and whose DKIM signature covers both unsubscribe headers
+/// (dkimpy verifies it, and refuses it once the link is swapped for another recipient's).
+/// A message of no list is sent as one message, without them.
+#[tokio::test]
+async fn listed_messages_carry_a_signed_one_click_link_per_recipient() {
+    if conveyor_tests::redis_server::find_on_path("openssl").is_none() {
+        conveyor_tests::unavailable::<()>("openssl is not on PATH (scripts/test-deps.sh)");
+        return;
+    }
+    let Some(server) = SmtpServer::start(json!({})) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "conveyor-dkim-list-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_, rsa_txt) = dkim_key(&dir, "RSA");
+    let records = json!({ "s1._domainkey.example.com": rsa_txt });
+    let mut c = config(&server);
+    c.public_url = Some("https://links.example.test".into());
+    c.dkim.insert(
+        "example.com".into(),
+        email::dkim::DkimKey {
+            selector: "s1".into(),
+            domain: None,
+            private_key: None,
+            private_key_env: None,
+            private_key_file: Some(dir.join("RSA.pem")),
+        },
+    );
+    let test_store = conveyor_tests::TestStore::sqlite().await;
+    let store = test_store.store.clone();
+
+    // No secrets key to sign links with, or a public_url that is not a base URL: refused at
+    // start, naming the key.
+    let err = Emails::new(
+        store.clone(),
+        c.clone(),
+        &conveyor_worker::keyring::Keyring::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("email.public_url") && err.contains("secrets.keys"),
+        "{err}"
+    );
+    let mut bad = c.clone();
+    bad.public_url = Some("links.example.test".into());
+    let err = Emails::new(store.clone(), bad, &conveyor_tests::test_keyring())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("email.public_url"), "{err}");
+
+    let run = Running::start(&store, c);
+    let mut listed = message(&["ada@example.org"]);
+    listed.bcc = vec!["bo@example.org".into()];
+    listed.list = Some("newsletter".into());
+    let id = run.send(&store, &listed).await;
+    let job = job_in(&store, id, &[JobState::Completed, JobState::Dead]).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.attempts);
+    let id = run.send(&store, &message(&["cy@example.org"])).await;
+    job_in(&store, id, &[JobState::Completed]).await;
+    run.stop().await;
+
+    let got = server.received();
+    assert_eq!(got.len(), 3, "{got:?}");
+    let signed_headers = |r: &conveyor_tests::smtp::Received| {
+        let sig: String = r
+            .header("DKIM-Signature")
+            .unwrap()
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        sig.split(';')
+            .find_map(|t| t.strip_prefix("h="))
+            .unwrap()
+            .to_string()
+    };
+    let mut links = Vec::new();
+    for r in &got[..2] {
+        let to = r.rcpt_tos[0].as_str();
+        assert_eq!(
+            r.header("List-Unsubscribe-Post"),
+            Some("List-Unsubscribe=One-Click")
+        );
+        let link = r.header("List-Unsubscribe").unwrap().to_string();
+        let token = link
+            .strip_prefix("<https://links.example.test/v1/unsubscribe/")
+            .and_then(|t| t.strip_suffix('>'))
+            .unwrap_or_else(|| panic!("{link}"));
+        let asked = email::unsubscribe::read_token(&conveyor_tests::test_keyring(), token).unwrap();
+        assert_eq!(
+            (asked.address.as_str(), asked.list.as_str()),
+            (to, "newsletter")
+        );
+        let h = signed_headers(r);
+        assert!(
+            h.contains("list-unsubscribe:list-unsubscribe-post"),
+            "RFC 8058 §3.1: both headers signed: h={h}"
+        );
+        let Some(verdict) = conveyor_tests::smtp::dkim_verify(&records, &r.raw) else {
+            return;
+        };
+        assert_eq!(verdict["ok"], true, "{verdict} for\n{}", r.raw);
+        links.push(link);
+    }
+    assert_ne!(links[0], links[1], "each recipient has its own link");
+    // Ada's copy with Bo's link: the signature no longer verifies.
+    let swapped = got[0].raw.replacen(&links[0], &links[1], 1);
+    assert_ne!(swapped, got[0].raw);
+    let verdict = conveyor_tests::smtp::dkim_verify(&records, &swapped).unwrap();
+    assert_eq!(verdict["ok"], false, "{verdict}");
+    // A message of no list: no link, and signed as before.
+    let plain = &got[2];
+    assert!(plain.header("List-Unsubscribe").is_none(), "{}", plain.raw);
+    assert!(!signed_headers(plain).contains("list-unsubscribe"));
+    assert_eq!(
+        conveyor_tests::smtp::dkim_verify(&records, &plain.raw).unwrap()["ok"],
+        true
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,6 +13,12 @@
 //!   record the value belongs to (e.g. `webhook_endpoints/ep_…`), so a ciphertext copied to
 //!   another record does not open. See docs/decisions/0005-secrets-at-rest.md.
 //!
+//! - [`Keyring::sign`] / [`Keyring::verify`]: HMAC-SHA256 tags with a key of the ring (a
+//!   subkey derived from it for the purpose, so a tag never reuses the encryption key as
+//!   is), for values handed out and checked later (an email's one-click unsubscribe link).
+//!   A tag names its key id, so links made before a rotation keep verifying while the old
+//!   key is still configured.
+//!
 //! No error, log line or `Debug` output carries a key or a plaintext.
 
 use std::fmt;
@@ -21,6 +27,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -134,7 +141,23 @@ impl Key {
     fn cipher(&self) -> XChaCha20Poly1305 {
         XChaCha20Poly1305::new((&*self.bytes).into())
     }
+
+    /// The HMAC of `data` for `purpose`, keyed by a subkey derived from this key (never the
+    /// encryption key itself): HMAC(HMAC(key, "conveyor mac key\0" ‖ purpose), data).
+    fn mac(&self, purpose: &str, data: &[u8]) -> HmacSha256 {
+        let mut derive = <HmacSha256 as Mac>::new_from_slice(self.bytes.as_ref())
+            .expect("HMAC takes a key of any length");
+        derive.update(b"conveyor mac key\0");
+        derive.update(purpose.as_bytes());
+        let subkey: Zeroizing<[u8; 32]> = Zeroizing::new(derive.finalize().into_bytes().into());
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(subkey.as_ref())
+            .expect("HMAC takes a key of any length");
+        mac.update(data);
+        mac
+    }
 }
+
+type HmacSha256 = Hmac<Sha256>;
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -305,6 +328,43 @@ impl Keyring {
     }
 }
 
+impl Keyring {
+    /// The id of the current key and the HMAC-SHA256 tag of `data` for `purpose` made with
+    /// it (see the module docs).
+    pub fn sign(&self, purpose: &str, data: &[u8]) -> Result<(String, Vec<u8>), KeyError> {
+        let key = self.current().ok_or_else(|| KeyError::NoKey {
+            what: format!("{purpose} values must be signed"),
+        })?;
+        let tag = key.mac(purpose, data).finalize().into_bytes().to_vec();
+        Ok((key.id().to_string(), tag))
+    }
+
+    /// Whether `tag` is the tag of `data` for `purpose` made with key `key_id` (compared in
+    /// constant time). A key id that is not configured is an error of its own
+    /// ([`KeyError::UnknownKey`]): the value was signed before a key was dropped.
+    pub fn verify(
+        &self,
+        key_id: &str,
+        purpose: &str,
+        data: &[u8],
+        tag: &[u8],
+    ) -> Result<bool, KeyError> {
+        let key = self.keys.iter().find(|k| k.id == key_id).ok_or_else(|| {
+            if self.is_empty() {
+                KeyError::NoKey {
+                    what: format!("{purpose} values must be checked"),
+                }
+            } else {
+                KeyError::UnknownKey {
+                    key_id: key_id.into(),
+                    configured: self.ids().join(", "),
+                }
+            }
+        })?;
+        Ok(key.mac(purpose, data).verify_slice(tag).is_ok())
+    }
+}
+
 /// What a ciphertext is bound to besides its key: the format, the key id and the record.
 fn associated_data(key_id: &str, context: &str) -> Vec<u8> {
     format!("{TAG}:{key_id}:{context}").into_bytes()
@@ -313,6 +373,47 @@ fn associated_data(key_id: &str, context: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_verify_with_their_key_and_purpose_only() {
+        let old = Key::generate();
+        let ring = Keyring::new([old.clone()]);
+        let (id, tag) = ring.sign("email.unsubscribe", b"ada@example.org").unwrap();
+        assert_eq!(id, old.id());
+        assert!(
+            ring.verify(&id, "email.unsubscribe", b"ada@example.org", &tag)
+                .unwrap()
+        );
+        assert!(
+            !ring
+                .verify(&id, "email.unsubscribe", b"bob@example.org", &tag)
+                .unwrap()
+        );
+        assert!(!ring.verify(&id, "other", b"ada@example.org", &tag).unwrap());
+        assert!(
+            !ring
+                .verify(&id, "email.unsubscribe", b"ada@example.org", &tag[1..])
+                .unwrap()
+        );
+        // Rotated: a new current key, the old one still configured, still verifies.
+        let rotated = Keyring::new([Key::generate(), old]);
+        assert!(
+            rotated
+                .verify(&id, "email.unsubscribe", b"ada@example.org", &tag)
+                .unwrap()
+        );
+        assert_ne!(rotated.sign("email.unsubscribe", b"x").unwrap().0, id);
+        // Dropped: named as an unknown key.
+        let dropped = Keyring::new([Key::generate()]);
+        assert!(matches!(
+            dropped.verify(&id, "email.unsubscribe", b"ada@example.org", &tag),
+            Err(KeyError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            Keyring::default().sign("email.unsubscribe", b"x"),
+            Err(KeyError::NoKey { .. })
+        ));
+    }
 
     #[test]
     fn seals_and_opens_bound_to_the_record() {

@@ -13,5 +13,6 @@ pub mod remote;
 pub mod schedule;
 pub mod stats;
 pub mod system;
+pub mod unsubscribe;
 pub mod webhook;
 pub mod worker;

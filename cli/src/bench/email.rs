@@ -12,6 +12,13 @@
 //! 2. Baseline: the same number of messages by as many tasks, each message over a new
 //!    connection (connect, greeting, EHLO, the transaction, QUIT).
 //!
+//! 3. Kept connections: each sender opens one connection and sends its share of the messages
+//!    over it, without the pool (lettre's pool sends `NOOP` to check a connection each time
+//!    it hands one out: one more round trip per message).
+//! 4. The sink alone: each sender writes a whole transaction at once (MAIL, RCPT, DATA and
+//!    the message, pipelined) on a kept connection and reads the four replies: how many
+//!    messages the sink can take on this machine, with the least sending work.
+//!
 //! Each phase prints emails/s (messages the sink accepted / the phase's wall time). The
 //! job store is not involved: `--workload jobs` measures that part.
 
@@ -41,6 +48,12 @@ struct EmailBenchResult {
     concurrency: usize,
     pool_emails_s: f64,
     baseline_emails_s: f64,
+    /// Each sender on a connection of its own, kept (no pool, so no check of the connection
+    /// before each message): what lettre's pool costs.
+    kept_connection_emails_s: f64,
+    /// The sink alone: each sender writes a whole transaction at once (pipelined) on a kept
+    /// connection and reads the four replies; the most the sink accepts on this machine.
+    sink_alone_emails_s: f64,
 }
 
 /// Serves one sink connection until QUIT or the peer closes.
@@ -196,10 +209,83 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     })
     .await
     .context("the one-connection-per-message phase")?;
-    let baseline = accepted.load(Ordering::Relaxed);
+    let baseline = accepted.swap(0, Ordering::Relaxed);
+
+    // 3. Each sender on its own kept connection, without the pool.
+    let per_task = |i: usize| n / tasks as u64 + u64::from((i as u64) < n % tasks as u64);
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(tasks);
+    for i in 0..tasks {
+        let (raw, envelope, count) = (raw.clone(), envelope.clone(), per_task(i));
+        handles.push(tokio::spawn(async move {
+            let mut c = AsyncSmtpConnection::connect_tokio1(
+                ("127.0.0.1", port),
+                Some(Duration::from_secs(30)),
+                &ClientId::Domain("localhost".into()),
+                None,
+                None,
+            )
+            .await?;
+            for _ in 0..count {
+                c.send(&envelope, &raw).await?;
+            }
+            c.quit().await?;
+            anyhow::Ok(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    let took_kept = started.elapsed();
+    let kept = accepted.swap(0, Ordering::Relaxed);
+
+    // 4. The sink alone: a transaction written at once, the replies read back.
+    let mut transaction =
+        b"MAIL FROM:<shop@example.com>\r\nRCPT TO:<asa@example.org>\r\nDATA\r\n".to_vec();
+    transaction.extend_from_slice(&raw);
+    if !transaction.ends_with(b"\r\n") {
+        transaction.extend_from_slice(b"\r\n");
+    }
+    transaction.extend_from_slice(b".\r\n");
+    let transaction: Arc<[u8]> = transaction.into();
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(tasks);
+    for i in 0..tasks {
+        let (transaction, count) = (transaction.clone(), per_task(i));
+        handles.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            stream.set_nodelay(true)?;
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read);
+            let mut line = Vec::with_capacity(128);
+            // Greeting, then EHLO's two lines.
+            lines.read_until(b'\n', &mut line).await?;
+            write.write_all(b"EHLO localhost\r\n").await?;
+            for _ in 0..2 {
+                line.clear();
+                lines.read_until(b'\n', &mut line).await?;
+            }
+            for _ in 0..count {
+                write.write_all(&transaction).await?;
+                for _ in 0..4 {
+                    line.clear();
+                    if lines.read_until(b'\n', &mut line).await? == 0 {
+                        bail!("the sink closed the connection");
+                    }
+                }
+            }
+            write.write_all(b"QUIT\r\n").await?;
+            anyhow::Ok(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    let took_sink = started.elapsed();
+    let sink_only = accepted.load(Ordering::Relaxed);
     sink.abort();
-    if pooled != n || baseline != n {
-        bail!("the sink accepted {pooled} and {baseline} messages of {n}");
+    if pooled != n || baseline != n || kept != n || sink_only != n {
+        bail!("the sink accepted {pooled}, {baseline}, {kept} and {sink_only} messages of {n}");
     }
 
     let result = EmailBenchResult {
@@ -209,16 +295,22 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         concurrency: tasks,
         pool_emails_s: round(n as f64 / took_pool.as_secs_f64(), 0),
         baseline_emails_s: round(n as f64 / took_baseline.as_secs_f64(), 0),
+        kept_connection_emails_s: round(n as f64 / took_kept.as_secs_f64(), 0),
+        sink_alone_emails_s: round(n as f64 / took_sink.as_secs_f64(), 0),
     };
     if args.json {
         outln!("{}", serde_json::to_string(&result)?);
     } else {
         outln!(
-            "pool: {} emails/s ({} ms)\none connection per message: {} emails/s ({} ms)",
+            "pool: {} emails/s ({} ms)\none connection per message: {} emails/s ({} ms)\none kept connection per sender, no pool: {} emails/s ({} ms)\nthe sink alone (pipelined transactions): {} emails/s ({} ms)",
             result.pool_emails_s,
             took_pool.as_millis(),
             result.baseline_emails_s,
-            took_baseline.as_millis()
+            took_baseline.as_millis(),
+            result.kept_connection_emails_s,
+            took_kept.as_millis(),
+            result.sink_alone_emails_s,
+            took_sink.as_millis()
         );
     }
     Ok(())

@@ -30,6 +30,10 @@ pub struct EmailConfig {
     /// The domain of the `Message-ID`s Conveyor makes (`<job id>@<domain>`). Unset: the
     /// domain of the message's `from` address.
     pub message_id_domain: Option<String>,
+    /// The API's public base URL (`https://conveyor.example.com`). Set: every recipient of a
+    /// message that names a `list` gets its own copy with a one-click unsubscribe link
+    /// (RFC 8058) to `{public_url}/v1/unsubscribe/{token}` (see [`super::unsubscribe`]).
+    pub public_url: Option<String>,
     /// How long the per-recipient results and the attempt log of a message are kept.
     #[serde(with = "humantime_serde")]
     pub records_ttl: Duration,
@@ -58,6 +62,7 @@ impl Default for EmailConfig {
             max_attachment_bytes: 10 * 1024 * 1024,
             max_attachments_total_bytes: 20 * 1024 * 1024,
             message_id_domain: None,
+            public_url: None,
             records_ttl: Duration::from_secs(30 * 24 * 3600),
             // Greylisting servers want the sender back after a few minutes, not seconds.
             retry: conveyor_worker::RetryPolicy {
@@ -275,6 +280,9 @@ impl EmailConfig {
             return Err(format!(
                 "`email.message_id_domain` = \"{domain}\": give a domain name such as mail.example.com"
             ));
+        }
+        if let Some(url) = &self.public_url {
+            super::unsubscribe::check_public_url(url)?;
         }
         for (name, t) in &self.transports {
             let key = format!("email.transports.{name}");

@@ -2,7 +2,9 @@
 //!
 //! 1. Build the message again from the args (the same bytes and `Message-ID` on every
 //!    attempt); a message that no longer passes the rules (the config changed) fails for good.
-//!    When a DKIM key applies (see [`super::dkim`]) the message is signed here.
+//!    When a DKIM key applies (see [`super::dkim`]) the message is signed here; a message of
+//!    a list, with `email.public_url` set, is copied per recipient with its own one-click
+//!    unsubscribe link ([`super::unsubscribe`]) and each copy signed.
 //! 2. Read the message's [`DeliveryRecord`] (on a job's first attempt there is none): the
 //!    recipients already accepted are never sent to again.
 //! 3. One SMTP transaction per remaining recipient, over the transport's pooled
@@ -207,7 +209,17 @@ impl Emails {
             .transports
             .get(&transport_name)
             .and_then(|t| t.dkim.as_deref());
-        if let Some(signer) = self.dkim.for_message(transport_key, built.from.domain()) {
+        // A message of a list, with `email.public_url` set: each recipient gets a copy of its
+        // own, with its own unsubscribe link, signed per copy (below).
+        let listed = match (&args.list, &self.config.public_url) {
+            (Some(list), Some(base)) => Some((list.as_str(), base.as_str())),
+            _ => None,
+        };
+        if listed.is_none()
+            && let Some(signer) = self
+                .dkim
+                .for_message(transport_key, built.from.domain(), false)
+        {
             lettre::message::dkim::dkim_sign(&mut built.message, signer);
             built.raw = built.message.formatted();
         }
@@ -358,8 +370,16 @@ impl Emails {
             };
             tried.push(address.to_string());
             let envelope = Envelope::new(Some(built.from.clone()), vec![address.clone()])?;
+            let copy;
+            let raw = match listed {
+                Some((list, base)) => {
+                    copy = self.listed_copy(&built, address, list, base, transport_key)?;
+                    &copy
+                }
+                None => &built.raw,
+            };
             let sent = tokio::select! {
-                s = smtp.client.send_raw(&envelope, &built.raw) => Some(s),
+                s = smtp.client.send_raw(&envelope, raw) => Some(s),
                 _ = ctx.cancelled() => None,
             };
             held.release(self.store.as_ref()).await;
@@ -545,6 +565,37 @@ impl Emails {
             )
             .await?;
         Ok(outcome)
+    }
+
+    /// The copy of a list's message for `address`: its own one-click unsubscribe link
+    /// (RFC 8058) to `base`, added before the DKIM signature, which covers both headers.
+    fn listed_copy(
+        &self,
+        built: &super::message::Built,
+        address: &lettre::Address,
+        list: &str,
+        base: &str,
+        transport_key: Option<&str>,
+    ) -> anyhow::Result<Vec<u8>> {
+        use lettre::message::header::{HeaderName, HeaderValue};
+        let token = super::unsubscribe::token(&self.keys, address.as_ref(), list)?;
+        let mut message = built.message.clone();
+        let headers = message.headers_mut();
+        headers.insert_raw(HeaderValue::new(
+            HeaderName::new_from_ascii_str("List-Unsubscribe"),
+            format!("<{}>", super::unsubscribe::url(base, &token)),
+        ));
+        headers.insert_raw(HeaderValue::new(
+            HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
+            super::unsubscribe::ONE_CLICK.to_string(),
+        ));
+        if let Some(signer) = self
+            .dkim
+            .for_message(transport_key, built.from.domain(), true)
+        {
+            lettre::message::dkim::dkim_sign(&mut message, signer);
+        }
+        Ok(message.formatted())
     }
 
     /// The delivery record of a message (see [`record`]).

@@ -46,6 +46,11 @@ const SIGNED_HEADERS: [&str; 8] = [
     "MIME-Version",
 ];
 
+/// Signed besides [`SIGNED_HEADERS`] in a message that carries a one-click unsubscribe link:
+/// RFC 8058 §3.1 requires the signature to cover both. Only then, so that a message without
+/// them is signed as before.
+const LIST_HEADERS: [&str; 2] = ["List-Unsubscribe", "List-Unsubscribe-Post"];
+
 /// `[email.dkim.<name>]`: one signing key.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,10 +142,16 @@ pub(crate) fn validate(keys: &BTreeMap<String, DkimKey>) -> Result<(), String> {
     Ok(())
 }
 
+/// One entry's signer: for a message without, and for one with, the unsubscribe headers.
+struct Signer {
+    plain: DkimConfig,
+    listed: DkimConfig,
+}
+
 /// The signers, by entry name, ready to sign.
 #[derive(Default)]
 pub(crate) struct Signers {
-    by_name: BTreeMap<String, Arc<DkimConfig>>,
+    by_name: BTreeMap<String, Arc<Signer>>,
     /// `(domain, name)`, the longest domains first.
     by_domain: Vec<(String, String)>,
 }
@@ -162,21 +173,31 @@ impl Signers {
                 ))
             })?;
             let domain = k.signing_domain(name).to_ascii_lowercase();
-            let headers = SIGNED_HEADERS
-                .iter()
-                .map(|h| HeaderName::new_from_ascii_str(h))
-                .collect();
-            let config = DkimConfig::new(
-                k.selector.clone(),
-                domain.clone(),
-                signing_key,
-                headers,
-                DkimCanonicalization {
-                    header: DkimCanonicalizationType::Relaxed,
-                    body: DkimCanonicalizationType::Relaxed,
-                },
-            );
-            signers.by_name.insert(name.clone(), Arc::new(config));
+            let config = |headers: &[&'static str], key| {
+                DkimConfig::new(
+                    k.selector.clone(),
+                    domain.clone(),
+                    key,
+                    headers
+                        .iter()
+                        .map(|h| HeaderName::new_from_ascii_str(h))
+                        .collect(),
+                    DkimCanonicalization {
+                        header: DkimCanonicalizationType::Relaxed,
+                        body: DkimCanonicalizationType::Relaxed,
+                    },
+                )
+            };
+            // The key does not clone: parsed twice (once per header list), read once.
+            let second_key = parse_key(&pem)
+                .map_err(|e| EmailError::Config(format!("`email.dkim.{name}.{source}`: {e}")))?;
+            let mut listed_headers = SIGNED_HEADERS.to_vec();
+            listed_headers.extend(LIST_HEADERS);
+            let signer = Signer {
+                plain: config(&SIGNED_HEADERS, signing_key),
+                listed: config(&listed_headers, second_key),
+            };
+            signers.by_name.insert(name.clone(), Arc::new(signer));
             signers.by_domain.push((domain, name.clone()));
         }
         // The longest domain first; of entries with one domain, the one named after it.
@@ -191,20 +212,29 @@ impl Signers {
     }
 
     /// The signer for a message from `from_domain` sent through a transport whose `dkim`
-    /// is `transport_key`.
+    /// is `transport_key`; `listed`: the message carries the one-click unsubscribe headers.
     pub(crate) fn for_message(
         &self,
         transport_key: Option<&str>,
         from_domain: &str,
+        listed: bool,
     ) -> Option<&DkimConfig> {
-        if let Some(name) = transport_key {
-            return self.by_name.get(name).map(Arc::as_ref);
-        }
-        let from = from_domain.to_ascii_lowercase();
-        self.by_domain
-            .iter()
-            .find(|(d, _)| from == *d || (from.len() > d.len() && from.ends_with(&format!(".{d}"))))
-            .and_then(|(_, name)| self.by_name.get(name).map(Arc::as_ref))
+        let signer = if let Some(name) = transport_key {
+            self.by_name.get(name)
+        } else {
+            let from = from_domain.to_ascii_lowercase();
+            self.by_domain
+                .iter()
+                .find(|(d, _)| {
+                    from == *d || (from.len() > d.len() && from.ends_with(&format!(".{d}")))
+                })
+                .and_then(|(_, name)| self.by_name.get(name))
+        }?;
+        Some(if listed {
+            &signer.listed
+        } else {
+            &signer.plain
+        })
     }
 }
 
@@ -336,18 +366,18 @@ mod tests {
         let s = Signers::open(&keys, &Keyring::default(), &|_| None).unwrap();
         let name = |c: Option<&DkimConfig>| c.map(|c| format!("{c:?}"));
         assert!(
-            name(s.for_message(None, "x.mail.example.com"))
+            name(s.for_message(None, "x.mail.example.com", false))
                 .unwrap()
                 .contains("\"b\"")
         );
         assert!(
-            name(s.for_message(None, "Example.COM"))
+            name(s.for_message(None, "Example.COM", false))
                 .unwrap()
                 .contains("\"a\"")
         );
-        assert!(s.for_message(None, "notexample.com").is_none());
+        assert!(s.for_message(None, "notexample.com", false).is_none());
         assert!(
-            name(s.for_message(Some("mail"), "other.org"))
+            name(s.for_message(Some("mail"), "other.org", true))
                 .unwrap()
                 .contains("\"b\"")
         );

@@ -196,7 +196,7 @@ pub struct Built {
     pub message_id: String,
 }
 
-/// Headers Conveyor writes (or will: suppression's `List-Unsubscribe`), refused in `headers`.
+/// Headers Conveyor writes (`List-Unsubscribe*`: the one-click unsubscribe link), refused in `headers`.
 fn reserved_header(lower: &str) -> bool {
     matches!(
         lower,

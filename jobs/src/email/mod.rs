@@ -14,6 +14,7 @@
 //! - [`config`]: `[email]` and `[email.transports.<name>]`.
 //! - [`dkim`]: `[email.dkim.<name>]`, the keys messages are signed with.
 //! - [`throttle`]: the limits per recipient domain and per transport, kept in the store.
+//! - [`unsubscribe`]: one-click unsubscribe links (RFC 8058) in the messages of a list.
 //!
 //! Passwords come from the config (in clear, or sealed with the secrets keys: `conveyor
 //! secrets seal --for email.transports.<name>`), an environment variable or a file; they are
@@ -26,6 +27,7 @@ pub mod message;
 pub mod suppression;
 pub mod template;
 pub mod throttle;
+pub mod unsubscribe;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -80,6 +82,8 @@ pub struct Emails {
     config: EmailConfig,
     transports: HashMap<String, Smtp>,
     dkim: dkim::Signers,
+    /// The secrets keys, which sign the unsubscribe links (see [`unsubscribe`]).
+    keys: Keyring,
     log: crate::webhook::attempt_log::AttemptLog,
 }
 
@@ -233,11 +237,17 @@ impl Emails {
             transports.insert(name.clone(), build_transport(&config, name, t, password)?);
         }
         let dkim = dkim::Signers::open(&config.dkim, keys, env)?;
+        if config.public_url.is_some() && keys.is_empty() {
+            return Err(EmailError::Config(
+                "`email.public_url` is set, so the messages of a list carry unsubscribe links, which are signed with the secrets keys: set `secrets.keys` (CONVEYOR_SECRETS__KEYS) or `secrets.key_file`, or unset `email.public_url`".into(),
+            ));
+        }
         Ok(Self {
             store,
             config,
             transports,
             dkim,
+            keys: keys.clone(),
             log: Default::default(),
         })
     }
@@ -252,6 +262,7 @@ impl Emails {
             config,
             transports: HashMap::new(),
             dkim: Default::default(),
+            keys: Keyring::default(),
             log: Default::default(),
         })
     }

@@ -179,6 +179,19 @@ pub async fn find(
     Ok(None)
 }
 
+/// The entry for exactly `address` and `list` (`None`: the one for every list), if any.
+pub async fn get(
+    store: &dyn Store,
+    address: &str,
+    list: Option<&str>,
+) -> conveyor_worker::Result<Option<Suppression>> {
+    let address = normalize(address).map_err(|m| Error::invalid("address", m))?;
+    match store.meta_get(SUPPRESSIONS, &key(&address, list)).await? {
+        Some(r) => Ok(Some(r.decode()?)),
+        None => Ok(None),
+    }
+}
+
 /// One page of entries in address order, after `after` (an entry's key: `address/list`),
 /// only addresses starting with `prefix` if given.
 pub async fn list(
