@@ -4,6 +4,8 @@
 use clap::Subcommand;
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{ContentArrangement, Table};
+use conveyor_admin::Actor;
+use conveyor_admin::backup::{self, Verification};
 use conveyor_backup::{Backups, Manifest};
 
 use crate::cli::OutputArgs;
@@ -96,20 +98,38 @@ pub enum BackupCommand {
 /// Runs `cmd` with the config's backups.
 pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
     let mut backups = Backups::new(config.backup.clone(), config.database.url.clone())?;
-    if matches!(
+    // The store the metrics' records and the audit records go to (a restore opens it
+    // afterwards: see `conveyor_admin::backup::restore`).
+    let store = if matches!(
         cmd,
-        BackupCommand::Create { .. } | BackupCommand::Verify { .. }
-    ) && let Some(store) = status_store(config).await
-    {
-        backups = backups.with_status(store);
+        BackupCommand::Create { .. }
+            | BackupCommand::Verify { .. }
+            | BackupCommand::Prune { dry_run: false, .. }
+    ) {
+        status_store(config).await
+    } else {
+        None
+    };
+    if let Some(store) = &store {
+        backups = backups.with_status(store.clone());
     }
+    let audit = store.as_deref();
+    let actor = Actor::cli();
     match cmd {
         BackupCommand::Create {
             source,
             destination,
             out,
         } => {
-            let manifest = backups.create(&source, destination.as_deref()).await?;
+            let manifest = backup::create(
+                &backups,
+                audit,
+                &actor,
+                Some(&source),
+                destination.as_deref(),
+            )
+            .await
+            .map_err(unwrap)?;
             if out.json {
                 return output::json(&manifest);
             }
@@ -178,7 +198,13 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             destination,
             out,
         } => {
-            let checked = backups.verify_restore(&id, destination.as_deref()).await?;
+            let Verification::Restored(checked) =
+                backup::verify(&backups, audit, &actor, &id, destination.as_deref(), true)
+                    .await
+                    .map_err(unwrap)?
+            else {
+                anyhow::bail!("backup {id} was verified without its restore");
+            };
             if out.json {
                 return output::json(&checked);
             }
@@ -197,7 +223,9 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             destination,
             out,
         } => {
-            let pruned = backups.prune(destination.as_deref(), dry_run).await?;
+            let pruned = backup::prune(&backups, audit, &actor, destination.as_deref(), dry_run)
+                .await
+                .map_err(unwrap)?;
             if out.json {
                 return output::json(&pruned);
             }
@@ -233,9 +261,17 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             destination,
             out,
         } => {
-            let restored = backups
-                .restore(&id, &to, force, destination.as_deref())
-                .await?;
+            let restored = backup::restore(
+                &backups,
+                || status_store(config),
+                &actor,
+                &id,
+                &to,
+                force,
+                destination.as_deref(),
+            )
+            .await
+            .map_err(unwrap)?;
             if out.json {
                 return output::json(&restored);
             }
@@ -265,7 +301,13 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             destination,
             out,
         } => {
-            let verified = backups.verify(&id, destination.as_deref()).await?;
+            let Verification::Objects(verified) =
+                backup::verify(&backups, audit, &actor, &id, destination.as_deref(), false)
+                    .await
+                    .map_err(unwrap)?
+            else {
+                anyhow::bail!("backup {id} was restored while only its objects were asked for");
+            };
             if out.json {
                 return output::json(&verified);
             }
@@ -279,6 +321,15 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// A backup operation's error as the backup crate gave it (so the exit status follows its
+/// kind), or the admin layer's.
+fn unwrap(e: conveyor_admin::Error) -> anyhow::Error {
+    match e {
+        conveyor_admin::Error::Backup(e) => e.into(),
+        other => other.into(),
     }
 }
 
