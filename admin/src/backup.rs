@@ -120,6 +120,9 @@ pub async fn list(
     source: Option<&str>,
 ) -> Result<Vec<Manifest>> {
     let name = check_destination(backups, destination)?;
+    if let Some(source) = source {
+        conveyor_worker::job::check_name("source", source)?;
+    }
     Ok(backups.destination(Some(&name))?.list(source).await?)
 }
 
