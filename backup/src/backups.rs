@@ -164,7 +164,7 @@ impl Backups {
                 return Err(e);
             }
         };
-        let tables = std::mem::take(&mut dump.tables);
+        let mut tables = std::mem::take(&mut dump.tables);
         let migrations = std::mem::take(&mut dump.migrations);
         let reader = std::mem::replace(&mut dump.reader, Box::new(tokio::io::empty()));
         let raw = Hashing::new(reader);
@@ -202,9 +202,13 @@ impl Backups {
         }
         // The source must have been read completely (pg_dump exited 0) before the object is
         // completed.
-        if let Err(e) = dump.finish().await {
-            let _ = writer.abort().await;
-            return Err(e);
+        match dump.finish().await {
+            Ok(Some(counted)) => tables = counted,
+            Ok(None) => {}
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
         }
         writer
             .finish()

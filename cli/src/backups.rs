@@ -75,16 +75,19 @@ pub enum BackupCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
-    /// Restore a backup into a fresh store or database: a SQLite file, or a postgres:// URL.
+    /// Restore a backup into a fresh store or database: a SQLite file, a postgres:// URL, or
+    /// a redis:// URL whose `?prefix=` names where the keys go.
     /// The backup is verified first; the restored copy is checked against its figures. For
     /// the store, jobs that were running at backup time become retryable again.
     Restore {
         /// The backup's id (from `backup list`).
         id: String,
-        /// Where to: a SQLite file (`sqlite://PATH` or a path) or a `postgres://` URL.
+        /// Where to: a SQLite file (`sqlite://PATH` or a path), a `postgres://` URL, or a
+        /// `redis://HOST/DB?prefix=NAME`.
         #[arg(long)]
         to: String,
-        /// Replace what the target holds (SQLite: the file; Postgres: the backup's schemas).
+        /// Replace what the target holds (SQLite: the file; Postgres: the backup's schemas;
+        /// Redis: the keys under the prefix).
         #[arg(long)]
         force: bool,
         /// A `[backup.destinations.<name>]` (default: `backup.destination`).
