@@ -852,7 +852,15 @@ mod tests {
             "postgres://u:p@h/db".parse::<Target>().unwrap(),
             Target::Postgres("postgres://u:p@h/db".into())
         );
-        assert!("redis://h".parse::<Target>().is_err());
+        assert_eq!(
+            "redis://h:6379/0?prefix=restored"
+                .parse::<Target>()
+                .unwrap(),
+            Target::Redis("redis://h:6379/0?prefix=restored".into())
+        );
+        assert!("rediss://h/0".parse::<Target>().is_err());
+        assert!("redis://h/0?tls_ca_file=x".parse::<Target>().is_err());
+        assert!("mysql://h/db".parse::<Target>().is_err());
         assert!("sqlite::memory:".parse::<Target>().is_err());
         assert_eq!(
             Target::Postgres("postgres://u:secret@h/db".into()).display(),
