@@ -116,6 +116,74 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
     if let Some(store) = &store {
         backups = backups.with_status(store.clone());
     }
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    backups = backups.with_progress(counter.clone());
+    let progress = match &cmd {
+        BackupCommand::Create { source, out, .. } => {
+            Progress::start(&format!("backing up `{source}`"), out.json, counter)
+        }
+        BackupCommand::Verify { id, out, .. } => {
+            Progress::start(&format!("verifying {id}"), out.json, counter)
+        }
+        BackupCommand::Restore { id, out, .. } => {
+            Progress::start(&format!("restoring {id}"), out.json, counter)
+        }
+        _ => None,
+    };
+    perform(config, backups, store, progress, cmd).await
+}
+
+/// A live line on stderr while a long operation runs — bytes stored or read back, rate and
+/// time — only when stderr is a terminal and the output is not `--json`.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    fn start(
+        label: &str,
+        json: bool,
+        counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Option<Self> {
+        if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg}: {bytes} ({binary_bytes_per_sec}), {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message(label.to_string());
+        let shown = bar.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                shown.set_position(counter.load(std::sync::atomic::Ordering::Relaxed));
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        });
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        Some(Self { bar, ticker })
+    }
+}
+
+/// Cleared when dropped: before the result is printed, or with the error.
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
+    }
+}
+
+async fn perform(
+    config: &Config,
+    backups: Backups,
+    store: Option<std::sync::Arc<dyn conveyor_worker::Store>>,
+    mut progress: Option<Progress>,
+    cmd: BackupCommand,
+) -> anyhow::Result<()> {
     let audit = store.as_deref();
     let actor = Actor::cli();
     match cmd {
@@ -133,6 +201,7 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             )
             .await
             .map_err(unwrap)?;
+            drop(progress.take());
             if out.json {
                 return output::json(&manifest);
             }
@@ -208,6 +277,7 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             else {
                 anyhow::bail!("backup {id} was verified without its restore");
             };
+            drop(progress.take());
             if out.json {
                 return output::json(&checked);
             }
@@ -275,6 +345,7 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             )
             .await
             .map_err(unwrap)?;
+            drop(progress.take());
             if out.json {
                 return output::json(&restored);
             }
@@ -311,6 +382,7 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             else {
                 anyhow::bail!("backup {id} was restored while only its objects were asked for");
             };
+            drop(progress.take());
             if out.json {
                 return output::json(&verified);
             }
