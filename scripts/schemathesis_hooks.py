@@ -5,7 +5,8 @@ expression's grammar, an IANA time zone name, a `run_at` within a day ago and fi
 ahead (relative to now), `run_at` and `delay_seconds` not both, a schedule's `name`, `cron`
 and `kind` required on create only (one body type serves create and update), a bulk
 action's "at least one filter field, or `all: true`", and an enqueue's or event's
-`idempotency_key` equal to its `Idempotency-Key` header when both are sent, the total size of an endpoint's
+`idempotency_key` equal to its `Idempotency-Key` header when both are sent, a backup's source and
+destination being ones the server's config names, the total size of an endpoint's
 custom headers, and the grammar of an IPv6 address
 in a webhook URL (the URL parser checks it), a remote worker's batch item's fields by its
 `outcome`, a stats period's grammar and its point limit, an email address's grammar and an
@@ -41,6 +42,12 @@ UNSTATED = {
     # A period's grammar (`15m`, `7d`), `from` and `period` not both, `from` before `to`, and
     # at most 10,000 points at the resolution.
     ("GET", "/v1/stats/jobs"): {"period", "from", "resolution"},
+    # A backup source or destination must be one the server's `[backup]` config names.
+    ("POST", "/v1/backups"): {"source", "destination", "queue"},
+    ("GET", "/v1/backups"): {"destination"},
+    ("GET", "/v1/backups/{id}"): {"destination"},
+    ("POST", "/v1/backups/{id}/verify"): {"destination", "queue"},
+    ("POST", "/v1/backups/prune"): {"destination", "queue"},
     # An email address's grammar (RFC 5322), one to 100 recipients in to, cc and bcc
     # together, a subject and a body or else a template (and not both), a header name's
     # grammar, base64 content, a transport that is configured.

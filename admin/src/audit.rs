@@ -74,7 +74,8 @@ pub struct AuditEntry {
     /// `jobs.discard`, `queue.pause`, `queue.resume`, `schedule.create`, `.update`, `.delete`,
     /// `.pause`, `.resume`, `.trigger`, `webhook.endpoint.create`, `.update`, `.delete`,
     /// `.enable`, `.disable`, `.rotate_secret`, `.show_secret`, `webhook.replay`,
-    /// `key.create`, `key.revoke`.
+    /// `key.create`, `key.revoke`, `backup.create`, `backup.verify`, `backup.restore`,
+    /// `backup.prune`.
     pub action: String,
     /// The ids, filter, queue or key acted on.
     #[schema(value_type = Object)]

@@ -17,12 +17,15 @@
 //! - [`schedule`], [`webhook`]: thin audited wrappers over `conveyor_scheduler::registry`
 //!   and `conveyor_jobs::webhook`, which keep their own rules.
 //! - [`email`]: sending a message (an `email.send` enqueue) and reading one back.
+//! - [`backup`]: backups asked for over the API (queued as `backup.*` jobs) or run by the
+//!   CLI, their names checked and each audited.
 //! - [`audit`]: the audit log itself; [`key`]: API keys.
 //!
 //! Which states an action may start from is the store's business: these methods call the
 //! store and let it refuse.
 
 pub mod audit;
+pub mod backup;
 pub mod email;
 pub mod email_suppression;
 pub mod email_template;
@@ -71,6 +74,9 @@ pub enum Error {
     /// queue outside its list).
     #[error("{0}")]
     Forbidden(String),
+    /// A backup operation failed or was refused (see [`backup`]).
+    #[error(transparent)]
+    Backup(#[from] conveyor_backup::Error),
 }
 
 impl Error {
@@ -84,6 +90,7 @@ impl Error {
             }
             Error::TooLarge { .. } | Error::UnknownName(_) | Error::Forbidden(_) => true,
             Error::NotFound(_) => false,
+            Error::Backup(e) => matches!(e, conveyor_backup::Error::Config(_)),
         }
     }
 

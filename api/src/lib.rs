@@ -70,6 +70,7 @@ pub use state::AppState;
         (name = "remote-workers", description = "Workers in any language: claim jobs, heartbeat, report outcomes"),
         (name = "schedules", description = "Cron schedules: status, create, update, pause, resume, trigger"),
         (name = "audit", description = "Operator actions"),
+        (name = "backups", description = "Backups of the store and the application's databases: take, verify and prune (as jobs), list, show"),
         (name = "stats", description = "The platform history: throughput, failures, run-time and wait percentiles, kept after jobs are pruned"),
         (name = "webhooks", description = "Webhook endpoints, events, the attempt log, replay, health"),
         (name = "emails", description = "Send transactional email through the configured SMTP transports; per-recipient results"),
@@ -105,6 +106,7 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(route::remote::routes())
         .merge(route::schedule::routes())
         .merge(route::audit::routes())
+        .merge(route::backup::routes())
         .merge(route::stats::routes())
         .merge(route::system::routes())
         .merge(route::webhook::routes())

@@ -226,6 +226,30 @@ impl From<conveyor_worker::Error> for Problem {
     }
 }
 
+impl From<conveyor_backup::Error> for Problem {
+    fn from(e: conveyor_backup::Error) -> Self {
+        use conveyor_backup::Error as E;
+        match e {
+            E::NotFound(message) => Problem::not_found(message),
+            // The server's `[backup]` settings, not the request, are at fault.
+            e @ E::Config(_) => Problem::conflict(e.to_string()),
+            e @ E::Destination { .. } => {
+                tracing::warn!(error = %e, "backup destination error while serving a request");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "The backup destination is unavailable",
+                    e.to_string(),
+                )
+            }
+            other => {
+                tracing::error!(error = %other, "backup error while serving a request");
+                Problem::internal()
+            }
+        }
+    }
+}
+
 impl From<conveyor_admin::Error> for Problem {
     fn from(e: conveyor_admin::Error) -> Self {
         use conveyor_admin::Error as E;
@@ -237,6 +261,7 @@ impl From<conveyor_admin::Error> for Problem {
             }
             E::NotFound(message) | E::UnknownName(message) => Problem::not_found(message),
             E::Forbidden(message) => Problem::forbidden(message),
+            E::Backup(e) => e.into(),
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct AppState {
     /// The platform history's settings (`[stats]`): how long each resolution is kept, which
     /// decides the resolution `/v1/stats/jobs` reads.
     pub stats: Arc<conveyor_analytics::StatsConfig>,
+    /// The backup settings (`[backup]`) behind `/v1/backups`; without them (until
+    /// [`AppState::with_backups`]) those routes answer `409`.
+    pub backups: Option<Arc<conveyor_backup::Backups>>,
 }
 
 impl AppState {
@@ -55,6 +58,7 @@ impl AppState {
             validators: Arc::default(),
             draining: CancellationToken::new(),
             stats: Arc::default(),
+            backups: None,
         }
     }
 
@@ -86,6 +90,12 @@ impl AppState {
     /// With the platform history's settings (`[stats]`).
     pub fn with_stats(mut self, stats: conveyor_analytics::StatsConfig) -> Self {
         self.stats = Arc::new(stats);
+        self
+    }
+
+    /// With the backup settings (see [`AppState::backups`]).
+    pub fn with_backups(mut self, backups: Arc<conveyor_backup::Backups>) -> Self {
+        self.backups = Some(backups);
         self
     }
 

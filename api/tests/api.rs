@@ -446,6 +446,36 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
     ),
     (
         "POST",
+        "/v1/backups",
+        Some(r#"{"source":"matrix"}"#),
+        Some([false, false, false, true]),
+    ),
+    (
+        "GET",
+        "/v1/backups",
+        None,
+        Some([false, false, false, true]),
+    ),
+    (
+        "GET",
+        "/v1/backups/{id}",
+        None,
+        Some([false, false, false, true]),
+    ),
+    (
+        "POST",
+        "/v1/backups/{id}/verify",
+        Some(r#"{"restore":true}"#),
+        Some([false, false, false, true]),
+    ),
+    (
+        "POST",
+        "/v1/backups/prune",
+        Some(r#"{"dry_run":true}"#),
+        Some([false, false, false, true]),
+    ),
+    (
+        "POST",
         "/v1/jobs/{id}/retry",
         None,
         Some([false, false, true, true]),
@@ -709,8 +739,46 @@ const MATRIX_SCOPES: [Scope; 5] = [
     Scope::Worker,
 ];
 
+/// Backup settings with a SQLite source `matrix` and one complete backup of it, in a fresh
+/// directory (returned, with the backup's id).
+async fn matrix_backups() -> (Arc<conveyor_backup::Backups>, std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "conveyor-api-matrix-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("matrix.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE t (x INTEGER)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let mut config = conveyor_backup::BackupConfig {
+        destination: "here".into(),
+        ..Default::default()
+    };
+    config.destinations.insert(
+        "here".into(),
+        conveyor_backup::DestinationConfig::Dir {
+            path: dir.join("backups"),
+        },
+    );
+    config.sources.insert(
+        "matrix".into(),
+        conveyor_backup::SourceConfig::Sqlite { path: db },
+    );
+    config.retention.keep_last = 1;
+    let backups = conveyor_backup::Backups::new(config, "sqlite://unused.db").unwrap();
+    let id = backups.create("matrix", None).await.unwrap().id;
+    (Arc::new(backups), dir, id)
+}
+
 async fn scope_matrix(store: Arc<dyn Store>) {
-    let s = Server::default(store.clone()).await;
+    let (backups, backup_dir, backup_id) = matrix_backups().await;
+    let s = Server::start_with(store.clone(), ApiConfig::default(), Some(backups)).await;
     let mut keys = Vec::new();
     for scope in MATRIX_SCOPES {
         keys.push(s.key(scope).await);
@@ -792,15 +860,17 @@ async fn scope_matrix(store: Arc<dyn Store>) {
                 .id;
             // An email's id is an `email.send` job's.
             let id = if template.starts_with("/v1/emails/") {
-                email
+                email.to_string()
+            } else if template.starts_with("/v1/backups/{id}") {
+                backup_id.clone()
             } else {
-                id
+                id.to_string()
             };
             let path = template
                 .replace("{endpoint}", &endpoint.id)
                 .replace("{event}", &event.id)
                 .replace("{delivery}", &delivery.to_string())
-                .replace("{id}", &id.to_string())
+                .replace("{id}", &id)
                 .replace("{action}", "retry")
                 .replace("{address}", "matrix@example.com")
                 .replace("{name}", "matrix")
@@ -856,6 +926,7 @@ async fn scope_matrix(store: Arc<dyn Store>) {
             }
         }
     }
+    let _ = std::fs::remove_dir_all(&backup_dir);
     // A revoked or made-up key is a 401 too.
     conveyor_api::key::revoke(&store, &keys[3], conveyor_api::audit::Actor::cli())
         .await

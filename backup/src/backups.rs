@@ -27,6 +27,8 @@ pub struct Backups {
     store_url: String,
     /// Where the status records for `/metrics` are written (none: not recorded).
     status: Option<std::sync::Arc<dyn conveyor_worker::Store>>,
+    /// Bytes stored or read so far, for a progress display.
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl std::fmt::Debug for Backups {
@@ -88,7 +90,15 @@ impl Backups {
             config,
             store_url: store_url.into(),
             status: None,
+            progress: None,
         })
+    }
+
+    /// Adds the bytes each operation stores (create) or reads back (verify, and the check a
+    /// restore starts with) to `counter`, for a progress display.
+    pub fn with_progress(mut self, counter: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.progress = Some(counter);
+        self
     }
 
     /// Records each complete backup and successful verification in `store` (see
@@ -164,7 +174,7 @@ impl Backups {
                 return Err(e);
             }
         };
-        let tables = std::mem::take(&mut dump.tables);
+        let mut tables = std::mem::take(&mut dump.tables);
         let migrations = std::mem::take(&mut dump.migrations);
         let reader = std::mem::replace(&mut dump.reader, Box::new(tokio::io::empty()));
         let raw = Hashing::new(reader);
@@ -186,6 +196,9 @@ impl Backups {
                 }
                 sha2::Digest::update(&mut stored, &buf[..n]);
                 stored_bytes += n as u64;
+                if let Some(c) = &self.progress {
+                    c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 writer
                     .wait_for_capacity(self.config.upload_concurrency)
                     .await
@@ -202,9 +215,13 @@ impl Backups {
         }
         // The source must have been read completely (pg_dump exited 0) before the object is
         // completed.
-        if let Err(e) = dump.finish().await {
-            let _ = writer.abort().await;
-            return Err(e);
+        match dump.finish().await {
+            Ok(Some(counted)) => tables = counted,
+            Ok(None) => {}
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
         }
         writer
             .finish()
@@ -372,7 +389,7 @@ impl Backups {
             let stream = destination
                 .read(&manifest.source, &manifest.id, &object.name)
                 .await?;
-            let stored = Hashing::new(StreamReader::new(stream));
+            let stored = Hashing::new(StreamReader::new(stream)).counting(self.progress.clone());
             let mut decoder = ZstdDecoder::new(BufReader::with_capacity(1 << 20, stored));
             let mut raw = Hashing::new(&mut decoder);
             let read = tokio::io::copy(&mut raw, &mut tokio::io::sink()).await;

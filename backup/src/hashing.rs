@@ -11,6 +11,7 @@ pub(crate) struct Hashing<R> {
     inner: R,
     hasher: Sha256,
     bytes: u64,
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl<R> Hashing<R> {
@@ -19,7 +20,17 @@ impl<R> Hashing<R> {
             inner,
             hasher: Sha256::new(),
             bytes: 0,
+            progress: None,
         }
+    }
+
+    /// Also adds the bytes read to `counter` (a progress display's).
+    pub(crate) fn counting(
+        mut self,
+        counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    ) -> Self {
+        self.progress = counter;
+        self
     }
 
     /// The byte count and hex SHA-256 of everything read so far.
@@ -38,8 +49,12 @@ impl<R: AsyncRead + Unpin> AsyncRead for Hashing<R> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &polled {
             let new = &buf.filled()[before..];
-            self.bytes += new.len() as u64;
+            let n = new.len() as u64;
             self.hasher.update(new);
+            self.bytes += n;
+            if let Some(c) = &self.progress {
+                c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         polled
     }

@@ -82,6 +82,8 @@ pub enum SourceKind {
     Sqlite,
     /// `pg_dump --format=custom` output, restored with `pg_restore`.
     PostgresCustom,
+    /// A Redis store's keys (`DUMP` payloads with their TTLs), restored with `RESTORE`.
+    Redis,
 }
 
 /// One stored object.

@@ -30,6 +30,8 @@ pub enum Target {
     Sqlite(PathBuf),
     /// A Postgres database (`postgres://…`).
     Postgres(String),
+    /// A prefix on a Redis server (`redis://host:port/db?prefix=…`).
+    Redis(String),
 }
 
 impl FromStr for Target {
@@ -38,6 +40,10 @@ impl FromStr for Target {
     fn from_str(s: &str) -> Result<Self> {
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
             return Ok(Target::Postgres(s.to_string()));
+        }
+        if s.starts_with("redis://") || s.starts_with("rediss://") {
+            crate::source::redis::split(s)?;
+            return Ok(Target::Redis(s.to_string()));
         }
         if let Some(rest) = s
             .strip_prefix("sqlite://")
@@ -70,7 +76,7 @@ impl Target {
     pub fn display(&self) -> String {
         match self {
             Target::Sqlite(path) => path.display().to_string(),
-            Target::Postgres(url) => redact(url),
+            Target::Postgres(url) | Target::Redis(url) => redact(url),
         }
     }
 
@@ -78,7 +84,7 @@ impl Target {
     pub fn store_url(&self) -> String {
         match self {
             Target::Sqlite(path) => format!("sqlite://{}", path.display()),
-            Target::Postgres(url) => url.clone(),
+            Target::Postgres(url) | Target::Redis(url) => url.clone(),
         }
     }
 
@@ -86,6 +92,7 @@ impl Target {
         match self {
             Target::Sqlite(_) => SourceKind::Sqlite,
             Target::Postgres(_) => SourceKind::PostgresCustom,
+            Target::Redis(_) => SourceKind::Redis,
         }
     }
 }
@@ -163,6 +170,7 @@ impl Backups {
             Target::Postgres(url) => {
                 restore_postgres(&dest, &manifest, url, force, &self.config().pg_restore).await?
             }
+            Target::Redis(url) => restore_redis(&dest, &manifest, url, force).await?,
         };
         let jobs = if manifest.source == STORE_SOURCE {
             Some(rescue(&target).await?)
@@ -223,6 +231,28 @@ impl Backups {
                 let (raw, tables) = restored?;
                 (target, raw, tables)
             }
+            SourceKind::Redis => {
+                if !self.store_url().starts_with("redis") {
+                    return Err(Error::Refused(format!(
+                        "backup {} is of a Redis store, but the store configured now is not on Redis: the scratch copy is made under another prefix on the store's server",
+                        manifest.id
+                    )));
+                }
+                let (conn_url, prefix) = crate::source::redis::split(self.store_url())?;
+                let scratch = format!(
+                    "{prefix}-verify-{}",
+                    &uuid::Uuid::now_v7().simple().to_string()[24..]
+                );
+                let url = format!("{conn_url}?prefix={scratch}");
+                let restored = restore_redis(&dest, &manifest, &url, false).await;
+                if let Ok(mut con) = crate::source::redis::connect("scratch", &conn_url).await
+                    && let Err(e) = crate::source::redis::delete_all(&mut con, &scratch).await
+                {
+                    tracing::warn!(prefix = %scratch, error = %e, "the scratch keys of verify --restore were not all deleted");
+                }
+                let (raw, tables) = restored?;
+                (redact(&url), raw, tables)
+            }
         };
         self.record_verification(&dest, &manifest, true).await;
         Ok(Restored {
@@ -265,6 +295,7 @@ fn check_kind(manifest: &Manifest, target: &Target) -> Result<()> {
     let wanted = match manifest.source_kind {
         SourceKind::Sqlite => "a SQLite file path",
         SourceKind::PostgresCustom => "a postgres:// URL",
+        SourceKind::Redis => "a redis:// URL naming a prefix (`?prefix=`)",
     };
     Err(Error::Refused(format!(
         "backup {} is of `{}` ({:?}); restore it into {wanted}, not {}",
@@ -352,6 +383,65 @@ pub(crate) fn compare(manifest: &Manifest, found: &[TableFigures]) -> Result<()>
             message: problems.join("; "),
         })
     }
+}
+
+/// `RESTORE`s the backup's keys under the target URL's prefix, after refusing a prefix that
+/// holds keys (unless `force`, which deletes them first), then compares the keys' figures with
+/// the manifest. A restore that fails part-way leaves the keys restored so far: run it again
+/// with `force`.
+async fn restore_redis(
+    dest: &Destination,
+    manifest: &Manifest,
+    url: &str,
+    force: bool,
+) -> Result<(u64, Vec<TableFigures>)> {
+    use crate::source::redis;
+    let (conn_url, prefix) = redis::split(url)?;
+    let target = redact(url);
+    let target_err = |message: String| Error::Target {
+        target: target.clone(),
+        message,
+    };
+    let object = data_object(manifest)?;
+    let mut con = redis::connect(&target, &conn_url)
+        .await
+        .map_err(|e| target_err(e.to_string()))?;
+    let holds = redis::has_keys(&mut con, &prefix)
+        .await
+        .map_err(|e| target_err(e.to_string()))?;
+    if holds {
+        if !force {
+            return Err(Error::Refused(format!(
+                "{target} is not empty: keys under the prefix `{prefix}` exist; stop every Conveyor using it and pass --force to replace them, or restore under another prefix"
+            )));
+        }
+        redis::delete_all(&mut con, &prefix)
+            .await
+            .map_err(|e| target_err(format!("deleting the keys under `{prefix}`: {e}")))?;
+    }
+    let mut reader = decoded(dest, manifest).await?;
+    redis::load(&mut reader, &mut con, &prefix)
+        .await
+        .map_err(target_err)?;
+    // Read to the end so the checksum covers every byte.
+    let mut rest = Vec::new();
+    reader
+        .read_to_end(&mut rest)
+        .await
+        .map_err(|e| target_err(format!("reading the backup: {e}")))?;
+    if !rest.is_empty() {
+        return Err(Error::Damaged {
+            backup: manifest.id.clone(),
+            message: format!("object {}: data after the end of the keys", object.name),
+        });
+    }
+    let (bytes, sha) = reader.finish();
+    check_decoded(manifest, object, bytes, &sha)?;
+    let found = redis::figures(&mut con, &prefix)
+        .await
+        .map_err(|e| target_err(format!("counting the restored keys: {e}")))?;
+    compare(manifest, &found)?;
+    Ok((bytes, found))
 }
 
 /// Decodes the backup into a staging file beside `path`, checks its checksum and figures,
@@ -762,7 +852,15 @@ mod tests {
             "postgres://u:p@h/db".parse::<Target>().unwrap(),
             Target::Postgres("postgres://u:p@h/db".into())
         );
-        assert!("redis://h".parse::<Target>().is_err());
+        assert_eq!(
+            "redis://h:6379/0?prefix=restored"
+                .parse::<Target>()
+                .unwrap(),
+            Target::Redis("redis://h:6379/0?prefix=restored".into())
+        );
+        assert!("rediss://h/0".parse::<Target>().is_err());
+        assert!("redis://h/0?tls_ca_file=x".parse::<Target>().is_err());
+        assert!("mysql://h/db".parse::<Target>().is_err());
         assert!("sqlite::memory:".parse::<Target>().is_err());
         assert_eq!(
             Target::Postgres("postgres://u:secret@h/db".into()).display(),

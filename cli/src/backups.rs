@@ -4,6 +4,8 @@
 use clap::Subcommand;
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{ContentArrangement, Table};
+use conveyor_admin::Actor;
+use conveyor_admin::backup::{self, Verification};
 use conveyor_backup::{Backups, Manifest};
 
 use crate::cli::OutputArgs;
@@ -73,16 +75,19 @@ pub enum BackupCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
-    /// Restore a backup into a fresh store or database: a SQLite file, or a postgres:// URL.
+    /// Restore a backup into a fresh store or database: a SQLite file, a postgres:// URL, or
+    /// a redis:// URL whose `?prefix=` names where the keys go.
     /// The backup is verified first; the restored copy is checked against its figures. For
     /// the store, jobs that were running at backup time become retryable again.
     Restore {
         /// The backup's id (from `backup list`).
         id: String,
-        /// Where to: a SQLite file (`sqlite://PATH` or a path) or a `postgres://` URL.
+        /// Where to: a SQLite file (`sqlite://PATH` or a path), a `postgres://` URL, or a
+        /// `redis://HOST/DB?prefix=NAME`.
         #[arg(long)]
         to: String,
-        /// Replace what the target holds (SQLite: the file; Postgres: the backup's schemas).
+        /// Replace what the target holds (SQLite: the file; Postgres: the backup's schemas;
+        /// Redis: the keys under the prefix).
         #[arg(long)]
         force: bool,
         /// A `[backup.destinations.<name>]` (default: `backup.destination`).
@@ -96,20 +101,107 @@ pub enum BackupCommand {
 /// Runs `cmd` with the config's backups.
 pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
     let mut backups = Backups::new(config.backup.clone(), config.database.url.clone())?;
-    if matches!(
+    // The store the metrics' records and the audit records go to (a restore opens it
+    // afterwards: see `conveyor_admin::backup::restore`).
+    let store = if matches!(
         cmd,
-        BackupCommand::Create { .. } | BackupCommand::Verify { .. }
-    ) && let Some(store) = status_store(config).await
-    {
-        backups = backups.with_status(store);
+        BackupCommand::Create { .. }
+            | BackupCommand::Verify { .. }
+            | BackupCommand::Prune { dry_run: false, .. }
+    ) {
+        status_store(config).await
+    } else {
+        None
+    };
+    if let Some(store) = &store {
+        backups = backups.with_status(store.clone());
     }
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    backups = backups.with_progress(counter.clone());
+    let progress = match &cmd {
+        BackupCommand::Create { source, out, .. } => {
+            Progress::start(&format!("backing up `{source}`"), out.json, counter)
+        }
+        BackupCommand::Verify { id, out, .. } => {
+            Progress::start(&format!("verifying {id}"), out.json, counter)
+        }
+        BackupCommand::Restore { id, out, .. } => {
+            Progress::start(&format!("restoring {id}"), out.json, counter)
+        }
+        _ => None,
+    };
+    perform(config, backups, store, progress, cmd).await
+}
+
+/// A live line on stderr while a long operation runs — bytes stored or read back, rate and
+/// time — only when stderr is a terminal and the output is not `--json`.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    fn start(
+        label: &str,
+        json: bool,
+        counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Option<Self> {
+        if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg}: {bytes} ({binary_bytes_per_sec}), {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message(label.to_string());
+        let shown = bar.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                shown.set_position(counter.load(std::sync::atomic::Ordering::Relaxed));
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        });
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        Some(Self { bar, ticker })
+    }
+}
+
+/// Cleared when dropped: before the result is printed, or with the error.
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
+    }
+}
+
+async fn perform(
+    config: &Config,
+    backups: Backups,
+    store: Option<std::sync::Arc<dyn conveyor_worker::Store>>,
+    mut progress: Option<Progress>,
+    cmd: BackupCommand,
+) -> anyhow::Result<()> {
+    let audit = store.as_deref();
+    let actor = Actor::cli();
     match cmd {
         BackupCommand::Create {
             source,
             destination,
             out,
         } => {
-            let manifest = backups.create(&source, destination.as_deref()).await?;
+            let manifest = backup::create(
+                &backups,
+                audit,
+                &actor,
+                Some(&source),
+                destination.as_deref(),
+            )
+            .await
+            .map_err(unwrap)?;
+            drop(progress.take());
             if out.json {
                 return output::json(&manifest);
             }
@@ -178,7 +270,14 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             destination,
             out,
         } => {
-            let checked = backups.verify_restore(&id, destination.as_deref()).await?;
+            let Verification::Restored(checked) =
+                backup::verify(&backups, audit, &actor, &id, destination.as_deref(), true)
+                    .await
+                    .map_err(unwrap)?
+            else {
+                anyhow::bail!("backup {id} was verified without its restore");
+            };
+            drop(progress.take());
             if out.json {
                 return output::json(&checked);
             }
@@ -197,7 +296,9 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             destination,
             out,
         } => {
-            let pruned = backups.prune(destination.as_deref(), dry_run).await?;
+            let pruned = backup::prune(&backups, audit, &actor, destination.as_deref(), dry_run)
+                .await
+                .map_err(unwrap)?;
             if out.json {
                 return output::json(&pruned);
             }
@@ -233,9 +334,18 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             destination,
             out,
         } => {
-            let restored = backups
-                .restore(&id, &to, force, destination.as_deref())
-                .await?;
+            let restored = backup::restore(
+                &backups,
+                || status_store(config),
+                &actor,
+                &id,
+                &to,
+                force,
+                destination.as_deref(),
+            )
+            .await
+            .map_err(unwrap)?;
+            drop(progress.take());
             if out.json {
                 return output::json(&restored);
             }
@@ -265,7 +375,14 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             destination,
             out,
         } => {
-            let verified = backups.verify(&id, destination.as_deref()).await?;
+            let Verification::Objects(verified) =
+                backup::verify(&backups, audit, &actor, &id, destination.as_deref(), false)
+                    .await
+                    .map_err(unwrap)?
+            else {
+                anyhow::bail!("backup {id} was restored while only its objects were asked for");
+            };
+            drop(progress.take());
             if out.json {
                 return output::json(&verified);
             }
@@ -279,6 +396,15 @@ pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// A backup operation's error as the backup crate gave it (so the exit status follows its
+/// kind), or the admin layer's.
+fn unwrap(e: conveyor_admin::Error) -> anyhow::Error {
+    match e {
+        conveyor_admin::Error::Backup(e) => e.into(),
+        other => other.into(),
     }
 }
 

@@ -81,6 +81,10 @@ pub async fn run(
             .with_validators(validators.clone())
             .with_max_result_bytes(config.worker.max_result_bytes)
             .with_stats(config.stats.clone())
+            .with_backups(std::sync::Arc::new(conveyor_backup::Backups::new(
+                config.backup.clone(),
+                config.database.url.clone(),
+            )?))
             .with_draining(shutdown.clone());
         let app = conveyor_api::router(state.clone());
         let stop = roles_stopped.clone();

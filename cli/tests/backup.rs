@@ -104,6 +104,51 @@ async fn backs_up_verifies_and_names_damage(t: TestStore) {
         assert_eq!(listed.as_array().map(Vec::len), Some(20), "{listed}");
     }
 
+    // Each operation that succeeded is in the store's audit log, by the OS user (the refused
+    // restore is not).
+    let audit = common::run_json(&url, &["audit", "list"]);
+    let backup_entries: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["action"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("backup."))
+        })
+        .collect();
+    let actions: Vec<&str> = backup_entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    let mut expected = vec!["backup.verify", "backup.verify", "backup.create"];
+    if url.starts_with("sqlite") {
+        expected.insert(0, "backup.restore");
+        assert_eq!(
+            backup_entries[0]["target"]["target"],
+            dir.join("restored.db").display().to_string(),
+            "{audit}"
+        );
+    }
+    assert_eq!(actions, expected, "{audit}");
+    let create = backup_entries.last().unwrap();
+    assert!(
+        create["actor"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("cli:"),
+        "{create}"
+    );
+    assert_eq!(create["target"]["backup"], id.as_str(), "{create}");
+    assert_eq!(create["target"]["destination"], "here", "{create}");
+
+    // The backup kinds cannot be enqueued as ordinary jobs (exit 2, saying what to use).
+    let mut cmd = common::conveyor(&url, &["enqueue", "--kind", "backup.prune"]);
+    let out = tokio::task::block_in_place(|| cmd.output()).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("conveyor backup"), "{err}");
+
     // Truncate the stored object: verify exits 1 naming the backup and the object.
     let object = dir.join("store").join(&id).join("data.zst");
     let bytes = std::fs::read(&object).unwrap();

@@ -1,7 +1,13 @@
-//! `backup.run` and `backup.prune`: backups on a schedule. A cron schedule names the kind
-//! (`kind = "backup.run"`); the job runs the same operation as `conveyor backup create` (or
-//! `prune`) and its result is the summary: for `backup.run` the backup's id, source,
-//! destination, sizes and duration; for `backup.prune` what was kept and deleted.
+//! `backup.run`, `backup.verify` and `backup.prune`: backups on a schedule or asked for over
+//! the API. A cron schedule names the kind (`kind = "backup.run"`), and `POST /v1/backups`
+//! (and `/v1/backups/{id}/verify`, `/v1/backups/prune`) enqueue them; the job runs the same
+//! operation as `conveyor backup create` (or `verify`, `prune`) and its result is the
+//! summary: for `backup.run` the backup's id, source, destination, sizes and duration; for
+//! `backup.verify` what was checked; for `backup.prune` what was kept and deleted.
+//!
+//! The three kinds are reserved ([`crate::RESERVED_KINDS`]): a client cannot enqueue them
+//! through `POST /v1/jobs` or schedule them through `/v1/schedules`; the backup routes
+//! (admin scope) and the config's `[[schedules]]` can.
 //!
 //! A configuration problem (an unknown source or destination, a retention that keeps
 //! nothing) fails the job at once (`dead`); anything else (the destination unreachable,
@@ -18,6 +24,10 @@ use serde::{Deserialize, Serialize};
 pub const RUN_KIND: &str = "backup.run";
 /// The kind that applies `[backup.retention]`.
 pub const PRUNE_KIND: &str = "backup.prune";
+/// The kind that verifies a backup (and, with `restore`, restores a scratch copy).
+pub const VERIFY_KIND: &str = "backup.verify";
+/// Every backup kind.
+pub const KINDS: [&str; 3] = [RUN_KIND, VERIFY_KIND, PRUNE_KIND];
 
 /// `backup.run`'s args.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -41,6 +51,37 @@ pub struct PruneArgs {
     /// Only report what would be deleted.
     #[serde(default)]
     pub dry_run: bool,
+}
+
+/// `backup.verify`'s args.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyArgs {
+    /// The backup's id.
+    pub id: String,
+    /// A `[backup.destinations.<name>]` (default: `backup.destination`).
+    #[serde(default)]
+    pub destination: Option<String>,
+    /// Also restore into a scratch copy and compare its tables (`verify --restore`).
+    #[serde(default)]
+    pub restore: bool,
+}
+
+/// `backup.verify`'s result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyResult {
+    /// The backup.
+    pub id: String,
+    /// Its source.
+    pub source: String,
+    /// Whether a scratch copy was restored and its tables compared.
+    pub restored: bool,
+    /// Stored bytes read (0 when not reported).
+    pub stored_bytes: u64,
+    /// Decoded bytes.
+    pub raw_bytes: u64,
+    /// Tables compared with the manifest (with `restore`).
+    pub tables: usize,
 }
 
 /// `backup.run`'s result.
@@ -67,7 +108,7 @@ fn outcome_of(e: Error) -> Outcome {
     }
 }
 
-/// Registers `backup.run` and `backup.prune`, run with `backups`. No timeout (a backup takes
+/// Registers `backup.run`, `backup.verify` and `backup.prune`, run with `backups`. No timeout (a backup takes
 /// as long as its source needs); retries back off from one minute.
 pub fn register(registry: &mut Registry, backups: Arc<Backups>) {
     let options = KindOptions {
@@ -101,6 +142,50 @@ pub fn register(registry: &mut Registry, backups: Arc<Backups>) {
                         source: m.source,
                         destination,
                     })?),
+                    Err(e) => Ok(outcome_of(e)),
+                }
+            }
+        },
+    );
+    let verify = backups.clone();
+    registry.register_with(
+        VERIFY_KIND,
+        options.clone(),
+        move |args: VerifyArgs, _ctx: JobContext| {
+            let backups = verify.clone();
+            async move {
+                let destination = args.destination.as_deref();
+                let result = if args.restore {
+                    backups
+                        .verify_restore(&args.id, destination)
+                        .await
+                        .map(|r| VerifyResult {
+                            id: r.id,
+                            source: r.source,
+                            restored: true,
+                            stored_bytes: 0,
+                            raw_bytes: r.raw_bytes,
+                            tables: r.tables.len(),
+                        })
+                } else {
+                    backups
+                        .verify(&args.id, destination)
+                        .await
+                        .map(|v| VerifyResult {
+                            id: v.id,
+                            source: v.source,
+                            restored: false,
+                            stored_bytes: v.stored_bytes,
+                            raw_bytes: v.raw_bytes,
+                            tables: 0,
+                        })
+                };
+                match result {
+                    Ok(r) => Ok(Outcome::done_with(&r)?),
+                    // A damaged backup or one that restores differently stays so: no retry.
+                    Err(e @ (Error::Damaged { .. } | Error::Mismatch { .. })) => {
+                        Ok(Outcome::fail(e.to_string()))
+                    }
                     Err(e) => Ok(outcome_of(e)),
                 }
             }

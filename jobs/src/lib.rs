@@ -34,7 +34,15 @@ use serde::Deserialize;
 /// Kinds only the platform enqueues. A client that could enqueue `webhook.deliver` would send
 /// validly signed deliveries with an event id, type and time it chose, past every endpoint's
 /// filter and with no event record.
-pub const RESERVED_KINDS: &[&str] = &[webhook::KIND];
+/// The backup kinds run what an admin key or the operator asks for (`POST /v1/backups`,
+/// `conveyor backup`, the config's `[[schedules]]`): a key that may only enqueue must not
+/// start backups, verifications or deletions of them.
+pub const RESERVED_KINDS: &[&str] = &[
+    webhook::KIND,
+    backup::RUN_KIND,
+    backup::VERIFY_KIND,
+    backup::PRUNE_KIND,
+];
 
 /// Queues only the platform fills (the webhook queue's default name; a renamed
 /// `webhooks.queue` is reserved too, see [`check_client_job`]).
@@ -61,6 +69,16 @@ pub fn check_reserved(job: &NewJob, webhook_queue: &str) -> Result<(), Reserved>
 /// [`check_reserved`] for a job's kind and queue alone, e.g. those of a schedule a client
 /// creates (a schedule of `webhook.deliver` would forge deliveries on every tick).
 pub fn check_reserved_names(kind: &str, queue: &str, webhook_queue: &str) -> Result<(), Reserved> {
+    if backup::KINDS.contains(&kind) {
+        return Err(Reserved {
+            field: "kind",
+            message: format!(
+                "`{kind}` is reserved: backups are started with an admin key through \
+                 POST /v1/backups (…/verify, /v1/backups/prune) or `conveyor backup`, and \
+                 scheduled with a `[[schedules]]` entry in the config file"
+            ),
+        });
+    }
     if RESERVED_KINDS.contains(&kind) {
         return Err(Reserved {
             field: "kind",

@@ -665,6 +665,40 @@ mod restore {
         let (url, _cleanup) = empty_postgres_database().await.expect("Postgres is up");
         super::restore_carries_on(t, url).await;
     }
+
+    /// The keys under the store's prefix, restored under a fresh prefix on the same server
+    /// (the other test keys there are never read: only the two prefixes are scanned).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_store_carries_on() {
+        let Some(t) = TestStore::redis().await else {
+            return;
+        };
+        let prefix = format!(
+            "restored-{}",
+            &uuid::Uuid::now_v7().simple().to_string()[20..]
+        );
+        let target = format!("{}?prefix={prefix}", conveyor_tests::redis_url());
+        super::restore_carries_on(t, target.clone()).await;
+        let mut con = redis::Client::open(conveyor_tests::redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            if !keys.is_empty() {
+                let _: () = redis::cmd("DEL")
+                    .arg(&keys)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {

@@ -41,8 +41,11 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct EnqueueRequest {
     /// The kind (selects the handler): 1-128 ASCII letters, digits, `.`, `_`, `-`, `:`;
-    /// `webhook.deliver` is reserved.
-    #[schema(pattern = r"^(?!webhook\.deliver$)[A-Za-z0-9._:-]{1,128}$")]
+    /// `webhook.deliver` and the backup kinds (`backup.run`, `backup.verify`,
+    /// `backup.prune`: `POST /v1/backups`) are reserved.
+    #[schema(
+        pattern = r"^(?!(webhook\.deliver|backup\.run|backup\.verify|backup\.prune)$)[A-Za-z0-9._:-]{1,128}$"
+    )]
     pub kind: String,
     /// The queue (same rules as `kind`). Default `default`; the webhook queue
     /// (`webhooks.queue`, default `webhooks`) is reserved.

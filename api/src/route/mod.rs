@@ -2,6 +2,7 @@
 //! `routes()` merges them.
 
 pub mod audit;
+pub mod backup;
 pub mod email;
 pub mod email_suppression;
 pub mod email_template;

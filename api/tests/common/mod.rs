@@ -28,6 +28,15 @@ impl Drop for Server {
 impl Server {
     /// Serves the API over `store` with `config`.
     pub async fn start(store: Arc<dyn Store>, config: ApiConfig) -> Server {
+        Self::start_with(store, config, None).await
+    }
+
+    /// [`Server::start`] with the backup settings behind `/v1/backups`.
+    pub async fn start_with(
+        store: Arc<dyn Store>,
+        config: ApiConfig,
+        backups: Option<Arc<conveyor_backup::Backups>>,
+    ) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -37,9 +46,11 @@ impl Server {
         )
         .unwrap()
         .with_keyring(conveyor_tests::test_keyring());
-        let app = conveyor_api::router(
-            AppState::new(store.clone(), config).with_webhooks(Arc::new(webhooks)),
-        );
+        let mut state = AppState::new(store.clone(), config).with_webhooks(Arc::new(webhooks));
+        if let Some(backups) = backups {
+            state = state.with_backups(backups);
+        }
+        let app = conveyor_api::router(state);
         let s = stop.clone();
         tokio::spawn(async move {
             conveyor_api::serve(listener, app, async move { s.cancelled().await })

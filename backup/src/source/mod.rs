@@ -3,6 +3,7 @@
 //! of the same snapshot, for `verify --restore` to compare a restored copy with.
 
 pub(crate) mod postgres;
+pub(crate) mod redis;
 pub(crate) mod sqlite;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,13 @@ pub enum Source {
         /// Only these schemas; empty: all.
         schemas: Vec<String>,
     },
+    /// A Redis store: the keys under its prefix.
+    Redis {
+        /// Its name.
+        name: String,
+        /// Its URL (with `?prefix=`).
+        url: String,
+    },
 }
 
 impl Source {
@@ -62,8 +70,15 @@ impl Source {
                 schemas: vec![STORE_SCHEMA.into()],
             });
         }
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            redis::split(url)?;
+            return Ok(Source::Redis {
+                name: STORE_SOURCE.into(),
+                url: url.to_string(),
+            });
+        }
         Err(Error::Config(format!(
-            "backing up a store at `{}` is not supported yet: SQLite and Postgres stores are",
+            "backing up a store at `{}` is not supported yet: SQLite, Postgres and Redis stores are",
             url.split("://").next().unwrap_or(url)
         )))
     }
@@ -86,14 +101,16 @@ impl Source {
     /// Its name.
     pub fn name(&self) -> &str {
         match self {
-            Source::Sqlite { name, .. } | Source::Postgres { name, .. } => name,
+            Source::Sqlite { name, .. }
+            | Source::Postgres { name, .. }
+            | Source::Redis { name, .. } => name,
         }
     }
 
     /// The Postgres schemas it dumps (empty: all, or not Postgres).
     pub fn schemas(&self) -> &[String] {
         match self {
-            Source::Sqlite { .. } => &[],
+            Source::Sqlite { .. } | Source::Redis { .. } => &[],
             Source::Postgres { schemas, .. } => schemas,
         }
     }
@@ -103,6 +120,7 @@ impl Source {
         match self {
             Source::Sqlite { .. } => SourceKind::Sqlite,
             Source::Postgres { .. } => SourceKind::PostgresCustom,
+            Source::Redis { .. } => SourceKind::Redis,
         }
     }
 
@@ -114,6 +132,7 @@ impl Source {
             Source::Postgres { name, url, schemas } => {
                 postgres::dump(name, url, schemas, pg_dump).await
             }
+            Source::Redis { name, url } => redis::dump(name, url).await,
         }
     }
 }
@@ -132,18 +151,28 @@ pub(crate) enum Finish {
     RemoveFile(PathBuf),
     /// Wait for `pg_dump` and end the snapshot's transaction.
     PgDump(Box<postgres::Running>),
+    /// Wait for the key reader: the figures of what it wrote.
+    Redis(redis::Running),
 }
 
 impl Dump {
-    /// Ends the dump: whether the source was read completely.
-    pub async fn finish(self) -> Result<()> {
+    /// Ends the dump: whether the source was read completely, and the figures of a source
+    /// that counts while it is read (Redis).
+    pub async fn finish(self) -> Result<Option<Vec<TableFigures>>> {
         drop(self.reader);
         match self.finish {
             Finish::RemoveFile(path) => {
                 let _ = tokio::fs::remove_file(&path).await;
-                Ok(())
+                Ok(None)
             }
-            Finish::PgDump(running) => running.finish().await,
+            Finish::PgDump(running) => running.finish().await.map(|()| None),
+            Finish::Redis(task) => match task.await {
+                Ok(figures) => figures.map(Some),
+                Err(e) => Err(Error::Source {
+                    source_name: STORE_SOURCE.into(),
+                    message: format!("the key reader stopped: {e}"),
+                }),
+            },
         }
     }
 
@@ -155,6 +184,7 @@ impl Dump {
                 let _ = tokio::fs::remove_file(&path).await;
             }
             Finish::PgDump(running) => running.abandon().await,
+            Finish::Redis(task) => task.abort(),
         }
     }
 }
