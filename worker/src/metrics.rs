@@ -176,6 +176,15 @@ pub struct Metrics {
     pub http_duration: Family<Histogram>,
     /// `email.send` recipients by transport and recipient domain.
     pub emails: Family<EmailSeries>,
+    /// Webhook delivery attempts by outcome (`delivered`, `retry`, `failed`).
+    pub webhook_deliveries: Family<Counter>,
+    /// Cron ticks this process enqueued, by schedule.
+    pub cron_fires: Family<Counter>,
+    /// Cron ticks that fired no job, by schedule: dropped by the missed-tick policy, or
+    /// skipped because the previous tick's job was unfinished (`overlap = "skip"`).
+    pub cron_missed: Family<Counter>,
+    /// From a tick's time to its job being enqueued, by schedule.
+    pub cron_lag: Family<Histogram>,
 }
 
 /// The process-wide registry.
@@ -188,6 +197,10 @@ pub fn global() -> &'static Metrics {
         http_requests: Family::new(&["method", "route", "status"]),
         http_duration: Family::new(&["method", "route"]),
         emails: Family::new(&["transport", "domain"]),
+        webhook_deliveries: Family::new(&["outcome"]),
+        cron_fires: Family::new(&["schedule"]),
+        cron_missed: Family::new(&["schedule"]),
+        cron_lag: Family::new(&["schedule"]),
     })
 }
 
@@ -326,6 +339,35 @@ impl Metrics {
         );
         for (labels, h) in self.http_duration.snapshot() {
             histogram(out, name, &self.http_duration.label_text(&labels), &h);
+        }
+        counter_family(
+            out,
+            "conveyor_webhook_deliveries_total",
+            "Webhook delivery attempts made by this process, by outcome (delivered, retry, failed).",
+            &self.webhook_deliveries,
+            |c| c.get(),
+        );
+        counter_family(
+            out,
+            "conveyor_cron_fires_total",
+            "Cron ticks whose job this process enqueued, by schedule.",
+            &self.cron_fires,
+            |c| c.get(),
+        );
+        counter_family(
+            out,
+            "conveyor_cron_missed_ticks_total",
+            "Cron ticks that fired no job (missed-tick policy, or overlap = skip), by schedule.",
+            &self.cron_missed,
+            |c| c.get(),
+        );
+        let name = "conveyor_cron_fire_lag_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from a cron tick to its job being enqueued, by schedule.\n# TYPE {name} histogram"
+        );
+        for (labels, h) in self.cron_lag.snapshot() {
+            histogram(out, name, &self.cron_lag.label_text(&labels), &h);
         }
     }
 }
