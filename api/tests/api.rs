@@ -1311,6 +1311,56 @@ async fn metrics_report_the_store_workers_and_webhook_endpoints(store: Arc<dyn S
     }
 }
 
+/// A store that stops answering: `/metrics` still answers, with `conveyor_store_up 0` and the
+/// process's own figures, so the alert on it can fire (a failed scrape would only say the
+/// process is down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_say_when_the_store_is_unreachable() {
+    let Some(mut redis) = conveyor_tests::redis_server::PrivateRedis::start(&[]).await else {
+        return;
+    };
+    let store = conveyor_worker::store::connect(
+        &redis.url(),
+        conveyor_worker::store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    store
+        .enqueue(NewJob::new("m.metric", json!({})).queue("down"))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app =
+        conveyor_api::metrics_router(conveyor_api::AppState::new(store, ApiConfig::default()));
+    tokio::spawn(conveyor_api::serve(listener, app, std::future::pending()));
+    let scrape = || async {
+        let r = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let (status, text) = scrape().await;
+    assert_eq!(status, 200);
+    assert!(text.contains("conveyor_store_up 1"), "{text}");
+    assert!(
+        text.contains("conveyor_queue_jobs{queue=\"down\",state=\"available\"} 1"),
+        "{text}"
+    );
+
+    redis.kill();
+    let (status, text) = scrape().await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("conveyor_store_up 0"), "{text}");
+    assert!(
+        text.contains("# TYPE conveyor_jobs_completed_total counter"),
+        "{text}"
+    );
+    assert!(!text.contains("conveyor_queue_jobs{"), "{text}");
+    let r = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    assert_eq!(r.status(), 503);
+}
+
 async fn bad_input_gets_a_problem(store: Arc<dyn Store>) {
     let config = ApiConfig {
         body_limit: 64 * 1024,
