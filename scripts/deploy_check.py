@@ -306,12 +306,24 @@ def run(binary, url):
             env = {**env_image, **{e["name"]: e["value"] for e in c["env"] if "value" in e}}
             run_role(f"k8s {d['metadata']['name']}", binary, c["args"], env, health, ports, store_env)
     # Each compose service of the roles: its command and environment.
+    # The secrets key comes from a compose secret, mounted as a file under /run/secrets/.
     doc = yaml.safe_load(open(DEPLOY / "compose.yaml"))
+    secrets_dir = pathlib.Path(os.environ.get("TMPDIR", "/tmp"), "run-secrets")
+    secrets_dir.mkdir(exist_ok=True)
+    for secret in doc["secrets"]:
+        (secrets_dir / secret).write_text(key + "\n")
     for name in ("api", "worker", "scheduler"):
         svc = doc["services"][name]
-        env = {**env_image, **{k: str(v) for k, v in svc["environment"].items() if k != "CONVEYOR_DATABASE__URL" and k != "CONVEYOR_SECRETS__KEY_FILE"}}
+        env = {**env_image}
+        for k, v in svc["environment"].items():
+            if k == "CONVEYOR_DATABASE__URL":
+                continue
+            env[k] = str(v).replace("/run/secrets/", f"{secrets_dir}/")
+        if "CONVEYOR_SECRETS__KEY_FILE" not in env:
+            fail(f"compose {name}: no CONVEYOR_SECRETS__KEY_FILE")
         test = [a for a in svc["healthcheck"]["test"] if a != "CMD"]
-        run_role(f"compose {name}", binary, svc["command"], env, test, ports, store_env)
+        role_store = {"CONVEYOR_DATABASE__URL": url}
+        run_role(f"compose {name}", binary, svc["command"], env, test, ports, role_store)
 
 
 def selftest(schema_path, tmp):
