@@ -4,7 +4,8 @@
 # worker process whose clock is shifted), openssl (certificates for the TLS tests); and from
 # PyPI into .venv: schemathesis (scripts/api-schema-test.sh) and aiosmtpd (the scripted SMTP
 # server of the email tests, tests/smtp/server.py), dkimpy (their DKIM verifier), moto (the
-# backup tests' object storage). Quick on a second run:
+# backup tests' object storage); for scripts/deploy-check.sh, promtool (Debian's prometheus),
+# kubernetes-validate and the compose specification's schema. Quick on a second run:
 # nothing is fetched when every tool is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # pg_dump for the backup tests (the server's major version or newer).
 command -v pg_dump >/dev/null 2>&1 || need+=(postgresql-client-15)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+# promtool (scripts/deploy-check.sh: alert rules, their unit tests, dashboard queries).
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # `python3 -m venv` needs ensurepip (Debian's python3-venv) unless the Python brings it.
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=(python3-venv); fi
 if [ "${#need[@]}" -gt 0 ]; then
@@ -26,6 +29,8 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 # Debian starts a pgbouncer service on install; the tests start their own.
 if pgrep -x pgbouncer >/dev/null 2>&1 && [ -x /etc/init.d/pgbouncer ]; then /etc/init.d/pgbouncer stop >/dev/null 2>&1 || true; fi
+# Only promtool is wanted from the prometheus package, not its server.
+if pgrep -x prometheus >/dev/null 2>&1 && [ -x /etc/init.d/prometheus ]; then /etc/init.d/prometheus stop >/dev/null 2>&1 || true; fi
 
 # schemathesis, pinned to a major version, in the project's own venv.
 SCHEMATHESIS='schemathesis>=4.32,<5'
@@ -59,4 +64,27 @@ if ! .venv/bin/python -c 'import dkim, nacl' >/dev/null 2>&1; then
   echo "installing $DKIMPY into .venv"
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check "$DKIMPY"
+fi
+
+# scripts/deploy-check.sh: kubernetes-validate (the Kubernetes schemas, offline) and jsonschema,
+# pinned to major versions; and the compose specification's JSON schema, as shipped in the
+# docker-compose 1.29.2 wheel (Apache-2.0; only the schema file is kept, nothing installed).
+K8S_VALIDATE='kubernetes-validate>=1.28,<2'
+if ! .venv/bin/python -c 'import kubernetes_validate, jsonschema, yaml' >/dev/null 2>&1; then
+  echo "installing $K8S_VALIDATE, jsonschema into .venv"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "$K8S_VALIDATE" 'jsonschema>=4,<5' 'PyYAML>=6,<7'
+fi
+if ! [ -s .venv/share/compose-spec/compose_spec.json ]; then
+  echo "fetching the compose specification schema (docker-compose 1.29.2 wheel) into .venv/share"
+  dl="$(mktemp -d)"
+  .venv/bin/pip download --quiet --disable-pip-version-check --no-deps -d "$dl" 'docker-compose==1.29.2'
+  mkdir -p .venv/share/compose-spec
+  .venv/bin/python - "$dl"/docker_compose-1.29.2-*.whl <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    data = z.read("compose/config/compose_spec.json")
+open(".venv/share/compose-spec/compose_spec.json", "wb").write(data)
+PY
+  rm -rf "$dl"
 fi

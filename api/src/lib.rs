@@ -223,11 +223,14 @@ async fn record_http(request: Request, next: Next) -> Response {
     response
 }
 
-/// Just `/metrics`, without a key: for `api.metrics.listen`.
+/// `/metrics` without a key, `/livez` and `/readyz`: for `api.metrics.listen`, which every
+/// role serves (the probes and the scrape of a worker or scheduler process).
 pub fn metrics_router(state: AppState) -> axum::Router {
     security_headers(
         axum::Router::new()
             .route("/metrics", axum::routing::get(route::system::open_metrics))
+            .route("/livez", axum::routing::get(route::system::livez))
+            .route("/readyz", axum::routing::get(route::system::readyz))
             .with_state(state),
     )
 }

@@ -25,6 +25,7 @@ api_tests!(
     paused_queue_accepts_but_runs_nothing,
     rate_limit_is_shared_between_replicas,
     metrics_need_a_key_and_name_everything,
+    metrics_report_the_store_workers_and_webhook_endpoints,
     bad_input_gets_a_problem,
     schedules_over_http,
 );
@@ -1287,6 +1288,160 @@ async fn metrics_need_a_key_and_name_everything(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("conveyor_queue_jobs"));
+}
+
+/// What the alert rules read (deploy/prometheus/alerts.yml): the store answering, live
+/// workers per queue, and each webhook endpoint's circuit and automatic disabling.
+async fn metrics_report_the_store_workers_and_webhook_endpoints(store: Arc<dyn Store>) {
+    use conveyor_jobs::webhook::endpoint::NewEndpoint;
+    use conveyor_jobs::webhook::model::ENDPOINTS;
+    use conveyor_jobs::webhook::{WebhookConfig, Webhooks};
+
+    let s = Server::default(store.clone()).await;
+    let read = s.key(Scope::Read).await;
+    let scrape = || async {
+        s.req(Method::GET, "/metrics", Some(&read))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // Jobs wait on `lw_idle`, which no worker serves; a worker serves `lw_busy`.
+    store
+        .enqueue(NewJob::new("m.metric", json!({})).queue("lw_idle"))
+        .await
+        .unwrap();
+    let mut registry = Registry::new();
+    registry.register("m.metric", |_: Value, _| async { Ok(Outcome::Done) });
+    let config = WorkerConfig {
+        queues: vec![QueueConfig {
+            name: "lw_busy".into(),
+            concurrency: 2,
+        }],
+        ..WorkerConfig::default()
+    };
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(
+        Worker::new(store.clone(), registry, config)
+            .unwrap()
+            .run(stop.clone()),
+    );
+    let text = conveyor_tests::eventually(5, "the worker shows on /metrics", || async {
+        let text = scrape().await;
+        text.contains("conveyor_queue_live_workers{queue=\"lw_busy\"} 1")
+            .then_some(text)
+    })
+    .await;
+    for line in [
+        "# TYPE conveyor_store_up gauge",
+        "conveyor_store_up 1",
+        "# TYPE conveyor_queue_live_workers gauge",
+        "conveyor_queue_live_workers{queue=\"lw_idle\"} 0",
+        "# TYPE conveyor_webhook_endpoint_circuit_open gauge",
+        "# TYPE conveyor_webhook_endpoint_auto_disabled gauge",
+        "# TYPE conveyor_webhook_deliveries_total counter",
+        "# TYPE conveyor_cron_fires_total counter",
+        "# TYPE conveyor_cron_missed_ticks_total counter",
+        "# TYPE conveyor_cron_fire_lag_seconds histogram",
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    stop.cancel();
+    run.await.unwrap().unwrap();
+
+    // Three endpoints: one failing past the circuit threshold, one disabled for failing, one
+    // disabled by an admin.
+    let hooks = Webhooks::new(store.clone(), WebhookConfig::default())
+        .unwrap()
+        .with_keyring(conveyor_tests::test_keyring());
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let ep = hooks
+            .create_endpoint(NewEndpoint {
+                url: "https://receiver.example.com/hook".into(),
+                ..NewEndpoint::default()
+            })
+            .await
+            .unwrap();
+        ids.push(ep.id);
+    }
+    let now = chrono::Utc::now();
+    for _ in 0..WebhookConfig::default().circuit_threshold {
+        hooks.record_failure(&ids[0], now, false).await.unwrap();
+    }
+    // As `webhooks.auto_disable_after` leaves it (the stored record, secrets sealed).
+    let record = store.meta_get(ENDPOINTS, &ids[1]).await.unwrap().unwrap();
+    let mut failing: Value = record.decode().unwrap();
+    failing["enabled"] = json!(false);
+    failing["disabled_reason"] = json!("failing since 2026-12-01T00:00:00Z");
+    store
+        .meta_put(conveyor_worker::store::meta::Put::new(
+            ENDPOINTS, &ids[1], &failing,
+        ))
+        .await
+        .unwrap();
+    hooks.set_enabled(&ids[2], false).await.unwrap();
+    let text = scrape().await;
+    for (id, open, auto) in [(&ids[0], 1, 0), (&ids[1], 0, 1), (&ids[2], 0, 0)] {
+        for line in [
+            format!("conveyor_webhook_endpoint_circuit_open{{endpoint=\"{id}\"}} {open}"),
+            format!("conveyor_webhook_endpoint_auto_disabled{{endpoint=\"{id}\"}} {auto}"),
+        ] {
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+    }
+}
+
+/// A store that stops answering: `/metrics` still answers, with `conveyor_store_up 0` and the
+/// process's own figures, so the alert on it can fire (a failed scrape would only say the
+/// process is down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_say_when_the_store_is_unreachable() {
+    let Some(mut redis) = conveyor_tests::redis_server::PrivateRedis::start(&[]).await else {
+        return;
+    };
+    let store = conveyor_worker::store::connect(
+        &redis.url(),
+        conveyor_worker::store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    store
+        .enqueue(NewJob::new("m.metric", json!({})).queue("down"))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app =
+        conveyor_api::metrics_router(conveyor_api::AppState::new(store, ApiConfig::default()));
+    tokio::spawn(conveyor_api::serve(listener, app, std::future::pending()));
+    let scrape = || async {
+        let r = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let (status, text) = scrape().await;
+    assert_eq!(status, 200);
+    assert!(text.contains("conveyor_store_up 1"), "{text}");
+    assert!(
+        text.contains("conveyor_queue_jobs{queue=\"down\",state=\"available\"} 1"),
+        "{text}"
+    );
+
+    redis.kill();
+    let (status, text) = scrape().await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("conveyor_store_up 0"), "{text}");
+    assert!(
+        text.contains("# TYPE conveyor_jobs_completed_total counter"),
+        "{text}"
+    );
+    assert!(!text.contains("conveyor_queue_jobs{"), "{text}");
+    let r = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    assert_eq!(r.status(), 503);
 }
 
 async fn bad_input_gets_a_problem(store: Arc<dyn Store>) {

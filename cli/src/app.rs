@@ -6,6 +6,7 @@ use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use clap::Parser;
 use conveyor_jobs::webhook::endpoint::SealPass;
 use conveyor_worker::store::{self, StoreOptions};
@@ -305,6 +306,10 @@ fn exit_status(e: &anyhow::Error) -> u8 {
 }
 
 async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
+    // A probe needs neither the config nor the store.
+    if let Command::Health(args) = &cli.command {
+        return health(args).await;
+    }
     // The benchmark takes its store from --url alone and ignores the config file.
     if let Command::Bench(args) = cli.command {
         init_logging(cli.log_level.as_deref(), "warn", LogFormat::Text);
@@ -403,8 +408,29 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
         Command::Stats(args) => {
             crate::stats::run(open_store(&config).await?, &config.stats, args).await
         }
-        Command::Bench(_) => unreachable!("handled above"),
+        Command::Bench(_) | Command::Health(_) => unreachable!("handled above"),
     }
+}
+
+/// `health`: GET the URL; a 2xx answer is healthy, anything else (or none) an error.
+async fn health(args: &crate::cli::HealthArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(args.timeout)
+        .build()
+        .context("cannot build the HTTP client")?;
+    let response = client.get(&args.url).send().await.with_context(|| {
+        format!(
+            "no answer from {} within {:?}: is Conveyor running, and listening there?",
+            args.url, args.timeout
+        )
+    })?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("{} answered {status}: {}", args.url, body.trim());
+    }
+    outln!("{}", body.trim());
+    Ok(())
 }
 
 /// The operator operations over the configured store, with the config's webhook settings,

@@ -56,6 +56,9 @@ pub enum Command {
     Audit(AuditCommand),
     /// Run the shared benchmark protocol against a store.
     Bench(BenchArgs),
+    /// Check a running Conveyor's probe (exit 0 on a 2xx answer): a container healthcheck
+    /// without curl, e.g. `conveyor health --url http://127.0.0.1:9090/livez`.
+    Health(HealthArgs),
     /// Webhooks: endpoints, events, the attempt log, replay, health.
     #[command(subcommand)]
     Webhooks(crate::webhooks::WebhooksCommand),
@@ -183,6 +186,17 @@ pub enum QueuesAction {
         #[command(flatten)]
         out: OutputArgs,
     },
+}
+
+/// Flags of `health`.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The URL to GET.
+    #[arg(long, default_value = "http://127.0.0.1:8080/livez")]
+    pub url: String,
+    /// Give up after this long (e.g. 3s).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 /// `--json` alone.

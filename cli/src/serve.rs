@@ -1,9 +1,12 @@
 //! `conveyor serve` / `conveyor worker`: one process running any of the roles.
 //!
-//! - `api`: the HTTP listener: the `/v1` API (`conveyor_api`), `/livez`, `/readyz`, `/metrics`
-//!   (and `/metrics` alone on `api.metrics.listen` if set).
+//! - `api`: the HTTP listener: the `/v1` API (`conveyor_api`), `/livez`, `/readyz`, `/metrics`.
 //! - `worker`: the worker runtime over the configured queues.
 //! - `scheduler`: promoter, rescuer, pruner and the cron schedules (safe on every replica).
+//!
+//! With `api.metrics.listen` set, every role (not only `api`) also serves `/metrics` without a
+//! key, `/livez` and `/readyz` on that address: the scrape and the probes of a worker or
+//! scheduler process.
 //!
 //! SIGINT or SIGTERM starts a graceful shutdown (drain): workers stop fetching and let
 //! running jobs finish within `worker.shutdown_grace`, unfinished jobs go back to the queue,
@@ -65,7 +68,22 @@ pub async fn run(
             "webhook signing secrets stored in clear are now encrypted"
         );
     }
-    if roles.contains(&Role::Api) {
+    // The API's state: for the API listener, and for the metrics and probe listener that
+    // every role serves when `api.metrics.listen` is set.
+    let backups = std::sync::Arc::new(conveyor_backup::Backups::new(
+        config.backup.clone(),
+        config.database.url.clone(),
+    )?);
+    let state = (roles.contains(&Role::Api) || config.api.metrics.listen.is_some()).then(|| {
+        conveyor_api::AppState::new(store.clone(), config.api.clone())
+            .with_webhooks(webhooks.clone())
+            .with_validators(validators.clone())
+            .with_max_result_bytes(config.worker.max_result_bytes)
+            .with_stats(config.stats.clone())
+            .with_backups(backups.clone())
+            .with_draining(shutdown.clone())
+    });
+    if let Some(state) = state.as_ref().filter(|_| roles.contains(&Role::Api)) {
         let listener = tokio::net::TcpListener::bind(config.serve.listen)
             .await
             .with_context(|| {
@@ -76,16 +94,6 @@ pub async fn run(
             })?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "listening on http://{addr}");
-        let state = conveyor_api::AppState::new(store.clone(), config.api.clone())
-            .with_webhooks(webhooks.clone())
-            .with_validators(validators.clone())
-            .with_max_result_bytes(config.worker.max_result_bytes)
-            .with_stats(config.stats.clone())
-            .with_backups(std::sync::Arc::new(conveyor_backup::Backups::new(
-                config.backup.clone(),
-                config.database.url.clone(),
-            )?))
-            .with_draining(shutdown.clone());
         let app = conveyor_api::router(state.clone());
         let stop = roles_stopped.clone();
         listeners.spawn(async move {
@@ -93,19 +101,20 @@ pub async fn run(
                 .await
                 .context("HTTP server failed")
         });
-        if let Some(addr) = config.api.metrics.listen {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-                format!("cannot listen on {addr} for metrics: pick another with api.metrics.listen")
-            })?;
-            tracing::info!(%addr, "metrics on http://{addr}/metrics");
-            let app = conveyor_api::metrics_router(state);
-            let stop = roles_stopped.clone();
-            listeners.spawn(async move {
-                conveyor_api::serve(listener, app, async move { stop.cancelled().await })
-                    .await
-                    .context("metrics server failed")
-            });
-        }
+    }
+    if let (Some(addr), Some(state)) = (config.api.metrics.listen, state) {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for metrics: pick another with api.metrics.listen")
+        })?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "metrics, /livez and /readyz on http://{addr}");
+        let app = conveyor_api::metrics_router(state);
+        let stop = roles_stopped.clone();
+        listeners.spawn(async move {
+            conveyor_api::serve(listener, app, async move { stop.cancelled().await })
+                .await
+                .context("metrics server failed")
+        });
     }
     if roles.contains(&Role::Scheduler) {
         let maintenance = Maintenance::new(store.clone(), config.maintenance.clone());

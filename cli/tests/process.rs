@@ -14,8 +14,71 @@ use nix::sys::signal::Signal;
 
 cli_backend_tests!(
     serve_answers_health_checks_and_finishes_running_jobs_on_sigterm,
+    a_worker_process_serves_probes_and_metrics_on_the_metrics_listener,
     a_job_that_kills_its_workers_ends_dead,
 );
+
+/// A process without the `api` role (as deploy/ runs the worker and scheduler roles) serves
+/// `/livez`, `/readyz` and `/metrics` on `api.metrics.listen`, and `conveyor health` (the
+/// image's healthcheck) checks them.
+async fn a_worker_process_serves_probes_and_metrics_on_the_metrics_listener(
+    url: String,
+    _store: Arc<dyn Store>,
+) {
+    let mut worker = Process::spawn({
+        let mut c = conveyor(&url, &["serve", "--roles", "worker,scheduler"]);
+        c.env("CONVEYOR_API__METRICS__LISTEN", "127.0.0.1:0");
+        c
+    });
+    let line = worker.wait_for_line("metrics, /livez and /readyz on http://", 20);
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| {
+            a.trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("an address in: {line}"));
+    let health =
+        |path: &str| common::run(&url, &["health", "--url", &format!("http://{addr}{path}")]);
+    let (code, out, err) = health("/livez");
+    assert_eq!((code, out.trim()), (0, "ok"), "{err}");
+    let (code, out, err) = health("/readyz");
+    assert_eq!((code, out.trim()), (0, "ready"), "{err}");
+    let (code, _, err) = health("/v1/jobs");
+    assert_eq!(code, 1, "the API is not on this listener: {err}");
+    assert!(err.contains("404"), "{err}");
+    let (code, _, err) = common::run(
+        &url,
+        &[
+            "health",
+            "--url",
+            "http://127.0.0.1:9/livez",
+            "--timeout",
+            "1s",
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no answer from http://127.0.0.1:9/livez"),
+        "{err}"
+    );
+
+    let text = eventually(10, "the worker shows on its own /metrics", || async {
+        let (status, body) = tokio::task::block_in_place(|| http_get(addr, "/metrics"));
+        (status == 200 && body.contains("conveyor_queue_live_workers{queue=\"default\"} 1"))
+            .then_some(body)
+    })
+    .await;
+    assert!(text.contains("conveyor_store_up 1"), "{text}");
+    assert!(
+        text.contains("# TYPE conveyor_cron_fires_total counter"),
+        "{text}"
+    );
+    assert_eq!(worker.stop(Signal::SIGTERM, 20), Some(0));
+}
 
 async fn serve_answers_health_checks_and_finishes_running_jobs_on_sigterm(
     url: String,

@@ -58,7 +58,14 @@ pub struct CronReport {
     pub duplicates: u64,
     /// Ticks skipped because the previous tick's job was still unfinished.
     pub skipped_overlap: u64,
+    /// Ticks that fired no job and never will: dropped by the schedule's missed-tick policy
+    /// (counted up to a limit per pass), or skipped for overlap (also in `skipped_overlap`).
+    pub missed: u64,
 }
+
+/// Most missed ticks one pass counts per schedule (a schedule every second, down for a day,
+/// is not walked tick by tick).
+const MISSED_COUNT_LIMIT: usize = 10_000;
 
 struct Progress {
     /// The last tick handled.
@@ -134,25 +141,60 @@ impl CronScheduler {
                 state.last = (*at).min(now);
             }
             let ticks = schedule.due(Some(state.last), now);
+            let metrics = conveyor_worker::metrics::global();
             let Some(&newest) = ticks.last() else {
+                // Nothing fires: ticks that came due anyway were dropped by the missed-tick
+                // policy. Moving past them counts each once.
+                let mut dropped = 0;
+                for t in schedule
+                    .fires_after(state.last)
+                    .take_while(|t| *t <= now)
+                    .take(MISSED_COUNT_LIMIT)
+                {
+                    dropped += 1;
+                    state.last = t;
+                }
+                if dropped > 0 {
+                    metrics.cron_missed.get(&[name]).add(dropped);
+                    report.missed += dropped;
+                }
                 continue;
             };
+            // Ticks up to the newest that fires and that do not fire are missed for good.
+            let passed = schedule
+                .fires_after(state.last)
+                .take_while(|t| *t <= newest)
+                .take(MISSED_COUNT_LIMIT)
+                .count();
+            let dropped = passed.saturating_sub(ticks.len()) as u64;
+            if dropped > 0 {
+                metrics.cron_missed.get(&[name]).add(dropped);
+                report.missed += dropped;
+            }
             if schedule.spec().overlap == OverlapPolicy::Skip
                 && let Some(previous) = state.last_job
                 && let Some(job) = self.store.get(previous).await?
                 && !job.state.is_terminal()
             {
                 report.skipped_overlap += ticks.len() as u64;
+                report.missed += ticks.len() as u64;
+                metrics.cron_missed.get(&[name]).add(ticks.len() as u64);
                 state.last = newest;
                 continue;
             }
             let jobs = ticks.iter().map(|t| schedule.job(*t)).collect();
             let answers = self.store.enqueue_many(jobs).await?;
-            for a in &answers {
+            let (fires, lag) = (
+                metrics.cron_fires.get(&[name]),
+                metrics.cron_lag.get(&[name]),
+            );
+            for (a, tick) in answers.iter().zip(&ticks) {
                 if a.duplicate {
                     report.duplicates += 1;
                 } else {
                     report.enqueued += 1;
+                    fires.inc();
+                    lag.observe((now - *tick).to_std().unwrap_or_default());
                 }
             }
             tracing::debug!(schedule = %name, ticks = ticks.len(), "schedule fired");

@@ -120,10 +120,11 @@ async fn overlap_skip_waits_for_the_previous_job(s: Arc<dyn Store>) {
 async fn a_restarted_scheduler_resumes_from_the_store(s: Arc<dyn Store>) {
     let t0: DateTime<Utc> = "2026-11-23T10:00:58Z".parse().unwrap();
     let at = |secs: i64| t0 + chrono::Duration::seconds(secs);
-    for (name, missed, expect_after_restart) in [
-        ("backfill", MissedPolicy::All, 4),
-        ("newest", MissedPolicy::Latest, 1),
-        ("none", MissedPolicy::Skip, 0),
+    // 10:02 to 10:05 pass while no scheduler runs: each policy fires some and misses the rest.
+    for (name, missed, expect_after_restart, expect_missed) in [
+        ("backfill", MissedPolicy::All, 4, 0),
+        ("newest", MissedPolicy::Latest, 1, 3),
+        ("none", MissedPolicy::Skip, 0, 4),
     ] {
         let mut spec = ScheduleSpec::new(name, "* * * * *", "cron.minutely");
         spec.missed = missed;
@@ -139,9 +140,29 @@ async fn a_restarted_scheduler_resumes_from_the_store(s: Arc<dyn Store>) {
         let after = CronScheduler::new(s.clone(), vec![schedule.clone()], Config::default());
         let report = after.run_once(at(300)).await.unwrap();
         assert_eq!(report.enqueued, expect_after_restart, "{name}: {report:?}");
-        // Nothing is fired twice, and the next tick follows on.
-        assert_eq!(after.run_once(at(303)).await.unwrap().enqueued, 1, "{name}");
+        assert_eq!(report.missed, expect_missed, "{name}: {report:?}");
+        // Nothing is fired twice, and the next tick follows on; nothing is missed twice.
+        let next = after.run_once(at(303)).await.unwrap();
+        assert_eq!((next.enqueued, next.missed), (1, 0), "{name}");
+        // /metrics reports the same (other backends' runs of this test add to the counts).
+        let metrics = conveyor_worker::metrics::global();
+        assert!(
+            metrics.cron_missed.get(&[name]).get() >= expect_missed,
+            "{name}"
+        );
+        assert!(metrics.cron_fires.get(&[name]).get() >= expect_after_restart + 2);
+        assert!(metrics.cron_lag.get(&[name]).count() >= expect_after_restart + 2);
     }
+    let mut text = String::new();
+    conveyor_worker::metrics::global().render(&mut text);
+    assert!(
+        text.contains("conveyor_cron_missed_ticks_total{schedule=\"none\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("conveyor_cron_fire_lag_seconds_bucket{schedule=\"backfill\",le=\"+Inf\"}"),
+        "{text}"
+    );
     let ticks: Vec<String> = s
         .list(
             &JobFilter {

@@ -258,6 +258,14 @@ async fn signed_fan_out_with_idempotent_events(store: Arc<dyn Store>) {
 }
 
 async fn retries_keep_the_id_and_follow_the_schedule(store: Arc<dyn Store>) {
+    // `conveyor_webhook_deliveries_total` by outcome (process-wide: other tests add to it).
+    let attempts = |outcome: &str| {
+        conveyor_worker::metrics::global()
+            .webhook_deliveries
+            .get(&[outcome])
+            .get()
+    };
+    let (retried_before, delivered_before) = (attempts("retry"), attempts("delivered"));
     let rx = Receiver::start().await;
     let run = Running::start(&store, test_config());
     let hooks = &run.webhooks;
@@ -300,6 +308,8 @@ async fn retries_keep_the_id_and_follow_the_schedule(store: Arc<dyn Store>) {
     let log = hooks.attempts_for_event(&sent.event.id).await.unwrap();
     let statuses: Vec<_> = log.iter().rev().map(|a| a.status).collect();
     assert_eq!(statuses, vec![Some(500), Some(502), Some(200)]);
+    assert!(attempts("retry") >= retried_before + 2);
+    assert!(attempts("delivered") > delivered_before);
 
     // The default schedule: after a first failure the next try is due 5 s (±10 %) later.
     let slow = hooks

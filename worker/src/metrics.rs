@@ -176,6 +176,15 @@ pub struct Metrics {
     pub http_duration: Family<Histogram>,
     /// `email.send` recipients by transport and recipient domain.
     pub emails: Family<EmailSeries>,
+    /// Webhook delivery attempts by outcome (`delivered`, `retry`, `failed`).
+    pub webhook_deliveries: Family<Counter>,
+    /// Cron ticks this process enqueued, by schedule.
+    pub cron_fires: Family<Counter>,
+    /// Cron ticks that fired no job, by schedule: dropped by the missed-tick policy, or
+    /// skipped because the previous tick's job was unfinished (`overlap = "skip"`).
+    pub cron_missed: Family<Counter>,
+    /// From a tick's time to its job being enqueued, by schedule.
+    pub cron_lag: Family<Histogram>,
 }
 
 /// The process-wide registry.
@@ -188,6 +197,10 @@ pub fn global() -> &'static Metrics {
         http_requests: Family::new(&["method", "route", "status"]),
         http_duration: Family::new(&["method", "route"]),
         emails: Family::new(&["transport", "domain"]),
+        webhook_deliveries: Family::new(&["outcome"]),
+        cron_fires: Family::new(&["schedule"]),
+        cron_missed: Family::new(&["schedule"]),
+        cron_lag: Family::new(&["schedule"]),
     })
 }
 
@@ -327,6 +340,35 @@ impl Metrics {
         for (labels, h) in self.http_duration.snapshot() {
             histogram(out, name, &self.http_duration.label_text(&labels), &h);
         }
+        counter_family(
+            out,
+            "conveyor_webhook_deliveries_total",
+            "Webhook delivery attempts made by this process, by outcome (delivered, retry, failed).",
+            &self.webhook_deliveries,
+            |c| c.get(),
+        );
+        counter_family(
+            out,
+            "conveyor_cron_fires_total",
+            "Cron ticks whose job this process enqueued, by schedule.",
+            &self.cron_fires,
+            |c| c.get(),
+        );
+        counter_family(
+            out,
+            "conveyor_cron_missed_ticks_total",
+            "Cron ticks that fired no job (missed-tick policy, or overlap = skip), by schedule.",
+            &self.cron_missed,
+            |c| c.get(),
+        );
+        let name = "conveyor_cron_fire_lag_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from a cron tick to its job being enqueued, by schedule.\n# TYPE {name} histogram"
+        );
+        for (labels, h) in self.cron_lag.snapshot() {
+            histogram(out, name, &self.cron_lag.label_text(&labels), &h);
+        }
     }
 }
 
@@ -368,6 +410,116 @@ fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every family's name, type and label names, as scrapers and alert rules know them. A
+    /// change of how the exposition is written (such as moving to a metrics crate) must keep
+    /// this table; a new family adds a row.
+    #[test]
+    fn families_keep_their_names_types_and_labels() {
+        let m = global();
+        m.enqueued.get(&["fq", "fk"]).inc();
+        m.jobs
+            .get(&["fq", "fk"])
+            .execution
+            .observe(Duration::from_millis(1));
+        m.rescues.get(&["retried"]).inc();
+        m.http_requests.get(&["GET", "/f", "200"]).inc();
+        m.http_duration
+            .get(&["GET", "/f"])
+            .observe(Duration::from_millis(1));
+        m.emails.get(&["ft", "fd"]).sent.inc();
+        m.webhook_deliveries.get(&["delivered"]).inc();
+        m.cron_fires.get(&["fs"]).inc();
+        m.cron_missed.get(&["fs"]).inc();
+        m.cron_lag.get(&["fs"]).observe(Duration::from_millis(1));
+        let mut out = String::new();
+        m.render(&mut out);
+
+        let mut found: Vec<(String, String, String)> = Vec::new();
+        let mut current: Option<(String, String)> = None;
+        for line in out.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                current = Some((name.to_string(), kind.to_string()));
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((name, kind)) = current.take() else {
+                continue;
+            };
+            // The first sample's label names (without a histogram's `le`).
+            let labels = line
+                .split_once('{')
+                .map(|(_, l)| l.split_once('}').unwrap().0)
+                .unwrap_or("")
+                .split(',')
+                .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+                .filter(|k| *k != "le")
+                .collect::<Vec<_>>()
+                .join(",");
+            found.push((name, kind, labels));
+        }
+        let expected = [
+            ("conveyor_jobs_enqueued_total", "counter", "queue,kind"),
+            ("conveyor_jobs_completed_total", "counter", "queue,kind"),
+            ("conveyor_jobs_failed_total", "counter", "queue,kind"),
+            ("conveyor_jobs_retried_total", "counter", "queue,kind"),
+            ("conveyor_jobs_dead_total", "counter", "queue,kind"),
+            ("conveyor_jobs_cancelled_total", "counter", "queue,kind"),
+            ("conveyor_job_execution_seconds", "histogram", "queue,kind"),
+            ("conveyor_job_queue_wait_seconds", "histogram", "queue,kind"),
+            ("conveyor_lease_rescues_total", "counter", "outcome"),
+            (
+                "conveyor_http_requests_total",
+                "counter",
+                "method,route,status",
+            ),
+            ("conveyor_emails_sent_total", "counter", "transport,domain"),
+            (
+                "conveyor_emails_failed_total",
+                "counter",
+                "transport,domain",
+            ),
+            (
+                "conveyor_emails_bounced_total",
+                "counter",
+                "transport,domain",
+            ),
+            (
+                "conveyor_emails_deferred_total",
+                "counter",
+                "transport,domain",
+            ),
+            (
+                "conveyor_emails_throttled_total",
+                "counter",
+                "transport,domain",
+            ),
+            (
+                "conveyor_emails_suppressed_total",
+                "counter",
+                "transport,domain",
+            ),
+            (
+                "conveyor_http_request_duration_seconds",
+                "histogram",
+                "method,route",
+            ),
+            ("conveyor_webhook_deliveries_total", "counter", "outcome"),
+            ("conveyor_cron_fires_total", "counter", "schedule"),
+            ("conveyor_cron_missed_ticks_total", "counter", "schedule"),
+            ("conveyor_cron_fire_lag_seconds", "histogram", "schedule"),
+        ];
+        let mut want: Vec<_> = expected
+            .iter()
+            .map(|(n, t, l)| (n.to_string(), t.to_string(), l.to_string()))
+            .collect();
+        want.sort();
+        found.sort();
+        assert_eq!(found, want, "{out}");
+    }
 
     #[test]
     fn renders_counters_and_histograms() {

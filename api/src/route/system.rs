@@ -1,12 +1,14 @@
 //! Unversioned operational routes: `/livez`, `/readyz`, `/metrics`, and the API's own
 //! description (`/v1/openapi.json` is mounted by the router; `/v1/docs` renders it).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
+use conveyor_jobs::webhook::model::CircuitState;
 use conveyor_worker::runtime::pause::{self, QueueSettings};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -28,7 +30,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 /// The process is up.
 #[utoipa::path(get, path = "/livez", tag = "system", responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)))]
-async fn livez() -> &'static str {
+pub(crate) async fn livez() -> &'static str {
     "ok\n"
 }
 
@@ -38,7 +40,7 @@ async fn livez() -> &'static str {
     (status = 200, description = "`ready`", content_type = "text/plain", body = String),
     (status = 503, description = "`not ready: <reason>`", content_type = "text/plain", body = String),
 ))]
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+pub(crate) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.draining.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -81,7 +83,30 @@ pub(crate) async fn open_metrics(State(state): State<AppState>) -> Result<Respon
 async fn render_metrics(state: &AppState) -> Result<Response, Problem> {
     let mut out = String::with_capacity(16 * 1024);
     conveyor_worker::metrics::global().render(&mut out);
-    // Gauges read from the store at scrape time, shared by every process.
+    // Whether the store answers: without it, the store's gauges below cannot be read, and
+    // the process's own figures are still worth a scrape.
+    let up = matches!(
+        tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await,
+        Ok(Ok(()))
+    );
+    let _ = writeln!(
+        out,
+        "# HELP conveyor_store_up 1 when the store answered a ping within 2 s at this scrape.\n# TYPE conveyor_store_up gauge\nconveyor_store_up {}",
+        u8::from(up)
+    );
+    if up {
+        store_gauges(state, &mut out).await?;
+    }
+    let mut response = out.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    Ok(response)
+}
+
+/// Gauges read from the store at scrape time, the same on every process.
+async fn store_gauges(state: &AppState, out: &mut String) -> Result<(), Problem> {
     let stats = state.store.queue_stats().await?;
     let _ = writeln!(
         out,
@@ -123,14 +148,64 @@ async fn render_metrics(state: &AppState) -> Result<Response, Problem> {
     }
     conveyor_backup::status::render(
         &conveyor_backup::status::read(state.store.as_ref()).await?,
-        &mut out,
+        out,
     );
-    let mut response = out.into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    // Live workers per queue: every queue with jobs, and every queue a worker serves.
+    let serving = conveyor_admin::serving::Serving::read(state.store.as_ref()).await?;
+    let mut queues: BTreeMap<&str, usize> = stats.iter().map(|s| (s.queue.as_str(), 0)).collect();
+    for w in &serving.workers {
+        for q in &w.queues {
+            *queues.entry(q.name.as_str()).or_default() += 1;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP conveyor_queue_live_workers Live worker processes that fetch from the queue.\n# TYPE conveyor_queue_live_workers gauge"
     );
-    Ok(response)
+    for (queue, n) in &queues {
+        let _ = writeln!(
+            out,
+            "conveyor_queue_live_workers{{queue=\"{}\"}} {n}",
+            escape(queue)
+        );
+    }
+    webhook_gauges(state, out).await
+}
+
+/// Per webhook endpoint: its circuit (open or half-open: 1), and whether it was disabled
+/// for failing.
+async fn webhook_gauges(state: &AppState, out: &mut String) -> Result<(), Problem> {
+    let endpoints = state.webhooks.endpoints().await?;
+    let now = chrono::Utc::now();
+    let mut open = Vec::with_capacity(endpoints.len());
+    for ep in &endpoints {
+        let circuit = state.webhooks.circuit(&ep.id).await?;
+        open.push(circuit.state(now) != CircuitState::Closed);
+    }
+    let families: [(&str, &str, Vec<bool>); 2] = [
+        (
+            "conveyor_webhook_endpoint_circuit_open",
+            "1 while the endpoint's circuit is open or half-open (deliveries held back after failures).",
+            open,
+        ),
+        (
+            "conveyor_webhook_endpoint_auto_disabled",
+            "1 when the endpoint was disabled automatically for failing.",
+            endpoints.iter().map(|e| e.disabled_for_failing()).collect(),
+        ),
+    ];
+    for (name, help, values) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (ep, v) in endpoints.iter().zip(values) {
+            let _ = writeln!(
+                out,
+                "{name}{{endpoint=\"{}\"}} {}",
+                escape(&ep.id),
+                u8::from(v)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn escape(v: &str) -> String {

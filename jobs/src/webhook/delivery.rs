@@ -221,6 +221,10 @@ impl Webhooks {
             (Verdict::Permanent, _) | (_, true) => "failed",
             _ => "retry",
         };
+        conveyor_worker::metrics::global()
+            .webhook_deliveries
+            .get(&[result])
+            .inc();
         let target = args.endpoint_id.as_deref().unwrap_or("direct");
         if self.config.attempt_log {
             let mut logged: BTreeMap<String, String> = headers.into_iter().collect();

@@ -411,7 +411,8 @@ impl Webhooks {
         let ep = self
             .modify_endpoint(id, |ep| {
                 ep.enabled = enabled;
-                ep.disabled_reason = (!enabled).then(|| "disabled by an admin".to_string());
+                ep.disabled_reason =
+                    (!enabled).then(|| super::model::DISABLED_BY_ADMIN.to_string());
                 Ok(())
             })
             .await?;

@@ -77,6 +77,20 @@ pub struct Endpoint {
     pub disabled_reason: Option<String>,
 }
 
+/// The `disabled_reason` of an endpoint an admin disabled (any other reason is automatic).
+pub const DISABLED_BY_ADMIN: &str = "disabled by an admin";
+
+impl Endpoint {
+    /// Whether it was disabled automatically, for failing (`webhooks.auto_disable_after`).
+    pub fn disabled_for_failing(&self) -> bool {
+        !self.enabled
+            && self
+                .disabled_reason
+                .as_deref()
+                .is_some_and(|r| r != DISABLED_BY_ADMIN)
+    }
+}
+
 /// What a receiver's URL must look like: `http` or `https`; a host name (labels of letters,
 /// digits and `-`, the last starting with a letter), an IPv4 address or a bracketed IPv6
 /// address (whose exact grammar the URL parser checks after this); an optional port; a
