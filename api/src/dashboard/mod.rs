@@ -63,6 +63,11 @@ pub fn routes(enabled: bool) -> Router<AppState> {
         .route("/dashboard/jobs/{id}/{action}", post(page::job_action))
         .route("/dashboard/dead", get(page::dead))
         .route("/dashboard/dead/bulk", post(page::dead_bulk))
+        .route("/dashboard/schedules", get(page::schedules))
+        .route(
+            "/dashboard/schedules/{name}/{action}",
+            post(page::schedule_action),
+        )
         .route("/dashboard/assets/dashboard.css", get(css))
         .route("/dashboard/assets/dashboard.js", get(js))
 }
@@ -108,6 +113,7 @@ fn templates() -> &'static Environment<'static> {
             ("confirm.html", include_str!("templates/confirm.html")),
             ("error.html", include_str!("templates/error.html")),
             ("rows.html", include_str!("templates/rows.html")),
+            ("schedules.html", include_str!("templates/schedules.html")),
         ] {
             env.add_template(name, source)
                 .expect("the dashboard's templates are valid (checked by the tests)");
@@ -155,7 +161,13 @@ mod tests {
     #[test]
     fn every_template_parses() {
         let env = super::templates();
-        for name in ["base.html", "login.html", "overview.html", "jobs.html"] {
+        for name in [
+            "base.html",
+            "login.html",
+            "overview.html",
+            "jobs.html",
+            "schedules.html",
+        ] {
             env.get_template(name).unwrap();
         }
     }

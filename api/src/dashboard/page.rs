@@ -80,6 +80,9 @@ fn notice(done: Option<&str>, n: Option<u64>) -> Option<String> {
         "purged" => plural("purged"),
         "paused" => "Queue paused: workers fetch nothing from it until it is resumed.".into(),
         "resumed" => "Queue resumed.".into(),
+        "schedule-paused" => "Schedule paused: it fires no more until resumed.".into(),
+        "schedule-resumed" => "Schedule resumed.".into(),
+        "triggered" => "Schedule triggered: one job enqueued now.".into(),
         _ => return None,
     })
 }
@@ -802,4 +805,105 @@ pub async fn events(
         axum::http::HeaderValue::from_static("no-store"),
     );
     r
+}
+
+/// `GET /dashboard/schedules`: each schedule's next fires in its own zone, its last fire and
+/// that job's state, and pause/resume/trigger.
+pub async fn schedules(
+    State(state): State<AppState>,
+    connect: Connect,
+    headers: HeaderMap,
+    Query(n): Query<Notice>,
+) -> Response {
+    let signed = match session::page(&state, &headers, peer(&connect)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let registry = conveyor_scheduler::registry::Schedules::new(state.store.clone());
+    let read = async {
+        let now = Utc::now();
+        let mut rows = Vec::new();
+        for s in registry.list().await? {
+            let status = registry.status(s, now).await?;
+            let spec = &status.schedule.spec;
+            let next: Vec<String> = match spec.compile() {
+                Ok(c) if spec.enabled => c
+                    .upcoming(now, 3)
+                    .times
+                    .iter()
+                    .map(|t| t.format("%Y-%m-%d %H:%M %:z").to_string())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            rows.push(context! {
+                name => spec.name,
+                cron => spec.cron,
+                timezone => spec.timezone,
+                kind => spec.kind,
+                queue => spec.queue,
+                enabled => spec.enabled,
+                disabled_reason => status.schedule.disabled_reason,
+                next,
+                last_fire => status.last_fire.map(fmt_time),
+                last_job => status.last_job.map(|j| j.to_string()),
+                last_state => status.last_state.map(|s| s.as_str()),
+            });
+        }
+        Ok::<_, Problem>(rows)
+    };
+    let rows = match read.await {
+        Ok(r) => r,
+        Err(p) => return failure(Some(&signed), p),
+    };
+    render(
+        StatusCode::OK,
+        "schedules.html",
+        context! {
+            user => signed.context(),
+            nav => "schedules",
+            notice => notice(n.done.as_deref(), n.n),
+            schedules => rows,
+        },
+    )
+}
+
+/// `POST /dashboard/schedules/{name}/{pause|resume|trigger}`.
+pub async fn schedule_action(
+    State(state): State<AppState>,
+    connect: Connect,
+    headers: HeaderMap,
+    Path((name, action)): Path<(String, String)>,
+    axum::Form(form): Form,
+) -> Response {
+    let signed = match session::action(&state, &headers, peer(&connect), &form, true).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let admin = state.admin();
+    let actor = signed.actor();
+    let run = async {
+        Ok::<_, Problem>(match action.as_str() {
+            "pause" => {
+                admin.set_schedule_enabled(&actor, &name, false).await?;
+                "schedule-paused"
+            }
+            "resume" => {
+                admin.set_schedule_enabled(&actor, &name, true).await?;
+                "schedule-resumed"
+            }
+            "trigger" => {
+                admin.trigger_schedule(&actor, &name).await?;
+                "triggered"
+            }
+            other => {
+                return Err(Problem::not_found(format!(
+                    "no schedule action `{other}`; use pause, resume or trigger"
+                )));
+            }
+        })
+    };
+    match run.await {
+        Ok(done) => Redirect::to(&format!("/dashboard/schedules?done={done}")).into_response(),
+        Err(p) => failure(Some(&signed), p),
+    }
 }

@@ -264,6 +264,17 @@ class Dashboard(unittest.TestCase):
         self.assertEqual(self.post_from_page(f"/dashboard/jobs/{job_id}/retry", ""), 403)
         self.assertEqual(self.post_from_page(f"/dashboard/jobs/{job_id}/retry", "csrf=" + "0" * 64), 403)
         self.assertEqual(self.server.job(job_id)["state"], "dead", "nothing retried")
+        # The right token from another site's page: refused by the Origin check.
+        session = self.driver.get_cookie("conveyor_session")["value"]
+        forged = urllib.request.Request(
+            self.url(f"/dashboard/jobs/{job_id}/retry"), data=f"csrf={self.csrf()}".encode(), method="POST",
+            headers={"Cookie": f"conveyor_session={session}", "Origin": "http://evil.example",
+                     "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(forged)
+        self.assertEqual(caught.exception.code, 403)
+        self.assertEqual(self.server.job(job_id)["state"], "dead", "nothing retried")
         self.assertEqual(self.post_from_page(f"/dashboard/jobs/{job_id}/retry", f"csrf={self.csrf()}"), 0, "with the token it goes through (a redirect, opaque to a manual fetch)")
         self.server.wait_job(job_id, lambda j: j["state"] == "available")
 
@@ -286,6 +297,65 @@ class Dashboard(unittest.TestCase):
             urllib.request.build_opener(NoRedirect).open(request)
         self.assertEqual(caught.exception.code, 303)
         self.assertEqual(caught.exception.headers["Location"], "/dashboard/login")
+
+    def test_schedules_show_next_fires_in_their_zone_and_pause_and_trigger(self) -> None:
+        d = self.driver
+        self.server.admin.request("POST", "/v1/schedules", {
+            "name": "tokyo-morning", "cron": "0 9 * * *", "timezone": "Asia/Tokyo",
+            "kind": "report.build", "queue": "sched-reports",
+        })
+        self.sign_in(self.operate_key)
+        d.find_element(By.LINK_TEXT, "Schedules").click()
+        row = "tr[data-schedule=tokyo-morning]"
+        nexts = self.wait_for(lambda: d.find_elements(By.CSS_SELECTOR, f"{row} .next time"), "the next fires")
+        self.assertEqual(len(nexts), 3)
+        for t in nexts:
+            self.assertRegex(t.text, r"^\d{4}-\d\d-\d\d 09:00 \+09:00$", "09:00 in the schedule's own zone")
+        self.check_page("schedules")
+        d.find_element(By.CSS_SELECTOR, f"{row} button[aria-label='Trigger now: schedule tokyo-morning']").click()
+        self.wait_for(lambda: "one job enqueued now" in self.text("main"), "the trigger notice")
+        jobs = self.server.admin.request("GET", "/v1/jobs?queue=sched-reports")["jobs"]
+        self.assertEqual(len(jobs), 1, "the trigger enqueued one job")
+        d.find_element(By.CSS_SELECTOR, f"{row} button[aria-label='Pause schedule tokyo-morning']").click()
+        self.wait_for(lambda: "Schedule paused" in self.text("main"), "the pause notice")
+        self.assertIn("paused", self.text(f"{row} .schedule-status"))
+        self.assertEqual(d.find_elements(By.CSS_SELECTOR, f"{row} .next time"), [], "a paused schedule has no next fire")
+        self.assertFalse(self.server.admin.request("GET", "/v1/schedules/tokyo-morning")["spec"]["enabled"])
+
+    def test_without_events_the_page_polls_and_still_updates(self) -> None:
+        d = self.driver
+        job_id = self.dead_job("billing.charge", "polling", "card declined", "gateway answered 402")
+        self.sign_in(self.operate_key)
+        # A browser whose events cannot get through (as behind a buffering proxy).
+        d.execute_cdp_cmd("Network.enable", {})
+        d.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/dashboard/events*"]})
+        try:
+            d.get(self.url(f"/dashboard/jobs/{job_id}"))
+            self.wait_for(lambda: d.find_element(By.TAG_NAME, "body").get_attribute("data-live-mode") == "polling", "the fallback to polling", timeout=30)
+            self.assertIn("refreshing every few seconds", self.text("#live-status"))
+            d.execute_script("window.notReloaded = true;")
+            self.server.admin.request("POST", f"/v1/jobs/{job_id}/retry", {})
+            self.wait_for(lambda: self.text("#job-state") == "available", "the retry seen by polling", timeout=15)
+            self.assertTrue(d.execute_script("return window.notReloaded === true;"))
+        finally:
+            d.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+
+    def test_phone_width_and_dark_mode(self) -> None:
+        d = self.driver
+        self.sign_in(self.operate_key)
+        d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        d.set_window_size(390, 844)
+        try:
+            d.get(self.url("/dashboard/queues"))
+            background = d.execute_script("return getComputedStyle(document.body).backgroundColor;")
+            self.assertEqual(background, "rgb(13, 17, 23)", "the dark palette")
+            width = d.execute_script("return document.documentElement.scrollWidth;")
+            viewport = d.execute_script("return window.innerWidth;")
+            self.assertLessEqual(width, viewport, "nothing overflows the phone's width (tables scroll inside their region)")
+            self.check_page("queues-phone-dark")
+        finally:
+            d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+            d.set_window_size(1280, 900)
 
     def test_a_wrong_key_is_refused_with_a_clear_message(self) -> None:
         d = self.driver
