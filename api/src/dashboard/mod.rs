@@ -68,6 +68,8 @@ pub fn routes(enabled: bool) -> Router<AppState> {
             "/dashboard/schedules/{name}/{action}",
             post(page::schedule_action),
         )
+        .route("/dashboard/workers", get(page::workers))
+        .route("/dashboard/audit", get(page::audit))
         .route("/dashboard/assets/dashboard.css", get(css))
         .route("/dashboard/assets/dashboard.js", get(js))
 }
@@ -114,6 +116,8 @@ fn templates() -> &'static Environment<'static> {
             ("error.html", include_str!("templates/error.html")),
             ("rows.html", include_str!("templates/rows.html")),
             ("schedules.html", include_str!("templates/schedules.html")),
+            ("workers.html", include_str!("templates/workers.html")),
+            ("audit.html", include_str!("templates/audit.html")),
         ] {
             env.add_template(name, source)
                 .expect("the dashboard's templates are valid (checked by the tests)");

@@ -907,3 +907,130 @@ pub async fn schedule_action(
         Err(p) => failure(Some(&signed), p),
     }
 }
+
+/// `GET /dashboard/workers`: the live worker processes, each with its queues and the jobs it
+/// runs now (from the first 500 running jobs).
+pub async fn workers(
+    State(state): State<AppState>,
+    connect: Connect,
+    headers: HeaderMap,
+) -> Response {
+    let signed = match session::page(&state, &headers, peer(&connect)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    use conveyor_worker::runtime::registration::{self, WorkerRegistration};
+    let read = async {
+        let workers: Vec<(String, WorkerRegistration)> =
+            crate::route::queue::all_records(&state, registration::COLLECTION).await?;
+        let running = state
+            .store
+            .list(
+                &JobFilter::state(JobState::Running),
+                Page {
+                    before: None,
+                    limit: 500,
+                },
+            )
+            .await?;
+        let mut by_worker: BTreeMap<String, Vec<Row>> = BTreeMap::new();
+        for job in &running {
+            if let Some(owner) = &job.lease_owner {
+                by_worker.entry(owner.clone()).or_default().push(job.into());
+            }
+        }
+        Ok::<_, Problem>(
+            workers
+                .into_iter()
+                .map(|(_, w)| {
+                    context! {
+                        id => w.id,
+                        host => w.host,
+                        pid => w.pid,
+                        started_at => fmt_time(w.started_at),
+                        last_heartbeat => fmt_time(w.last_heartbeat),
+                        queues => w.queues.iter().map(|q| context! {
+                            name => q.name,
+                            running => q.running,
+                            concurrency => q.concurrency,
+                            per_second => format!("{:.2}", q.finished_per_second),
+                        }).collect::<Vec<_>>(),
+                        jobs => by_worker.remove(&w.id).unwrap_or_default(),
+                    }
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    let rows = match read.await {
+        Ok(r) => r,
+        Err(p) => return failure(Some(&signed), p),
+    };
+    render(
+        StatusCode::OK,
+        "workers.html",
+        context! { user => signed.context(), nav => "workers", workers => rows },
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct AuditParams {
+    cursor: Option<String>,
+}
+
+/// `GET /dashboard/audit`: the audit log, newest first, 100 a page. Needs an `admin` key,
+/// as `GET /v1/audit` does.
+pub async fn audit(
+    State(state): State<AppState>,
+    connect: Connect,
+    headers: HeaderMap,
+    Query(p): Query<AuditParams>,
+) -> Response {
+    let signed = match session::page(&state, &headers, peer(&connect)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if !signed
+        .session
+        .key
+        .scope
+        .grants(conveyor_admin::key::Scope::Admin)
+    {
+        return failure(
+            Some(&signed),
+            Problem::forbidden(format!(
+                "the audit log needs a key with the `admin` scope; `{}` has `{}`",
+                signed.session.key.name,
+                signed.session.key.scope.as_str()
+            )),
+        );
+    }
+    let limit = 100;
+    let entries =
+        match conveyor_admin::audit::list(&state.store, p.cursor.filter(|c| !c.is_empty()), limit)
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => return failure(Some(&signed), e.into()),
+        };
+    let next = (entries.len() == limit as usize)
+        .then(|| entries.last().map(|e| e.id.clone()))
+        .flatten();
+    let rows: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            context! {
+                at => fmt_time(e.at),
+                actor => e.actor.name,
+                address => e.actor.address,
+                action => e.action,
+                target => serde_json::to_string(&e.target).unwrap_or_default(),
+                affected => e.affected,
+            }
+        })
+        .collect();
+    render(
+        StatusCode::OK,
+        "audit.html",
+        context! { user => signed.context(), nav => "audit", entries => rows, next },
+    )
+}

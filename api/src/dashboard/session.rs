@@ -42,6 +42,7 @@ impl Signed {
             key_name => self.session.key.name,
             scope => self.session.key.scope.as_str(),
             can_act => self.can_act(),
+            is_admin => self.session.key.scope.grants(Scope::Admin),
             csrf => self.session.csrf,
         }
     }

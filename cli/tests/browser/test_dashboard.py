@@ -357,6 +357,30 @@ class Dashboard(unittest.TestCase):
             d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
             d.set_window_size(1280, 900)
 
+    def test_workers_show_what_each_runs_and_the_audit_log_is_for_admin_keys(self) -> None:
+        d = self.driver
+        s = self.server
+        job = s.admin.enqueue("video.encode", {}, queue="encoding")
+        claimed = s.admin.claim("encoder-1", ["encoding"], 1, 60, 5)
+        self.assertEqual([j["id"] for j in claimed], [job.id])
+        try:
+            self.sign_in(self.operate_key)
+            self.assertEqual(d.find_elements(By.LINK_TEXT, "Audit log"), [], "no audit link for an operate key")
+            d.get(self.url("/dashboard/audit"))
+            self.assertIn("needs a key with the `admin` scope", self.text("main"))
+            d.find_element(By.LINK_TEXT, "Workers").click()
+            section = self.wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "section[data-worker=encoder-1]"), "the worker")[0]
+            self.assertIn(job.id, [r.get_attribute("data-job") for r in section.find_elements(By.CSS_SELECTOR, "tr[data-job]")], "the job it runs")
+            self.check_page("workers")
+            d.delete_all_cookies()
+            self.sign_in(s.admin_key)
+            d.find_element(By.LINK_TEXT, "Audit log").click()
+            self.wait_for(lambda: "dashboard.sign_in" in self.text("main"), "the audit log")
+            self.assertIn("py-admin", self.text("main"))
+            self.check_page("audit")
+        finally:
+            s.admin.finish("encoder-1", [{"id": job.id, "attempt": claimed[0]["attempt"], "outcome": "complete"}])
+
     def test_a_wrong_key_is_refused_with_a_clear_message(self) -> None:
         d = self.driver
         d.get(self.url("/dashboard/login"))
