@@ -69,6 +69,11 @@ pub fn routes(enabled: bool) -> Router<AppState> {
             post(page::schedule_action),
         )
         .route("/dashboard/workers", get(page::workers))
+        .route("/dashboard/webhooks", get(page::webhooks))
+        .route(
+            "/dashboard/webhooks/{id}/{action}",
+            post(page::webhook_action),
+        )
         .route("/dashboard/audit", get(page::audit))
         .route("/dashboard/assets/dashboard.css", get(css))
         .route("/dashboard/assets/dashboard.js", get(js))
@@ -117,6 +122,7 @@ fn templates() -> &'static Environment<'static> {
             ("rows.html", include_str!("templates/rows.html")),
             ("schedules.html", include_str!("templates/schedules.html")),
             ("workers.html", include_str!("templates/workers.html")),
+            ("webhooks.html", include_str!("templates/webhooks.html")),
             ("audit.html", include_str!("templates/audit.html")),
         ] {
             env.add_template(name, source)

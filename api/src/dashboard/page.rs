@@ -83,6 +83,10 @@ fn notice(done: Option<&str>, n: Option<u64>) -> Option<String> {
         "schedule-paused" => "Schedule paused: it fires no more until resumed.".into(),
         "schedule-resumed" => "Schedule resumed.".into(),
         "triggered" => "Schedule triggered: one job enqueued now.".into(),
+        "endpoint-enabled" => "Endpoint enabled: deliveries resume.".into(),
+        "endpoint-disabled" => {
+            "Endpoint disabled: nothing is delivered to it until enabled.".into()
+        }
         _ => return None,
     })
 }
@@ -1033,4 +1037,101 @@ pub async fn audit(
         "audit.html",
         context! { user => signed.context(), nav => "audit", entries => rows, next },
     )
+}
+
+/// `GET /dashboard/webhooks`: every endpoint (secrets never shown) with its health: circuit,
+/// failures in a row, the last hour's attempts and success rate; enable/disable.
+pub async fn webhooks(
+    State(state): State<AppState>,
+    connect: Connect,
+    headers: HeaderMap,
+    Query(n): Query<Notice>,
+) -> Response {
+    let signed = match session::page(&state, &headers, peer(&connect)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let read = async {
+        let mut rows = Vec::new();
+        for ep in state.webhooks.endpoints().await? {
+            let health = state.webhooks.health(&ep.id).await?;
+            let circuit = serde_json::to_value(health.circuit)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
+            rows.push(context! {
+                id => ep.id,
+                url => ep.url,
+                description => ep.description,
+                enabled => ep.enabled,
+                disabled_reason => ep.disabled_reason,
+                event_types => ep.event_types,
+                circuit,
+                failures => health.consecutive_failures,
+                failing_since => health.failing_since.map(fmt_time),
+                hour_attempts => health.last_hour.attempts,
+                hour_success => health.last_hour.success_rate.map(|r| format!("{:.1} %", r * 100.0)),
+                day_attempts => health.last_day.attempts,
+                day_success => health.last_day.success_rate.map(|r| format!("{:.1} %", r * 100.0)),
+                p50 => health.last_hour.latency_p50_ms,
+            });
+        }
+        Ok::<_, Problem>(rows)
+    };
+    let rows = match read.await {
+        Ok(r) => r,
+        Err(p) => return failure(Some(&signed), p),
+    };
+    render(
+        StatusCode::OK,
+        "webhooks.html",
+        context! {
+            user => signed.context(),
+            nav => "webhooks",
+            notice => notice(n.done.as_deref(), n.n),
+            endpoints => rows,
+        },
+    )
+}
+
+/// `POST /dashboard/webhooks/{id}/{enable|disable}`.
+pub async fn webhook_action(
+    State(state): State<AppState>,
+    connect: Connect,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    axum::Form(form): Form,
+) -> Response {
+    let signed = match session::action(&state, &headers, peer(&connect), &form, true).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let enabled = match action.as_str() {
+        "enable" => true,
+        "disable" => false,
+        other => {
+            return failure(
+                Some(&signed),
+                Problem::not_found(format!(
+                    "no endpoint action `{other}`; use enable or disable"
+                )),
+            );
+        }
+    };
+    match state
+        .admin()
+        .set_endpoint_enabled(&signed.actor(), &id, enabled)
+        .await
+    {
+        Ok(_) => Redirect::to(&format!(
+            "/dashboard/webhooks?done={}",
+            if enabled {
+                "endpoint-enabled"
+            } else {
+                "endpoint-disabled"
+            }
+        ))
+        .into_response(),
+        Err(e) => failure(Some(&signed), e.into()),
+    }
 }

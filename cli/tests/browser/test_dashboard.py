@@ -381,6 +381,22 @@ class Dashboard(unittest.TestCase):
         finally:
             s.admin.finish("encoder-1", [{"id": job.id, "attempt": claimed[0]["attempt"], "outcome": "complete"}])
 
+    def test_webhook_endpoints_show_their_health_and_are_disabled(self) -> None:
+        d = self.driver
+        ep = self.server.admin.request("POST", "/v1/webhooks/endpoints", {"url": "https://hooks.example.com/conveyor", "description": "billing events"})
+        secret = ep["secrets"][0]["secret"]
+        self.sign_in(self.operate_key)
+        d.find_element(By.LINK_TEXT, "Webhooks").click()
+        row = f"tr[data-endpoint='{ep['id']}']"
+        self.wait_for(lambda: d.find_elements(By.CSS_SELECTOR, row), "the endpoint")
+        self.assertEqual(self.text(f"{row} .circuit"), "closed")
+        self.assertNotIn(secret, d.page_source, "the signing secret is never on the page")
+        self.check_page("webhooks")
+        d.find_element(By.CSS_SELECTOR, f"{row} button").click()
+        self.wait_for(lambda: "Endpoint disabled" in self.text("main"), "the disable notice")
+        self.assertIn("disabled", self.text(f"{row} .endpoint-status"))
+        self.assertFalse(self.server.admin.request("GET", f"/v1/webhooks/endpoints/{ep['id']}")["enabled"])
+
     def test_a_wrong_key_is_refused_with_a_clear_message(self) -> None:
         d = self.driver
         d.get(self.url("/dashboard/login"))
