@@ -224,6 +224,27 @@ class Dashboard(unittest.TestCase):
                 self.server.job(i)
         self.assertEqual(self.server.job(keep)["state"], "dead", "a job outside the filter is kept")
 
+    def test_bulk_select_in_the_job_list(self) -> None:
+        d = self.driver
+        ids = [self.dead_job("thumb.render", "thumbs", "image too large", "decoder: 12000px") for _ in range(3)]
+        self.sign_in(self.operate_key)
+        d.get(self.url("/dashboard/jobs?queue=thumbs"))
+        boxes = {b.get_attribute("value"): b for b in d.find_elements(By.CSS_SELECTOR, "input[type=checkbox][name=id]")}
+        self.assertEqual(set(boxes), set(ids))
+        for i in ids[:2]:
+            boxes[i].click()
+        d.find_element(By.XPATH, "//button[normalize-space()='Discard selected']").click()
+        self.wait_for(lambda: "2 jobs discarded." in self.text("main"), "the discard notice")
+        for i in ids[:2]:
+            with self.assertRaises(Exception):
+                self.server.job(i)
+        self.assertEqual(self.server.job(ids[2])["state"], "dead", "the job not selected is kept")
+        d.get(self.url("/dashboard/jobs?queue=thumbs"))
+        d.find_element(By.CSS_SELECTOR, f"input[value='{ids[2]}']").click()
+        d.find_element(By.XPATH, "//button[normalize-space()='Retry selected']").click()
+        self.wait_for(lambda: "1 job retried." in self.text("main"), "the retry notice")
+        self.assertEqual(self.server.job(ids[2])["state"], "available")
+
     def test_pausing_a_queue(self) -> None:
         d = self.driver
         self.server.admin.enqueue("mail.digest", {}, queue="digests")
@@ -396,6 +417,16 @@ class Dashboard(unittest.TestCase):
         self.wait_for(lambda: "Endpoint disabled" in self.text("main"), "the disable notice")
         self.assertIn("disabled", self.text(f"{row} .endpoint-status"))
         self.assertFalse(self.server.admin.request("GET", f"/v1/webhooks/endpoints/{ep['id']}")["enabled"])
+
+    def test_revoking_the_key_ends_its_sessions(self) -> None:
+        d = self.driver
+        key = self.server.create_key("operate", "carol-temp")
+        self.sign_in(key)
+        d.get(self.url("/dashboard/queues"))
+        self.assertEqual(self.text("h1"), "Queues")
+        self.server._cli("keys", "revoke", key)
+        d.get(self.url("/dashboard/queues"))
+        self.assertIn("/dashboard/login", d.current_url, "the revoked key's session is over at once")
 
     def test_a_wrong_key_is_refused_with_a_clear_message(self) -> None:
         d = self.driver
