@@ -281,6 +281,14 @@ pub struct Filters {
     kind: Option<String>,
     #[serde(default)]
     error: Option<String>,
+    #[serde(default)]
+    tag: Option<String>,
+    /// Created on or after this day (`YYYY-MM-DD`, UTC).
+    #[serde(default)]
+    since: Option<String>,
+    /// Created before the end of this day (`YYYY-MM-DD`, UTC).
+    #[serde(default)]
+    until: Option<String>,
     #[serde(default, skip_serializing)]
     cursor: Option<String>,
     #[serde(default, skip_serializing)]
@@ -307,10 +315,27 @@ impl Filters {
                     .ok_or_else(|| Problem::invalid("state", format!("unknown state `{s}`")))?,
             ],
         };
+        let day = |field: &str, v: &Option<String>| {
+            given(v)
+                .map(|d| {
+                    chrono::NaiveDate::parse_from_str(&d, "%Y-%m-%d")
+                        .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+                        .map_err(|_| {
+                            Problem::invalid(
+                                field,
+                                format!("`{d}` is not a day; use YYYY-MM-DD, e.g. 2026-12-01"),
+                            )
+                        })
+                })
+                .transpose()
+        };
         Ok(JobFilter {
             states,
             queue: given(&self.queue),
             kind: given(&self.kind),
+            tag: given(&self.tag),
+            created_after: day("since", &self.since)?,
+            created_before: day("until", &self.until)?.map(|d| d + chrono::TimeDelta::days(1)),
             error_contains: given(&self.error),
             ..JobFilter::default()
         })
@@ -324,6 +349,9 @@ impl Filters {
             ("queue", &self.queue),
             ("kind", &self.kind),
             ("error", &self.error),
+            ("tag", &self.tag),
+            ("since", &self.since),
+            ("until", &self.until),
         ] {
             if let Some(v) = given(v) {
                 pairs.push(format!("{k}={}", urlencode(&v)));
@@ -653,7 +681,11 @@ pub async fn dead(
     };
     let page = async {
         let mut filter = f.filter()?;
+        // Exactly the fields the bulk forms carry, so the list shows what they would touch.
         filter.states = vec![JobState::Dead];
+        filter.tag = None;
+        filter.created_after = None;
+        filter.created_before = None;
         let (rows, next) = list_page(&state, &filter, f.cursor.as_deref()).await?;
         let total = state.store.count(&filter).await?;
         Ok::<_, Problem>((rows, next, total))

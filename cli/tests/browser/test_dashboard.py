@@ -228,9 +228,15 @@ class Dashboard(unittest.TestCase):
         d = self.driver
         ids = [self.dead_job("thumb.render", "thumbs", "image too large", "decoder: 12000px") for _ in range(3)]
         self.sign_in(self.operate_key)
-        d.get(self.url("/dashboard/jobs?queue=thumbs"))
+        d.get(self.url("/dashboard/jobs?queue=thumbs&since=2000-01-01&until=2999-12-31"))
         boxes = {b.get_attribute("value"): b for b in d.find_elements(By.CSS_SELECTOR, "input[type=checkbox][name=id]")}
         self.assertEqual(set(boxes), set(ids))
+        d.get(self.url("/dashboard/jobs?queue=thumbs&until=2000-01-01"))
+        self.assertIn("No jobs match.", self.text("main"), "the day filter applies")
+        d.get(self.url("/dashboard/jobs?queue=thumbs&since=yesterday"))
+        self.assertIn("is not a day; use YYYY-MM-DD", self.text("main"), "a bad day is named with the fix")
+        d.get(self.url("/dashboard/jobs?queue=thumbs"))
+        boxes = {b.get_attribute("value"): b for b in d.find_elements(By.CSS_SELECTOR, "input[type=checkbox][name=id]")}
         for i in ids[:2]:
             boxes[i].click()
         d.find_element(By.XPATH, "//button[normalize-space()='Discard selected']").click()
