@@ -1,5 +1,6 @@
 //! The overview's charts: inline SVG drawn on the server from the stats history, so the page
-//! needs no chart library and shows them without script.
+//! needs no chart library and shows them without script. The SVG stretches to its box, so it
+//! holds no text: the page writes the scale beside it ([`highest`]).
 
 use std::fmt::Write;
 
@@ -7,6 +8,11 @@ use conveyor_analytics::query::Point;
 
 const WIDTH: f64 = 600.0;
 const HEIGHT: f64 = 140.0;
+
+/// The largest value of a series, for the caption's scale.
+pub fn highest(points: &[Point], value: impl Fn(&Point) -> Option<f64>) -> f64 {
+    points.iter().filter_map(value).fold(0.0, f64::max)
+}
 
 /// Finished jobs per window (completed), as bars.
 pub fn throughput(points: &[Point]) -> String {
@@ -64,7 +70,7 @@ pub fn latency(points: &[Point]) -> String {
 fn open(title: &str, max: f64) -> String {
     // `title` is one of this module's constants: no escaping needed.
     format!(
-        r#"<svg class="chart" viewBox="0 0 {WIDTH} {h}" role="img" aria-label="{title}; highest {max:.0}" preserveAspectRatio="none"><title>{title}</title><line class="axis" x1="0" y1="{HEIGHT}" x2="{WIDTH}" y2="{HEIGHT}"/><text class="chart-max" x="4" y="12">{max:.0}</text>"#,
+        r#"<svg class="chart" viewBox="0 0 {WIDTH} {h}" role="img" aria-label="{title}; highest {max:.0}" preserveAspectRatio="none"><title>{title}</title><line class="axis" x1="0" y1="{HEIGHT}" x2="{WIDTH}" y2="{HEIGHT}"/>"#,
         h = HEIGHT + 1.0
     )
 }

@@ -177,6 +177,11 @@ pub async fn overview(
             throughput => minijinja::Value::from_safe_string(chart::throughput(&report.points)),
             failures => minijinja::Value::from_safe_string(chart::failures(&report.points)),
             latency => minijinja::Value::from_safe_string(chart::latency(&report.points)),
+            highest => context! {
+                completed => format!("{:.0}", chart::highest(&report.points, |p| Some(p.completed as f64))),
+                dead => format!("{:.0}", chart::highest(&report.points, |p| Some(p.dead as f64))),
+                run_p95 => format!("{:.0}", chart::highest(&report.points, |p| p.run_p95_ms)),
+            },
             total => context! {
                 completed => report.total.completed,
                 dead => report.total.dead,
