@@ -79,9 +79,16 @@ async fn find(state: &AppState, headers: &HeaderMap) -> Result<Option<Session>, 
     let Some(id) = cookie_value(headers) else {
         return Ok(None);
     };
-    sessions::find(&state.store, &id)
+    let session = sessions::find(&state.store, &id)
         .await
-        .map_err(|e| super::page::failure(None, crate::Problem::from(e)))
+        .map_err(|e| super::page::failure(None, crate::Problem::from(e)))?;
+    if let Some(s) = &session {
+        // The key's rate limit, as on `/v1`: a session spends the key's tokens.
+        crate::auth::meter(state, &s.key.id)
+            .await
+            .map_err(|p| super::page::failure(None, p))?;
+    }
+    Ok(session)
 }
 
 /// The checks of every action (`POST`): a session, the request from the dashboard's own
