@@ -88,3 +88,31 @@ open(".venv/share/compose-spec/compose_spec.json", "wb").write(data)
 PY
   rm -rf "$dl"
 fi
+
+# The dashboard's browser tests (tests/browser/): Debian's Chromium and its WebDriver, driven
+# by Python's selenium (pinned to a major version) in .venv, and axe-core (the accessibility
+# scan injected into each page) from npm into a cache folder outside the repository.
+browser=()
+command -v chromium >/dev/null 2>&1 || browser+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || browser+=(chromium-driver)
+command -v npm >/dev/null 2>&1 || browser+=(npm)
+if [ "${#browser[@]}" -gt 0 ]; then
+  echo "installing the browser tests' browser: ${browser[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${browser[@]}" >/dev/null
+fi
+SELENIUM='selenium>=4.20,<5'
+if ! .venv/bin/python -c 'import selenium' >/dev/null 2>&1; then
+  echo "installing $SELENIUM into .venv"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "$SELENIUM"
+fi
+AXE_DIR="${CONVEYOR_AXE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/axe}"
+if [ ! -f "$AXE_DIR/node_modules/axe-core/axe.min.js" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "installing axe-core into $AXE_DIR"
+    mkdir -p "$AXE_DIR"
+    npm install --silent --no-audit --no-fund --prefix "$AXE_DIR" 'axe-core@^4.10' >/dev/null
+  fi
+fi

@@ -227,3 +227,64 @@ pub fn cancel_name(result: CancelResult) -> &'static str {
         CancelResult::Requested => "requested",
     }
 }
+
+/// Object keys whose values are shown as `"[redacted]"` by [`redacted_args`]: any key that
+/// contains one of these, compared without case.
+pub const SECRET_KEY_PARTS: [&str; 9] = [
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "authorization",
+    "cookie",
+    "private_key",
+];
+
+/// A job's args as an operator may see them on a screen: the value of every object key that
+/// names a secret ([`SECRET_KEY_PARTS`]), at any depth, replaced by `"[redacted]"`.
+pub fn redacted_args(args: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match args {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let lower = k.to_ascii_lowercase();
+                    let v = if SECRET_KEY_PARTS.iter().any(|p| lower.contains(p)) {
+                        Value::String("[redacted]".into())
+                    } else {
+                        redacted_args(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(redacted_args).collect()),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn secrets_are_redacted_at_any_depth_and_the_rest_kept() {
+        let args = json!({
+            "to": "a@example.com",
+            "Password": "hunter2",
+            "smtp": { "auth_token": "t0k", "host": "mx" },
+            "list": [{ "apiKey": "k" }, 3],
+        });
+        assert_eq!(
+            super::redacted_args(&args),
+            json!({
+                "to": "a@example.com",
+                "Password": "[redacted]",
+                "smtp": { "auth_token": "[redacted]", "host": "mx" },
+                "list": [{ "apiKey": "[redacted]" }, 3],
+            })
+        );
+    }
+}

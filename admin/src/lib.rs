@@ -36,6 +36,7 @@ pub mod queue;
 pub mod remote;
 pub mod schedule;
 pub mod serving;
+pub mod session;
 pub mod webhook;
 
 use std::sync::Arc;

@@ -125,6 +125,20 @@ pub async fn authorize(
         Err(AuthError::Store(e)) => return Err(e.into()),
         Err(e) => return Err(Problem::unauthorized(e.to_string())),
     };
+    meter(state, &key.id).await?;
+    if !key.scope.grants(needed) {
+        return Err(Problem::forbidden(format!(
+            "this needs the `{needed}` scope; the key `{}` has `{}`",
+            key.name, key.scope
+        )));
+    }
+    Ok((key, address))
+}
+
+/// Takes one token from the bucket of key `key_id` (`api.rate_limit`, shared by every API
+/// replica): `429` when it is empty. Every request made with a key passes here, whether it
+/// came with `Authorization` or from a dashboard session signed in with the key.
+pub async fn meter(state: &AppState, key_id: &str) -> Result<(), Problem> {
     let limit = &state.config.rate_limit;
     if limit.enabled {
         let now = state
@@ -138,7 +152,7 @@ pub async fn authorize(
         };
         match state
             .store
-            .take_tokens(&format!("api_key:{}", key.id), bucket, 1.0, now)
+            .take_tokens(&format!("api_key:{key_id}"), bucket, 1.0, now)
             .await
         {
             Ok(take) if !take.allowed => return Err(Problem::rate_limited(take.retry_after)),
@@ -152,11 +166,5 @@ pub async fn authorize(
             Err(e) => return Err(e.into()),
         }
     }
-    if !key.scope.grants(needed) {
-        return Err(Problem::forbidden(format!(
-            "this needs the `{needed}` scope; the key `{}` has `{}`",
-            key.name, key.scope
-        )));
-    }
-    Ok((key, address))
+    Ok(())
 }

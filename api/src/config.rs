@@ -23,6 +23,32 @@ pub struct ApiConfig {
     pub metrics: MetricsConfig,
     /// Origins allowed by CORS; empty (the default) turns CORS off.
     pub cors_origins: Vec<String>,
+    /// The admin dashboard under `/dashboard`.
+    pub dashboard: DashboardConfig,
+}
+
+/// `[api.dashboard]`: the browser dashboard served under `/dashboard` on the API listener.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// Serve it (default true).
+    pub enabled: bool,
+    /// How long a sign-in lasts (default 8 hours).
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: std::time::Duration,
+    /// Mark the session cookie `Secure` (send it over HTTPS only). Turn on when a TLS proxy
+    /// fronts the listener (default false: the listener itself speaks plain HTTP).
+    pub secure_cookie: bool,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            session_ttl: std::time::Duration::from_secs(8 * 3600),
+            secure_cookie: false,
+        }
+    }
 }
 
 impl ApiConfig {
@@ -46,6 +72,7 @@ impl Default for ApiConfig {
             rate_limit: RateLimitConfig::default(),
             metrics: MetricsConfig::default(),
             cors_origins: Vec::new(),
+            dashboard: DashboardConfig::default(),
         }
     }
 }
@@ -113,6 +140,12 @@ impl ApiConfig {
             return Err(
                 "`api.rate_limit`: per_second must be positive and burst at least 1".into(),
             );
+        }
+        let ttl = self.dashboard.session_ttl;
+        if ttl < std::time::Duration::from_secs(60)
+            || ttl > std::time::Duration::from_secs(30 * 86400)
+        {
+            return Err("`api.dashboard.session_ttl` must be between 1m and 30d".into());
         }
         for origin in &self.cors_origins {
             if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {

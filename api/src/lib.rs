@@ -11,6 +11,8 @@
 //!   (both from `conveyor_admin`).
 //! - Every handler parses its input, calls one `conveyor_admin::Admin` operation
 //!   ([`AppState::admin`]), which checks, performs and audits it, and renders the answer.
+//! - [`dashboard`]: the browser dashboard under `/dashboard` (server-rendered pages calling
+//!   the same `Admin` operations).
 //! - [`problem`]: the one error type, rendered as `application/problem+json`;
 //!   [`extract`] has the body/query/path extractors whose rejections are problems too.
 //!
@@ -24,6 +26,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod dashboard;
 pub mod document;
 pub mod extract;
 mod keep_alive;
@@ -139,6 +142,7 @@ pub fn router(state: AppState) -> axum::Router {
     );
     let config = state.config.clone();
     let mut app = routes
+        .merge(dashboard::routes(config.dashboard.enabled))
         .fallback(|| async { Problem::not_found("no such route; see /v1/docs") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
