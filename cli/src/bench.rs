@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 mod apalis;
 mod email;
 mod remote;
+mod rollups;
 mod statistics;
 mod webhooks;
 
@@ -50,6 +51,9 @@ pub enum Workload {
     /// SMTP sending through lettre's pool beside one connection per message, to a sink in
     /// this process (see docs/email.md); the store is not used.
     Email,
+    /// An application rollup (`analytics.rollup` windows, docs/analytics.md) beside the same
+    /// aggregation as one SQL statement, over `--jobs` generated events; Postgres only.
+    Rollups,
 }
 
 /// Which store the benchmark runs on (must match the URL).
@@ -170,7 +174,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Deliveries write an attempt-log record each, concurrently with fetch and completion:
     // they get a larger pool (CONVEYOR_BENCH_POOL overrides, for A/B runs).
     let pool = match args.workload {
-        Workload::Jobs | Workload::Remote | Workload::Apalis | Workload::Email => 8,
+        Workload::Jobs
+        | Workload::Remote
+        | Workload::Apalis
+        | Workload::Email
+        | Workload::Rollups => 8,
         Workload::Webhooks => std::env::var("CONVEYOR_BENCH_POOL")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -190,6 +198,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.workload == Workload::Remote {
         return remote::run(&args, store).await;
+    }
+    if args.workload == Workload::Rollups {
+        return rollups::run(&args, store).await;
     }
     let backend = store.backend_name().await?;
     let bench_started = store.now().await?;
