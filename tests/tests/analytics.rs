@@ -111,6 +111,13 @@ async fn a_million_events_roll_up_to_a_direct_group_by_once_per_window() {
             0,
         ),
     );
+    let mut fresh = rollup(&t.url, QUERY, 3600, 0);
+    fresh.target = "page_views_fresh".into();
+    config.rollups.insert("fresh".into(), fresh);
+    sqlx::query("CREATE TABLE page_views_fresh (LIKE page_views INCLUDING ALL)")
+        .execute(&pool)
+        .await
+        .unwrap();
     let urls: BTreeMap<String, String> = config
         .rollups
         .keys()
@@ -204,6 +211,23 @@ async fn a_million_events_roll_up_to_a_direct_group_by_once_per_window() {
         "{status:?}"
     );
     assert_eq!(status.windows_done, 0, "{status:?}");
+
+    // A new rollup's first scheduled run writes the last complete window; the next ones
+    // the windows completed since (no lateness here).
+    let first = rollups
+        .run_scheduled("fresh", day + hour * 10 + TimeDelta::minutes(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.from, first.windows),
+        (day + hour * 9, 1),
+        "{first:?}"
+    );
+    let next = rollups
+        .run_scheduled("fresh", day + hour * 12 + TimeDelta::minutes(10))
+        .await
+        .unwrap();
+    assert_eq!((next.from, next.windows), (day + hour * 10, 2), "{next:?}");
 
     // A window off the grid, a rollup not configured: bad input.
     let e = rollups

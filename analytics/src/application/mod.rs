@@ -505,13 +505,18 @@ impl Rollups {
     }
 
     /// The schedule's run at `now`: every complete window from `lateness` before the
-    /// watermark (or, the first time, before `now`) on, at most `max_windows_per_run`.
+    /// watermark (the first time: before the last complete window) on, at most
+    /// `max_windows_per_run`.
     pub async fn run_scheduled(&self, name: &str, now: DateTime<Utc>) -> Result<RunReport> {
         let rollup = self.rollup(name)?;
         let width = TimeDelta::seconds(rollup.window_secs());
         let pool = self.pool(name).await?;
         let current = self.window_start(name, now)?; // windows before it are complete
-        let mark = self.watermark(name, &pool).await?.unwrap_or(current);
+        // The first run: the last complete window (and those within `lateness` before it).
+        let mark = self
+            .watermark(name, &pool)
+            .await?
+            .unwrap_or(current - width);
         let from = self.window_start(name, mark.min(current) - secs(rollup.lateness))?;
         let limit = from + width * self.config.max_windows_per_run as i32;
         let to = current.min(limit);
