@@ -1,4 +1,5 @@
-//! Conveyor's platform history: how the platform did, kept after its finished jobs are pruned.
+//! Conveyor's analytics: the platform's own history, kept after its finished jobs are pruned,
+//! and the application's rollups of its own events into summary tables.
 //!
 //! Where to start reading:
 //! - [`rollup`]: the `stats.rollup` job's work. Each run summarises the finished jobs of every
@@ -11,10 +12,15 @@
 //!   time and wait), read from the finest resolution that still covers the period; the API's
 //!   `/v1/stats/jobs` and `conveyor stats` both call it.
 //! - [`config`]: `[stats]` — lateness, how long each resolution is kept, the schedule.
+//! - [`application`]: the application's rollups (`[analytics.rollups.<name>]`, the
+//!   `analytics.rollup` kind): a declared query over the application's Postgres, each
+//!   window's result and the watermark written in one transaction of that database, so a
+//!   window is counted once however often its job runs; backfills and status.
 //!
 //! Rows live in the store's shared records (collections `stats.1m`, `stats.1h`, `stats.1d`),
 //! on every backend, and expire when their resolution's retention has passed.
 
+pub mod application;
 pub mod config;
 pub mod query;
 pub mod rollup;

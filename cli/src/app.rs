@@ -297,6 +297,9 @@ fn exit_status(e: &anyhow::Error) -> u8 {
             || cause
                 .downcast_ref::<WebhookError>()
                 .is_some_and(webhook_input)
+            || cause
+                .downcast_ref::<conveyor_analytics::application::Error>()
+                .is_some_and(|e| e.is_bad_input())
             || matches!(
                 cause.downcast_ref::<conveyor_backup::Error>(),
                 Some(conveyor_backup::Error::Config(_))
@@ -407,6 +410,10 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
         Command::Backup(cmd) => backups::run(&config, cmd).await,
         Command::Stats(args) => {
             crate::stats::run(open_store(&config).await?, &config.stats, args).await
+        }
+        Command::Analytics(cmd) => {
+            let rollups = crate::analytics::service(&config, open_store(&config).await?)?;
+            crate::analytics::run(&rollups, cmd).await
         }
         Command::Bench(_) | Command::Health(_) => unreachable!("handled above"),
     }

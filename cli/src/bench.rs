@@ -31,6 +31,7 @@ mod admin;
 mod apalis;
 mod email;
 mod remote;
+mod rollups;
 mod statistics;
 mod webhooks;
 
@@ -55,6 +56,9 @@ pub enum Workload {
     /// kind filters) on a store filled with `--preload-finished` finished jobs (default
     /// 1,000,000); SQLite and Postgres.
     Admin,
+    /// An application rollup (`analytics.rollup` windows, docs/analytics.md) beside the same
+    /// aggregation as one SQL statement, over `--jobs` generated events; Postgres only.
+    Rollups,
 }
 
 /// Which store the benchmark runs on (must match the URL).
@@ -182,7 +186,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         | Workload::Remote
         | Workload::Apalis
         | Workload::Email
-        | Workload::Admin => 8,
+        | Workload::Admin
+        | Workload::Rollups => 8,
         Workload::Webhooks => std::env::var("CONVEYOR_BENCH_POOL")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -202,6 +207,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.workload == Workload::Remote {
         return remote::run(&args, store).await;
+    }
+    if args.workload == Workload::Rollups {
+        return rollups::run(&args, store).await;
     }
     let backend = store.backend_name().await?;
     let bench_started = store.now().await?;

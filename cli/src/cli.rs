@@ -74,6 +74,9 @@ pub enum Command {
     /// The platform history: throughput, failures, run-time and wait percentiles per queue
     /// and kind over a period, with sparklines (kept after finished jobs are pruned).
     Stats(crate::stats::StatsArgs),
+    /// The application's rollups (`[analytics.rollups.NAME]`): backfill a period, status.
+    #[command(subcommand)]
+    Analytics(crate::analytics::AnalyticsCommand),
 }
 
 /// `keys …`

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::Role;
 
 /// The sections a config file (and `CONVEYOR_<SECTION>__…`) may set.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 14] = [
     "database",
     "serve",
     "api",
@@ -36,6 +36,8 @@ const SECTIONS: [&str; 12] = [
     "http_targets",
     "backup",
     "email",
+    "stats",
+    "analytics",
 ];
 
 /// Everything `conveyor` reads from its config.
@@ -70,6 +72,9 @@ pub struct Config {
     pub email: conveyor_jobs::email::EmailConfig,
     /// The platform history (`stats.rollup`): lateness, how long each resolution is kept.
     pub stats: conveyor_analytics::StatsConfig,
+    /// The application's rollups (`[analytics.rollups.<name>]`): source query, target
+    /// table, window, lateness, schedule.
+    pub analytics: conveyor_analytics::application::AnalyticsConfig,
 }
 
 /// `[secrets]`: the keys credentials kept in the store are encrypted with. The first key
@@ -485,6 +490,14 @@ impl Config {
             .min(retention.dead);
         if self.stats.enabled {
             self.stats.check(shortest).map_err(ConfigError)?;
+        }
+        self.analytics
+            .check(&|name| crate::analytics::source_url(self, name))
+            .map_err(ConfigError)?;
+        for spec in crate::analytics::schedules(&self.analytics) {
+            let rollup = spec.name.trim_start_matches("analytics.");
+            spec.compile()
+                .map_err(|e| ConfigError(format!("`analytics.rollups.{rollup}.schedule`: {e}")))?;
         }
         let url = &self.database.url;
         let known = url.starts_with("sqlite:")

@@ -12,6 +12,7 @@
 #[macro_use]
 mod console;
 
+mod analytics;
 mod app;
 mod backups;
 mod bench;

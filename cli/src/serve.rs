@@ -136,6 +136,7 @@ pub async fn run(
         if config.stats.enabled {
             schedules.push(crate::stats::schedule(&config.stats));
         }
+        schedules.extend(crate::analytics::schedules(&config.analytics));
         let report = registry
             .reconcile(&schedules)
             .await
@@ -174,6 +175,11 @@ pub async fn run(
                 &config.stats,
             );
         }
+        crate::analytics::register(
+            &mut registry,
+            &mut worker_config,
+            crate::analytics::service(&config, store.clone())?,
+        );
         let worker = Worker::new(store.clone(), registry, worker_config)?;
         let stop = shutdown.clone();
         tasks.spawn(async move { worker.run(stop).await.context("worker failed") });
