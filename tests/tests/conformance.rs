@@ -847,6 +847,7 @@ async fn listing_filters_and_pages(s: Arc<dyn Store>) {
     let got = fetch(&s, "default", 3).await;
     let mut failing = finish(&got[0], JobState::Dead, AttemptOutcome::Failed, None);
     failing.record.error = Some("SMTP said: 550 Mailbox Unavailable".into());
+    failing.record.causes = vec!["relay \"mx1\" refused: Greylisted".into()];
     s.finish(vec![failing]).await.unwrap();
 
     // Newest first, keyset pages that neither skip nor repeat.
@@ -919,6 +920,18 @@ async fn listing_filters_and_pages(s: Arc<dyn Store>) {
         by_error.iter().map(|j| j.id).collect::<Vec<_>>(),
         vec![got[0].id]
     );
+    // In a cause, whatever the case, and with characters JSON escapes in the stored history.
+    for text in ["greylisted", "\"mx1\" REFUSED", "MAILBOX"] {
+        assert_eq!(
+            f(JobFilter {
+                error_contains: Some(text.into()),
+                ..Default::default()
+            })
+            .await,
+            1,
+            "{text}"
+        );
+    }
     assert_eq!(
         f(JobFilter {
             error_contains: Some("100%_".into()),

@@ -676,6 +676,15 @@ pub(crate) fn sql_from_states(action: OperatorAction) -> String {
     sql_state_in(action.from_states())
 }
 
+/// True when JSON writes `text` inside a string exactly as it is (no quote, backslash or
+/// control character, which JSON escapes): then a JSON document's text contains `text`
+/// wherever one of its strings does, and a search may first match the document's text.
+pub(crate) fn json_keeps_as_is(text: &str) -> bool {
+    !text
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+}
+
 /// Checks a page request.
 pub fn check_page(page: &Page) -> Result<()> {
     if page.limit == 0 || page.limit > 1000 {

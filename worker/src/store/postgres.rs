@@ -660,9 +660,16 @@ fn push_filter(qb: &mut QueryBuilder<Postgres>, filter: &JobFilter) {
         let pattern = format!("%{}%", super::sqlite::escape_like(text));
         // The first term is the jobs_errors index's predicate (migration 0006): it lets the
         // planner read only the jobs that have an error.
+        qb.push(" AND attempts @? '$[*].error'");
+        if super::json_keeps_as_is(text) {
+            // A cheap first pass over the history's text: it holds the words as they are
+            // unless JSON escapes them. The exact test below decides.
+            qb.push(" AND attempts::text ILIKE ")
+                .push_bind(pattern.clone())
+                .push(" ESCAPE '\\'");
+        }
         qb.push(
-            " AND attempts @? '$[*].error' \
-             AND EXISTS (SELECT 1 FROM jsonb_array_elements(attempts) a, LATERAL \
+            " AND EXISTS (SELECT 1 FROM jsonb_array_elements(attempts) a, LATERAL \
              (SELECT a->>'error' UNION ALL \
               SELECT jsonb_array_elements_text(coalesce(a->'causes', '[]'::jsonb))) m(msg) \
              WHERE m.msg ILIKE ",

@@ -374,16 +374,25 @@ fn push_filter(qb: &mut QueryBuilder<Sqlite>, filter: &JobFilter) {
     }
     if let Some(text) = &filter.error_contains {
         let pattern = format!("%{}%", escape_like(&text.to_lowercase()));
-        qb.push(" AND ")
-            .push(HAS_ERROR)
-            .push(
-                " AND EXISTS (SELECT 1 FROM json_each(jobs.attempts) a WHERE \
+        qb.push(" AND ").push(HAS_ERROR);
+        if super::json_keeps_as_is(text) {
+            // A cheap first pass over the history's text: it holds the words as they are
+            // unless JSON escapes them. The exact test below decides.
+            qb.push(" AND lower(attempts) LIKE ")
+                .push_bind(pattern.clone())
+                .push(" ESCAPE '\\'");
+        }
+        qb.push(
+            " AND EXISTS (SELECT 1 FROM json_each(jobs.attempts) a WHERE \
              lower(coalesce(json_extract(a.value, '$.error'), '')) LIKE ",
-            )
-            .push_bind(pattern.clone())
-            .push(" ESCAPE '\\' OR lower(coalesce(json_extract(a.value, '$.causes'), '')) LIKE ")
-            .push_bind(pattern)
-            .push(" ESCAPE '\\')");
+        )
+        .push_bind(pattern.clone())
+        .push(
+            " ESCAPE '\\' OR EXISTS (SELECT 1 FROM json_each(a.value, '$.causes') c \
+             WHERE lower(c.value) LIKE ",
+        )
+        .push_bind(pattern)
+        .push(" ESCAPE '\\'))");
     }
     if !filter.ids.is_empty() {
         qb.push(" AND id IN (");
