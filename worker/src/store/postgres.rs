@@ -205,18 +205,19 @@ impl PgStore {
         .into_iter()
         .map(|(v, sum, ok)| (v, (sum, ok)))
         .collect();
-        let mut known = 0;
         for m in migrator.iter() {
             if m.migration_type.is_down_migration() {
                 continue;
             }
-            known += 1;
             match applied.get(&m.version) {
                 Some((sum, true)) if sum[..] == m.checksum[..] => {}
                 _ => return Ok(false),
             }
         }
-        Ok(applied.len() == known)
+        // Every migration this binary knows is applied. Any others come from a newer release
+        // that migrated the store first (a rolling upgrade, or a rollback of the binary): its
+        // migrations only add, so this release runs on the schema as it is.
+        Ok(true)
     }
 
     /// Applies pending migrations on a connection of its own, in one transaction that first
@@ -225,6 +226,9 @@ impl PgStore {
     /// and a second process waits for the first and then finds nothing to do.
     async fn apply_migrations(&self, mut migrator: sqlx::migrate::Migrator) -> Result<()> {
         migrator.set_locking(false);
+        // Migrations of a newer release already applied are not this binary's to judge
+        // (see `migrations_current`).
+        migrator.set_ignore_missing(true);
         let options = self.pool.inner().connect_options();
         let mut conn = PgConnection::connect_with(&options).await?;
         let result = async {

@@ -586,9 +586,11 @@ impl Store for SqliteStore {
     }
 
     async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("migrations/sqlite")
-            .run(&self.writer)
-            .await?;
+        let mut migrator = sqlx::migrate!("migrations/sqlite");
+        // A newer release may have migrated the store first (a rolling upgrade, or a rollback
+        // of the binary): its migrations only add, so this release runs on the schema as it is.
+        migrator.set_ignore_missing(true);
+        migrator.run(&self.writer).await?;
         Ok(())
     }
 
