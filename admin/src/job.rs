@@ -265,9 +265,33 @@ pub fn redacted_args(args: &serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// A job's args as a caller with `scope` receives them from the API: whole for `admin` keys,
+/// [`redacted_args`] for every other key (a `read` key on a dashboard or a monitor, an
+/// `operate` key retrying jobs) — the same rule the dashboard applies on screen.
+pub fn args_as_seen_by(scope: crate::key::Scope, args: serde_json::Value) -> serde_json::Value {
+    if scope == crate::key::Scope::Admin {
+        args
+    } else {
+        redacted_args(&args)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    #[test]
+    fn only_admin_keys_see_secrets_in_args() {
+        use crate::key::Scope;
+        let args = json!({"to": "a@example.com", "api_key": "k"});
+        assert_eq!(super::args_as_seen_by(Scope::Admin, args.clone()), args);
+        for scope in [Scope::Read, Scope::Operate] {
+            assert_eq!(
+                super::args_as_seen_by(scope, args.clone()),
+                json!({"to": "a@example.com", "api_key": "[redacted]"})
+            );
+        }
+    }
 
     #[test]
     fn secrets_are_redacted_at_any_depth_and_the_rest_kept() {

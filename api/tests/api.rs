@@ -28,7 +28,38 @@ api_tests!(
     metrics_report_the_store_workers_and_webhook_endpoints,
     bad_input_gets_a_problem,
     schedules_over_http,
+    secrets_in_args_are_shown_to_admin_keys_only,
 );
+
+async fn secrets_in_args_are_shown_to_admin_keys_only(store: Arc<dyn Store>) {
+    let s = Server::default(store).await;
+    let enq = s.key(Scope::Enqueue).await;
+    let read = s.key(Scope::Read).await;
+    let op = s.key(Scope::Operate).await;
+    let admin = s.key(Scope::Admin).await;
+    let args = json!({"to": "a@example.com", "smtp": {"password": "hunter2"}, "apiKey": "k1"});
+    let (status, body) = send(
+        s.req(Method::POST, "/v1/jobs", Some(&enq))
+            .json(&json!({"kind": "s.secret", "queue": "secrets", "args": args})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["job"]["id"].as_str().unwrap().to_string();
+    let redacted =
+        json!({"to": "a@example.com", "smtp": {"password": "[redacted]"}, "apiKey": "[redacted]"});
+    for key in [&read, &op] {
+        let (status, job) = send(s.req(Method::GET, &format!("/v1/jobs/{id}"), Some(key))).await;
+        assert_eq!(status, 200);
+        assert_eq!(job["args"], redacted);
+        let (_, page) = send(s.req(Method::GET, "/v1/jobs?queue=secrets", Some(key))).await;
+        assert_eq!(page["jobs"][0]["args"], redacted);
+    }
+    let (_, job) = send(s.req(Method::GET, &format!("/v1/jobs/{id}"), Some(&admin))).await;
+    assert_eq!(job["args"], args, "an admin key sees the args as enqueued");
+    // The job itself keeps its args: redaction is only what a key is shown.
+    let (_, page) = send(s.req(Method::GET, "/v1/jobs?queue=secrets", Some(&admin))).await;
+    assert_eq!(page["jobs"][0]["args"], args);
+}
 
 async fn schedules_over_http(store: Arc<dyn Store>) {
     let s = Server::default(store.clone()).await;

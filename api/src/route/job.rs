@@ -304,9 +304,18 @@ fn parse_wait(text: Option<&str>) -> Result<Option<std::time::Duration>, Problem
     Ok((!wait.is_zero()).then_some(wait))
 }
 
+/// A job as `key` may see it: args whose keys name a secret (`password`, `token`, `api_key`…)
+/// are `"[redacted]"` except for `admin` keys (`conveyor_admin::job::args_as_seen_by`).
+fn seen_by(key: &conveyor_admin::key::ApiKey, job: conveyor_worker::Job) -> JobView {
+    let mut view = JobView::from(job);
+    view.args = conveyor_admin::job::args_as_seen_by(key.scope, view.args);
+    view
+}
+
 /// One job with its attempt history, its result and its progress. With `?wait=30s`, a
 /// long poll: the answer comes when the job finishes or the wait runs out, whichever is
-/// first (woken by the store's change events, not by polling).
+/// first (woken by the store's change events, not by polling). Args whose keys name a
+/// secret (`password`, `token`, `api_key`, …) read `"[redacted]"` unless the key is `admin`.
 #[utoipa::path(
     get, path = "/v1/jobs/{id}", tag = "jobs",
     params(JobIdParam, WaitParams),
@@ -315,7 +324,7 @@ fn parse_wait(text: Option<&str>) -> Result<Option<std::time::Duration>, Problem
 )]
 async fn get_job(
     State(state): State<AppState>,
-    _auth: Auth<scope::Read>,
+    auth: Auth<scope::Read>,
     JobPath(id): JobPath,
     Query(p): Query<WaitParams>,
 ) -> Result<axum::Json<JobView>, Problem> {
@@ -332,7 +341,7 @@ async fn get_job(
         }
     };
     match job {
-        Some(job) => Ok(axum::Json(job.into())),
+        Some(job) => Ok(axum::Json(seen_by(&auth.key, job))),
         None => Err(Problem::not_found(format!("job {id} not found"))),
     }
 }
@@ -400,7 +409,7 @@ fn parse_states(text: Option<&str>) -> Result<Vec<JobState>, Problem> {
 )]
 async fn list(
     State(state): State<AppState>,
-    _auth: Auth<scope::Read>,
+    auth: Auth<scope::Read>,
     Query(p): Query<ListParams>,
 ) -> Result<axum::Json<JobPage>, Problem> {
     let filter = JobFilter {
@@ -433,7 +442,7 @@ async fn list(
         .then(|| jobs.last().map(|j| j.id.to_string()))
         .flatten();
     Ok(axum::Json(JobPage {
-        jobs: jobs.into_iter().map(Into::into).collect(),
+        jobs: jobs.into_iter().map(|j| seen_by(&auth.key, j)).collect(),
         next_cursor,
     }))
 }
@@ -451,7 +460,7 @@ async fn retry(
     JobPath(id): JobPath,
 ) -> Result<axum::Json<JobView>, Problem> {
     let job = state.admin().retry(&auth.actor(), id).await?;
-    Ok(axum::Json(job.into()))
+    Ok(axum::Json(seen_by(&auth.key, job)))
 }
 
 /// Cancel a waiting job, or ask the worker running it to stop. Audited.
