@@ -209,6 +209,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_reserved_analytics_kinds_are_the_analytics_crates() {
+        assert_eq!(
+            conveyor_jobs::ANALYTICS_KINDS,
+            [
+                conveyor_analytics::KIND,
+                conveyor_analytics::application::KIND
+            ]
+        );
+        for kind in conveyor_jobs::ANALYTICS_KINDS {
+            assert!(conveyor_jobs::RESERVED_KINDS.contains(&kind));
+            let e = conveyor_jobs::check_reserved_names(kind, "default", "webhooks").unwrap_err();
+            assert_eq!(e.field, "kind");
+        }
+    }
+
+    #[test]
     fn sparklines_scale_to_the_largest_and_merge_to_the_width() {
         assert_eq!(sparkline(&[0, 1, 2, 4, 8], 10), " ▂▃▅█");
         assert_eq!(sparkline(&[1, 1, 1, 1], 2), "██");

@@ -37,12 +37,21 @@ use serde::Deserialize;
 /// The backup kinds run what an admin key or the operator asks for (`POST /v1/backups`,
 /// `conveyor backup`, the config's `[[schedules]]`): a key that may only enqueue must not
 /// start backups, verifications or deletions of them.
+/// The history and rollup kinds (`stats.rollup`, `analytics.rollup`, defined by
+/// conveyor-analytics, which this crate does not depend on: `cli`'s tests check the names
+/// agree) are run by the platform's own schedules and `conveyor analytics backfill`; an
+/// application kind of the same name would silently replace the built-in handler.
 pub const RESERVED_KINDS: &[&str] = &[
     webhook::KIND,
     backup::RUN_KIND,
     backup::VERIFY_KIND,
     backup::PRUNE_KIND,
+    ANALYTICS_KINDS[0],
+    ANALYTICS_KINDS[1],
 ];
+
+/// The platform history's and the application rollups' kinds (see [`RESERVED_KINDS`]).
+pub const ANALYTICS_KINDS: [&str; 2] = ["stats.rollup", "analytics.rollup"];
 
 /// Queues only the platform fills (the webhook queue's default name; a renamed
 /// `webhooks.queue` is reserved too, see [`check_client_job`]).
@@ -76,6 +85,16 @@ pub fn check_reserved_names(kind: &str, queue: &str, webhook_queue: &str) -> Res
                 "`{kind}` is reserved: backups are started with an admin key through \
                  POST /v1/backups (…/verify, /v1/backups/prune) or `conveyor backup`, and \
                  scheduled with a `[[schedules]]` entry in the config file"
+            ),
+        });
+    }
+    if ANALYTICS_KINDS.contains(&kind) {
+        return Err(Reserved {
+            field: "kind",
+            message: format!(
+                "`{kind}` is reserved: the platform runs it on its own schedules \
+                 (`[stats]`, `[analytics.rollups.NAME]` in the config file); backfill an \
+                 application rollup with `conveyor analytics backfill NAME`"
             ),
         });
     }
