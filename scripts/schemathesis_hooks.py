@@ -42,6 +42,7 @@ UNSTATED = {
     # A period's grammar (`15m`, `7d`), `from` and `period` not both, `from` before `to`, and
     # at most 10,000 points at the resolution.
     ("GET", "/v1/stats/jobs"): {"period", "from", "resolution"},
+    ("GET", "/v1/stats/webhooks"): {"period", "from", "resolution"},
     # A backup source or destination must be one the server's `[backup]` config names.
     ("POST", "/v1/backups"): {"source", "destination", "queue"},
     ("GET", "/v1/backups"): {"destination"},

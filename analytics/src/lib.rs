@@ -17,8 +17,9 @@
 //!   window's result and the watermark written in one transaction of that database, so a
 //!   window is counted once however often its job runs; backfills and status.
 //!
-//! Rows live in the store's shared records (collections `stats.1m`, `stats.1h`, `stats.1d`),
-//! on every backend, and expire when their resolution's retention has passed.
+//! Rows live in the store's shared records (collections `stats.1m`, `stats.1h`, `stats.1d`;
+//! webhook deliveries per endpoint in `stats.webhooks.1m|1h|1d`, SQLite and Postgres), on
+//! every backend, and expire when their resolution's retention has passed.
 
 pub mod application;
 pub mod config;

@@ -10,7 +10,7 @@ use conveyor_worker::{Error, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::config::StatsConfig;
-use crate::rollup::Row;
+use crate::rollup::{Row, WebhookRow, webhook_collection};
 
 /// The most points one answer holds.
 pub const MAX_POINTS: i64 = 10_000;
@@ -230,47 +230,8 @@ pub async fn read(
     query: &StatsQuery,
     now: DateTime<Utc>,
 ) -> conveyor_worker::Result<StatsReport> {
-    let to = query.to.unwrap_or(now);
+    let (to, resolution) = plan(config, query, now)?;
     let from = query.from.unwrap_or(to - TimeDelta::hours(1));
-    if from >= to {
-        return Err(Error::invalid(
-            "from",
-            format!("must be before `to` ({from} is not before {to})"),
-        ));
-    }
-    let points = |r: Resolution| {
-        ((to - r.floor(from)).num_seconds() + r.width().num_seconds() - 1) / r.width().num_seconds()
-    };
-    let resolution = match query.resolution {
-        Some(r) => {
-            if points(r) > MAX_POINTS {
-                return Err(Error::invalid(
-                    "resolution",
-                    format!(
-                        "the period holds {} {r}s, more than the {MAX_POINTS} points one answer holds: choose a coarser resolution or a shorter period",
-                        points(r)
-                    ),
-                ));
-            }
-            r
-        }
-        None => Resolution::ALL
-            .into_iter()
-            .find(|&r| {
-                let kept = TimeDelta::from_std(config.keep(r)).unwrap_or(TimeDelta::MAX);
-                now - from <= kept && points(r) <= AUTO_POINTS
-            })
-            .unwrap_or(Resolution::Day),
-    };
-    if points(resolution) > MAX_POINTS {
-        return Err(Error::invalid(
-            "from",
-            format!(
-                "the period holds {} {resolution}s, more than the {MAX_POINTS} points one answer holds: start it later",
-                points(resolution)
-            ),
-        ));
-    }
     let start = resolution.floor(from);
     let mut windows: BTreeMap<DateTime<Utc>, Row> = BTreeMap::new();
     let mut groups: BTreeMap<(String, String), Row> = BTreeMap::new();
@@ -360,6 +321,231 @@ pub async fn read(
         total: Summary::of(&total, seconds),
         groups: group_summaries,
         points: points_out,
+    })
+}
+
+/// The end and resolution of `query` at `now`: the rules every history read shares.
+fn plan(
+    config: &StatsConfig,
+    query: &StatsQuery,
+    now: DateTime<Utc>,
+) -> conveyor_worker::Result<(DateTime<Utc>, Resolution)> {
+    let to = query.to.unwrap_or(now);
+    let from = query.from.unwrap_or(to - TimeDelta::hours(1));
+    if from >= to {
+        return Err(Error::invalid(
+            "from",
+            format!("must be before `to` ({from} is not before {to})"),
+        ));
+    }
+    let points = |r: Resolution| {
+        ((to - r.floor(from)).num_seconds() + r.width().num_seconds() - 1) / r.width().num_seconds()
+    };
+    let resolution = match query.resolution {
+        Some(r) => {
+            if points(r) > MAX_POINTS {
+                return Err(Error::invalid(
+                    "resolution",
+                    format!(
+                        "the period holds {} {r}s, more than the {MAX_POINTS} points one answer holds: choose a coarser resolution or a shorter period",
+                        points(r)
+                    ),
+                ));
+            }
+            r
+        }
+        None => Resolution::ALL
+            .into_iter()
+            .find(|&r| {
+                let kept = TimeDelta::from_std(config.keep(r)).unwrap_or(TimeDelta::MAX);
+                now - from <= kept && points(r) <= AUTO_POINTS
+            })
+            .unwrap_or(Resolution::Day),
+    };
+    if points(resolution) > MAX_POINTS {
+        return Err(Error::invalid(
+            "from",
+            format!(
+                "the period holds {} {resolution}s, more than the {MAX_POINTS} points one answer holds: start it later",
+                points(resolution)
+            ),
+        ));
+    }
+    Ok((to, resolution))
+}
+
+/// One endpoint's deliveries over a period (or all endpoints').
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WebhookSummary {
+    /// The endpoint id (`direct`: deliveries to a URL), in a per-endpoint summary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Deliveries that finished delivered.
+    pub delivered: u64,
+    /// Deliveries that finished failed (a permanent answer or attempts used up).
+    pub failed: u64,
+    /// Deliveries cancelled.
+    pub cancelled: u64,
+    /// Attempts of these deliveries, all together.
+    pub attempts: u64,
+    /// Attempts after a delivery's first.
+    pub retries: u64,
+    /// Finished deliveries per second over the period.
+    pub per_second: f64,
+    /// `failed` / (`delivered` + `failed`); `None` with neither.
+    pub failure_rate: Option<f64>,
+    /// The last attempt's time, claim to end (the request and its answer).
+    pub latency: Percentiles,
+}
+
+impl WebhookSummary {
+    fn of(row: &WebhookRow, seconds: f64) -> Self {
+        let decided = row.delivered + row.failed;
+        Self {
+            endpoint: None,
+            delivered: row.delivered,
+            failed: row.failed,
+            cancelled: row.cancelled,
+            attempts: row.attempts,
+            retries: row.retries(),
+            per_second: if seconds > 0.0 {
+                row.finished() as f64 / seconds
+            } else {
+                0.0
+            },
+            failure_rate: (decided > 0).then(|| row.failed as f64 / decided as f64),
+            latency: Percentiles::of(&row.latency),
+        }
+    }
+}
+
+/// One window of the webhook series.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WebhookPoint {
+    /// Start of the window.
+    pub at: DateTime<Utc>,
+    /// Delivered.
+    pub delivered: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Attempts after a delivery's first.
+    pub retries: u64,
+    /// Median latency (ms).
+    pub latency_p50_ms: Option<f64>,
+    /// 95th-percentile latency (ms).
+    pub latency_p95_ms: Option<f64>,
+}
+
+/// The webhook answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WebhookReport {
+    /// Start of the first window.
+    pub from: DateTime<Utc>,
+    /// End of the period (exclusive).
+    pub to: DateTime<Utc>,
+    /// Row width used.
+    pub resolution: Resolution,
+    /// How far a percentile may be from the exact one (relative), from the buckets' width.
+    pub percentile_error: f64,
+    /// The whole period.
+    pub total: WebhookSummary,
+    /// Per endpoint, most finished first.
+    pub endpoints: Vec<WebhookSummary>,
+    /// One point per window, oldest first, empty windows included.
+    pub points: Vec<WebhookPoint>,
+}
+
+/// Reads webhook deliveries per endpoint for `query`'s period at `now` (`queue` and `kind`
+/// are not used; `endpoint`, when given, keeps one endpoint).
+pub async fn read_webhooks(
+    store: &Arc<dyn Store>,
+    config: &StatsConfig,
+    query: &StatsQuery,
+    endpoint: Option<&str>,
+    now: DateTime<Utc>,
+) -> conveyor_worker::Result<WebhookReport> {
+    let (to, resolution) = plan(config, query, now)?;
+    let from = query.from.unwrap_or(to - TimeDelta::hours(1));
+    let start = resolution.floor(from);
+    let mut windows: BTreeMap<DateTime<Utc>, WebhookRow> = BTreeMap::new();
+    let mut groups: BTreeMap<String, WebhookRow> = BTreeMap::new();
+    let end_prefix = resolution.key_prefix(to);
+    let collection = webhook_collection(resolution);
+    let mut page_query = MetaQuery {
+        prefix: None,
+        after: Some(resolution.key_prefix(start)),
+        limit: 1000,
+        descending: false,
+    };
+    'pages: loop {
+        let page = store.meta_list(collection, &page_query).await?;
+        for record in &page {
+            let window = record.key.split('|').next().unwrap_or_default();
+            if window > end_prefix.as_str() {
+                break 'pages;
+            }
+            let row: WebhookRow = record.decode()?;
+            if row.at >= to || endpoint.is_some_and(|e| e != row.endpoint) {
+                continue;
+            }
+            windows.entry(row.at).or_default().merge(&row);
+            groups
+                .entry(row.endpoint.clone())
+                .or_insert_with(|| WebhookRow {
+                    endpoint: row.endpoint.clone(),
+                    ..WebhookRow::default()
+                })
+                .merge(&row);
+        }
+        match page.last() {
+            Some(last) if page.len() == page_query.limit as usize => {
+                page_query.after = Some(last.key.clone())
+            }
+            _ => break,
+        }
+    }
+    let seconds = (to - start).num_milliseconds() as f64 / 1000.0;
+    let mut total = WebhookRow::default();
+    for row in windows.values() {
+        total.merge(row);
+    }
+    let mut endpoints: Vec<WebhookSummary> = groups
+        .values()
+        .map(|row| WebhookSummary {
+            endpoint: Some(row.endpoint.clone()),
+            ..WebhookSummary::of(row, seconds)
+        })
+        .collect();
+    endpoints.sort_by(|a, b| {
+        (b.delivered + b.failed + b.cancelled).cmp(&(a.delivered + a.failed + a.cancelled))
+    });
+    let mut points = Vec::new();
+    let mut at = start;
+    while at < to {
+        points.push(match windows.get(&at) {
+            Some(row) => WebhookPoint {
+                at,
+                delivered: row.delivered,
+                failed: row.failed,
+                retries: row.retries(),
+                latency_p50_ms: row.latency.quantile(0.5).map(|us| us / 1000.0),
+                latency_p95_ms: row.latency.quantile(0.95).map(|us| us / 1000.0),
+            },
+            None => WebhookPoint {
+                at,
+                ..WebhookPoint::default()
+            },
+        });
+        at += resolution.width();
+    }
+    Ok(WebhookReport {
+        from: start,
+        to,
+        resolution,
+        percentile_error: RELATIVE_ERROR,
+        total: WebhookSummary::of(&total, seconds),
+        endpoints,
+        points,
     })
 }
 

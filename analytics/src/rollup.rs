@@ -67,6 +67,97 @@ impl Row {
     }
 }
 
+/// The kind of webhook deliveries (`conveyor_jobs` registers it; the history only reads its
+/// finished jobs).
+pub const WEBHOOK_KIND: &str = "webhook.deliver";
+
+/// The endpoint of a delivery sent to a URL directly, without an endpoint.
+pub const DIRECT: &str = "direct";
+
+/// One stored webhook row: a window of one endpoint's deliveries (collections
+/// `stats.webhooks.1m|1h|1d`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookRow {
+    /// Start of the window.
+    pub at: DateTime<Utc>,
+    /// The endpoint id (`direct` for deliveries to a URL).
+    pub endpoint: String,
+    /// Deliveries that finished delivered (the job completed).
+    pub delivered: u64,
+    /// Deliveries that finished failed (the job died: a permanent answer or attempts used up).
+    pub failed: u64,
+    /// Deliveries cancelled.
+    pub cancelled: u64,
+    /// Attempts of these deliveries, all together.
+    pub attempts: u64,
+    /// Their last attempt's time (µs buckets), claim to end: the request and its answer.
+    pub latency: Histogram,
+}
+
+impl WebhookRow {
+    /// Adds `other`'s counts (same endpoint).
+    pub fn merge(&mut self, other: &WebhookRow) {
+        self.delivered += other.delivered;
+        self.failed += other.failed;
+        self.cancelled += other.cancelled;
+        self.attempts += other.attempts;
+        self.latency.merge(&other.latency);
+    }
+
+    /// Finished deliveries.
+    pub fn finished(&self) -> u64 {
+        self.delivered + self.failed + self.cancelled
+    }
+
+    /// Attempts after a delivery's first: retries.
+    pub fn retries(&self) -> u64 {
+        self.attempts.saturating_sub(self.latency.count())
+    }
+}
+
+/// A row kind kept per window: its group's part of the key, and how rows of one group add up.
+trait WindowRow: Serialize + serde::de::DeserializeOwned {
+    /// The key after the window's part (`queue|kind`, `endpoint`).
+    fn group(&self) -> String;
+    /// An empty row of the same group at `at`.
+    fn empty_at(&self, at: DateTime<Utc>) -> Self;
+    /// Adds `other` (same group).
+    fn add(&mut self, other: &Self);
+}
+
+impl WindowRow for Row {
+    fn group(&self) -> String {
+        format!("{}|{}", self.queue, self.kind)
+    }
+    fn empty_at(&self, at: DateTime<Utc>) -> Self {
+        Row {
+            at,
+            queue: self.queue.clone(),
+            kind: self.kind.clone(),
+            ..Row::default()
+        }
+    }
+    fn add(&mut self, other: &Self) {
+        self.merge(other)
+    }
+}
+
+impl WindowRow for WebhookRow {
+    fn group(&self) -> String {
+        self.endpoint.clone()
+    }
+    fn empty_at(&self, at: DateTime<Utc>) -> Self {
+        WebhookRow {
+            at,
+            endpoint: self.endpoint.clone(),
+            ..WebhookRow::default()
+        }
+    }
+    fn add(&mut self, other: &Self) {
+        self.merge(other)
+    }
+}
+
 /// The progress mark.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Mark {
@@ -90,6 +181,9 @@ pub struct RollupReport {
     pub rows_written: u64,
     /// Rows deleted because their queue and kind no longer appear in a window.
     pub rows_deleted: u64,
+    /// Finished webhook deliveries counted in them.
+    #[serde(default)]
+    pub webhooks: u64,
     /// Whether more minutes are waiting (the run stopped at `max_minutes_per_run`).
     pub behind: bool,
 }
@@ -152,6 +246,7 @@ impl Rollups {
             jobs: 0,
             rows_written: 0,
             rows_deleted: 0,
+            webhooks: 0,
             behind: to < current + minute.width(),
         };
         let mut at = from;
@@ -176,8 +271,26 @@ impl Rollups {
                 row.wait.merge(&g.wait);
                 report.jobs += g.count;
             }
-            self.replace(minute, at, rows.into_values().collect(), now, &mut report)
-                .await?;
+            self.replace(
+                minute.collection(),
+                minute,
+                at,
+                rows.into_values().collect(),
+                now,
+                &mut report,
+            )
+            .await?;
+            let webhooks = self.webhook_rows(at).await?;
+            report.webhooks += webhooks.iter().map(WebhookRow::finished).sum::<u64>();
+            self.replace(
+                webhook_collection(minute),
+                minute,
+                at,
+                webhooks,
+                now,
+                &mut report,
+            )
+            .await?;
             report.minutes += 1;
             at += minute.width();
         }
@@ -188,8 +301,13 @@ impl Rollups {
         ] {
             let mut window = res.floor(from);
             while window < to {
-                let rows = self.merged(below, res, window).await?;
-                self.replace(res, window, rows, now, &mut report).await?;
+                let rows: Vec<Row> = self.merged(below.collection(), res, window).await?;
+                self.replace(res.collection(), res, window, rows, now, &mut report)
+                    .await?;
+                let rows: Vec<WebhookRow> =
+                    self.merged(webhook_collection(below), res, window).await?;
+                self.replace(webhook_collection(res), res, window, rows, now, &mut report)
+                    .await?;
                 window += res.width();
             }
         }
@@ -200,14 +318,51 @@ impl Rollups {
         Ok(report)
     }
 
-    /// The rows of `res` window `window`, merged from the `below` rows inside it.
-    async fn merged(
+    /// One minute's webhook rows: the finished `webhook.deliver` jobs per endpoint. A backend
+    /// that cannot group by an args field keeps none.
+    async fn webhook_rows(&self, at: DateTime<Utc>) -> conveyor_worker::Result<Vec<WebhookRow>> {
+        let groups = match self
+            .store
+            .finished_groups_by_arg(
+                WEBHOOK_KIND,
+                "endpoint_id",
+                at,
+                at + Resolution::Minute.width(),
+            )
+            .await
+        {
+            Ok(groups) => groups,
+            Err(conveyor_worker::Error::Unsupported(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut rows: BTreeMap<String, WebhookRow> = BTreeMap::new();
+        for g in groups {
+            let endpoint = g.value.unwrap_or_else(|| DIRECT.to_owned());
+            let row = rows.entry(endpoint.clone()).or_insert_with(|| WebhookRow {
+                at,
+                endpoint,
+                ..WebhookRow::default()
+            });
+            match g.state {
+                JobState::Completed => row.delivered += g.count,
+                JobState::Cancelled => row.cancelled += g.count,
+                _ => row.failed += g.count,
+            }
+            row.attempts += g.attempts;
+            row.latency.merge(&g.run);
+        }
+        Ok(rows.into_values().collect())
+    }
+
+    /// The rows of `res` window `window`, merged from the rows inside it in `below` (a
+    /// collection of the finer resolution).
+    async fn merged<R: WindowRow>(
         &self,
-        below: Resolution,
+        below: &str,
         res: Resolution,
         window: DateTime<Utc>,
-    ) -> conveyor_worker::Result<Vec<Row>> {
-        let mut merged: BTreeMap<(String, String), Row> = BTreeMap::new();
+    ) -> conveyor_worker::Result<Vec<R>> {
+        let mut merged: BTreeMap<String, R> = BTreeMap::new();
         let prefix = res.key_prefix(window);
         let mut query = MetaQuery {
             prefix: Some(prefix),
@@ -216,18 +371,13 @@ impl Rollups {
             descending: false,
         };
         loop {
-            let page = self.store.meta_list(below.collection(), &query).await?;
+            let page = self.store.meta_list(below, &query).await?;
             for record in &page {
-                let row: Row = record.decode()?;
+                let row: R = record.decode()?;
                 merged
-                    .entry((row.queue.clone(), row.kind.clone()))
-                    .or_insert_with(|| Row {
-                        at: window,
-                        queue: row.queue.clone(),
-                        kind: row.kind.clone(),
-                        ..Row::default()
-                    })
-                    .merge(&row);
+                    .entry(row.group())
+                    .or_insert_with(|| row.empty_at(window))
+                    .add(&row);
             }
             match page.last() {
                 Some(last) if page.len() == query.limit as usize => {
@@ -240,15 +390,15 @@ impl Rollups {
     }
 
     /// Writes `rows` as window `at` of `res`, deleting the window's other rows.
-    async fn replace(
+    async fn replace<R: WindowRow>(
         &self,
+        collection: &str,
         res: Resolution,
         at: DateTime<Utc>,
-        rows: Vec<Row>,
+        rows: Vec<R>,
         now: DateTime<Utc>,
         report: &mut RollupReport,
     ) -> conveyor_worker::Result<()> {
-        let collection = res.collection();
         let keep = delta(self.config.keep(res));
         let expires = at + res.width() + keep;
         let Ok(ttl) = (expires - now).to_std() else {
@@ -256,7 +406,7 @@ impl Rollups {
         };
         let keys: Vec<String> = rows
             .iter()
-            .map(|r| res.key(at, &r.queue, &r.kind))
+            .map(|r| format!("{}|{}", res.key_prefix(at), r.group()))
             .collect();
         let existing = self
             .store
@@ -292,6 +442,15 @@ impl Rollups {
         }
         report.rows_written += puts.len() as u64;
         Ok(())
+    }
+}
+
+/// The collection of webhook rows of `res`.
+pub fn webhook_collection(res: Resolution) -> &'static str {
+    match res {
+        Resolution::Minute => "stats.webhooks.1m",
+        Resolution::Hour => "stats.webhooks.1h",
+        Resolution::Day => "stats.webhooks.1d",
     }
 }
 

@@ -477,6 +477,12 @@ const MATRIX: &[(&str, &str, Option<&str>, Option<[bool; 4]>)] = &[
         Some([false, true, true, true]),
     ),
     (
+        "GET",
+        "/v1/stats/webhooks",
+        None,
+        Some([false, true, true, true]),
+    ),
+    (
         "POST",
         "/v1/backups",
         Some(r#"{"source":"matrix"}"#),

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::Result;
 use chrono::{DateTime, Utc};
 use clap::Args;
-use conveyor_analytics::query::{self, Percentiles, Resolution, StatsQuery, StatsReport};
+use conveyor_analytics::query::{
+    self, Percentiles, Resolution, StatsQuery, StatsReport, WebhookReport,
+};
 use conveyor_analytics::{Rollups, StatsConfig};
 use conveyor_scheduler::schedule::{MissedPolicy, OverlapPolicy, ScheduleSpec};
 use conveyor_worker::Store;
@@ -69,6 +71,12 @@ pub struct StatsArgs {
     /// Only this kind.
     #[arg(long)]
     pub kind: Option<String>,
+    /// Webhook deliveries per endpoint instead of finished jobs.
+    #[arg(long, conflicts_with_all = ["queue", "kind"])]
+    pub webhooks: bool,
+    /// With --webhooks: only this endpoint id (`direct`: deliveries to a URL).
+    #[arg(long, requires = "webhooks")]
+    pub endpoint: Option<String>,
     /// minute, hour or day (default: the finest kept for the whole period, at most 1,500 points).
     #[arg(long)]
     pub resolution: Option<Resolution>,
@@ -87,6 +95,15 @@ pub async fn run(store: Arc<dyn Store>, config: &StatsConfig, args: StatsArgs) -
         kind: args.kind,
         resolution: args.resolution,
     };
+    if args.webhooks {
+        let report =
+            query::read_webhooks(&store, config, &q, args.endpoint.as_deref(), now).await?;
+        if args.out.json {
+            return output::json(&report);
+        }
+        print_webhooks(&report);
+        return Ok(());
+    }
     let report = query::read(&store, config, &q, now).await?;
     if args.out.json {
         return output::json(&report);
@@ -199,6 +216,65 @@ fn print(r: &StatsReport) {
             ms(g.run.p95_ms),
             ms(g.run.p99_ms),
             ms(g.wait.p95_ms),
+        ]);
+    }
+    outln!("{table}");
+}
+
+fn print_webhooks(r: &WebhookReport) {
+    let t = &r.total;
+    outln!(
+        "webhook deliveries {} → {} ({} resolution)",
+        output::time(r.from),
+        output::time(r.to),
+        r.resolution
+    );
+    outln!(
+        "  delivered {}  failed {}  cancelled {}  retries {}  {:.2}/s  failure rate {}",
+        t.delivered,
+        t.failed,
+        t.cancelled,
+        t.retries,
+        t.per_second,
+        rate(t.failure_rate)
+    );
+    outln!("  latency {}", percentiles(&t.latency));
+    let delivered: Vec<u64> = r.points.iter().map(|p| p.delivered).collect();
+    let failed: Vec<u64> = r.points.iter().map(|p| p.failed).collect();
+    outln!("  delivered │{}│", sparkline(&delivered, 60));
+    outln!("  failed    │{}│", sparkline(&failed, 60));
+    outln!(
+        "  (percentiles within ±{:.1}%; latency is the last attempt, claim to end)",
+        r.percentile_error * 100.0
+    );
+    if r.endpoints.is_empty() {
+        outln!("no finished webhook deliveries in this period");
+        return;
+    }
+    let mut table = output::table(&[
+        "endpoint",
+        "delivered",
+        "failed",
+        "cancelled",
+        "retries",
+        "/s",
+        "failure rate",
+        "p50",
+        "p95",
+        "p99",
+    ]);
+    for e in &r.endpoints {
+        table.add_row(vec![
+            e.endpoint.clone().unwrap_or_default(),
+            e.delivered.to_string(),
+            e.failed.to_string(),
+            e.cancelled.to_string(),
+            e.retries.to_string(),
+            format!("{:.2}", e.per_second),
+            rate(e.failure_rate),
+            ms(e.latency.p50_ms),
+            ms(e.latency.p95_ms),
+            ms(e.latency.p99_ms),
         ]);
     }
     outln!("{table}");

@@ -128,3 +128,121 @@ async fn serve_keeps_the_history_and_both_readers_agree() {
     server.stop(nix::sys::signal::Signal::SIGTERM, 30);
     drop(t);
 }
+
+/// `conveyor stats --webhooks`: per-endpoint rows written by `stats.rollup` from finished
+/// `webhook.deliver` jobs (run here by a worker with a stand-in handler: the rollup reads only
+/// the jobs), as a table and as JSON; `--endpoint` keeps one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_webhooks_shows_deliveries_per_endpoint() {
+    use conveyor_worker::runtime::{QueueConfig, Worker, WorkerConfig};
+    use conveyor_worker::{JobContext, JobError, Outcome, Registry};
+    use std::time::Duration;
+
+    let t = conveyor_tests::TestStore::sqlite().await;
+    let url = t.url.clone();
+    let store = t.store.clone();
+    let mut registry = Registry::new();
+    registry.register(
+        "webhook.deliver",
+        |args: serde_json::Value, ctx: JobContext| async move {
+            match (args["endpoint_id"].as_str(), ctx.job.attempt) {
+                (Some("ep_down"), _) => Ok(Outcome::Fail(JobError::new("HTTP 410"))),
+                (Some("ep_flaky"), 1) => Ok(Outcome::retry_after(Duration::ZERO, "HTTP 500")),
+                _ => Ok(Outcome::Done),
+            }
+        },
+    );
+    let mut jobs = Vec::new();
+    for (endpoint, n) in [("ep_ok", 5), ("ep_flaky", 3), ("ep_down", 2)] {
+        for i in 0..n {
+            jobs.push(
+                NewJob::new(
+                    "webhook.deliver",
+                    json!({"event_id": format!("evt_{endpoint}_{i}"), "endpoint_id": endpoint}),
+                )
+                .queue("webhooks"),
+            );
+        }
+    }
+    jobs.push(
+        NewJob::new(
+            "webhook.deliver",
+            json!({"event_id": "evt_direct", "url": "http://x"}),
+        )
+        .queue("webhooks"),
+    );
+    store.enqueue_many(jobs).await.unwrap();
+    let worker = Worker::new(
+        store.clone(),
+        registry,
+        WorkerConfig {
+            queues: vec![QueueConfig {
+                name: "webhooks".into(),
+                concurrency: 4,
+            }],
+            poll_interval: Duration::from_millis(20),
+            ..WorkerConfig::default()
+        },
+    )
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(worker.run(stop.clone()));
+    eventually(30, "every delivery to finish", || {
+        let s = store.clone();
+        async move {
+            (count(
+                &s,
+                "webhook.deliver",
+                &[JobState::Completed, JobState::Dead],
+            )
+            .await
+                == 11)
+                .then_some(())
+        }
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    conveyor_analytics::Rollups::new(store.clone(), conveyor_analytics::StatsConfig::default())
+        .run_once()
+        .await
+        .unwrap();
+
+    let all = run_json(&url, &["stats", "--webhooks", "--period", "1h"]);
+    assert_eq!(all["total"]["delivered"], 9, "{all}");
+    assert_eq!(all["total"]["failed"], 2, "{all}");
+    assert_eq!(all["total"]["retries"], 3, "{all}");
+    let endpoints: Vec<&str> = all["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        endpoints,
+        ["ep_ok", "ep_flaky", "ep_down", "direct"],
+        "most first"
+    );
+    let flaky = run_json(
+        &url,
+        &[
+            "stats",
+            "--webhooks",
+            "--endpoint",
+            "ep_flaky",
+            "--period",
+            "1h",
+        ],
+    );
+    assert_eq!(flaky["total"]["delivered"], 3);
+    assert_eq!(flaky["total"]["attempts"], 6);
+    let (code, out, err) = run(&url, &["stats", "--webhooks", "--period", "1h"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("webhook deliveries"), "{out}");
+    assert!(out.contains("delivered 9  failed 2"), "{out}");
+    assert!(out.contains("ep_flaky"), "{out}");
+    let (code, _, err) = run(&url, &["stats", "--webhooks", "--queue", "mail"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--queue"), "{err}");
+    t.cleanup().await;
+}

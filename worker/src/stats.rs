@@ -159,6 +159,70 @@ impl GroupBuilder {
     }
 }
 
+/// The finished jobs of one kind with one value of an args field and one final state in a
+/// window ([`crate::Store::finished_groups_by_arg`]): webhook deliveries per endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArgGroup {
+    /// The field's value (`None`: absent, null or not a string).
+    pub value: Option<String>,
+    /// `completed`, `cancelled` or `dead`.
+    pub state: JobState,
+    /// How many jobs.
+    pub count: u64,
+    /// Their attempts, all together (a job delivered on its first attempt counts one).
+    pub attempts: u64,
+    /// Run times (last attempt, claim to end) of those that ran.
+    pub run: Histogram,
+}
+
+/// Collects per-job (or per-bucket) observations into [`ArgGroup`]s; the backends share it.
+#[derive(Debug, Default)]
+pub struct ArgGroupBuilder {
+    groups: BTreeMap<(Option<String>, JobState), ArgGroup>,
+}
+
+impl ArgGroupBuilder {
+    /// Adds `n` jobs with `attempts` attempts between them and a run-time bucket (`None`:
+    /// never ran).
+    pub fn add(
+        &mut self,
+        value: Option<&str>,
+        state: JobState,
+        run_bucket: Option<i32>,
+        n: u64,
+        attempts: u64,
+    ) {
+        let g = self
+            .groups
+            .entry((value.map(str::to_owned), state))
+            .or_insert_with(|| ArgGroup {
+                value: value.map(str::to_owned),
+                state,
+                count: 0,
+                attempts: 0,
+                run: Histogram::default(),
+            });
+        g.count += n;
+        g.attempts += attempts;
+        if let Some(b) = run_bucket {
+            g.run.add(b, n);
+        }
+    }
+
+    /// The groups, ordered by value and state.
+    pub fn finish(self) -> Vec<ArgGroup> {
+        self.groups.into_values().collect()
+    }
+}
+
+/// Whether `field` may name an args field in a grouped query: letters, digits and `_`.
+pub fn valid_arg_field(field: &str) -> bool {
+    !field.is_empty()
+        && field
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

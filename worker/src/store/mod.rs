@@ -510,6 +510,23 @@ pub trait Store: MetaStore + Send + Sync + 'static {
         to: DateTime<Utc>,
     ) -> Result<Vec<crate::stats::FinishedGroup>>;
 
+    /// The jobs of `kind` that finished in `[from, to)`, grouped by the string value of the
+    /// top-level args field `field` (letters, digits and `_`) and final state, with their
+    /// attempts and run times. The platform history's per-endpoint webhook rows are built
+    /// from this. Backends without it answer `Unsupported`.
+    async fn finished_groups_by_arg(
+        &self,
+        kind: &str,
+        field: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<crate::stats::ArgGroup>> {
+        let _ = (kind, field, from, to);
+        Err(Error::Unsupported(
+            "finished jobs grouped by an args field are not summarised on this backend".into(),
+        ))
+    }
+
     /// Wake-ups: new jobs per queue, cancel requests, job state changes. Lossy by design;
     /// the runtime also polls.
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;

@@ -1465,6 +1465,53 @@ impl Store for PgStore {
         Ok(groups.finish())
     }
 
+    async fn finished_groups_by_arg(
+        &self,
+        kind: &str,
+        field: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<crate::stats::ArgGroup>> {
+        use crate::stats::{ArgGroupBuilder, postgres_bucket_sql, valid_arg_field};
+        if !valid_arg_field(field) {
+            return Err(Error::invalid(
+                "field",
+                format!("`{field}` is not an args field name: use letters, digits and `_`"),
+            ));
+        }
+        let run = postgres_bucket_sql("finalized_at - attempted_at");
+        let sql = format!(
+            "SELECT CASE WHEN jsonb_typeof(args -> $3) = 'string' THEN args ->> $3 END AS v, state, \
+                    CASE WHEN attempted_at IS NULL THEN NULL ELSE {run} END AS rb, \
+                    count(*) AS n, sum(attempt)::int8 AS a \
+             FROM conveyor.jobs \
+             WHERE finalized_at >= $1 AND finalized_at < $2 AND kind = $4 \
+             GROUP BY 1, 2, 3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(from)
+            .bind(to)
+            .bind(field)
+            .bind(kind)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut groups = ArgGroupBuilder::default();
+        for row in rows {
+            let value: Option<String> = row.try_get("v")?;
+            let state: JobState = row.try_get::<String, _>("state")?.parse()?;
+            let n: i64 = row.try_get("n")?;
+            let a: i64 = row.try_get("a")?;
+            groups.add(
+                value.as_deref(),
+                state,
+                row.try_get("rb")?,
+                n as u64,
+                a.max(0) as u64,
+            );
+        }
+        Ok(groups.finish())
+    }
+
     async fn promote_due(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
         let rows: Vec<(Uuid, String)> = sqlx::query_as(queries::PROMOTE_DUE)
             .bind(now)

@@ -925,6 +925,44 @@ impl Store for SqliteStore {
         Ok(groups.finish())
     }
 
+    async fn finished_groups_by_arg(
+        &self,
+        kind: &str,
+        field: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<crate::stats::ArgGroup>> {
+        use crate::stats::{ArgGroupBuilder, bucket_of, valid_arg_field};
+        use futures::TryStreamExt;
+        if !valid_arg_field(field) {
+            return Err(Error::invalid(
+                "field",
+                format!("`{field}` is not an args field name: use letters, digits and `_`"),
+            ));
+        }
+        let mut rows = sqlx::query(
+            "SELECT CASE WHEN json_type(args, ?3) = 'text' THEN json_extract(args, ?3) END AS v, \
+                    state, attempt, attempted_at, finalized_at FROM jobs \
+             WHERE finalized_at >= ?1 AND finalized_at < ?2 AND kind = ?4",
+        )
+        .bind(micros(from))
+        .bind(micros(to))
+        .bind(format!("$.{field}"))
+        .bind(kind)
+        .fetch(&self.reader);
+        let mut groups = ArgGroupBuilder::default();
+        while let Some(row) = rows.try_next().await? {
+            let value: Option<&str> = row.try_get("v")?;
+            let state: JobState = row.try_get::<&str, _>("state")?.parse()?;
+            let attempt: i64 = row.try_get("attempt")?;
+            let attempted_at: Option<i64> = row.try_get("attempted_at")?;
+            let finalized_at: i64 = row.try_get("finalized_at")?;
+            let rb = attempted_at.map(|a| bucket_of(finalized_at - a));
+            groups.add(value, state, rb, 1, attempt.max(0) as u64);
+        }
+        Ok(groups.finish())
+    }
+
     async fn queue_stats(&self) -> Result<Vec<QueueStats>> {
         let now = micros(Utc::now());
         // The totals the count triggers keep (migration 0004), not a scan of the jobs.
