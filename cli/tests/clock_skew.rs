@@ -117,7 +117,7 @@ async fn workers_with_skewed_clocks_run_each_job_once(lib: &PathBuf, t: &TestSto
         .collect();
 
     let s = store.clone();
-    eventually(25, "all 100 jobs finish", || {
+    eventually(60, "all 100 jobs finish", || {
         let s = s.clone();
         async move {
             let done = s
