@@ -9,6 +9,7 @@
 mod backups;
 pub mod config;
 pub mod destination;
+pub mod encryption;
 pub mod error;
 mod hashing;
 pub mod manifest;
@@ -19,6 +20,7 @@ pub mod status;
 
 pub use backups::{Backups, DATA_OBJECT, Pruned, Verified};
 pub use config::{BackupConfig, DestinationConfig, SourceConfig};
+pub use encryption::Identities;
 pub use error::{Error, Result};
 pub use manifest::Manifest;
 pub use restore::{RescuedJobs, Restored, Target};
