@@ -466,6 +466,9 @@ fn show(m: &Manifest) {
     outln!("started    {}", output::time(m.started_at));
     outln!("finished   {}", output::time(m.finished_at));
     outln!("version    {}", m.conveyor_version);
+    if let Some(e) = &m.encryption {
+        outln!("encryption {} to {} recipient(s)", e.scheme, e.recipients);
+    }
     for o in &m.objects {
         outln!(
             "object     {}: {} stored (sha256 {}), {} raw (sha256 {})",

@@ -333,6 +333,9 @@ async fn encrypted_backups() {
     let manifest: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(manifest["encryption"]["recipients"], 1, "{manifest}");
     let id = manifest["id"].as_str().unwrap().to_string();
+    let (code, out, err) = backup_with(&url, &backups, &env, &["show", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("encryption age to 1 recipient(s)"), "{out}");
 
     let (code, out, err) = backup_with(&url, &backups, &env, &["verify", &id]);
     assert_eq!(code, 0, "{err}");
