@@ -29,6 +29,9 @@ pub struct Backups {
     status: Option<std::sync::Arc<dyn conveyor_worker::Store>>,
     /// Bytes stored or read so far, for a progress display.
     progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// The identity file given on the command line (`--identity`), over
+    /// `backup.identity_file`.
+    identity: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Backups {
@@ -80,6 +83,10 @@ pub struct Verified {
     pub stored_bytes: u64,
     /// Raw bytes after decoding.
     pub raw_bytes: u64,
+    /// Encrypted objects whose stored bytes were checked but which could not be decoded:
+    /// no identity was configured (`backup.identity_file`, `--identity`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub undecoded: Vec<String>,
 }
 
 impl Backups {
@@ -91,6 +98,7 @@ impl Backups {
             store_url: store_url.into(),
             status: None,
             progress: None,
+            identity: None,
         })
     }
 
@@ -106,6 +114,43 @@ impl Backups {
     pub fn with_status(mut self, store: std::sync::Arc<dyn conveyor_worker::Store>) -> Self {
         self.status = Some(store);
         self
+    }
+
+    /// Decrypts encrypted backups with the identities in `path` (`--identity FILE`), over
+    /// `backup.identity_file`.
+    pub fn with_identity(mut self, path: PathBuf) -> Self {
+        self.identity = Some(path);
+        self
+    }
+
+    /// The identities to decrypt with: `--identity`, else `backup.identity_file`, else none.
+    /// An unreadable file is a configuration error naming where it was given.
+    pub fn identities(&self) -> Result<Option<crate::encryption::Identities>> {
+        if let Some(path) = &self.identity {
+            return crate::encryption::Identities::read(path, "--identity").map(Some);
+        }
+        match &self.config.identity_file {
+            Some(path) => {
+                crate::encryption::Identities::read(path, "backup.identity_file").map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The identities for decoding `manifest`'s objects: an encrypted backup without any is
+    /// refused (for a restore, which must decode).
+    pub(crate) fn identities_for(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<Option<crate::encryption::Identities>> {
+        let identities = self.identities()?;
+        if manifest.encryption.is_some() && identities.is_none() {
+            return Err(Error::Config(format!(
+                "backup {} is encrypted (age) and no identity is configured: set backup.identity_file or pass --identity FILE (the identity of one of its recipients)",
+                manifest.id
+            )));
+        }
+        Ok(identities)
     }
 
     /// The configuration.
@@ -160,6 +205,12 @@ impl Backups {
     pub async fn create(&self, source: &str, destination: Option<&str>) -> Result<Manifest> {
         let source = self.source(source)?;
         let destination = self.destination(destination)?;
+        let recipients = self.config.recipients()?;
+        let mut sealer = if recipients.is_empty() {
+            None
+        } else {
+            Some(crate::encryption::Sealer::new(&recipients)?)
+        };
         let started_at = Utc::now();
         let id = new_id(started_at);
         let part_size = self.config.part_size_mib * 1024 * 1024;
@@ -186,15 +237,28 @@ impl Backups {
         let mut stored_bytes = 0u64;
         let mut buf = vec![0u8; 1 << 20];
         let copied: Result<()> = async {
-            loop {
+            let mut ended = false;
+            while !ended {
                 let n = encoder
                     .read(&mut buf)
                     .await
                     .map_err(|e| Error::source(source.name(), e))?;
-                if n == 0 {
-                    break;
+                // With recipients, the zstd stream is encrypted as it goes: the ciphertext
+                // is what is stored, hashed and counted.
+                let chunk: std::borrow::Cow<[u8]> = match &mut sealer {
+                    None if n == 0 => break,
+                    None => std::borrow::Cow::Borrowed(&buf[..n]),
+                    Some(sealer) if n == 0 => {
+                        ended = true;
+                        std::borrow::Cow::Owned(sealer.finish()?)
+                    }
+                    Some(sealer) => std::borrow::Cow::Owned(sealer.seal(&buf[..n])?),
+                };
+                if chunk.is_empty() {
+                    continue;
                 }
-                sha2::Digest::update(&mut stored, &buf[..n]);
+                let n = chunk.len();
+                sha2::Digest::update(&mut stored, &chunk);
                 stored_bytes += n as u64;
                 if let Some(c) = &self.progress {
                     c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -203,7 +267,7 @@ impl Backups {
                     .wait_for_capacity(self.config.upload_concurrency)
                     .await
                     .map_err(|e| destination.error("uploading", e))?;
-                writer.write(&buf[..n]);
+                writer.write(&chunk);
             }
             Ok(())
         }
@@ -238,7 +302,11 @@ impl Backups {
             finished_at: Utc::now(),
             objects: vec![ObjectEntry {
                 name: DATA_OBJECT.into(),
-                encoding: vec!["zstd".into()],
+                encoding: if sealer.is_some() {
+                    vec!["zstd".into(), crate::encryption::AGE.into()]
+                } else {
+                    vec!["zstd".into()]
+                },
                 stored_bytes,
                 stored_sha256: hex::encode(sha2::Digest::finalize(stored)),
                 raw_bytes,
@@ -247,6 +315,10 @@ impl Backups {
             tables,
             schemas: source.schemas().to_vec(),
             migrations,
+            encryption: sealer.as_ref().map(|_| crate::encryption::Encryption {
+                scheme: crate::encryption::AGE.into(),
+                recipients: recipients.len(),
+            }),
         };
         destination.put_manifest(&manifest).await?;
         if let Some(store) = &self.status {
@@ -274,8 +346,14 @@ impl Backups {
     pub async fn verify(&self, id: &str, destination: Option<&str>) -> Result<Verified> {
         let dest = self.destination(destination)?;
         let manifest = dest.find(id).await?;
-        let verified = self.check_objects(&dest, &manifest).await?;
-        self.record_verification(&dest, &manifest, false).await;
+        let identities = self.identities()?;
+        let verified = self
+            .check_objects(&dest, &manifest, identities.as_ref())
+            .await?;
+        // Only a backup whose content was decoded and checked counts as verified.
+        if verified.undecoded.is_empty() {
+            self.record_verification(&dest, &manifest, false).await;
+        }
         Ok(verified)
     }
 
@@ -367,6 +445,7 @@ impl Backups {
         &self,
         destination: &Destination,
         manifest: &Manifest,
+        identities: Option<&crate::encryption::Identities>,
     ) -> Result<Verified> {
         let mut verified = Verified {
             id: manifest.id.clone(),
@@ -374,27 +453,68 @@ impl Backups {
             objects: 0,
             stored_bytes: 0,
             raw_bytes: 0,
+            undecoded: Vec::new(),
         };
         for object in &manifest.objects {
             let damaged = |message: String| Error::Damaged {
                 backup: manifest.id.clone(),
                 message: format!("object {}: {message}", object.name),
             };
-            if object.encoding != ["zstd"] {
-                return Err(damaged(format!(
-                    "encoding {:?} is not one this version reads",
-                    object.encoding
-                )));
-            }
+            let encrypted = match object.encoding.as_slice() {
+                [z] if z == "zstd" => false,
+                [z, a] if z == "zstd" && a == crate::encryption::AGE => true,
+                _ => {
+                    return Err(damaged(format!(
+                        "encoding {:?} is not one this version reads",
+                        object.encoding
+                    )));
+                }
+            };
             let stream = destination
                 .read(&manifest.source, &manifest.id, &object.name)
                 .await?;
-            let stored = Hashing::new(StreamReader::new(stream)).counting(self.progress.clone());
-            let mut decoder = ZstdDecoder::new(BufReader::with_capacity(1 << 20, stored));
-            let mut raw = Hashing::new(&mut decoder);
-            let read = tokio::io::copy(&mut raw, &mut tokio::io::sink()).await;
-            let (raw_bytes, raw_sha256) = raw.finish();
-            let (stored_bytes, stored_sha256) = decoder.into_inner().into_inner().finish();
+            let tally = crate::hashing::Tally::default();
+            let stored = Hashing::new(StreamReader::new(stream))
+                .counting(self.progress.clone())
+                .tallying(tally.clone());
+            let (read, raw_bytes, raw_sha256) = match (encrypted, identities) {
+                // Without an identity only the stored (encrypted) bytes can be checked.
+                (true, None) => {
+                    let mut stored = stored;
+                    let read = tokio::io::copy(&mut stored, &mut tokio::io::sink()).await;
+                    let (stored_bytes, stored_sha256) = tally.finish();
+                    if let Err(e) = read {
+                        return Err(damaged(format!("cannot be read: {e}")));
+                    }
+                    if stored_bytes != object.stored_bytes || stored_sha256 != object.stored_sha256
+                    {
+                        return Err(damaged(format!(
+                            "stored bytes differ from the manifest ({stored_bytes} bytes, sha256 {stored_sha256}; expected {} bytes, sha256 {})",
+                            object.stored_bytes, object.stored_sha256
+                        )));
+                    }
+                    verified.objects += 1;
+                    verified.stored_bytes += stored_bytes;
+                    verified.undecoded.push(object.name.clone());
+                    continue;
+                }
+                (true, Some(identities)) => {
+                    let plain = identities.decrypt(&manifest.id, stored).await?;
+                    let decoder = ZstdDecoder::new(BufReader::with_capacity(1 << 20, plain));
+                    let mut raw = Hashing::new(decoder);
+                    let read = tokio::io::copy(&mut raw, &mut tokio::io::sink()).await;
+                    let (raw_bytes, raw_sha256) = raw.finish();
+                    (read, raw_bytes, raw_sha256)
+                }
+                (false, _) => {
+                    let decoder = ZstdDecoder::new(BufReader::with_capacity(1 << 20, stored));
+                    let mut raw = Hashing::new(decoder);
+                    let read = tokio::io::copy(&mut raw, &mut tokio::io::sink()).await;
+                    let (raw_bytes, raw_sha256) = raw.finish();
+                    (read, raw_bytes, raw_sha256)
+                }
+            };
+            let (stored_bytes, stored_sha256) = tally.finish();
             if stored_bytes != object.stored_bytes || stored_sha256 != object.stored_sha256 {
                 return Err(damaged(format!(
                     "stored bytes differ from the manifest ({stored_bytes} bytes, sha256 {stored_sha256}; expected {} bytes, sha256 {})",

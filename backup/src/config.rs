@@ -42,6 +42,14 @@ pub struct BackupConfig {
     pub pg_restore: PathBuf,
     /// `[backup.retention]`: what `prune` keeps.
     pub retention: crate::retention::Retention,
+    /// age X25519 recipients (`age1…`) every backup is encrypted to (empty, with no
+    /// `recipients_file`: backups are not encrypted).
+    pub recipients: Vec<String>,
+    /// A file of more recipients, one a line (`#` comments).
+    pub recipients_file: Option<PathBuf>,
+    /// The age identity file (`AGE-SECRET-KEY-1…`) that decrypts backups for `verify` and
+    /// `restore` (`--identity FILE` overrides it).
+    pub identity_file: Option<PathBuf>,
 }
 
 impl Default for BackupConfig {
@@ -57,6 +65,9 @@ impl Default for BackupConfig {
             pg_dump: PathBuf::from("pg_dump"),
             pg_restore: PathBuf::from("pg_restore"),
             retention: crate::retention::Retention::default(),
+            recipients: Vec::new(),
+            recipients_file: None,
+            identity_file: None,
         }
     }
 }
@@ -160,6 +171,11 @@ impl BackupConfig {
         all
     }
 
+    /// The recipients backups are encrypted to (empty: not encrypted).
+    pub fn recipients(&self) -> Result<Vec<age::x25519::Recipient>> {
+        crate::encryption::recipients(&self.recipients, self.recipients_file.as_deref())
+    }
+
     /// Checks every name and value; the error names the key.
     pub fn validate(&self) -> Result<()> {
         let destinations = self.destinations();
@@ -207,6 +223,7 @@ impl BackupConfig {
                 self.part_size_mib
             )));
         }
+        self.recipients()?;
         if !(1..=64).contains(&self.upload_concurrency) {
             return Err(Error::Config(format!(
                 "backup.upload_concurrency = {} must be between 1 and 64",

@@ -55,6 +55,9 @@ pub struct Manifest {
     /// `conveyor` schema), read in the dump's snapshot and written back by a restore.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub migrations: Vec<MigrationRecord>,
+    /// How the objects are encrypted (none: not encrypted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::encryption::Encryption>,
 }
 
 /// One applied migration of a Postgres store.

@@ -163,14 +163,27 @@ impl Backups {
         let dest = self.destination(destination)?;
         let manifest = dest.find(id).await?;
         check_kind(&manifest, &target)?;
-        self.check_objects(&dest, &manifest).await?;
+        let keys = self.identities_for(&manifest)?;
+        self.check_objects(&dest, &manifest, keys.as_ref()).await?;
         self.record_verification(&dest, &manifest, false).await;
         let (raw_bytes, tables) = match &target {
-            Target::Sqlite(path) => restore_sqlite(&dest, &manifest, path, force).await?,
-            Target::Postgres(url) => {
-                restore_postgres(&dest, &manifest, url, force, &self.config().pg_restore).await?
+            Target::Sqlite(path) => {
+                restore_sqlite(&dest, &manifest, keys.as_ref(), path, force).await?
             }
-            Target::Redis(url) => restore_redis(&dest, &manifest, url, force).await?,
+            Target::Postgres(url) => {
+                restore_postgres(
+                    &dest,
+                    &manifest,
+                    keys.as_ref(),
+                    url,
+                    force,
+                    &self.config().pg_restore,
+                )
+                .await?
+            }
+            Target::Redis(url) => {
+                restore_redis(&dest, &manifest, keys.as_ref(), url, force).await?
+            }
         };
         let jobs = if manifest.source == STORE_SOURCE {
             Some(rescue(&target).await?)
@@ -197,7 +210,9 @@ impl Backups {
         let started = Instant::now();
         let dest = self.destination(destination)?;
         let manifest = dest.find(id).await?;
-        self.check_objects(&dest, &manifest).await?;
+        let keys = self.identities_for(&manifest)?;
+        self.check_objects(&dest, &manifest, keys.as_ref()).await?;
+        let keys = keys.as_ref();
         let (target, raw_bytes, tables) = match manifest.source_kind {
             SourceKind::Sqlite => {
                 let dir = self.scratch();
@@ -210,7 +225,7 @@ impl Backups {
                     manifest.id,
                     uuid::Uuid::now_v7().simple()
                 ));
-                let restored = restore_sqlite(&dest, &manifest, &path, false).await;
+                let restored = restore_sqlite(&dest, &manifest, keys, &path, false).await;
                 let _ = std::fs::remove_file(&path);
                 let (raw, tables) = restored?;
                 (path.display().to_string(), raw, tables)
@@ -221,6 +236,7 @@ impl Backups {
                 let restored = restore_postgres(
                     &dest,
                     &manifest,
+                    keys,
                     &scratch.url,
                     false,
                     &self.config().pg_restore,
@@ -244,7 +260,7 @@ impl Backups {
                     &uuid::Uuid::now_v7().simple().to_string()[24..]
                 );
                 let url = format!("{conn_url}?prefix={scratch}");
-                let restored = restore_redis(&dest, &manifest, &url, false).await;
+                let restored = restore_redis(&dest, &manifest, keys, &url, false).await;
                 if let Ok(mut con) = crate::source::redis::connect("scratch", &conn_url).await
                     && let Err(e) = crate::source::redis::delete_all(&mut con, &scratch).await
                 {
@@ -321,13 +337,24 @@ fn data_object(manifest: &Manifest) -> Result<&ObjectEntry> {
 async fn decoded(
     dest: &Destination,
     manifest: &Manifest,
+    keys: Option<&crate::encryption::Identities>,
 ) -> Result<Hashing<Box<dyn AsyncRead + Send + Unpin>>> {
     let stream = dest
         .read(&manifest.source, &manifest.id, DATA_OBJECT)
         .await?;
-    let decoder: Box<dyn AsyncRead + Send + Unpin> = Box::new(ZstdDecoder::new(
-        BufReader::with_capacity(1 << 20, StreamReader::new(stream)),
-    ));
+    let stored: Box<dyn AsyncRead + Send + Unpin> = Box::new(StreamReader::new(stream));
+    let stored = match (&manifest.encryption, keys) {
+        (None, _) => stored,
+        (Some(_), Some(keys)) => keys.decrypt(&manifest.id, stored).await?,
+        (Some(_), None) => {
+            return Err(Error::Config(format!(
+                "backup {} is encrypted (age) and no identity is configured: set backup.identity_file or pass --identity FILE",
+                manifest.id
+            )));
+        }
+    };
+    let decoder: Box<dyn AsyncRead + Send + Unpin> =
+        Box::new(ZstdDecoder::new(BufReader::with_capacity(1 << 20, stored)));
     Ok(Hashing::new(decoder))
 }
 
@@ -392,6 +419,7 @@ pub(crate) fn compare(manifest: &Manifest, found: &[TableFigures]) -> Result<()>
 async fn restore_redis(
     dest: &Destination,
     manifest: &Manifest,
+    keys: Option<&crate::encryption::Identities>,
     url: &str,
     force: bool,
 ) -> Result<(u64, Vec<TableFigures>)> {
@@ -419,7 +447,7 @@ async fn restore_redis(
             .await
             .map_err(|e| target_err(format!("deleting the keys under `{prefix}`: {e}")))?;
     }
-    let mut reader = decoded(dest, manifest).await?;
+    let mut reader = decoded(dest, manifest, keys).await?;
     redis::load(&mut reader, &mut con, &prefix)
         .await
         .map_err(target_err)?;
@@ -449,6 +477,7 @@ async fn restore_redis(
 async fn restore_sqlite(
     dest: &Destination,
     manifest: &Manifest,
+    keys: Option<&crate::encryption::Identities>,
     path: &Path,
     force: bool,
 ) -> Result<(u64, Vec<TableFigures>)> {
@@ -483,7 +512,7 @@ async fn restore_sqlite(
         uuid::Uuid::now_v7().simple()
     ));
     let result = async {
-        let mut reader = decoded(dest, manifest).await?;
+        let mut reader = decoded(dest, manifest, keys).await?;
         let mut file = tokio::fs::File::create(&staging)
             .await
             .map_err(Error::io(format!("creating {}", staging.display())))?;
@@ -562,6 +591,7 @@ async fn occupied(
 async fn restore_postgres(
     dest: &Destination,
     manifest: &Manifest,
+    keys: Option<&crate::encryption::Identities>,
     url: &str,
     force: bool,
     pg_restore: &Path,
@@ -630,7 +660,7 @@ async fn restore_postgres(
             let _ = stderr.read_to_string(&mut text).await;
             text
         });
-        let mut reader = decoded(dest, manifest).await?;
+        let mut reader = decoded(dest, manifest, keys).await?;
         let fed = feed(&mut reader, &mut stdin).await;
         drop(stdin);
         let status = child

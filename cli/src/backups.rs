@@ -57,6 +57,10 @@ pub enum BackupCommand {
         /// Also restore into a scratch copy (dropped afterwards) and compare its tables.
         #[arg(long)]
         restore: bool,
+        /// The age identity file that decrypts an encrypted backup (over
+        /// `backup.identity_file`).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<std::path::PathBuf>,
         /// A `[backup.destinations.<name>]` (default: `backup.destination`).
         #[arg(long)]
         destination: Option<String>,
@@ -90,6 +94,10 @@ pub enum BackupCommand {
         /// Redis: the keys under the prefix).
         #[arg(long)]
         force: bool,
+        /// The age identity file that decrypts an encrypted backup (over
+        /// `backup.identity_file`).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<std::path::PathBuf>,
         /// A `[backup.destinations.<name>]` (default: `backup.destination`).
         #[arg(long)]
         destination: Option<String>,
@@ -101,6 +109,17 @@ pub enum BackupCommand {
 /// Runs `cmd` with the config's backups.
 pub async fn run(config: &Config, cmd: BackupCommand) -> anyhow::Result<()> {
     let mut backups = Backups::new(config.backup.clone(), config.database.url.clone())?;
+    if let BackupCommand::Verify {
+        identity: Some(path),
+        ..
+    }
+    | BackupCommand::Restore {
+        identity: Some(path),
+        ..
+    } = &cmd
+    {
+        backups = backups.with_identity(path.clone());
+    }
     // The store the metrics' records and the audit records go to (a restore opens it
     // afterwards: see `conveyor_admin::backup::restore`).
     let store = if matches!(
@@ -269,6 +288,7 @@ async fn perform(
             restore: true,
             destination,
             out,
+            ..
         } => {
             let Verification::Restored(checked) =
                 backup::verify(&backups, audit, &actor, &id, destination.as_deref(), true)
@@ -333,6 +353,7 @@ async fn perform(
             force,
             destination,
             out,
+            ..
         } => {
             let restored = backup::restore(
                 &backups,
@@ -374,6 +395,7 @@ async fn perform(
             restore: false,
             destination,
             out,
+            ..
         } => {
             let Verification::Objects(verified) =
                 backup::verify(&backups, audit, &actor, &id, destination.as_deref(), false)
@@ -385,6 +407,17 @@ async fn perform(
             drop(progress.take());
             if out.json {
                 return output::json(&verified);
+            }
+            if !verified.undecoded.is_empty() {
+                outln!(
+                    "backup {} of `{}`: the stored bytes of {} object(s) ({}) match the manifest, but {} could not be decoded: it is encrypted and no identity is configured (set backup.identity_file or pass --identity FILE to check its content); not recorded as verified",
+                    verified.id,
+                    verified.source,
+                    verified.objects,
+                    bytes(verified.stored_bytes),
+                    verified.undecoded.join(", ")
+                );
+                return Ok(());
             }
             outln!(
                 "backup {} of `{}` verified: {} object(s), {} stored, {} decoded, every checksum matches",
@@ -433,6 +466,9 @@ fn show(m: &Manifest) {
     outln!("started    {}", output::time(m.started_at));
     outln!("finished   {}", output::time(m.finished_at));
     outln!("version    {}", m.conveyor_version);
+    if let Some(e) = &m.encryption {
+        outln!("encryption {} to {} recipient(s)", e.scheme, e.recipients);
+    }
     for o in &m.objects {
         outln!(
             "object     {}: {} stored (sha256 {}), {} raw (sha256 {})",

@@ -279,3 +279,145 @@ async fn killed_mid_upload_lists_nothing_and_the_retry_completes() {
     assert_eq!(verified["raw_bytes"], manifest["objects"][0]["raw_bytes"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `conveyor backup …` with the destination of [`backup`] and more environment.
+fn backup_with(
+    url: &str,
+    dir: &Path,
+    env: &[(&str, &Path)],
+    args: &[&str],
+) -> (i32, String, String) {
+    let mut cmd = common::conveyor(url, &[]);
+    cmd.arg("backup")
+        .args(args)
+        .env("CONVEYOR_BACKUP__DESTINATION", "here")
+        .env("CONVEYOR_BACKUP__DESTINATIONS__HERE__TYPE", "dir")
+        .env("CONVEYOR_BACKUP__DESTINATIONS__HERE__PATH", dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::task::block_in_place(|| cmd.output()).expect("the binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An encrypted backup from the command line: `verify` without an identity checks the stored
+/// bytes and says it could not decode (exit 0); `verify --restore` and `restore` refuse
+/// (exit 2) without one or with a stranger's (`--identity`), and succeed with the
+/// recipient's; a bad recipients file is refused at start (exit 2).
+#[tokio::test(flavor = "multi_thread")]
+async fn encrypted_backups() {
+    use age::secrecy::ExposeSecret;
+    let t = TestStore::sqlite().await;
+    let url = t.url.clone();
+    let dir = scratch();
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = |name: &str| {
+        let identity = age::x25519::Identity::generate();
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{}\n", identity.to_string().expose_secret())).unwrap();
+        (path, identity.to_public().to_string())
+    };
+    let (identity, recipient) = key("backup.key");
+    let (stranger, _) = key("stranger.key");
+    let recipients = dir.join("recipients.txt");
+    std::fs::write(&recipients, format!("{recipient}\n")).unwrap();
+    let backups = dir.join("backups");
+    let env = [("CONVEYOR_BACKUP__RECIPIENTS_FILE", recipients.as_path())];
+
+    let (code, out, err) = backup_with(&url, &backups, &env, &["create", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let manifest: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(manifest["encryption"]["recipients"], 1, "{manifest}");
+    let id = manifest["id"].as_str().unwrap().to_string();
+    let (code, out, err) = backup_with(&url, &backups, &env, &["show", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("encryption age to 1 recipient(s)"), "{out}");
+
+    let (code, out, err) = backup_with(&url, &backups, &env, &["verify", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("could not be decoded") && out.contains("--identity"),
+        "{out}"
+    );
+
+    let target = dir.join("restored.db");
+    let target_arg = target.display().to_string();
+    for args in [
+        vec!["verify", &id, "--restore"],
+        vec!["restore", &id, "--to", &target_arg],
+    ] {
+        let (code, _, err) = backup_with(&url, &backups, &env, &args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("backup.identity_file") && err.contains("--identity"),
+            "{err}"
+        );
+    }
+    let stranger_arg = stranger.display().to_string();
+    let (code, _, err) = backup_with(
+        &url,
+        &backups,
+        &env,
+        &[
+            "restore",
+            &id,
+            "--to",
+            &target_arg,
+            "--identity",
+            &stranger_arg,
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no identity matches this backup's recipients"),
+        "{err}"
+    );
+    assert!(!target.exists(), "nothing written");
+    let missing = dir.join("missing.key").display().to_string();
+    let (code, _, err) = backup_with(
+        &url,
+        &backups,
+        &env,
+        &["verify", &id, "--identity", &missing],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--identity") && err.contains("missing.key"),
+        "{err}"
+    );
+
+    let identity_arg = identity.display().to_string();
+    let (code, out, err) = backup_with(
+        &url,
+        &backups,
+        &env,
+        &["verify", &id, "--restore", "--identity", &identity_arg],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("verified and restored"), "{out}");
+    let with_identity = [
+        ("CONVEYOR_BACKUP__RECIPIENTS_FILE", recipients.as_path()),
+        ("CONVEYOR_BACKUP__IDENTITY_FILE", identity.as_path()),
+    ];
+    let (code, out, err) = backup_with(
+        &url,
+        &backups,
+        &with_identity,
+        &["restore", &id, "--to", &target_arg],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("restored into"), "{out}");
+
+    std::fs::write(&recipients, "age1nope\n").unwrap();
+    let (code, _, err) = backup_with(&url, &backups, &env, &["create"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("backup.recipients_file") && err.contains("line 1"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

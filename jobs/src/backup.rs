@@ -82,6 +82,10 @@ pub struct VerifyResult {
     pub raw_bytes: u64,
     /// Tables compared with the manifest (with `restore`).
     pub tables: usize,
+    /// Encrypted objects whose stored bytes were checked but not decoded: the worker has
+    /// no `backup.identity_file`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undecoded: Vec<String>,
 }
 
 /// `backup.run`'s result.
@@ -166,6 +170,7 @@ pub fn register(registry: &mut Registry, backups: Arc<Backups>) {
                             stored_bytes: 0,
                             raw_bytes: r.raw_bytes,
                             tables: r.tables.len(),
+                            undecoded: Vec::new(),
                         })
                 } else {
                     backups
@@ -178,6 +183,7 @@ pub fn register(registry: &mut Registry, backups: Arc<Backups>) {
                             stored_bytes: v.stored_bytes,
                             raw_bytes: v.raw_bytes,
                             tables: 0,
+                            undecoded: v.undecoded,
                         })
                 };
                 match result {
