@@ -144,16 +144,19 @@ impl Key {
 
     /// The HMAC of `data` for `purpose`, keyed by a subkey derived from this key (never the
     /// encryption key itself): HMAC(HMAC(key, "conveyor mac key\0" ‖ purpose), data).
-    fn mac(&self, purpose: &str, data: &[u8]) -> HmacSha256 {
-        let mut derive = <HmacSha256 as Mac>::new_from_slice(self.bytes.as_ref())
-            .expect("HMAC takes a key of any length");
+    fn mac(&self, purpose: &str, data: &[u8]) -> Result<HmacSha256, KeyError> {
+        let keyed = |key: &[u8]| {
+            <HmacSha256 as Mac>::new_from_slice(key).map_err(|e| KeyError::Malformed {
+                reason: format!("it cannot key an HMAC: {e}"),
+            })
+        };
+        let mut derive = keyed(self.bytes.as_ref())?;
         derive.update(b"conveyor mac key\0");
         derive.update(purpose.as_bytes());
         let subkey: Zeroizing<[u8; 32]> = Zeroizing::new(derive.finalize().into_bytes().into());
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(subkey.as_ref())
-            .expect("HMAC takes a key of any length");
+        let mut mac = keyed(subkey.as_ref())?;
         mac.update(data);
-        mac
+        Ok(mac)
     }
 }
 
@@ -335,7 +338,7 @@ impl Keyring {
         let key = self.current().ok_or_else(|| KeyError::NoKey {
             what: format!("{purpose} values must be signed"),
         })?;
-        let tag = key.mac(purpose, data).finalize().into_bytes().to_vec();
+        let tag = key.mac(purpose, data)?.finalize().into_bytes().to_vec();
         Ok((key.id().to_string(), tag))
     }
 
@@ -361,7 +364,7 @@ impl Keyring {
                 }
             }
         })?;
-        Ok(key.mac(purpose, data).verify_slice(tag).is_ok())
+        Ok(key.mac(purpose, data)?.verify_slice(tag).is_ok())
     }
 }
 

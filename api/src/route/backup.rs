@@ -5,8 +5,8 @@
 //! `conveyor_admin::backup`'s, shared with `conveyor backup`. See docs/backups.md.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use conveyor_admin::backup::{self, BackupJob, JobOptions};
 use conveyor_admin::enqueue::EnqueueOutcome;
@@ -181,20 +181,12 @@ fn accepted(kind: &str, outcome: EnqueueOutcome) -> Response {
         duplicate,
         warnings: outcome.warnings,
     };
-    let status = if duplicate {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
-    let mut response = (status, axum::Json(body)).into_response();
-    let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{id}")) {
-        h.insert(header::LOCATION, v);
-    }
-    if duplicate {
-        h.insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    response
+    super::created_answer(
+        StatusCode::ACCEPTED,
+        duplicate,
+        &format!("/v1/jobs/{id}"),
+        body,
+    )
 }
 
 /// Take a backup: queues a `backup.run` job. The source and destination are checked now.

@@ -4,8 +4,8 @@
 //! docs/email.md.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use conveyor_admin::email::{EmailView, SendEmail};
 use conveyor_jobs::email::EmailArgs;
@@ -105,20 +105,12 @@ async fn send_email(
         duplicate,
         warnings: outcome.warnings,
     };
-    let status = if duplicate {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
-    let mut response = (status, axum::Json(body)).into_response();
-    let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&format!("/v1/emails/{id}")) {
-        h.insert(header::LOCATION, v);
-    }
-    if duplicate {
-        h.insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(response)
+    Ok(super::created_answer(
+        StatusCode::ACCEPTED,
+        duplicate,
+        &format!("/v1/emails/{id}"),
+        body,
+    ))
 }
 
 /// One email: its state, the message (without bodies or attachment content), its attempts

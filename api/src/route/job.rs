@@ -2,7 +2,7 @@
 //! bulk by filter).
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use conveyor_admin::enqueue::JobRequest;
@@ -169,20 +169,12 @@ async fn enqueue(
         job: stored.into(),
         warnings: outcome.warnings,
     };
-    let location = format!("/v1/jobs/{}", enqueued.id);
-    let mut response = if enqueued.duplicate {
-        (StatusCode::OK, axum::Json(body)).into_response()
-    } else {
-        (StatusCode::CREATED, axum::Json(body)).into_response()
-    };
-    let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        h.insert(header::LOCATION, v);
-    }
-    if enqueued.duplicate {
-        h.insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(response)
+    Ok(super::created_answer(
+        StatusCode::CREATED,
+        enqueued.duplicate,
+        &format!("/v1/jobs/{}", enqueued.id),
+        body,
+    ))
 }
 
 /// Enqueue a batch of jobs in one request (all valid, or none enqueued).

@@ -213,10 +213,11 @@ impl Scanner {
         }
     }
 
-    async fn next_batch(
+    /// The next batch of keys not given before; `None` once every pattern is scanned.
+    async fn next_keys(
         &mut self,
         con: &mut redis::aio::MultiplexedConnection,
-    ) -> redis::RedisResult<Option<Vec<KeyDump>>> {
+    ) -> redis::RedisResult<Option<Vec<Vec<u8>>>> {
         loop {
             let Some(pattern) = self.patterns.get(self.index) else {
                 return Ok(None);
@@ -241,9 +242,20 @@ impl Scanner {
                     seen.insert(d[..16].try_into().unwrap_or_default())
                 })
                 .collect();
-            if keys.is_empty() {
-                continue;
+            if !keys.is_empty() {
+                return Ok(Some(keys));
             }
+        }
+    }
+
+    async fn next_batch(
+        &mut self,
+        con: &mut redis::aio::MultiplexedConnection,
+    ) -> redis::RedisResult<Option<Vec<KeyDump>>> {
+        loop {
+            let Some(keys) = self.next_keys(con).await? else {
+                return Ok(None);
+            };
             let mut types = redis::pipe();
             let mut ttls = redis::pipe();
             let mut dumps = redis::pipe();
@@ -351,27 +363,7 @@ pub(crate) async fn has_keys(
     con: &mut redis::aio::MultiplexedConnection,
     prefix: &str,
 ) -> redis::RedisResult<bool> {
-    for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(BATCH)
-                .query_async(con)
-                .await?;
-            if !keys.is_empty() {
-                return Ok(true);
-            }
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-    }
-    Ok(false)
+    Ok(Scanner::new(prefix).next_keys(con).await?.is_some())
 }
 
 /// Deletes every key under `prefix`.
@@ -380,26 +372,10 @@ pub(crate) async fn delete_all(
     prefix: &str,
 ) -> redis::RedisResult<u64> {
     let mut deleted = 0;
-    for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(BATCH)
-                .query_async(con)
-                .await?;
-            if !keys.is_empty() {
-                let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(con).await?;
-                deleted += n;
-            }
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
+    let mut scanner = Scanner::new(prefix);
+    while let Some(keys) = scanner.next_keys(con).await? {
+        let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(con).await?;
+        deleted += n;
     }
     Ok(deleted)
 }
